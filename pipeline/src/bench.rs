@@ -1,0 +1,197 @@
+//! `tally bench`: the ingest benchmark.
+//!
+//! Publishes N generated events to a dedicated stream, measures the raw
+//! JetStream consume rate of that stream (pull consumer, AckAll, batches of
+//! 10k, no processing), then runs `tally run --until-idle` as a child
+//! process on the same stream from an empty data directory, and reports
+//! both rates, their ratio and the child's peak RSS. Ratios, not absolute
+//! rates, are comparable across machines.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::generate::{self, GenerateConfig, GenerateError};
+use crate::publish::{self, PublishError, PublishOptions};
+use crate::source::jetstream::{self as js_source, SourceError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("benchmark stream {stream}: {detail}")]
+    Stream { stream: String, detail: String },
+    #[error("cannot use scratch directory {path}: {source}")]
+    Scratch { path: PathBuf, source: std::io::Error },
+    #[error("`tally run` child failed: {0}")]
+    Child(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub nats_url: String,
+    pub events: u64,
+    pub seed: u64,
+    pub stream: String,
+    pub prefix: String,
+    pub scratch: PathBuf,
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub events: u64,
+    pub publish_per_s: f64,
+    pub raw_consume_per_s: f64,
+    pub tally_run_per_s: f64,
+    pub ratio: f64,
+    pub tally_peak_rss_mib: f64,
+}
+
+/// Peak resident set size (VmHWM) of a process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn scratch_err(path: &Path) -> impl Fn(std::io::Error) -> BenchError + '_ {
+    move |source| BenchError::Scratch { path: path.to_path_buf(), source }
+}
+
+/// Runs the benchmark; `tally` is the binary to run as the child.
+pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, BenchError> {
+    std::fs::create_dir_all(&opts.scratch).map_err(scratch_err(&opts.scratch))?;
+    // 1. Generate: ~80 events per tenant-month, 12 months.
+    let events_file = opts.scratch.join("events.jsonl");
+    let tenants = u32::try_from((opts.events / 900).max(1)).unwrap_or(u32::MAX);
+    let cfg = GenerateConfig { tenants, months: 12, seed: opts.seed, start_year: 2025, start_month: 1, source: "tally-bench".into() };
+    let mut all = Vec::new();
+    generate::generate(&cfg, &mut all)?;
+    let mut kept = Vec::with_capacity(all.len());
+    for line in all.split_inclusive(|b| *b == b'\n').take(usize::try_from(opts.events).unwrap_or(usize::MAX)) {
+        kept.extend_from_slice(line);
+    }
+    drop(all);
+    let events = kept.iter().filter(|b| **b == b'\n').count() as u64;
+    std::fs::write(&events_file, &kept).map_err(scratch_err(&events_file))?;
+    drop(kept);
+
+    // 2. A fresh stream.
+    let client = js_source::connect(&opts.nats_url).await?;
+    let js = jetstream::new(client);
+    let serr = |detail: String| BenchError::Stream { stream: opts.stream.clone(), detail };
+    let _ = js.delete_stream(&opts.stream).await;
+    let s = js
+        .create_stream(stream::Config {
+            name: opts.stream.clone(),
+            subjects: vec![format!("{}.>", opts.prefix)],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| serr(e.to_string()))?;
+
+    // 3. Publish.
+    let started = Instant::now();
+    let file = std::fs::File::open(&events_file).map_err(scratch_err(&events_file))?;
+    let popts = PublishOptions { prefix: opts.prefix.clone(), allow_invalid: false, window: 8192 };
+    let report = publish::publish(&js, std::io::BufReader::new(file), &popts).await?;
+    let publish_per_s = report.published as f64 / started.elapsed().as_secs_f64();
+    let stored = report.published - report.duplicates;
+
+    // 4. Raw consume: pull, AckAll, batch 10k, no processing.
+    let raw = s
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("bench-raw".into()),
+            ack_policy: consumer::AckPolicy::All,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| serr(e.to_string()))?;
+    let started = Instant::now();
+    let mut msgs = raw
+        .stream()
+        .max_messages_per_batch(10_000)
+        .messages()
+        .await
+        .map_err(|e| serr(e.to_string()))?;
+    let mut seen = 0u64;
+    while seen < stored {
+        match tokio::time::timeout(Duration::from_secs(10), msgs.next()).await {
+            Ok(Some(Ok(m))) => {
+                seen += 1;
+                if seen % 10_000 == 0 || seen == stored {
+                    m.ack().await.map_err(|e| serr(e.to_string()))?;
+                }
+            }
+            Ok(Some(Err(e))) => return Err(serr(e.to_string())),
+            Ok(None) | Err(_) => return Err(serr(format!("raw consume stalled after {seen} of {stored} messages"))),
+        }
+    }
+    let raw_consume_per_s = seen as f64 / started.elapsed().as_secs_f64();
+    drop(msgs);
+
+    // 5. tally run --until-idle, as a child, from an empty data directory.
+    let data = opts.scratch.join("data");
+    let _ = std::fs::remove_dir_all(&data);
+    let mut child = tokio::process::Command::new(tally)
+        .args(["--nats", &opts.nats_url, "--stream", &opts.stream, "--subject-prefix", &opts.prefix, "--data"])
+        .arg(&data)
+        .args(["run", "--until-idle", "--summary-json", "--batch-size", &opts.batch_size.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| BenchError::Child(e.to_string()))?;
+    let pid = child.id().unwrap_or(0);
+    let mut peak = 0u64;
+    let stdout = child.stdout.take();
+    let reader = tokio::spawn(async move {
+        let mut buf = String::new();
+        if let Some(mut out) = stdout {
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut out, &mut buf).await;
+        }
+        buf
+    });
+    let status = loop {
+        if let Some(kib) = peak_rss_kib(pid) {
+            peak = peak.max(kib);
+        }
+        match tokio::time::timeout(Duration::from_millis(50), child.wait()).await {
+            Ok(r) => break r.map_err(|e| BenchError::Child(e.to_string()))?,
+            Err(_) => continue,
+        }
+    };
+    let out = reader.await.unwrap_or_default();
+    if !status.success() {
+        return Err(BenchError::Child(format!("exited with {status}")));
+    }
+    let summary: serde_json::Value = out
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| BenchError::Child(format!("no summary on stdout: {out:?}")))?;
+    let active = summary["active_secs"].as_f64().unwrap_or(f64::NAN);
+    let processed = summary["messages"].as_f64().unwrap_or(0.0);
+    let tally_run_per_s = processed / active;
+    let _ = js.delete_stream(&opts.stream).await;
+    Ok(BenchReport {
+        events,
+        publish_per_s,
+        raw_consume_per_s,
+        tally_run_per_s,
+        ratio: tally_run_per_s / raw_consume_per_s,
+        tally_peak_rss_mib: peak as f64 / 1024.0,
+    })
+}

@@ -1,0 +1,310 @@
+//! The `tally` command line (clap). Every option reads an environment
+//! variable too; defaults let a new user run everything against a local
+//! NATS server. Commands dispatch to the library; errors carry what
+//! happened and what to do, and map to exit code 1 (usage errors are 2).
+
+use std::io::{BufReader, Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::bench::{self, BenchError, BenchOptions};
+use crate::generate::{self, GenerateConfig, GenerateError};
+use crate::publish::{self, PublishError, PublishOptions};
+use crate::query::{self, OutputFormat, QueryError};
+use crate::runtime::{self, RunOptions, RuntimeError};
+use crate::source::jetstream::{SourceConfig, SourceError, connect};
+use crate::status::{self, StatusError};
+
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about = "SaaS events from NATS JetStream to billing-grade SQL views")]
+pub struct Cli {
+    /// NATS server URL.
+    #[arg(long, global = true, env = "TALLY_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// Data directory: views, checkpoint, settings.
+    #[arg(long, global = true, env = "TALLY_DATA_DIR", default_value = "./tally-data")]
+    pub data: PathBuf,
+    /// JetStream stream holding the events.
+    #[arg(long, global = true, env = "TALLY_STREAM", default_value = "TALLY_EVENTS")]
+    pub stream: String,
+    /// Subject prefix: events go to `<prefix>.<tenant>.<type>`.
+    #[arg(long, global = true, env = "TALLY_SUBJECT_PREFIX", default_value = "tally.events")]
+    pub subject_prefix: String,
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, global = true, env = "TALLY_LOG", default_value = "text", value_parser = ["text", "json"])]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume the stream and maintain every view, until stopped (SIGINT/SIGTERM).
+    Run {
+        /// Exit 0 once every message is processed and durable and nothing new arrived for ~1 s.
+        #[arg(long)]
+        until_idle: bool,
+        /// Settings that change results (TOML); default `<data>/tally.toml` if present.
+        #[arg(long, env = "TALLY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Messages per batch (one Parquet file and one checkpoint per batch).
+        #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 10_000)]
+        batch_size: usize,
+        /// Milliseconds to wait for a batch to fill once it has started.
+        #[arg(long, env = "TALLY_BATCH_WAIT_MS", default_value_t = 200)]
+        batch_wait_ms: u64,
+        /// Durable consumer name.
+        #[arg(long, env = "TALLY_CONSUMER", default_value = "tally")]
+        consumer: String,
+        /// Dead-letter stream name.
+        #[arg(long, env = "TALLY_DLQ_STREAM", default_value = "TALLY_DLQ")]
+        dlq_stream: String,
+        /// Print a JSON summary line on stdout at exit (used by `tally bench`).
+        #[arg(long, hide = true)]
+        summary_json: bool,
+    },
+    /// Run SQL over the views and the queries/ views.
+    Sql {
+        /// The query; or use -f.
+        query: Option<String>,
+        /// Read the query from a file.
+        #[arg(short = 'f', long = "file", conflicts_with = "query")]
+        file: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+        /// Directory of SQL views registered at start-up (one SELECT per `<name>.sql`).
+        #[arg(long, env = "TALLY_QUERIES_DIR", default_value = "queries")]
+        queries: PathBuf,
+    },
+    /// Validate CloudEvents JSON Lines and publish the valid ones.
+    Publish {
+        /// File to read, or `-` for stdin.
+        file: String,
+        /// Publish invalid lines too (to exercise the dead-letter path).
+        #[arg(long)]
+        allow_invalid: bool,
+    },
+    /// Write a synthetic SaaS's events as JSON Lines on stdout.
+    Generate {
+        #[arg(long, default_value_t = 100)]
+        tenants: u32,
+        #[arg(long, default_value_t = 12)]
+        months: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// First month, YYYY-MM.
+        #[arg(long, default_value = "2025-01")]
+        start: String,
+    },
+    /// Stream position, consumer lag, checkpoint, counts per outcome.
+    Status {
+        #[arg(long, env = "TALLY_CONSUMER", default_value = "tally")]
+        consumer: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the JSON Schema of an event type (or `envelope`); no argument lists them.
+    Schema { name: Option<String> },
+    /// Ingest benchmark: raw JetStream consume rate vs `tally run` on the same stream.
+    Bench {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        #[arg(long, default_value_t = 10_000)]
+        batch_size: usize,
+        /// Scratch directory (generated events, the run's data dir).
+        #[arg(long, default_value = "./tally-bench")]
+        scratch: PathBuf,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    #[error(transparent)]
+    Status(#[from] StatusError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Bench(#[from] BenchError),
+    #[error("cannot read {what}: {source}")]
+    Input { what: String, source: std::io::Error },
+    #[error("cannot write output: {0}")]
+    Output(std::io::Error),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{invalid} of {lines} lines were invalid and not published (see above); fix them, or pass --allow-invalid to send them to the dead-letter path")]
+    InvalidLines { invalid: u64, lines: u64 },
+}
+
+impl CliError {
+    /// 2 for bad usage, 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn source_config(cli: &Cli, consumer: Option<&str>, dlq: Option<&str>) -> SourceConfig {
+    let d = SourceConfig::default();
+    SourceConfig {
+        nats_url: cli.nats.clone(),
+        stream: cli.stream.clone(),
+        subject_prefix: cli.subject_prefix.clone(),
+        consumer: consumer.map_or(d.consumer, str::to_owned),
+        dlq_stream: dlq.map_or(d.dlq_stream, str::to_owned),
+    }
+}
+
+/// Runs the parsed command.
+pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
+    match &cli.command {
+        Command::Run { until_idle, config, batch_size, batch_wait_ms, consumer, dlq_stream, summary_json } => {
+            if *batch_size == 0 {
+                return Err(CliError::Usage("--batch-size must be at least 1".into()));
+            }
+            let opts = RunOptions {
+                data_dir: cli.data.clone(),
+                source: source_config(&cli, Some(consumer), Some(dlq_stream)),
+                config: config.clone(),
+                until_idle: *until_idle,
+                idle: Duration::from_secs(1),
+                batch_size: *batch_size,
+                batch_wait: Duration::from_millis(*batch_wait_ms),
+            };
+            let summary = runtime::run(&opts, runtime::shutdown_signal()).await?;
+            if *summary_json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "messages": summary.messages,
+                        "batches": summary.batches,
+                        "last_seq": summary.last_seq,
+                        "active_secs": summary.active.as_secs_f64(),
+                        "elapsed_secs": summary.elapsed.as_secs_f64(),
+                    })
+                );
+            }
+            Ok(())
+        }
+        Command::Sql { query: q, file, format, queries } => {
+            let sql = match (q, file) {
+                (Some(q), None) => q.clone(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .map_err(|source| CliError::Input { what: f.display().to_string(), source })?,
+                _ => return Err(CliError::Usage("give a query, e.g. tally sql \"SELECT count(*) FROM events\", or -f FILE.sql".into())),
+            };
+            let ctx = query::open_session(&cli.data, Some(queries)).await?;
+            let batches = query::query(&ctx, &sql).await?;
+            let stdout = std::io::stdout();
+            query::write_batches(&batches, *format, stdout.lock())?;
+            Ok(())
+        }
+        Command::Publish { file, allow_invalid } => {
+            let input: Box<dyn Read> = if file == "-" {
+                Box::new(std::io::stdin())
+            } else {
+                Box::new(std::fs::File::open(file).map_err(|source| CliError::Input { what: file.clone(), source })?)
+            };
+            let client = connect(&cli.nats).await?;
+            let js = async_nats::jetstream::new(client);
+            // A producer's first publish on a fresh server should just work.
+            crate::source::jetstream::ensure_event_stream(&js, &source_config(&cli, None, None)).await?;
+            let opts = PublishOptions { prefix: cli.subject_prefix.clone(), allow_invalid: *allow_invalid, window: 4096 };
+            let report = publish::publish(&js, BufReader::with_capacity(1 << 20, input), &opts).await?;
+            for (line, reason, detail) in &report.problems {
+                eprintln!("line {line}: {reason}: {detail}");
+            }
+            if report.invalid as usize > report.problems.len() {
+                eprintln!("... and {} more invalid lines", report.invalid as usize - report.problems.len());
+            }
+            println!(
+                "lines {}  published {}  (of which JetStream duplicates {})  invalid {}",
+                report.lines, report.published, report.duplicates, report.invalid
+            );
+            if report.invalid > 0 && !allow_invalid {
+                return Err(CliError::InvalidLines { invalid: report.invalid, lines: report.lines });
+            }
+            Ok(())
+        }
+        Command::Generate { tenants, months, seed, start } => {
+            let (start_year, start_month) = generate::parse_start(start).map_err(|e| CliError::Usage(e.to_string()))?;
+            if *tenants == 0 || *months == 0 {
+                return Err(CliError::Usage("--tenants and --months must be at least 1".into()));
+            }
+            let cfg = GenerateConfig {
+                tenants: *tenants,
+                months: *months,
+                seed: *seed,
+                start_year,
+                start_month,
+                source: "tally-generate".into(),
+            };
+            let stdout = std::io::stdout();
+            let stats = generate::generate(&cfg, stdout.lock())?;
+            eprintln!("generated {} events ({} duplicates, {} late)", stats.events, stats.duplicates, stats.late);
+            Ok(())
+        }
+        Command::Status { consumer, json } => {
+            let (s, nats_error) = status::status(&cli.data, &source_config(&cli, Some(consumer), None)).await?;
+            let text = if *json {
+                serde_json::json!({ "status": s, "nats_error": nats_error }).to_string() + "\n"
+            } else {
+                status::render(&s, nats_error.as_deref())
+            };
+            std::io::stdout().write_all(text.as_bytes()).map_err(CliError::Output)?;
+            Ok(())
+        }
+        Command::Schema { name } => {
+            let mut out = std::io::stdout().lock();
+            match name {
+                None => {
+                    for (file, _) in crate::schema::SCHEMAS {
+                        writeln!(out, "{}", file.trim_end_matches(".json")).map_err(CliError::Output)?;
+                    }
+                }
+                Some(n) => {
+                    let s = crate::schema::schema_for(n).ok_or_else(|| {
+                        CliError::Usage(format!("no schema named {n:?}; `tally schema` lists them"))
+                    })?;
+                    out.write_all(s.as_bytes()).map_err(CliError::Output)?;
+                }
+            }
+            Ok(())
+        }
+        Command::Bench { events, seed, batch_size, scratch } => {
+            let exe = std::env::current_exe().map_err(|source| CliError::Input { what: "own executable path".into(), source })?;
+            let opts = BenchOptions {
+                nats_url: cli.nats.clone(),
+                events: *events,
+                seed: *seed,
+                stream: "TALLY_BENCH".into(),
+                prefix: "tally.bench".into(),
+                scratch: scratch.clone(),
+                batch_size: *batch_size,
+            };
+            let r = bench::run(&opts, &exe).await?;
+            println!("events               {}", r.events);
+            println!("publish              {:>10.0} msg/s", r.publish_per_s);
+            println!("raw consume (AckAll) {:>10.0} msg/s", r.raw_consume_per_s);
+            println!("tally run            {:>10.0} msg/s", r.tally_run_per_s);
+            println!("ratio                {:>10.3}", r.ratio);
+            println!("tally peak RSS       {:>10.1} MiB", r.tally_peak_rss_mib);
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Settings that change results.
+//!
+//! They live in a TOML file (`--config`, default `<data dir>/tally.toml` when
+//! present) with `deny_unknown_fields`, so a typo is an error rather than a
+//! silently different number. The checkpoint records a fingerprint of the
+//! effective settings; resuming with different ones is refused, because the
+//! views would then no longer be a function of the stream alone.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::Limits;
+use crate::event::time::MICROS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config {path} is not valid: {source}")]
+    Parse { path: String, source: Box<toml::de::Error> },
+    #[error("config {path}: {field} = {value:?} is not a duration; write e.g. \"90s\", \"5m\", \"1h\" or \"32d\"")]
+    Duration { path: String, field: &'static str, value: String },
+}
+
+/// The file as written by the user. Durations are strings like `"5m"`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfigFile {
+    /// How long (in stream time) a (source, id) is remembered for dedup.
+    pub dedup_horizon: String,
+    /// How far an event's time may be ahead of its publish time.
+    pub future_skew: String,
+    /// Allowed lateness: a window is final once `end + lateness <= stream clock`.
+    pub lateness: String,
+    /// Usage window granularities: any of minute, hour, day, month.
+    pub granularities: Vec<String>,
+    /// Largest accepted message, bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for ConfigFile {
+    fn default() -> ConfigFile {
+        ConfigFile {
+            dedup_horizon: "32d".into(),
+            future_skew: "1h".into(),
+            lateness: "5m".into(),
+            granularities: vec!["hour".into(), "day".into(), "month".into()],
+            max_message_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Effective settings, in microseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    pub dedup_horizon_us: i64,
+    pub future_skew_us: i64,
+    pub lateness_us: i64,
+    pub granularities: Vec<String>,
+    pub max_message_bytes: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        // The defaults are valid by construction.
+        Settings {
+            dedup_horizon_us: 32 * 86_400 * MICROS,
+            future_skew_us: 3600 * MICROS,
+            lateness_us: 300 * MICROS,
+            granularities: vec!["hour".into(), "day".into(), "month".into()],
+            max_message_bytes: 256 * 1024,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads `path`, or the defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Settings::default());
+        };
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+        let file: ConfigFile =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: shown.clone(), source: Box::new(source) })?;
+        Settings::from_file(&file, &shown)
+    }
+
+    pub fn from_file(file: &ConfigFile, shown: &str) -> Result<Settings, ConfigError> {
+        let dur = |field: &'static str, value: &str| {
+            parse_duration_us(value).ok_or_else(|| ConfigError::Duration {
+                path: shown.to_owned(),
+                field,
+                value: value.to_owned(),
+            })
+        };
+        for g in &file.granularities {
+            if !matches!(g.as_str(), "minute" | "hour" | "day" | "month") {
+                return Err(ConfigError::Parse {
+                    path: shown.to_owned(),
+                    source: Box::new(serde::de::Error::custom(format!(
+                        "granularities: {g:?} is not one of minute, hour, day, month"
+                    ))),
+                });
+            }
+        }
+        Ok(Settings {
+            dedup_horizon_us: dur("dedup_horizon", &file.dedup_horizon)?,
+            future_skew_us: dur("future_skew", &file.future_skew)?,
+            lateness_us: dur("lateness", &file.lateness)?,
+            granularities: file.granularities.clone(),
+            max_message_bytes: file.max_message_bytes,
+        })
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits { max_bytes: self.max_message_bytes, future_skew_us: self.future_skew_us }
+    }
+
+    /// A stable fingerprint stored in the checkpoint.
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "dedup={} skew={} lateness={} granularities={} max_bytes={}",
+            self.dedup_horizon_us,
+            self.future_skew_us,
+            self.lateness_us,
+            self.granularities.join(","),
+            self.max_message_bytes
+        )
+    }
+}
+
+/// `"90s"`, `"5m"`, `"1h"`, `"32d"` -> microseconds.
+pub fn parse_duration_us(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = s.split_at(split);
+    let n: i64 = n.parse().ok()?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(mult)?.checked_mul(MICROS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_us("5m"), Some(300 * MICROS));
+        assert_eq!(parse_duration_us("32d"), Some(32 * 86_400 * MICROS));
+        assert_eq!(parse_duration_us("5"), None);
+        assert_eq!(parse_duration_us("m"), None);
+    }
+
+    #[test]
+    fn defaults_match_file_defaults() {
+        assert_eq!(Settings::from_file(&ConfigFile::default(), "x").unwrap(), Settings::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<ConfigFile>("dedup_horizon = \"1d\"\nlatenes = \"1m\"").is_err());
+    }
+}

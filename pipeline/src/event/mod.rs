@@ -1,0 +1,95 @@
+//! The event contract: what an accepted event is, and the validator that
+//! turns a NATS message into an accepted [`Event`] or a [`Reject`] with the
+//! contract's dead-letter reason.
+//!
+//! The rules here are the same rules as `schemas/*.json`; the contract test
+//! (`tests/contract.rs`) runs one fixture corpus through both and requires
+//! that they agree on every event.
+
+pub mod decimal;
+pub mod payload;
+pub mod reason;
+pub mod time;
+pub mod validate;
+
+pub use payload::{Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms};
+pub use reason::{DlqReason, Reject};
+pub use validate::{Limits, validate_message, validate_payload};
+
+/// An accepted event, with its position in the stream.
+///
+/// Times are microseconds since the Unix epoch, UTC.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// JetStream stream sequence of the message that carried it.
+    pub stream_seq: u64,
+    /// JetStream publish time: stream time, used for dedup and skew.
+    pub published_at: i64,
+    pub id: String,
+    pub source: String,
+    pub event_type: String,
+    pub tenant: String,
+    /// Event time, normalised to UTC and truncated to microseconds.
+    pub time: i64,
+    /// `"1"` when the producer left it out.
+    pub dataversion: String,
+    pub actor: Option<String>,
+    pub actortype: Option<String>,
+    pub subject: Option<String>,
+    /// The `data` object as the producer wrote it (JSON text).
+    pub data: Option<String>,
+    /// The typed meaning of `data` for the nine metric-driving types.
+    pub payload: Payload,
+}
+
+impl Event {
+    /// The order every view uses where an order is needed: (`time`, `source`, `id`).
+    pub fn order_key(&self) -> (i64, &str, &str) {
+        (self.time, &self.source, &self.id)
+    }
+}
+
+/// The contract's default subject prefix.
+pub const DEFAULT_SUBJECT_PREFIX: &str = "tally.events";
+
+/// The subject an event belongs on: `<prefix>.<tenant>.<type>`.
+pub fn subject_for(prefix: &str, tenant: &str, event_type: &str) -> String {
+    format!("{prefix}.{tenant}.{event_type}")
+}
+
+/// The `Nats-Msg-Id` for an event: `<byte length of source>:<source>:<id>`,
+/// unambiguous for any (source, id) pair; control characters and `%` are
+/// percent-encoded so the value is always a valid header.
+pub fn nats_msg_id(source: &str, id: &str) -> String {
+    fn push_escaped(out: &mut String, s: &str) {
+        for c in s.chars() {
+            if c.is_control() || c == '%' {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            } else {
+                out.push(c);
+            }
+        }
+    }
+    let mut out = String::with_capacity(source.len() + id.len() + 8);
+    out.push_str(&source.len().to_string());
+    out.push(':');
+    push_escaped(&mut out, source);
+    out.push(':');
+    push_escaped(&mut out, id);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msg_id_is_unambiguous() {
+        assert_ne!(nats_msg_id("a:b", "c"), nats_msg_id("a", "b:c"));
+        assert_eq!(nats_msg_id("billing", "evt_1"), "7:billing:evt_1");
+        assert_eq!(nats_msg_id("s", "a\nb%"), "1:s:a%0Ab%25");
+    }
+}

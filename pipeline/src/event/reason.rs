@@ -1,0 +1,79 @@
+//! Why a message was dead-lettered: the contract's reasons, in the order in
+//! which they are checked. `as_str()` is the `<reason>` token of the DLQ
+//! subject `tally.dlq.<reason>`.
+
+use serde::{Deserialize, Serialize};
+
+/// A dead-letter reason. Declaration order is check order: a message gets
+/// the first reason that applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DlqReason {
+    TooLarge,
+    InvalidJson,
+    InvalidEnvelope,
+    SubjectMismatch,
+    UnsupportedVersion,
+    ForbiddenTenant,
+    InvalidData,
+    TimeInFuture,
+}
+
+impl DlqReason {
+    /// Every reason, in check order.
+    pub const ALL: [DlqReason; 8] = [
+        DlqReason::TooLarge,
+        DlqReason::InvalidJson,
+        DlqReason::InvalidEnvelope,
+        DlqReason::SubjectMismatch,
+        DlqReason::UnsupportedVersion,
+        DlqReason::ForbiddenTenant,
+        DlqReason::InvalidData,
+        DlqReason::TimeInFuture,
+    ];
+
+    /// The DLQ subject token and the name used in counts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DlqReason::TooLarge => "too_large",
+            DlqReason::InvalidJson => "invalid_json",
+            DlqReason::InvalidEnvelope => "invalid_envelope",
+            DlqReason::SubjectMismatch => "subject_mismatch",
+            DlqReason::UnsupportedVersion => "unsupported_version",
+            DlqReason::ForbiddenTenant => "forbidden_tenant",
+            DlqReason::InvalidData => "invalid_data",
+            DlqReason::TimeInFuture => "time_in_future",
+        }
+    }
+
+    /// Inverse of [`DlqReason::as_str`].
+    pub fn parse(token: &str) -> Option<DlqReason> {
+        DlqReason::ALL.into_iter().find(|r| r.as_str() == token)
+    }
+}
+
+impl std::fmt::Display for DlqReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refused message: the reason and a human-readable explanation that
+/// names the offending attribute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    pub reason: DlqReason,
+    pub detail: String,
+}
+
+impl Reject {
+    pub fn new(reason: DlqReason, detail: impl Into<String>) -> Reject {
+        Reject { reason, detail: detail.into() }
+    }
+}
+
+impl std::fmt::Display for Reject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason, self.detail)
+    }
+}

@@ -1,0 +1,639 @@
+//! The validator: message bytes + NATS context -> [`Event`] or [`Reject`].
+//!
+//! Checks run in the contract's reason order, so a message gets the first
+//! reason that applies. The envelope is deserialised into borrowed
+//! [`RawValue`]s: nothing is allocated for attributes that are not kept, the
+//! `data` object is archived byte-for-byte, and quantities are parsed from
+//! their original text (never through `f64`).
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+use super::decimal::{self, QuantityError};
+use super::payload::{self, Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms};
+use super::reason::{DlqReason, Reject};
+use super::time::parse_rfc3339_micros;
+use super::Event;
+
+/// Limits that decide rejections; they change results, so they come from
+/// the TOML config (see `crate::config`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Messages larger than this are `too_large` (contract: 256 KiB).
+    pub max_bytes: usize,
+    /// Allowed clock skew: `time` may exceed the publish time by this much (µs).
+    pub future_skew_us: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { max_bytes: 256 * 1024, future_skew_us: 3600 * super::time::MICROS }
+    }
+}
+
+/// Keeps JSON `null` distinguishable from an absent attribute.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(default, borrow, deserialize_with = "present")]
+    specversion: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    source: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present", rename = "type")]
+    event_type: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    time: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    tenant: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    dataversion: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    actor: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    actortype: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    datacontenttype: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    subject: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    dataschema: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+}
+
+/// Every field any metric-driving `data` object can carry; each type reads
+/// the ones it defines. One struct keeps the hot path to one parse.
+#[derive(Deserialize)]
+struct RawData<'a> {
+    #[serde(default, borrow, deserialize_with = "present")]
+    name: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    plan: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    currency: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    limits: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    overage: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    metric: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    aggregation: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    subscription_id: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    billing_cycle: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    price: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    trial_ends_at: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    reason: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    effective_at: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    quantity: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    invoice_id: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    amount: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    unit_price: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    per: Option<&'a RawValue>,
+}
+
+/// Where a message came from; `None` parts skip the checks that need them
+/// (`tally publish` validates before there is a subject or publish time).
+struct Context<'s> {
+    subject: Option<(&'s str, &'s str)>,
+    published_at: Option<i64>,
+}
+
+/// Validates a consumed message: all eight reasons apply.
+pub fn validate_message(
+    bytes: &[u8],
+    subject: &str,
+    prefix: &str,
+    stream_seq: u64,
+    published_at: i64,
+    limits: &Limits,
+) -> Result<Event, Reject> {
+    let ctx = Context { subject: Some((prefix, subject)), published_at: Some(published_at) };
+    let mut event = validate(bytes, &ctx, limits)?;
+    event.stream_seq = stream_seq;
+    event.published_at = published_at;
+    Ok(event)
+}
+
+/// Validates an event before it is published: every rule except
+/// `subject_mismatch` and `time_in_future`, which need the message context.
+pub fn validate_payload(bytes: &[u8], limits: &Limits) -> Result<Event, Reject> {
+    validate(bytes, &Context { subject: None, published_at: None }, limits)
+}
+
+fn shown(s: &str) -> String {
+    const MAX: usize = 80;
+    if s.chars().count() <= MAX {
+        format!("{s:?}")
+    } else {
+        let cut: String = s.chars().take(MAX).collect();
+        format!("{cut:?}...")
+    }
+}
+
+fn envelope(detail: impl Into<String>) -> Reject {
+    Reject::new(DlqReason::InvalidEnvelope, detail)
+}
+
+fn bad_data(detail: impl Into<String>) -> Reject {
+    Reject::new(DlqReason::InvalidData, detail)
+}
+
+/// A JSON string's value; `None` if the raw value is not a string.
+fn string_of(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let t = raw.get();
+    if !t.starts_with('"') {
+        return None;
+    }
+    if !t.contains('\\') {
+        return t.get(1..t.len() - 1).map(Cow::Borrowed);
+    }
+    serde_json::from_str::<String>(t).ok().map(Cow::Owned)
+}
+
+fn kind_of(raw: &RawValue) -> &'static str {
+    match raw.get().as_bytes().first() {
+        Some(b'"') => "a string",
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+fn required_str<'a>(raw: Option<&'a RawValue>, name: &str, mk: fn(String) -> Reject) -> Result<Cow<'a, str>, Reject> {
+    match raw {
+        None => Err(mk(format!("required attribute `{name}` is missing"))),
+        Some(r) => string_of(r).ok_or_else(|| mk(format!("`{name}` must be a string, got {}", kind_of(r)))),
+    }
+}
+
+fn optional_str<'a>(raw: Option<&'a RawValue>, name: &str, mk: fn(String) -> Reject) -> Result<Option<Cow<'a, str>>, Reject> {
+    match raw {
+        None => Ok(None),
+        Some(r) => string_of(r)
+            .map(Some)
+            .ok_or_else(|| mk(format!("`{name}` must be a string, got {}", kind_of(r)))),
+    }
+}
+
+fn env_err(s: String) -> Reject {
+    envelope(s)
+}
+
+fn data_err(s: String) -> Reject {
+    bad_data(s)
+}
+
+fn is_event_type(s: &str) -> bool {
+    // ^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$
+    let mut segments = 0;
+    for seg in s.split('.') {
+        let mut chars = seg.bytes();
+        match chars.next() {
+            Some(b'a'..=b'z') => {}
+            _ => return false,
+        }
+        if !chars.all(|c| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_')) {
+            return false;
+        }
+        segments += 1;
+    }
+    segments >= 2
+}
+
+fn is_tenant(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+}
+
+/// `^[a-z0-9][a-z0-9_-]{0,63}$`
+pub fn is_plan_code(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=64).contains(&b.len())
+        && matches!(b[0], b'a'..=b'z' | b'0'..=b'9')
+        && b[1..].iter().all(|c| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+}
+
+/// `^[a-z][a-z0-9_]{0,63}$`
+pub fn is_metric_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=64).contains(&b.len())
+        && b[0].is_ascii_lowercase()
+        && b[1..].iter().all(|c| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+}
+
+fn is_currency(s: &str) -> bool {
+    s.len() == 3 && s.bytes().all(|c| c.is_ascii_uppercase())
+}
+
+fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, Reject> {
+    // 1. too_large
+    if bytes.len() > limits.max_bytes {
+        return Err(Reject::new(
+            DlqReason::TooLarge,
+            format!("message is {} bytes, over the {}-byte limit", bytes.len(), limits.max_bytes),
+        ));
+    }
+    // 2. invalid_json
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| Reject::new(DlqReason::InvalidJson, format!("not UTF-8 text: {e}")))?;
+    let starts_as_object = text.trim_start().starts_with('{');
+    let raw: RawEnvelope<'_> = match serde_json::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) if e.classify() == serde_json::error::Category::Data && starts_as_object => {
+            return Err(envelope(format!("the envelope has a repeated attribute: {e}")));
+        }
+        Err(e) if e.is_data() || !starts_as_object => {
+            let kind = serde_json::from_str::<serde_json::Value>(text).ok().map(|v| match v {
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::Bool(_) => "a boolean",
+                serde_json::Value::Null => "null",
+                serde_json::Value::Object(_) => "an object",
+            });
+            return Err(Reject::new(
+                DlqReason::InvalidJson,
+                match kind {
+                    Some(k) => format!("expected a JSON object, got {k}"),
+                    None => format!("not valid JSON: {e}"),
+                },
+            ));
+        }
+        Err(e) => return Err(Reject::new(DlqReason::InvalidJson, format!("not valid JSON: {e}"))),
+    };
+
+    // 3. invalid_envelope
+    let specversion = required_str(raw.specversion, "specversion", env_err)?;
+    if specversion != "1.0" {
+        return Err(envelope(format!("`specversion` must be \"1.0\", got {}", shown(&specversion))));
+    }
+    let id = required_str(raw.id, "id", env_err)?;
+    let id_len = id.chars().count();
+    if !(1..=128).contains(&id_len) {
+        return Err(envelope(format!("`id` must be 1 to 128 characters, got {id_len}")));
+    }
+    let source = required_str(raw.source, "source", env_err)?;
+    let source_len = source.chars().count();
+    if !(1..=256).contains(&source_len) {
+        return Err(envelope(format!("`source` must be 1 to 256 characters, got {source_len}")));
+    }
+    let event_type = required_str(raw.event_type, "type", env_err)?;
+    if !is_event_type(&event_type) {
+        return Err(envelope(format!(
+            "`type` must look like `domain.object_verbed` (^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*)+$), got {}",
+            shown(&event_type)
+        )));
+    }
+    let time_text = required_str(raw.time, "time", env_err)?;
+    let time = parse_rfc3339_micros(&time_text).ok_or_else(|| {
+        envelope(format!(
+            "`time` must be an RFC 3339 date-time with offset, e.g. 2026-01-31T12:00:00Z, got {}",
+            shown(&time_text)
+        ))
+    })?;
+    let tenant = required_str(raw.tenant, "tenant", env_err)?;
+    if !is_tenant(&tenant) {
+        return Err(envelope(format!("`tenant` must match ^[A-Za-z0-9_-]{{1,64}}$, got {}", shown(&tenant))));
+    }
+    let dataversion = optional_str(raw.dataversion, "dataversion", env_err)?;
+    let actor = optional_str(raw.actor, "actor", env_err)?;
+    let actortype = optional_str(raw.actortype, "actortype", env_err)?;
+    let subject = optional_str(raw.subject, "subject", env_err)?;
+    optional_str(raw.dataschema, "dataschema", env_err)?;
+    if let Some(ct) = optional_str(raw.datacontenttype, "datacontenttype", env_err)? {
+        if ct != "application/json" {
+            return Err(envelope(format!("`datacontenttype` must be \"application/json\", got {}", shown(&ct))));
+        }
+    }
+    if let Some(d) = raw.data {
+        if !d.get().starts_with('{') {
+            return Err(envelope(format!("`data` must be a JSON object, got {}", kind_of(d))));
+        }
+    }
+
+    // 4. subject_mismatch
+    if let Some((prefix, subject)) = ctx.subject {
+        let matches = subject
+            .strip_prefix(prefix)
+            .and_then(|s| s.strip_prefix('.'))
+            .and_then(|s| s.strip_prefix(tenant.as_ref()))
+            .and_then(|s| s.strip_prefix('.'))
+            .is_some_and(|s| s == event_type);
+        if !matches {
+            return Err(Reject::new(
+                DlqReason::SubjectMismatch,
+                format!(
+                    "subject {} is not {prefix}.<tenant>.<type> of the envelope ({prefix}.{tenant}.{event_type})",
+                    shown(subject)
+                ),
+            ));
+        }
+    }
+
+    let metric_driving = payload::is_metric_type(&event_type);
+    // 5. unsupported_version
+    if metric_driving {
+        if let Some(v) = &dataversion {
+            if v != "1" {
+                return Err(Reject::new(
+                    DlqReason::UnsupportedVersion,
+                    format!("`{event_type}` supports dataversion \"1\" only, got {}", shown(v)),
+                ));
+            }
+        }
+    }
+    // 6. forbidden_tenant
+    let is_catalog = event_type.starts_with("catalog.");
+    if is_catalog && tenant != "_system" {
+        return Err(Reject::new(
+            DlqReason::ForbiddenTenant,
+            format!("`{event_type}` may only come from tenant \"_system\", got {}", shown(&tenant)),
+        ));
+    }
+    if metric_driving && !is_catalog && tenant == "_system" {
+        return Err(Reject::new(
+            DlqReason::ForbiddenTenant,
+            format!("tenant \"_system\" is reserved for catalog events and cannot send `{event_type}`"),
+        ));
+    }
+    // 7. invalid_data
+    let payload = if metric_driving {
+        let data = raw.data.ok_or_else(|| bad_data(format!("`{event_type}` requires a `data` object")))?;
+        parse_data(&event_type, data)?
+    } else {
+        Payload::Other
+    };
+    // 8. time_in_future
+    if let Some(published_at) = ctx.published_at {
+        if time > published_at.saturating_add(limits.future_skew_us) {
+            return Err(Reject::new(
+                DlqReason::TimeInFuture,
+                format!(
+                    "event time {} is more than {}s after the publish time {}",
+                    super::time::format_micros(time),
+                    limits.future_skew_us / super::time::MICROS,
+                    super::time::format_micros(published_at)
+                ),
+            ));
+        }
+    }
+
+    Ok(Event {
+        stream_seq: 0,
+        published_at: 0,
+        id: id.into_owned(),
+        source: source.into_owned(),
+        event_type: event_type.into_owned(),
+        tenant: tenant.into_owned(),
+        time,
+        dataversion: dataversion.map_or_else(|| "1".to_owned(), Cow::into_owned),
+        actor: actor.map(Cow::into_owned),
+        actortype: actortype.map(Cow::into_owned),
+        subject: subject.map(Cow::into_owned),
+        data: raw.data.map(|d| d.get().to_owned()),
+        payload,
+    })
+}
+
+fn field<'a>(raw: Option<&'a RawValue>, name: &str) -> Result<&'a RawValue, Reject> {
+    raw.ok_or_else(|| bad_data(format!("`data.{name}` is required")))
+}
+
+fn data_str(raw: Option<&RawValue>, name: &str) -> Result<String, Reject> {
+    required_str(raw, &format!("data.{name}"), data_err).map(Cow::into_owned)
+}
+
+fn data_nonempty(raw: Option<&RawValue>, name: &str) -> Result<String, Reject> {
+    let s = data_str(raw, name)?;
+    if s.is_empty() {
+        return Err(bad_data(format!("`data.{name}` must not be empty")));
+    }
+    Ok(s)
+}
+
+fn data_checked(raw: Option<&RawValue>, name: &str, ok: fn(&str) -> bool, rule: &str) -> Result<String, Reject> {
+    let s = data_str(raw, name)?;
+    if !ok(&s) {
+        return Err(bad_data(format!("`data.{name}` must match {rule}, got {}", shown(&s))));
+    }
+    Ok(s)
+}
+
+fn data_time(raw: Option<&RawValue>, name: &str) -> Result<Option<i64>, Reject> {
+    match optional_str(raw, &format!("data.{name}"), data_err)? {
+        None => Ok(None),
+        Some(t) => parse_rfc3339_micros(&t).map(Some).ok_or_else(|| {
+            bad_data(format!("`data.{name}` must be an RFC 3339 date-time with offset, got {}", shown(&t)))
+        }),
+    }
+}
+
+/// A JSON integer (JSON Schema's `integer`: `3`, `3.0` and `3e2` all count) >= `min`.
+fn data_int(raw: Option<&RawValue>, name: &str, min: i64) -> Result<i64, Reject> {
+    let r = field(raw, name)?;
+    let t = r.get();
+    let value = if t.bytes().all(|c| c.is_ascii_digit() || c == b'-') {
+        t.parse::<i64>().ok()
+    } else {
+        match serde_json::from_str::<serde_json::Number>(t) {
+            Ok(n) => n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.2e18).map(|f| f as i64),
+            Err(_) => None,
+        }
+    };
+    match value {
+        Some(v) if v >= min => Ok(v),
+        Some(v) => Err(bad_data(format!("`data.{name}` must be >= {min}, got {v}"))),
+        None => Err(bad_data(format!("`data.{name}` must be a whole number (minor units), got {}", shown(t)))),
+    }
+}
+
+fn quantity(r: &RawValue, name: &str) -> Result<i128, Reject> {
+    let t = r.get();
+    let parsed = match t.as_bytes().first() {
+        Some(b'"') => match string_of(r) {
+            Some(s) => decimal::parse_decimal_string(&s),
+            None => Err(QuantityError::Syntax),
+        },
+        Some(b'-' | b'0'..=b'9') => decimal::parse_json_number(t),
+        _ => Err(QuantityError::Syntax),
+    };
+    parsed.map_err(|e| {
+        bad_data(format!(
+            "`{name}` must be a number >= 0 or a decimal string like \"12.5\" ({e}), got {}",
+            shown(t)
+        ))
+    })
+}
+
+fn object_entries<'a>(r: &'a RawValue, name: &str) -> Result<BTreeMap<String, &'a RawValue>, Reject> {
+    if !r.get().starts_with('{') {
+        return Err(bad_data(format!("`data.{name}` must be an object, got {}", kind_of(r))));
+    }
+    serde_json::from_str(r.get()).map_err(|e| bad_data(format!("`data.{name}` is not a valid object: {e}")))
+}
+
+fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
+    let d: RawData<'_> =
+        serde_json::from_str(data.get()).map_err(|e| bad_data(format!("`data` has a repeated field: {e}")))?;
+    let currency = |d: &RawData<'_>| data_checked(d.currency, "currency", is_currency, "^[A-Z]{3}$ (ISO 4217)");
+    let plan = |d: &RawData<'_>| data_checked(d.plan, "plan", is_plan_code, "^[a-z0-9][a-z0-9_-]{0,63}$");
+    let metric = |d: &RawData<'_>| data_checked(d.metric, "metric", is_metric_name, "^[a-z][a-z0-9_]{0,63}$");
+    let terms = |d: &RawData<'_>, trial: Option<i64>| -> Result<SubscriptionTerms, Reject> {
+        let subscription_id = data_nonempty(d.subscription_id, "subscription_id")?;
+        let plan = plan(d)?;
+        let cycle_text = data_str(d.billing_cycle, "billing_cycle")?;
+        let billing_cycle = BillingCycle::parse(&cycle_text).ok_or_else(|| {
+            bad_data(format!("`data.billing_cycle` must be \"monthly\" or \"yearly\", got {}", shown(&cycle_text)))
+        })?;
+        let price = data_int(d.price, "price", 0)?;
+        let currency = currency(d)?;
+        Ok(SubscriptionTerms { subscription_id, plan, billing_cycle, price, currency, trial_ends_at: trial })
+    };
+    Ok(match event_type {
+        "tenant.created" => Payload::TenantCreated {
+            name: optional_str(d.name, "data.name", data_err)?.map(Cow::into_owned),
+        },
+        "catalog.plan_published" => {
+            let plan = plan(&d)?;
+            let currency = currency(&d)?;
+            let mut limits = BTreeMap::new();
+            for (m, q) in object_entries(field(d.limits, "limits")?, "limits")? {
+                if !is_metric_name(&m) {
+                    return Err(bad_data(format!("`data.limits` key {} is not a metric name", shown(&m))));
+                }
+                let v = quantity(q, &format!("data.limits.{m}"))?;
+                limits.insert(m, v);
+            }
+            let mut overage = BTreeMap::new();
+            if let Some(o) = d.overage {
+                for (m, price) in object_entries(o, "overage")? {
+                    if !is_metric_name(&m) {
+                        return Err(bad_data(format!("`data.overage` key {} is not a metric name", shown(&m))));
+                    }
+                    let p: RawData<'_> = if price.get().starts_with('{') {
+                        serde_json::from_str(price.get())
+                            .map_err(|e| bad_data(format!("`data.overage.{m}` is not a valid object: {e}")))?
+                    } else {
+                        return Err(bad_data(format!("`data.overage.{m}` must be an object, got {}", kind_of(price))));
+                    };
+                    let unit_price = data_int(p.unit_price, &format!("overage.{m}.unit_price"), 0)?;
+                    let per = data_int(p.per, &format!("overage.{m}.per"), 1)?;
+                    overage.insert(m, OveragePrice { unit_price, per });
+                }
+            }
+            Payload::PlanPublished(PlanVersion { plan, currency, limits, overage })
+        }
+        "catalog.meter_defined" => {
+            let metric = metric(&d)?;
+            let agg_text = data_str(d.aggregation, "aggregation")?;
+            let aggregation = Aggregation::parse(&agg_text).ok_or_else(|| {
+                bad_data(format!(
+                    "`data.aggregation` must be one of sum, count, max, latest; got {}",
+                    shown(&agg_text)
+                ))
+            })?;
+            Payload::MeterDefined { metric, aggregation }
+        }
+        "subscription.started" => {
+            let trial = data_time(d.trial_ends_at, "trial_ends_at")?;
+            Payload::SubscriptionStarted(terms(&d, trial)?)
+        }
+        "subscription.plan_changed" => Payload::PlanChanged(terms(&d, None)?),
+        "subscription.cancelled" => Payload::SubscriptionCancelled {
+            subscription_id: data_nonempty(d.subscription_id, "subscription_id")?,
+            reason: optional_str(d.reason, "data.reason", data_err)?.map(Cow::into_owned),
+            effective_at: data_time(d.effective_at, "effective_at")?,
+        },
+        "usage.recorded" => {
+            let metric = metric(&d)?;
+            let quantity = quantity(field(d.quantity, "quantity")?, "data.quantity")?;
+            Payload::UsageRecorded { metric, quantity }
+        }
+        "invoice.paid" | "invoice.refunded" => {
+            let invoice_id = data_nonempty(d.invoice_id, "invoice_id")?;
+            let amount = data_int(d.amount, "amount", 0)?;
+            let currency = currency(&d)?;
+            if event_type == "invoice.paid" {
+                Payload::InvoicePaid { invoice_id, amount, currency }
+            } else {
+                Payload::InvoiceRefunded { invoice_id, amount, currency }
+            }
+        }
+        _ => Payload::Other,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(json: &str, subject: &str) -> Result<Event, Reject> {
+        validate_message(json.as_bytes(), subject, "tally.events", 7, 1_767_225_600_000_000, &Limits::default())
+    }
+
+    const USAGE: &str = r#"{"specversion":"1.0","id":"e1","source":"svc","type":"usage.recorded","time":"2025-12-31T23:00:00+01:00","tenant":"acme","data":{"metric":"api_calls","quantity":"12.5"}}"#;
+
+    #[test]
+    fn accepts_usage_with_exact_quantity() {
+        let e = msg(USAGE, "tally.events.acme.usage.recorded").unwrap();
+        assert_eq!(e.stream_seq, 7);
+        assert_eq!(e.dataversion, "1");
+        assert_eq!(e.time, super::super::time::parse_rfc3339_micros("2025-12-31T22:00:00Z").unwrap());
+        assert_eq!(e.payload, Payload::UsageRecorded { metric: "api_calls".into(), quantity: 12_500_000_000 });
+        assert_eq!(e.data.as_deref(), Some(r#"{"metric":"api_calls","quantity":"12.5"}"#));
+    }
+
+    #[test]
+    fn first_reason_wins() {
+        let r = msg(USAGE, "tally.events.other.usage.recorded").unwrap_err();
+        assert_eq!(r.reason, DlqReason::SubjectMismatch);
+        let bad_env = USAGE.replace("\"acme\"", "\"ac me\"");
+        assert_eq!(msg(&bad_env, "x").unwrap_err().reason, DlqReason::InvalidEnvelope);
+        assert_eq!(msg("[1]", "x").unwrap_err().reason, DlqReason::InvalidJson);
+        assert_eq!(msg("{\"a\":", "x").unwrap_err().reason, DlqReason::InvalidJson);
+        let dup = r#"{"id":"a","id":"b"}"#;
+        assert_eq!(msg(dup, "x").unwrap_err().reason, DlqReason::InvalidEnvelope);
+    }
+
+    #[test]
+    fn escaped_strings_are_decoded() {
+        let j = USAGE.replace("\"e1\"", r#""e\u0031""#);
+        assert_eq!(msg(&j, "tally.events.acme.usage.recorded").unwrap().id, "e1");
+    }
+
+    #[test]
+    fn integers_follow_json_schema() {
+        let paid = |amount: &str| {
+            format!(
+                r#"{{"specversion":"1.0","id":"i","source":"s","type":"invoice.paid","time":"2025-01-01T00:00:00Z","tenant":"t","data":{{"invoice_id":"x","amount":{amount},"currency":"USD"}}}}"#
+            )
+        };
+        for ok in ["0", "1500", "1.0", "1e3"] {
+            assert!(msg(&paid(ok), "tally.events.t.invoice.paid").is_ok(), "{ok}");
+        }
+        for bad in ["1.5", "-1", "\"10\"", "null"] {
+            assert_eq!(msg(&paid(bad), "tally.events.t.invoice.paid").unwrap_err().reason, DlqReason::InvalidData, "{bad}");
+        }
+    }
+}

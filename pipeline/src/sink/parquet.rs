@@ -1,0 +1,270 @@
+//! Parquet files of the views, written atomically.
+//!
+//! Each batch appends one file per view it touched, named by the stream
+//! sequences it covers: `seq-<first>-<last>.parquet` (20-digit, so names sort
+//! by position). A file is written to `<name>.tmp`, fsynced and renamed; the
+//! checkpoint is written only after every rename, so after a crash any file
+//! whose first sequence is beyond the checkpoint is an orphan and is removed
+//! at start-up ([`ViewDir::recover`]).
+//!
+//! Many small files slow queries, so [`ViewDir::compact`] merges runs of
+//! small files into one covering their whole range. It writes the merged
+//! file first and deletes the parts after; a file whose range lies inside
+//! another file's range is ignored by readers and removed by recovery, so a
+//! crash in between never shows a row twice. Cost: a compaction rewrites the
+//! small files once (at most `COMPACT_MAX_FILE_BYTES` each).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+use crate::state::checkpoint::sync_dir;
+
+/// A file smaller than this is a candidate for compaction.
+const COMPACT_MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
+/// Compact once a view has this many small files.
+const COMPACT_TRIGGER: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot create view directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot encode Parquet {path}: {source}")]
+    Encode { path: PathBuf, source: parquet::errors::ParquetError },
+    #[error("cannot read Parquet {path}: {source}")]
+    Decode { path: PathBuf, source: parquet::errors::ParquetError },
+    #[error("cannot read Parquet {path}: {source}")]
+    Arrow { path: PathBuf, source: arrow::error::ArrowError },
+    #[error("cannot list {path}: {source}")]
+    List { path: PathBuf, source: std::io::Error },
+}
+
+/// One Parquet file of a view and the stream sequences it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewFile {
+    pub path: PathBuf,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub bytes: u64,
+}
+
+fn file_name(first: u64, last: u64) -> String {
+    format!("seq-{first:020}-{last:020}.parquet")
+}
+
+fn parse_name(name: &str) -> Option<(u64, u64)> {
+    let rest = name.strip_prefix("seq-")?.strip_suffix(".parquet")?;
+    let (a, b) = rest.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// The root of all views: `<data dir>/views`.
+pub fn views_root(data_dir: &Path) -> PathBuf {
+    data_dir.join("views")
+}
+
+/// The directory of one view.
+pub struct ViewDir {
+    pub dir: PathBuf,
+}
+
+impl ViewDir {
+    pub fn new(data_dir: &Path, view: &str) -> ViewDir {
+        ViewDir { dir: views_root(data_dir).join(view) }
+    }
+
+    pub fn create(&self) -> Result<(), SinkError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| SinkError::CreateDir { path: self.dir.clone(), source })
+    }
+
+    /// Every `seq-*.parquet` file, sorted by first sequence, without the
+    /// files whose range lies inside another's (compaction leftovers).
+    pub fn files(&self) -> Result<Vec<ViewFile>, SinkError> {
+        let mut files = Vec::new();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(files),
+            Err(source) => return Err(SinkError::List { path: self.dir.clone(), source }),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|source| SinkError::List { path: self.dir.clone(), source })?;
+            let name = entry.file_name();
+            let Some((first, last)) = name.to_str().and_then(parse_name) else {
+                continue;
+            };
+            let bytes = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            files.push(ViewFile { path: entry.path(), first_seq: first, last_seq: last, bytes });
+        }
+        // Widest first among equal starts, so a covering file precedes its parts.
+        files.sort_by(|a, b| a.first_seq.cmp(&b.first_seq).then(b.last_seq.cmp(&a.last_seq)));
+        let mut kept: Vec<ViewFile> = Vec::with_capacity(files.len());
+        for f in files {
+            if kept.last().is_some_and(|k| k.last_seq >= f.last_seq) {
+                continue;
+            }
+            kept.push(f);
+        }
+        Ok(kept)
+    }
+
+    /// Makes the directory agree with a checkpoint at `last_seq`: removes
+    /// temp files, files beyond the checkpoint, and compaction leftovers.
+    pub fn recover(&self, last_seq: u64) -> Result<usize, SinkError> {
+        let keep: Vec<PathBuf> = self.files()?.into_iter().filter(|f| f.last_seq <= last_seq).map(|f| f.path).collect();
+        let mut removed = 0;
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => return Err(SinkError::List { path: self.dir.clone(), source }),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|source| SinkError::List { path: self.dir.clone(), source })?;
+            let path = entry.path();
+            let name = entry.file_name();
+            let ours = name.to_str().is_some_and(|n| n.ends_with(".tmp") || parse_name(n).is_some());
+            if ours && !keep.contains(&path) {
+                std::fs::remove_file(&path).map_err(|source| SinkError::Io { path: path.clone(), source })?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            sync_dir(&self.dir).map_err(|source| SinkError::Io { path: self.dir.clone(), source })?;
+        }
+        Ok(removed)
+    }
+
+    /// Writes `batches` as the file covering `first..=last`, atomically.
+    pub fn write(&self, first: u64, last: u64, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<PathBuf, SinkError> {
+        let path = self.dir.join(file_name(first, last));
+        write_parquet(&path, schema, batches)?;
+        Ok(path)
+    }
+
+    /// Merges runs of small files once there are enough of them. Only files
+    /// at or below `upto` (the checkpoint) are touched.
+    pub fn compact(&self, schema: &SchemaRef, upto: u64) -> Result<usize, SinkError> {
+        let files: Vec<ViewFile> = self.files()?.into_iter().filter(|f| f.last_seq <= upto).collect();
+        let small: Vec<&ViewFile> = files.iter().filter(|f| f.bytes < COMPACT_MAX_FILE_BYTES).collect();
+        if small.len() < COMPACT_TRIGGER {
+            return Ok(0);
+        }
+        // Merge the maximal runs of adjacent small files (a large file in
+        // between breaks a run: merged files must cover contiguous ranges).
+        let mut merged = 0;
+        let mut run: Vec<&ViewFile> = Vec::new();
+        let mut runs = Vec::new();
+        for f in &files {
+            if f.bytes < COMPACT_MAX_FILE_BYTES {
+                run.push(f);
+            } else if !run.is_empty() {
+                runs.push(std::mem::take(&mut run));
+            }
+        }
+        if !run.is_empty() {
+            runs.push(run);
+        }
+        for run in runs.into_iter().filter(|r| r.len() > 1) {
+            let mut batches = Vec::new();
+            for f in &run {
+                batches.extend(read_parquet(&f.path)?);
+            }
+            let first = run[0].first_seq;
+            let last = run[run.len() - 1].last_seq;
+            self.write(first, last, schema, &batches)?;
+            for f in &run {
+                std::fs::remove_file(&f.path).map_err(|source| SinkError::Io { path: f.path.clone(), source })?;
+            }
+            sync_dir(&self.dir).map_err(|source| SinkError::Io { path: self.dir.clone(), source })?;
+            merged += run.len();
+        }
+        Ok(merged)
+    }
+}
+
+/// Writes a Parquet file to `path.tmp`, fsyncs it and renames it to `path`.
+pub fn write_parquet(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<(), SinkError> {
+    let tmp = path.with_extension("parquet.tmp");
+    let io = |source| SinkError::Io { path: tmp.clone(), source };
+    let file = File::create(&tmp).map_err(io)?;
+    let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+    let enc = |source| SinkError::Encode { path: tmp.clone(), source };
+    let mut writer = ArrowWriter::try_new(file, Arc::clone(schema), Some(props)).map_err(enc)?;
+    for b in batches {
+        writer.write(b).map_err(enc)?;
+    }
+    let file = writer.into_inner().map_err(enc)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    sync_dir(dir).map_err(|source| SinkError::Io { path: dir.to_path_buf(), source })
+}
+
+/// Reads a whole Parquet file.
+pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>, SinkError> {
+    let file = File::open(path).map_err(|source| SinkError::Io { path: path.to_path_buf(), source })?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.with_batch_size(64 * 1024).build())
+        .map_err(|source| SinkError::Decode { path: path.to_path_buf(), source })?;
+    reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| SinkError::Arrow { path: path.to_path_buf(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::UInt64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn batch(schema: &SchemaRef, vals: &[u64]) -> RecordBatch {
+        RecordBatch::try_new(Arc::clone(schema), vec![Arc::new(UInt64Array::from(vals.to_vec()))]).unwrap()
+    }
+
+    #[test]
+    fn recover_removes_orphans_and_contained_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema: SchemaRef = Arc::new(Schema::new(vec![Field::new("v", DataType::UInt64, false)]));
+        let v = ViewDir::new(dir.path(), "t");
+        v.create().unwrap();
+        v.write(1, 10, &schema, &[batch(&schema, &[1])]).unwrap();
+        v.write(11, 20, &schema, &[batch(&schema, &[2])]).unwrap();
+        v.write(1, 20, &schema, &[batch(&schema, &[1, 2])]).unwrap(); // merged, parts not yet deleted
+        v.write(21, 30, &schema, &[batch(&schema, &[3])]).unwrap(); // beyond checkpoint
+        std::fs::write(v.dir.join("seq-x.parquet.tmp"), b"junk").unwrap();
+        let ranges = |v: &ViewDir| v.files().unwrap().iter().map(|f| (f.first_seq, f.last_seq)).collect::<Vec<_>>();
+        assert_eq!(ranges(&v), vec![(1, 20), (21, 30)]);
+        assert_eq!(v.recover(20).unwrap(), 4);
+        assert_eq!(ranges(&v), vec![(1, 20)]);
+        assert_eq!(std::fs::read_dir(&v.dir).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn compaction_keeps_every_row_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema: SchemaRef = Arc::new(Schema::new(vec![Field::new("v", DataType::UInt64, false)]));
+        let v = ViewDir::new(dir.path(), "t");
+        v.create().unwrap();
+        for i in 0..40u64 {
+            v.write(i * 10 + 1, i * 10 + 10, &schema, &[batch(&schema, &[i])]).unwrap();
+        }
+        assert_eq!(v.compact(&schema, 400).unwrap(), 40);
+        let files = v.files().unwrap();
+        assert_eq!(files.len(), 1);
+        let rows: Vec<u64> = read_parquet(&files[0].path)
+            .unwrap()
+            .iter()
+            .flat_map(|b| b.column(0).as_any().downcast_ref::<UInt64Array>().unwrap().values().to_vec())
+            .collect();
+        assert_eq!(rows, (0..40).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,138 @@
+//! The event stream: connection, stream and consumer set-up, and the
+//! message stream the runtime batches from.
+//!
+//! Tally owns one durable pull consumer (AckAll). Its position on the
+//! server is *not* trusted: at every start the consumer is recreated to
+//! deliver from `checkpoint + 1`, so the checkpoint alone decides where
+//! processing resumes (a crash between checkpoint and ack redelivers nothing
+//! twice; a lost ack loses nothing).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+
+/// Runtime knobs of the connection (CLI flags), not results.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub nats_url: String,
+    pub stream: String,
+    pub subject_prefix: String,
+    pub consumer: String,
+    pub dlq_stream: String,
+}
+
+impl Default for SourceConfig {
+    fn default() -> SourceConfig {
+        SourceConfig {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            stream: "TALLY_EVENTS".into(),
+            subject_prefix: crate::event::DEFAULT_SUBJECT_PREFIX.into(),
+            consumer: "tally".into(),
+            dlq_stream: "TALLY_DLQ".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot reach NATS at {url}: {source} — is nats-server running (with -js)? Set --nats / TALLY_NATS_URL to its address")]
+    Connect { url: String, source: async_nats::ConnectError },
+    #[error("cannot create or open stream {stream}: {cause} — is JetStream enabled on the server (nats-server -js)?")]
+    Stream { stream: String, cause: String },
+    #[error("stream {stream} exists but captures {found:?}, not {wanted}; use another --stream or --subject-prefix, or fix the stream's subjects")]
+    Subjects { stream: String, found: Vec<String>, wanted: String },
+    #[error("cannot read the state of stream {stream}: {cause}")]
+    Info { stream: String, cause: String },
+    #[error("cannot set up consumer {consumer} on stream {stream}: {cause}")]
+    Consumer { stream: String, consumer: String, cause: String },
+    #[error("cannot consume from stream {stream}: {cause}")]
+    Messages { stream: String, cause: String },
+}
+
+/// Connects with a clear message when the server is not there. The client
+/// reconnects by itself after a connection loss; callers retry operations.
+pub async fn connect(url: &str) -> Result<async_nats::Client, SourceError> {
+    async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .name("tally")
+        .connect(url)
+        .await
+        .map_err(|source| SourceError::Connect { url: url.to_owned(), source })
+}
+
+/// Microseconds since the epoch of a JetStream timestamp.
+pub fn micros(t: &chrono::DateTime<chrono::Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+/// Creates the event stream if missing; accepts an existing one whose
+/// subjects cover `<prefix>.>`.
+pub async fn ensure_event_stream(js: &jetstream::Context, cfg: &SourceConfig) -> Result<stream::Stream, SourceError> {
+    let wanted = format!("{}.>", cfg.subject_prefix);
+    let mut s = js
+        .get_or_create_stream(stream::Config {
+            name: cfg.stream.clone(),
+            subjects: vec![wanted.clone()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| SourceError::Stream { stream: cfg.stream.clone(), cause: e.to_string() })?;
+    let info = s.info().await.map_err(|e| SourceError::Info { stream: cfg.stream.clone(), cause: e.to_string() })?;
+    let covers = info.config.subjects.iter().any(|s| *s == wanted || s == ">" || *s == format!("{}.*.>", cfg.subject_prefix));
+    if !covers {
+        return Err(SourceError::Subjects { stream: cfg.stream.clone(), found: info.config.subjects.clone(), wanted });
+    }
+    Ok(s)
+}
+
+/// Creates a stream for Tally's own output (`TALLY_DLQ`, `TALLY_ALERTS`) if
+/// missing. Its duplicate window covers a restart after a crash, so a
+/// publish repeated by the recovery of an unfinished batch is dropped.
+pub async fn ensure_output_stream(js: &jetstream::Context, name: &str, subjects: &str) -> Result<(), SourceError> {
+    js.get_or_create_stream(stream::Config {
+        name: name.to_owned(),
+        subjects: vec![subjects.to_owned()],
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+    .map_err(|e| SourceError::Stream { stream: name.to_owned(), cause: e.to_string() })
+}
+
+/// Stream creation time, as recorded in the checkpoint to detect a stream
+/// that was deleted and recreated (its sequences restart).
+pub async fn stream_identity(s: &mut stream::Stream, name: &str) -> Result<(String, u64), SourceError> {
+    let info = s.info().await.map_err(|e| SourceError::Info { stream: name.to_owned(), cause: e.to_string() })?;
+    Ok((info.created.to_rfc3339(), info.state.last_sequence))
+}
+
+/// (Re)creates the durable consumer to deliver from `start_seq`.
+pub async fn consumer_from(
+    s: &stream::Stream,
+    cfg: &SourceConfig,
+    start_seq: u64,
+    max_ack_pending: i64,
+) -> Result<consumer::PullConsumer, SourceError> {
+    let err = |e: String| SourceError::Consumer { stream: cfg.stream.clone(), consumer: cfg.consumer.clone(), cause: e };
+    match s.delete_consumer(&cfg.consumer).await {
+        Ok(_) => {}
+        Err(e) if e.to_string().contains("not found") => {}
+        Err(e) => return Err(err(e.to_string())),
+    }
+    s.create_consumer(consumer::pull::Config {
+        durable_name: Some(cfg.consumer.clone()),
+        description: Some("tally run: resumes from its checkpoint".into()),
+        deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: start_seq.max(1) },
+        ack_policy: consumer::AckPolicy::All,
+        // Long: a batch is acked only after it is durable, which can take a
+        // while when the disk is slow; redeliveries are skipped anyway.
+        ack_wait: Duration::from_secs(300),
+        max_ack_pending,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| err(e.to_string()))
+}

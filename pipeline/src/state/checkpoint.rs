@@ -1,0 +1,159 @@
+//! The checkpoint: the commit point of the durability protocol.
+//!
+//! A batch's effects are made durable first (Parquet renamed into place, DLQ
+//! publishes acknowledged by JetStream); then this file records the last
+//! stream sequence they cover; only then is the batch acknowledged. On start
+//! Tally resumes from `last_seq + 1`, never from the consumer's ack floor,
+//! and removes view files that a crash left beyond the checkpoint. The file
+//! is replaced atomically (temp file, fsync, rename, fsync of the directory).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::DlqReason;
+
+pub const FILE_NAME: &str = "checkpoint.json";
+const VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot read checkpoint {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("checkpoint {path} is corrupt ({source}); move the data directory aside and run `tally replay` to rebuild it")]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+    #[error("checkpoint {path} has version {found}, this tally understands {VERSION}; run `tally replay` into a new data directory")]
+    Version { path: PathBuf, found: u32 },
+    #[error("cannot write checkpoint {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+/// Outcome counters, cumulative over the stream prefix processed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub accepted: u64,
+    pub duplicate: u64,
+    /// Reason token -> count.
+    pub dead_lettered: BTreeMap<String, u64>,
+}
+
+impl Counts {
+    pub fn dead_letter(&mut self, reason: DlqReason) {
+        *self.dead_lettered.entry(reason.as_str().to_owned()).or_insert(0) += 1;
+    }
+
+    pub fn dead_lettered_total(&self) -> u64 {
+        self.dead_lettered.values().sum()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.accepted + self.duplicate + self.dead_lettered_total()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub version: u32,
+    /// The stream this data directory was built from.
+    pub stream: String,
+    /// The stream's creation time (RFC 3339): a recreated stream restarts
+    /// its sequences and must not be mixed with views of the old one.
+    pub stream_created: String,
+    /// Every message with a sequence <= this is reflected in the views.
+    pub last_seq: u64,
+    /// Largest JetStream publish time processed (µs): stream "now".
+    pub stream_now_us: Option<i64>,
+    /// Largest accepted event time (µs): the stream clock of metrics.md.
+    pub stream_clock_us: Option<i64>,
+    /// Fingerprint of the result-changing settings the views were built with.
+    pub settings: String,
+    pub counts: Counts,
+}
+
+impl Checkpoint {
+    pub fn new(stream: &str, stream_created: &str, settings: &str) -> Checkpoint {
+        Checkpoint {
+            version: VERSION,
+            stream: stream.to_owned(),
+            stream_created: stream_created.to_owned(),
+            last_seq: 0,
+            stream_now_us: None,
+            stream_clock_us: None,
+            settings: settings.to_owned(),
+            counts: Counts::default(),
+        }
+    }
+
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join(FILE_NAME)
+    }
+
+    /// Loads the checkpoint of `data_dir`; `None` if there is none yet.
+    pub fn load(data_dir: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
+        let path = Checkpoint::path(data_dir);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(CheckpointError::Read { path, source }),
+        };
+        let cp: Checkpoint =
+            serde_json::from_slice(&bytes).map_err(|source| CheckpointError::Corrupt { path: path.clone(), source })?;
+        if cp.version != VERSION {
+            return Err(CheckpointError::Version { path, found: cp.version });
+        }
+        Ok(Some(cp))
+    }
+
+    /// Atomically replaces the checkpoint of `data_dir`.
+    pub fn save(&self, data_dir: &Path) -> Result<(), CheckpointError> {
+        let path = Checkpoint::path(data_dir);
+        let bytes = serde_json::to_vec_pretty(self)
+            .map_err(|e| CheckpointError::Write { path: path.clone(), source: std::io::Error::other(e) })?;
+        write_atomically(&path, &bytes).map_err(|source| CheckpointError::Write { path, source })
+    }
+}
+
+/// Writes `bytes` to `path` via `path.tmp`, fsyncs, renames, fsyncs the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// fsync of a directory, so a rename inside it survives a power cut.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Checkpoint::load(dir.path()).unwrap(), None);
+        let mut cp = Checkpoint::new("TALLY_EVENTS", "2026-01-01T00:00:00Z", "s");
+        cp.last_seq = 42;
+        cp.counts.dead_letter(DlqReason::InvalidJson);
+        cp.save(dir.path()).unwrap();
+        assert_eq!(Checkpoint::load(dir.path()).unwrap(), Some(cp));
+        assert!(!dir.path().join("checkpoint.tmp").exists());
+    }
+
+    #[test]
+    fn corrupt_file_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), b"{").unwrap();
+        let err = Checkpoint::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("tally replay"), "{err}");
+    }
+}
