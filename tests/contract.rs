@@ -4,6 +4,8 @@
 //! must give every line its expected outcome, and the schemas must agree
 //! with it wherever a rule is expressible in JSON Schema.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 
 use jsonschema::{Draft, Registry, Resource, Validator};
@@ -42,14 +44,23 @@ fn schemas() -> (Validator, BTreeMap<String, Validator>) {
     let mut docs = BTreeMap::new();
     for (file, text) in tally::schema::SCHEMAS {
         // The embedded copy must be the file on disk.
-        assert_eq!(std::fs::read_to_string(format!("{dir}/{file}")).unwrap(), text, "{file}");
+        assert_eq!(
+            std::fs::read_to_string(format!("{dir}/{file}")).unwrap(),
+            text,
+            "{file}"
+        );
         let v: Value = serde_json::from_str(text).unwrap();
         assert_eq!(v["$id"], format!("{SCHEMA_BASE}{file}"), "{file} $id");
         docs.insert(file.to_string(), v);
     }
     let mut builder = Registry::new();
     for (file, v) in &docs {
-        builder = builder.add(format!("{SCHEMA_BASE}{file}"), Resource::from_contents(v.clone())).unwrap();
+        builder = builder
+            .add(
+                format!("{SCHEMA_BASE}{file}"),
+                Resource::from_contents(v.clone()),
+            )
+            .unwrap();
     }
     let registry = builder.prepare().unwrap();
     let build = |v: &Value| {
@@ -77,42 +88,73 @@ fn schemas_and_validator_agree_on_the_corpus() {
     let mut checked = 0;
     let mut failures = Vec::new();
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
-    for (n, line) in corpus.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let case: Case<'_> = serde_json::from_str(line).unwrap_or_else(|e| panic!("fixture line {}: {e}", n + 1));
+    for (n, line) in corpus
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let case: Case<'_> =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("fixture line {}: {e}", n + 1));
         let payload: Vec<u8> = match (&case.event, &case.raw, &case.raw_repeat) {
             (Some(e), None, None) => e.get().as_bytes().to_vec(),
             (None, Some(r), None) => r.as_bytes().to_vec(),
-            (None, None, Some(r)) => format!("{}{}{}", r.prefix, r.text.repeat(r.times), r.suffix).into_bytes(),
-            _ => panic!("fixture line {}: exactly one of event, raw, raw_repeat", n + 1),
+            (None, None, Some(r)) => {
+                format!("{}{}{}", r.prefix, r.text.repeat(r.times), r.suffix).into_bytes()
+            }
+            _ => panic!(
+                "fixture line {}: exactly one of event, raw, raw_repeat",
+                n + 1
+            ),
         };
         let parsed: Option<Value> = serde_json::from_slice(&payload).ok();
-        let subject = case.subject.clone().unwrap_or_else(|| match (&case.event, &parsed) {
-            (Some(_), Some(v)) if v["tenant"].is_string() && v["type"].is_string() => {
-                format!("tally.events.{}.{}", v["tenant"].as_str().unwrap(), v["type"].as_str().unwrap())
-            }
-            _ => "tally.events.x.y".to_string(),
-        });
-        let published_at =
-            parse_rfc3339_micros(case.published_at.as_deref().unwrap_or("2026-01-01T00:00:00Z")).expect("published_at");
+        let subject = case
+            .subject
+            .clone()
+            .unwrap_or_else(|| match (&case.event, &parsed) {
+                (Some(_), Some(v)) if v["tenant"].is_string() && v["type"].is_string() => {
+                    format!(
+                        "tally.events.{}.{}",
+                        v["tenant"].as_str().unwrap(),
+                        v["type"].as_str().unwrap()
+                    )
+                }
+                _ => "tally.events.x.y".to_string(),
+            });
+        let published_at = parse_rfc3339_micros(
+            case.published_at
+                .as_deref()
+                .unwrap_or("2026-01-01T00:00:00Z"),
+        )
+        .expect("published_at");
 
         // 1. The Rust validator gives the expected outcome.
-        let got = match validate_message(&payload, &subject, "tally.events", 1, published_at, &limits) {
-            Ok(_) => "accepted".to_string(),
-            Err(r) => r.reason.as_str().to_string(),
-        };
+        let got =
+            match validate_message(&payload, &subject, "tally.events", 1, published_at, &limits) {
+                Ok(_) => "accepted".to_string(),
+                Err(r) => r.reason.as_str().to_string(),
+            };
         *outcomes.entry(got.clone()).or_default() += 1;
         if got != case.expect {
-            failures.push(format!("{}: validator says {got}, expected {}", case.name, case.expect));
+            failures.push(format!(
+                "{}: validator says {got}, expected {}",
+                case.name, case.expect
+            ));
         }
 
         // 2. The schemas agree where the rule is expressible in JSON Schema.
-        let Some(value) = parsed.filter(Value::is_object) else { continue };
+        let Some(value) = parsed.filter(Value::is_object) else {
+            continue;
+        };
         if case.expect == "too_large" || case.expect == "invalid_json" {
             continue;
         }
         let env_ok = envelope.is_valid(&value);
         let type_name = value["type"].as_str().unwrap_or("");
-        let type_ok = if is_metric_type(type_name) { types[type_name].is_valid(&value) } else { true };
+        let type_ok = if is_metric_type(type_name) {
+            types[type_name].is_valid(&value)
+        } else {
+            true
+        };
         let schema_ok = env_ok && type_ok;
         let documented_exception = case.name.contains("rounds up past Decimal128");
         let agree = match case.expect.as_str() {
@@ -130,11 +172,22 @@ fn schemas_and_validator_agree_on_the_corpus() {
         }
         checked += 1;
     }
-    assert!(failures.is_empty(), "{} disagreements:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} disagreements:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     // Every outcome is exercised.
     for reason in tally::event::DlqReason::ALL {
-        assert!(outcomes.get(reason.as_str()).copied().unwrap_or(0) > 0, "no fixture for {reason}");
+        assert!(
+            outcomes.get(reason.as_str()).copied().unwrap_or(0) > 0,
+            "no fixture for {reason}"
+        );
     }
     assert!(outcomes["accepted"] > 20);
-    assert!(checked > 100, "only {checked} lines reached the schema check");
+    assert!(
+        checked > 100,
+        "only {checked} lines reached the schema check"
+    );
 }

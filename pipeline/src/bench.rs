@@ -30,7 +30,10 @@ pub enum BenchError {
     #[error("benchmark stream {stream}: {detail}")]
     Stream { stream: String, detail: String },
     #[error("cannot use scratch directory {path}: {source}")]
-    Scratch { path: PathBuf, source: std::io::Error },
+    Scratch {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("`tally run` child failed: {0}")]
     Child(String),
 }
@@ -66,7 +69,10 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
 }
 
 fn scratch_err(path: &Path) -> impl Fn(std::io::Error) -> BenchError + '_ {
-    move |source| BenchError::Scratch { path: path.to_path_buf(), source }
+    move |source| BenchError::Scratch {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Runs the benchmark; `tally` is the binary to run as the child.
@@ -75,11 +81,21 @@ pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, Bench
     // 1. Generate: ~80 events per tenant-month, 12 months.
     let events_file = opts.scratch.join("events.jsonl");
     let tenants = u32::try_from((opts.events / 900).max(1)).unwrap_or(u32::MAX);
-    let cfg = GenerateConfig { tenants, months: 12, seed: opts.seed, start_year: 2025, start_month: 1, source: "tally-bench".into() };
+    let cfg = GenerateConfig {
+        tenants,
+        months: 12,
+        seed: opts.seed,
+        start_year: 2025,
+        start_month: 1,
+        source: "tally-bench".into(),
+    };
     let mut all = Vec::new();
     generate::generate(&cfg, &mut all)?;
     let mut kept = Vec::with_capacity(all.len());
-    for line in all.split_inclusive(|b| *b == b'\n').take(usize::try_from(opts.events).unwrap_or(usize::MAX)) {
+    for line in all
+        .split_inclusive(|b| *b == b'\n')
+        .take(usize::try_from(opts.events).unwrap_or(usize::MAX))
+    {
         kept.extend_from_slice(line);
     }
     drop(all);
@@ -90,7 +106,10 @@ pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, Bench
     // 2. A fresh stream.
     let client = js_source::connect(&opts.nats_url).await?;
     let js = jetstream::new(client);
-    let serr = |detail: String| BenchError::Stream { stream: opts.stream.clone(), detail };
+    let serr = |detail: String| BenchError::Stream {
+        stream: opts.stream.clone(),
+        detail,
+    };
     let _ = js.delete_stream(&opts.stream).await;
     let s = js
         .create_stream(stream::Config {
@@ -105,7 +124,11 @@ pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, Bench
     // 3. Publish.
     let started = Instant::now();
     let file = std::fs::File::open(&events_file).map_err(scratch_err(&events_file))?;
-    let popts = PublishOptions { prefix: opts.prefix.clone(), allow_invalid: false, window: 8192 };
+    let popts = PublishOptions {
+        prefix: opts.prefix.clone(),
+        allow_invalid: false,
+        window: 8192,
+    };
     let report = publish::publish(&js, std::io::BufReader::new(file), &popts).await?;
     let publish_per_s = report.published as f64 / started.elapsed().as_secs_f64();
     let stored = report.published - report.duplicates;
@@ -132,12 +155,16 @@ pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, Bench
         match tokio::time::timeout(Duration::from_secs(10), msgs.next()).await {
             Ok(Some(Ok(m))) => {
                 seen += 1;
-                if seen % 10_000 == 0 || seen == stored {
+                if seen.is_multiple_of(10_000) || seen == stored {
                     m.ack().await.map_err(|e| serr(e.to_string()))?;
                 }
             }
             Ok(Some(Err(e))) => return Err(serr(e.to_string())),
-            Ok(None) | Err(_) => return Err(serr(format!("raw consume stalled after {seen} of {stored} messages"))),
+            Ok(None) | Err(_) => {
+                return Err(serr(format!(
+                    "raw consume stalled after {seen} of {stored} messages"
+                )));
+            }
         }
     }
     let raw_consume_per_s = seen as f64 / started.elapsed().as_secs_f64();
@@ -147,9 +174,23 @@ pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, Bench
     let data = opts.scratch.join("data");
     let _ = std::fs::remove_dir_all(&data);
     let mut child = tokio::process::Command::new(tally)
-        .args(["--nats", &opts.nats_url, "--stream", &opts.stream, "--subject-prefix", &opts.prefix, "--data"])
+        .args([
+            "--nats",
+            &opts.nats_url,
+            "--stream",
+            &opts.stream,
+            "--subject-prefix",
+            &opts.prefix,
+            "--data",
+        ])
         .arg(&data)
-        .args(["run", "--until-idle", "--summary-json", "--batch-size", &opts.batch_size.to_string()])
+        .args([
+            "run",
+            "--until-idle",
+            "--summary-json",
+            "--batch-size",
+            &opts.batch_size.to_string(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

@@ -18,19 +18,43 @@ use crate::source::jetstream::{SourceConfig, SourceError, connect};
 use crate::status::{self, StatusError};
 
 #[derive(Debug, Parser)]
-#[command(name = "tally", version, about = "SaaS events from NATS JetStream to billing-grade SQL views")]
+#[command(
+    name = "tally",
+    version,
+    about = "SaaS events from NATS JetStream to billing-grade SQL views"
+)]
 pub struct Cli {
     /// NATS server URL.
-    #[arg(long, global = true, env = "TALLY_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub nats: String,
     /// Data directory: views, checkpoint, settings.
-    #[arg(long, global = true, env = "TALLY_DATA_DIR", default_value = "./tally-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_DATA_DIR",
+        default_value = "./tally-data"
+    )]
     pub data: PathBuf,
     /// JetStream stream holding the events.
-    #[arg(long, global = true, env = "TALLY_STREAM", default_value = "TALLY_EVENTS")]
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_STREAM",
+        default_value = "TALLY_EVENTS"
+    )]
     pub stream: String,
     /// Subject prefix: events go to `<prefix>.<tenant>.<type>`.
-    #[arg(long, global = true, env = "TALLY_SUBJECT_PREFIX", default_value = "tally.events")]
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_SUBJECT_PREFIX",
+        default_value = "tally.events"
+    )]
     pub subject_prefix: String,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, global = true, env = "TALLY_LOG", default_value = "text", value_parser = ["text", "json"])]
@@ -139,12 +163,17 @@ pub enum CliError {
     #[error(transparent)]
     Bench(#[from] BenchError),
     #[error("cannot read {what}: {source}")]
-    Input { what: String, source: std::io::Error },
+    Input {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("cannot write output: {0}")]
     Output(std::io::Error),
     #[error("{0}")]
     Usage(String),
-    #[error("{invalid} of {lines} lines were invalid and not published (see above); fix them, or pass --allow-invalid to send them to the dead-letter path")]
+    #[error(
+        "{invalid} of {lines} lines were invalid and not published (see above); fix them, or pass --allow-invalid to send them to the dead-letter path"
+    )]
     InvalidLines { invalid: u64, lines: u64 },
 }
 
@@ -172,7 +201,15 @@ fn source_config(cli: &Cli, consumer: Option<&str>, dlq: Option<&str>) -> Source
 /// Runs the parsed command.
 pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
     match &cli.command {
-        Command::Run { until_idle, config, batch_size, batch_wait_ms, consumer, dlq_stream, summary_json } => {
+        Command::Run {
+            until_idle,
+            config,
+            batch_size,
+            batch_wait_ms,
+            consumer,
+            dlq_stream,
+            summary_json,
+        } => {
             if *batch_size == 0 {
                 return Err(CliError::Usage("--batch-size must be at least 1".into()));
             }
@@ -200,12 +237,24 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Sql { query: q, file, format, queries } => {
+        Command::Sql {
+            query: q,
+            file,
+            format,
+            queries,
+        } => {
             let sql = match (q, file) {
                 (Some(q), None) => q.clone(),
-                (None, Some(f)) => std::fs::read_to_string(f)
-                    .map_err(|source| CliError::Input { what: f.display().to_string(), source })?,
-                _ => return Err(CliError::Usage("give a query, e.g. tally sql \"SELECT count(*) FROM events\", or -f FILE.sql".into())),
+                (None, Some(f)) => {
+                    std::fs::read_to_string(f).map_err(|source| CliError::Input {
+                        what: f.display().to_string(),
+                        source,
+                    })?
+                }
+                _ => return Err(CliError::Usage(
+                    "give a query, e.g. tally sql \"SELECT count(*) FROM events\", or -f FILE.sql"
+                        .into(),
+                )),
             };
             let ctx = query::open_session(&cli.data, Some(queries)).await?;
             let batches = query::query(&ctx, &sql).await?;
@@ -213,37 +262,63 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             query::write_batches(&batches, *format, stdout.lock())?;
             Ok(())
         }
-        Command::Publish { file, allow_invalid } => {
+        Command::Publish {
+            file,
+            allow_invalid,
+        } => {
             let input: Box<dyn Read> = if file == "-" {
                 Box::new(std::io::stdin())
             } else {
-                Box::new(std::fs::File::open(file).map_err(|source| CliError::Input { what: file.clone(), source })?)
+                Box::new(std::fs::File::open(file).map_err(|source| CliError::Input {
+                    what: file.clone(),
+                    source,
+                })?)
             };
             let client = connect(&cli.nats).await?;
             let js = async_nats::jetstream::new(client);
             // A producer's first publish on a fresh server should just work.
-            crate::source::jetstream::ensure_event_stream(&js, &source_config(&cli, None, None)).await?;
-            let opts = PublishOptions { prefix: cli.subject_prefix.clone(), allow_invalid: *allow_invalid, window: 4096 };
-            let report = publish::publish(&js, BufReader::with_capacity(1 << 20, input), &opts).await?;
+            crate::source::jetstream::ensure_event_stream(&js, &source_config(&cli, None, None))
+                .await?;
+            let opts = PublishOptions {
+                prefix: cli.subject_prefix.clone(),
+                allow_invalid: *allow_invalid,
+                window: 4096,
+            };
+            let report =
+                publish::publish(&js, BufReader::with_capacity(1 << 20, input), &opts).await?;
             for (line, reason, detail) in &report.problems {
                 eprintln!("line {line}: {reason}: {detail}");
             }
             if report.invalid as usize > report.problems.len() {
-                eprintln!("... and {} more invalid lines", report.invalid as usize - report.problems.len());
+                eprintln!(
+                    "... and {} more invalid lines",
+                    report.invalid as usize - report.problems.len()
+                );
             }
             println!(
                 "lines {}  published {}  (of which JetStream duplicates {})  invalid {}",
                 report.lines, report.published, report.duplicates, report.invalid
             );
             if report.invalid > 0 && !allow_invalid {
-                return Err(CliError::InvalidLines { invalid: report.invalid, lines: report.lines });
+                return Err(CliError::InvalidLines {
+                    invalid: report.invalid,
+                    lines: report.lines,
+                });
             }
             Ok(())
         }
-        Command::Generate { tenants, months, seed, start } => {
-            let (start_year, start_month) = generate::parse_start(start).map_err(|e| CliError::Usage(e.to_string()))?;
+        Command::Generate {
+            tenants,
+            months,
+            seed,
+            start,
+        } => {
+            let (start_year, start_month) =
+                generate::parse_start(start).map_err(|e| CliError::Usage(e.to_string()))?;
             if *tenants == 0 || *months == 0 {
-                return Err(CliError::Usage("--tenants and --months must be at least 1".into()));
+                return Err(CliError::Usage(
+                    "--tenants and --months must be at least 1".into(),
+                ));
             }
             let cfg = GenerateConfig {
                 tenants: *tenants,
@@ -255,17 +330,23 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             };
             let stdout = std::io::stdout();
             let stats = generate::generate(&cfg, stdout.lock())?;
-            eprintln!("generated {} events ({} duplicates, {} late)", stats.events, stats.duplicates, stats.late);
+            eprintln!(
+                "generated {} events ({} duplicates, {} late)",
+                stats.events, stats.duplicates, stats.late
+            );
             Ok(())
         }
         Command::Status { consumer, json } => {
-            let (s, nats_error) = status::status(&cli.data, &source_config(&cli, Some(consumer), None)).await?;
+            let (s, nats_error) =
+                status::status(&cli.data, &source_config(&cli, Some(consumer), None)).await?;
             let text = if *json {
                 serde_json::json!({ "status": s, "nats_error": nats_error }).to_string() + "\n"
             } else {
                 status::render(&s, nats_error.as_deref())
             };
-            std::io::stdout().write_all(text.as_bytes()).map_err(CliError::Output)?;
+            std::io::stdout()
+                .write_all(text.as_bytes())
+                .map_err(CliError::Output)?;
             Ok(())
         }
         Command::Schema { name } => {
@@ -273,7 +354,8 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             match name {
                 None => {
                     for (file, _) in crate::schema::SCHEMAS {
-                        writeln!(out, "{}", file.trim_end_matches(".json")).map_err(CliError::Output)?;
+                        writeln!(out, "{}", file.trim_end_matches(".json"))
+                            .map_err(CliError::Output)?;
                     }
                 }
                 Some(n) => {
@@ -285,8 +367,16 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Bench { events, seed, batch_size, scratch } => {
-            let exe = std::env::current_exe().map_err(|source| CliError::Input { what: "own executable path".into(), source })?;
+        Command::Bench {
+            events,
+            seed,
+            batch_size,
+            scratch,
+        } => {
+            let exe = std::env::current_exe().map_err(|source| CliError::Input {
+                what: "own executable path".into(),
+                source,
+            })?;
             let opts = BenchOptions {
                 nats_url: cli.nats.clone(),
                 events: *events,

@@ -16,11 +16,23 @@ use crate::event::time::MICROS;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config {path} is not valid: {source}")]
-    Parse { path: String, source: Box<toml::de::Error> },
-    #[error("config {path}: {field} = {value:?} is not a duration; write e.g. \"90s\", \"5m\", \"1h\" or \"32d\"")]
-    Duration { path: String, field: &'static str, value: String },
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error(
+        "config {path}: {field} = {value:?} is not a duration; write e.g. \"90s\", \"5m\", \"1h\" or \"32d\""
+    )]
+    Duration {
+        path: String,
+        field: &'static str,
+        value: String,
+    },
 }
 
 /// The file as written by the user. Durations are strings like `"5m"`.
@@ -81,9 +93,14 @@ impl Settings {
             return Ok(Settings::default());
         };
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
-        let file: ConfigFile =
-            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: shown.clone(), source: Box::new(source) })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let file: ConfigFile = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: shown.clone(),
+            source: Box::new(source),
+        })?;
         Settings::from_file(&file, &shown)
     }
 
@@ -115,7 +132,10 @@ impl Settings {
     }
 
     pub fn limits(&self) -> Limits {
-        Limits { max_bytes: self.max_message_bytes, future_skew_us: self.future_skew_us }
+        Limits {
+            max_bytes: self.max_message_bytes,
+            future_skew_us: self.future_skew_us,
+        }
     }
 
     /// A stable fingerprint stored in the checkpoint.
@@ -161,7 +181,10 @@ mod tests {
 
     #[test]
     fn defaults_match_file_defaults() {
-        assert_eq!(Settings::from_file(&ConfigFile::default(), "x").unwrap(), Settings::default());
+        assert_eq!(
+            Settings::from_file(&ConfigFile::default(), "x").unwrap(),
+            Settings::default()
+        );
     }
 
     #[test]

@@ -17,9 +17,19 @@ pub enum PublishError {
     #[error("cannot read input: {0}")]
     Read(std::io::Error),
     #[error("cannot publish line {line} to {subject}: {cause}")]
-    Publish { line: u64, subject: String, cause: String },
-    #[error("JetStream did not acknowledge line {line} ({subject}): {cause} — is there a stream capturing {subject}? `tally run` creates it")]
-    Ack { line: u64, subject: String, cause: String },
+    Publish {
+        line: u64,
+        subject: String,
+        cause: String,
+    },
+    #[error(
+        "JetStream did not acknowledge line {line} ({subject}): {cause} — is there a stream capturing {subject}? `tally run` creates it"
+    )]
+    Ack {
+        line: u64,
+        subject: String,
+        cause: String,
+    },
 }
 
 /// What a publish run did.
@@ -56,7 +66,10 @@ fn fallback_subject(prefix: &str, line: &[u8]) -> String {
     let probe: Option<Probe> = serde_json::from_slice(line).ok();
     let token_ok = |s: &str| !s.is_empty() && !s.contains([' ', '*', '>', '\t', '\r', '\n']);
     match probe {
-        Some(Probe { tenant: Some(t), event_type: Some(ty) }) if token_ok(&t) && token_ok(&ty) && !ty.starts_with('.') && !ty.ends_with('.') => {
+        Some(Probe {
+            tenant: Some(t),
+            event_type: Some(ty),
+        }) if token_ok(&t) && token_ok(&ty) && !ty.starts_with('.') && !ty.ends_with('.') => {
             subject_for(prefix, &t, &ty)
         }
         _ => format!("{prefix}.invalid.unknown"),
@@ -64,7 +77,11 @@ fn fallback_subject(prefix: &str, line: &[u8]) -> String {
 }
 
 /// Publishes every line of `input`.
-pub async fn publish<R: BufRead>(js: &jetstream::Context, input: R, opts: &PublishOptions) -> Result<PublishReport, PublishError> {
+pub async fn publish<R: BufRead>(
+    js: &jetstream::Context,
+    input: R,
+    opts: &PublishOptions,
+) -> Result<PublishReport, PublishError> {
     let limits = Limits::default();
     let mut report = PublishReport::default();
     let mut pending: VecDeque<(u64, String, PublishAckFuture)> = VecDeque::new();
@@ -79,11 +96,16 @@ pub async fn publish<R: BufRead>(js: &jetstream::Context, input: R, opts: &Publi
         }
         report.lines += 1;
         let (subject, msg_id) = match validate_payload(&line, &limits) {
-            Ok(e) => (subject_for(&opts.prefix, &e.tenant, &e.event_type), Some(event::nats_msg_id(&e.source, &e.id))),
+            Ok(e) => (
+                subject_for(&opts.prefix, &e.tenant, &e.event_type),
+                Some(event::nats_msg_id(&e.source, &e.id)),
+            ),
             Err(reject) => {
                 report.invalid += 1;
                 if report.problems.len() < 100 {
-                    report.problems.push((line_no, reject.reason, reject.detail));
+                    report
+                        .problems
+                        .push((line_no, reject.reason, reject.detail));
                 }
                 if !opts.allow_invalid {
                     continue;
@@ -98,7 +120,11 @@ pub async fn publish<R: BufRead>(js: &jetstream::Context, input: R, opts: &Publi
         let ack = js
             .publish_with_headers(subject.clone(), headers, Bytes::from(line))
             .await
-            .map_err(|e| PublishError::Publish { line: line_no, subject: subject.clone(), cause: e.to_string() })?;
+            .map_err(|e| PublishError::Publish {
+                line: line_no,
+                subject: subject.clone(),
+                cause: e.to_string(),
+            })?;
         pending.push_back((line_no, subject, ack));
         while pending.len() >= opts.window {
             if let Some(p) = pending.pop_front() {
@@ -112,8 +138,15 @@ pub async fn publish<R: BufRead>(js: &jetstream::Context, input: R, opts: &Publi
     Ok(report)
 }
 
-async fn settle((line, subject, ack): (u64, String, PublishAckFuture), report: &mut PublishReport) -> Result<(), PublishError> {
-    let ack = ack.await.map_err(|e| PublishError::Ack { line, subject, cause: e.to_string() })?;
+async fn settle(
+    (line, subject, ack): (u64, String, PublishAckFuture),
+    report: &mut PublishReport,
+) -> Result<(), PublishError> {
+    let ack = ack.await.map_err(|e| PublishError::Ack {
+        line,
+        subject,
+        cause: e.to_string(),
+    })?;
     report.published += 1;
     if ack.duplicate {
         report.duplicates += 1;

@@ -41,21 +41,49 @@ pub enum RuntimeError {
     #[error(transparent)]
     Operator(#[from] OperatorError),
     #[error("cannot create data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
-    #[error("another tally process is using data directory {path}; stop it first, or give this one its own --data")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "another tally process is using data directory {path}; stop it first, or give this one its own --data"
+    )]
     Locked { path: PathBuf },
     #[error(
         "data directory {path} was built from stream {found} (created {found_created}), not {wanted} (created {wanted_created}); use a fresh --data, or `tally replay` to rebuild from this stream"
     )]
-    OtherStream { path: PathBuf, found: String, found_created: String, wanted: String, wanted_created: String },
+    OtherStream {
+        path: PathBuf,
+        found: String,
+        found_created: String,
+        wanted: String,
+        wanted_created: String,
+    },
     #[error(
         "data directory {path} was built with other settings ({found}) than the config now says ({wanted}); views would stop being a function of the stream: restore the config, or run `tally replay` to rebuild with the new one"
     )]
-    SettingsChanged { path: PathBuf, found: String, wanted: String },
-    #[error("checkpoint of {path} is at sequence {checkpoint} but stream {stream} ends at {last}: the stream lost messages or was recreated; run `tally replay` or use a fresh --data")]
-    AheadOfStream { path: PathBuf, checkpoint: u64, stream: String, last: u64 },
-    #[error("stopped before batch {first}..={last} was durable: {cause}; nothing was acknowledged, the next start redoes it")]
-    Interrupted { first: u64, last: u64, cause: String },
+    SettingsChanged {
+        path: PathBuf,
+        found: String,
+        wanted: String,
+    },
+    #[error(
+        "checkpoint of {path} is at sequence {checkpoint} but stream {stream} ends at {last}: the stream lost messages or was recreated; run `tally replay` or use a fresh --data"
+    )]
+    AheadOfStream {
+        path: PathBuf,
+        checkpoint: u64,
+        stream: String,
+        last: u64,
+    },
+    #[error(
+        "stopped before batch {first}..={last} was durable: {cause}; nothing was acknowledged, the next start redoes it"
+    )]
+    Interrupted {
+        first: u64,
+        last: u64,
+        cause: String,
+    },
 }
 
 /// One message as the processor sees it.
@@ -108,11 +136,26 @@ impl Processor {
         }
         let cp = &mut self.checkpoint;
         cp.last_seq = m.stream_seq;
-        cp.stream_now_us = Some(cp.stream_now_us.map_or(m.published_at, |n| n.max(m.published_at)));
-        match validate_message(m.payload, m.subject, &self.prefix, m.stream_seq, m.published_at, &self.limits) {
+        cp.stream_now_us = Some(
+            cp.stream_now_us
+                .map_or(m.published_at, |n| n.max(m.published_at)),
+        );
+        match validate_message(
+            m.payload,
+            m.subject,
+            &self.prefix,
+            m.stream_seq,
+            m.published_at,
+            &self.limits,
+        ) {
             Err(reject) => {
                 cp.counts.dead_letter(reject.reason);
-                Some(DeadLetter { stream_seq: m.stream_seq, subject: m.subject.to_owned(), payload: m.payload.clone(), reject })
+                Some(DeadLetter {
+                    stream_seq: m.stream_seq,
+                    subject: m.subject.to_owned(),
+                    payload: m.payload.clone(),
+                    reject,
+                })
             }
             Ok(event) => {
                 let key = dedup::key(&event.source, &event.id);
@@ -122,7 +165,8 @@ impl Processor {
                 }
                 self.dedup.insert(key, m.published_at);
                 cp.counts.accepted += 1;
-                cp.stream_clock_us = Some(cp.stream_clock_us.map_or(event.time, |c| c.max(event.time)));
+                cp.stream_clock_us =
+                    Some(cp.stream_clock_us.map_or(event.time, |c| c.max(event.time)));
                 for op in &mut self.operators {
                     op.apply(&event);
                 }
@@ -136,14 +180,21 @@ impl Processor {
         let mut out = Vec::new();
         for op in &mut self.operators {
             if let Some(batch) = op.take_rows()? {
-                out.push(ViewRows { view: op.view(), schema: op.schema(), batch });
+                out.push(ViewRows {
+                    view: op.view(),
+                    schema: op.schema(),
+                    batch,
+                });
             }
         }
         Ok(out)
     }
 
     pub fn view_schemas(&self) -> Vec<(&'static str, SchemaRef)> {
-        self.operators.iter().map(|o| (o.view(), o.schema())).collect()
+        self.operators
+            .iter()
+            .map(|o| (o.view(), o.schema()))
+            .collect()
     }
 
     pub fn dedup_len(&self) -> usize {
@@ -191,17 +242,25 @@ pub struct DataDirLock {
 }
 
 pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock, RuntimeError> {
-    std::fs::create_dir_all(data_dir).map_err(|source| RuntimeError::DataDir { path: data_dir.to_path_buf(), source })?;
+    std::fs::create_dir_all(data_dir).map_err(|source| RuntimeError::DataDir {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
     let path = data_dir.join(".lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|source| RuntimeError::DataDir { path: path.clone(), source })?;
+        .map_err(|source| RuntimeError::DataDir {
+            path: path.clone(),
+            source,
+        })?;
     match file.try_lock() {
         Ok(()) => Ok(DataDirLock { _file: file }),
-        Err(_) => Err(RuntimeError::Locked { path: data_dir.to_path_buf() }),
+        Err(_) => Err(RuntimeError::Locked {
+            path: data_dir.to_path_buf(),
+        }),
     }
 }
 
@@ -243,7 +302,10 @@ pub fn open_state(
         dir.create()?;
         let removed = dir.recover(processor.checkpoint.last_seq)?;
         if removed > 0 {
-            info!(view, removed, "removed view files a crash left beyond the checkpoint");
+            info!(
+                view,
+                removed, "removed view files a crash left beyond the checkpoint"
+            );
         }
     }
     rebuild_dedup(data_dir, settings, &mut processor)?;
@@ -252,7 +314,11 @@ pub fn open_state(
 
 /// Re-reads (source, id, published_at) of the archived events inside the
 /// dedup horizon.
-fn rebuild_dedup(data_dir: &Path, settings: &Settings, p: &mut Processor) -> Result<(), RuntimeError> {
+fn rebuild_dedup(
+    data_dir: &Path,
+    settings: &Settings,
+    p: &mut Processor,
+) -> Result<(), RuntimeError> {
     let Some(now) = p.checkpoint.stream_now_us else {
         return Ok(());
     };
@@ -261,7 +327,9 @@ fn rebuild_dedup(data_dir: &Path, settings: &Settings, p: &mut Processor) -> Res
     for file in dir.files()? {
         for batch in read_parquet(&file.path)? {
             let col = |name: &str| batch.column_by_name(name).cloned();
-            let (Some(src), Some(ids), Some(pubs)) = (col("source"), col("id"), col("published_at")) else {
+            let (Some(src), Some(ids), Some(pubs)) =
+                (col("source"), col("id"), col("published_at"))
+            else {
                 continue;
             };
             let (Some(src), Some(ids), Some(pubs)) = (
@@ -279,7 +347,10 @@ fn rebuild_dedup(data_dir: &Path, settings: &Settings, p: &mut Processor) -> Res
             }
         }
     }
-    debug!(entries = p.dedup_len(), "dedup horizon rebuilt from the events archive");
+    debug!(
+        entries = p.dedup_len(),
+        "dedup horizon rebuilt from the events archive"
+    );
     Ok(())
 }
 
@@ -300,7 +371,12 @@ async fn commit(
         let attempt: Result<(), RuntimeError> = async {
             dlq::publish_all(js, &opts.source.stream, letters).await?;
             for r in rows {
-                ViewDir::new(&opts.data_dir, r.view).write(first, last, &r.schema, std::slice::from_ref(&r.batch))?;
+                ViewDir::new(&opts.data_dir, r.view).write(
+                    first,
+                    last,
+                    &r.schema,
+                    std::slice::from_ref(&r.batch),
+                )?;
             }
             p.checkpoint.save(&opts.data_dir)?;
             Ok(())
@@ -328,15 +404,16 @@ pub fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
     tokio::spawn(async move {
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(e) => {
-                    warn!(error = %e, "cannot listen for SIGTERM");
-                    let _ = tokio::signal::ctrl_c().await;
-                    let _ = tx.send(true);
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        warn!(error = %e, "cannot listen for SIGTERM");
+                        let _ = tokio::signal::ctrl_c().await;
+                        let _ = tx.send(true);
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
@@ -351,16 +428,32 @@ pub fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
 }
 
 /// `tally run`.
-pub async fn run(opts: &RunOptions, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<RunSummary, RuntimeError> {
+pub async fn run(
+    opts: &RunOptions,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<RunSummary, RuntimeError> {
     let started = Instant::now();
     let _lock = lock_data_dir(&opts.data_dir)?;
-    let settings = Settings::load(settings_path(&opts.data_dir, opts.config.as_deref()).as_deref())?;
+    let settings =
+        Settings::load(settings_path(&opts.data_dir, opts.config.as_deref()).as_deref())?;
     let client = js_source::connect(&opts.source.nats_url).await?;
     let js = jetstream::new(client);
     let mut stream = js_source::ensure_event_stream(&js, &opts.source).await?;
-    js_source::ensure_output_stream(&js, &opts.source.dlq_stream, &format!("{}.>", dlq::SUBJECT_PREFIX)).await?;
-    let (created, stream_last) = js_source::stream_identity(&mut stream, &opts.source.stream).await?;
-    let mut p = open_state(&opts.data_dir, &settings, &opts.source.stream, &created, &opts.source.subject_prefix)?;
+    js_source::ensure_output_stream(
+        &js,
+        &opts.source.dlq_stream,
+        &format!("{}.>", dlq::SUBJECT_PREFIX),
+    )
+    .await?;
+    let (created, stream_last) =
+        js_source::stream_identity(&mut stream, &opts.source.stream).await?;
+    let mut p = open_state(
+        &opts.data_dir,
+        &settings,
+        &opts.source.stream,
+        &created,
+        &opts.source.subject_prefix,
+    )?;
     if p.checkpoint.last_seq > stream_last {
         return Err(RuntimeError::AheadOfStream {
             path: opts.data_dir.clone(),
@@ -376,7 +469,10 @@ pub async fn run(opts: &RunOptions, mut stop: tokio::sync::watch::Receiver<bool>
         data = %opts.data_dir.display(),
         "tally run starting"
     );
-    let mut summary = RunSummary { last_seq: p.checkpoint.last_seq, ..Default::default() };
+    let mut summary = RunSummary {
+        last_seq: p.checkpoint.last_seq,
+        ..Default::default()
+    };
     let mut last_report = Instant::now();
     let mut reported_msgs = 0u64;
     let max_ack_pending = (opts.batch_size * 4).max(1000) as i64;
@@ -386,7 +482,14 @@ pub async fn run(opts: &RunOptions, mut stop: tokio::sync::watch::Receiver<bool>
         if *stop.borrow() {
             break;
         }
-        let consumer = match js_source::consumer_from(&stream, &opts.source, p.checkpoint.last_seq + 1, max_ack_pending).await {
+        let consumer = match js_source::consumer_from(
+            &stream,
+            &opts.source,
+            p.checkpoint.last_seq + 1,
+            max_ack_pending,
+        )
+        .await
+        {
             Ok(c) => c,
             Err(e) => {
                 failures += 1;
@@ -473,7 +576,12 @@ pub async fn run(opts: &RunOptions, mut stop: tokio::sync::watch::Receiver<bool>
                 };
                 let seq = info.stream_sequence;
                 let published_at = js_source::micros(&info.published);
-                if let Some(l) = p.process(Incoming { stream_seq: seq, published_at, subject: m.subject.as_str(), payload: &m.payload }) {
+                if let Some(l) = p.process(Incoming {
+                    stream_seq: seq,
+                    published_at,
+                    subject: m.subject.as_str(),
+                    payload: &m.payload,
+                }) {
                     letters.push(l);
                 }
                 last_msg = Some(m);
@@ -481,7 +589,16 @@ pub async fn run(opts: &RunOptions, mut stop: tokio::sync::watch::Receiver<bool>
             let Some(last_msg) = last_msg else { continue };
             if p.checkpoint.last_seq > first_seq_before {
                 let rows = p.take_rows()?;
-                commit(&js, opts, &p, first_seq_before + 1, &letters, &rows, &mut stop).await?;
+                commit(
+                    &js,
+                    opts,
+                    &p,
+                    first_seq_before + 1,
+                    &letters,
+                    &rows,
+                    &mut stop,
+                )
+                .await?;
                 summary.batches += 1;
             }
             // AckAll: acknowledges every message up to this one.
@@ -492,7 +609,8 @@ pub async fn run(opts: &RunOptions, mut stop: tokio::sync::watch::Receiver<bool>
             summary.last_seq = p.checkpoint.last_seq;
             summary.active = first_seen.elapsed();
             if last_report.elapsed() >= Duration::from_secs(5) {
-                let rate = (summary.messages - reported_msgs) as f64 / last_report.elapsed().as_secs_f64();
+                let rate =
+                    (summary.messages - reported_msgs) as f64 / last_report.elapsed().as_secs_f64();
                 let c = &p.checkpoint.counts;
                 info!(
                     last_seq = p.checkpoint.last_seq,
@@ -505,7 +623,8 @@ pub async fn run(opts: &RunOptions, mut stop: tokio::sync::watch::Receiver<bool>
                 last_report = Instant::now();
                 reported_msgs = summary.messages;
                 for (view, schema) in p.view_schemas() {
-                    let merged = ViewDir::new(&opts.data_dir, view).compact(&schema, p.checkpoint.last_seq)?;
+                    let merged = ViewDir::new(&opts.data_dir, view)
+                        .compact(&schema, p.checkpoint.last_seq)?;
                     if merged > 0 {
                         debug!(view, merged, "compacted small view files");
                     }

@@ -5,15 +5,42 @@
 /// (file name, contents) of every schema, the envelope first.
 pub const SCHEMAS: [(&str, &str); 10] = [
     ("envelope.json", include_str!("../../schemas/envelope.json")),
-    ("tenant.created.json", include_str!("../../schemas/tenant.created.json")),
-    ("catalog.plan_published.json", include_str!("../../schemas/catalog.plan_published.json")),
-    ("catalog.meter_defined.json", include_str!("../../schemas/catalog.meter_defined.json")),
-    ("subscription.started.json", include_str!("../../schemas/subscription.started.json")),
-    ("subscription.plan_changed.json", include_str!("../../schemas/subscription.plan_changed.json")),
-    ("subscription.cancelled.json", include_str!("../../schemas/subscription.cancelled.json")),
-    ("usage.recorded.json", include_str!("../../schemas/usage.recorded.json")),
-    ("invoice.paid.json", include_str!("../../schemas/invoice.paid.json")),
-    ("invoice.refunded.json", include_str!("../../schemas/invoice.refunded.json")),
+    (
+        "tenant.created.json",
+        include_str!("../../schemas/tenant.created.json"),
+    ),
+    (
+        "catalog.plan_published.json",
+        include_str!("../../schemas/catalog.plan_published.json"),
+    ),
+    (
+        "catalog.meter_defined.json",
+        include_str!("../../schemas/catalog.meter_defined.json"),
+    ),
+    (
+        "subscription.started.json",
+        include_str!("../../schemas/subscription.started.json"),
+    ),
+    (
+        "subscription.plan_changed.json",
+        include_str!("../../schemas/subscription.plan_changed.json"),
+    ),
+    (
+        "subscription.cancelled.json",
+        include_str!("../../schemas/subscription.cancelled.json"),
+    ),
+    (
+        "usage.recorded.json",
+        include_str!("../../schemas/usage.recorded.json"),
+    ),
+    (
+        "invoice.paid.json",
+        include_str!("../../schemas/invoice.paid.json"),
+    ),
+    (
+        "invoice.refunded.json",
+        include_str!("../../schemas/invoice.refunded.json"),
+    ),
 ];
 
 /// The schema of an event type (`usage.recorded`) or `envelope`.
@@ -31,7 +58,10 @@ mod tests {
         for t in crate::event::payload::METRIC_TYPES {
             let s = schema_for(t).unwrap();
             let v: serde_json::Value = serde_json::from_str(s).unwrap();
-            assert_eq!(v["$schema"], "https://json-schema.org/draft/2020-12/schema", "{t}");
+            assert_eq!(
+                v["$schema"], "https://json-schema.org/draft/2020-12/schema",
+                "{t}"
+            );
         }
         assert!(schema_for("envelope").is_some());
     }

@@ -36,7 +36,10 @@ pub struct Status {
 
 /// Reads the stream, consumer and checkpoint. Works without NATS too: the
 /// stream fields are then empty and `nats_error` says why.
-pub async fn status(data_dir: &Path, cfg: &SourceConfig) -> Result<(Status, Option<String>), StatusError> {
+pub async fn status(
+    data_dir: &Path,
+    cfg: &SourceConfig,
+) -> Result<(Status, Option<String>), StatusError> {
     let cp = Checkpoint::load(data_dir)?;
     let mut s = Status {
         stream: cfg.stream.clone(),
@@ -47,7 +50,10 @@ pub async fn status(data_dir: &Path, cfg: &SourceConfig) -> Result<(Status, Opti
         consumer_ack_pending: None,
         checkpoint_seq: cp.as_ref().map(|c| c.last_seq),
         lag: None,
-        stream_clock: cp.as_ref().and_then(|c| c.stream_clock_us).map(crate::event::time::format_micros),
+        stream_clock: cp
+            .as_ref()
+            .and_then(|c| c.stream_clock_us)
+            .map(crate::event::time::format_micros),
         counts: cp.map(|c| c.counts).unwrap_or_default(),
     };
     let client = match js_source::connect(&cfg.nats_url).await {
@@ -63,7 +69,11 @@ pub async fn status(data_dir: &Path, cfg: &SourceConfig) -> Result<(Status, Opti
         s.stream_first_seq = Some(info.state.first_sequence);
         s.stream_last_seq = Some(info.state.last_sequence);
         s.stream_messages = Some(info.state.messages);
-        s.lag = Some(info.state.last_sequence.saturating_sub(s.checkpoint_seq.unwrap_or(0)));
+        s.lag = Some(
+            info.state
+                .last_sequence
+                .saturating_sub(s.checkpoint_seq.unwrap_or(0)),
+        );
     }
     if let Ok(info) = stream.consumer_info(&cfg.consumer).await {
         s.consumer_pending = Some(info.num_pending);
@@ -87,16 +97,25 @@ pub fn render(s: &Status, nats_error: Option<&str>) -> String {
         opt(s.stream_messages)
     ));
     out.push_str(&format!("checkpoint        {}\n", opt(s.checkpoint_seq)));
-    out.push_str(&format!("lag               {} messages after the checkpoint\n", opt(s.lag)));
+    out.push_str(&format!(
+        "lag               {} messages after the checkpoint\n",
+        opt(s.lag)
+    ));
     out.push_str(&format!(
         "consumer          {} pending, {} awaiting ack\n",
         opt(s.consumer_pending),
         opt(s.consumer_ack_pending)
     ));
-    out.push_str(&format!("stream clock      {}\n", s.stream_clock.as_deref().unwrap_or("-")));
+    out.push_str(&format!(
+        "stream clock      {}\n",
+        s.stream_clock.as_deref().unwrap_or("-")
+    ));
     out.push_str(&format!("accepted          {}\n", s.counts.accepted));
     out.push_str(&format!("duplicate         {}\n", s.counts.duplicate));
-    out.push_str(&format!("dead-lettered     {}\n", s.counts.dead_lettered_total()));
+    out.push_str(&format!(
+        "dead-lettered     {}\n",
+        s.counts.dead_lettered_total()
+    ));
     for (reason, n) in &s.counts.dead_lettered {
         out.push_str(&format!("  {reason:<16}{n}\n"));
     }

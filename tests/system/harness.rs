@@ -16,18 +16,29 @@ pub struct NatsServer {
 }
 
 fn server_binary() -> PathBuf {
-    std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("nats-server"))
+    std::env::var_os("NATS_SERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("nats-server"))
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
         let store = tempfile::tempdir().unwrap();
         let port = free_port();
-        let mut s = NatsServer { child: None, port, url: format!("nats://127.0.0.1:{port}"), store };
+        let mut s = NatsServer {
+            child: None,
+            port,
+            url: format!("nats://127.0.0.1:{port}"),
+            store,
+        };
         s.spawn();
         s
     }
@@ -50,7 +61,11 @@ impl NatsServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen on port {} within 10 s", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on port {} within 10 s",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -80,7 +95,9 @@ impl Drop for NatsServer {
 /// environment, as a user would.
 pub fn tally(server: &NatsServer, data: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tally"));
-    c.env("TALLY_NATS_URL", &server.url).env("TALLY_DATA_DIR", data).env("RUST_LOG", "warn");
+    c.env("TALLY_NATS_URL", &server.url)
+        .env("TALLY_DATA_DIR", data)
+        .env("RUST_LOG", "warn");
     c
 }
 
@@ -126,10 +143,22 @@ pub fn event(id: &str, tenant: &str, event_type: &str, time: &str, data: &str) -
 pub fn generated(dir: &Path, tenants: u32, months: u32, seed: u64) -> PathBuf {
     let path = dir.join(format!("gen-{tenants}-{months}-{seed}.jsonl"));
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["generate", "--tenants", &tenants.to_string(), "--months", &months.to_string(), "--seed", &seed.to_string()])
+        .args([
+            "generate",
+            "--tenants",
+            &tenants.to_string(),
+            "--months",
+            &months.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::write(&path, out.stdout).unwrap();
     path
 }

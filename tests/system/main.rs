@@ -1,6 +1,9 @@
 //! System tests: the real `tally` binary against a real `nats-server -js`
 //! (started per test by [`harness`], killed on drop). No mock brokers.
 
+// Integration-test crate: panicking on a broken fixture is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 
 use std::io::Write;
@@ -12,7 +15,10 @@ use async_nats::jetstream::{self, stream};
 use harness::{NatsServer, event, generated, run_expect, sql, sql_u64, tally};
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn status_json(server: &NatsServer, data: &std::path::Path) -> serde_json::Value {
@@ -33,7 +39,10 @@ fn unique_events(path: &std::path::Path) -> usize {
     let mut keys = std::collections::HashSet::new();
     for l in text.lines() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        keys.insert((v["source"].as_str().unwrap().to_string(), v["id"].as_str().unwrap().to_string()));
+        keys.insert((
+            v["source"].as_str().unwrap().to_string(),
+            v["id"].as_str().unwrap().to_string(),
+        ));
     }
     keys.len()
 }
@@ -51,26 +60,61 @@ fn publish_run_and_query_end_to_end() {
     until_idle(&server, &data);
 
     let unique = unique_events(&file) as u64;
-    assert_eq!(sql_u64(&server, &data, "SELECT count(*) FROM events"), unique);
-    assert_eq!(sql_u64(&server, &data, "SELECT count(DISTINCT stream_seq) FROM events"), unique);
-    let types = sql(&server, &data, "SELECT DISTINCT type FROM events ORDER BY type");
-    for t in ["catalog.plan_published", "subscription.started", "usage.recorded", "invoice.paid", "auth.user_logged_in"] {
-        assert!(types.iter().any(|r| r[0] == t), "{t} missing from {types:?}");
+    assert_eq!(
+        sql_u64(&server, &data, "SELECT count(*) FROM events"),
+        unique
+    );
+    assert_eq!(
+        sql_u64(
+            &server,
+            &data,
+            "SELECT count(DISTINCT stream_seq) FROM events"
+        ),
+        unique
+    );
+    let types = sql(
+        &server,
+        &data,
+        "SELECT DISTINCT type FROM events ORDER BY type",
+    );
+    for t in [
+        "catalog.plan_published",
+        "subscription.started",
+        "usage.recorded",
+        "invoice.paid",
+        "auth.user_logged_in",
+    ] {
+        assert!(
+            types.iter().any(|r| r[0] == t),
+            "{t} missing from {types:?}"
+        );
     }
     // The archive keeps the data object and the envelope attributes.
-    let row = sql(&server, &data, "SELECT tenant, dataversion, data FROM events WHERE type = 'tenant.created' ORDER BY tenant LIMIT 1");
+    let row = sql(
+        &server,
+        &data,
+        "SELECT tenant, dataversion, data FROM events WHERE type = 'tenant.created' ORDER BY tenant LIMIT 1",
+    );
     assert_eq!(row[0][0], "t0001");
     assert_eq!(row[0][1], "1");
 
     let s = status_json(&server, &data);
     assert_eq!(s["status"]["counts"]["accepted"].as_u64(), Some(unique));
     assert_eq!(s["status"]["lag"].as_u64(), Some(0));
-    assert_eq!(s["status"]["checkpoint_seq"], s["status"]["stream_last_seq"]);
+    assert_eq!(
+        s["status"]["checkpoint_seq"],
+        s["status"]["stream_last_seq"]
+    );
 
     // Every output format works.
     for format in ["table", "csv", "json", "jsonl", "parquet"] {
         let mut c = tally(&server, &data);
-        c.args(["sql", "SELECT id, time, data FROM events ORDER BY stream_seq LIMIT 3", "--format", format]);
+        c.args([
+            "sql",
+            "SELECT id, time, data FROM events ORDER BY stream_seq LIMIT 3",
+            "--format",
+            format,
+        ]);
         let out = run_expect(c, 0);
         assert!(!out.stdout.is_empty(), "{format}");
         if format == "jsonl" {
@@ -87,33 +131,91 @@ fn every_bad_message_is_dead_lettered_with_its_reason() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let good = event("g1", "acme", "usage.recorded", "2025-01-01T00:00:00Z", r#"{"metric":"api_calls","quantity":1}"#);
+    let good = event(
+        "g1",
+        "acme",
+        "usage.recorded",
+        "2025-01-01T00:00:00Z",
+        r#"{"metric":"api_calls","quantity":1}"#,
+    );
     let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(300 * 1024));
     let cases: Vec<(&str, String, String)> = vec![
         ("too_large", "tally.events.acme.usage.recorded".into(), big),
-        ("invalid_json", "tally.events.acme.usage.recorded".into(), "not json".into()),
-        ("invalid_envelope", "tally.events.acme.usage.recorded".into(), good.replace(r#""specversion":"1.0""#, r#""specversion":"0.3""#)),
-        ("subject_mismatch", "tally.events.globex.usage.recorded".into(), good.replace("g1", "b4")),
-        ("unsupported_version", "tally.events.acme.usage.recorded".into(), good.replace("g1", "b5").replace(r#""tenant":"acme""#, r#""tenant":"acme","dataversion":"2""#)),
-        ("forbidden_tenant", "tally.events.acme.catalog.meter_defined".into(), event("b6", "acme", "catalog.meter_defined", "2025-01-01T00:00:00Z", r#"{"metric":"x","aggregation":"sum"}"#)),
-        ("invalid_data", "tally.events.acme.usage.recorded".into(), good.replace("g1", "b7").replace(r#""quantity":1"#, r#""quantity":-1"#)),
-        ("time_in_future", "tally.events.acme.usage.recorded".into(), good.replace("g1", "b8").replace("2025-01-01", "2999-01-01")),
+        (
+            "invalid_json",
+            "tally.events.acme.usage.recorded".into(),
+            "not json".into(),
+        ),
+        (
+            "invalid_envelope",
+            "tally.events.acme.usage.recorded".into(),
+            good.replace(r#""specversion":"1.0""#, r#""specversion":"0.3""#),
+        ),
+        (
+            "subject_mismatch",
+            "tally.events.globex.usage.recorded".into(),
+            good.replace("g1", "b4"),
+        ),
+        (
+            "unsupported_version",
+            "tally.events.acme.usage.recorded".into(),
+            good.replace("g1", "b5")
+                .replace(r#""tenant":"acme""#, r#""tenant":"acme","dataversion":"2""#),
+        ),
+        (
+            "forbidden_tenant",
+            "tally.events.acme.catalog.meter_defined".into(),
+            event(
+                "b6",
+                "acme",
+                "catalog.meter_defined",
+                "2025-01-01T00:00:00Z",
+                r#"{"metric":"x","aggregation":"sum"}"#,
+            ),
+        ),
+        (
+            "invalid_data",
+            "tally.events.acme.usage.recorded".into(),
+            good.replace("g1", "b7")
+                .replace(r#""quantity":1"#, r#""quantity":-1"#),
+        ),
+        (
+            "time_in_future",
+            "tally.events.acme.usage.recorded".into(),
+            good.replace("g1", "b8").replace("2025-01-01", "2999-01-01"),
+        ),
     ];
     rt().block_on(async {
         let js = jetstream::new(async_nats::connect(&server.url).await.unwrap());
-        js.create_stream(stream::Config { name: "TALLY_EVENTS".into(), subjects: vec!["tally.events.>".into()], ..Default::default() })
+        js.create_stream(stream::Config {
+            name: "TALLY_EVENTS".into(),
+            subjects: vec!["tally.events.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        js.publish("tally.events.acme.usage.recorded", good.clone().into())
+            .await
+            .unwrap()
             .await
             .unwrap();
-        js.publish("tally.events.acme.usage.recorded", good.clone().into()).await.unwrap().await.unwrap();
         for (_, subject, payload) in &cases {
-            js.publish(subject.clone(), payload.clone().into()).await.unwrap().await.unwrap();
+            js.publish(subject.clone(), payload.clone().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
         }
     });
     until_idle(&server, &data);
     assert_eq!(sql_u64(&server, &data, "SELECT count(*) FROM events"), 1);
     let s = status_json(&server, &data);
     for (reason, _, _) in &cases {
-        assert_eq!(s["status"]["counts"]["dead_lettered"][reason].as_u64(), Some(1), "{reason}: {s}");
+        assert_eq!(
+            s["status"]["counts"]["dead_lettered"][reason].as_u64(),
+            Some(1),
+            "{reason}: {s}"
+        );
     }
     rt().block_on(async {
         let js = jetstream::new(async_nats::connect(&server.url).await.unwrap());
@@ -121,20 +223,43 @@ fn every_bad_message_is_dead_lettered_with_its_reason() {
         for (i, (reason, subject, payload)) in cases.iter().enumerate() {
             let m = dlq.get_raw_message(i as u64 + 1).await.unwrap();
             assert_eq!(m.subject.as_str(), format!("tally.dlq.{reason}"));
-            assert_eq!(m.payload.as_ref(), payload.as_bytes(), "{reason}: original bytes");
+            assert_eq!(
+                m.payload.as_ref(),
+                payload.as_bytes(),
+                "{reason}: original bytes"
+            );
             let h = &m.headers;
-            assert_eq!(h.get("Tally-Original-Subject").unwrap().as_str(), subject.as_str());
-            assert_eq!(h.get("Tally-Original-Sequence").unwrap().as_str(), (i + 2).to_string());
+            assert_eq!(
+                h.get("Tally-Original-Subject").unwrap().as_str(),
+                subject.as_str()
+            );
+            assert_eq!(
+                h.get("Tally-Original-Sequence").unwrap().as_str(),
+                (i + 2).to_string()
+            );
             assert_eq!(h.get("Tally-Reason").unwrap().as_str(), *reason);
             assert!(!h.get("Tally-Error").unwrap().as_str().is_empty());
         }
     });
     // Dead letters do not stall what comes after them.
     let mut p = tally(&server, &data);
-    p.args(["publish", "-"]).stdin(Stdio::piped()).stdout(Stdio::null());
+    p.args(["publish", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
     let mut child = p.spawn().unwrap();
-    let later = event("g2", "acme", "usage.recorded", "2025-01-02T00:00:00Z", r#"{"metric":"api_calls","quantity":"2.5"}"#);
-    child.stdin.take().unwrap().write_all(later.as_bytes()).unwrap();
+    let later = event(
+        "g2",
+        "acme",
+        "usage.recorded",
+        "2025-01-02T00:00:00Z",
+        r#"{"metric":"api_calls","quantity":"2.5"}"#,
+    );
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(later.as_bytes())
+        .unwrap();
     assert!(child.wait().unwrap().success());
     until_idle(&server, &data);
     assert_eq!(sql_u64(&server, &data, "SELECT count(*) FROM events"), 2);
@@ -145,8 +270,20 @@ fn duplicates_inside_and_beyond_the_jetstream_window_count_once() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let e1 = event("e1", "acme", "usage.recorded", "2025-01-01T00:00:00Z", r#"{"metric":"api_calls","quantity":1}"#);
-    let e2 = event("e2", "acme", "usage.recorded", "2025-01-01T00:00:01Z", r#"{"metric":"api_calls","quantity":1}"#);
+    let e1 = event(
+        "e1",
+        "acme",
+        "usage.recorded",
+        "2025-01-01T00:00:00Z",
+        r#"{"metric":"api_calls","quantity":1}"#,
+    );
+    let e2 = event(
+        "e2",
+        "acme",
+        "usage.recorded",
+        "2025-01-01T00:00:01Z",
+        r#"{"metric":"api_calls","quantity":1}"#,
+    );
     let msg_id = tally::event::nats_msg_id("test", "e1");
     rt().block_on(async {
         let js = jetstream::new(async_nats::connect(&server.url).await.unwrap());
@@ -165,41 +302,76 @@ fn duplicates_inside_and_beyond_the_jetstream_window_count_once() {
             h
         };
         let subject = "tally.events.acme.usage.recorded";
-        let a = js.publish_with_headers(subject, with_id(), e1.clone().into()).await.unwrap().await.unwrap();
+        let a = js
+            .publish_with_headers(subject, with_id(), e1.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
         assert!(!a.duplicate);
-        let b = js.publish_with_headers(subject, with_id(), e1.clone().into()).await.unwrap().await.unwrap();
+        let b = js
+            .publish_with_headers(subject, with_id(), e1.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
         assert!(b.duplicate, "inside the window JetStream drops it");
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let c = js.publish_with_headers(subject, with_id(), e1.clone().into()).await.unwrap().await.unwrap();
+        let c = js
+            .publish_with_headers(subject, with_id(), e1.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
         assert!(!c.duplicate, "beyond the window JetStream stores it again");
         // Without a Nats-Msg-Id, JetStream stores every copy.
-        js.publish(subject, e2.clone().into()).await.unwrap().await.unwrap();
-        js.publish(subject, e2.clone().into()).await.unwrap().await.unwrap();
+        js.publish(subject, e2.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        js.publish(subject, e2.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     });
     until_idle(&server, &data);
     assert_eq!(sql_u64(&server, &data, "SELECT count(*) FROM events"), 2);
-    assert_eq!(status_json(&server, &data)["status"]["counts"]["duplicate"].as_u64(), Some(2));
+    assert_eq!(
+        status_json(&server, &data)["status"]["counts"]["duplicate"].as_u64(),
+        Some(2)
+    );
 
     // A later copy, seen by a new process: the horizon is rebuilt from the archive.
     rt().block_on(async {
         let js = jetstream::new(async_nats::connect(&server.url).await.unwrap());
-        js.publish("tally.events.acme.usage.recorded", e1.clone().into()).await.unwrap().await.unwrap();
+        js.publish("tally.events.acme.usage.recorded", e1.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     });
     until_idle(&server, &data);
     assert_eq!(sql_u64(&server, &data, "SELECT count(*) FROM events"), 2);
-    assert_eq!(status_json(&server, &data)["status"]["counts"]["duplicate"].as_u64(), Some(3));
+    assert_eq!(
+        status_json(&server, &data)["status"]["counts"]["duplicate"].as_u64(),
+        Some(3)
+    );
 }
 
-fn wait_for_checkpoint(data: &std::path::Path, beyond: u64, child: &mut std::process::Child) -> u64 {
+fn wait_for_checkpoint(
+    data: &std::path::Path,
+    beyond: u64,
+    child: &mut std::process::Child,
+) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(text) = std::fs::read_to_string(data.join("checkpoint.json")) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                let seq = v["last_seq"].as_u64().unwrap_or(0);
-                if seq > beyond {
-                    return seq;
-                }
-            }
+        if let Ok(text) = std::fs::read_to_string(data.join("checkpoint.json"))
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && v["last_seq"].as_u64().unwrap_or(0) > beyond
+        {
+            return v["last_seq"].as_u64().unwrap_or(0);
         }
         if let Some(status) = child.try_wait().unwrap() {
             panic!("tally run exited early with {status}");
@@ -224,7 +396,9 @@ fn kill_9_at_any_instant_loses_nothing_and_doubles_nothing() {
     let mut seen = 0;
     for round in 0..4u64 {
         let mut c = tally(&server, &data);
-        c.args(["run", "--batch-size", "300"]).stdout(Stdio::null()).stderr(Stdio::null());
+        c.args(["run", "--batch-size", "300"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         let mut child = c.spawn().unwrap();
         seen = wait_for_checkpoint(&data, seen, &mut child);
         std::thread::sleep(Duration::from_millis(3 * round));
@@ -241,7 +415,11 @@ fn kill_9_at_any_instant_loses_nothing_and_doubles_nothing() {
     let all = "SELECT * FROM events ORDER BY stream_seq";
     let crashed = sql(&server, &data, all);
     assert_eq!(crashed.len(), unique_events(&file));
-    assert_eq!(crashed, sql(&server, &clean, all), "views differ from a clean run");
+    assert_eq!(
+        crashed,
+        sql(&server, &clean, all),
+        "views differ from a clean run"
+    );
     let a = status_json(&server, &data)["status"]["counts"].clone();
     let b = status_json(&server, &clean)["status"]["counts"].clone();
     assert_eq!(a, b);
@@ -260,12 +438,18 @@ fn sigterm_finishes_the_batch_and_exits_zero() {
     c.args(["run", "--batch-size", "200"]);
     let mut child = c.spawn().unwrap();
     wait_for_checkpoint(&data, 0, &mut child);
-    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let exit = child.wait().unwrap();
     assert_eq!(exit.code(), Some(0));
     until_idle(&server, &data);
-    assert_eq!(sql_u64(&server, &data, "SELECT count(*) FROM events"), unique_events(&file) as u64);
+    assert_eq!(
+        sql_u64(&server, &data, "SELECT count(*) FROM events"),
+        unique_events(&file) as u64
+    );
 }
 
 #[test]
@@ -297,8 +481,16 @@ fn publish_reports_invalid_lines_and_allow_invalid_sends_them() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let file = dir.path().join("in.jsonl");
-    let good = event("p1", "acme", "auth.user_logged_in", "2025-01-01T00:00:00Z", "{}");
-    let bad = good.replace("p1", "p2").replace(r#""tenant":"acme""#, r#""tenant":"ac me""#);
+    let good = event(
+        "p1",
+        "acme",
+        "auth.user_logged_in",
+        "2025-01-01T00:00:00Z",
+        "{}",
+    );
+    let bad = good
+        .replace("p1", "p2")
+        .replace(r#""tenant":"acme""#, r#""tenant":"ac me""#);
     std::fs::write(&file, format!("{good}\n{bad}\n")).unwrap();
     let mut c = tally(&server, &data);
     c.arg("publish").arg(&file);
@@ -311,14 +503,25 @@ fn publish_reports_invalid_lines_and_allow_invalid_sends_them() {
     until_idle(&server, &data);
     let s = status_json(&server, &data);
     assert_eq!(s["status"]["counts"]["accepted"].as_u64(), Some(1));
-    assert_eq!(s["status"]["counts"]["duplicate"].as_u64(), Some(0), "JetStream dropped the second copy of p1");
-    assert_eq!(s["status"]["counts"]["dead_lettered"]["invalid_envelope"].as_u64(), Some(1));
+    assert_eq!(
+        s["status"]["counts"]["duplicate"].as_u64(),
+        Some(0),
+        "JetStream dropped the second copy of p1"
+    );
+    assert_eq!(
+        s["status"]["counts"]["dead_lettered"]["invalid_envelope"].as_u64(),
+        Some(1)
+    );
 }
 
 #[test]
 fn unreachable_nats_says_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["--nats", &format!("nats://127.0.0.1:{port}"), "--data"])
         .arg(dir.path())
@@ -327,8 +530,15 @@ fn unreachable_nats_says_what_to_do() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot reach NATS") && err.contains("nats-server"), "{err}");
-    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_tally")).args(["sql"]).arg("--bogus").output().unwrap();
+    assert!(
+        err.contains("cannot reach NATS") && err.contains("nats-server"),
+        "{err}"
+    );
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["sql"])
+        .arg("--bogus")
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
 
@@ -342,18 +552,35 @@ fn nats_restart_mid_run_loses_nothing() {
     p.arg("publish").arg(&file);
     run_expect(p, 0);
     let total = unique_events(&file) as u64;
-    let stored = status_json(&server, &data)["status"]["stream_last_seq"].as_u64().unwrap();
+    let stored = status_json(&server, &data)["status"]["stream_last_seq"]
+        .as_u64()
+        .unwrap();
 
     let mut c = tally(&server, &data);
-    c.args(["run", "--batch-size", "200"]).stdout(Stdio::null()).stderr(Stdio::null());
+    c.args(["run", "--batch-size", "200"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let mut child = c.spawn().unwrap();
     wait_for_checkpoint(&data, 0, &mut child);
     server.restart();
     // The same process carries on once the server is back.
     wait_for_checkpoint(&data, stored - 1, &mut child);
-    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     assert_eq!(child.wait().unwrap().code(), Some(0));
-    assert_eq!(sql_u64(&server, &data, "SELECT count(*) FROM events"), total);
-    assert_eq!(sql_u64(&server, &data, "SELECT count(DISTINCT stream_seq) FROM events"), total);
+    assert_eq!(
+        sql_u64(&server, &data, "SELECT count(*) FROM events"),
+        total
+    );
+    assert_eq!(
+        sql_u64(
+            &server,
+            &data,
+            "SELECT count(DISTINCT stream_seq) FROM events"
+        ),
+        total
+    );
 }

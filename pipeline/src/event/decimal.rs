@@ -133,7 +133,8 @@ fn parse(text: &str, allow_exponent: bool) -> Result<i128, QuantityError> {
     }
     // Round half to even on the dropped digits. When every digit was dropped
     // (drop > len) the first dropped digit is an implicit leading zero.
-    let all_dropped_with_padding = shift < 0 && usize::try_from(-shift).unwrap_or(usize::MAX) > digits.len();
+    let all_dropped_with_padding =
+        shift < 0 && usize::try_from(-shift).unwrap_or(usize::MAX) > digits.len();
     if !dropped.is_empty() && !all_dropped_with_padding {
         let first = dropped[0];
         let rest_nonzero = dropped[1..].iter().any(|d| *d != 0);

@@ -12,7 +12,9 @@ pub mod reason;
 pub mod time;
 pub mod validate;
 
-pub use payload::{Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms};
+pub use payload::{
+    Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms,
+};
 pub use reason::{DlqReason, Reject};
 pub use validate::{Limits, validate_message, validate_payload};
 

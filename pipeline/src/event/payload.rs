@@ -88,15 +88,35 @@ pub struct SubscriptionTerms {
 pub enum Payload {
     /// Any type outside the nine: archived and counted, moves no metric.
     Other,
-    TenantCreated { name: Option<String> },
+    TenantCreated {
+        name: Option<String>,
+    },
     PlanPublished(PlanVersion),
-    MeterDefined { metric: String, aggregation: Aggregation },
+    MeterDefined {
+        metric: String,
+        aggregation: Aggregation,
+    },
     SubscriptionStarted(SubscriptionTerms),
     PlanChanged(SubscriptionTerms),
-    SubscriptionCancelled { subscription_id: String, reason: Option<String>, effective_at: Option<i64> },
-    UsageRecorded { metric: String, quantity: i128 },
-    InvoicePaid { invoice_id: String, amount: i64, currency: String },
-    InvoiceRefunded { invoice_id: String, amount: i64, currency: String },
+    SubscriptionCancelled {
+        subscription_id: String,
+        reason: Option<String>,
+        effective_at: Option<i64>,
+    },
+    UsageRecorded {
+        metric: String,
+        quantity: i128,
+    },
+    InvoicePaid {
+        invoice_id: String,
+        amount: i64,
+        currency: String,
+    },
+    InvoiceRefunded {
+        invoice_id: String,
+        amount: i64,
+        currency: String,
+    },
 }
 
 /// The nine metric-driving types.

@@ -68,7 +68,10 @@ pub struct Reject {
 
 impl Reject {
     pub fn new(reason: DlqReason, detail: impl Into<String>) -> Reject {
-        Reject { reason, detail: detail.into() }
+        Reject {
+            reason,
+            detail: detail.into(),
+        }
     }
 }
 

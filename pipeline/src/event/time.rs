@@ -30,7 +30,12 @@ pub fn parse_rfc3339_micros(s: &str) -> Option<i64> {
     let hour = num(11, 2)?;
     let minute = num(14, 2)?;
     let second = num(17, 2)?;
-    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') || b[13] != b':' || b[16] != b':' {
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
@@ -122,8 +127,17 @@ pub fn format_micros(us: i64) -> String {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    let base = format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}", sod / 3600, sod % 3600 / 60, sod % 60);
-    if frac == 0 { format!("{base}Z") } else { format!("{base}.{frac:06}Z") }
+    let base = format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    );
+    if frac == 0 {
+        format!("{base}Z")
+    } else {
+        format!("{base}.{frac:06}Z")
+    }
 }
 
 #[cfg(test)]
@@ -134,10 +148,22 @@ mod tests {
     fn parses_and_normalises_to_utc() {
         assert_eq!(parse_rfc3339_micros("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(parse_rfc3339_micros("1970-01-01T01:00:00+01:00"), Some(0));
-        assert_eq!(parse_rfc3339_micros("1970-01-01t00:00:01.5z"), Some(1_500_000));
-        assert_eq!(parse_rfc3339_micros("1970-01-01T00:00:00.1234569Z"), Some(123_456));
-        assert_eq!(parse_rfc3339_micros("2024-02-29T00:00:00Z"), Some(days_from_civil(2024, 2, 29) * 86_400 * MICROS));
-        assert_eq!(format_micros(parse_rfc3339_micros("2026-03-04T05:06:07.000008-02:30").unwrap()), "2026-03-04T07:36:07.000008Z");
+        assert_eq!(
+            parse_rfc3339_micros("1970-01-01t00:00:01.5z"),
+            Some(1_500_000)
+        );
+        assert_eq!(
+            parse_rfc3339_micros("1970-01-01T00:00:00.1234569Z"),
+            Some(123_456)
+        );
+        assert_eq!(
+            parse_rfc3339_micros("2024-02-29T00:00:00Z"),
+            Some(days_from_civil(2024, 2, 29) * 86_400 * MICROS)
+        );
+        assert_eq!(
+            format_micros(parse_rfc3339_micros("2026-03-04T05:06:07.000008-02:30").unwrap()),
+            "2026-03-04T07:36:07.000008Z"
+        );
     }
 
     #[test]

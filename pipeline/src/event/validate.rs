@@ -12,11 +12,13 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
+use super::Event;
 use super::decimal::{self, QuantityError};
-use super::payload::{self, Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms};
+use super::payload::{
+    self, Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms,
+};
 use super::reason::{DlqReason, Reject};
 use super::time::parse_rfc3339_micros;
-use super::Event;
 
 /// Limits that decide rejections; they change results, so they come from
 /// the TOML config (see `crate::config`).
@@ -30,7 +32,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { max_bytes: 256 * 1024, future_skew_us: 3600 * super::time::MICROS }
+        Limits {
+            max_bytes: 256 * 1024,
+            future_skew_us: 3600 * super::time::MICROS,
+        }
     }
 }
 
@@ -127,7 +132,10 @@ pub fn validate_message(
     published_at: i64,
     limits: &Limits,
 ) -> Result<Event, Reject> {
-    let ctx = Context { subject: Some((prefix, subject)), published_at: Some(published_at) };
+    let ctx = Context {
+        subject: Some((prefix, subject)),
+        published_at: Some(published_at),
+    };
     let mut event = validate(bytes, &ctx, limits)?;
     event.stream_seq = stream_seq;
     event.published_at = published_at;
@@ -137,7 +145,14 @@ pub fn validate_message(
 /// Validates an event before it is published: every rule except
 /// `subject_mismatch` and `time_in_future`, which need the message context.
 pub fn validate_payload(bytes: &[u8], limits: &Limits) -> Result<Event, Reject> {
-    validate(bytes, &Context { subject: None, published_at: None }, limits)
+    validate(
+        bytes,
+        &Context {
+            subject: None,
+            published_at: None,
+        },
+        limits,
+    )
 }
 
 fn shown(s: &str) -> String {
@@ -181,14 +196,24 @@ fn kind_of(raw: &RawValue) -> &'static str {
     }
 }
 
-fn required_str<'a>(raw: Option<&'a RawValue>, name: &str, mk: fn(String) -> Reject) -> Result<Cow<'a, str>, Reject> {
+fn required_str<'a>(
+    raw: Option<&'a RawValue>,
+    name: &str,
+    mk: fn(String) -> Reject,
+) -> Result<Cow<'a, str>, Reject> {
     match raw {
         None => Err(mk(format!("required attribute `{name}` is missing"))),
-        Some(r) => string_of(r).ok_or_else(|| mk(format!("`{name}` must be a string, got {}", kind_of(r)))),
+        Some(r) => {
+            string_of(r).ok_or_else(|| mk(format!("`{name}` must be a string, got {}", kind_of(r))))
+        }
     }
 }
 
-fn optional_str<'a>(raw: Option<&'a RawValue>, name: &str, mk: fn(String) -> Reject) -> Result<Option<Cow<'a, str>>, Reject> {
+fn optional_str<'a>(
+    raw: Option<&'a RawValue>,
+    name: &str,
+    mk: fn(String) -> Reject,
+) -> Result<Option<Cow<'a, str>>, Reject> {
     match raw {
         None => Ok(None),
         Some(r) => string_of(r)
@@ -223,7 +248,9 @@ fn is_event_type(s: &str) -> bool {
 }
 
 fn is_tenant(s: &str) -> bool {
-    (1..=64).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
 }
 
 /// `^[a-z0-9][a-z0-9_-]{0,63}$`
@@ -231,7 +258,9 @@ pub fn is_plan_code(s: &str) -> bool {
     let b = s.as_bytes();
     (1..=64).contains(&b.len())
         && matches!(b[0], b'a'..=b'z' | b'0'..=b'9')
-        && b[1..].iter().all(|c| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+        && b[1..]
+            .iter()
+            .all(|c| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
 }
 
 /// `^[a-z][a-z0-9_]{0,63}$`
@@ -239,7 +268,9 @@ pub fn is_metric_name(s: &str) -> bool {
     let b = s.as_bytes();
     (1..=64).contains(&b.len())
         && b[0].is_ascii_lowercase()
-        && b[1..].iter().all(|c| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+        && b[1..]
+            .iter()
+            .all(|c| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_'))
 }
 
 fn is_currency(s: &str) -> bool {
@@ -251,7 +282,11 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
     if bytes.len() > limits.max_bytes {
         return Err(Reject::new(
             DlqReason::TooLarge,
-            format!("message is {} bytes, over the {}-byte limit", bytes.len(), limits.max_bytes),
+            format!(
+                "message is {} bytes, over the {}-byte limit",
+                bytes.len(),
+                limits.max_bytes
+            ),
         ));
     }
     // 2. invalid_json
@@ -259,21 +294,29 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
         .map_err(|e| Reject::new(DlqReason::InvalidJson, format!("not UTF-8 text: {e}")))?;
     let starts_as_object = text.trim_start().starts_with('{');
     // A derived struct also deserialises from a JSON array: only objects count.
-    let parsed = if starts_as_object { serde_json::from_str::<RawEnvelope<'_>>(text) } else { serde_json::from_str("!") };
+    let parsed = if starts_as_object {
+        serde_json::from_str::<RawEnvelope<'_>>(text)
+    } else {
+        serde_json::from_str("!")
+    };
     let raw: RawEnvelope<'_> = match parsed {
         Ok(raw) => raw,
         Err(e) if e.classify() == serde_json::error::Category::Data && starts_as_object => {
-            return Err(envelope(format!("the envelope has a repeated attribute: {e}")));
+            return Err(envelope(format!(
+                "the envelope has a repeated attribute: {e}"
+            )));
         }
         Err(e) if e.is_data() || !starts_as_object => {
-            let kind = serde_json::from_str::<serde_json::Value>(text).ok().map(|v| match v {
-                serde_json::Value::Array(_) => "an array",
-                serde_json::Value::String(_) => "a string",
-                serde_json::Value::Number(_) => "a number",
-                serde_json::Value::Bool(_) => "a boolean",
-                serde_json::Value::Null => "null",
-                serde_json::Value::Object(_) => "an object",
-            });
+            let kind = serde_json::from_str::<serde_json::Value>(text)
+                .ok()
+                .map(|v| match v {
+                    serde_json::Value::Array(_) => "an array",
+                    serde_json::Value::String(_) => "a string",
+                    serde_json::Value::Number(_) => "a number",
+                    serde_json::Value::Bool(_) => "a boolean",
+                    serde_json::Value::Null => "null",
+                    serde_json::Value::Object(_) => "an object",
+                });
             return Err(Reject::new(
                 DlqReason::InvalidJson,
                 match kind {
@@ -282,23 +325,35 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
                 },
             ));
         }
-        Err(e) => return Err(Reject::new(DlqReason::InvalidJson, format!("not valid JSON: {e}"))),
+        Err(e) => {
+            return Err(Reject::new(
+                DlqReason::InvalidJson,
+                format!("not valid JSON: {e}"),
+            ));
+        }
     };
 
     // 3. invalid_envelope
     let specversion = required_str(raw.specversion, "specversion", env_err)?;
     if specversion != "1.0" {
-        return Err(envelope(format!("`specversion` must be \"1.0\", got {}", shown(&specversion))));
+        return Err(envelope(format!(
+            "`specversion` must be \"1.0\", got {}",
+            shown(&specversion)
+        )));
     }
     let id = required_str(raw.id, "id", env_err)?;
     let id_len = id.chars().count();
     if !(1..=128).contains(&id_len) {
-        return Err(envelope(format!("`id` must be 1 to 128 characters, got {id_len}")));
+        return Err(envelope(format!(
+            "`id` must be 1 to 128 characters, got {id_len}"
+        )));
     }
     let source = required_str(raw.source, "source", env_err)?;
     let source_len = source.chars().count();
     if !(1..=256).contains(&source_len) {
-        return Err(envelope(format!("`source` must be 1 to 256 characters, got {source_len}")));
+        return Err(envelope(format!(
+            "`source` must be 1 to 256 characters, got {source_len}"
+        )));
     }
     let event_type = required_str(raw.event_type, "type", env_err)?;
     if !is_event_type(&event_type) {
@@ -316,22 +371,31 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
     })?;
     let tenant = required_str(raw.tenant, "tenant", env_err)?;
     if !is_tenant(&tenant) {
-        return Err(envelope(format!("`tenant` must match ^[A-Za-z0-9_-]{{1,64}}$, got {}", shown(&tenant))));
+        return Err(envelope(format!(
+            "`tenant` must match ^[A-Za-z0-9_-]{{1,64}}$, got {}",
+            shown(&tenant)
+        )));
     }
     let dataversion = optional_str(raw.dataversion, "dataversion", env_err)?;
     let actor = optional_str(raw.actor, "actor", env_err)?;
     let actortype = optional_str(raw.actortype, "actortype", env_err)?;
     let subject = optional_str(raw.subject, "subject", env_err)?;
     optional_str(raw.dataschema, "dataschema", env_err)?;
-    if let Some(ct) = optional_str(raw.datacontenttype, "datacontenttype", env_err)? {
-        if ct != "application/json" {
-            return Err(envelope(format!("`datacontenttype` must be \"application/json\", got {}", shown(&ct))));
-        }
+    if let Some(ct) = optional_str(raw.datacontenttype, "datacontenttype", env_err)?
+        && ct != "application/json"
+    {
+        return Err(envelope(format!(
+            "`datacontenttype` must be \"application/json\", got {}",
+            shown(&ct)
+        )));
     }
-    if let Some(d) = raw.data {
-        if !d.get().starts_with('{') {
-            return Err(envelope(format!("`data` must be a JSON object, got {}", kind_of(d))));
-        }
+    if let Some(d) = raw.data
+        && !d.get().starts_with('{')
+    {
+        return Err(envelope(format!(
+            "`data` must be a JSON object, got {}",
+            kind_of(d)
+        )));
     }
 
     // 4. subject_mismatch
@@ -355,50 +419,59 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
 
     let metric_driving = payload::is_metric_type(&event_type);
     // 5. unsupported_version
-    if metric_driving {
-        if let Some(v) = &dataversion {
-            if v != "1" {
-                return Err(Reject::new(
-                    DlqReason::UnsupportedVersion,
-                    format!("`{event_type}` supports dataversion \"1\" only, got {}", shown(v)),
-                ));
-            }
-        }
+    if metric_driving
+        && let Some(v) = &dataversion
+        && v != "1"
+    {
+        return Err(Reject::new(
+            DlqReason::UnsupportedVersion,
+            format!(
+                "`{event_type}` supports dataversion \"1\" only, got {}",
+                shown(v)
+            ),
+        ));
     }
     // 6. forbidden_tenant
     let is_catalog = event_type.starts_with("catalog.");
     if is_catalog && tenant != "_system" {
         return Err(Reject::new(
             DlqReason::ForbiddenTenant,
-            format!("`{event_type}` may only come from tenant \"_system\", got {}", shown(&tenant)),
+            format!(
+                "`{event_type}` may only come from tenant \"_system\", got {}",
+                shown(&tenant)
+            ),
         ));
     }
     if metric_driving && !is_catalog && tenant == "_system" {
         return Err(Reject::new(
             DlqReason::ForbiddenTenant,
-            format!("tenant \"_system\" is reserved for catalog events and cannot send `{event_type}`"),
+            format!(
+                "tenant \"_system\" is reserved for catalog events and cannot send `{event_type}`"
+            ),
         ));
     }
     // 7. invalid_data
     let payload = if metric_driving {
-        let data = raw.data.ok_or_else(|| bad_data(format!("`{event_type}` requires a `data` object")))?;
+        let data = raw
+            .data
+            .ok_or_else(|| bad_data(format!("`{event_type}` requires a `data` object")))?;
         parse_data(&event_type, data)?
     } else {
         Payload::Other
     };
     // 8. time_in_future
-    if let Some(published_at) = ctx.published_at {
-        if time > published_at.saturating_add(limits.future_skew_us) {
-            return Err(Reject::new(
-                DlqReason::TimeInFuture,
-                format!(
-                    "event time {} is more than {}s after the publish time {}",
-                    super::time::format_micros(time),
-                    limits.future_skew_us / super::time::MICROS,
-                    super::time::format_micros(published_at)
-                ),
-            ));
-        }
+    if let Some(published_at) = ctx.published_at
+        && time > published_at.saturating_add(limits.future_skew_us)
+    {
+        return Err(Reject::new(
+            DlqReason::TimeInFuture,
+            format!(
+                "event time {} is more than {}s after the publish time {}",
+                super::time::format_micros(time),
+                limits.future_skew_us / super::time::MICROS,
+                super::time::format_micros(published_at)
+            ),
+        ));
     }
 
     Ok(Event {
@@ -434,10 +507,18 @@ fn data_nonempty(raw: Option<&RawValue>, name: &str) -> Result<String, Reject> {
     Ok(s)
 }
 
-fn data_checked(raw: Option<&RawValue>, name: &str, ok: fn(&str) -> bool, rule: &str) -> Result<String, Reject> {
+fn data_checked(
+    raw: Option<&RawValue>,
+    name: &str,
+    ok: fn(&str) -> bool,
+    rule: &str,
+) -> Result<String, Reject> {
     let s = data_str(raw, name)?;
     if !ok(&s) {
-        return Err(bad_data(format!("`data.{name}` must match {rule}, got {}", shown(&s))));
+        return Err(bad_data(format!(
+            "`data.{name}` must match {rule}, got {}",
+            shown(&s)
+        )));
     }
     Ok(s)
 }
@@ -446,7 +527,10 @@ fn data_time(raw: Option<&RawValue>, name: &str) -> Result<Option<i64>, Reject> 
     match optional_str(raw, &format!("data.{name}"), data_err)? {
         None => Ok(None),
         Some(t) => parse_rfc3339_micros(&t).map(Some).ok_or_else(|| {
-            bad_data(format!("`data.{name}` must be an RFC 3339 date-time with offset, got {}", shown(&t)))
+            bad_data(format!(
+                "`data.{name}` must be an RFC 3339 date-time with offset, got {}",
+                shown(&t)
+            ))
         }),
     }
 }
@@ -459,14 +543,20 @@ fn data_int(raw: Option<&RawValue>, name: &str, min: i64) -> Result<i64, Reject>
         t.parse::<i64>().ok()
     } else {
         match serde_json::from_str::<serde_json::Number>(t) {
-            Ok(n) => n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.2e18).map(|f| f as i64),
+            Ok(n) => n
+                .as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 9.2e18)
+                .map(|f| f as i64),
             Err(_) => None,
         }
     };
     match value {
         Some(v) if v >= min => Ok(v),
         Some(v) => Err(bad_data(format!("`data.{name}` must be >= {min}, got {v}"))),
-        None => Err(bad_data(format!("`data.{name}` must be a whole number (minor units), got {}", shown(t)))),
+        None => Err(bad_data(format!(
+            "`data.{name}` must be a whole number (minor units), got {}",
+            shown(t)
+        ))),
     }
 }
 
@@ -488,29 +578,51 @@ fn quantity(r: &RawValue, name: &str) -> Result<i128, Reject> {
     })
 }
 
-fn object_entries<'a>(r: &'a RawValue, name: &str) -> Result<BTreeMap<String, &'a RawValue>, Reject> {
+fn object_entries<'a>(
+    r: &'a RawValue,
+    name: &str,
+) -> Result<BTreeMap<String, &'a RawValue>, Reject> {
     if !r.get().starts_with('{') {
-        return Err(bad_data(format!("`data.{name}` must be an object, got {}", kind_of(r))));
+        return Err(bad_data(format!(
+            "`data.{name}` must be an object, got {}",
+            kind_of(r)
+        )));
     }
-    serde_json::from_str(r.get()).map_err(|e| bad_data(format!("`data.{name}` is not a valid object: {e}")))
+    serde_json::from_str(r.get())
+        .map_err(|e| bad_data(format!("`data.{name}` is not a valid object: {e}")))
 }
 
 fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
-    let d: RawData<'_> =
-        serde_json::from_str(data.get()).map_err(|e| bad_data(format!("`data` has a repeated field: {e}")))?;
-    let currency = |d: &RawData<'_>| data_checked(d.currency, "currency", is_currency, "^[A-Z]{3}$ (ISO 4217)");
-    let plan = |d: &RawData<'_>| data_checked(d.plan, "plan", is_plan_code, "^[a-z0-9][a-z0-9_-]{0,63}$");
-    let metric = |d: &RawData<'_>| data_checked(d.metric, "metric", is_metric_name, "^[a-z][a-z0-9_]{0,63}$");
+    let d: RawData<'_> = serde_json::from_str(data.get())
+        .map_err(|e| bad_data(format!("`data` has a repeated field: {e}")))?;
+    let currency = |d: &RawData<'_>| {
+        data_checked(d.currency, "currency", is_currency, "^[A-Z]{3}$ (ISO 4217)")
+    };
+    let plan =
+        |d: &RawData<'_>| data_checked(d.plan, "plan", is_plan_code, "^[a-z0-9][a-z0-9_-]{0,63}$");
+    let metric = |d: &RawData<'_>| {
+        data_checked(d.metric, "metric", is_metric_name, "^[a-z][a-z0-9_]{0,63}$")
+    };
     let terms = |d: &RawData<'_>, trial: Option<i64>| -> Result<SubscriptionTerms, Reject> {
         let subscription_id = data_nonempty(d.subscription_id, "subscription_id")?;
         let plan = plan(d)?;
         let cycle_text = data_str(d.billing_cycle, "billing_cycle")?;
         let billing_cycle = BillingCycle::parse(&cycle_text).ok_or_else(|| {
-            bad_data(format!("`data.billing_cycle` must be \"monthly\" or \"yearly\", got {}", shown(&cycle_text)))
+            bad_data(format!(
+                "`data.billing_cycle` must be \"monthly\" or \"yearly\", got {}",
+                shown(&cycle_text)
+            ))
         })?;
         let price = data_int(d.price, "price", 0)?;
         let currency = currency(d)?;
-        Ok(SubscriptionTerms { subscription_id, plan, billing_cycle, price, currency, trial_ends_at: trial })
+        Ok(SubscriptionTerms {
+            subscription_id,
+            plan,
+            billing_cycle,
+            price,
+            currency,
+            trial_ends_at: trial,
+        })
     };
     Ok(match event_type {
         "tenant.created" => Payload::TenantCreated {
@@ -522,7 +634,10 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
             let mut limits = BTreeMap::new();
             for (m, q) in object_entries(field(d.limits, "limits")?, "limits")? {
                 if !is_metric_name(&m) {
-                    return Err(bad_data(format!("`data.limits` key {} is not a metric name", shown(&m))));
+                    return Err(bad_data(format!(
+                        "`data.limits` key {} is not a metric name",
+                        shown(&m)
+                    )));
                 }
                 let v = quantity(q, &format!("data.limits.{m}"))?;
                 limits.insert(m, v);
@@ -531,20 +646,32 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
             if let Some(o) = d.overage {
                 for (m, price) in object_entries(o, "overage")? {
                     if !is_metric_name(&m) {
-                        return Err(bad_data(format!("`data.overage` key {} is not a metric name", shown(&m))));
+                        return Err(bad_data(format!(
+                            "`data.overage` key {} is not a metric name",
+                            shown(&m)
+                        )));
                     }
                     let p: RawData<'_> = if price.get().starts_with('{') {
-                        serde_json::from_str(price.get())
-                            .map_err(|e| bad_data(format!("`data.overage.{m}` is not a valid object: {e}")))?
+                        serde_json::from_str(price.get()).map_err(|e| {
+                            bad_data(format!("`data.overage.{m}` is not a valid object: {e}"))
+                        })?
                     } else {
-                        return Err(bad_data(format!("`data.overage.{m}` must be an object, got {}", kind_of(price))));
+                        return Err(bad_data(format!(
+                            "`data.overage.{m}` must be an object, got {}",
+                            kind_of(price)
+                        )));
                     };
                     let unit_price = data_int(p.unit_price, &format!("overage.{m}.unit_price"), 0)?;
                     let per = data_int(p.per, &format!("overage.{m}.per"), 1)?;
                     overage.insert(m, OveragePrice { unit_price, per });
                 }
             }
-            Payload::PlanPublished(PlanVersion { plan, currency, limits, overage })
+            Payload::PlanPublished(PlanVersion {
+                plan,
+                currency,
+                limits,
+                overage,
+            })
         }
         "catalog.meter_defined" => {
             let metric = metric(&d)?;
@@ -555,7 +682,10 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
                     shown(&agg_text)
                 ))
             })?;
-            Payload::MeterDefined { metric, aggregation }
+            Payload::MeterDefined {
+                metric,
+                aggregation,
+            }
         }
         "subscription.started" => {
             let trial = data_time(d.trial_ends_at, "trial_ends_at")?;
@@ -577,9 +707,17 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
             let amount = data_int(d.amount, "amount", 0)?;
             let currency = currency(&d)?;
             if event_type == "invoice.paid" {
-                Payload::InvoicePaid { invoice_id, amount, currency }
+                Payload::InvoicePaid {
+                    invoice_id,
+                    amount,
+                    currency,
+                }
             } else {
-                Payload::InvoiceRefunded { invoice_id, amount, currency }
+                Payload::InvoiceRefunded {
+                    invoice_id,
+                    amount,
+                    currency,
+                }
             }
         }
         _ => Payload::Other,
@@ -591,7 +729,14 @@ mod tests {
     use super::*;
 
     fn msg(json: &str, subject: &str) -> Result<Event, Reject> {
-        validate_message(json.as_bytes(), subject, "tally.events", 7, 1_767_225_600_000_000, &Limits::default())
+        validate_message(
+            json.as_bytes(),
+            subject,
+            "tally.events",
+            7,
+            1_767_225_600_000_000,
+            &Limits::default(),
+        )
     }
 
     const USAGE: &str = r#"{"specversion":"1.0","id":"e1","source":"svc","type":"usage.recorded","time":"2025-12-31T23:00:00+01:00","tenant":"acme","data":{"metric":"api_calls","quantity":"12.5"}}"#;
@@ -601,9 +746,21 @@ mod tests {
         let e = msg(USAGE, "tally.events.acme.usage.recorded").unwrap();
         assert_eq!(e.stream_seq, 7);
         assert_eq!(e.dataversion, "1");
-        assert_eq!(e.time, super::super::time::parse_rfc3339_micros("2025-12-31T22:00:00Z").unwrap());
-        assert_eq!(e.payload, Payload::UsageRecorded { metric: "api_calls".into(), quantity: 12_500_000_000 });
-        assert_eq!(e.data.as_deref(), Some(r#"{"metric":"api_calls","quantity":"12.5"}"#));
+        assert_eq!(
+            e.time,
+            super::super::time::parse_rfc3339_micros("2025-12-31T22:00:00Z").unwrap()
+        );
+        assert_eq!(
+            e.payload,
+            Payload::UsageRecorded {
+                metric: "api_calls".into(),
+                quantity: 12_500_000_000
+            }
+        );
+        assert_eq!(
+            e.data.as_deref(),
+            Some(r#"{"metric":"api_calls","quantity":"12.5"}"#)
+        );
     }
 
     #[test]
@@ -611,17 +768,29 @@ mod tests {
         let r = msg(USAGE, "tally.events.other.usage.recorded").unwrap_err();
         assert_eq!(r.reason, DlqReason::SubjectMismatch);
         let bad_env = USAGE.replace("\"acme\"", "\"ac me\"");
-        assert_eq!(msg(&bad_env, "x").unwrap_err().reason, DlqReason::InvalidEnvelope);
+        assert_eq!(
+            msg(&bad_env, "x").unwrap_err().reason,
+            DlqReason::InvalidEnvelope
+        );
         assert_eq!(msg("[1]", "x").unwrap_err().reason, DlqReason::InvalidJson);
-        assert_eq!(msg("{\"a\":", "x").unwrap_err().reason, DlqReason::InvalidJson);
+        assert_eq!(
+            msg("{\"a\":", "x").unwrap_err().reason,
+            DlqReason::InvalidJson
+        );
         let dup = r#"{"id":"a","id":"b"}"#;
-        assert_eq!(msg(dup, "x").unwrap_err().reason, DlqReason::InvalidEnvelope);
+        assert_eq!(
+            msg(dup, "x").unwrap_err().reason,
+            DlqReason::InvalidEnvelope
+        );
     }
 
     #[test]
     fn escaped_strings_are_decoded() {
         let j = USAGE.replace("\"e1\"", r#""e\u0031""#);
-        assert_eq!(msg(&j, "tally.events.acme.usage.recorded").unwrap().id, "e1");
+        assert_eq!(
+            msg(&j, "tally.events.acme.usage.recorded").unwrap().id,
+            "e1"
+        );
     }
 
     #[test]
@@ -632,10 +801,19 @@ mod tests {
             )
         };
         for ok in ["0", "1500", "1.0", "1e3"] {
-            assert!(msg(&paid(ok), "tally.events.t.invoice.paid").is_ok(), "{ok}");
+            assert!(
+                msg(&paid(ok), "tally.events.t.invoice.paid").is_ok(),
+                "{ok}"
+            );
         }
         for bad in ["1.5", "-1", "\"10\"", "null"] {
-            assert_eq!(msg(&paid(bad), "tally.events.t.invoice.paid").unwrap_err().reason, DlqReason::InvalidData, "{bad}");
+            assert_eq!(
+                msg(&paid(bad), "tally.events.t.invoice.paid")
+                    .unwrap_err()
+                    .reason,
+                DlqReason::InvalidData,
+                "{bad}"
+            );
         }
     }
 }

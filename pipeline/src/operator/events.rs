@@ -4,7 +4,9 @@
 
 use std::sync::{Arc, LazyLock};
 
-use arrow::array::{ArrayRef, RecordBatch, StringBuilder, TimestampMicrosecondBuilder, UInt64Builder};
+use arrow::array::{
+    ArrayRef, RecordBatch, StringBuilder, TimestampMicrosecondBuilder, UInt64Builder,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use super::{Operator, OperatorError};
@@ -140,8 +142,15 @@ mod tests {
     fn one_row_per_event_then_empty() {
         let mut op = EventsArchive::new();
         let json = br#"{"specversion":"1.0","id":"e1","source":"s","type":"auth.user_logged_in","time":"2026-01-01T00:00:00Z","tenant":"acme","actor":"u1"}"#;
-        let e = validate_message(json, "tally.events.acme.auth.user_logged_in", "tally.events", 3, 1_767_225_600_000_000, &Limits::default())
-            .unwrap();
+        let e = validate_message(
+            json,
+            "tally.events.acme.auth.user_logged_in",
+            "tally.events",
+            3,
+            1_767_225_600_000_000,
+            &Limits::default(),
+        )
+        .unwrap();
         op.apply(&e);
         op.apply(&e);
         let b = op.take_rows().unwrap().unwrap();

@@ -16,7 +16,10 @@ use crate::event::Event;
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
     #[error("operator {view} cannot build its rows: {source}")]
-    Arrow { view: &'static str, source: arrow::error::ArrowError },
+    Arrow {
+        view: &'static str,
+        source: arrow::error::ArrowError,
+    },
 }
 
 /// A view-maintaining state machine.

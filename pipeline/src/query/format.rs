@@ -27,14 +27,20 @@ fn out(e: impl std::fmt::Display) -> QueryError {
 }
 
 /// Writes `batches` to `w` in `format`.
-pub fn write_batches<W: Write>(batches: &[RecordBatch], format: OutputFormat, mut w: W) -> Result<(), QueryError> {
+pub fn write_batches<W: Write>(
+    batches: &[RecordBatch],
+    format: OutputFormat,
+    mut w: W,
+) -> Result<(), QueryError> {
     match format {
         OutputFormat::Table => {
             let table = arrow::util::pretty::pretty_format_batches(batches).map_err(out)?;
             writeln!(w, "{table}").map_err(out)?;
         }
         OutputFormat::Csv => {
-            let mut writer = arrow::csv::WriterBuilder::new().with_header(true).build(&mut w);
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut w);
             for b in batches {
                 writer.write(b).map_err(out)?;
             }
@@ -55,9 +61,13 @@ pub fn write_batches<W: Write>(batches: &[RecordBatch], format: OutputFormat, mu
             writer.finish().map_err(out)?;
         }
         OutputFormat::Parquet => {
-            let schema = batches.first().map(|b| b.schema()).unwrap_or_else(|| Arc::new(Schema::empty()));
+            let schema = batches
+                .first()
+                .map(|b| b.schema())
+                .unwrap_or_else(|| Arc::new(Schema::empty()));
             let mut buf = Vec::new();
-            let mut writer = parquet::arrow::ArrowWriter::try_new(&mut buf, schema, None).map_err(out)?;
+            let mut writer =
+                parquet::arrow::ArrowWriter::try_new(&mut buf, schema, None).map_err(out)?;
             for b in batches {
                 writer.write(b).map_err(out)?;
             }

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::execution::context::{SQLOptions, SessionContext};
 
 use crate::config::Settings;
@@ -30,11 +32,20 @@ pub enum QueryError {
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error("cannot register view {view}: {source}")]
-    Register { view: String, source: datafusion::error::DataFusionError },
+    Register {
+        view: String,
+        source: datafusion::error::DataFusionError,
+    },
     #[error("cannot read {path}: {source}")]
-    ReadQuery { path: PathBuf, source: std::io::Error },
+    ReadQuery {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("query view {path} is not valid SQL: {source}")]
-    QueryView { path: PathBuf, source: datafusion::error::DataFusionError },
+    QueryView {
+        path: PathBuf,
+        source: datafusion::error::DataFusionError,
+    },
     #[error(
         "refused: tally sql is read-only ({detail}). Only queries over the views are allowed: SELECT, WITH, EXPLAIN. To load other data, use DataFusion directly"
     )]
@@ -46,13 +57,19 @@ pub enum QueryError {
 }
 
 /// Opens a session with every view and every `queries/*.sql` view registered.
-pub async fn open_session(data_dir: &Path, queries_dir: Option<&Path>) -> Result<SessionContext, QueryError> {
+pub async fn open_session(
+    data_dir: &Path,
+    queries_dir: Option<&Path>,
+) -> Result<SessionContext, QueryError> {
     let ctx = SessionContext::new();
     for op in operator::registry(&Settings::default()) {
         let view = op.view();
         let schema = op.schema();
         let files = ViewDir::new(data_dir, view).files()?;
-        let reg = |source| QueryError::Register { view: view.to_owned(), source };
+        let reg = |source| QueryError::Register {
+            view: view.to_owned(),
+            source,
+        };
         if files.is_empty() {
             let table = MemTable::try_new(Arc::clone(&schema), vec![vec![]]).map_err(reg)?;
             ctx.register_table(view, Arc::new(table)).map_err(reg)?;
@@ -63,8 +80,11 @@ pub async fn open_session(data_dir: &Path, queries_dir: Option<&Path>) -> Result
             let path = std::path::absolute(&f.path).unwrap_or_else(|_| f.path.clone());
             urls.push(ListingTableUrl::parse(path.to_string_lossy().as_ref()).map_err(reg)?);
         }
-        let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-        let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new_with_multi_paths(urls)
+            .with_listing_options(options)
+            .with_schema(schema);
         let table = ListingTable::try_new(config).map_err(reg)?;
         ctx.register_table(view, Arc::new(table)).map_err(reg)?;
     }
@@ -84,7 +104,12 @@ async fn register_query_views(ctx: &SessionContext, dir: &Path) -> Result<(), Qu
             .filter(|p| p.extension().is_some_and(|x| x == "sql"))
             .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(QueryError::ReadQuery { path: dir.to_path_buf(), source }),
+        Err(source) => {
+            return Err(QueryError::ReadQuery {
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
     };
     paths.sort();
     // Views may depend on each other: retry the ones that failed until no progress.
@@ -93,10 +118,16 @@ async fn register_query_views(ctx: &SessionContext, dir: &Path) -> Result<(), Qu
         let mut failed = Vec::new();
         let mut last_err = None;
         for path in &pending {
-            let sql = std::fs::read_to_string(path).map_err(|source| QueryError::ReadQuery { path: path.clone(), source })?;
+            let sql = std::fs::read_to_string(path).map_err(|source| QueryError::ReadQuery {
+                path: path.clone(),
+                source,
+            })?;
             let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("view");
             let body = sql.trim().trim_end_matches(';');
-            match ctx.sql(&format!("CREATE OR REPLACE VIEW {name} AS {body}")).await {
+            match ctx
+                .sql(&format!("CREATE OR REPLACE VIEW {name} AS {body}"))
+                .await
+            {
                 Ok(_) => {}
                 Err(e) => {
                     failed.push(path.clone());
@@ -119,10 +150,15 @@ async fn register_query_views(ctx: &SessionContext, dir: &Path) -> Result<(), Qu
 
 /// Runs one read-only statement and collects its rows.
 pub async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
-    let options = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
+    let options = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
     let df = ctx.sql_with_options(sql, options).await.map_err(|e| {
         let msg = e.to_string();
-        if msg.contains("not supported") && (msg.contains("DDL") || msg.contains("DML") || msg.contains("Statement")) {
+        if msg.contains("not supported")
+            && (msg.contains("DDL") || msg.contains("DML") || msg.contains("Statement"))
+        {
             QueryError::ReadOnly { detail: msg }
         } else {
             QueryError::Execute(e)
@@ -150,7 +186,9 @@ mod tests {
             let err = query(&ctx, sql).await.unwrap_err();
             assert!(matches!(err, QueryError::ReadOnly { .. }), "{sql}: {err}");
         }
-        let err = query(&ctx, "SELECT * FROM '/etc/passwd'").await.unwrap_err();
+        let err = query(&ctx, "SELECT * FROM '/etc/passwd'")
+            .await
+            .unwrap_err();
         assert!(matches!(err, QueryError::Execute(_)), "{err}");
     }
 
@@ -158,7 +196,9 @@ mod tests {
     async fn empty_views_are_queryable() {
         let dir = tempfile::tempdir().unwrap();
         let ctx = open_session(dir.path(), None).await.unwrap();
-        let rows = query(&ctx, "SELECT count(*) AS n FROM events").await.unwrap();
+        let rows = query(&ctx, "SELECT count(*) AS n FROM events")
+            .await
+            .unwrap();
         assert_eq!(rows[0].num_rows(), 1);
     }
 }

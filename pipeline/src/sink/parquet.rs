@@ -35,17 +35,35 @@ const COMPACT_TRIGGER: usize = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("cannot create view directory {path}: {source}")]
-    CreateDir { path: PathBuf, source: std::io::Error },
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot encode Parquet {path}: {source}")]
-    Encode { path: PathBuf, source: parquet::errors::ParquetError },
+    Encode {
+        path: PathBuf,
+        source: parquet::errors::ParquetError,
+    },
     #[error("cannot read Parquet {path}: {source}")]
-    Decode { path: PathBuf, source: parquet::errors::ParquetError },
+    Decode {
+        path: PathBuf,
+        source: parquet::errors::ParquetError,
+    },
     #[error("cannot read Parquet {path}: {source}")]
-    Arrow { path: PathBuf, source: arrow::error::ArrowError },
+    Arrow {
+        path: PathBuf,
+        source: arrow::error::ArrowError,
+    },
     #[error("cannot list {path}: {source}")]
-    List { path: PathBuf, source: std::io::Error },
+    List {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// One Parquet file of a view and the stream sequences it covers.
@@ -79,11 +97,16 @@ pub struct ViewDir {
 
 impl ViewDir {
     pub fn new(data_dir: &Path, view: &str) -> ViewDir {
-        ViewDir { dir: views_root(data_dir).join(view) }
+        ViewDir {
+            dir: views_root(data_dir).join(view),
+        }
     }
 
     pub fn create(&self) -> Result<(), SinkError> {
-        std::fs::create_dir_all(&self.dir).map_err(|source| SinkError::CreateDir { path: self.dir.clone(), source })
+        std::fs::create_dir_all(&self.dir).map_err(|source| SinkError::CreateDir {
+            path: self.dir.clone(),
+            source,
+        })
     }
 
     /// Every `seq-*.parquet` file, sorted by first sequence, without the
@@ -93,19 +116,36 @@ impl ViewDir {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(files),
-            Err(source) => return Err(SinkError::List { path: self.dir.clone(), source }),
+            Err(source) => {
+                return Err(SinkError::List {
+                    path: self.dir.clone(),
+                    source,
+                });
+            }
         };
         for entry in entries {
-            let entry = entry.map_err(|source| SinkError::List { path: self.dir.clone(), source })?;
+            let entry = entry.map_err(|source| SinkError::List {
+                path: self.dir.clone(),
+                source,
+            })?;
             let name = entry.file_name();
             let Some((first, last)) = name.to_str().and_then(parse_name) else {
                 continue;
             };
             let bytes = entry.metadata().map(|m| m.len()).unwrap_or(0);
-            files.push(ViewFile { path: entry.path(), first_seq: first, last_seq: last, bytes });
+            files.push(ViewFile {
+                path: entry.path(),
+                first_seq: first,
+                last_seq: last,
+                bytes,
+            });
         }
         // Widest first among equal starts, so a covering file precedes its parts.
-        files.sort_by(|a, b| a.first_seq.cmp(&b.first_seq).then(b.last_seq.cmp(&a.last_seq)));
+        files.sort_by(|a, b| {
+            a.first_seq
+                .cmp(&b.first_seq)
+                .then(b.last_seq.cmp(&a.last_seq))
+        });
         let mut kept: Vec<ViewFile> = Vec::with_capacity(files.len());
         for f in files {
             if kept.last().is_some_and(|k| k.last_seq >= f.last_seq) {
@@ -119,31 +159,58 @@ impl ViewDir {
     /// Makes the directory agree with a checkpoint at `last_seq`: removes
     /// temp files, files beyond the checkpoint, and compaction leftovers.
     pub fn recover(&self, last_seq: u64) -> Result<usize, SinkError> {
-        let keep: Vec<PathBuf> = self.files()?.into_iter().filter(|f| f.last_seq <= last_seq).map(|f| f.path).collect();
+        let keep: Vec<PathBuf> = self
+            .files()?
+            .into_iter()
+            .filter(|f| f.last_seq <= last_seq)
+            .map(|f| f.path)
+            .collect();
         let mut removed = 0;
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(source) => return Err(SinkError::List { path: self.dir.clone(), source }),
+            Err(source) => {
+                return Err(SinkError::List {
+                    path: self.dir.clone(),
+                    source,
+                });
+            }
         };
         for entry in entries {
-            let entry = entry.map_err(|source| SinkError::List { path: self.dir.clone(), source })?;
+            let entry = entry.map_err(|source| SinkError::List {
+                path: self.dir.clone(),
+                source,
+            })?;
             let path = entry.path();
             let name = entry.file_name();
-            let ours = name.to_str().is_some_and(|n| n.ends_with(".tmp") || parse_name(n).is_some());
+            let ours = name
+                .to_str()
+                .is_some_and(|n| n.ends_with(".tmp") || parse_name(n).is_some());
             if ours && !keep.contains(&path) {
-                std::fs::remove_file(&path).map_err(|source| SinkError::Io { path: path.clone(), source })?;
+                std::fs::remove_file(&path).map_err(|source| SinkError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
                 removed += 1;
             }
         }
         if removed > 0 {
-            sync_dir(&self.dir).map_err(|source| SinkError::Io { path: self.dir.clone(), source })?;
+            sync_dir(&self.dir).map_err(|source| SinkError::Io {
+                path: self.dir.clone(),
+                source,
+            })?;
         }
         Ok(removed)
     }
 
     /// Writes `batches` as the file covering `first..=last`, atomically.
-    pub fn write(&self, first: u64, last: u64, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<PathBuf, SinkError> {
+    pub fn write(
+        &self,
+        first: u64,
+        last: u64,
+        schema: &SchemaRef,
+        batches: &[RecordBatch],
+    ) -> Result<PathBuf, SinkError> {
         let path = self.dir.join(file_name(first, last));
         write_parquet(&path, schema, batches)?;
         Ok(path)
@@ -152,8 +219,15 @@ impl ViewDir {
     /// Merges runs of small files once there are enough of them. Only files
     /// at or below `upto` (the checkpoint) are touched.
     pub fn compact(&self, schema: &SchemaRef, upto: u64) -> Result<usize, SinkError> {
-        let files: Vec<ViewFile> = self.files()?.into_iter().filter(|f| f.last_seq <= upto).collect();
-        let small: Vec<&ViewFile> = files.iter().filter(|f| f.bytes < COMPACT_MAX_FILE_BYTES).collect();
+        let files: Vec<ViewFile> = self
+            .files()?
+            .into_iter()
+            .filter(|f| f.last_seq <= upto)
+            .collect();
+        let small: Vec<&ViewFile> = files
+            .iter()
+            .filter(|f| f.bytes < COMPACT_MAX_FILE_BYTES)
+            .collect();
         if small.len() < COMPACT_TRIGGER {
             return Ok(0);
         }
@@ -181,9 +255,15 @@ impl ViewDir {
             let last = run[run.len() - 1].last_seq;
             self.write(first, last, schema, &batches)?;
             for f in &run {
-                std::fs::remove_file(&f.path).map_err(|source| SinkError::Io { path: f.path.clone(), source })?;
+                std::fs::remove_file(&f.path).map_err(|source| SinkError::Io {
+                    path: f.path.clone(),
+                    source,
+                })?;
             }
-            sync_dir(&self.dir).map_err(|source| SinkError::Io { path: self.dir.clone(), source })?;
+            sync_dir(&self.dir).map_err(|source| SinkError::Io {
+                path: self.dir.clone(),
+                source,
+            })?;
             merged += run.len();
         }
         Ok(merged)
@@ -191,12 +271,24 @@ impl ViewDir {
 }
 
 /// Writes a Parquet file to `path.tmp`, fsyncs it and renames it to `path`.
-pub fn write_parquet(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<(), SinkError> {
+pub fn write_parquet(
+    path: &Path,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<(), SinkError> {
     let tmp = path.with_extension("parquet.tmp");
-    let io = |source| SinkError::Io { path: tmp.clone(), source };
+    let io = |source| SinkError::Io {
+        path: tmp.clone(),
+        source,
+    };
     let file = File::create(&tmp).map_err(io)?;
-    let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
-    let enc = |source| SinkError::Encode { path: tmp.clone(), source };
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .build();
+    let enc = |source| SinkError::Encode {
+        path: tmp.clone(),
+        source,
+    };
     let mut writer = ArrowWriter::try_new(file, Arc::clone(schema), Some(props)).map_err(enc)?;
     for b in batches {
         writer.write(b).map_err(enc)?;
@@ -206,18 +298,30 @@ pub fn write_parquet(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -
     drop(file);
     std::fs::rename(&tmp, path).map_err(io)?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    sync_dir(dir).map_err(|source| SinkError::Io { path: dir.to_path_buf(), source })
+    sync_dir(dir).map_err(|source| SinkError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// Reads a whole Parquet file.
 pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>, SinkError> {
-    let file = File::open(path).map_err(|source| SinkError::Io { path: path.to_path_buf(), source })?;
+    let file = File::open(path).map_err(|source| SinkError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.with_batch_size(64 * 1024).build())
-        .map_err(|source| SinkError::Decode { path: path.to_path_buf(), source })?;
+        .map_err(|source| SinkError::Decode {
+            path: path.to_path_buf(),
+            source,
+        })?;
     reader
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| SinkError::Arrow { path: path.to_path_buf(), source })
+        .map_err(|source| SinkError::Arrow {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -227,13 +331,18 @@ mod tests {
     use arrow::datatypes::{DataType, Field, Schema};
 
     fn batch(schema: &SchemaRef, vals: &[u64]) -> RecordBatch {
-        RecordBatch::try_new(Arc::clone(schema), vec![Arc::new(UInt64Array::from(vals.to_vec()))]).unwrap()
+        RecordBatch::try_new(
+            Arc::clone(schema),
+            vec![Arc::new(UInt64Array::from(vals.to_vec()))],
+        )
+        .unwrap()
     }
 
     #[test]
     fn recover_removes_orphans_and_contained_files() {
         let dir = tempfile::tempdir().unwrap();
-        let schema: SchemaRef = Arc::new(Schema::new(vec![Field::new("v", DataType::UInt64, false)]));
+        let schema: SchemaRef =
+            Arc::new(Schema::new(vec![Field::new("v", DataType::UInt64, false)]));
         let v = ViewDir::new(dir.path(), "t");
         v.create().unwrap();
         v.write(1, 10, &schema, &[batch(&schema, &[1])]).unwrap();
@@ -241,7 +350,13 @@ mod tests {
         v.write(1, 20, &schema, &[batch(&schema, &[1, 2])]).unwrap(); // merged, parts not yet deleted
         v.write(21, 30, &schema, &[batch(&schema, &[3])]).unwrap(); // beyond checkpoint
         std::fs::write(v.dir.join("seq-x.parquet.tmp"), b"junk").unwrap();
-        let ranges = |v: &ViewDir| v.files().unwrap().iter().map(|f| (f.first_seq, f.last_seq)).collect::<Vec<_>>();
+        let ranges = |v: &ViewDir| {
+            v.files()
+                .unwrap()
+                .iter()
+                .map(|f| (f.first_seq, f.last_seq))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(ranges(&v), vec![(1, 20), (21, 30)]);
         assert_eq!(v.recover(20).unwrap(), 4);
         assert_eq!(ranges(&v), vec![(1, 20)]);
@@ -251,11 +366,13 @@ mod tests {
     #[test]
     fn compaction_keeps_every_row_once() {
         let dir = tempfile::tempdir().unwrap();
-        let schema: SchemaRef = Arc::new(Schema::new(vec![Field::new("v", DataType::UInt64, false)]));
+        let schema: SchemaRef =
+            Arc::new(Schema::new(vec![Field::new("v", DataType::UInt64, false)]));
         let v = ViewDir::new(dir.path(), "t");
         v.create().unwrap();
         for i in 0..40u64 {
-            v.write(i * 10 + 1, i * 10 + 10, &schema, &[batch(&schema, &[i])]).unwrap();
+            v.write(i * 10 + 1, i * 10 + 10, &schema, &[batch(&schema, &[i])])
+                .unwrap();
         }
         assert_eq!(v.compact(&schema, 400).unwrap(), 40);
         let files = v.files().unwrap();
@@ -263,7 +380,14 @@ mod tests {
         let rows: Vec<u64> = read_parquet(&files[0].path)
             .unwrap()
             .iter()
-            .flat_map(|b| b.column(0).as_any().downcast_ref::<UInt64Array>().unwrap().values().to_vec())
+            .flat_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<UInt64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
             .collect();
         assert_eq!(rows, (0..40).collect::<Vec<_>>());
     }

@@ -40,18 +40,27 @@ pub struct DeadLetter {
 
 /// Header values cannot hold CR/LF; keep them on one line.
 fn one_line(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// Publishes every dead letter and waits until JetStream has stored each.
 /// The `Nats-Msg-Id` is derived from the original stream and sequence, so
 /// a repeat after a crash is dropped by the DLQ stream's duplicate window.
-pub async fn publish_all(js: &jetstream::Context, stream: &str, letters: &[DeadLetter]) -> Result<(), DlqError> {
+pub async fn publish_all(
+    js: &jetstream::Context,
+    stream: &str,
+    letters: &[DeadLetter],
+) -> Result<(), DlqError> {
     let mut pending: Vec<(String, PublishAckFuture)> = Vec::with_capacity(letters.len());
     for l in letters {
         let subject = format!("{SUBJECT_PREFIX}.{}", l.reject.reason.as_str());
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("tally-dlq:{stream}:{}", l.stream_seq).as_str());
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("tally-dlq:{stream}:{}", l.stream_seq).as_str(),
+        );
         headers.insert(HEADER_STREAM, stream);
         headers.insert(HEADER_SUBJECT, one_line(&l.subject).as_str());
         headers.insert(HEADER_SEQUENCE, l.stream_seq.to_string().as_str());
@@ -60,11 +69,17 @@ pub async fn publish_all(js: &jetstream::Context, stream: &str, letters: &[DeadL
         let ack = js
             .publish_with_headers(subject.clone(), headers, l.payload.clone())
             .await
-            .map_err(|e| DlqError::Publish { subject: subject.clone(), cause: e.to_string() })?;
+            .map_err(|e| DlqError::Publish {
+                subject: subject.clone(),
+                cause: e.to_string(),
+            })?;
         pending.push((subject, ack));
     }
     for (subject, ack) in pending {
-        ack.await.map_err(|e| DlqError::Ack { subject, cause: e.to_string() })?;
+        ack.await.map_err(|e| DlqError::Ack {
+            subject,
+            cause: e.to_string(),
+        })?;
     }
     Ok(())
 }

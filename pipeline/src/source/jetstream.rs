@@ -35,16 +35,33 @@ impl Default for SourceConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("cannot reach NATS at {url}: {source} — is nats-server running (with -js)? Set --nats / TALLY_NATS_URL to its address")]
-    Connect { url: String, source: async_nats::ConnectError },
-    #[error("cannot create or open stream {stream}: {cause} — is JetStream enabled on the server (nats-server -js)?")]
+    #[error(
+        "cannot reach NATS at {url}: {source} — is nats-server running (with -js)? Set --nats / TALLY_NATS_URL to its address"
+    )]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error(
+        "cannot create or open stream {stream}: {cause} — is JetStream enabled on the server (nats-server -js)?"
+    )]
     Stream { stream: String, cause: String },
-    #[error("stream {stream} exists but captures {found:?}, not {wanted}; use another --stream or --subject-prefix, or fix the stream's subjects")]
-    Subjects { stream: String, found: Vec<String>, wanted: String },
+    #[error(
+        "stream {stream} exists but captures {found:?}, not {wanted}; use another --stream or --subject-prefix, or fix the stream's subjects"
+    )]
+    Subjects {
+        stream: String,
+        found: Vec<String>,
+        wanted: String,
+    },
     #[error("cannot read the state of stream {stream}: {cause}")]
     Info { stream: String, cause: String },
     #[error("cannot set up consumer {consumer} on stream {stream}: {cause}")]
-    Consumer { stream: String, consumer: String, cause: String },
+    Consumer {
+        stream: String,
+        consumer: String,
+        cause: String,
+    },
     #[error("cannot consume from stream {stream}: {cause}")]
     Messages { stream: String, cause: String },
 }
@@ -57,7 +74,10 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, SourceError> {
         .name("tally")
         .connect(url)
         .await
-        .map_err(|source| SourceError::Connect { url: url.to_owned(), source })
+        .map_err(|source| SourceError::Connect {
+            url: url.to_owned(),
+            source,
+        })
 }
 
 /// Microseconds since the epoch of a JetStream timestamp.
@@ -67,7 +87,10 @@ pub fn micros(t: &chrono::DateTime<chrono::Utc>) -> i64 {
 
 /// Creates the event stream if missing; accepts an existing one whose
 /// subjects cover `<prefix>.>`.
-pub async fn ensure_event_stream(js: &jetstream::Context, cfg: &SourceConfig) -> Result<stream::Stream, SourceError> {
+pub async fn ensure_event_stream(
+    js: &jetstream::Context,
+    cfg: &SourceConfig,
+) -> Result<stream::Stream, SourceError> {
     let wanted = format!("{}.>", cfg.subject_prefix);
     let mut s = js
         .get_or_create_stream(stream::Config {
@@ -77,11 +100,25 @@ pub async fn ensure_event_stream(js: &jetstream::Context, cfg: &SourceConfig) ->
             ..Default::default()
         })
         .await
-        .map_err(|e| SourceError::Stream { stream: cfg.stream.clone(), cause: e.to_string() })?;
-    let info = s.info().await.map_err(|e| SourceError::Info { stream: cfg.stream.clone(), cause: e.to_string() })?;
-    let covers = info.config.subjects.iter().any(|s| *s == wanted || s == ">" || *s == format!("{}.*.>", cfg.subject_prefix));
+        .map_err(|e| SourceError::Stream {
+            stream: cfg.stream.clone(),
+            cause: e.to_string(),
+        })?;
+    let info = s.info().await.map_err(|e| SourceError::Info {
+        stream: cfg.stream.clone(),
+        cause: e.to_string(),
+    })?;
+    let covers = info
+        .config
+        .subjects
+        .iter()
+        .any(|s| *s == wanted || s == ">" || *s == format!("{}.*.>", cfg.subject_prefix));
     if !covers {
-        return Err(SourceError::Subjects { stream: cfg.stream.clone(), found: info.config.subjects.clone(), wanted });
+        return Err(SourceError::Subjects {
+            stream: cfg.stream.clone(),
+            found: info.config.subjects.clone(),
+            wanted,
+        });
     }
     Ok(s)
 }
@@ -89,7 +126,11 @@ pub async fn ensure_event_stream(js: &jetstream::Context, cfg: &SourceConfig) ->
 /// Creates a stream for Tally's own output (`TALLY_DLQ`, `TALLY_ALERTS`) if
 /// missing. Its duplicate window covers a restart after a crash, so a
 /// publish repeated by the recovery of an unfinished batch is dropped.
-pub async fn ensure_output_stream(js: &jetstream::Context, name: &str, subjects: &str) -> Result<(), SourceError> {
+pub async fn ensure_output_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: &str,
+) -> Result<(), SourceError> {
     js.get_or_create_stream(stream::Config {
         name: name.to_owned(),
         subjects: vec![subjects.to_owned()],
@@ -99,13 +140,22 @@ pub async fn ensure_output_stream(js: &jetstream::Context, name: &str, subjects:
     })
     .await
     .map(|_| ())
-    .map_err(|e| SourceError::Stream { stream: name.to_owned(), cause: e.to_string() })
+    .map_err(|e| SourceError::Stream {
+        stream: name.to_owned(),
+        cause: e.to_string(),
+    })
 }
 
 /// Stream creation time, as recorded in the checkpoint to detect a stream
 /// that was deleted and recreated (its sequences restart).
-pub async fn stream_identity(s: &mut stream::Stream, name: &str) -> Result<(String, u64), SourceError> {
-    let info = s.info().await.map_err(|e| SourceError::Info { stream: name.to_owned(), cause: e.to_string() })?;
+pub async fn stream_identity(
+    s: &mut stream::Stream,
+    name: &str,
+) -> Result<(String, u64), SourceError> {
+    let info = s.info().await.map_err(|e| SourceError::Info {
+        stream: name.to_owned(),
+        cause: e.to_string(),
+    })?;
     Ok((info.created.to_rfc3339(), info.state.last_sequence))
 }
 
@@ -116,7 +166,11 @@ pub async fn consumer_from(
     start_seq: u64,
     max_ack_pending: i64,
 ) -> Result<consumer::PullConsumer, SourceError> {
-    let err = |e: String| SourceError::Consumer { stream: cfg.stream.clone(), consumer: cfg.consumer.clone(), cause: e };
+    let err = |e: String| SourceError::Consumer {
+        stream: cfg.stream.clone(),
+        consumer: cfg.consumer.clone(),
+        cause: e,
+    };
     match s.delete_consumer(&cfg.consumer).await {
         Ok(_) => {}
         Err(e) if e.to_string().contains("not found") => {}
@@ -125,7 +179,9 @@ pub async fn consumer_from(
     s.create_consumer(consumer::pull::Config {
         durable_name: Some(cfg.consumer.clone()),
         description: Some("tally run: resumes from its checkpoint".into()),
-        deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: start_seq.max(1) },
+        deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: start_seq.max(1),
+        },
         ack_policy: consumer::AckPolicy::All,
         // Long: a batch is acked only after it is durable, which can take a
         // while when the disk is slow; redeliveries are skipped anyway.

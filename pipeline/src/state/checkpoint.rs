@@ -22,13 +22,26 @@ const VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("cannot read checkpoint {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("checkpoint {path} is corrupt ({source}); move the data directory aside and run `tally replay` to rebuild it")]
-    Corrupt { path: PathBuf, source: serde_json::Error },
-    #[error("checkpoint {path} has version {found}, this tally understands {VERSION}; run `tally replay` into a new data directory")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "checkpoint {path} is corrupt ({source}); move the data directory aside and run `tally replay` to rebuild it"
+    )]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(
+        "checkpoint {path} has version {found}, this tally understands {VERSION}; run `tally replay` into a new data directory"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("cannot write checkpoint {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Outcome counters, cumulative over the stream prefix processed.
@@ -42,7 +55,10 @@ pub struct Counts {
 
 impl Counts {
     pub fn dead_letter(&mut self, reason: DlqReason) {
-        *self.dead_lettered.entry(reason.as_str().to_owned()).or_insert(0) += 1;
+        *self
+            .dead_lettered
+            .entry(reason.as_str().to_owned())
+            .or_insert(0) += 1;
     }
 
     pub fn dead_lettered_total(&self) -> u64 {
@@ -100,9 +116,15 @@ impl Checkpoint {
             Err(source) => return Err(CheckpointError::Read { path, source }),
         };
         let cp: Checkpoint =
-            serde_json::from_slice(&bytes).map_err(|source| CheckpointError::Corrupt { path: path.clone(), source })?;
+            serde_json::from_slice(&bytes).map_err(|source| CheckpointError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
         if cp.version != VERSION {
-            return Err(CheckpointError::Version { path, found: cp.version });
+            return Err(CheckpointError::Version {
+                path,
+                found: cp.version,
+            });
         }
         Ok(Some(cp))
     }
@@ -110,8 +132,10 @@ impl Checkpoint {
     /// Atomically replaces the checkpoint of `data_dir`.
     pub fn save(&self, data_dir: &Path) -> Result<(), CheckpointError> {
         let path = Checkpoint::path(data_dir);
-        let bytes = serde_json::to_vec_pretty(self)
-            .map_err(|e| CheckpointError::Write { path: path.clone(), source: std::io::Error::other(e) })?;
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| CheckpointError::Write {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
         write_atomically(&path, &bytes).map_err(|source| CheckpointError::Write { path, source })
     }
 }

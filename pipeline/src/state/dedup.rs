@@ -59,13 +59,20 @@ pub struct Dedup {
 
 impl Dedup {
     pub fn new(horizon_us: i64) -> Dedup {
-        Dedup { horizon_us, seen: KeyMap::default(), order: VecDeque::new(), now: i64::MIN }
+        Dedup {
+            horizon_us,
+            seen: KeyMap::default(),
+            order: VecDeque::new(),
+            now: i64::MIN,
+        }
     }
 
     /// Is an event with `key`, published at `published_at`, a duplicate of
     /// one accepted earlier within the horizon?
     pub fn is_duplicate(&self, key: u128, published_at: i64) -> bool {
-        self.seen.get(&key).is_some_and(|t| published_at.saturating_sub(*t) <= self.horizon_us)
+        self.seen
+            .get(&key)
+            .is_some_and(|t| published_at.saturating_sub(*t) <= self.horizon_us)
     }
 
     /// Remembers an accepted event and evicts what fell out of the horizon.
