@@ -127,7 +127,7 @@ pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, Bench
     let popts = PublishOptions {
         prefix: opts.prefix.clone(),
         allow_invalid: false,
-        window: 8192,
+        window: publish::MAX_WINDOW,
     };
     let report = publish::publish(&js, std::io::BufReader::new(file), &popts).await?;
     let publish_per_s = report.published as f64 / started.elapsed().as_secs_f64();

@@ -32,6 +32,11 @@ pub enum PublishError {
     },
 }
 
+/// async-nats's JetStream context allows 5,000 unacknowledged publishes
+/// (`max_ack_inflight`); waiting for a permit while holding more unpolled
+/// ack futures than that would deadlock, so the window stays below it.
+pub const MAX_WINDOW: usize = 4096;
+
 /// What a publish run did.
 #[derive(Debug, Default, Clone)]
 pub struct PublishReport {
@@ -50,7 +55,7 @@ pub struct PublishOptions {
     pub prefix: String,
     /// Send lines that fail validation anyway (to exercise the DLQ).
     pub allow_invalid: bool,
-    /// Acks outstanding at once.
+    /// Acks outstanding at once; capped at [`MAX_WINDOW`].
     pub window: usize,
 }
 
@@ -126,7 +131,7 @@ pub async fn publish<R: BufRead>(
                 cause: e.to_string(),
             })?;
         pending.push_back((line_no, subject, ack));
-        while pending.len() >= opts.window {
+        while pending.len() >= opts.window.clamp(1, MAX_WINDOW) {
             if let Some(p) = pending.pop_front() {
                 settle(p, &mut report).await?;
             }
