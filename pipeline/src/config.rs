@@ -2,8 +2,8 @@
 //!
 //! They live in a TOML file (`--config`, default `<data dir>/tally.toml` when
 //! present) with `deny_unknown_fields`, so a typo is an error rather than a
-//! silently different number. The checkpoint records a fingerprint of the
-//! effective settings; resuming with different ones is refused, because the
+//! silently different number. The checkpoint records the effective
+//! settings; resuming with different ones is refused, because the
 //! views would then no longer be a function of the stream alone.
 
 use std::path::Path;
@@ -138,7 +138,7 @@ impl Settings {
         }
     }
 
-    /// A stable fingerprint stored in the checkpoint.
+    /// A one-line rendering for messages.
     pub fn fingerprint(&self) -> String {
         format!(
             "dedup={} skew={} lateness={} granularities={} max_bytes={}",

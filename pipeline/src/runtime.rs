@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{ConfigError, Settings};
 use crate::event::{Limits, validate_message};
-use crate::operator::{self, Operator, OperatorError};
+use crate::operator::{self, Operator, OperatorError, Storage};
 use crate::sink::parquet::{SinkError, ViewDir, read_parquet};
 use crate::source::dlq::{self, DeadLetter, DlqError};
 use crate::source::jetstream::{self as js_source, SourceConfig, SourceError};
@@ -177,9 +177,10 @@ impl Processor {
 
     /// The rows the operators produced since the last call.
     pub fn take_rows(&mut self) -> Result<Vec<ViewRows>, OperatorError> {
+        let seq = self.checkpoint.last_seq;
         let mut out = Vec::new();
         for op in &mut self.operators {
-            if let Some(batch) = op.take_rows()? {
+            if let Some(batch) = op.take_rows(seq)? {
                 out.push(ViewRows {
                     view: op.view(),
                     schema: op.schema(),
@@ -188,6 +189,51 @@ impl Processor {
             }
         }
         Ok(out)
+    }
+
+    /// Restores the versioned views' state from their files (start-up).
+    pub fn restore(&mut self, data_dir: &Path) -> Result<(), RuntimeError> {
+        for op in &mut self.operators {
+            if op.storage() == Storage::Append {
+                continue;
+            }
+            for file in ViewDir::new(data_dir, op.view()).files()? {
+                for batch in read_parquet(&file.path)? {
+                    op.restore(&batch)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Compacts every view's files once there are many small ones: appended
+    /// views merge their files; versioned views write a snapshot of their
+    /// state covering the whole prefix. Call only right after a checkpoint.
+    pub fn compact(&self, data_dir: &Path) -> Result<(), RuntimeError> {
+        let upto = self.checkpoint.last_seq;
+        for op in &self.operators {
+            let dir = ViewDir::new(data_dir, op.view());
+            match op.storage() {
+                Storage::Append => {
+                    let merged = dir.compact(&op.schema(), upto)?;
+                    if merged > 0 {
+                        debug!(view = op.view(), merged, "compacted small view files");
+                    }
+                }
+                Storage::Versioned { .. } => {
+                    if dir.needs_compaction(upto)?
+                        && let Some(snapshot) = op.snapshot(upto)?
+                    {
+                        let replaced = dir.replace_with(upto, &op.schema(), &snapshot)?;
+                        debug!(
+                            view = op.view(),
+                            replaced, "replaced view versions with a snapshot"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn view_schemas(&self) -> Vec<(&'static str, SchemaRef)> {
@@ -273,9 +319,8 @@ pub fn open_state(
     stream_created: &str,
     prefix: &str,
 ) -> Result<Processor, RuntimeError> {
-    let fingerprint = settings.fingerprint();
     let checkpoint = match Checkpoint::load(data_dir)? {
-        None => Checkpoint::new(stream, stream_created, &fingerprint),
+        None => Checkpoint::new(stream, stream_created, settings),
         Some(cp) => {
             if cp.stream != stream || cp.stream_created != stream_created {
                 return Err(RuntimeError::OtherStream {
@@ -286,11 +331,11 @@ pub fn open_state(
                     wanted_created: stream_created.to_owned(),
                 });
             }
-            if cp.settings != fingerprint {
+            if cp.settings != *settings {
                 return Err(RuntimeError::SettingsChanged {
                     path: data_dir.to_path_buf(),
-                    found: cp.settings,
-                    wanted: fingerprint,
+                    found: cp.settings.fingerprint(),
+                    wanted: settings.fingerprint(),
                 });
             }
             cp
@@ -309,6 +354,7 @@ pub fn open_state(
         }
     }
     rebuild_dedup(data_dir, settings, &mut processor)?;
+    processor.restore(data_dir)?;
     Ok(processor)
 }
 
@@ -638,9 +684,7 @@ pub async fn run(
             }
         }
     }
-    for (view, schema) in p.view_schemas() {
-        ViewDir::new(&opts.data_dir, view).compact(&schema, p.checkpoint.last_seq)?;
-    }
+    p.compact(&opts.data_dir)?;
     summary.elapsed = started.elapsed();
     let c = &p.checkpoint.counts;
     info!(

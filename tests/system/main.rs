@@ -420,6 +420,17 @@ fn kill_9_at_any_instant_loses_nothing_and_doubles_nothing() {
         sql(&server, &clean, all),
         "views differ from a clean run"
     );
+    let usage = "SELECT * FROM usage ORDER BY tenant, metric, granularity, window_start";
+    let crashed_usage = sql(&server, &data, usage);
+    assert!(
+        crashed_usage.len() > 100,
+        "the generated SaaS records usage"
+    );
+    assert_eq!(
+        crashed_usage,
+        sql(&server, &clean, usage),
+        "usage differs from a clean run"
+    );
     let a = status_json(&server, &data)["status"]["counts"].clone();
     let b = status_json(&server, &clean)["status"]["counts"].clone();
     assert_eq!(a, b);
@@ -582,5 +593,92 @@ fn nats_restart_mid_run_loses_nothing() {
             "SELECT count(DISTINCT stream_seq) FROM events"
         ),
         total
+    );
+}
+
+fn publish_lines(server: &NatsServer, data: &std::path::Path, lines: &[String]) {
+    let mut p = tally(server, data);
+    p.args(["publish", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    let mut child = p.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all((lines.join("\n") + "\n").as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// Hand-computed rows of the `usage` view, including a late event that
+/// arrives after its window was written, equal event times, and rounding.
+#[test]
+fn usage_view_golden() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let u = |id: &str, time: &str, q: &str| {
+        event(
+            id,
+            "acme",
+            "usage.recorded",
+            time,
+            &format!(r#"{{"metric":"api_calls","quantity":{q}}}"#),
+        )
+    };
+    publish_lines(
+        &server,
+        &data,
+        &[
+            u("u1", "2026-01-05T10:15:00Z", "\"0.1\""),
+            u("u2", "2026-01-05T10:45:00Z", "0.2"),
+            u("u3", "2026-01-05T11:00:00Z", "\"12.5\""),
+            // Same time as u3: `last` is decided by (time, source, id), and "u3" > "a".
+            u("a", "2026-01-05T11:00:00+00:00", "2"),
+            // 0.0000000025 rounds half-to-even to 0.000000002.
+            u("u5", "2026-01-06T00:00:00Z", "\"0.0000000025\""),
+        ],
+    );
+    until_idle(&server, &data);
+    // Late: its hour was written by the first run.
+    publish_lines(&server, &data, &[u("u6", "2026-01-05T10:50:00Z", "1")]);
+    until_idle(&server, &data);
+
+    let rows = sql(
+        &server,
+        &data,
+        "SELECT tenant, metric, granularity, window_start, window_end, events, sum, min, max, last, is_final \
+         FROM usage ORDER BY granularity, window_start",
+    );
+    let got: Vec<String> = rows.iter().map(|r| r.join(",")).collect();
+    // Stream clock 2026-01-06T00:00:00Z, lateness 5 min: final iff window_end <= 2026-01-05T23:55:00Z.
+    let expected = [
+        "acme,api_calls,day,2026-01-05T00:00:00Z,2026-01-06T00:00:00Z,5,15.800000000,0.100000000,12.500000000,12.500000000,false",
+        "acme,api_calls,day,2026-01-06T00:00:00Z,2026-01-07T00:00:00Z,1,0.000000002,0.000000002,0.000000002,0.000000002,false",
+        "acme,api_calls,hour,2026-01-05T10:00:00Z,2026-01-05T11:00:00Z,3,1.300000000,0.100000000,1.000000000,1.000000000,true",
+        "acme,api_calls,hour,2026-01-05T11:00:00Z,2026-01-05T12:00:00Z,2,14.500000000,2.000000000,12.500000000,12.500000000,true",
+        "acme,api_calls,hour,2026-01-06T00:00:00Z,2026-01-06T01:00:00Z,1,0.000000002,0.000000002,0.000000002,0.000000002,false",
+        "acme,api_calls,month,2026-01-01T00:00:00Z,2026-02-01T00:00:00Z,6,15.800000002,0.000000002,12.500000000,0.000000002,false",
+    ];
+    assert_eq!(got, expected);
+
+    // A replay-equivalent: a fresh data dir over the same stream gives the same rows.
+    let fresh = dir.path().join("fresh");
+    let mut c = tally(&server, &fresh);
+    c.args(["run", "--until-idle", "--consumer", "fresh"]);
+    run_expect(c, 0);
+    let again = sql(
+        &server,
+        &fresh,
+        "SELECT * FROM usage ORDER BY granularity, window_start",
+    );
+    assert_eq!(
+        again,
+        sql(
+            &server,
+            &data,
+            "SELECT * FROM usage ORDER BY granularity, window_start"
+        )
     );
 }

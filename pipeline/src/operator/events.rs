@@ -108,7 +108,7 @@ impl Operator for EventsArchive {
         self.data.append_option(e.data.as_deref());
     }
 
-    fn take_rows(&mut self) -> Result<Option<RecordBatch>, OperatorError> {
+    fn take_rows(&mut self, _seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
         if self.rows == 0 {
             return Ok(None);
         }
@@ -153,9 +153,9 @@ mod tests {
         .unwrap();
         op.apply(&e);
         op.apply(&e);
-        let b = op.take_rows().unwrap().unwrap();
+        let b = op.take_rows(9).unwrap().unwrap();
         assert_eq!(b.num_rows(), 2);
         assert_eq!(b.schema(), schema());
-        assert!(op.take_rows().unwrap().is_none());
+        assert!(op.take_rows(9).unwrap().is_none());
     }
 }

@@ -4,8 +4,15 @@
 //! [`crate::runtime`] feeds them and makes their output durable.
 //!
 //! Registration is the one explicit list in [`registry`].
+//!
+//! Two storage shapes exist (see [`Storage`]): append-only views (the
+//! `events` archive) and keyed views whose rows change as late events
+//! arrive; those write a new *version* of each changed row per batch, and
+//! the query layer shows the latest version per key.
 
 pub mod events;
+pub mod usage;
+pub mod window;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -20,21 +27,59 @@ pub enum OperatorError {
         view: &'static str,
         source: arrow::error::ArrowError,
     },
+    #[error(
+        "cannot restore view {view} from its files ({detail}); move the data directory aside and run `tally replay`"
+    )]
+    Restore { view: &'static str, detail: String },
+}
+
+/// How a view's rows are stored and read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// Rows are appended and never change; the stored table is the view.
+    Append,
+    /// Rows are keyed and change: each file holds new versions stamped
+    /// `_seq`; the view `<name>` is the latest version per `key` over the
+    /// stored table `_<name>_versions`, with the public `columns` and, when
+    /// `final_column` is set, `is_final` = `final_column + lateness <= stream clock`.
+    Versioned {
+        key: &'static [&'static str],
+        columns: &'static str,
+        final_column: Option<&'static str>,
+    },
 }
 
 /// A view-maintaining state machine.
 pub trait Operator: Send {
     /// The view (and DataFusion table) this operator maintains.
     fn view(&self) -> &'static str;
-    /// Arrow schema of the view: a public contract (metrics.md).
+    /// Arrow schema of the stored rows.
     fn schema(&self) -> SchemaRef;
-    /// Folds one accepted, deduplicated event, in stream order.
+    fn storage(&self) -> Storage {
+        Storage::Append
+    }
+    /// Folds one accepted, deduplicated event, in stream order. Must give the
+    /// same state for any order of the same events (views are ordered by
+    /// (`time`, `source`, `id`), never by arrival).
     fn apply(&mut self, event: &Event);
-    /// Rows to append for the events applied since the last call.
-    fn take_rows(&mut self) -> Result<Option<RecordBatch>, OperatorError>;
+    /// Rows to write for the events applied since the last call, stamped
+    /// with `seq`, the batch's last stream sequence.
+    fn take_rows(&mut self, seq: u64) -> Result<Option<RecordBatch>, OperatorError>;
+    /// The whole current state as rows (versioned views: compaction).
+    fn snapshot(&self, _seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
+        Ok(None)
+    }
+    /// Folds stored rows back into the state at start-up, file by file in
+    /// stream order (versioned views).
+    fn restore(&mut self, _rows: &RecordBatch) -> Result<(), OperatorError> {
+        Ok(())
+    }
 }
 
 /// Every operator, in one explicit list.
-pub fn registry(_settings: &Settings) -> Vec<Box<dyn Operator>> {
-    vec![Box::new(events::EventsArchive::new())]
+pub fn registry(settings: &Settings) -> Vec<Box<dyn Operator>> {
+    vec![
+        Box::new(events::EventsArchive::new()),
+        Box::new(usage::UsageOperator::new(&settings.granularities)),
+    ]
 }

@@ -13,7 +13,8 @@ pub mod format;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
+use arrow::array::{RecordBatch, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
@@ -22,8 +23,9 @@ use datafusion::datasource::listing::{
 use datafusion::execution::context::{SQLOptions, SessionContext};
 
 use crate::config::Settings;
-use crate::operator;
+use crate::operator::{self, Storage};
 use crate::sink::parquet::{SinkError, ViewDir};
+use crate::state::checkpoint::{Checkpoint, CheckpointError};
 
 pub use format::{OutputFormat, write_batches};
 
@@ -31,6 +33,8 @@ pub use format::{OutputFormat, write_batches};
 pub enum QueryError {
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     #[error("cannot register view {view}: {source}")]
     Register {
         view: String,
@@ -62,36 +66,114 @@ pub async fn open_session(
     queries_dir: Option<&Path>,
 ) -> Result<SessionContext, QueryError> {
     let ctx = SessionContext::new();
-    for op in operator::registry(&Settings::default()) {
+    let checkpoint = Checkpoint::load(data_dir)?;
+    let settings = checkpoint
+        .as_ref()
+        .map(|c| c.settings.clone())
+        .unwrap_or_default();
+    register_clock(&ctx, checkpoint.as_ref(), &settings)?;
+    for op in operator::registry(&settings) {
         let view = op.view();
-        let schema = op.schema();
-        let files = ViewDir::new(data_dir, view).files()?;
-        let reg = |source| QueryError::Register {
-            view: view.to_owned(),
-            source,
-        };
-        if files.is_empty() {
-            let table = MemTable::try_new(Arc::clone(&schema), vec![vec![]]).map_err(reg)?;
-            ctx.register_table(view, Arc::new(table)).map_err(reg)?;
-            continue;
+        match op.storage() {
+            Storage::Append => register_files(&ctx, data_dir, view, view, op.schema())?,
+            Storage::Versioned {
+                key,
+                columns,
+                final_column,
+            } => {
+                let stored = format!("_{view}_versions");
+                register_files(&ctx, data_dir, view, &stored, op.schema())?;
+                let is_final = final_column
+                    .map(|c| format!(", COALESCE({c} <= (SELECT final_before FROM {CLOCK_TABLE}), false) AS is_final"))
+                    .unwrap_or_default();
+                let sql = format!(
+                    "CREATE VIEW {view} AS SELECT {columns}{is_final} FROM \
+                     (SELECT *, row_number() OVER (PARTITION BY {} ORDER BY _seq DESC) AS _tally_rn FROM {stored}) \
+                     WHERE _tally_rn = 1",
+                    key.join(", ")
+                );
+                ctx.sql(&sql).await.map_err(|source| QueryError::Register {
+                    view: view.to_owned(),
+                    source,
+                })?;
+            }
         }
-        let mut urls = Vec::with_capacity(files.len());
-        for f in &files {
-            let path = std::path::absolute(&f.path).unwrap_or_else(|_| f.path.clone());
-            urls.push(ListingTableUrl::parse(path.to_string_lossy().as_ref()).map_err(reg)?);
-        }
-        let options =
-            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-        let config = ListingTableConfig::new_with_multi_paths(urls)
-            .with_listing_options(options)
-            .with_schema(schema);
-        let table = ListingTable::try_new(config).map_err(reg)?;
-        ctx.register_table(view, Arc::new(table)).map_err(reg)?;
     }
     if let Some(dir) = queries_dir {
         register_query_views(&ctx, dir).await?;
     }
     Ok(ctx)
+}
+
+/// One-row table with the stream clock and the finality bound
+/// (`stream clock - lateness`): `is_final` = `end <= final_before`.
+pub const CLOCK_TABLE: &str = "_tally_clock";
+
+fn register_clock(
+    ctx: &SessionContext,
+    cp: Option<&Checkpoint>,
+    settings: &Settings,
+) -> Result<(), QueryError> {
+    let ts = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("stream_clock", ts(), true),
+        Field::new("final_before", ts(), true),
+    ]));
+    let clock = cp.and_then(|c| c.stream_clock_us);
+    let reg = |source| QueryError::Register {
+        view: CLOCK_TABLE.to_owned(),
+        source,
+    };
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(TimestampMicrosecondArray::from(vec![clock]).with_timezone("UTC")),
+            Arc::new(
+                TimestampMicrosecondArray::from(vec![
+                    clock.map(|c| c.saturating_sub(settings.lateness_us)),
+                ])
+                .with_timezone("UTC"),
+            ),
+        ],
+    )
+    .map_err(|e| reg(e.into()))?;
+    let table = MemTable::try_new(schema, vec![vec![batch]]).map_err(reg)?;
+    ctx.register_table(CLOCK_TABLE, Arc::new(table))
+        .map_err(reg)?;
+    Ok(())
+}
+
+/// Registers the files of `view` as table `name`.
+fn register_files(
+    ctx: &SessionContext,
+    data_dir: &Path,
+    view: &str,
+    name: &str,
+    schema: SchemaRef,
+) -> Result<(), QueryError> {
+    let files = ViewDir::new(data_dir, view).files()?;
+    let reg = |source| QueryError::Register {
+        view: view.to_owned(),
+        source,
+    };
+    if files.is_empty() {
+        let table = MemTable::try_new(Arc::clone(&schema), vec![vec![]]).map_err(reg)?;
+        ctx.register_table(name, Arc::new(table)).map_err(reg)?;
+        return Ok(());
+    }
+    let mut urls = Vec::with_capacity(files.len());
+    for f in &files {
+        let path = std::path::absolute(&f.path).unwrap_or_else(|_| f.path.clone());
+        urls.push(ListingTableUrl::parse(path.to_string_lossy().as_ref()).map_err(reg)?);
+    }
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(schema);
+    let table = ListingTable::try_new(config).map_err(reg)?;
+    ctx.register_table(name, Arc::new(table)).map_err(reg)?;
+    Ok(())
 }
 
 /// Registers each `<dir>/<name>.sql` (a single SELECT) as view `<name>`, in

@@ -270,6 +270,49 @@ impl ViewDir {
     }
 }
 
+impl ViewDir {
+    /// Are there enough small files at or below `upto` to compact?
+    pub fn needs_compaction(&self, upto: u64) -> Result<bool, SinkError> {
+        let small = self
+            .files()?
+            .iter()
+            .filter(|f| f.last_seq <= upto && f.bytes < COMPACT_MAX_FILE_BYTES)
+            .count();
+        Ok(small >= COMPACT_TRIGGER)
+    }
+
+    /// Writes `batch` as the file covering `1..=upto` and deletes the files
+    /// it covers. A crash in between leaves covered files that readers
+    /// ignore and recovery removes.
+    pub fn replace_with(
+        &self,
+        upto: u64,
+        schema: &SchemaRef,
+        batch: &RecordBatch,
+    ) -> Result<usize, SinkError> {
+        let old: Vec<ViewFile> = self
+            .files()?
+            .into_iter()
+            .filter(|f| f.last_seq <= upto)
+            .collect();
+        self.write(1, upto, schema, std::slice::from_ref(batch))?;
+        let keep = self.dir.join(file_name(1, upto));
+        let mut removed = 0;
+        for f in old.iter().filter(|f| f.path != keep) {
+            std::fs::remove_file(&f.path).map_err(|source| SinkError::Io {
+                path: f.path.clone(),
+                source,
+            })?;
+            removed += 1;
+        }
+        sync_dir(&self.dir).map_err(|source| SinkError::Io {
+            path: self.dir.clone(),
+            source,
+        })?;
+        Ok(removed)
+    }
+}
+
 /// Writes a Parquet file to `path.tmp`, fsyncs it and renames it to `path`.
 pub fn write_parquet(
     path: &Path,

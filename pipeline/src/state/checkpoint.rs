@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::Settings;
 use crate::event::DlqReason;
 
 pub const FILE_NAME: &str = "checkpoint.json";
@@ -84,13 +85,13 @@ pub struct Checkpoint {
     pub stream_now_us: Option<i64>,
     /// Largest accepted event time (µs): the stream clock of metrics.md.
     pub stream_clock_us: Option<i64>,
-    /// Fingerprint of the result-changing settings the views were built with.
-    pub settings: String,
+    /// The result-changing settings the views were built with.
+    pub settings: Settings,
     pub counts: Counts,
 }
 
 impl Checkpoint {
-    pub fn new(stream: &str, stream_created: &str, settings: &str) -> Checkpoint {
+    pub fn new(stream: &str, stream_created: &str, settings: &Settings) -> Checkpoint {
         Checkpoint {
             version: VERSION,
             stream: stream.to_owned(),
@@ -98,7 +99,7 @@ impl Checkpoint {
             last_seq: 0,
             stream_now_us: None,
             stream_clock_us: None,
-            settings: settings.to_owned(),
+            settings: settings.clone(),
             counts: Counts::default(),
         }
     }
@@ -165,7 +166,7 @@ mod tests {
     fn round_trips_atomically() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(Checkpoint::load(dir.path()).unwrap(), None);
-        let mut cp = Checkpoint::new("TALLY_EVENTS", "2026-01-01T00:00:00Z", "s");
+        let mut cp = Checkpoint::new("TALLY_EVENTS", "2026-01-01T00:00:00Z", &Settings::default());
         cp.last_seq = 42;
         cp.counts.dead_letter(DlqReason::InvalidJson);
         cp.save(dir.path()).unwrap();
