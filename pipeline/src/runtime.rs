@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::array::{Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array};
 use arrow::datatypes::SchemaRef;
 use async_nats::jetstream;
 use bytes::Bytes;
@@ -18,8 +18,10 @@ use futures::StreamExt;
 use tracing::{debug, info, warn};
 
 use crate::config::{ConfigError, Settings};
-use crate::event::{Limits, validate_message};
+use crate::event::{Event, Limits, payload_from_archive, validate_message};
+use crate::operator::overages::Alert;
 use crate::operator::{self, Operator, OperatorError, Storage};
+use crate::sink::alerts::{self, AlertError};
 use crate::sink::parquet::{SinkError, ViewDir, read_parquet};
 use crate::source::dlq::{self, DeadLetter, DlqError};
 use crate::source::jetstream::{self as js_source, SourceConfig, SourceError};
@@ -38,6 +40,8 @@ pub enum RuntimeError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Dlq(#[from] DlqError),
+    #[error(transparent)]
+    Alert(#[from] AlertError),
     #[error(transparent)]
     Operator(#[from] OperatorError),
     #[error("cannot create data directory {path}: {source}")]
@@ -108,6 +112,7 @@ pub struct Processor {
     prefix: String,
     dedup: Dedup,
     operators: Vec<Box<dyn Operator>>,
+    live: bool,
     /// In-memory state of the checkpoint (counts, positions); saved by the shell.
     pub checkpoint: Checkpoint,
 }
@@ -119,6 +124,7 @@ impl Processor {
             prefix: prefix.to_owned(),
             dedup: Dedup::new(settings.dedup_horizon_us),
             operators: operator::registry(settings),
+            live: true,
             checkpoint,
         }
     }
@@ -191,8 +197,31 @@ impl Processor {
         Ok(out)
     }
 
-    /// Restores the versioned views' state from their files (start-up).
+    /// Restores the operators' state at start-up: operators that rebuild
+    /// from the archive re-apply it (silently), then every versioned view
+    /// folds its stored rows back.
     pub fn restore(&mut self, data_dir: &Path) -> Result<(), RuntimeError> {
+        let rebuild: Vec<usize> = (0..self.operators.len())
+            .filter(|i| self.operators[*i].rebuilds_from_archive())
+            .collect();
+        if !rebuild.is_empty() {
+            for i in &rebuild {
+                self.operators[*i].set_live(false);
+            }
+            let mut replayed = 0u64;
+            for_each_archived(data_dir, |event| {
+                for i in &rebuild {
+                    self.operators[*i].apply(event);
+                }
+                replayed += 1;
+            })?;
+            for i in &rebuild {
+                let op = &mut self.operators[*i];
+                op.take_rows(0)?;
+                op.take_alerts();
+            }
+            debug!(replayed, "operator state re-folded from the events archive");
+        }
         for op in &mut self.operators {
             if op.storage() == Storage::Append {
                 continue;
@@ -203,7 +232,26 @@ impl Processor {
                 }
             }
         }
+        for i in &rebuild {
+            self.operators[*i].set_live(self.live);
+        }
         Ok(())
+    }
+
+    /// Whether alerts are published (a live run) or not (replay).
+    pub fn set_live(&mut self, live: bool) {
+        self.live = live;
+        for op in &mut self.operators {
+            op.set_live(live);
+        }
+    }
+
+    /// Alerts decided by the last [`Processor::take_rows`].
+    pub fn take_alerts(&mut self) -> Vec<Alert> {
+        self.operators
+            .iter_mut()
+            .flat_map(|o| o.take_alerts())
+            .collect()
     }
 
     /// Compacts every view's files once there are many small ones: appended
@@ -358,6 +406,70 @@ pub fn open_state(
     Ok(processor)
 }
 
+/// Calls `f` with every archived event, in stream order.
+pub fn for_each_archived(data_dir: &Path, mut f: impl FnMut(&Event)) -> Result<(), RuntimeError> {
+    let view = operator::events::VIEW;
+    let bad = |detail: String| RuntimeError::Operator(OperatorError::Restore { view, detail });
+    for file in ViewDir::new(data_dir, view).files()? {
+        for batch in read_parquet(&file.path)? {
+            let s = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                    .ok_or_else(|| bad(format!("column {name} missing")))
+            };
+            let t = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
+                    .ok_or_else(|| bad(format!("column {name} missing")))
+            };
+            let seqs = batch
+                .column_by_name("stream_seq")
+                .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
+                .ok_or_else(|| bad("column stream_seq missing".into()))?;
+            let (id, source, ty, tenant, dv) = (
+                s("id")?,
+                s("source")?,
+                s("type")?,
+                s("tenant")?,
+                s("dataversion")?,
+            );
+            let (actor, actortype, subject, data) =
+                (s("actor")?, s("actortype")?, s("subject")?, s("data")?);
+            let (published, time) = (t("published_at")?, t("time")?);
+            let opt = |a: &StringArray, i: usize| (!a.is_null(i)).then(|| a.value(i).to_owned());
+            for i in 0..batch.num_rows() {
+                let data_text = opt(data, i);
+                let payload =
+                    payload_from_archive(ty.value(i), data_text.as_deref()).map_err(|r| {
+                        bad(format!(
+                            "archived event {} at seq {}: {r}",
+                            id.value(i),
+                            seqs.value(i)
+                        ))
+                    })?;
+                f(&Event {
+                    stream_seq: seqs.value(i),
+                    published_at: published.value(i),
+                    id: id.value(i).to_owned(),
+                    source: source.value(i).to_owned(),
+                    event_type: ty.value(i).to_owned(),
+                    tenant: tenant.value(i).to_owned(),
+                    time: time.value(i),
+                    dataversion: dv.value(i).to_owned(),
+                    actor: opt(actor, i),
+                    actortype: opt(actortype, i),
+                    subject: opt(subject, i),
+                    data: data_text,
+                    payload,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Re-reads (source, id, published_at) of the archived events inside the
 /// dedup horizon.
 fn rebuild_dedup(
@@ -400,23 +512,32 @@ fn rebuild_dedup(
     Ok(())
 }
 
-/// Makes one batch durable: DLQ, view files, checkpoint. Retries with
-/// backoff until it succeeds or `stop` fires.
+/// What one batch must make durable before its checkpoint.
+pub struct BatchOutput {
+    /// First stream sequence the batch covers.
+    pub first: u64,
+    pub letters: Vec<DeadLetter>,
+    pub alerts: Vec<Alert>,
+    pub rows: Vec<ViewRows>,
+}
+
+/// Makes one batch durable: DLQ, alerts, view files, checkpoint. Retries
+/// with backoff until it succeeds or `stop` fires.
 async fn commit(
     js: &jetstream::Context,
     opts: &RunOptions,
     p: &Processor,
-    first: u64,
-    letters: &[DeadLetter],
-    rows: &[ViewRows],
+    out: &BatchOutput,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), RuntimeError> {
+    let first = out.first;
     let last = p.checkpoint.last_seq;
     let mut delay = Duration::from_millis(200);
     loop {
         let attempt: Result<(), RuntimeError> = async {
-            dlq::publish_all(js, &opts.source.stream, letters).await?;
-            for r in rows {
+            dlq::publish_all(js, &opts.source.stream, &out.letters).await?;
+            alerts::publish_all(js, &out.alerts).await?;
+            for r in &out.rows {
                 ViewDir::new(&opts.data_dir, r.view).write(
                     first,
                     last,
@@ -489,6 +610,12 @@ pub async fn run(
         &js,
         &opts.source.dlq_stream,
         &format!("{}.>", dlq::SUBJECT_PREFIX),
+    )
+    .await?;
+    js_source::ensure_output_stream(
+        &js,
+        alerts::STREAM,
+        &format!("{}.>", alerts::SUBJECT_PREFIX),
     )
     .await?;
     let (created, stream_last) =
@@ -634,17 +761,13 @@ pub async fn run(
             }
             let Some(last_msg) = last_msg else { continue };
             if p.checkpoint.last_seq > first_seq_before {
-                let rows = p.take_rows()?;
-                commit(
-                    &js,
-                    opts,
-                    &p,
-                    first_seq_before + 1,
-                    &letters,
-                    &rows,
-                    &mut stop,
-                )
-                .await?;
+                let out = BatchOutput {
+                    first: first_seq_before + 1,
+                    rows: p.take_rows()?,
+                    alerts: p.take_alerts(),
+                    letters: std::mem::take(&mut letters),
+                };
+                commit(&js, opts, &p, &out, &mut stop).await?;
                 summary.batches += 1;
             }
             // AckAll: acknowledges every message up to this one.

@@ -431,6 +431,17 @@ fn kill_9_at_any_instant_loses_nothing_and_doubles_nothing() {
         sql(&server, &clean, usage),
         "usage differs from a clean run"
     );
+    let overages = "SELECT * FROM overages ORDER BY tenant, period, metric";
+    let crashed_overages = sql(&server, &data, overages);
+    assert!(
+        crashed_overages.len() > 20,
+        "the generated SaaS has overage rows"
+    );
+    assert_eq!(
+        crashed_overages,
+        sql(&server, &clean, overages),
+        "overages differ from a clean run"
+    );
     let a = status_json(&server, &data)["status"]["counts"].clone();
     let b = status_json(&server, &clean)["status"]["counts"].clone();
     assert_eq!(a, b);
@@ -681,4 +692,76 @@ fn usage_view_golden() {
             "SELECT * FROM usage ORDER BY granularity, window_start"
         )
     );
+}
+
+/// The `overages` view end to end, and threshold alerts published once
+/// each to `tally.alerts.<tenant>`, also across a restart.
+#[test]
+fn overages_view_and_threshold_alerts() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let catalog = event(
+        "p1",
+        "_system",
+        "catalog.plan_published",
+        "2026-01-01T00:00:00Z",
+        r#"{"plan":"starter","currency":"USD","limits":{"api_calls":1000},"overage":{"api_calls":{"unit_price":100,"per":1000}}}"#,
+    );
+    let start = event(
+        "s1",
+        "acme",
+        "subscription.started",
+        "2026-01-01T00:00:00Z",
+        r#"{"subscription_id":"sub1","plan":"starter","billing_cycle":"monthly","price":4900,"currency":"USD"}"#,
+    );
+    let u = |id: &str, time: &str, q: &str| {
+        event(
+            id,
+            "acme",
+            "usage.recorded",
+            time,
+            &format!(r#"{{"metric":"api_calls","quantity":{q}}}"#),
+        )
+    };
+    publish_lines(
+        &server,
+        &data,
+        &[catalog, start, u("u1", "2026-01-05T00:00:00Z", "850")],
+    );
+    until_idle(&server, &data);
+    publish_lines(&server, &data, &[u("u2", "2026-01-06T00:00:00Z", "1150")]);
+    until_idle(&server, &data);
+    // A restart with nothing new publishes nothing again.
+    until_idle(&server, &data);
+
+    let rows = sql(
+        &server,
+        &data,
+        "SELECT tenant, period, metric, plan, used, included, overage_quantity, overage_amount, currency, pct_used, threshold, is_final FROM overages",
+    );
+    assert_eq!(
+        rows.iter().map(|r| r.join(",")).collect::<Vec<_>>(),
+        [
+            "acme,2026-01-01,api_calls,starter,2000.000000000,1000.000000000,1000.000000000,100,USD,200.0,100,false"
+        ]
+    );
+
+    rt().block_on(async {
+        let js = jetstream::new(async_nats::connect(&server.url).await.unwrap());
+        let mut alerts = js.get_stream("TALLY_ALERTS").await.unwrap();
+        assert_eq!(alerts.info().await.unwrap().state.messages, 3);
+        let mut thresholds = Vec::new();
+        for seq in 1..=3 {
+            let m = alerts.get_raw_message(seq).await.unwrap();
+            assert_eq!(m.subject.as_str(), "tally.alerts.acme");
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!(v["type"], "usage.threshold_crossed");
+            assert_eq!(v["data"]["period"], "2026-01-01");
+            assert_eq!(v["data"]["metric"], "api_calls");
+            assert_eq!(v["data"]["included"], "1000");
+            thresholds.push(v["data"]["threshold"].as_i64().unwrap());
+        }
+        assert_eq!(thresholds, [80, 90, 100]);
+    });
 }

@@ -16,7 +16,7 @@ pub use payload::{
     Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms,
 };
 pub use reason::{DlqReason, Reject};
-pub use validate::{Limits, validate_message, validate_payload};
+pub use validate::{Limits, payload_from_archive, validate_message, validate_payload};
 
 /// An accepted event, with its position in the stream.
 ///

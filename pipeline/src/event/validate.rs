@@ -491,6 +491,18 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
     })
 }
 
+/// The typed payload of an archived event (its `type` and `data` text, as
+/// stored in the `events` view), for rebuilding operator state.
+pub fn payload_from_archive(event_type: &str, data: Option<&str>) -> Result<Payload, Reject> {
+    if !payload::is_metric_type(event_type) {
+        return Ok(Payload::Other);
+    }
+    let text = data.ok_or_else(|| bad_data(format!("`{event_type}` requires a `data` object")))?;
+    let raw: &RawValue = serde_json::from_str(text)
+        .map_err(|e| bad_data(format!("archived `data` is not JSON: {e}")))?;
+    parse_data(event_type, raw)
+}
+
 fn field<'a>(raw: Option<&'a RawValue>, name: &str) -> Result<&'a RawValue, Reject> {
     raw.ok_or_else(|| bad_data(format!("`data.{name}` is required")))
 }

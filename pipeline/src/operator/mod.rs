@@ -10,7 +10,10 @@
 //! arrive; those write a new *version* of each changed row per batch, and
 //! the query layer shows the latest version per key.
 
+pub mod catalog;
 pub mod events;
+pub mod overages;
+pub mod subscription;
 pub mod usage;
 pub mod window;
 
@@ -74,6 +77,17 @@ pub trait Operator: Send {
     fn restore(&mut self, _rows: &RecordBatch) -> Result<(), OperatorError> {
         Ok(())
     }
+    /// Whether the state is rebuilt at start-up by re-applying the `events`
+    /// archive (then `restore` sees the stored rows afterwards).
+    fn rebuilds_from_archive(&self) -> bool {
+        false
+    }
+    /// Alerts decided by the last `take_rows`.
+    fn take_alerts(&mut self) -> Vec<overages::Alert> {
+        Vec::new()
+    }
+    /// Live runs publish alerts; restore and replay do not.
+    fn set_live(&mut self, _live: bool) {}
 }
 
 /// Every operator, in one explicit list.
@@ -81,5 +95,6 @@ pub fn registry(settings: &Settings) -> Vec<Box<dyn Operator>> {
     vec![
         Box::new(events::EventsArchive::new()),
         Box::new(usage::UsageOperator::new(&settings.granularities)),
+        Box::new(overages::OveragesOperator::new(settings.lateness_us)),
     ]
 }

@@ -1,0 +1,968 @@
+//! The `overages` view: usage against the plan, per billing period
+//! (calendar month, UTC), and the threshold alerts.
+//!
+//! One row per (`tenant`, `period`, `metric`) with at least one
+//! `usage.recorded` in the month. A row depends on the month's usage, the
+//! tenant's subscription fold (shared with the MRR views, see
+//! [`super::subscription`]) and the catalog, so each is kept whole and a
+//! row is recomputed when any of its inputs changes: a usage event marks
+//! its key, a subscription event its tenant, a catalog event every key.
+//! Changed rows are written as new versions, like `usage`.
+//!
+//! The state is rebuilt at start-up by re-folding the `events` archive
+//! (catalog, subscription and usage events), except which thresholds were
+//! already alerted, which is read back from the stored rows.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{
+    Array, ArrayRef, Date32Array, Date32Builder, Decimal128Builder, Float64Builder, Int32Array,
+    Int32Builder, Int64Builder, RecordBatch, StringArray, StringBuilder,
+    TimestampMicrosecondBuilder, UInt64Builder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+use super::catalog::Catalog;
+use super::subscription::{History, SubEvent};
+use super::usage::Agg;
+use super::window::month_bounds;
+use super::{Operator, OperatorError, Storage};
+use crate::event::decimal::{self, ONE, PRECISION, SCALE};
+use crate::event::time::{MICROS, format_micros};
+use crate::event::{Aggregation, Event, Payload};
+
+pub const VIEW: &str = "overages";
+const THRESHOLDS: [i32; 3] = [80, 90, 100];
+
+fn ts() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+fn dec() -> DataType {
+    DataType::Decimal128(PRECISION, SCALE as i8)
+}
+
+static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("tenant", DataType::Utf8, false),
+        Field::new("period", DataType::Date32, false),
+        Field::new("metric", DataType::Utf8, false),
+        Field::new("plan", DataType::Utf8, true),
+        Field::new("used", dec(), false),
+        Field::new("included", dec(), true),
+        Field::new("overage_quantity", dec(), false),
+        Field::new("overage_amount", DataType::Int64, true),
+        Field::new("currency", DataType::Utf8, true),
+        Field::new("pct_used", DataType::Float64, true),
+        Field::new("threshold", DataType::Int32, true),
+        // First instant of the next month: `is_final` = period_end + lateness <= stream clock.
+        Field::new("period_end", ts(), false),
+        // Bit set of the thresholds (80, 90, 100) already alerted: alerts happen once, across restarts.
+        Field::new("alerted", DataType::Int32, false),
+        Field::new("_seq", DataType::UInt64, false),
+    ]))
+});
+
+/// A computed row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub plan: Option<String>,
+    pub used: i128,
+    pub included: Option<i128>,
+    pub overage_quantity: i128,
+    pub overage_amount: Option<i64>,
+    pub currency: Option<String>,
+    pub pct_used: Option<f64>,
+    pub threshold: Option<i32>,
+}
+
+type Key = (Arc<str>, i64, Arc<str>);
+
+#[derive(Debug, Clone)]
+struct Month {
+    agg: Agg,
+    row: Option<Row>,
+    alerted: i32,
+}
+
+/// A `usage.threshold_crossed` alert to publish to `tally.alerts.<tenant>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    pub tenant: String,
+    /// `YYYY-MM-DD`, the first day of the period.
+    pub period: String,
+    pub metric: String,
+    pub threshold: i32,
+    pub used: String,
+    pub included: Option<String>,
+    /// The stream clock when it was decided (the alert's event time).
+    pub time: i64,
+}
+
+impl Alert {
+    /// The deterministic id, also its `Nats-Msg-Id`.
+    pub fn id(&self) -> String {
+        format!(
+            "threshold:{}:{}:{}:{}",
+            self.tenant, self.period, self.metric, self.threshold
+        )
+    }
+
+    /// The alert as a CloudEvent (JSON text).
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "specversion": "1.0",
+            "id": self.id(),
+            "source": "tally",
+            "type": "usage.threshold_crossed",
+            "time": format_micros(self.time),
+            "tenant": self.tenant,
+            "data": {
+                "period": self.period,
+                "metric": self.metric,
+                "threshold": self.threshold,
+                "used": self.used,
+                "included": self.included,
+            }
+        })
+        .to_string()
+    }
+}
+
+pub struct OveragesOperator {
+    lateness_us: i64,
+    catalog: Catalog,
+    subs: HashMap<Arc<str>, History>,
+    months: BTreeMap<Key, Month>,
+    dirty_keys: BTreeSet<Key>,
+    dirty_tenants: BTreeSet<Arc<str>>,
+    dirty_all: bool,
+    /// Largest accepted event time seen: the stream clock.
+    clock: Option<i64>,
+    /// Alerts are published only by a live run, never during restore or replay.
+    pub live: bool,
+    alerts: Vec<Alert>,
+    names: HashMap<String, Arc<str>>,
+}
+
+fn ceil_div(a: i128, b: i128) -> i128 {
+    if b <= 0 {
+        return 0;
+    }
+    a / b + i128::from(a % b != 0)
+}
+
+/// Days since the epoch as `YYYY-MM-DD`.
+fn date_text(start_us: i64) -> String {
+    format_micros(start_us)
+        .get(..10)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+impl OveragesOperator {
+    pub fn new(lateness_us: i64) -> OveragesOperator {
+        OveragesOperator {
+            lateness_us,
+            catalog: Catalog::default(),
+            subs: HashMap::new(),
+            months: BTreeMap::new(),
+            dirty_keys: BTreeSet::new(),
+            dirty_tenants: BTreeSet::new(),
+            dirty_all: false,
+            clock: None,
+            live: true,
+            alerts: Vec::new(),
+            names: HashMap::new(),
+        }
+    }
+
+    fn intern(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.names.get(s) {
+            return Arc::clone(a);
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.names.insert(s.to_owned(), Arc::clone(&a));
+        a
+    }
+
+    /// The row of (`tenant`, month starting `s`, `metric`) with usage `agg`.
+    pub fn compute(&self, tenant: &str, s: i64, metric: &str, agg: &Agg) -> Row {
+        let (_, e) = month_bounds(s);
+        let fold = self
+            .subs
+            .get(tenant)
+            .map(|h| h.fold_before(e))
+            .unwrap_or_default();
+        let plan = match (&fold.current, &fold.last_cancel) {
+            (Some(cur), _) => Some(cur.plan.clone()),
+            (None, Some((terms, at))) if *at >= s => Some(terms.plan.clone()),
+            _ => None,
+        };
+        let version = plan
+            .as_deref()
+            .and_then(|p| self.catalog.plan_version(p, e));
+        let used = match self.catalog.aggregation(metric) {
+            Aggregation::Sum => agg.sum,
+            Aggregation::Count => i128::from(agg.events).saturating_mul(ONE),
+            Aggregation::Max => agg.max,
+            Aggregation::Latest => agg.last,
+        };
+        let included = version.and_then(|v| v.limits.get(metric)).copied();
+        let overage_quantity = included.map_or(0, |inc| (used - inc).max(0));
+        let overage_amount = match version {
+            None => None,
+            Some(v) => match included {
+                None => Some(0),
+                Some(_) => v.overage.get(metric).map(|p| {
+                    let packages =
+                        ceil_div(overage_quantity, i128::from(p.per).saturating_mul(ONE));
+                    i64::try_from(packages.saturating_mul(i128::from(p.unit_price)))
+                        .unwrap_or(i64::MAX)
+                }),
+            },
+        };
+        let pct_used = included
+            .filter(|inc| *inc > 0)
+            .map(|inc| 100.0 * (used as f64) / (inc as f64));
+        // Exact integer comparisons: pct_used reaches t  <=>  used * 100 >= included * t.
+        let threshold = match included {
+            Some(0) if used > 0 => Some(100),
+            Some(inc) if inc > 0 => THRESHOLDS.iter().rev().copied().find(|t| {
+                match (used.checked_mul(100), inc.checked_mul(i128::from(*t))) {
+                    (Some(a), Some(b)) => a >= b,
+                    _ => pct_used.is_some_and(|p| p >= f64::from(*t)),
+                }
+            }),
+            _ => None,
+        };
+        Row {
+            plan,
+            used,
+            included,
+            overage_quantity,
+            overage_amount,
+            currency: version.map(|v| v.currency.clone()),
+            pct_used,
+            threshold,
+        }
+    }
+
+    /// Alerts decided since the last call.
+    pub fn take_alerts(&mut self) -> Vec<Alert> {
+        std::mem::take(&mut self.alerts)
+    }
+
+    fn recompute(&mut self) -> Vec<Key> {
+        let mut keys: BTreeSet<Key> = std::mem::take(&mut self.dirty_keys);
+        if self.dirty_all {
+            keys.extend(self.months.keys().cloned());
+        } else {
+            for t in std::mem::take(&mut self.dirty_tenants) {
+                let from = (Arc::clone(&t), i64::MIN, Arc::<str>::from(""));
+                keys.extend(
+                    self.months
+                        .range(from..)
+                        .take_while(|(k, _)| k.0 == t)
+                        .map(|(k, _)| k.clone()),
+                );
+            }
+        }
+        self.dirty_all = false;
+        self.dirty_tenants.clear();
+        let mut changed = Vec::new();
+        for key in keys {
+            let Some(month) = self.months.get(&key) else {
+                continue;
+            };
+            let row = self.compute(&key.0, key.1, &key.2, &month.agg);
+            if month.row.as_ref() == Some(&row) {
+                continue;
+            }
+            let (_, end) = month_bounds(key.1);
+            let open = self
+                .clock
+                .is_none_or(|c| end.saturating_add(self.lateness_us) > c);
+            let mut alerted = month.alerted;
+            for (bit, t) in THRESHOLDS.iter().enumerate() {
+                if row.threshold.is_some_and(|r| r >= *t) && alerted & (1 << bit) == 0 {
+                    alerted |= 1 << bit;
+                    if self.live && open {
+                        self.alerts.push(Alert {
+                            tenant: key.0.to_string(),
+                            period: date_text(key.1),
+                            metric: key.2.to_string(),
+                            threshold: *t,
+                            used: decimal::to_string(row.used),
+                            included: row.included.map(decimal::to_string),
+                            time: self.clock.unwrap_or(0),
+                        });
+                    }
+                }
+            }
+            if let Some(m) = self.months.get_mut(&key) {
+                m.row = Some(row);
+                m.alerted = alerted;
+            }
+            changed.push(key);
+        }
+        changed
+    }
+
+    fn rows(&self, keys: &[Key], seq: u64) -> Result<RecordBatch, OperatorError> {
+        let err = |source| OperatorError::Arrow { view: VIEW, source };
+        let dec = || Decimal128Builder::new().with_precision_and_scale(PRECISION, SCALE as i8);
+        let mut tenant = StringBuilder::new();
+        let mut period = Date32Builder::new();
+        let mut metric = StringBuilder::new();
+        let mut plan = StringBuilder::new();
+        let (mut used, mut included, mut oq) = (
+            dec().map_err(err)?,
+            dec().map_err(err)?,
+            dec().map_err(err)?,
+        );
+        let mut amount = Int64Builder::new();
+        let mut currency = StringBuilder::new();
+        let mut pct = Float64Builder::new();
+        let mut threshold = Int32Builder::new();
+        let mut period_end = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+        let mut alerted = Int32Builder::new();
+        let mut seqs = UInt64Builder::new();
+        for key in keys {
+            let Some(m) = self.months.get(key) else {
+                continue;
+            };
+            let Some(r) = &m.row else { continue };
+            tenant.append_value(&key.0);
+            period
+                .append_value(i32::try_from(key.1.div_euclid(86_400 * MICROS)).unwrap_or(i32::MAX));
+            metric.append_value(&key.2);
+            plan.append_option(r.plan.as_deref());
+            used.append_value(r.used);
+            included.append_option(r.included);
+            oq.append_value(r.overage_quantity);
+            amount.append_option(r.overage_amount);
+            currency.append_option(r.currency.as_deref());
+            pct.append_option(r.pct_used);
+            threshold.append_option(r.threshold);
+            period_end.append_value(month_bounds(key.1).1);
+            alerted.append_value(m.alerted);
+            seqs.append_value(seq);
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(tenant.finish()),
+            Arc::new(period.finish()),
+            Arc::new(metric.finish()),
+            Arc::new(plan.finish()),
+            Arc::new(used.finish()),
+            Arc::new(included.finish()),
+            Arc::new(oq.finish()),
+            Arc::new(amount.finish()),
+            Arc::new(currency.finish()),
+            Arc::new(pct.finish()),
+            Arc::new(threshold.finish()),
+            Arc::new(period_end.finish()),
+            Arc::new(alerted.finish()),
+            Arc::new(seqs.finish()),
+        ];
+        RecordBatch::try_new(Arc::clone(&SCHEMA), columns).map_err(err)
+    }
+}
+
+impl Operator for OveragesOperator {
+    fn view(&self) -> &'static str {
+        VIEW
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&SCHEMA)
+    }
+
+    fn storage(&self) -> Storage {
+        Storage::Versioned {
+            key: &["tenant", "period", "metric"],
+            columns: "tenant, period, metric, plan, used, included, overage_quantity, overage_amount, currency, pct_used, threshold",
+            final_column: Some("period_end"),
+        }
+    }
+
+    fn rebuilds_from_archive(&self) -> bool {
+        true
+    }
+
+    fn apply(&mut self, e: &Event) {
+        self.clock = Some(self.clock.map_or(e.time, |c| c.max(e.time)));
+        if self.catalog.apply(e) {
+            self.dirty_all = true;
+            return;
+        }
+        if let Some(sub) = SubEvent::from_event(e) {
+            let t = self.intern(&e.tenant);
+            self.subs.entry(Arc::clone(&t)).or_default().insert(sub);
+            self.dirty_tenants.insert(t);
+            return;
+        }
+        if let Payload::UsageRecorded { metric, quantity } = &e.payload {
+            let (s, _) = month_bounds(e.time);
+            let key = (self.intern(&e.tenant), s, self.intern(metric));
+            match self.months.get_mut(&key) {
+                Some(m) => m.agg.add(e, *quantity),
+                None => {
+                    self.months.insert(
+                        key.clone(),
+                        Month {
+                            agg: Agg::new(e, *quantity),
+                            row: None,
+                            alerted: 0,
+                        },
+                    );
+                }
+            }
+            self.dirty_keys.insert(key);
+        }
+    }
+
+    fn take_rows(&mut self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
+        let changed = self.recompute();
+        if changed.is_empty() {
+            return Ok(None);
+        }
+        self.rows(&changed, seq).map(Some)
+    }
+
+    fn take_alerts(&mut self) -> Vec<Alert> {
+        OveragesOperator::take_alerts(self)
+    }
+
+    fn set_live(&mut self, live: bool) {
+        self.live = live;
+    }
+
+    fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
+        let keys: Vec<Key> = self
+            .months
+            .iter()
+            .filter(|(_, m)| m.row.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.rows(&keys, seq).map(Some)
+    }
+
+    /// Stored rows give back only the alerted bits; everything else is
+    /// re-folded from the archive.
+    fn restore(&mut self, b: &RecordBatch) -> Result<(), OperatorError> {
+        let col = |name: &str| {
+            b.column_by_name(name)
+                .ok_or_else(|| OperatorError::Restore {
+                    view: VIEW,
+                    detail: format!("column {name} missing"),
+                })
+        };
+        let bad = |name: &str| OperatorError::Restore {
+            view: VIEW,
+            detail: format!("column {name} has the wrong type"),
+        };
+        let tenant = col("tenant")?
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| bad("tenant"))?;
+        let period = col("period")?
+            .as_any()
+            .downcast_ref::<Date32Array>()
+            .ok_or_else(|| bad("period"))?;
+        let metric = col("metric")?
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| bad("metric"))?;
+        let alerted = col("alerted")?
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .ok_or_else(|| bad("alerted"))?;
+        for i in 0..b.num_rows() {
+            let key = (
+                self.intern(tenant.value(i)),
+                i64::from(period.value(i)) * 86_400 * MICROS,
+                self.intern(metric.value(i)),
+            );
+            if let Some(m) = self.months.get_mut(&key) {
+                m.alerted |= alerted.value(i);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Limits, validate_message};
+
+    fn ev(id: &str, tenant: &str, ty: &str, time: &str, data: &str) -> Event {
+        let json = format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"s","type":"{ty}","time":"{time}","tenant":"{tenant}","data":{data}}}"#
+        );
+        validate_message(
+            json.as_bytes(),
+            &format!("tally.events.{tenant}.{ty}"),
+            "tally.events",
+            1,
+            i64::MAX / 2,
+            &Limits::default(),
+        )
+        .unwrap()
+    }
+
+    fn plan(id: &str, time: &str, plan: &str, limits: &str, overage: &str) -> Event {
+        ev(
+            id,
+            "_system",
+            "catalog.plan_published",
+            time,
+            &format!(
+                r#"{{"plan":"{plan}","currency":"USD","limits":{limits},"overage":{overage}}}"#
+            ),
+        )
+    }
+
+    fn start(id: &str, tenant: &str, time: &str, sub: &str, plan: &str) -> Event {
+        ev(
+            id,
+            tenant,
+            "subscription.started",
+            time,
+            &format!(
+                r#"{{"subscription_id":"{sub}","plan":"{plan}","billing_cycle":"monthly","price":1000,"currency":"USD"}}"#
+            ),
+        )
+    }
+
+    fn use_(id: &str, tenant: &str, time: &str, metric: &str, q: &str) -> Event {
+        ev(
+            id,
+            tenant,
+            "usage.recorded",
+            time,
+            &format!(r#"{{"metric":"{metric}","quantity":{q}}}"#),
+        )
+    }
+
+    /// Applies the events, and returns the rows by (tenant, month "YYYY-MM", metric).
+    fn run(events: &[Event]) -> (OveragesOperator, BTreeMap<(String, String, String), Row>) {
+        let mut op = OveragesOperator::new(300 * MICROS);
+        for e in events {
+            op.apply(e);
+        }
+        op.take_rows(1).unwrap();
+        let rows = op
+            .months
+            .iter()
+            .map(|(k, m)| {
+                (
+                    (
+                        k.0.to_string(),
+                        date_text(k.1)[..7].to_string(),
+                        k.2.to_string(),
+                    ),
+                    m.row.clone().unwrap(),
+                )
+            })
+            .collect();
+        (op, rows)
+    }
+
+    fn q(s: &str) -> i128 {
+        decimal::parse_decimal_string(s).unwrap()
+    }
+
+    fn base() -> Vec<Event> {
+        vec![
+            plan(
+                "p1",
+                "2025-12-01T00:00:00Z",
+                "starter",
+                r#"{"api_calls":1000,"storage_gb":"10.5","seats":5}"#,
+                r#"{"api_calls":{"unit_price":100,"per":1000}}"#,
+            ),
+            start("s1", "acme", "2026-01-01T00:00:00Z", "sub1", "starter"),
+        ]
+    }
+
+    #[test]
+    fn package_priced_overage_rounds_up_to_whole_packages() {
+        let mut e = base();
+        e.push(use_(
+            "u1",
+            "acme",
+            "2026-01-10T00:00:00Z",
+            "api_calls",
+            "1500",
+        ));
+        e.push(use_(
+            "u2",
+            "acme",
+            "2026-01-11T00:00:00Z",
+            "api_calls",
+            "\"0.5\"",
+        ));
+        let (_, rows) = run(&e);
+        let r = &rows[&("acme".into(), "2026-01".into(), "api_calls".into())];
+        assert_eq!(r.plan.as_deref(), Some("starter"));
+        assert_eq!(r.used, q("1500.5"));
+        assert_eq!(r.included, Some(q("1000")));
+        assert_eq!(r.overage_quantity, q("500.5"));
+        assert_eq!(
+            r.overage_amount,
+            Some(100),
+            "ceil(500.5 / 1000) = 1 package"
+        );
+        assert_eq!(r.currency.as_deref(), Some("USD"));
+        assert_eq!(r.pct_used, Some(150.05));
+        assert_eq!(r.threshold, Some(100));
+    }
+
+    #[test]
+    fn limit_without_overage_price_is_null_and_unlimited_is_zero() {
+        let mut e = base();
+        e.push(use_(
+            "u1",
+            "acme",
+            "2026-01-10T00:00:00Z",
+            "storage_gb",
+            "\"11\"",
+        ));
+        e.push(use_("u2", "acme", "2026-01-10T00:00:00Z", "reports", "3"));
+        let (_, rows) = run(&e);
+        let storage = &rows[&("acme".into(), "2026-01".into(), "storage_gb".into())];
+        assert_eq!(storage.overage_quantity, q("0.5"));
+        assert_eq!(storage.overage_amount, None, "a limit but no overage price");
+        let reports = &rows[&("acme".into(), "2026-01".into(), "reports".into())];
+        assert_eq!(
+            (
+                reports.included,
+                reports.overage_quantity,
+                reports.overage_amount
+            ),
+            (None, 0, Some(0))
+        );
+        assert_eq!((reports.pct_used, reports.threshold), (None, None));
+    }
+
+    #[test]
+    fn every_aggregation() {
+        let mut e = base();
+        for (i, (m, a)) in [
+            ("api_calls", "count"),
+            ("storage_gb", "max"),
+            ("seats", "latest"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            e.push(ev(
+                &format!("m{i}"),
+                "_system",
+                "catalog.meter_defined",
+                "2025-12-01T00:00:00Z",
+                &format!(r#"{{"metric":"{m}","aggregation":"{a}"}}"#),
+            ));
+        }
+        for (i, (t, v)) in [
+            ("2026-01-03T00:00:00Z", "4"),
+            ("2026-01-02T00:00:00Z", "9"),
+            ("2026-01-01T12:00:00Z", "2"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            for m in ["api_calls", "storage_gb", "seats", "reports"] {
+                e.push(use_(&format!("{m}{i}"), "acme", t, m, v));
+            }
+        }
+        let (_, rows) = run(&e);
+        let used = |m: &str| rows[&("acme".to_string(), "2026-01".to_string(), m.to_string())].used;
+        assert_eq!(used("api_calls"), q("3"), "count");
+        assert_eq!(used("storage_gb"), q("9"), "max");
+        assert_eq!(used("seats"), q("4"), "latest by time, not arrival");
+        assert_eq!(used("reports"), q("15"), "sum is the default");
+    }
+
+    #[test]
+    fn catalog_version_published_mid_stream_applies_from_its_period() {
+        let mut e = base();
+        e.push(use_(
+            "u1",
+            "acme",
+            "2026-01-10T00:00:00Z",
+            "api_calls",
+            "1500",
+        ));
+        e.push(use_(
+            "u2",
+            "acme",
+            "2026-02-10T00:00:00Z",
+            "api_calls",
+            "1500",
+        ));
+        e.push(plan(
+            "p2",
+            "2026-01-15T00:00:00Z",
+            "starter",
+            r#"{"api_calls":2000}"#,
+            "{}",
+        ));
+        let (_, rows) = run(&e);
+        // January ends after p2 was published: the latest version before the end applies.
+        assert_eq!(
+            rows[&("acme".into(), "2026-01".into(), "api_calls".into())].included,
+            Some(q("2000"))
+        );
+        assert_eq!(
+            rows[&("acme".into(), "2026-02".into(), "api_calls".into())].included,
+            Some(q("2000"))
+        );
+        // A version published only after the period ends does not apply to it.
+        let mut e2 = base();
+        e2.push(use_(
+            "u1",
+            "acme",
+            "2026-01-10T00:00:00Z",
+            "api_calls",
+            "1500",
+        ));
+        e2.push(plan(
+            "p2",
+            "2026-02-15T00:00:00Z",
+            "starter",
+            r#"{"api_calls":2000}"#,
+            "{}",
+        ));
+        let (_, rows) = run(&e2);
+        assert_eq!(
+            rows[&("acme".into(), "2026-01".into(), "api_calls".into())].included,
+            Some(q("1000"))
+        );
+    }
+
+    #[test]
+    fn cancelled_inside_the_period_still_bills_against_the_plan() {
+        let mut e = base();
+        e.push(use_(
+            "u1",
+            "acme",
+            "2026-01-10T00:00:00Z",
+            "api_calls",
+            "1200",
+        ));
+        e.push(ev(
+            "c1",
+            "acme",
+            "subscription.cancelled",
+            "2026-01-20T00:00:00Z",
+            r#"{"subscription_id":"sub1"}"#,
+        ));
+        e.push(use_(
+            "u2",
+            "acme",
+            "2026-02-10T00:00:00Z",
+            "api_calls",
+            "10",
+        ));
+        let (_, rows) = run(&e);
+        assert_eq!(
+            rows[&("acme".into(), "2026-01".into(), "api_calls".into())]
+                .plan
+                .as_deref(),
+            Some("starter")
+        );
+        let feb = &rows[&("acme".into(), "2026-02".into(), "api_calls".into())];
+        assert_eq!(
+            (
+                feb.plan.as_deref(),
+                feb.included,
+                feb.overage_amount,
+                feb.currency.as_deref()
+            ),
+            (None, None, None, None)
+        );
+    }
+
+    #[test]
+    fn unknown_plan_and_no_subscription_give_nulls() {
+        let mut e = base();
+        e.push(start(
+            "s2",
+            "beta",
+            "2026-01-01T00:00:00Z",
+            "sub2",
+            "mystery",
+        ));
+        e.push(use_("u1", "beta", "2026-01-10T00:00:00Z", "api_calls", "5"));
+        e.push(use_(
+            "u2",
+            "gamma",
+            "2026-01-10T00:00:00Z",
+            "api_calls",
+            "5",
+        ));
+        let (_, rows) = run(&e);
+        let beta = &rows[&("beta".into(), "2026-01".into(), "api_calls".into())];
+        assert_eq!(
+            (
+                beta.plan.as_deref(),
+                beta.included,
+                beta.overage_amount,
+                beta.currency.clone()
+            ),
+            (Some("mystery"), None, None, None)
+        );
+        let gamma = &rows[&("gamma".into(), "2026-01".into(), "api_calls".into())];
+        assert_eq!(
+            (
+                gamma.plan.clone(),
+                gamma.overage_quantity,
+                gamma.overage_amount
+            ),
+            (None, 0, None)
+        );
+    }
+
+    #[test]
+    fn zero_limit_counts_as_one_hundred_percent() {
+        let mut e = vec![plan(
+            "p1",
+            "2025-12-01T00:00:00Z",
+            "free",
+            r#"{"api_calls":0}"#,
+            "{}",
+        )];
+        e.push(start("s1", "acme", "2026-01-01T00:00:00Z", "sub1", "free"));
+        e.push(use_(
+            "u1",
+            "acme",
+            "2026-01-10T00:00:00Z",
+            "api_calls",
+            "\"0.000000001\"",
+        ));
+        let (_, rows) = run(&e);
+        let r = &rows[&("acme".into(), "2026-01".into(), "api_calls".into())];
+        assert_eq!((r.pct_used, r.threshold), (None, Some(100)));
+    }
+
+    #[test]
+    fn thresholds_alert_once_each_and_not_for_final_periods() {
+        let mut op = OveragesOperator::new(300 * MICROS);
+        for e in base() {
+            op.apply(&e);
+        }
+        op.apply(&use_(
+            "u1",
+            "acme",
+            "2026-01-10T00:00:00Z",
+            "api_calls",
+            "850",
+        ));
+        op.take_rows(1).unwrap();
+        assert_eq!(
+            op.take_alerts()
+                .iter()
+                .map(|a| a.threshold)
+                .collect::<Vec<_>>(),
+            vec![80]
+        );
+        // One batch crossing two thresholds gives two alerts.
+        op.apply(&use_(
+            "u2",
+            "acme",
+            "2026-01-11T00:00:00Z",
+            "api_calls",
+            "200",
+        ));
+        op.take_rows(2).unwrap();
+        let alerts = op.take_alerts();
+        assert_eq!(
+            alerts.iter().map(|a| a.threshold).collect::<Vec<_>>(),
+            vec![90, 100]
+        );
+        assert_eq!(alerts[1].id(), "threshold:acme:2026-01-01:api_calls:100");
+        assert!(alerts[1].to_json().contains(r#""used":"1050""#));
+        op.apply(&use_(
+            "u3",
+            "acme",
+            "2026-01-12T00:00:00Z",
+            "api_calls",
+            "1",
+        ));
+        op.take_rows(3).unwrap();
+        assert!(op.take_alerts().is_empty(), "each threshold once");
+        // A late event in a final period: no alert.
+        op.apply(&use_(
+            "u4",
+            "acme",
+            "2026-03-01T00:05:00Z",
+            "api_calls",
+            "1",
+        ));
+        op.apply(&use_(
+            "u5",
+            "acme",
+            "2026-02-10T00:00:00Z",
+            "api_calls",
+            "2000",
+        ));
+        op.take_rows(4).unwrap();
+        assert!(
+            op.take_alerts().is_empty(),
+            "February is final once the clock reaches March 1 + lateness"
+        );
+    }
+
+    #[test]
+    fn any_arrival_order_gives_the_same_rows() {
+        let mut e = base();
+        e.push(plan(
+            "p2",
+            "2026-02-15T00:00:00Z",
+            "starter",
+            r#"{"api_calls":2000}"#,
+            r#"{"api_calls":{"unit_price":7,"per":3}}"#,
+        ));
+        e.push(ev("pc", "acme", "subscription.plan_changed", "2026-02-01T00:00:00Z", r#"{"subscription_id":"sub1","plan":"pro","billing_cycle":"monthly","price":5000,"currency":"USD"}"#));
+        e.push(plan(
+            "p3",
+            "2025-12-01T00:00:00Z",
+            "pro",
+            r#"{"api_calls":10}"#,
+            r#"{"api_calls":{"unit_price":3,"per":1}}"#,
+        ));
+        e.push(ev(
+            "c1",
+            "acme",
+            "subscription.cancelled",
+            "2026-02-20T00:00:00Z",
+            r#"{"subscription_id":"sub1","effective_at":"2026-03-31T00:00:00Z"}"#,
+        ));
+        for i in 0..40 {
+            let t = format!("2026-{:02}-{:02}T00:00:00Z", 1 + i % 4, 1 + i % 28);
+            e.push(use_(
+                &format!("u{i}"),
+                ["acme", "beta"][i % 2],
+                &t,
+                ["api_calls", "seats"][i % 2],
+                &format!("\"{}.{}\"", i * 37, i),
+            ));
+        }
+        let (_, expected) = run(&e);
+        let mut seed = 7u64;
+        for _ in 0..20 {
+            let mut shuffled = e.clone();
+            for i in (1..shuffled.len()).rev() {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                shuffled.swap(i, (seed >> 33) as usize % (i + 1));
+            }
+            assert_eq!(run(&shuffled).1, expected);
+        }
+    }
+}
