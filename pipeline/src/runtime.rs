@@ -113,6 +113,8 @@ pub struct Processor {
     dedup: Dedup,
     operators: Vec<Box<dyn Operator>>,
     live: bool,
+    /// Rows written per versioned view since its last snapshot (compaction policy).
+    versions_written: std::collections::HashMap<&'static str, usize>,
     /// In-memory state of the checkpoint (counts, positions); saved by the shell.
     pub checkpoint: Checkpoint,
 }
@@ -125,6 +127,7 @@ impl Processor {
             dedup: Dedup::new(settings.dedup_horizon_us),
             operators: operator::registry(settings),
             live: true,
+            versions_written: std::collections::HashMap::new(),
             checkpoint,
         }
     }
@@ -187,6 +190,7 @@ impl Processor {
         let mut out = Vec::new();
         for op in &mut self.operators {
             if let Some(batch) = op.take_rows(seq)? {
+                *self.versions_written.entry(op.view()).or_insert(0) += batch.num_rows();
                 out.push(ViewRows {
                     view: op.view(),
                     schema: op.schema(),
@@ -257,7 +261,7 @@ impl Processor {
     /// Compacts every view's files once there are many small ones: appended
     /// views merge their files; versioned views write a snapshot of their
     /// state covering the whole prefix. Call only right after a checkpoint.
-    pub fn compact(&self, data_dir: &Path) -> Result<(), RuntimeError> {
+    pub fn compact(&mut self, data_dir: &Path) -> Result<(), RuntimeError> {
         let upto = self.checkpoint.last_seq;
         for op in &self.operators {
             let dir = ViewDir::new(data_dir, op.view());
@@ -269,10 +273,13 @@ impl Processor {
                     }
                 }
                 Storage::Versioned { .. } => {
-                    if dir.needs_compaction(upto)?
+                    let written = self.versions_written.get(op.view()).copied().unwrap_or(0);
+                    if written >= op.state_rows()
+                        && dir.needs_compaction(upto)?
                         && let Some(snapshot) = op.snapshot(upto)?
                     {
                         let replaced = dir.replace_with(upto, &op.schema(), &snapshot)?;
+                        self.versions_written.insert(op.view(), 0);
                         debug!(
                             view = op.view(),
                             replaced, "replaced view versions with a snapshot"

@@ -13,7 +13,7 @@
 //! (catalog, subscription and usage events), except which thresholds were
 //! already alerted, which is read back from the stored rows.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -25,7 +25,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use super::catalog::Catalog;
 use super::subscription::{History, SubEvent};
-use super::usage::Agg;
+use super::usage::{Agg, FixedState};
 use super::window::month_bounds;
 use super::{Operator, OperatorError, Storage};
 use crate::event::decimal::{self, ONE, PRECISION, SCALE};
@@ -134,8 +134,8 @@ pub struct OveragesOperator {
     lateness_us: i64,
     catalog: Catalog,
     subs: HashMap<Arc<str>, History>,
-    months: BTreeMap<Key, Month>,
-    dirty_keys: BTreeSet<Key>,
+    months: HashMap<Key, Month, FixedState>,
+    dirty_keys: HashSet<Key, FixedState>,
     dirty_tenants: BTreeSet<Arc<str>>,
     dirty_all: bool,
     /// Largest accepted event time seen: the stream clock.
@@ -143,7 +143,7 @@ pub struct OveragesOperator {
     /// Alerts are published only by a live run, never during restore or replay.
     pub live: bool,
     alerts: Vec<Alert>,
-    names: HashMap<String, Arc<str>>,
+    names: HashMap<String, Arc<str>, FixedState>,
 }
 
 fn ceil_div(a: i128, b: i128) -> i128 {
@@ -167,14 +167,14 @@ impl OveragesOperator {
             lateness_us,
             catalog: Catalog::default(),
             subs: HashMap::new(),
-            months: BTreeMap::new(),
-            dirty_keys: BTreeSet::new(),
+            months: HashMap::with_hasher(FixedState),
+            dirty_keys: HashSet::with_hasher(FixedState),
             dirty_tenants: BTreeSet::new(),
             dirty_all: false,
             clock: None,
             live: true,
             alerts: Vec::new(),
-            names: HashMap::new(),
+            names: HashMap::with_hasher(FixedState),
         }
     }
 
@@ -255,17 +255,17 @@ impl OveragesOperator {
     }
 
     fn recompute(&mut self) -> Vec<Key> {
-        let mut keys: BTreeSet<Key> = std::mem::take(&mut self.dirty_keys);
+        let mut keys: BTreeSet<Key> = self.dirty_keys.drain().collect();
         if self.dirty_all {
             keys.extend(self.months.keys().cloned());
         } else {
-            for t in std::mem::take(&mut self.dirty_tenants) {
-                let from = (Arc::clone(&t), i64::MIN, Arc::<str>::from(""));
+            let tenants = std::mem::take(&mut self.dirty_tenants);
+            if !tenants.is_empty() {
                 keys.extend(
                     self.months
-                        .range(from..)
-                        .take_while(|(k, _)| k.0 == t)
-                        .map(|(k, _)| k.clone()),
+                        .keys()
+                        .filter(|k| tenants.contains(&k.0))
+                        .cloned(),
                 );
             }
         }
@@ -439,13 +439,18 @@ impl Operator for OveragesOperator {
         self.live = live;
     }
 
+    fn state_rows(&self) -> usize {
+        self.months.len()
+    }
+
     fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
-        let keys: Vec<Key> = self
+        let mut keys: Vec<Key> = self
             .months
             .iter()
             .filter(|(_, m)| m.row.is_some())
             .map(|(k, _)| k.clone())
             .collect();
+        keys.sort();
         self.rows(&keys, seq).map(Some)
     }
 
@@ -497,6 +502,7 @@ impl Operator for OveragesOperator {
 mod tests {
     use super::*;
     use crate::event::{Limits, validate_message};
+    use std::collections::BTreeMap;
 
     fn ev(id: &str, tenant: &str, ty: &str, time: &str, data: &str) -> Event {
         let json = format!(

@@ -15,7 +15,7 @@
 //! over at most one compaction interval of versions; the state (one entry
 //! per window) lives in memory and is restored from the files at start.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -31,6 +31,18 @@ use crate::event::decimal::{PRECISION, SCALE};
 use crate::event::{Event, Payload};
 
 pub const VIEW: &str = "usage";
+
+/// A fast hasher with fixed seeds: the maps hold only our own keys, and
+/// fixed seeds keep runs identical.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FixedState;
+
+impl std::hash::BuildHasher for FixedState {
+    type Hasher = ahash::AHasher;
+    fn build_hasher(&self) -> ahash::AHasher {
+        ahash::RandomState::with_seeds(0x7a11, 0x5eed, 0xb111, 0x1e55).build_hasher()
+    }
+}
 
 fn ts() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
@@ -99,7 +111,12 @@ impl Agg {
             )
         {
             self.last = q;
-            self.last_key = (e.time, e.source.clone(), e.id.clone());
+            // Reuse the strings' buffers: this runs for almost every event.
+            self.last_key.0 = e.time;
+            self.last_key.1.clear();
+            self.last_key.1.push_str(&e.source);
+            self.last_key.2.clear();
+            self.last_key.2.push_str(&e.id);
         }
     }
 }
@@ -115,11 +132,11 @@ struct Key {
 /// The `usage` operator.
 pub struct UsageOperator {
     granularities: Vec<Granularity>,
-    windows: HashMap<Key, (i64, Agg)>,
-    /// Windows changed since the last `take_rows`, in key order for stable files.
-    dirty: BTreeSet<Key>,
+    windows: HashMap<Key, (i64, Agg), FixedState>,
+    /// Windows changed since the last `take_rows` (sorted when written).
+    dirty: HashSet<Key, FixedState>,
     /// Interned tenant and metric names.
-    names: HashMap<String, Arc<str>>,
+    names: HashMap<String, Arc<str>, FixedState>,
 }
 
 impl UsageOperator {
@@ -132,9 +149,9 @@ impl UsageOperator {
         g.dedup();
         UsageOperator {
             granularities: g,
-            windows: HashMap::new(),
-            dirty: BTreeSet::new(),
-            names: HashMap::new(),
+            windows: HashMap::with_hasher(FixedState),
+            dirty: HashSet::with_hasher(FixedState),
+            names: HashMap::with_hasher(FixedState),
         }
     }
 
@@ -265,7 +282,8 @@ impl Operator for UsageOperator {
         if self.dirty.is_empty() {
             return Ok(None);
         }
-        let dirty = std::mem::take(&mut self.dirty);
+        let mut dirty: Vec<Key> = self.dirty.drain().collect();
+        dirty.sort();
         self.rows(dirty.iter(), Some(seq)).map(Some)
     }
 
@@ -273,6 +291,10 @@ impl Operator for UsageOperator {
         let mut keys: Vec<&Key> = self.windows.keys().collect();
         keys.sort();
         self.rows(keys.into_iter(), Some(seq)).map(Some)
+    }
+
+    fn state_rows(&self) -> usize {
+        self.windows.len()
     }
 
     fn restore(&mut self, b: &RecordBatch) -> Result<(), OperatorError> {
