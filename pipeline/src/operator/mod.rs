@@ -36,6 +36,20 @@ pub enum OperatorError {
     Restore { view: &'static str, detail: String },
 }
 
+/// Arrow type of every timestamp column: µs, UTC.
+pub fn timestamp_type() -> arrow::datatypes::DataType {
+    arrow::datatypes::DataType::Timestamp(
+        arrow::datatypes::TimeUnit::Microsecond,
+        Some("UTC".into()),
+    )
+}
+
+/// Arrow type of every quantity column: Decimal128(38, 9).
+pub fn decimal_type() -> arrow::datatypes::DataType {
+    use crate::event::decimal::{PRECISION, SCALE};
+    arrow::datatypes::DataType::Decimal128(PRECISION, SCALE as i8)
+}
+
 /// How a view's rows are stored and read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Storage {

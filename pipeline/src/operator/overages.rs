@@ -21,7 +21,7 @@ use arrow::array::{
     Int32Builder, Int64Builder, RecordBatch, StringArray, StringBuilder,
     TimestampMicrosecondBuilder, UInt64Builder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::catalog::Catalog;
 use super::subscription::{History, SubEvent};
@@ -35,13 +35,7 @@ use crate::event::{Aggregation, Event, Payload};
 pub const VIEW: &str = "overages";
 const THRESHOLDS: [i32; 3] = [80, 90, 100];
 
-fn ts() -> DataType {
-    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
-}
-
-fn dec() -> DataType {
-    DataType::Decimal128(PRECISION, SCALE as i8)
-}
+use super::{decimal_type as dec, timestamp_type as ts};
 
 static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![

@@ -23,7 +23,7 @@ use arrow::array::{
     StringArray, StringBuilder, TimestampMicrosecondArray, TimestampMicrosecondBuilder,
     UInt64Builder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::window::Granularity;
 use super::{Operator, OperatorError, Storage};
@@ -44,13 +44,7 @@ impl std::hash::BuildHasher for FixedState {
     }
 }
 
-fn ts() -> DataType {
-    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
-}
-
-fn dec() -> DataType {
-    DataType::Decimal128(PRECISION, SCALE as i8)
-}
+use super::{decimal_type as dec, timestamp_type as ts};
 
 static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
