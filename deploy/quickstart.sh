@@ -20,10 +20,16 @@ port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); 
 "$NATS_SERVER_BIN" -c deploy/nats-server.conf -a 127.0.0.1 -p "$port" -sd "$work/jetstream" >"$work/nats-server.log" 2>&1 &
 nats_pid=$!
 trap 'kill "$nats_pid" 2>/dev/null || true' EXIT
+up=""
 for _ in $(seq 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then up=1; break; fi
   sleep 0.1
 done
+if [ -z "$up" ]; then
+  echo "ERROR: nats-server did not start on port $port; its log:" >&2
+  cat "$work/nats-server.log" >&2
+  exit 1
+fi
 
 export TALLY_NATS_URL="nats://127.0.0.1:$port"
 export TALLY_DATA_DIR="$work/data"
@@ -46,6 +52,14 @@ echo "== events per month and family"
                      count(*) FILTER (WHERE type LIKE 'auth.%' OR type LIKE 'org.%') AS auth_and_org,
                      count(*) AS all_events
               FROM events GROUP BY 1 ORDER BY 1"
+echo "== daily api_calls of the last days (usage view)"
+"$tally" sql "SELECT window_start AS day, count(DISTINCT tenant) AS tenants, sum(sum) AS api_calls
+              FROM usage WHERE granularity = 'day' AND metric = 'api_calls'
+              GROUP BY window_start ORDER BY window_start DESC LIMIT 5"
+echo "== tenants over their plan in the last month (overages view)"
+"$tally" sql "SELECT tenant, period, metric, plan, used, included, overage_amount, currency, threshold
+              FROM overages WHERE overage_quantity > 0 AND period = (SELECT max(period) FROM overages)
+              ORDER BY overage_amount DESC NULLS LAST, tenant LIMIT 8"
 echo "== busiest tenants"
 "$tally" sql "SELECT tenant, count(*) AS events, min(time) AS first_seen, max(time) AS last_seen
               FROM events WHERE tenant <> '_system' GROUP BY tenant ORDER BY events DESC, tenant LIMIT 5"
