@@ -11,8 +11,12 @@
 //!   point of the durability protocol; [`state::dedup`] the (source, id)
 //!   horizon.
 //! - [`operator`]: synchronous state machines, one file per view, that turn
-//!   accepted events into view rows.
-//! - [`sink`]: Parquet files, written to a temporary name and renamed.
+//!   accepted events into view rows: [`operator::events`] (the archive),
+//!   [`operator::usage`], [`operator::overages`]; with [`operator::window`]
+//!   (UTC tumbling windows), [`operator::catalog`] and
+//!   [`operator::subscription`] (the fold shared with the MRR views).
+//! - [`sink`]: Parquet files, written to a temporary name and renamed
+//!   ([`sink::parquet`]); threshold alerts to NATS ([`sink::alerts`]).
 //! - [`query`]: DataFusion over the views and `queries/*.sql`, read-only.
 //! - [`runtime`]: the thin async shell: fetch, process, make durable,
 //!   checkpoint, ack.
