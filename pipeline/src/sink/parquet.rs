@@ -24,6 +24,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 use crate::state::checkpoint::sync_dir;
 
@@ -325,9 +326,13 @@ pub fn write_parquet(
         source,
     };
     let file = File::create(&tmp).map_err(io)?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .build();
+    let mut props = WriterProperties::builder().set_compression(Compression::SNAPPY);
+    // Unique-per-row text gains nothing from a dictionary and costs an
+    // intern per value on the hot path.
+    for column in ["id", "data", "subject", "last_id"] {
+        props = props.set_column_dictionary_enabled(ColumnPath::from(column), false);
+    }
+    let props = props.build();
     let enc = |source| SinkError::Encode {
         path: tmp.clone(),
         source,
