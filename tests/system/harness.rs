@@ -166,6 +166,18 @@ pub fn event(id: &str, tenant: &str, event_type: &str, time: &str, data: &str) -
     )
 }
 
+/// A `usage.recorded` line for metric `api_calls`; `quantity` is JSON text
+/// (`12` or `"12.5"`).
+pub fn api_calls(id: &str, tenant: &str, time: &str, quantity: &str) -> String {
+    event(
+        id,
+        tenant,
+        "usage.recorded",
+        time,
+        &format!(r#"{{"metric":"api_calls","quantity":{quantity}}}"#),
+    )
+}
+
 /// `tally generate` output as a file.
 pub fn generated(dir: &Path, tenants: u32, months: u32, seed: u64) -> PathBuf {
     let path = dir.join(format!("gen-{tenants}-{months}-{seed}.jsonl"));

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
-use harness::{NatsServer, event, generated, run_expect, sql, sql_u64, tally};
+use harness::{NatsServer, api_calls, event, generated, run_expect, sql, sql_u64, tally};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -624,15 +624,7 @@ fn usage_view_golden() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let u = |id: &str, time: &str, q: &str| {
-        event(
-            id,
-            "acme",
-            "usage.recorded",
-            time,
-            &format!(r#"{{"metric":"api_calls","quantity":{q}}}"#),
-        )
-    };
+    let u = |id: &str, time: &str, q: &str| api_calls(id, "acme", time, q);
     publish_lines(
         &server,
         &data,
@@ -710,15 +702,7 @@ fn overages_view_and_threshold_alerts() {
         "2026-01-01T00:00:00Z",
         r#"{"subscription_id":"sub1","plan":"starter","billing_cycle":"monthly","price":4900,"currency":"USD"}"#,
     );
-    let u = |id: &str, time: &str, q: &str| {
-        event(
-            id,
-            "acme",
-            "usage.recorded",
-            time,
-            &format!(r#"{{"metric":"api_calls","quantity":{q}}}"#),
-        )
-    };
+    let u = |id: &str, time: &str, q: &str| api_calls(id, "acme", time, q);
     publish_lines(
         &server,
         &data,
