@@ -132,11 +132,6 @@ impl Processor {
         }
     }
 
-    /// Remembers an already-accepted event for dedup (start-up rebuild).
-    pub fn remember(&mut self, source: &str, id: &str, published_at: i64) {
-        self.dedup.insert(dedup::key(source, id), published_at);
-    }
-
     /// Processes one message. Returns the dead letter if it was rejected.
     /// Messages at or below the checkpoint are ignored (redeliveries).
     pub fn process(&mut self, m: Incoming<'_>) -> Option<DeadLetter> {
@@ -201,31 +196,38 @@ impl Processor {
         Ok(out)
     }
 
-    /// Restores the operators' state at start-up: operators that rebuild
-    /// from the archive re-apply it (silently), then every versioned view
-    /// folds its stored rows back.
+    /// Restores the state at start-up in one pass over the `events`
+    /// archive: the dedup horizon (the archive holds exactly the accepted
+    /// events, in the order they were inserted, so re-inserting them gives
+    /// the same horizon, evictions included) and the operators that rebuild
+    /// from the archive (silently). Then every versioned view folds its
+    /// stored rows back.
     pub fn restore(&mut self, data_dir: &Path) -> Result<(), RuntimeError> {
         let rebuild: Vec<usize> = (0..self.operators.len())
             .filter(|i| self.operators[*i].rebuilds_from_archive())
             .collect();
-        if !rebuild.is_empty() {
-            for i in &rebuild {
-                self.operators[*i].set_live(false);
-            }
-            let mut replayed = 0u64;
-            for_each_archived(data_dir, |event| {
-                for i in &rebuild {
-                    self.operators[*i].apply(event);
-                }
-                replayed += 1;
-            })?;
-            for i in &rebuild {
-                let op = &mut self.operators[*i];
-                op.take_rows(0)?;
-                op.take_alerts();
-            }
-            debug!(replayed, "operator state re-folded from the events archive");
+        for i in &rebuild {
+            self.operators[*i].set_live(false);
         }
+        let mut replayed = 0u64;
+        for_each_archived(data_dir, |event| {
+            self.dedup
+                .insert(dedup::key(&event.source, &event.id), event.published_at);
+            for i in &rebuild {
+                self.operators[*i].apply(event);
+            }
+            replayed += 1;
+        })?;
+        for i in &rebuild {
+            let op = &mut self.operators[*i];
+            op.take_rows(0)?;
+            op.take_alerts();
+        }
+        debug!(
+            replayed,
+            dedup_entries = self.dedup.len(),
+            "state re-folded from the events archive"
+        );
         for op in &mut self.operators {
             if op.storage() == Storage::Append {
                 continue;
@@ -296,10 +298,6 @@ impl Processor {
             .iter()
             .map(|o| (o.view(), o.schema()))
             .collect()
-    }
-
-    pub fn dedup_len(&self) -> usize {
-        self.dedup.len()
     }
 }
 
@@ -408,7 +406,6 @@ pub fn open_state(
             );
         }
     }
-    rebuild_dedup(data_dir, settings, &mut processor)?;
     processor.restore(data_dir)?;
     Ok(processor)
 }
@@ -474,48 +471,6 @@ pub fn for_each_archived(data_dir: &Path, mut f: impl FnMut(&Event)) -> Result<(
             }
         }
     }
-    Ok(())
-}
-
-/// Re-reads (source, id, published_at) of the archived events inside the
-/// dedup horizon.
-fn rebuild_dedup(
-    data_dir: &Path,
-    settings: &Settings,
-    p: &mut Processor,
-) -> Result<(), RuntimeError> {
-    let Some(now) = p.checkpoint.stream_now_us else {
-        return Ok(());
-    };
-    let cutoff = now.saturating_sub(settings.dedup_horizon_us);
-    let dir = ViewDir::new(data_dir, operator::events::VIEW);
-    for file in dir.files()? {
-        for batch in read_parquet(&file.path)? {
-            let col = |name: &str| batch.column_by_name(name).cloned();
-            let (Some(src), Some(ids), Some(pubs)) =
-                (col("source"), col("id"), col("published_at"))
-            else {
-                continue;
-            };
-            let (Some(src), Some(ids), Some(pubs)) = (
-                src.as_any().downcast_ref::<StringArray>(),
-                ids.as_any().downcast_ref::<StringArray>(),
-                pubs.as_any().downcast_ref::<TimestampMicrosecondArray>(),
-            ) else {
-                continue;
-            };
-            for i in 0..batch.num_rows() {
-                let t = pubs.value(i);
-                if t >= cutoff && !pubs.is_null(i) {
-                    p.remember(src.value(i), ids.value(i), t);
-                }
-            }
-        }
-    }
-    debug!(
-        entries = p.dedup_len(),
-        "dedup horizon rebuilt from the events archive"
-    );
     Ok(())
 }
 
