@@ -21,6 +21,11 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A JetStream context on the test's server.
+async fn js(server: &NatsServer) -> jetstream::Context {
+    jetstream::new(async_nats::connect(&server.url).await.unwrap())
+}
+
 fn status_json(server: &NatsServer, data: &std::path::Path) -> serde_json::Value {
     let mut c = tally(server, data);
     c.args(["status", "--json"]);
@@ -131,13 +136,7 @@ fn every_bad_message_is_dead_lettered_with_its_reason() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let good = event(
-        "g1",
-        "acme",
-        "usage.recorded",
-        "2025-01-01T00:00:00Z",
-        r#"{"metric":"api_calls","quantity":1}"#,
-    );
+    let good = api_calls("g1", "acme", "2025-01-01T00:00:00Z", "1");
     let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(300 * 1024));
     let cases: Vec<(&str, String, String)> = vec![
         ("too_large", "tally.events.acme.usage.recorded".into(), big),
@@ -186,7 +185,7 @@ fn every_bad_message_is_dead_lettered_with_its_reason() {
         ),
     ];
     rt().block_on(async {
-        let js = jetstream::new(async_nats::connect(&server.url).await.unwrap());
+        let js = js(&server).await;
         js.create_stream(stream::Config {
             name: "TALLY_EVENTS".into(),
             subjects: vec!["tally.events.>".into()],
@@ -218,7 +217,7 @@ fn every_bad_message_is_dead_lettered_with_its_reason() {
         );
     }
     rt().block_on(async {
-        let js = jetstream::new(async_nats::connect(&server.url).await.unwrap());
+        let js = js(&server).await;
         let dlq = js.get_stream("TALLY_DLQ").await.unwrap();
         for (i, (reason, subject, payload)) in cases.iter().enumerate() {
             let m = dlq.get_raw_message(i as u64 + 1).await.unwrap();
@@ -247,13 +246,7 @@ fn every_bad_message_is_dead_lettered_with_its_reason() {
         .stdin(Stdio::piped())
         .stdout(Stdio::null());
     let mut child = p.spawn().unwrap();
-    let later = event(
-        "g2",
-        "acme",
-        "usage.recorded",
-        "2025-01-02T00:00:00Z",
-        r#"{"metric":"api_calls","quantity":"2.5"}"#,
-    );
+    let later = api_calls("g2", "acme", "2025-01-02T00:00:00Z", r#""2.5""#);
     child
         .stdin
         .take()
@@ -270,23 +263,11 @@ fn duplicates_inside_and_beyond_the_jetstream_window_count_once() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let e1 = event(
-        "e1",
-        "acme",
-        "usage.recorded",
-        "2025-01-01T00:00:00Z",
-        r#"{"metric":"api_calls","quantity":1}"#,
-    );
-    let e2 = event(
-        "e2",
-        "acme",
-        "usage.recorded",
-        "2025-01-01T00:00:01Z",
-        r#"{"metric":"api_calls","quantity":1}"#,
-    );
+    let e1 = api_calls("e1", "acme", "2025-01-01T00:00:00Z", "1");
+    let e2 = api_calls("e2", "acme", "2025-01-01T00:00:01Z", "1");
     let msg_id = tally::event::nats_msg_id("test", "e1");
     rt().block_on(async {
-        let js = jetstream::new(async_nats::connect(&server.url).await.unwrap());
+        let js = js(&server).await;
         // A short JetStream duplicate window, so "beyond the window" is quick to reach.
         js.create_stream(stream::Config {
             name: "TALLY_EVENTS".into(),
@@ -345,7 +326,7 @@ fn duplicates_inside_and_beyond_the_jetstream_window_count_once() {
 
     // A later copy, seen by a new process: the horizon is rebuilt from the archive.
     rt().block_on(async {
-        let js = jetstream::new(async_nats::connect(&server.url).await.unwrap());
+        let js = js(&server).await;
         js.publish("tally.events.acme.usage.recorded", e1.clone().into())
             .await
             .unwrap()
@@ -727,7 +708,7 @@ fn overages_view_and_threshold_alerts() {
     );
 
     rt().block_on(async {
-        let js = jetstream::new(async_nats::connect(&server.url).await.unwrap());
+        let js = js(&server).await;
         let mut alerts = js.get_stream("TALLY_ALERTS").await.unwrap();
         assert_eq!(alerts.info().await.unwrap().state.messages, 3);
         let mut thresholds = Vec::new();
