@@ -12,8 +12,11 @@
 
 pub mod catalog;
 pub mod events;
+pub mod mrr;
 pub mod overages;
+pub mod revenue;
 pub mod subscription;
+pub mod tenants;
 pub mod usage;
 pub mod window;
 
@@ -58,11 +61,15 @@ pub enum Storage {
     /// Rows are keyed and change: each file holds new versions stamped
     /// `_seq`; the view `<name>` is the latest version per `key` over the
     /// stored table `_<name>_versions`, with the public `columns` and, when
-    /// `final_column` is set, `is_final` = `final_column + lateness <= stream clock`.
+    /// `final_column` is set, `is_final` = `final_column + lateness <= stream clock`;
+    /// latest versions marked by `deleted_column` are hidden.
     Versioned {
         key: &'static [&'static str],
         columns: &'static str,
         final_column: Option<&'static str>,
+        /// A Boolean column marking tombstones: a latest version with it
+        /// set means the row no longer exists.
+        deleted_column: Option<&'static str>,
     },
 }
 
@@ -116,5 +123,8 @@ pub fn registry(settings: &Settings) -> Vec<Box<dyn Operator>> {
         Box::new(events::EventsArchive::new()),
         Box::new(usage::UsageOperator::new(&settings.granularities)),
         Box::new(overages::OveragesOperator::new(settings.lateness_us)),
+        Box::new(mrr::MrrOperator::new()),
+        Box::new(revenue::RevenueOperator::new()),
+        Box::new(tenants::TenantsOperator::new()),
     ]
 }

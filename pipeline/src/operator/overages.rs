@@ -378,6 +378,7 @@ impl Operator for OveragesOperator {
             key: &["tenant", "period", "metric"],
             columns: "tenant, period, metric, plan, used, included, overage_quantity, overage_amount, currency, pct_used, threshold",
             final_column: Some("period_end"),
+            deleted_column: None,
         }
     }
 

@@ -8,7 +8,7 @@
 //! the terms it had and when. The whole history is kept, sorted, so an event
 //! that arrives late or out of order gives the same fold as in-order arrival.
 
-use crate::event::{Event, Payload, SubscriptionTerms};
+use crate::event::{BillingCycle, Event, Payload, SubscriptionTerms};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -88,8 +88,66 @@ impl History {
 
     /// Folds the events effective strictly before `t`.
     pub fn fold_before(&self, t: i64) -> FoldState {
-        let mut s = FoldState::default();
-        for e in self.events.iter().take_while(|e| e.effective < t) {
+        let mut c = self.cursor();
+        c.advance_to(t);
+        c.state
+    }
+
+    /// A fold that moves forward in time: walking N instants in order costs
+    /// one pass over the history, not N.
+    pub fn cursor(&self) -> Cursor<'_> {
+        Cursor {
+            events: &self.events,
+            pos: 0,
+            state: FoldState::default(),
+        }
+    }
+
+    /// Effective time of the first `started`: MRR is 0 before it.
+    pub fn first_start(&self) -> Option<i64> {
+        self.events
+            .iter()
+            .find(|e| matches!(e.change, Change::Started(_)))
+            .map(|e| e.effective)
+    }
+
+    /// Currencies any subscription of this history was priced in.
+    pub fn currencies(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self
+            .events
+            .iter()
+            .filter_map(|e| match &e.change {
+                Change::Started(t) | Change::PlanChanged(t) => Some(t.currency.as_str()),
+                Change::Cancelled { .. } => None,
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The first effective time strictly after `t`, if any.
+    pub fn next_effective_after(&self, t: i64) -> Option<i64> {
+        let i = self.events.partition_point(|e| e.effective <= t);
+        self.events.get(i).map(|e| e.effective)
+    }
+}
+
+/// An incremental fold over a [`History`]; see [`History::cursor`].
+pub struct Cursor<'a> {
+    events: &'a [SubEvent],
+    pos: usize,
+    pub state: FoldState,
+}
+
+impl Cursor<'_> {
+    /// Applies the events effective strictly before `t` not applied yet.
+    pub fn advance_to(&mut self, t: i64) -> &FoldState {
+        let s = &mut self.state;
+        while let Some(e) = self.events.get(self.pos)
+            && e.effective < t
+        {
+            self.pos += 1;
             s.any = true;
             match &e.change {
                 Change::Started(terms) => s.current = Some(terms.clone()),
@@ -113,14 +171,43 @@ impl History {
                 }
             }
         }
-        s
+        &self.state
+    }
+}
+
+/// A price per billing cycle normalised to a month, in minor units:
+/// yearly prices are divided by 12 and rounded half away from zero.
+pub fn monthly(terms: &SubscriptionTerms) -> i64 {
+    match terms.billing_cycle {
+        BillingCycle::Monthly => terms.price,
+        BillingCycle::Yearly => {
+            let (q, r) = (terms.price / 12, terms.price % 12);
+            if r.abs() * 2 >= 12 {
+                q + terms.price.signum()
+            } else {
+                q
+            }
+        }
+    }
+}
+
+impl FoldState {
+    /// MRR at the instant `t` this state was folded to, in `currency`:
+    /// the current subscription's monthly price if it is in that currency
+    /// and its trial (if any) ended before `t`; else 0.
+    pub fn mrr_at(&self, t: i64, currency: &str) -> i64 {
+        match &self.current {
+            Some(c) if c.currency == currency && c.trial_ends_at.is_none_or(|end| end < t) => {
+                monthly(c)
+            }
+            _ => 0,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::BillingCycle;
 
     fn terms(id: &str, plan: &str) -> SubscriptionTerms {
         SubscriptionTerms {
@@ -185,5 +272,41 @@ mod tests {
         let s = h.fold_before(50);
         assert_eq!(s.current.unwrap().plan, "pro");
         assert_eq!(s.last_cancel, None);
+    }
+
+    #[test]
+    fn yearly_prices_round_half_away_from_zero() {
+        let y = |price| {
+            monthly(&SubscriptionTerms {
+                billing_cycle: BillingCycle::Yearly,
+                price,
+                ..terms("s", "p")
+            })
+        };
+        assert_eq!(y(1206), 101); // 100.5
+        assert_eq!(y(1194), 100); // 99.5
+        assert_eq!(y(1205), 100); // 100.41..
+        assert_eq!(y(1211), 101); // 100.91..
+        assert_eq!(y(12), 1);
+        assert_eq!(y(6), 1); // 0.5
+        assert_eq!(y(5), 0);
+    }
+
+    #[test]
+    fn trials_are_worth_nothing_until_they_end() {
+        let mut h = History::default();
+        let mut t = terms("sub1", "pro");
+        t.trial_ends_at = Some(100);
+        h.insert(ev(10, "a", Change::Started(t)));
+        h.insert(ev(50, "b", Change::PlanChanged(terms("sub1", "max"))));
+        assert_eq!(h.fold_before(100).mrr_at(100, "USD"), 0);
+        assert_eq!(h.fold_before(101).mrr_at(101, "USD"), 100);
+        assert_eq!(h.fold_before(101).mrr_at(101, "EUR"), 0);
+        let mut c = h.cursor();
+        assert_eq!(c.advance_to(20).mrr_at(20, "USD"), 0);
+        assert_eq!(c.advance_to(200).mrr_at(200, "USD"), 100);
+        assert_eq!(h.first_start(), Some(10));
+        assert_eq!(h.next_effective_after(10), Some(50));
+        assert_eq!(h.next_effective_after(50), None);
     }
 }

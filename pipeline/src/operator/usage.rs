@@ -243,6 +243,7 @@ impl Operator for UsageOperator {
             key: &["tenant", "metric", "granularity", "window_start"],
             columns: "tenant, metric, granularity, window_start, window_end, events, sum, min, max, last",
             final_column: Some("window_end"),
+            deleted_column: None,
         }
     }
 

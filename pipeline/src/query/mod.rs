@@ -80,16 +80,20 @@ pub async fn open_session(
                 key,
                 columns,
                 final_column,
+                deleted_column,
             } => {
                 let stored = format!("_{view}_versions");
                 register_files(&ctx, data_dir, view, &stored, op.schema())?;
                 let is_final = final_column
                     .map(|c| format!(", COALESCE({c} <= (SELECT final_before FROM {CLOCK_TABLE}), false) AS is_final"))
                     .unwrap_or_default();
+                let deleted = deleted_column
+                    .map(|c| format!(" AND NOT {c}"))
+                    .unwrap_or_default();
                 let sql = format!(
                     "CREATE VIEW {view} AS SELECT {columns}{is_final} FROM \
                      (SELECT *, row_number() OVER (PARTITION BY {} ORDER BY _seq DESC) AS _tally_rn FROM {stored}) \
-                     WHERE _tally_rn = 1",
+                     WHERE _tally_rn = 1{deleted}",
                     key.join(", ")
                 );
                 ctx.sql(&sql).await.map_err(|source| QueryError::Register {

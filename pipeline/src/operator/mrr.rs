@@ -1,0 +1,588 @@
+//! The `mrr` view: monthly recurring revenue and its movements.
+//!
+//! One row per (`month`, `tenant`, `currency`) where MRR at the month's
+//! start or end is positive, for every month from the tenant's first
+//! `subscription.started` up to the month holding the stream clock (a
+//! steady payer has a `flat` row every month, with or without events).
+//!
+//! State is the per-tenant subscription history (the fold shared with
+//! `overages`, [`super::subscription`]) and the rows last written for the
+//! tenant. A tenant is recomputed whole — one forward pass over its months
+//! with an incremental fold — when a subscription event of it arrives (late
+//! or out of order events included, so arrival order never matters) and,
+//! when the stream clock enters a new month, if it can still have MRR.
+//! Only rows that differ from the last written ones are written, as new
+//! versions; a row that no longer exists (a late cancellation took its MRR
+//! away) is written as a tombstone (`_deleted`), which the query layer
+//! hides. The state is re-folded from the `events` archive at start-up.
+//!
+//! Cost: a recompute is O(months + subscription events) of one tenant, and
+//! each new month recomputes every tenant that still has a subscription.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Date32Builder, Int64Builder, RecordBatch, StringBuilder,
+    UInt64Builder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+
+use super::subscription::{History, SubEvent};
+use super::usage::FixedState;
+use super::window::{month_bounds, month_date32};
+use super::{Operator, OperatorError, Storage};
+use crate::event::Event;
+
+pub const VIEW: &str = "mrr";
+
+static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("month", DataType::Date32, false),
+        Field::new("tenant", DataType::Utf8, false),
+        Field::new("currency", DataType::Utf8, false),
+        Field::new("mrr_start", DataType::Int64, false),
+        Field::new("mrr_end", DataType::Int64, false),
+        Field::new("new_mrr", DataType::Int64, false),
+        Field::new("expansion_mrr", DataType::Int64, false),
+        Field::new("contraction_mrr", DataType::Int64, false),
+        Field::new("churned_mrr", DataType::Int64, false),
+        Field::new("reactivation_mrr", DataType::Int64, false),
+        Field::new("movement", DataType::Utf8, false),
+        // A row that stopped existing (both ends became 0): hidden by the view.
+        Field::new("_deleted", DataType::Boolean, false),
+        Field::new("_seq", DataType::UInt64, false),
+    ]))
+});
+
+/// The movement of one month, per the table in metrics.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Movement {
+    New,
+    Reactivation,
+    Churn,
+    Expansion,
+    Contraction,
+    Flat,
+}
+
+impl Movement {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Movement::New => "new",
+            Movement::Reactivation => "reactivation",
+            Movement::Churn => "churn",
+            Movement::Expansion => "expansion",
+            Movement::Contraction => "contraction",
+            Movement::Flat => "flat",
+        }
+    }
+
+    /// The movement from `start` to `end` (not both 0); `seen_before`:
+    /// the tenant had a positive month end in this currency earlier.
+    pub fn of(start: i64, end: i64, seen_before: bool) -> Movement {
+        match (start, end) {
+            (0, _) if seen_before => Movement::Reactivation,
+            (0, _) => Movement::New,
+            (_, 0) => Movement::Churn,
+            (s, e) if e > s => Movement::Expansion,
+            (s, e) if e < s => Movement::Contraction,
+            _ => Movement::Flat,
+        }
+    }
+}
+
+/// One computed row; the amount columns follow from `start`, `end` and `movement`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    /// First instant of the month, µs.
+    pub month: i64,
+    /// Index into the operator's currency table (rows are many, currencies few).
+    pub currency: u16,
+    pub start: i64,
+    pub end: i64,
+    pub movement: Movement,
+}
+
+impl Row {
+    /// (`new`, `expansion`, `contraction`, `churned`, `reactivation`).
+    pub fn amounts(&self) -> [i64; 5] {
+        let (s, e) = (self.start, self.end);
+        match self.movement {
+            Movement::New => [e, 0, 0, 0, 0],
+            Movement::Expansion => [0, e - s, 0, 0, 0],
+            Movement::Contraction => [0, 0, s - e, 0, 0],
+            Movement::Churn => [0, 0, 0, s, 0],
+            Movement::Reactivation => [0, 0, 0, 0, e],
+            Movement::Flat => [0; 5],
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tenant {
+    history: History,
+    /// The rows last written, sorted by (month, currency).
+    rows: Vec<Row>,
+    /// Whether months after the clock's may still have MRR (a subscription
+    /// is current after every event, or an event is effective later).
+    open: bool,
+}
+
+pub struct MrrOperator {
+    tenants: HashMap<Arc<str>, Tenant, FixedState>,
+    dirty: HashSet<Arc<str>, FixedState>,
+    currencies: Vec<Arc<str>>,
+    /// Largest accepted event time: the stream clock.
+    clock: Option<i64>,
+    /// Start of the clock's month as of the last `take_rows`.
+    clock_month: Option<i64>,
+}
+
+impl Default for MrrOperator {
+    fn default() -> Self {
+        MrrOperator::new()
+    }
+}
+
+impl MrrOperator {
+    pub fn new() -> MrrOperator {
+        MrrOperator {
+            tenants: HashMap::with_hasher(FixedState),
+            dirty: HashSet::with_hasher(FixedState),
+            currencies: Vec::new(),
+            clock: None,
+            clock_month: None,
+        }
+    }
+
+    fn currency_index(&mut self, c: &str) -> u16 {
+        if let Some(i) = self.currencies.iter().position(|x| &**x == c) {
+            return u16::try_from(i).unwrap_or(u16::MAX);
+        }
+        self.currencies.push(Arc::from(c));
+        u16::try_from(self.currencies.len() - 1).unwrap_or(u16::MAX)
+    }
+
+    /// Every row of `history` up to the month starting `clock_month`, and
+    /// whether later months may still have rows.
+    fn compute(&mut self, history: &History, clock_month: i64) -> (Vec<Row>, bool) {
+        let mut rows = Vec::new();
+        let Some(first) = history.first_start() else {
+            return (rows, false);
+        };
+        let currencies: Vec<(u16, String)> = history
+            .currencies()
+            .into_iter()
+            .map(|c| c.to_owned())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|c| (self.currency_index(&c), c))
+            .collect();
+        let mut seen = vec![false; currencies.len()];
+        let mut cursor = history.cursor();
+        let (mut s, _) = month_bounds(first);
+        let mut at_start: Vec<i64> = vec![0; currencies.len()];
+        while s <= clock_month {
+            let (_, e) = month_bounds(s);
+            let state = cursor.advance_to(e);
+            for (i, (idx, c)) in currencies.iter().enumerate() {
+                let start = at_start[i];
+                let end = state.mrr_at(e, c);
+                at_start[i] = end;
+                if start > 0 || end > 0 {
+                    rows.push(Row {
+                        month: s,
+                        currency: *idx,
+                        start,
+                        end,
+                        movement: Movement::of(start, end, seen[i]),
+                    });
+                }
+                seen[i] |= end > 0;
+            }
+            s = e;
+        }
+        rows.sort_by_key(|r| (r.month, r.currency));
+        let (_, clock_month_end) = month_bounds(clock_month);
+        let open = cursor.advance_to(i64::MAX).current.is_some()
+            || history.next_effective_after(clock_month_end - 1).is_some();
+        (rows, open)
+    }
+
+    /// Recomputes the dirty tenants: (tenant, row, deleted) to write.
+    fn recompute(&mut self) -> Vec<(Arc<str>, Row, bool)> {
+        let Some(clock) = self.clock else {
+            return Vec::new();
+        };
+        let (clock_month, _) = month_bounds(clock);
+        if self.clock_month != Some(clock_month) {
+            // A new month: every tenant that may still pay gets its rows.
+            self.clock_month = Some(clock_month);
+            let open: Vec<Arc<str>> = self
+                .tenants
+                .iter()
+                .filter(|(_, t)| t.open)
+                .map(|(k, _)| Arc::clone(k))
+                .collect();
+            self.dirty.extend(open);
+        }
+        let mut dirty: Vec<Arc<str>> = self.dirty.drain().collect();
+        dirty.sort_unstable();
+        let mut out = Vec::new();
+        for name in dirty {
+            let Some(mut tenant) = self.tenants.remove(&name) else {
+                continue;
+            };
+            let (rows, open) = self.compute(&tenant.history, clock_month);
+            diff(&tenant.rows, &rows, |row, deleted| {
+                out.push((Arc::clone(&name), row, deleted));
+            });
+            tenant.rows = rows;
+            tenant.open = open;
+            self.tenants.insert(name, tenant);
+        }
+        out
+    }
+
+    fn batch(
+        &self,
+        rows: &[(Arc<str>, Row, bool)],
+        seq: u64,
+    ) -> Result<RecordBatch, OperatorError> {
+        let mut month = Date32Builder::with_capacity(rows.len());
+        let mut tenant = StringBuilder::new();
+        let mut currency = StringBuilder::new();
+        let mut amounts: Vec<Int64Builder> = (0..7)
+            .map(|_| Int64Builder::with_capacity(rows.len()))
+            .collect();
+        let mut movement = StringBuilder::new();
+        let mut deleted = BooleanBuilder::with_capacity(rows.len());
+        let mut seqs = UInt64Builder::with_capacity(rows.len());
+        for (name, row, del) in rows {
+            month.append_value(month_date32(row.month));
+            tenant.append_value(name);
+            currency.append_value(
+                self.currencies
+                    .get(usize::from(row.currency))
+                    .map(|c| &**c)
+                    .unwrap_or_default(),
+            );
+            let values = [row.start, row.end];
+            for (b, v) in amounts
+                .iter_mut()
+                .zip(values.iter().chain(row.amounts().iter()))
+            {
+                b.append_value(*v);
+            }
+            movement.append_value(row.movement.as_str());
+            deleted.append_value(*del);
+            seqs.append_value(seq);
+        }
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(month.finish()),
+            Arc::new(tenant.finish()),
+            Arc::new(currency.finish()),
+        ];
+        for mut b in amounts {
+            columns.push(Arc::new(b.finish()));
+        }
+        columns.push(Arc::new(movement.finish()));
+        columns.push(Arc::new(deleted.finish()));
+        columns.push(Arc::new(seqs.finish()));
+        RecordBatch::try_new(Arc::clone(&SCHEMA), columns)
+            .map_err(|source| OperatorError::Arrow { view: VIEW, source })
+    }
+}
+
+/// Calls `emit` for every row of `new` that differs from `old` and, as a
+/// tombstone, every row of `old` missing from `new` (both sorted by key).
+fn diff(old: &[Row], new: &[Row], mut emit: impl FnMut(Row, bool)) {
+    let key = |r: &Row| (r.month, r.currency);
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        match (old.get(i), new.get(j)) {
+            (Some(o), Some(n)) if key(o) == key(n) => {
+                if o != n {
+                    emit(*n, false);
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(o), Some(n)) if key(o) < key(n) => {
+                emit(*o, true);
+                i += 1;
+            }
+            (Some(o), None) => {
+                emit(*o, true);
+                i += 1;
+            }
+            (_, Some(n)) => {
+                emit(*n, false);
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+}
+
+impl Operator for MrrOperator {
+    fn view(&self) -> &'static str {
+        VIEW
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&SCHEMA)
+    }
+
+    fn storage(&self) -> Storage {
+        Storage::Versioned {
+            key: &["month", "tenant", "currency"],
+            columns: "month, tenant, currency, mrr_start, mrr_end, new_mrr, expansion_mrr, contraction_mrr, churned_mrr, reactivation_mrr, movement",
+            final_column: None,
+            deleted_column: Some("_deleted"),
+        }
+    }
+
+    fn rebuilds_from_archive(&self) -> bool {
+        true
+    }
+
+    fn apply(&mut self, e: &Event) {
+        self.clock = Some(self.clock.map_or(e.time, |c| c.max(e.time)));
+        if let Some(sub) = SubEvent::from_event(e) {
+            let name: Arc<str> = match self.tenants.get_key_value(e.tenant.as_str()) {
+                Some((k, _)) => Arc::clone(k),
+                None => Arc::from(e.tenant.as_str()),
+            };
+            self.tenants
+                .entry(Arc::clone(&name))
+                .or_default()
+                .history
+                .insert(sub);
+            self.dirty.insert(name);
+        }
+    }
+
+    fn take_rows(&mut self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
+        let rows = self.recompute();
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        self.batch(&rows, seq).map(Some)
+    }
+
+    fn state_rows(&self) -> usize {
+        self.tenants.values().map(|t| t.rows.len()).sum()
+    }
+
+    fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
+        let mut names: Vec<&Arc<str>> = self.tenants.keys().collect();
+        names.sort_unstable();
+        let mut rows = Vec::new();
+        for name in names {
+            if let Some(t) = self.tenants.get(name) {
+                rows.extend(t.rows.iter().map(|r| (Arc::clone(name), *r, false)));
+            }
+        }
+        self.batch(&rows, seq).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Limits, validate_message};
+
+    fn ev(id: &str, tenant: &str, ty: &str, time: &str, data: &str) -> Event {
+        let json = format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"s","type":"{ty}","time":"{time}","tenant":"{tenant}","data":{data}}}"#
+        );
+        validate_message(
+            json.as_bytes(),
+            &format!("tally.events.{tenant}.{ty}"),
+            "tally.events",
+            1,
+            i64::MAX / 2,
+            &Limits::default(),
+        )
+        .unwrap()
+    }
+
+    fn start(id: &str, t: &str, time: &str, sub: &str, price: i64, extra: &str) -> Event {
+        ev(
+            id,
+            t,
+            "subscription.started",
+            time,
+            &format!(
+                r#"{{"subscription_id":"{sub}","plan":"pro","billing_cycle":"monthly","price":{price},"currency":"USD"{extra}}}"#
+            ),
+        )
+    }
+
+    fn change(id: &str, t: &str, time: &str, sub: &str, price: i64) -> Event {
+        ev(
+            id,
+            t,
+            "subscription.plan_changed",
+            time,
+            &format!(
+                r#"{{"subscription_id":"{sub}","plan":"max","billing_cycle":"monthly","price":{price},"currency":"USD"}}"#
+            ),
+        )
+    }
+
+    fn cancel(id: &str, t: &str, time: &str, sub: &str, effective: Option<&str>) -> Event {
+        let eff = effective
+            .map(|e| format!(r#","effective_at":"{e}""#))
+            .unwrap_or_default();
+        ev(
+            id,
+            t,
+            "subscription.cancelled",
+            time,
+            &format!(r#"{{"subscription_id":"{sub}"{eff}}}"#),
+        )
+    }
+
+    fn tick(id: &str, time: &str) -> Event {
+        ev(id, "other", "auth.login", time, "{}")
+    }
+
+    /// (month, tenant, start, end, movement) of the latest rows, deleted ones removed.
+    fn view(events: &[Event], batch_size: usize) -> Vec<(String, String, i64, i64, String)> {
+        let mut op = MrrOperator::new();
+        let mut latest: std::collections::BTreeMap<(String, String, String), Option<Vec<String>>> =
+            Default::default();
+        for chunk in events.chunks(batch_size) {
+            for e in chunk {
+                op.apply(e);
+            }
+            if let Some(b) = op.take_rows(1).unwrap() {
+                let text = |i: usize| {
+                    arrow::util::display::ArrayFormatter::try_new(
+                        b.column(i).as_ref(),
+                        &Default::default(),
+                    )
+                    .unwrap()
+                };
+                let cols: Vec<_> = (0..b.num_columns()).map(text).collect();
+                for r in 0..b.num_rows() {
+                    let v: Vec<String> = cols.iter().map(|c| c.value(r).to_string()).collect();
+                    let key = (v[0].clone(), v[1].clone(), v[2].clone());
+                    latest.insert(key, (v[11] == "false").then_some(v));
+                }
+            }
+        }
+        latest
+            .into_values()
+            .flatten()
+            .map(|v| {
+                (
+                    v[0].clone(),
+                    v[1].clone(),
+                    v[3].parse().unwrap(),
+                    v[4].parse().unwrap(),
+                    v[10].clone(),
+                )
+            })
+            .collect()
+    }
+
+    fn row(m: &str, t: &str, s: i64, e: i64, mv: &str) -> (String, String, i64, i64, String) {
+        (m.into(), t.into(), s, e, mv.into())
+    }
+
+    #[test]
+    fn movements_and_flat_months_without_events() {
+        let events = vec![
+            start("a1", "a", "2025-01-10T00:00:00Z", "s1", 100, ""),
+            change("a2", "a", "2025-03-05T00:00:00Z", "s1", 150),
+            change("a3", "a", "2025-04-05T00:00:00Z", "s1", 120),
+            cancel("a4", "a", "2025-05-05T00:00:00Z", "s1", None),
+            start("a5", "a", "2025-07-01T00:00:00Z", "s2", 90, ""),
+            tick("z", "2025-08-02T00:00:00Z"),
+        ];
+        let want = vec![
+            row("2025-01-01", "a", 0, 100, "new"),
+            row("2025-02-01", "a", 100, 100, "flat"),
+            row("2025-03-01", "a", 100, 150, "expansion"),
+            row("2025-04-01", "a", 150, 120, "contraction"),
+            row("2025-05-01", "a", 120, 0, "churn"),
+            row("2025-07-01", "a", 0, 90, "reactivation"),
+            row("2025-08-01", "a", 90, 90, "flat"),
+        ];
+        assert_eq!(view(&events, 100), want);
+        assert_eq!(view(&events, 1), want);
+        let mut rev = events.clone();
+        rev.reverse();
+        assert_eq!(view(&rev, 2), want);
+    }
+
+    #[test]
+    fn late_cancel_deletes_rows_and_trial_counts_after_it_ends() {
+        let events = vec![
+            start(
+                "b1",
+                "b",
+                "2025-01-10T00:00:00Z",
+                "s1",
+                100,
+                r#","trial_ends_at":"2025-02-15T00:00:00Z""#,
+            ),
+            tick("z", "2025-05-02T00:00:00Z"),
+            // Late: cancels from inside March, so April and May rows vanish.
+            cancel("b2", "b", "2025-03-10T00:00:00Z", "s1", None),
+        ];
+        let want = vec![
+            row("2025-02-01", "b", 0, 100, "new"),
+            row("2025-03-01", "b", 100, 0, "churn"),
+        ];
+        assert_eq!(view(&events, 2), want);
+        assert_eq!(view(&events, 3), want);
+    }
+
+    #[test]
+    fn start_and_cancel_in_one_month_then_a_later_start_is_new() {
+        let events = vec![
+            start("c1", "c", "2025-01-03T00:00:00Z", "s1", 100, ""),
+            cancel("c2", "c", "2025-01-20T00:00:00Z", "s1", None),
+            start("c3", "c", "2025-03-03T00:00:00Z", "s2", 70, ""),
+            cancel(
+                "c4",
+                "c",
+                "2025-03-04T00:00:00Z",
+                "s2",
+                Some("2025-05-01T00:00:00Z"),
+            ),
+            tick("z", "2025-06-02T00:00:00Z"),
+        ];
+        let want = vec![
+            row("2025-03-01", "c", 0, 70, "new"),
+            row("2025-04-01", "c", 70, 70, "flat"),
+            row("2025-05-01", "c", 70, 0, "churn"),
+        ];
+        assert_eq!(view(&events, 1), want);
+    }
+
+    #[test]
+    fn diff_emits_changes_and_tombstones() {
+        let r = |m, s, e| Row {
+            month: m,
+            currency: 0,
+            start: s,
+            end: e,
+            movement: Movement::Flat,
+        };
+        let mut out = Vec::new();
+        diff(
+            &[r(1, 1, 1), r(2, 1, 1), r(3, 1, 1)],
+            &[r(1, 1, 1), r(3, 2, 2), r(4, 1, 1)],
+            |row, d| {
+                out.push((row.month, d));
+            },
+        );
+        assert_eq!(out, vec![(2, true), (3, false), (4, false)]);
+    }
+}

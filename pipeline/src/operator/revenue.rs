@@ -1,0 +1,227 @@
+//! The `revenue` view: collected cash per (`month`, `tenant`, `currency`),
+//! from `invoice.paid` and `invoice.refunded`, month of the event `time`.
+//!
+//! Sums commute, so arrival order cannot matter; a late invoice rewrites
+//! only its own row, written as a new version like `usage`. The state is
+//! re-folded from the `events` archive at start-up.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{
+    ArrayRef, Date32Builder, Int64Builder, RecordBatch, StringBuilder, UInt64Builder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+
+use super::usage::FixedState;
+use super::window::{month_bounds, month_date32};
+use super::{Operator, OperatorError, Storage};
+use crate::event::{Event, Payload};
+
+pub const VIEW: &str = "revenue";
+
+static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("month", DataType::Date32, false),
+        Field::new("tenant", DataType::Utf8, false),
+        Field::new("currency", DataType::Utf8, false),
+        Field::new("paid", DataType::Int64, false),
+        Field::new("refunded", DataType::Int64, false),
+        Field::new("net", DataType::Int64, false),
+        Field::new("invoices_paid", DataType::Int64, false),
+        Field::new("_seq", DataType::UInt64, false),
+    ]))
+});
+
+/// (month start µs, tenant, currency).
+type Key = (i64, Arc<str>, Arc<str>);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cash {
+    pub paid: i64,
+    pub refunded: i64,
+    pub invoices_paid: i64,
+}
+
+pub struct RevenueOperator {
+    rows: HashMap<Key, Cash, FixedState>,
+    dirty: HashSet<Key, FixedState>,
+    names: HashSet<Arc<str>, FixedState>,
+}
+
+impl Default for RevenueOperator {
+    fn default() -> Self {
+        RevenueOperator::new()
+    }
+}
+
+impl RevenueOperator {
+    pub fn new() -> RevenueOperator {
+        RevenueOperator {
+            rows: HashMap::with_hasher(FixedState),
+            dirty: HashSet::with_hasher(FixedState),
+            names: HashSet::with_hasher(FixedState),
+        }
+    }
+
+    fn intern(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.names.get(s) {
+            return Arc::clone(a);
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.names.insert(Arc::clone(&a));
+        a
+    }
+
+    fn batch(&self, keys: &[Key], seq: u64) -> Result<RecordBatch, OperatorError> {
+        let mut month = Date32Builder::with_capacity(keys.len());
+        let mut tenant = StringBuilder::new();
+        let mut currency = StringBuilder::new();
+        let mut paid = Int64Builder::with_capacity(keys.len());
+        let mut refunded = Int64Builder::with_capacity(keys.len());
+        let mut net = Int64Builder::with_capacity(keys.len());
+        let mut count = Int64Builder::with_capacity(keys.len());
+        let mut seqs = UInt64Builder::with_capacity(keys.len());
+        for key in keys {
+            let Some(c) = self.rows.get(key) else {
+                continue;
+            };
+            month.append_value(month_date32(key.0));
+            tenant.append_value(&key.1);
+            currency.append_value(&key.2);
+            paid.append_value(c.paid);
+            refunded.append_value(c.refunded);
+            net.append_value(c.paid.saturating_sub(c.refunded));
+            count.append_value(c.invoices_paid);
+            seqs.append_value(seq);
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(month.finish()),
+            Arc::new(tenant.finish()),
+            Arc::new(currency.finish()),
+            Arc::new(paid.finish()),
+            Arc::new(refunded.finish()),
+            Arc::new(net.finish()),
+            Arc::new(count.finish()),
+            Arc::new(seqs.finish()),
+        ];
+        RecordBatch::try_new(Arc::clone(&SCHEMA), columns)
+            .map_err(|source| OperatorError::Arrow { view: VIEW, source })
+    }
+}
+
+impl Operator for RevenueOperator {
+    fn view(&self) -> &'static str {
+        VIEW
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&SCHEMA)
+    }
+
+    fn storage(&self) -> Storage {
+        Storage::Versioned {
+            key: &["month", "tenant", "currency"],
+            columns: "month, tenant, currency, paid, refunded, net, invoices_paid",
+            final_column: None,
+            deleted_column: None,
+        }
+    }
+
+    fn rebuilds_from_archive(&self) -> bool {
+        true
+    }
+
+    fn apply(&mut self, e: &Event) {
+        let (amount, currency, paid) = match &e.payload {
+            Payload::InvoicePaid {
+                amount, currency, ..
+            } => (*amount, currency, true),
+            Payload::InvoiceRefunded {
+                amount, currency, ..
+            } => (*amount, currency, false),
+            _ => return,
+        };
+        let key = (
+            month_bounds(e.time).0,
+            self.intern(&e.tenant),
+            self.intern(currency),
+        );
+        let cash = self.rows.entry(key.clone()).or_default();
+        if paid {
+            cash.paid = cash.paid.saturating_add(amount);
+            cash.invoices_paid += 1;
+        } else {
+            cash.refunded = cash.refunded.saturating_add(amount);
+        }
+        self.dirty.insert(key);
+    }
+
+    fn take_rows(&mut self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
+        if self.dirty.is_empty() {
+            return Ok(None);
+        }
+        let keys: Vec<Key> = self.dirty.drain().collect();
+        self.batch(&keys, seq).map(Some)
+    }
+
+    fn state_rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
+        let mut keys: Vec<Key> = self.rows.keys().cloned().collect();
+        keys.sort();
+        self.batch(&keys, seq).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Limits, validate_message};
+
+    fn invoice(id: &str, ty: &str, time: &str, amount: i64, currency: &str) -> Event {
+        let json = format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"s","type":"{ty}","time":"{time}","tenant":"acme","data":{{"invoice_id":"i-{id}","amount":{amount},"currency":"{currency}"}}}}"#
+        );
+        validate_message(
+            json.as_bytes(),
+            &format!("tally.events.acme.{ty}"),
+            "tally.events",
+            1,
+            i64::MAX / 2,
+            &Limits::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn paid_refunded_and_net_per_month_and_currency() {
+        let mut op = RevenueOperator::new();
+        for e in [
+            invoice("1", "invoice.paid", "2025-01-05T00:00:00Z", 1000, "USD"),
+            invoice("2", "invoice.paid", "2025-01-25T00:00:00Z", 500, "USD"),
+            invoice("3", "invoice.refunded", "2025-01-26T00:00:00Z", 200, "USD"),
+            invoice("4", "invoice.refunded", "2025-02-01T00:00:00Z", 100, "USD"),
+            invoice("5", "invoice.paid", "2025-01-07T00:00:00Z", 900, "EUR"),
+        ] {
+            op.apply(&e);
+        }
+        let b = op.snapshot(7).unwrap().unwrap();
+        let text = arrow::util::pretty::pretty_format_batches(&[b])
+            .unwrap()
+            .to_string();
+        let want = "\
++------------+--------+----------+------+----------+------+---------------+------+
+| month      | tenant | currency | paid | refunded | net  | invoices_paid | _seq |
++------------+--------+----------+------+----------+------+---------------+------+
+| 2025-01-01 | acme   | EUR      | 900  | 0        | 900  | 1             | 7    |
+| 2025-01-01 | acme   | USD      | 1500 | 200      | 1300 | 2             | 7    |
+| 2025-02-01 | acme   | USD      | 0    | 100      | -100 | 0             | 7    |
++------------+--------+----------+------+----------+------+---------------+------+";
+        assert_eq!(text, want);
+        assert_eq!(op.take_rows(8).unwrap().unwrap().num_rows(), 3);
+        assert!(op.take_rows(9).unwrap().is_none());
+    }
+}

@@ -1,0 +1,418 @@
+//! The `tenants` view: one row per tenant, its current state as of the
+//! stream clock.
+//!
+//! A row depends on the tenant's events (name, first and last seen,
+//! subscription fold, invoices) and on the clock: the fold is taken at
+//! T = clock + 1 µs, a trial is `trialing` while it ends after the clock,
+//! and a cancellation can take effect later than it was sent. So besides
+//! recomputing a tenant when one of its events arrives, each tenant is
+//! given a wake-up instant, the next time its row would change as the
+//! clock moves (its next effective subscription event or trial end), and is
+//! recomputed when the clock reaches it. Changed rows are written as new
+//! versions. The reserved `_system` tenant (the catalog's) is not a
+//! customer and has no row. The state is re-folded from the `events`
+//! archive at start-up.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{
+    ArrayRef, Int64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder, UInt64Builder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+
+use super::subscription::{History, SubEvent};
+use super::usage::FixedState;
+use super::{Operator, OperatorError, Storage, timestamp_type as ts};
+use crate::event::{Event, Payload};
+
+pub const VIEW: &str = "tenants";
+
+/// The catalog's tenant: reserved, not a customer.
+const SYSTEM_TENANT: &str = "_system";
+
+static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("tenant", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, true),
+        Field::new("first_seen", ts(), false),
+        Field::new("last_seen", ts(), false),
+        Field::new("subscription_id", DataType::Utf8, true),
+        Field::new("plan", DataType::Utf8, true),
+        Field::new("billing_cycle", DataType::Utf8, true),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("mrr", DataType::Int64, false),
+        Field::new("currency", DataType::Utf8, true),
+        Field::new("revenue_to_date", DataType::Int64, false),
+        Field::new("_seq", DataType::UInt64, false),
+    ]))
+});
+
+/// One computed row (without the tenant key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub name: Option<String>,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub subscription_id: Option<String>,
+    pub plan: Option<String>,
+    pub billing_cycle: Option<&'static str>,
+    pub status: &'static str,
+    pub mrr: i64,
+    pub currency: Option<String>,
+    pub revenue_to_date: i64,
+}
+
+#[derive(Debug, Default)]
+struct Tenant {
+    /// Latest `tenant.created` by (`time`, `source`, `id`), and its name.
+    created: Option<((i64, String, String), Option<String>)>,
+    first_seen: i64,
+    last_seen: i64,
+    history: History,
+    /// All-time paid minus refunded, every currency (as metrics.md says).
+    revenue: i64,
+    row: Option<Row>,
+    /// When the clock reaches this instant, the row may change.
+    wake: Option<i64>,
+}
+
+pub struct TenantsOperator {
+    tenants: HashMap<Arc<str>, Tenant, FixedState>,
+    dirty: HashSet<Arc<str>, FixedState>,
+    wakeups: BTreeSet<(i64, Arc<str>)>,
+    /// Largest accepted event time: the stream clock.
+    clock: Option<i64>,
+}
+
+impl Default for TenantsOperator {
+    fn default() -> Self {
+        TenantsOperator::new()
+    }
+}
+
+impl TenantsOperator {
+    pub fn new() -> TenantsOperator {
+        TenantsOperator {
+            tenants: HashMap::with_hasher(FixedState),
+            dirty: HashSet::with_hasher(FixedState),
+            wakeups: BTreeSet::new(),
+            clock: None,
+        }
+    }
+
+    /// The row of `t` at `clock`, and its next wake-up instant.
+    fn compute(t: &Tenant, clock: i64) -> (Row, Option<i64>) {
+        let at = clock.saturating_add(1);
+        let fold = t.history.fold_before(at);
+        let current = fold.current.as_ref();
+        let trial_end = current.and_then(|c| c.trial_ends_at);
+        let status = match current {
+            Some(_) if trial_end.is_some_and(|end| end > clock) => "trialing",
+            Some(_) => "active",
+            None if fold.any => "cancelled",
+            None => "none",
+        };
+        let row = Row {
+            name: t.created.as_ref().and_then(|(_, n)| n.clone()),
+            first_seen: t.first_seen,
+            last_seen: t.last_seen,
+            subscription_id: current.map(|c| c.subscription_id.clone()),
+            plan: current.map(|c| c.plan.clone()),
+            billing_cycle: current.map(|c| c.billing_cycle.as_str()),
+            status,
+            mrr: current.map_or(0, |c| fold.mrr_at(at, &c.currency)),
+            currency: current.map(|c| c.currency.clone()),
+            revenue_to_date: t.revenue,
+        };
+        let wake = [
+            t.history.next_effective_after(clock),
+            trial_end.filter(|end| *end > clock),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        (row, wake)
+    }
+
+    fn batch(&self, names: &[Arc<str>], seq: u64) -> Result<RecordBatch, OperatorError> {
+        let n = names.len();
+        let mut tenant = StringBuilder::new();
+        let mut name = StringBuilder::new();
+        let mut first = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+        let mut last = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+        let mut sub = StringBuilder::new();
+        let mut plan = StringBuilder::new();
+        let mut cycle = StringBuilder::new();
+        let mut status = StringBuilder::new();
+        let mut mrr = Int64Builder::with_capacity(n);
+        let mut currency = StringBuilder::new();
+        let mut revenue = Int64Builder::with_capacity(n);
+        let mut seqs = UInt64Builder::with_capacity(n);
+        for key in names {
+            let Some(r) = self.tenants.get(key).and_then(|t| t.row.as_ref()) else {
+                continue;
+            };
+            tenant.append_value(key);
+            name.append_option(r.name.as_deref());
+            first.append_value(r.first_seen);
+            last.append_value(r.last_seen);
+            sub.append_option(r.subscription_id.as_deref());
+            plan.append_option(r.plan.as_deref());
+            cycle.append_option(r.billing_cycle);
+            status.append_value(r.status);
+            mrr.append_value(r.mrr);
+            currency.append_option(r.currency.as_deref());
+            revenue.append_value(r.revenue_to_date);
+            seqs.append_value(seq);
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(tenant.finish()),
+            Arc::new(name.finish()),
+            Arc::new(first.finish()),
+            Arc::new(last.finish()),
+            Arc::new(sub.finish()),
+            Arc::new(plan.finish()),
+            Arc::new(cycle.finish()),
+            Arc::new(status.finish()),
+            Arc::new(mrr.finish()),
+            Arc::new(currency.finish()),
+            Arc::new(revenue.finish()),
+            Arc::new(seqs.finish()),
+        ];
+        RecordBatch::try_new(Arc::clone(&SCHEMA), columns)
+            .map_err(|source| OperatorError::Arrow { view: VIEW, source })
+    }
+}
+
+impl Operator for TenantsOperator {
+    fn view(&self) -> &'static str {
+        VIEW
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&SCHEMA)
+    }
+
+    fn storage(&self) -> Storage {
+        Storage::Versioned {
+            key: &["tenant"],
+            columns: "tenant, name, first_seen, last_seen, subscription_id, plan, billing_cycle, status, mrr, currency, revenue_to_date",
+            final_column: None,
+            deleted_column: None,
+        }
+    }
+
+    fn rebuilds_from_archive(&self) -> bool {
+        true
+    }
+
+    fn apply(&mut self, e: &Event) {
+        self.clock = Some(self.clock.map_or(e.time, |c| c.max(e.time)));
+        if e.tenant == SYSTEM_TENANT {
+            return;
+        }
+        let name: Arc<str> = match self.tenants.get_key_value(e.tenant.as_str()) {
+            Some((k, _)) => Arc::clone(k),
+            None => Arc::from(e.tenant.as_str()),
+        };
+        let t = self
+            .tenants
+            .entry(Arc::clone(&name))
+            .or_insert_with(|| Tenant {
+                first_seen: e.time,
+                last_seen: e.time,
+                ..Tenant::default()
+            });
+        t.first_seen = t.first_seen.min(e.time);
+        t.last_seen = t.last_seen.max(e.time);
+        match &e.payload {
+            Payload::TenantCreated { name } => {
+                let key = (e.time, e.source.clone(), e.id.clone());
+                if t.created.as_ref().is_none_or(|(k, _)| *k < key) {
+                    t.created = Some((key, name.clone()));
+                }
+            }
+            Payload::InvoicePaid { amount, .. } => t.revenue = t.revenue.saturating_add(*amount),
+            Payload::InvoiceRefunded { amount, .. } => {
+                t.revenue = t.revenue.saturating_sub(*amount);
+            }
+            _ => {
+                if let Some(sub) = SubEvent::from_event(e) {
+                    t.history.insert(sub);
+                }
+            }
+        }
+        self.dirty.insert(name);
+    }
+
+    fn take_rows(&mut self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
+        let Some(clock) = self.clock else {
+            return Ok(None);
+        };
+        while let Some(first) = self.wakeups.first()
+            && first.0 <= clock
+        {
+            if let Some((_, name)) = self.wakeups.pop_first() {
+                self.dirty.insert(name);
+            }
+        }
+        let mut changed: Vec<Arc<str>> = Vec::new();
+        for name in self.dirty.drain() {
+            let Some(t) = self.tenants.get_mut(&name) else {
+                continue;
+            };
+            let (row, wake) = TenantsOperator::compute(t, clock);
+            if t.wake != wake {
+                if let Some(old) = t.wake {
+                    self.wakeups.remove(&(old, Arc::clone(&name)));
+                }
+                if let Some(new) = wake {
+                    self.wakeups.insert((new, Arc::clone(&name)));
+                }
+                t.wake = wake;
+            }
+            if t.row.as_ref() != Some(&row) {
+                t.row = Some(row);
+                changed.push(name);
+            }
+        }
+        if changed.is_empty() {
+            return Ok(None);
+        }
+        changed.sort_unstable();
+        self.batch(&changed, seq).map(Some)
+    }
+
+    fn state_rows(&self) -> usize {
+        self.tenants.len()
+    }
+
+    fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
+        let mut names: Vec<Arc<str>> = self.tenants.keys().cloned().collect();
+        names.sort_unstable();
+        self.batch(&names, seq).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Limits, validate_message};
+
+    fn ev(id: &str, tenant: &str, ty: &str, time: &str, data: &str) -> Event {
+        let json = format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"s","type":"{ty}","time":"{time}","tenant":"{tenant}","data":{data}}}"#
+        );
+        validate_message(
+            json.as_bytes(),
+            &format!("tally.events.{tenant}.{ty}"),
+            "tally.events",
+            1,
+            i64::MAX / 2,
+            &Limits::default(),
+        )
+        .unwrap()
+    }
+
+    /// `tenant,name,plan,status,mrr,revenue_to_date` of the rows written.
+    fn rows(op: &mut TenantsOperator) -> Vec<String> {
+        let b = op.take_rows(1).unwrap().unwrap();
+        let cols: Vec<_> = [0, 1, 5, 7, 8, 10]
+            .iter()
+            .map(|i| {
+                arrow::util::display::ArrayFormatter::try_new(
+                    b.column(*i).as_ref(),
+                    &Default::default(),
+                )
+                .unwrap()
+            })
+            .collect();
+        (0..b.num_rows())
+            .map(|r| {
+                cols.iter()
+                    .map(|c| c.value(r).to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn trial_ends_and_future_cancellation_take_effect_as_the_clock_moves() {
+        let mut op = TenantsOperator::new();
+        for e in [
+            ev(
+                "1",
+                "acme",
+                "tenant.created",
+                "2025-01-01T00:00:00Z",
+                r#"{"name":"Acme"}"#,
+            ),
+            ev(
+                "2",
+                "acme",
+                "subscription.started",
+                "2025-01-02T00:00:00Z",
+                r#"{"subscription_id":"s1","plan":"pro","billing_cycle":"yearly","price":1206,"currency":"USD","trial_ends_at":"2025-02-01T00:00:00Z"}"#,
+            ),
+            ev(
+                "3",
+                "acme",
+                "subscription.cancelled",
+                "2025-01-03T00:00:00Z",
+                r#"{"subscription_id":"s1","effective_at":"2025-03-01T00:00:00Z"}"#,
+            ),
+            ev(
+                "4",
+                "acme",
+                "invoice.paid",
+                "2025-01-04T00:00:00Z",
+                r#"{"invoice_id":"i","amount":700,"currency":"USD"}"#,
+            ),
+            ev(
+                "5",
+                "_system",
+                "catalog.meter_defined",
+                "2025-01-05T00:00:00Z",
+                r#"{"metric":"x","aggregation":"sum"}"#,
+            ),
+        ] {
+            op.apply(&e);
+        }
+        // No row for the reserved `_system` tenant.
+        assert_eq!(rows(&mut op), ["acme,Acme,pro,trialing,0,700"]);
+        // The clock reaches the trial end: active, worth 1206 / 12 = 100.5 -> 101.
+        op.apply(&ev(
+            "6",
+            "other",
+            "auth.login",
+            "2025-02-01T00:00:00Z",
+            "{}",
+        ));
+        assert_eq!(
+            rows(&mut op),
+            ["acme,Acme,pro,active,101,700", "other,,,none,0,0"]
+        );
+        // The cancellation is effective at 2025-03-01T00:00:00Z; T = clock + 1 µs.
+        op.apply(&ev(
+            "7",
+            "other",
+            "auth.login",
+            "2025-02-28T23:59:59.999999Z",
+            "{}",
+        ));
+        assert_eq!(rows(&mut op), ["other,,,none,0,0"]);
+        op.apply(&ev(
+            "8",
+            "other",
+            "auth.login",
+            "2025-03-01T00:00:00Z",
+            "{}",
+        ));
+        assert_eq!(
+            rows(&mut op),
+            ["acme,Acme,,cancelled,0,700", "other,,,none,0,0"]
+        );
+    }
+}
