@@ -15,7 +15,12 @@ WITH month_end AS (
     GROUP BY month, currency
 ),
 trailing AS (
-    SELECT m.month, m.currency, AVG(c.logo_churn_rate) AS avg_logo_churn_6m
+    -- The mean is taken in exact decimals: a sum of floats depends on the
+    -- order rows arrive in, and the view must not.
+    SELECT
+        m.month,
+        m.currency,
+        CAST(AVG(CAST(c.logo_churn_rate AS DECIMAL(38, 18))) AS DOUBLE) AS avg_logo_churn_6m
     FROM month_end m
     LEFT JOIN churn c
         ON c.currency = m.currency

@@ -2,6 +2,7 @@
 //! temporary store, killed on drop (the pattern of nats.rs's own tests),
 //! and helpers to drive the real `tally` binary against it.
 
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -124,7 +125,11 @@ pub fn tally(server: &NatsServer, data: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tally"));
     c.env("TALLY_NATS_URL", &server.url)
         .env("TALLY_DATA_DIR", data)
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", "warn")
+        .env(
+            "TALLY_QUERIES_DIR",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../queries"),
+        );
     c
 }
 
@@ -200,4 +205,34 @@ pub fn generated(dir: &Path, tenants: u32, months: u32, seed: u64) -> PathBuf {
     );
     std::fs::write(&path, out.stdout).unwrap();
     path
+}
+
+/// `tally status --json`.
+pub fn status_json(server: &NatsServer, data: &std::path::Path) -> serde_json::Value {
+    let mut c = tally(server, data);
+    c.args(["status", "--json"]);
+    serde_json::from_slice(&run_expect(c, 0).stdout).unwrap()
+}
+
+/// `tally run --until-idle`, expecting success.
+pub fn until_idle(server: &NatsServer, data: &std::path::Path) {
+    let mut c = tally(server, data);
+    c.args(["run", "--until-idle"]);
+    run_expect(c, 0);
+}
+
+/// `tally publish -` of `lines`, expecting success.
+pub fn publish_lines(server: &NatsServer, data: &std::path::Path, lines: &[String]) {
+    let mut p = tally(server, data);
+    p.args(["publish", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    let mut child = p.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all((lines.join("\n") + "\n").as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
 }

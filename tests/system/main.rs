@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod harness;
+mod metrics;
 
 use std::io::Write;
 use std::process::Stdio;
@@ -12,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
-use harness::{NatsServer, api_calls, event, generated, run_expect, sql, sql_u64, tally};
+use harness::{
+    NatsServer, api_calls, event, generated, publish_lines, run_expect, sql, sql_u64, status_json,
+    tally, until_idle,
+};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -24,18 +28,6 @@ fn rt() -> tokio::runtime::Runtime {
 /// A JetStream context on the test's server.
 async fn js(server: &NatsServer) -> jetstream::Context {
     jetstream::new(async_nats::connect(&server.url).await.unwrap())
-}
-
-fn status_json(server: &NatsServer, data: &std::path::Path) -> serde_json::Value {
-    let mut c = tally(server, data);
-    c.args(["status", "--json"]);
-    serde_json::from_slice(&run_expect(c, 0).stdout).unwrap()
-}
-
-fn until_idle(server: &NatsServer, data: &std::path::Path) {
-    let mut c = tally(server, data);
-    c.args(["run", "--until-idle"]);
-    run_expect(c, 0);
 }
 
 /// Distinct (source, id) pairs in a JSON Lines file: what the archive must hold.
@@ -581,21 +573,6 @@ fn nats_restart_mid_run_loses_nothing() {
         ),
         total
     );
-}
-
-fn publish_lines(server: &NatsServer, data: &std::path::Path, lines: &[String]) {
-    let mut p = tally(server, data);
-    p.args(["publish", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null());
-    let mut child = p.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all((lines.join("\n") + "\n").as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
 }
 
 /// Hand-computed rows of the `usage` view, including a late event that
