@@ -89,6 +89,29 @@ pub enum Command {
         #[arg(long, hide = true)]
         summary_json: bool,
     },
+    /// Rebuild every view from stream sequence 1 into a fresh directory, then
+    /// switch the data directory to it atomically (a live `tally run` on it is
+    /// paused between batches and resumes on the new views).
+    Replay {
+        /// Stop after this stream sequence: the views as of that position (needs --into).
+        #[arg(long)]
+        until_seq: Option<u64>,
+        /// Build into this new directory and do not switch.
+        #[arg(long)]
+        into: Option<PathBuf>,
+        /// Settings that change results (TOML); default `<data>/tally.toml` if present.
+        #[arg(long, env = "TALLY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Messages per batch.
+        #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 10_000)]
+        batch_size: usize,
+        /// Dead-letter stream name (a replay re-publishes dead letters with the same ids; the stream deduplicates them).
+        #[arg(long, env = "TALLY_DLQ_STREAM", default_value = "TALLY_DLQ")]
+        dlq_stream: String,
+        /// Seconds a live `tally run` has to answer the hand-off.
+        #[arg(long, default_value_t = 60)]
+        handoff_timeout_secs: u64,
+    },
     /// Run SQL over the views and the queries/ views.
     Sql {
         /// The query; or use -f.
@@ -162,6 +185,8 @@ pub enum CliError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Bench(#[from] BenchError),
+    #[error(transparent)]
+    Replay(#[from] crate::replay::ReplayError),
     #[error("cannot read {what}: {source}")]
     Input {
         what: String,
@@ -171,6 +196,10 @@ pub enum CliError {
     Output(std::io::Error),
     #[error("{0}")]
     Usage(String),
+    #[error(
+        "replay interrupted at stream sequence {at} of {target}; the data directory was not switched; run `tally replay` again"
+    )]
+    ReplayInterrupted { at: u64, target: u64 },
     #[error(
         "{invalid} of {lines} lines were invalid and not published (see above); fix them, or pass --allow-invalid to send them to the dead-letter path"
     )]
@@ -214,13 +243,14 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::Usage("--batch-size must be at least 1".into()));
             }
             let opts = RunOptions {
-                data_dir: cli.data.clone(),
-                source: source_config(&cli, Some(consumer), Some(dlq_stream)),
-                config: config.clone(),
                 until_idle: *until_idle,
-                idle: Duration::from_secs(1),
                 batch_size: *batch_size,
                 batch_wait: Duration::from_millis(*batch_wait_ms),
+                ..RunOptions::live(
+                    cli.data.clone(),
+                    source_config(&cli, Some(consumer), Some(dlq_stream)),
+                    config.clone(),
+                )
             };
             let summary = runtime::run(&opts, runtime::shutdown_signal()).await?;
             if *summary_json {
@@ -234,6 +264,58 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                         "elapsed_secs": summary.elapsed.as_secs_f64(),
                     })
                 );
+            }
+            Ok(())
+        }
+        Command::Replay {
+            until_seq,
+            into,
+            config,
+            batch_size,
+            dlq_stream,
+            handoff_timeout_secs,
+        } => {
+            if *batch_size == 0 {
+                return Err(CliError::Usage("--batch-size must be at least 1".into()));
+            }
+            if until_seq.is_some() && into.is_none() {
+                return Err(CliError::Usage(
+                    "--until-seq builds the views as of a past position, which must not replace the live ones: name a new directory with --into DIR".into(),
+                ));
+            }
+            let opts = crate::replay::ReplayOptions {
+                run: RunOptions {
+                    batch_size: *batch_size,
+                    ..RunOptions::live(
+                        cli.data.clone(),
+                        source_config(&cli, Some("tally-replay"), Some(dlq_stream)),
+                        config.clone(),
+                    )
+                },
+                until_seq: *until_seq,
+                into: into.clone(),
+                handoff_timeout: Duration::from_secs(*handoff_timeout_secs),
+                progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let r = crate::replay::replay(&opts, runtime::shutdown_signal()).await?;
+            let verb = if r.switched { "switched to" } else { "built" };
+            println!(
+                "replayed {} messages (stream sequence 1..{}) in {:.1} s; {verb} {}{}",
+                r.summary.messages,
+                r.summary.last_seq,
+                r.summary.elapsed.as_secs_f64(),
+                r.dir.display(),
+                if r.live_run_handed_off {
+                    " (the live tally run resumed on it)"
+                } else {
+                    ""
+                }
+            );
+            if r.summary.last_seq < r.target {
+                return Err(CliError::ReplayInterrupted {
+                    at: r.summary.last_seq,
+                    target: r.target,
+                });
             }
             Ok(())
         }

@@ -12,14 +12,17 @@
 //!   horizon.
 //! - [`operator`]: synchronous state machines, one file per view, that turn
 //!   accepted events into view rows: [`operator::events`] (the archive),
-//!   [`operator::usage`], [`operator::overages`]; with [`operator::window`]
-//!   (UTC tumbling windows), [`operator::catalog`] and
-//!   [`operator::subscription`] (the fold shared with the MRR views).
+//!   [`operator::usage`], [`operator::overages`], [`operator::mrr`],
+//!   [`operator::revenue`], [`operator::tenants`]; with
+//!   [`operator::window`] (UTC tumbling windows), [`operator::catalog`] and
+//!   [`operator::subscription`] (the subscription fold they share).
 //! - [`sink`]: Parquet files, written to a temporary name and renamed
 //!   ([`sink::parquet`]); threshold alerts to NATS ([`sink::alerts`]).
 //! - [`query`]: DataFusion over the views and `queries/*.sql`, read-only.
 //! - [`runtime`]: the thin async shell: fetch, process, make durable,
 //!   checkpoint, ack.
+//! - [`replay`]: rebuild from sequence 1 into a fresh directory, then switch
+//!   atomically, handing a live run over to the new views.
 //! - [`generate`], [`publish`], [`bench`], [`status`]: the producer-side and
 //!   operator-side commands.
 //! - [`cli`]: the `tally` command line.
@@ -36,6 +39,7 @@ pub mod generate;
 pub mod operator;
 pub mod publish;
 pub mod query;
+pub mod replay;
 pub mod runtime;
 pub mod schema;
 pub mod sink;

@@ -8,6 +8,8 @@
 //! after the next start's recovery.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array};
@@ -313,6 +315,33 @@ pub struct RunOptions {
     pub batch_size: usize,
     /// How long to wait for more messages once a batch has started.
     pub batch_wait: Duration,
+    /// Publish alerts (`tally run`); a replay does not.
+    pub live: bool,
+    /// Answer a `tally replay`'s hand-off between batches (see [`crate::replay`]).
+    pub serve_handoff: bool,
+    /// Stop once this stream sequence is processed (replay's target).
+    pub stop_at: Option<u64>,
+    /// The last processed sequence, for a progress display.
+    pub position: Option<Arc<AtomicU64>>,
+}
+
+impl RunOptions {
+    /// `tally run`'s behaviour with the given knobs.
+    pub fn live(data_dir: PathBuf, source: SourceConfig, config: Option<PathBuf>) -> RunOptions {
+        RunOptions {
+            data_dir,
+            source,
+            config,
+            until_idle: false,
+            idle: Duration::from_secs(1),
+            batch_size: 10_000,
+            batch_wait: Duration::from_millis(200),
+            live: true,
+            serve_handoff: true,
+            stop_at: None,
+            position: None,
+        }
+    }
 }
 
 /// What a run did.
@@ -556,13 +585,27 @@ pub fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
     rx
 }
 
+/// How long a live run waits, paused, for a replay to switch directories.
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// `tally run`.
 pub async fn run(
     opts: &RunOptions,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<RunSummary, RuntimeError> {
+    let mut lock = None;
+    run_with_lock(opts, stop, &mut lock).await
+}
+
+/// [`run`], leaving the data directory's lock in `lock` when it returns
+/// (a replay keeps it until it has switched directories).
+pub async fn run_with_lock(
+    opts: &RunOptions,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    lock: &mut Option<DataDirLock>,
 ) -> Result<RunSummary, RuntimeError> {
     let started = Instant::now();
-    let _lock = lock_data_dir(&opts.data_dir)?;
+    *lock = Some(lock_data_dir(&opts.data_dir)?);
     let settings =
         Settings::load(settings_path(&opts.data_dir, opts.config.as_deref()).as_deref())?;
     let client = js_source::connect(&opts.source.nats_url).await?;
@@ -589,6 +632,7 @@ pub async fn run(
         &created,
         &opts.source.subject_prefix,
     )?;
+    p.set_live(opts.live);
     if p.checkpoint.last_seq > stream_last {
         return Err(RuntimeError::AheadOfStream {
             path: opts.data_dir.clone(),
@@ -613,8 +657,9 @@ pub async fn run(
     let max_ack_pending = (opts.batch_size * 4).max(1000) as i64;
     let mut failures = 0u32;
     let mut first_seen: Option<Instant> = None;
+    let done = |p: &Processor| opts.stop_at.is_some_and(|n| p.checkpoint.last_seq >= n);
     'session: loop {
-        if *stop.borrow() {
+        if *stop.borrow() || done(&p) {
             break;
         }
         let consumer = match js_source::consumer_from(
@@ -649,6 +694,30 @@ pub async fn run(
             }
         };
         loop {
+            if opts.serve_handoff && crate::replay::handoff_requested(&opts.data_dir) {
+                if crate::replay::serve_handoff(
+                    &opts.data_dir,
+                    p.checkpoint.last_seq,
+                    lock,
+                    HANDOFF_TIMEOUT,
+                )
+                .await?
+                {
+                    p = open_state(
+                        &opts.data_dir,
+                        &settings,
+                        &opts.source.stream,
+                        &created,
+                        &opts.source.subject_prefix,
+                    )?;
+                    p.set_live(opts.live);
+                    info!(
+                        resume_from = p.checkpoint.last_seq + 1,
+                        "resumed on the replayed views"
+                    );
+                }
+                continue 'session;
+            }
             // Wait for the first message of a batch, the idle timeout, or a stop.
             let first_msg = tokio::select! {
                 biased;
@@ -704,12 +773,16 @@ pub async fn run(
             let first_seq_before = p.checkpoint.last_seq;
             let mut letters = Vec::new();
             let mut last_msg = None;
+            let mut processed = 0u64;
             for m in &batch {
                 let Ok(info) = m.info() else {
                     warn!(subject = %m.subject, "message without JetStream metadata skipped");
                     continue;
                 };
                 let seq = info.stream_sequence;
+                if opts.stop_at.is_some_and(|n| seq > n) {
+                    break;
+                }
                 let published_at = js_source::micros(&info.published);
                 if let Some(l) = p.process(Incoming {
                     stream_seq: seq,
@@ -719,6 +792,7 @@ pub async fn run(
                 }) {
                     letters.push(l);
                 }
+                processed += 1;
                 last_msg = Some(m);
             }
             let Some(last_msg) = last_msg else { continue };
@@ -736,8 +810,11 @@ pub async fn run(
             if let Err(e) = last_msg.ack().await {
                 debug!(error = %e, "ack failed; the checkpoint already covers the batch");
             }
-            summary.messages += batch.len() as u64;
+            summary.messages += processed;
             summary.last_seq = p.checkpoint.last_seq;
+            if let Some(pos) = &opts.position {
+                pos.store(p.checkpoint.last_seq, Ordering::Relaxed);
+            }
             summary.active = first_seen.elapsed();
             if last_report.elapsed() >= Duration::from_secs(5) {
                 let rate =
@@ -764,7 +841,7 @@ pub async fn run(
             if stream_failed {
                 continue 'session;
             }
-            if *stop.borrow() {
+            if *stop.borrow() || done(&p) {
                 break 'session;
             }
         }

@@ -236,3 +236,25 @@ pub fn publish_lines(server: &NatsServer, data: &std::path::Path, lines: &[Strin
         .unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+/// Waits until `data`'s checkpoint is beyond `beyond`; panics if `child` exits first.
+pub fn wait_for_checkpoint(
+    data: &std::path::Path,
+    beyond: u64,
+    child: &mut std::process::Child,
+) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(data.join("checkpoint.json"))
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && v["last_seq"].as_u64().unwrap_or(0) > beyond
+        {
+            return v["last_seq"].as_u64().unwrap_or(0);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("tally run exited early with {status}");
+        }
+        assert!(Instant::now() < deadline, "no checkpoint beyond {beyond}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

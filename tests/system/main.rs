@@ -4,18 +4,19 @@
 // Integration-test crate: panicking on a broken fixture is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod faults;
 mod harness;
 mod metrics;
 
 use std::io::Write;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
 use harness::{
     NatsServer, api_calls, event, generated, publish_lines, run_expect, sql, sql_u64, status_json,
-    tally, until_idle,
+    tally, until_idle, wait_for_checkpoint,
 };
 
 fn rt() -> tokio::runtime::Runtime {
@@ -333,88 +334,6 @@ fn duplicates_inside_and_beyond_the_jetstream_window_count_once() {
     );
 }
 
-fn wait_for_checkpoint(
-    data: &std::path::Path,
-    beyond: u64,
-    child: &mut std::process::Child,
-) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(data.join("checkpoint.json"))
-            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
-            && v["last_seq"].as_u64().unwrap_or(0) > beyond
-        {
-            return v["last_seq"].as_u64().unwrap_or(0);
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("tally run exited early with {status}");
-        }
-        assert!(Instant::now() < deadline, "no checkpoint beyond {beyond}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-#[test]
-fn kill_9_at_any_instant_loses_nothing_and_doubles_nothing() {
-    let server = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let clean = dir.path().join("clean");
-    let file = generated(dir.path(), 40, 4, 3);
-    let mut p = tally(&server, &data);
-    p.arg("publish").arg(&file);
-    run_expect(p, 0);
-
-    // Kill -9 mid-run several times, at varying points, then finish.
-    let mut seen = 0;
-    for round in 0..4u64 {
-        let mut c = tally(&server, &data);
-        c.args(["run", "--batch-size", "300"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let mut child = c.spawn().unwrap();
-        seen = wait_for_checkpoint(&data, seen, &mut child);
-        std::thread::sleep(Duration::from_millis(3 * round));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-    }
-    until_idle(&server, &data);
-
-    // A clean, uninterrupted run over the same stream, with its own consumer.
-    let mut c = tally(&server, &clean);
-    c.args(["run", "--until-idle", "--consumer", "clean"]);
-    run_expect(c, 0);
-
-    assert_eq!(
-        sql_u64(&server, &data, "SELECT count(*) FROM events"),
-        unique_events(&file) as u64
-    );
-    // Every view, row for row, with a lower bound so an empty view cannot pass.
-    for (query, at_least) in [
-        ("SELECT * FROM events ORDER BY stream_seq", 1000),
-        (
-            "SELECT * FROM usage ORDER BY tenant, metric, granularity, window_start",
-            100,
-        ),
-        ("SELECT * FROM overages ORDER BY tenant, period, metric", 20),
-    ] {
-        let crashed = sql(&server, &data, query);
-        assert!(
-            crashed.len() >= at_least,
-            "{query}: only {} rows",
-            crashed.len()
-        );
-        assert_eq!(
-            crashed,
-            sql(&server, &clean, query),
-            "{query}: differs from a clean run"
-        );
-    }
-    let a = status_json(&server, &data)["status"]["counts"].clone();
-    let b = status_json(&server, &clean)["status"]["counts"].clone();
-    assert_eq!(a, b);
-}
-
 #[test]
 fn sigterm_finishes_the_batch_and_exits_zero() {
     let server = NatsServer::start();
@@ -530,49 +449,6 @@ fn unreachable_nats_says_what_to_do() {
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
-}
-
-#[test]
-fn nats_restart_mid_run_loses_nothing() {
-    let mut server = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let file = generated(dir.path(), 30, 3, 9);
-    let mut p = tally(&server, &data);
-    p.arg("publish").arg(&file);
-    run_expect(p, 0);
-    let total = unique_events(&file) as u64;
-    let stored = status_json(&server, &data)["status"]["stream_last_seq"]
-        .as_u64()
-        .unwrap();
-
-    let mut c = tally(&server, &data);
-    c.args(["run", "--batch-size", "200"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = c.spawn().unwrap();
-    wait_for_checkpoint(&data, 0, &mut child);
-    server.restart();
-    // The same process carries on once the server is back.
-    wait_for_checkpoint(&data, stored - 1, &mut child);
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert_eq!(child.wait().unwrap().code(), Some(0));
-    assert_eq!(
-        sql_u64(&server, &data, "SELECT count(*) FROM events"),
-        total
-    );
-    assert_eq!(
-        sql_u64(
-            &server,
-            &data,
-            "SELECT count(DISTINCT stream_seq) FROM events"
-        ),
-        total
-    );
 }
 
 /// Hand-computed rows of the `usage` view, including a late event that

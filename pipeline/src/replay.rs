@@ -1,0 +1,406 @@
+//! `tally replay`: rebuilds every view from stream sequence 1 into a fresh
+//! directory with fresh state, then switches the data directory to it
+//! atomically; and the hand-off that lets a live `tally run` on the same
+//! data directory keep working across the switch.
+//!
+//! # The rebuild
+//! The fresh directory is `<data>.replay`, a sibling (so the switch is a
+//! rename on one file system), locked by the replay while it is built. It
+//! is filled by the same pipeline as `tally run` (same settings, same
+//! operators, same durability protocol), read through its own durable
+//! consumer, with alerts off (`live = false`: a replay publishes none,
+//! though it remembers which thresholds were crossed so a later live run
+//! does not alert them again). It stops at the stream's last sequence as
+//! of the start, or at `--until-seq`.
+//!
+//! # The switch, and the hand-off with a live run
+//! Without a live run, the replay takes the data directory's lock and
+//! exchanges the two directories in one `renameat2(RENAME_EXCHANGE)`
+//! (readers see the old or the new views, never none), then deletes the old.
+//!
+//! With a live run (it holds the lock), the replay asks it through files in
+//! the data directory:
+//! 1. the replay writes `handoff.request`;
+//! 2. the live run, between batches (its last batch durable and acked),
+//!    writes `handoff.paused` and stops consuming;
+//! 3. the replay writes `handoff.done` into the fresh directory, exchanges
+//!    the directories and releases its lock;
+//! 4. the live run sees `handoff.done` at the data path, takes the lock of
+//!    the new directory, reloads its state from it and resumes from *its*
+//!    checkpoint + 1 through a recreated consumer.
+//!
+//! Nothing is lost or doubled: the new directory holds exactly the stream
+//! up to its checkpoint, and the live run continues from there (messages it
+//! had processed beyond that point are processed again into the new
+//! directory; an alert among them is re-sent with the same `Nats-Msg-Id`,
+//! which the alerts stream deduplicates). If the live run does not answer
+//! within the time-out, the replay withdraws the request and fails, and the
+//! live run carries on untouched.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use tracing::{info, warn};
+
+use crate::runtime::{self, DataDirLock, RunOptions, RunSummary, RuntimeError, lock_data_dir};
+use crate::source::jetstream as js_source;
+
+pub const REQUEST: &str = "handoff.request";
+pub const PAUSED: &str = "handoff.paused";
+pub const DONE: &str = "handoff.done";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "another tally replay is building {path}; wait for it to finish (or stop it) before starting one"
+    )]
+    Busy { path: PathBuf },
+    #[error(
+        "--until-seq {wanted} is beyond the end of stream {stream} (last sequence {last}); pick a sequence at most {last}"
+    )]
+    BeyondStream {
+        wanted: u64,
+        stream: String,
+        last: u64,
+    },
+    #[error(
+        "{path} already exists and is not empty; `tally replay --into` writes a new directory: name one that does not exist"
+    )]
+    IntoExists { path: PathBuf },
+    #[error(
+        "a process holds {path} but did not answer the replay's hand-off within {secs} s (an older tally, or a stuck run); the rebuilt views are in {fresh}; stop that process and run `tally replay` again"
+    )]
+    NoAnswer {
+        path: PathBuf,
+        fresh: PathBuf,
+        secs: u64,
+    },
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ReplayError + 'a {
+    move |source| ReplayError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What `tally replay` does.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// The run's options; `data_dir` is the directory to rebuild and switch.
+    pub run: RunOptions,
+    /// Stop after this stream sequence (an as-of rebuild).
+    pub until_seq: Option<u64>,
+    /// Build here and do not switch (with `until_seq`: the as-of views).
+    pub into: Option<PathBuf>,
+    /// How long a live run has to answer the hand-off.
+    pub handoff_timeout: Duration,
+    /// Draw a progress bar (stderr is a terminal).
+    pub progress_bar: bool,
+}
+
+/// What a replay did.
+#[derive(Debug)]
+pub struct ReplayReport {
+    pub summary: RunSummary,
+    pub target: u64,
+    pub dir: PathBuf,
+    pub switched: bool,
+    pub live_run_handed_off: bool,
+}
+
+/// The fresh directory next to `data`.
+pub fn fresh_dir(data: &Path) -> PathBuf {
+    let mut name = data
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "tally-data".into());
+    name.push(".replay");
+    data.with_file_name(name)
+}
+
+/// `tally replay`.
+pub async fn replay(
+    opts: &ReplayOptions,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<ReplayReport, ReplayError> {
+    let data = opts.run.data_dir.clone();
+    let target_dir = opts.into.clone().unwrap_or_else(|| fresh_dir(&data));
+    if opts.into.is_some() {
+        let non_empty = std::fs::read_dir(&target_dir).is_ok_and(|mut d| d.next().is_some());
+        if non_empty {
+            return Err(ReplayError::IntoExists { path: target_dir });
+        }
+    } else if target_dir.exists() {
+        // A leftover of an interrupted replay, unless one is running.
+        let lock = lock_data_dir(&target_dir).map_err(|_| ReplayError::Busy {
+            path: target_dir.clone(),
+        })?;
+        drop(lock);
+        std::fs::remove_dir_all(&target_dir).map_err(io("remove", &target_dir))?;
+    }
+    // The stream's end now: the replay's target.
+    let client = js_source::connect(&opts.run.source.nats_url)
+        .await
+        .map_err(RuntimeError::from)?;
+    let js = jetstream::new(client);
+    let mut stream = js_source::ensure_event_stream(&js, &opts.run.source)
+        .await
+        .map_err(RuntimeError::from)?;
+    let (_, last) = js_source::stream_identity(&mut stream, &opts.run.source.stream)
+        .await
+        .map_err(RuntimeError::from)?;
+    let target = match opts.until_seq {
+        Some(n) if n > last => {
+            return Err(ReplayError::BeyondStream {
+                wanted: n,
+                stream: opts.run.source.stream.clone(),
+                last,
+            });
+        }
+        Some(n) => n,
+        None => last,
+    };
+    // The settings of the directory being rebuilt go with the new one.
+    std::fs::create_dir_all(&target_dir).map_err(io("create", &target_dir))?;
+    if opts.run.config.is_none() {
+        let toml = data.join("tally.toml");
+        if toml.exists() {
+            let to = target_dir.join("tally.toml");
+            std::fs::copy(&toml, &to).map_err(io("copy settings to", &to))?;
+        }
+    }
+    let position = Arc::new(AtomicU64::new(0));
+    let mut run = opts.run.clone();
+    run.config = runtime::settings_path(&data, opts.run.config.as_deref());
+    run.data_dir = target_dir.clone();
+    run.live = false;
+    run.serve_handoff = false;
+    run.until_idle = true;
+    run.stop_at = Some(target);
+    run.position = Some(Arc::clone(&position));
+    run.source.consumer = format!(
+        "tally-replay-{:016x}",
+        xxhash_rust::xxh3::xxh3_64(target_dir.to_string_lossy().as_bytes())
+    );
+    info!(target, dir = %target_dir.display(), "replay starting from sequence 1");
+    let bar = opts
+        .progress_bar
+        .then(|| progress_bar(target, Arc::clone(&position)));
+    let mut lock_slot = None;
+    let summary = runtime::run_with_lock(&run, stop.clone(), &mut lock_slot).await;
+    if let Some((bar, task)) = bar {
+        task.abort();
+        bar.finish_and_clear();
+    }
+    let summary = summary?;
+    if let Err(e) = stream.delete_consumer(&run.source.consumer).await {
+        warn!(error = %e, consumer = %run.source.consumer, "cannot delete the replay's consumer");
+    }
+    if *stop.borrow() && summary.last_seq < target {
+        info!(
+            last_seq = summary.last_seq,
+            "replay interrupted; the data directory was not switched"
+        );
+        return Ok(ReplayReport {
+            summary,
+            target,
+            dir: target_dir,
+            switched: false,
+            live_run_handed_off: false,
+        });
+    }
+    if opts.into.is_some() {
+        return Ok(ReplayReport {
+            summary,
+            target,
+            dir: target_dir,
+            switched: false,
+            live_run_handed_off: false,
+        });
+    }
+    let Some(fresh_lock) = lock_slot else {
+        return Err(ReplayError::Busy { path: target_dir });
+    };
+    let handed_off = switch(&data, &target_dir, fresh_lock, opts.handoff_timeout).await?;
+    Ok(ReplayReport {
+        summary,
+        target,
+        dir: data,
+        switched: true,
+        live_run_handed_off: handed_off,
+    })
+}
+
+/// Exchanges `fresh` into `data`, coordinating with a live run if one
+/// holds `data`. Returns whether a live run was handed off.
+async fn switch(
+    data: &Path,
+    fresh: &Path,
+    fresh_lock: DataDirLock,
+    timeout: Duration,
+) -> Result<bool, ReplayError> {
+    if let Ok(data_lock) = lock_data_dir(data) {
+        exchange(fresh, data)?;
+        drop(data_lock);
+        drop(fresh_lock);
+        remove_old(fresh);
+        info!(data = %data.display(), "switched to the replayed views");
+        return Ok(false);
+    }
+    let request = data.join(REQUEST);
+    std::fs::write(&request, fresh.to_string_lossy().as_bytes()).map_err(io("write", &request))?;
+    info!(data = %data.display(), "a live tally run holds the data directory; asking it to pause between batches");
+    let started = Instant::now();
+    let paused = data.join(PAUSED);
+    loop {
+        if paused.exists() {
+            break;
+        }
+        // The live run may have exited meanwhile: then the lock is free.
+        if let Ok(data_lock) = lock_data_dir(data) {
+            let _ = std::fs::remove_file(&request);
+            exchange(fresh, data)?;
+            drop(data_lock);
+            drop(fresh_lock);
+            remove_old(fresh);
+            return Ok(false);
+        }
+        if started.elapsed() > timeout {
+            let _ = std::fs::remove_file(&request);
+            return Err(ReplayError::NoAnswer {
+                path: data.to_path_buf(),
+                fresh: fresh.to_path_buf(),
+                secs: timeout.as_secs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let done = fresh.join(DONE);
+    std::fs::write(&done, b"").map_err(io("write", &done))?;
+    exchange(fresh, data)?;
+    drop(fresh_lock);
+    // Wait for the live run to take the new directory over, then drop the old one.
+    let taken = data.join(DONE);
+    let started = Instant::now();
+    while taken.exists() && started.elapsed() < timeout {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if taken.exists() {
+        warn!(data = %data.display(), "the live run has not resumed on the replayed views yet");
+    }
+    remove_old(fresh);
+    info!(data = %data.display(), "switched to the replayed views; the live run resumed on them");
+    Ok(true)
+}
+
+/// Swaps two directories atomically (Linux `RENAME_EXCHANGE`); when
+/// `data` does not exist yet, a plain rename.
+fn exchange(fresh: &Path, data: &Path) -> Result<(), ReplayError> {
+    if !data.exists() {
+        return std::fs::rename(fresh, data).map_err(io("rename", fresh));
+    }
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        fresh,
+        rustix::fs::CWD,
+        data,
+        rustix::fs::RenameFlags::EXCHANGE,
+    )
+    .map_err(|e| ReplayError::Io {
+        action: "exchange with the data directory",
+        path: fresh.to_path_buf(),
+        source: e.into(),
+    })
+}
+
+fn remove_old(old: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(old) {
+        warn!(dir = %old.display(), error = %e, "cannot remove the replaced views; delete the directory by hand");
+    }
+}
+
+fn progress_bar(
+    target: u64,
+    position: Arc<AtomicU64>,
+) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = indicatif::ProgressBar::new(target);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "replay {bar:32.cyan/blue} seq {pos}/{len}  {per_sec}  ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let b = bar.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            b.set_position(position.load(Ordering::Relaxed));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    (bar, task)
+}
+
+/// The live side of the hand-off, called by `tally run` between batches:
+/// whether a replay asks for the data directory.
+pub fn handoff_requested(data: &Path) -> bool {
+    data.join(REQUEST).exists()
+}
+
+/// The live side: pause (the last batch is durable and acked), wait for
+/// the switch, then take the new directory's lock. Returns `false` if the
+/// replay withdrew its request (nothing changed).
+pub async fn serve_handoff(
+    data: &Path,
+    last_seq: u64,
+    lock: &mut Option<DataDirLock>,
+    timeout: Duration,
+) -> Result<bool, RuntimeError> {
+    let paused = data.join(PAUSED);
+    std::fs::write(&paused, last_seq.to_string()).map_err(|source| RuntimeError::DataDir {
+        path: paused.clone(),
+        source,
+    })?;
+    info!(
+        last_seq,
+        "a tally replay asked for the data directory; paused between batches"
+    );
+    let done = data.join(DONE);
+    let started = Instant::now();
+    loop {
+        if done.exists() {
+            break;
+        }
+        if !data.join(REQUEST).exists() || started.elapsed() > timeout {
+            let _ = std::fs::remove_file(&paused);
+            info!("the replay withdrew; resuming on the same views");
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The directories were exchanged: `data` is the replayed one.
+    *lock = None;
+    let started = Instant::now();
+    let new_lock = loop {
+        match lock_data_dir(data) {
+            Ok(l) => break l,
+            Err(e) if started.elapsed() > timeout => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    *lock = Some(new_lock);
+    let _ = std::fs::remove_file(&done);
+    Ok(true)
+}
