@@ -1,11 +1,18 @@
-//! `tally bench`: the ingest benchmark.
+//! `tally bench`: the hot paths, measured against the broker.
 //!
-//! Publishes N generated events to a dedicated stream, measures the raw
-//! JetStream consume rate of that stream (pull consumer, AckAll, batches of
-//! 10k, no processing), then runs `tally run --until-idle` as a child
-//! process on the same stream from an empty data directory, and reports
-//! both rates, their ratio and the child's peak RSS. Ratios, not absolute
-//! rates, are comparable across machines.
+//! - **Ingest** (always): publishes N generated events to a dedicated
+//!   stream, measures the raw JetStream consume rate of that stream (pull
+//!   consumer, AckAll, batches of 10k, no processing), then runs `tally run
+//!   --until-idle` as a child process on the same stream from an empty data
+//!   directory, and reports both rates, their ratio and the child's peak RSS.
+//! - **Replay** (`--replay`): a raw ordered-consumer read of the same stream
+//!   against `tally replay --into` (a child), rate ratio and peak RSS.
+//! - **Operators** (`--operators`): in process, on one core, no broker:
+//!   validation alone, then each operator alone, in events/s.
+//! - **Shape** (`--tenants N --months M [--no-activity]`): the generated SaaS
+//!   instead of `--events`, e.g. 100k tenants' subscription history.
+//!
+//! Ratios, not absolute rates, are comparable across machines.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -47,6 +54,15 @@ pub struct BenchOptions {
     pub prefix: String,
     pub scratch: PathBuf,
     pub batch_size: usize,
+    /// Generate this many tenants (with `months`) instead of `events` events.
+    pub tenants: Option<u32>,
+    pub months: u32,
+    /// Only the billing lifecycle (see [`GenerateConfig::activity`]).
+    pub no_activity: bool,
+    /// Also measure `tally replay` against a raw ordered consumer.
+    pub replay: bool,
+    /// Also measure validation and each operator alone, in process.
+    pub operators: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -56,7 +72,30 @@ pub struct BenchReport {
     pub raw_consume_per_s: f64,
     pub tally_run_per_s: f64,
     pub ratio: f64,
+    pub replay: Option<ReplayBench>,
+    pub operators: Option<OperatorsBench>,
     pub tally_peak_rss_mib: f64,
+}
+
+/// `tally replay` against a raw ordered-consumer read of the same stream.
+#[derive(Debug, Serialize)]
+pub struct ReplayBench {
+    pub raw_ordered_per_s: f64,
+    pub tally_replay_per_s: f64,
+    pub ratio: f64,
+    pub peak_rss_mib: f64,
+}
+
+/// In-process rates on one core, no broker.
+#[derive(Debug, Serialize)]
+pub struct OperatorsBench {
+    pub events: u64,
+    /// Envelope and `data` validation into typed events.
+    pub validate_per_s: f64,
+    /// (view, events/s) of each operator alone: apply + rows every 10k events.
+    pub operators: Vec<(String, f64)>,
+    /// This process's peak RSS after holding every event and operator state.
+    pub peak_rss_mib: f64,
 }
 
 /// Peak resident set size (VmHWM) of a process, in KiB.
@@ -78,24 +117,31 @@ fn scratch_err(path: &Path) -> impl Fn(std::io::Error) -> BenchError + '_ {
 /// Runs the benchmark; `tally` is the binary to run as the child.
 pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, BenchError> {
     std::fs::create_dir_all(&opts.scratch).map_err(scratch_err(&opts.scratch))?;
-    // 1. Generate: ~80 events per tenant-month, 12 months.
+    // 1. Generate: ~80 events per tenant-month, 12 months; or the shape asked for.
     let events_file = opts.scratch.join("events.jsonl");
-    let tenants = u32::try_from((opts.events / 900).max(1)).unwrap_or(u32::MAX);
     let cfg = GenerateConfig {
-        tenants,
-        months: 12,
+        tenants: opts
+            .tenants
+            .unwrap_or_else(|| u32::try_from((opts.events / 900).max(1)).unwrap_or(u32::MAX)),
+        months: if opts.tenants.is_some() {
+            opts.months
+        } else {
+            12
+        },
         seed: opts.seed,
         start_year: 2025,
         start_month: 1,
         source: "tally-bench".into(),
+        activity: !opts.no_activity,
     };
     let mut all = Vec::new();
     generate::generate(&cfg, &mut all)?;
+    let limit = match opts.tenants {
+        Some(_) => usize::MAX,
+        None => usize::try_from(opts.events).unwrap_or(usize::MAX),
+    };
     let mut kept = Vec::with_capacity(all.len());
-    for line in all
-        .split_inclusive(|b| *b == b'\n')
-        .take(usize::try_from(opts.events).unwrap_or(usize::MAX))
-    {
+    for line in all.split_inclusive(|b| *b == b'\n').take(limit) {
         kept.extend_from_slice(line);
     }
     drop(all);
@@ -173,6 +219,104 @@ pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, Bench
     // 5. tally run --until-idle, as a child, from an empty data directory.
     let data = opts.scratch.join("data");
     let _ = std::fs::remove_dir_all(&data);
+    let (summary, peak) = child(
+        tally,
+        opts,
+        &data,
+        &[
+            "run",
+            "--until-idle",
+            "--summary-json",
+            "--batch-size",
+            &opts.batch_size.to_string(),
+        ],
+    )
+    .await?;
+    let tally_run_per_s = rate(&summary);
+
+    // 6. Replay: raw ordered consumer, then `tally replay --into`.
+    let replay = if opts.replay {
+        let started = Instant::now();
+        let ordered = s
+            .create_consumer(consumer::pull::OrderedConfig::default())
+            .await
+            .map_err(|e| serr(e.to_string()))?;
+        let mut msgs = ordered.messages().await.map_err(|e| serr(e.to_string()))?;
+        let mut seen = 0u64;
+        while seen < stored {
+            match tokio::time::timeout(Duration::from_secs(10), msgs.next()).await {
+                Ok(Some(Ok(_))) => seen += 1,
+                Ok(Some(Err(e))) => return Err(serr(e.to_string())),
+                Ok(None) | Err(_) => {
+                    return Err(serr(format!(
+                        "ordered read stalled after {seen} of {stored} messages"
+                    )));
+                }
+            }
+        }
+        let raw_ordered_per_s = seen as f64 / started.elapsed().as_secs_f64();
+        drop(msgs);
+        let into = opts.scratch.join("replayed");
+        let _ = std::fs::remove_dir_all(&into);
+        let into_text = into.to_string_lossy().into_owned();
+        let (summary, peak) = child(
+            tally,
+            opts,
+            &data,
+            &[
+                "replay",
+                "--summary-json",
+                "--into",
+                &into_text,
+                "--batch-size",
+                &opts.batch_size.to_string(),
+            ],
+        )
+        .await?;
+        let tally_replay_per_s = rate(&summary);
+        Some(ReplayBench {
+            raw_ordered_per_s,
+            tally_replay_per_s,
+            ratio: tally_replay_per_s / raw_ordered_per_s,
+            peak_rss_mib: peak as f64 / 1024.0,
+        })
+    } else {
+        None
+    };
+
+    // 7. Validation and each operator alone, in process.
+    let operators = if opts.operators {
+        Some(operators_bench(&events_file, &opts.prefix)?)
+    } else {
+        None
+    };
+    let _ = js.delete_stream(&opts.stream).await;
+    Ok(BenchReport {
+        events,
+        publish_per_s,
+        raw_consume_per_s,
+        tally_run_per_s,
+        ratio: tally_run_per_s / raw_consume_per_s,
+        replay,
+        operators,
+        tally_peak_rss_mib: peak as f64 / 1024.0,
+    })
+}
+
+/// Messages per second of active work in a child's `--summary-json` line.
+fn rate(summary: &serde_json::Value) -> f64 {
+    let active = summary["active_secs"].as_f64().unwrap_or(f64::NAN);
+    summary["messages"].as_f64().unwrap_or(0.0) / active
+}
+
+/// Runs `tally <global options> <args>` as a child on the bench stream;
+/// returns its `--summary-json` line and its peak RSS in KiB.
+async fn child(
+    tally: &Path,
+    opts: &BenchOptions,
+    data: &Path,
+    args: &[&str],
+) -> Result<(serde_json::Value, u64), BenchError> {
     let mut child = tokio::process::Command::new(tally)
         .args([
             "--nats",
@@ -183,14 +327,8 @@ pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, Bench
             &opts.prefix,
             "--data",
         ])
-        .arg(&data)
-        .args([
-            "run",
-            "--until-idle",
-            "--summary-json",
-            "--batch-size",
-            &opts.batch_size.to_string(),
-        ])
+        .arg(data)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -216,23 +354,72 @@ pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, Bench
     };
     let out = reader.await.unwrap_or_default();
     if !status.success() {
-        return Err(BenchError::Child(format!("exited with {status}")));
+        return Err(BenchError::Child(format!("{args:?} exited with {status}")));
     }
-    let summary: serde_json::Value = out
+    let summary = out
         .lines()
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
         .ok_or_else(|| BenchError::Child(format!("no summary on stdout: {out:?}")))?;
-    let active = summary["active_secs"].as_f64().unwrap_or(f64::NAN);
-    let processed = summary["messages"].as_f64().unwrap_or(0.0);
-    let tally_run_per_s = processed / active;
-    let _ = js.delete_stream(&opts.stream).await;
-    Ok(BenchReport {
-        events,
-        publish_per_s,
-        raw_consume_per_s,
-        tally_run_per_s,
-        ratio: tally_run_per_s / raw_consume_per_s,
-        tally_peak_rss_mib: peak as f64 / 1024.0,
+    Ok((summary, peak))
+}
+
+/// Validation, then each operator alone over the same events, on this
+/// thread: the CPU cost of the hot path without the broker.
+pub fn operators_bench(events_file: &Path, prefix: &str) -> Result<OperatorsBench, BenchError> {
+    let text = std::fs::read(events_file).map_err(scratch_err(events_file))?;
+    let lines: Vec<&[u8]> = text
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    // Subjects as a producer would set them (not timed).
+    let subjects: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_slice(l).unwrap_or_default();
+            crate::event::subject_for(
+                prefix,
+                v["tenant"].as_str().unwrap_or_default(),
+                v["type"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let limits = crate::event::Limits::default();
+    let started = Instant::now();
+    let mut events = Vec::with_capacity(lines.len());
+    for (i, (line, subject)) in lines.iter().zip(&subjects).enumerate() {
+        // Publish time far ahead: nothing is "in the future" here.
+        if let Ok(e) = crate::event::validate_message(
+            line,
+            subject,
+            prefix,
+            i as u64 + 1,
+            i64::MAX / 2,
+            &limits,
+        ) {
+            events.push(e);
+        }
+    }
+    let validate_per_s = lines.len() as f64 / started.elapsed().as_secs_f64();
+    let settings = crate::config::Settings::default();
+    let mut operators = Vec::new();
+    for mut op in crate::operator::registry(&settings) {
+        let started = Instant::now();
+        for (i, chunk) in events.chunks(10_000).enumerate() {
+            for e in chunk {
+                op.apply(e);
+            }
+            op.take_rows(i as u64)
+                .map_err(|e| BenchError::Child(e.to_string()))?;
+        }
+        let per_s = events.len() as f64 / started.elapsed().as_secs_f64();
+        operators.push((op.view().to_owned(), per_s));
+    }
+    let peak = peak_rss_kib(std::process::id()).unwrap_or(0);
+    Ok(OperatorsBench {
+        events: events.len() as u64,
+        validate_per_s,
+        operators,
+        peak_rss_mib: peak as f64 / 1024.0,
     })
 }

@@ -111,6 +111,9 @@ pub enum Command {
         /// Seconds a live `tally run` has to answer the hand-off.
         #[arg(long, default_value_t = 60)]
         handoff_timeout_secs: u64,
+        /// Print a JSON summary line on stdout at exit (used by `tally bench`).
+        #[arg(long, hide = true)]
+        summary_json: bool,
     },
     /// Run SQL over the views and the queries/ views.
     Sql {
@@ -144,6 +147,10 @@ pub enum Command {
         /// First month, YYYY-MM.
         #[arg(long, default_value = "2025-01")]
         start: String,
+        /// Only the billing lifecycle (catalog, signups, subscriptions,
+        /// invoices): no usage or other activity. For subscription-scale tests.
+        #[arg(long)]
+        no_activity: bool,
     },
     /// Stream position, consumer lag, checkpoint, counts per outcome.
     Status {
@@ -166,6 +173,20 @@ pub enum Command {
         /// Scratch directory (generated events, the run's data dir).
         #[arg(long, default_value = "./tally-bench")]
         scratch: PathBuf,
+        /// Generate this many tenants (over --months) instead of --events events.
+        #[arg(long)]
+        tenants: Option<u32>,
+        #[arg(long, default_value_t = 12)]
+        months: u32,
+        /// Only the billing lifecycle: subscriptions and invoices, no usage.
+        #[arg(long)]
+        no_activity: bool,
+        /// Also measure `tally replay` against a raw ordered consumer.
+        #[arg(long)]
+        replay: bool,
+        /// Also measure validation and each operator alone (in process, one core).
+        #[arg(long)]
+        operators: bool,
     },
 }
 
@@ -274,6 +295,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             batch_size,
             dlq_stream,
             handoff_timeout_secs,
+            summary_json,
         } => {
             if *batch_size == 0 {
                 return Err(CliError::Usage("--batch-size must be at least 1".into()));
@@ -298,6 +320,17 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
             let r = crate::replay::replay(&opts, runtime::shutdown_signal()).await?;
+            if *summary_json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "messages": r.summary.messages,
+                        "last_seq": r.summary.last_seq,
+                        "active_secs": r.summary.active.as_secs_f64(),
+                        "elapsed_secs": r.summary.elapsed.as_secs_f64(),
+                    })
+                );
+            }
             let verb = if r.switched { "switched to" } else { "built" };
             println!(
                 "replayed {} messages (stream sequence 1..{}) in {:.1} s; {verb} {}{}",
@@ -394,6 +427,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             months,
             seed,
             start,
+            no_activity,
         } => {
             let (start_year, start_month) =
                 generate::parse_start(start).map_err(|e| CliError::Usage(e.to_string()))?;
@@ -409,6 +443,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 start_year,
                 start_month,
                 source: "tally-generate".into(),
+                activity: !*no_activity,
             };
             let stdout = std::io::stdout();
             let stats = generate::generate(&cfg, stdout.lock())?;
@@ -454,6 +489,11 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             seed,
             batch_size,
             scratch,
+            tenants,
+            months,
+            no_activity,
+            replay,
+            operators,
         } => {
             let exe = std::env::current_exe().map_err(|source| CliError::Input {
                 what: "own executable path".into(),
@@ -467,6 +507,11 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 prefix: "tally.bench".into(),
                 scratch: scratch.clone(),
                 batch_size: *batch_size,
+                tenants: *tenants,
+                months: *months,
+                no_activity: *no_activity,
+                replay: *replay,
+                operators: *operators,
             };
             let r = bench::run(&opts, &exe).await?;
             println!("events               {}", r.events);
@@ -475,6 +520,19 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             println!("tally run            {:>10.0} msg/s", r.tally_run_per_s);
             println!("ratio                {:>10.3}", r.ratio);
             println!("tally peak RSS       {:>10.1} MiB", r.tally_peak_rss_mib);
+            if let Some(rp) = &r.replay {
+                println!("raw ordered read     {:>10.0} msg/s", rp.raw_ordered_per_s);
+                println!("tally replay         {:>10.0} msg/s", rp.tally_replay_per_s);
+                println!("replay ratio         {:>10.3}", rp.ratio);
+                println!("replay peak RSS      {:>10.1} MiB", rp.peak_rss_mib);
+            }
+            if let Some(o) = &r.operators {
+                println!("in process, one core, {} events:", o.events);
+                println!("  validate           {:>10.0} events/s", o.validate_per_s);
+                for (view, per_s) in &o.operators {
+                    println!("  {view:<18} {per_s:>10.0} events/s");
+                }
+            }
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             Ok(())
         }

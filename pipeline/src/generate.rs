@@ -92,6 +92,11 @@ pub struct GenerateConfig {
     pub start_month: u32,
     /// CloudEvents `source` of every event (default `tally-generate`).
     pub source: String,
+    /// Product activity (usage and the families that move no metric); off,
+    /// only the billing lifecycle is written (catalog, signups,
+    /// subscriptions, invoices): the shape of a subscription-history
+    /// benchmark with many tenants.
+    pub activity: bool,
 }
 
 impl Default for GenerateConfig {
@@ -103,6 +108,7 @@ impl Default for GenerateConfig {
             start_year: 2025,
             start_month: 1,
             source: DEFAULT_SOURCE.to_owned(),
+            activity: true,
         }
     }
 }
@@ -198,6 +204,7 @@ pub fn generate<W: Write>(cfg: &GenerateConfig, out: W) -> Result<GenerateStats,
         month_end: 0,
         buf: Vec::new(),
         pending: Vec::new(),
+        activity: cfg.activity,
     };
     let range_start = month_start(start_idx);
     let mut tenants: Vec<Tenant> = (1..=cfg.tenants)
@@ -716,6 +723,8 @@ struct Gen {
     month_end: i64,
     buf: Vec<Ev>,
     pending: Vec<Ev>,
+    /// See [`GenerateConfig::activity`].
+    activity: bool,
 }
 
 impl Gen {
@@ -1020,7 +1029,9 @@ impl Tenant {
             ms
         };
         self.bill(g, me);
-        self.activity(g, m, from, ms, me);
+        if g.activity {
+            self.activity(g, m, from, ms, me);
+        }
     }
 
     fn signup(&mut self, g: &mut Gen, me: i64) {

@@ -83,6 +83,10 @@ pub enum RuntimeError {
         last: u64,
     },
     #[error(
+        "internal task failed: {0}; nothing unfinished was acknowledged, the next start redoes it"
+    )]
+    Task(String),
+    #[error(
         "stopped before batch {first}..={last} was durable: {cause}; nothing was acknowledged, the next start redoes it"
     )]
     Interrupted {
@@ -354,6 +358,8 @@ pub struct RunSummary {
     /// From the first message received to the last batch acknowledged:
     /// the time spent working, without start-up and the final idle wait.
     pub active: Duration,
+    /// When the last batch became durable.
+    pub durable_at: Option<Instant>,
 }
 
 /// The settings file in effect: `--config`, else `<data>/tally.toml` if present.
@@ -510,38 +516,37 @@ pub struct BatchOutput {
     pub letters: Vec<DeadLetter>,
     pub alerts: Vec<Alert>,
     pub rows: Vec<ViewRows>,
+    /// The checkpoint covering the batch, taken when the batch was cut (the
+    /// processor moves on to the next batch while this one is written).
+    pub checkpoint: Checkpoint,
 }
 
 /// Makes one batch durable: DLQ, alerts, view files, checkpoint. Retries
-/// with backoff until it succeeds or `stop` fires.
+/// with backoff until it succeeds or `stop` fires. Runs as its own task
+/// while the next batch is fetched and processed; the Parquet encoding and
+/// fsyncs run on a blocking thread.
 async fn commit(
-    js: &jetstream::Context,
-    opts: &RunOptions,
-    p: &Processor,
-    out: &BatchOutput,
-    stop: &mut tokio::sync::watch::Receiver<bool>,
-) -> Result<(), RuntimeError> {
+    js: jetstream::Context,
+    data_dir: PathBuf,
+    stream: String,
+    out: Arc<BatchOutput>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Instant, RuntimeError> {
     let first = out.first;
-    let last = p.checkpoint.last_seq;
+    let last = out.checkpoint.last_seq;
     let mut delay = Duration::from_millis(200);
     loop {
         let attempt: Result<(), RuntimeError> = async {
-            dlq::publish_all(js, &opts.source.stream, &out.letters).await?;
-            alerts::publish_all(js, &out.alerts).await?;
-            for r in &out.rows {
-                ViewDir::new(&opts.data_dir, r.view).write(
-                    first,
-                    last,
-                    &r.schema,
-                    std::slice::from_ref(&r.batch),
-                )?;
-            }
-            p.checkpoint.save(&opts.data_dir)?;
-            Ok(())
+            dlq::publish_all(&js, &stream, &out.letters).await?;
+            alerts::publish_all(&js, &out.alerts).await?;
+            let (dir, batch) = (data_dir.clone(), Arc::clone(&out));
+            tokio::task::spawn_blocking(move || write_batch(&dir, &batch))
+                .await
+                .map_err(|e| RuntimeError::Task(e.to_string()))?
         }
         .await;
         match attempt {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(Instant::now()),
             Err(e) => {
                 warn!(first, last, error = %e, retry_in_ms = delay.as_millis() as u64, "batch not yet durable; keeping it unacknowledged and retrying");
                 tokio::select! {
@@ -554,6 +559,54 @@ async fn commit(
             }
         }
     }
+}
+
+/// The view files of a batch (temp file, fsync, rename), then its checkpoint.
+fn write_batch(data_dir: &Path, out: &BatchOutput) -> Result<(), RuntimeError> {
+    for r in &out.rows {
+        ViewDir::new(data_dir, r.view).write(
+            out.first,
+            out.checkpoint.last_seq,
+            &r.schema,
+            std::slice::from_ref(&r.batch),
+        )?;
+    }
+    out.checkpoint.save(data_dir)?;
+    Ok(())
+}
+
+/// A batch being made durable, and the message that acknowledges it.
+struct InFlight {
+    /// Resolves to when the batch became durable.
+    task: tokio::task::JoinHandle<Result<Instant, RuntimeError>>,
+    /// AckAll: acknowledging the batch's last message acknowledges it all.
+    last_msg: jetstream::Message,
+    last_seq: u64,
+}
+
+/// Waits for the batch in flight (if any) to be durable, then acks it.
+async fn settle(
+    in_flight: &mut Option<InFlight>,
+    summary: &mut RunSummary,
+    opts: &RunOptions,
+) -> Result<(), RuntimeError> {
+    let Some(f) = in_flight.take() else {
+        return Ok(());
+    };
+    let durable_at = f
+        .task
+        .await
+        .map_err(|e| RuntimeError::Task(e.to_string()))??;
+    summary.durable_at = Some(durable_at);
+    if let Err(e) = f.last_msg.ack().await {
+        debug!(error = %e, "ack failed; the checkpoint already covers the batch");
+    }
+    summary.batches += 1;
+    summary.last_seq = f.last_seq;
+    if let Some(pos) = &opts.position {
+        pos.store(f.last_seq, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// Fires on SIGINT or SIGTERM.
@@ -658,7 +711,9 @@ pub async fn run_with_lock(
     let mut failures = 0u32;
     let mut first_seen: Option<Instant> = None;
     let done = |p: &Processor| opts.stop_at.is_some_and(|n| p.checkpoint.last_seq >= n);
+    let mut in_flight: Option<InFlight> = None;
     'session: loop {
+        settle(&mut in_flight, &mut summary, opts).await?;
         if *stop.borrow() || done(&p) {
             break;
         }
@@ -695,6 +750,7 @@ pub async fn run_with_lock(
         };
         loop {
             if opts.serve_handoff && crate::replay::handoff_requested(&opts.data_dir) {
+                settle(&mut in_flight, &mut summary, opts).await?;
                 if crate::replay::serve_handoff(
                     &opts.data_dir,
                     p.checkpoint.last_seq,
@@ -718,13 +774,24 @@ pub async fn run_with_lock(
                 }
                 continue 'session;
             }
-            // Wait for the first message of a batch, the idle timeout, or a stop.
+            // Wait for the first message of a batch, the idle timeout, or a
+            // stop; with a batch in flight, only briefly: it is acked as soon
+            // as it is durable, not when the stream goes quiet.
+            let wait = if in_flight.is_some() {
+                opts.batch_wait
+            } else {
+                opts.idle
+            };
             let first_msg = tokio::select! {
                 biased;
                 _ = stop.changed() => break 'session,
-                r = tokio::time::timeout(opts.idle, messages.next()) => r,
+                r = tokio::time::timeout(wait, messages.next()) => r,
             };
             let first_msg = match first_msg {
+                Err(_) if in_flight.is_some() => {
+                    settle(&mut in_flight, &mut summary, opts).await?;
+                    continue;
+                }
                 Err(_) => {
                     if opts.until_idle {
                         let mut c = consumer.clone();
@@ -749,7 +816,7 @@ pub async fn run_with_lock(
                 }
                 Ok(Some(Ok(m))) => m,
             };
-            let first_seen = *first_seen.get_or_insert_with(Instant::now);
+            first_seen.get_or_insert_with(Instant::now);
             let mut batch = Vec::with_capacity(opts.batch_size);
             batch.push(first_msg);
             let deadline = tokio::time::Instant::now() + opts.batch_wait;
@@ -772,9 +839,9 @@ pub async fn run_with_lock(
             // Process (sync).
             let first_seq_before = p.checkpoint.last_seq;
             let mut letters = Vec::new();
-            let mut last_msg = None;
+            let mut last_idx = None;
             let mut processed = 0u64;
-            for m in &batch {
+            for (idx, m) in batch.iter().enumerate() {
                 let Ok(info) = m.info() else {
                     warn!(subject = %m.subject, "message without JetStream metadata skipped");
                     continue;
@@ -793,30 +860,36 @@ pub async fn run_with_lock(
                     letters.push(l);
                 }
                 processed += 1;
-                last_msg = Some(m);
+                last_idx = Some(idx);
             }
-            let Some(last_msg) = last_msg else { continue };
-            if p.checkpoint.last_seq > first_seq_before {
-                let out = BatchOutput {
-                    first: first_seq_before + 1,
-                    rows: p.take_rows()?,
-                    alerts: p.take_alerts(),
-                    letters: std::mem::take(&mut letters),
-                };
-                commit(&js, opts, &p, &out, &mut stop).await?;
-                summary.batches += 1;
-            }
-            // AckAll: acknowledges every message up to this one.
-            if let Err(e) = last_msg.ack().await {
-                debug!(error = %e, "ack failed; the checkpoint already covers the batch");
-            }
+            let Some(last_msg) = last_idx.and_then(|i| batch.into_iter().nth(i)) else {
+                continue;
+            };
+            let out = BatchOutput {
+                first: first_seq_before + 1,
+                rows: p.take_rows()?,
+                alerts: p.take_alerts(),
+                letters: std::mem::take(&mut letters),
+                checkpoint: p.checkpoint.clone(),
+            };
+            // One batch in flight: the previous one must be durable (and is
+            // acked) before this one is written.
+            settle(&mut in_flight, &mut summary, opts).await?;
+            in_flight = Some(InFlight {
+                task: tokio::spawn(commit(
+                    js.clone(),
+                    opts.data_dir.clone(),
+                    opts.source.stream.clone(),
+                    Arc::new(out),
+                    stop.clone(),
+                )),
+                last_msg,
+                last_seq: p.checkpoint.last_seq,
+            });
             summary.messages += processed;
-            summary.last_seq = p.checkpoint.last_seq;
-            if let Some(pos) = &opts.position {
-                pos.store(p.checkpoint.last_seq, Ordering::Relaxed);
-            }
-            summary.active = first_seen.elapsed();
             if last_report.elapsed() >= Duration::from_secs(5) {
+                // Compaction rewrites view files: not while a batch is being written.
+                settle(&mut in_flight, &mut summary, opts).await?;
                 let rate =
                     (summary.messages - reported_msgs) as f64 / last_report.elapsed().as_secs_f64();
                 let c = &p.checkpoint.counts;
@@ -845,6 +918,10 @@ pub async fn run_with_lock(
                 break 'session;
             }
         }
+    }
+    settle(&mut in_flight, &mut summary, opts).await?;
+    if let (Some(first), Some(durable)) = (first_seen, summary.durable_at) {
+        summary.active = durable.saturating_duration_since(first);
     }
     p.compact(&opts.data_dir)?;
     summary.elapsed = started.elapsed();
