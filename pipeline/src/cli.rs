@@ -73,8 +73,8 @@ pub enum Command {
         /// Settings that change results (TOML); default `<data>/tally.toml` if present.
         #[arg(long, env = "TALLY_CONFIG")]
         config: Option<PathBuf>,
-        /// Messages per batch (one Parquet file and one checkpoint per batch).
-        #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 10_000)]
+        /// Most messages per batch (one Parquet file per view and one checkpoint per batch; a batch is also cut after --batch-wait-ms).
+        #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 50_000)]
         batch_size: usize,
         /// Milliseconds to wait for a batch to fill once it has started.
         #[arg(long, env = "TALLY_BATCH_WAIT_MS", default_value_t = 200)]
@@ -103,7 +103,7 @@ pub enum Command {
         #[arg(long, env = "TALLY_CONFIG")]
         config: Option<PathBuf>,
         /// Messages per batch.
-        #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 10_000)]
+        #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 50_000)]
         batch_size: usize,
         /// Dead-letter stream name (a replay re-publishes dead letters with the same ids; the stream deduplicates them).
         #[arg(long, env = "TALLY_DLQ_STREAM", default_value = "TALLY_DLQ")]
@@ -168,7 +168,7 @@ pub enum Command {
         events: u64,
         #[arg(long, default_value_t = 7)]
         seed: u64,
-        #[arg(long, default_value_t = 10_000)]
+        #[arg(long, default_value_t = 50_000)]
         batch_size: usize,
         /// Scratch directory (generated events, the run's data dir).
         #[arg(long, default_value = "./tally-bench")]

@@ -16,7 +16,7 @@ use arrow::array::{Array, RecordBatch, StringArray, TimestampMicrosecondArray, U
 use arrow::datatypes::SchemaRef;
 use async_nats::jetstream;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tracing::{debug, info, warn};
 
 use crate::config::{ConfigError, Settings};
@@ -141,63 +141,110 @@ impl Processor {
     /// Processes one message. Returns the dead letter if it was rejected.
     /// Messages at or below the checkpoint are ignored (redeliveries).
     pub fn process(&mut self, m: Incoming<'_>) -> Option<DeadLetter> {
-        if m.stream_seq <= self.checkpoint.last_seq {
-            return None;
-        }
-        let cp = &mut self.checkpoint;
-        cp.last_seq = m.stream_seq;
-        cp.stream_now_us = Some(
-            cp.stream_now_us
-                .map_or(m.published_at, |n| n.max(m.published_at)),
-        );
-        match validate_message(
-            m.payload,
-            m.subject,
-            &self.prefix,
-            m.stream_seq,
-            m.published_at,
-            &self.limits,
-        ) {
-            Err(reject) => {
-                cp.counts.dead_letter(reject.reason);
-                Some(DeadLetter {
-                    stream_seq: m.stream_seq,
-                    subject: m.subject.to_owned(),
-                    payload: m.payload.clone(),
-                    reject,
-                })
-            }
-            Ok(event) => {
-                let key = dedup::key(&event.source, &event.id);
-                if self.dedup.is_duplicate(key, m.published_at) {
-                    cp.counts.duplicate += 1;
-                    return None;
-                }
-                self.dedup.insert(key, m.published_at);
-                cp.counts.accepted += 1;
-                cp.stream_clock_us =
-                    Some(cp.stream_clock_us.map_or(event.time, |c| c.max(event.time)));
-                for op in &mut self.operators {
-                    op.apply(&event);
-                }
-                None
-            }
-        }
+        self.process_batch(&[m]).pop()
     }
 
-    /// The rows the operators produced since the last call.
+    /// Processes a batch of messages in stream order; returns the dead
+    /// letters. Gives exactly the state of [`Processor::process`] on each
+    /// message in turn, using two cores: validation (a pure function of
+    /// each message) runs on both halves of the batch at once, and the
+    /// operators (independent state machines that each see every accepted
+    /// event in order) run in two groups at once.
+    pub fn process_batch(&mut self, msgs: &[Incoming<'_>]) -> Vec<DeadLetter> {
+        let (prefix, limits) = (self.prefix.as_str(), &self.limits);
+        let validate = |m: &Incoming<'_>| {
+            validate_message(
+                m.payload,
+                m.subject,
+                prefix,
+                m.stream_seq,
+                m.published_at,
+                limits,
+            )
+        };
+        let results = on_two_cores(msgs, validate);
+        let cp = &mut self.checkpoint;
+        let mut letters = Vec::new();
+        let mut accepted = Vec::with_capacity(msgs.len());
+        for (m, result) in msgs.iter().zip(results) {
+            if m.stream_seq <= cp.last_seq {
+                continue;
+            }
+            cp.last_seq = m.stream_seq;
+            cp.stream_now_us = Some(
+                cp.stream_now_us
+                    .map_or(m.published_at, |n| n.max(m.published_at)),
+            );
+            match result {
+                Err(reject) => {
+                    cp.counts.dead_letter(reject.reason);
+                    letters.push(DeadLetter {
+                        stream_seq: m.stream_seq,
+                        subject: m.subject.to_owned(),
+                        payload: m.payload.clone(),
+                        reject,
+                    });
+                }
+                Ok(event) => {
+                    let key = dedup::key(&event.source, &event.id);
+                    if self.dedup.is_duplicate(key, m.published_at) {
+                        cp.counts.duplicate += 1;
+                        continue;
+                    }
+                    self.dedup.insert(key, m.published_at);
+                    cp.counts.accepted += 1;
+                    cp.stream_clock_us =
+                        Some(cp.stream_clock_us.map_or(event.time, |c| c.max(event.time)));
+                    accepted.push(event);
+                }
+            }
+        }
+        let (heavy, light): (Vec<_>, Vec<_>) = self.operators.iter_mut().partition(|op| op.heavy());
+        let apply = |mut ops: Vec<&mut Box<dyn Operator>>| {
+            for e in &accepted {
+                for op in ops.iter_mut() {
+                    op.apply(e);
+                }
+            }
+        };
+        run_pair(heavy, light, apply, apply);
+        letters
+    }
+
+    /// The rows the operators produced since the last call (the heavy
+    /// operators cut theirs on a second thread), in registry order.
     pub fn take_rows(&mut self) -> Result<Vec<ViewRows>, OperatorError> {
         let seq = self.checkpoint.last_seq;
-        let mut out = Vec::new();
-        for op in &mut self.operators {
-            if let Some(batch) = op.take_rows(seq)? {
-                *self.versions_written.entry(op.view()).or_insert(0) += batch.num_rows();
-                out.push(ViewRows {
-                    view: op.view(),
-                    schema: op.schema(),
-                    batch,
-                });
+        let (heavy, light): (Vec<_>, Vec<_>) = self
+            .operators
+            .iter_mut()
+            .enumerate()
+            .partition(|(_, op)| op.heavy());
+        type Cut = Result<Vec<(usize, ViewRows)>, OperatorError>;
+        let cut = |ops: Vec<(usize, &mut Box<dyn Operator>)>| -> Cut {
+            let mut out = Vec::new();
+            for (i, op) in ops {
+                if let Some(batch) = op.take_rows(seq)? {
+                    out.push((
+                        i,
+                        ViewRows {
+                            view: op.view(),
+                            schema: op.schema(),
+                            batch,
+                        },
+                    ));
+                }
             }
+            Ok(out)
+        };
+        let (a, b) = run_pair(heavy, light, cut, cut);
+        let mut rows = a?;
+        rows.extend(b?);
+        rows.sort_by_key(|(i, _)| *i);
+        let mut out = Vec::with_capacity(rows.len());
+        for (_, r) in rows {
+            *self.versions_written.entry(r.view).or_insert(0) += r.batch.num_rows();
+            out.push(r);
         }
         Ok(out)
     }
@@ -307,6 +354,42 @@ impl Processor {
     }
 }
 
+/// Maps `f` over `items` in order, on two threads (one per half) when
+/// there are enough items to pay for it.
+fn on_two_cores<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if items.len() < 1024 {
+        return items.iter().map(&f).collect();
+    }
+    let (a, b) = items.split_at(items.len() / 2);
+    std::thread::scope(|s| {
+        let first = s.spawn(|| a.iter().map(&f).collect::<Vec<R>>());
+        let second: Vec<R> = b.iter().map(&f).collect();
+        let mut out = match first.join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        out.extend(second);
+        out
+    })
+}
+
+/// Runs `fa(a)` on a second thread and `fb(b)` on this one, at once.
+fn run_pair<A: Send, B, RA: Send, RB>(
+    a: A,
+    b: B,
+    fa: impl FnOnce(A) -> RA + Send,
+    fb: impl FnOnce(B) -> RB,
+) -> (RA, RB) {
+    std::thread::scope(|s| {
+        let first = s.spawn(|| fa(a));
+        let second = fb(b);
+        match first.join() {
+            Ok(ra) => (ra, second),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
 /// How `tally run` behaves (runtime knobs, not results).
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -338,7 +421,7 @@ impl RunOptions {
             config,
             until_idle: false,
             idle: Duration::from_secs(1),
-            batch_size: 10_000,
+            batch_size: 50_000,
             batch_wait: Duration::from_millis(200),
             live: true,
             serve_handoff: true,
@@ -360,6 +443,12 @@ pub struct RunSummary {
     pub active: Duration,
     /// When the last batch became durable.
     pub durable_at: Option<Instant>,
+    /// Time spent validating, folding and cutting rows (the main thread's work).
+    pub processing: Duration,
+    /// Time the main thread waited for the previous batch to become durable.
+    pub waiting_durable: Duration,
+    /// Time spent encoding and writing view files and checkpoints (the writer thread).
+    pub writing: Duration,
 }
 
 /// The settings file in effect: `--config`, else `<data>/tally.toml` if present.
@@ -531,22 +620,25 @@ async fn commit(
     stream: String,
     out: Arc<BatchOutput>,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<Instant, RuntimeError> {
+) -> Result<(Instant, Duration), RuntimeError> {
     let first = out.first;
     let last = out.checkpoint.last_seq;
     let mut delay = Duration::from_millis(200);
     loop {
-        let attempt: Result<(), RuntimeError> = async {
+        let attempt: Result<Duration, RuntimeError> = async {
             dlq::publish_all(&js, &stream, &out.letters).await?;
             alerts::publish_all(&js, &out.alerts).await?;
             let (dir, batch) = (data_dir.clone(), Arc::clone(&out));
-            tokio::task::spawn_blocking(move || write_batch(&dir, &batch))
-                .await
-                .map_err(|e| RuntimeError::Task(e.to_string()))?
+            tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                write_batch(&dir, &batch).map(|()| started.elapsed())
+            })
+            .await
+            .map_err(|e| RuntimeError::Task(e.to_string()))?
         }
         .await;
         match attempt {
-            Ok(()) => return Ok(Instant::now()),
+            Ok(writing) => return Ok((Instant::now(), writing)),
             Err(e) => {
                 warn!(first, last, error = %e, retry_in_ms = delay.as_millis() as u64, "batch not yet durable; keeping it unacknowledged and retrying");
                 tokio::select! {
@@ -577,8 +669,8 @@ fn write_batch(data_dir: &Path, out: &BatchOutput) -> Result<(), RuntimeError> {
 
 /// A batch being made durable, and the message that acknowledges it.
 struct InFlight {
-    /// Resolves to when the batch became durable.
-    task: tokio::task::JoinHandle<Result<Instant, RuntimeError>>,
+    /// Resolves to when the batch became durable, and the time spent writing it.
+    task: tokio::task::JoinHandle<Result<(Instant, Duration), RuntimeError>>,
     /// AckAll: acknowledging the batch's last message acknowledges it all.
     last_msg: jetstream::Message,
     last_seq: u64,
@@ -593,11 +685,12 @@ async fn settle(
     let Some(f) = in_flight.take() else {
         return Ok(());
     };
-    let durable_at = f
+    let (durable_at, writing) = f
         .task
         .await
         .map_err(|e| RuntimeError::Task(e.to_string()))??;
     summary.durable_at = Some(durable_at);
+    summary.writing += writing;
     if let Err(e) = f.last_msg.ack().await {
         debug!(error = %e, "ack failed; the checkpoint already covers the batch");
     }
@@ -822,7 +915,13 @@ pub async fn run_with_lock(
             let deadline = tokio::time::Instant::now() + opts.batch_wait;
             let mut stream_failed = false;
             while batch.len() < opts.batch_size {
-                match tokio::time::timeout_at(deadline, messages.next()).await {
+                // Messages already received are taken without arming a
+                // timer each (that cost more than the message itself).
+                let next = match messages.next().now_or_never() {
+                    Some(m) => Ok(m),
+                    None => tokio::time::timeout_at(deadline, messages.next()).await,
+                };
+                match next {
                     Ok(Some(Ok(m))) => batch.push(m),
                     Ok(Some(Err(e))) => {
                         warn!(error = %e, "message stream failed mid-batch; committing what arrived");
@@ -837,10 +936,10 @@ pub async fn run_with_lock(
                 }
             }
             // Process (sync).
+            let cpu = Instant::now();
             let first_seq_before = p.checkpoint.last_seq;
-            let mut letters = Vec::new();
+            let mut incoming = Vec::with_capacity(batch.len());
             let mut last_idx = None;
-            let mut processed = 0u64;
             for (idx, m) in batch.iter().enumerate() {
                 let Ok(info) = m.info() else {
                     warn!(subject = %m.subject, "message without JetStream metadata skipped");
@@ -850,18 +949,17 @@ pub async fn run_with_lock(
                 if opts.stop_at.is_some_and(|n| seq > n) {
                     break;
                 }
-                let published_at = js_source::micros(&info.published);
-                if let Some(l) = p.process(Incoming {
+                incoming.push(Incoming {
                     stream_seq: seq,
-                    published_at,
+                    published_at: js_source::micros(&info.published),
                     subject: m.subject.as_str(),
                     payload: &m.payload,
-                }) {
-                    letters.push(l);
-                }
-                processed += 1;
+                });
                 last_idx = Some(idx);
             }
+            let processed = incoming.len() as u64;
+            let letters = p.process_batch(&incoming);
+            drop(incoming);
             let Some(last_msg) = last_idx.and_then(|i| batch.into_iter().nth(i)) else {
                 continue;
             };
@@ -869,12 +967,15 @@ pub async fn run_with_lock(
                 first: first_seq_before + 1,
                 rows: p.take_rows()?,
                 alerts: p.take_alerts(),
-                letters: std::mem::take(&mut letters),
+                letters,
                 checkpoint: p.checkpoint.clone(),
             };
+            summary.processing += cpu.elapsed();
             // One batch in flight: the previous one must be durable (and is
             // acked) before this one is written.
+            let waited = Instant::now();
             settle(&mut in_flight, &mut summary, opts).await?;
+            summary.waiting_durable += waited.elapsed();
             in_flight = Some(InFlight {
                 task: tokio::spawn(commit(
                     js.clone(),
@@ -932,6 +1033,9 @@ pub async fn run_with_lock(
         duplicate = c.duplicate,
         dead_lettered = c.dead_lettered_total(),
         seconds = summary.elapsed.as_secs_f64(),
+        processing_secs = summary.processing.as_secs_f64(),
+        waiting_durable_secs = summary.waiting_durable.as_secs_f64(),
+        writing_secs = summary.writing.as_secs_f64(),
         "tally run stopped; everything processed is durable and acknowledged"
     );
     Ok(summary)

@@ -19,9 +19,11 @@ pub struct Catalog {
 impl Catalog {
     /// Folds a catalog event; returns whether it was one.
     pub fn apply(&mut self, e: &Event) -> bool {
-        let key = (e.time, e.source.clone(), e.id.clone());
+        // Built only for catalog events: this runs for every event.
+        let key = || (e.time, e.source.clone(), e.id.clone());
         match &e.payload {
             Payload::PlanPublished(v) => {
+                let key = key();
                 let versions = self.plans.entry(v.plan.clone()).or_default();
                 let pos = versions.partition_point(|(k, _)| *k < key);
                 versions.insert(pos, (key, v.clone()));
@@ -31,6 +33,7 @@ impl Catalog {
                 metric,
                 aggregation,
             } => {
+                let key = key();
                 let slot = self
                     .meters
                     .entry(metric.clone())

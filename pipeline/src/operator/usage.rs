@@ -15,7 +15,7 @@
 //! over at most one compaction interval of versions; the state (one entry
 //! per window) lives in memory and is restored from the files at start.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -67,6 +67,37 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 });
 
 /// Exact aggregate of one window.
+/// A string kept inline when short (event ids and sources usually are),
+/// so a window's `last` key costs no allocation; longer ones are boxed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SmallStr {
+    Inline { len: u8, bytes: [u8; 30] },
+    Heap(Box<str>),
+}
+
+impl SmallStr {
+    pub fn new(s: &str) -> SmallStr {
+        let mut bytes = [0u8; 30];
+        match (bytes.get_mut(..s.len()), u8::try_from(s.len())) {
+            (Some(slot), Ok(len)) => {
+                slot.copy_from_slice(s.as_bytes());
+                SmallStr::Inline { len, bytes }
+            }
+            _ => SmallStr::Heap(s.into()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            SmallStr::Inline { len, bytes } => bytes
+                .get(..usize::from(*len))
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .unwrap_or_default(),
+            SmallStr::Heap(b) => b,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agg {
     pub events: i64,
@@ -75,7 +106,7 @@ pub struct Agg {
     pub max: i128,
     pub last: i128,
     /// (`time`, `source`, `id`) of the event `last` came from.
-    pub last_key: (i64, String, String),
+    pub last_key: (i64, SmallStr, SmallStr),
 }
 
 impl Agg {
@@ -86,7 +117,7 @@ impl Agg {
             min: q,
             max: q,
             last: q,
-            last_key: (e.time, e.source.clone(), e.id.clone()),
+            last_key: (e.time, SmallStr::new(&e.source), SmallStr::new(&e.id)),
         }
     }
 
@@ -97,40 +128,120 @@ impl Agg {
         self.sum = self.sum.saturating_add(q).min(10i128.pow(38) - 1);
         self.min = self.min.min(q);
         self.max = self.max.max(q);
-        if (e.time, e.source.as_str(), e.id.as_str())
-            > (
-                self.last_key.0,
-                self.last_key.1.as_str(),
-                self.last_key.2.as_str(),
-            )
-        {
+        // Time first; the strings only break ties.
+        let newer = match e.time.cmp(&self.last_key.0) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => {
+                (e.source.as_str(), e.id.as_str())
+                    > (self.last_key.1.as_str(), self.last_key.2.as_str())
+            }
+        };
+        if newer {
             self.last = q;
-            // Reuse the strings' buffers: this runs for almost every event.
-            self.last_key.0 = e.time;
-            self.last_key.1.clear();
-            self.last_key.1.push_str(&e.source);
-            self.last_key.2.clear();
-            self.last_key.2.push_str(&e.id);
+            // Short ids and sources stay inline: no allocation per event.
+            self.last_key = (e.time, SmallStr::new(&e.source), SmallStr::new(&e.id));
         }
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A window: a small fixed-size key, so the three lookups per event hash
+/// 16 bytes instead of two strings each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
-    tenant: Arc<str>,
-    metric: Arc<str>,
+    /// Index into `series`: one (tenant, metric) pair.
+    series: u32,
     granularity: Granularity,
     start: i64,
+}
+
+type Window = (i64, Agg, bool);
+
+/// Slots per chunk of [`Windows`].
+const CHUNK: usize = 4096;
+
+/// The windows: a small index (key -> slot number) over slots kept in
+/// fixed-size chunks, so growing never moves an aggregate (the index moves
+/// 32-byte entries; a single vector of slots copied ~200-byte slots on
+/// every doubling).
+#[derive(Default)]
+struct Windows {
+    index: HashMap<Key, u32, FixedState>,
+    chunks: Vec<Vec<(Key, Window)>>,
+    len: usize,
+}
+
+impl Windows {
+    fn slot(&self, i: u32) -> Option<&(Key, Window)> {
+        let i = i as usize;
+        self.chunks.get(i / CHUNK)?.get(i % CHUNK)
+    }
+
+    fn get(&self, k: &Key) -> Option<&Window> {
+        let i = *self.index.get(k)?;
+        self.slot(i).map(|(_, w)| w)
+    }
+
+    fn get_mut(&mut self, k: &Key) -> Option<&mut Window> {
+        let i = *self.index.get(k)? as usize;
+        self.chunks
+            .get_mut(i / CHUNK)?
+            .get_mut(i % CHUNK)
+            .map(|(_, w)| w)
+    }
+
+    fn insert(&mut self, k: Key, w: Window) {
+        if let Some(slot) = self.get_mut(&k) {
+            *slot = w;
+            return;
+        }
+        if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
+            self.chunks.push(Vec::with_capacity(CHUNK));
+        }
+        if let Some(chunk) = self.chunks.last_mut() {
+            chunk.push((k, w));
+            self.index
+                .insert(k, u32::try_from(self.len).unwrap_or(u32::MAX));
+            self.len += 1;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn entries(&self) -> impl Iterator<Item = &(Key, Window)> {
+        self.chunks.iter().flatten()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &Key> {
+        self.entries().map(|(k, _)| k)
+    }
+
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = (&Key, &Window)> {
+        self.entries().map(|(k, w)| (k, w))
+    }
+
+    #[cfg(test)]
+    fn values(&self) -> impl Iterator<Item = &Window> {
+        self.entries().map(|(_, w)| w)
+    }
 }
 
 /// The `usage` operator.
 pub struct UsageOperator {
     granularities: Vec<Granularity>,
-    windows: HashMap<Key, (i64, Agg), FixedState>,
-    /// Windows changed since the last `take_rows`.
-    dirty: HashSet<Key, FixedState>,
-    /// Interned tenant and metric names.
-    names: HashMap<String, Arc<str>, FixedState>,
+    /// Window -> (window end, aggregate, changed since the last `take_rows`).
+    windows: Windows,
+    /// Windows changed since the last `take_rows`, in first-change order.
+    dirty: Vec<Key>,
+    /// (tenant, metric) of each series id.
+    series: Vec<(Arc<str>, Arc<str>)>,
+    /// "tenant\u{1f}metric" -> series id (one string lookup per event).
+    series_ids: HashMap<Box<str>, u32, FixedState>,
+    /// Reused buffer for the lookup key.
+    scratch: String,
 }
 
 impl UsageOperator {
@@ -143,19 +254,37 @@ impl UsageOperator {
         g.dedup();
         UsageOperator {
             granularities: g,
-            windows: HashMap::with_hasher(FixedState),
-            dirty: HashSet::with_hasher(FixedState),
-            names: HashMap::with_hasher(FixedState),
+            windows: Windows::default(),
+            dirty: Vec::new(),
+            series: Vec::new(),
+            series_ids: HashMap::with_hasher(FixedState),
+            scratch: String::new(),
         }
     }
 
-    fn intern(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.names.get(s) {
-            return Arc::clone(a);
+    /// The series id of (`tenant`, `metric`), created on first sight.
+    fn series_id(&mut self, tenant: &str, metric: &str) -> u32 {
+        self.scratch.clear();
+        self.scratch.push_str(tenant);
+        self.scratch.push('\u{1f}');
+        self.scratch.push_str(metric);
+        if let Some(id) = self.series_ids.get(self.scratch.as_str()) {
+            return *id;
         }
-        let a: Arc<str> = Arc::from(s);
-        self.names.insert(s.to_owned(), Arc::clone(&a));
-        a
+        let id = u32::try_from(self.series.len()).unwrap_or(u32::MAX);
+        self.series.push((Arc::from(tenant), Arc::from(metric)));
+        self.series_ids.insert(self.scratch.as_str().into(), id);
+        id
+    }
+
+    /// Sort key of a window: (tenant, metric, granularity, start).
+    fn order(&self, k: &Key) -> (&str, &str, Granularity, i64) {
+        let (t, m) = self
+            .series
+            .get(k.series as usize)
+            .map(|(t, m)| (&**t, &**m))
+            .unwrap_or_default();
+        (t, m, k.granularity, k.start)
     }
 
     fn rows<'a>(
@@ -182,11 +311,13 @@ impl UsageOperator {
         let mut last_id = StringBuilder::new();
         let mut seqs = UInt64Builder::new();
         for k in keys {
-            let Some((window_end, a)) = self.windows.get(k) else {
+            let (Some((window_end, a, _)), Some((t, m))) =
+                (self.windows.get(k), self.series.get(k.series as usize))
+            else {
                 continue;
             };
-            tenant.append_value(&k.tenant);
-            metric.append_value(&k.metric);
+            tenant.append_value(t);
+            metric.append_value(m);
             gran.append_value(k.granularity.as_str());
             start.append_value(k.start);
             end.append_value(*window_end);
@@ -196,8 +327,8 @@ impl UsageOperator {
             max.append_value(a.max);
             last.append_value(a.last);
             last_time.append_value(a.last_key.0);
-            last_source.append_value(&a.last_key.1);
-            last_id.append_value(&a.last_key.2);
+            last_source.append_value(a.last_key.1.as_str());
+            last_id.append_value(a.last_key.2.as_str());
             seqs.append_value(seq.unwrap_or(0));
         }
         let columns: Vec<ArrayRef> = vec![
@@ -247,29 +378,37 @@ impl Operator for UsageOperator {
         }
     }
 
+    fn heavy(&self) -> bool {
+        true
+    }
+
     fn apply(&mut self, e: &Event) {
         let Payload::UsageRecorded { metric, quantity } = &e.payload else {
             return;
         };
-        let tenant = self.intern(&e.tenant);
-        let metric = self.intern(metric);
+        let series = self.series_id(&e.tenant, metric);
         for i in 0..self.granularities.len() {
             let g = self.granularities[i];
             let (start, end) = g.window(e.time);
             let key = Key {
-                tenant: Arc::clone(&tenant),
-                metric: Arc::clone(&metric),
+                series,
                 granularity: g,
                 start,
             };
-            match self.windows.get_mut(&key) {
-                Some((_, agg)) => agg.add(e, *quantity),
+            let changed = match self.windows.get_mut(&key) {
+                Some((_, agg, dirty)) => {
+                    agg.add(e, *quantity);
+                    std::mem::replace(dirty, true)
+                }
                 None => {
                     self.windows
-                        .insert(key.clone(), (end, Agg::new(e, *quantity)));
+                        .insert(key, (end, Agg::new(e, *quantity), true));
+                    false
                 }
+            };
+            if !changed {
+                self.dirty.push(key);
             }
-            self.dirty.insert(key);
         }
     }
 
@@ -277,16 +416,23 @@ impl Operator for UsageOperator {
         if self.dirty.is_empty() {
             return Ok(None);
         }
-        // Unsorted: row order inside a file carries no meaning, and sorting
-        // string keys cost a tenth of the ingest time. The fixed-seed hasher
-        // keeps the order identical for identical input.
-        let dirty: Vec<Key> = self.dirty.drain().collect();
-        self.rows(dirty.iter(), Some(seq)).map(Some)
+        // In first-change order: row order inside a file carries no meaning,
+        // and sorting string keys cost a tenth of the ingest time.
+        let dirty = std::mem::take(&mut self.dirty);
+        for k in &dirty {
+            if let Some(w) = self.windows.get_mut(k) {
+                w.2 = false;
+            }
+        }
+        let rows = self.rows(dirty.iter(), Some(seq)).map(Some);
+        self.dirty = dirty;
+        self.dirty.clear();
+        rows
     }
 
     fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
         let mut keys: Vec<&Key> = self.windows.keys().collect();
-        keys.sort();
+        keys.sort_by(|a, b| self.order(a).cmp(&self.order(b)));
         self.rows(keys.into_iter(), Some(seq)).map(Some)
     }
 
@@ -313,8 +459,7 @@ impl Operator for UsageOperator {
                 continue;
             };
             let key = Key {
-                tenant: self.intern(tenant.value(i)),
-                metric: self.intern(metric.value(i)),
+                series: self.series_id(tenant.value(i), metric.value(i)),
                 granularity: g,
                 start: start.value(i),
             };
@@ -326,11 +471,11 @@ impl Operator for UsageOperator {
                 last: last.value(i),
                 last_key: (
                     last_time.value(i),
-                    last_source.value(i).to_owned(),
-                    last_id.value(i).to_owned(),
+                    SmallStr::new(last_source.value(i)),
+                    SmallStr::new(last_id.value(i)),
                 ),
             };
-            self.windows.insert(key, (end.value(i), agg));
+            self.windows.insert(key, (end.value(i), agg, false));
         }
         Ok(())
     }
@@ -454,7 +599,7 @@ mod tests {
             "2026-01-05T10:00:00Z",
             "9",
         ));
-        let (_, agg) = op.windows.values().next().unwrap();
+        let (_, agg, _) = op.windows.values().next().unwrap();
         assert_eq!(
             agg.last, 7_000_000_000,
             "greatest (time, source, id) is (t, b-src, z)"

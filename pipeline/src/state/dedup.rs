@@ -14,15 +14,25 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::{Xxh3, xxh3_128};
 
 /// The key of an event: xxh3-128 over `source`, a 0xFF separator (never
-/// valid UTF-8, so the pair is unambiguous) and `id`.
+/// valid UTF-8, so the pair is unambiguous) and `id`, hashed in one shot
+/// from a stack buffer when short (the streaming hasher costs more).
 pub fn key(source: &str, id: &str) -> u128 {
+    let (s, i) = (source.as_bytes(), id.as_bytes());
+    let mut buf = [0u8; 192];
+    let n = s.len() + 1 + i.len();
+    if let Some(out) = buf.get_mut(..n) {
+        out[..s.len()].copy_from_slice(s);
+        out[s.len()] = 0xFF;
+        out[s.len() + 1..].copy_from_slice(i);
+        return xxh3_128(out);
+    }
     let mut h = Xxh3::new();
-    h.update(source.as_bytes());
+    h.update(s);
     h.update(&[0xFF]);
-    h.update(id.as_bytes());
+    h.update(i);
     h.digest128()
 }
 
