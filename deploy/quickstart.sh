@@ -44,25 +44,31 @@ echo "== tally run --until-idle"
 "$tally" run --until-idle
 echo "== tally status"
 "$tally" status
-echo "== events per month and family"
-"$tally" sql "SELECT date_trunc('month', time) AS month,
-                     count(*) FILTER (WHERE type = 'usage.recorded') AS usage,
-                     count(*) FILTER (WHERE type LIKE 'subscription.%') AS subscription,
-                     count(*) FILTER (WHERE type LIKE 'invoice.%') AS invoice,
-                     count(*) FILTER (WHERE type LIKE 'auth.%' OR type LIKE 'org.%') AS auth_and_org,
-                     count(*) AS all_events
-              FROM events GROUP BY 1 ORDER BY 1"
+echo "== MRR waterfall (queries/mrr_waterfall.sql over the mrr view)"
+"$tally" sql "SELECT month, currency, mrr_start, new_mrr, expansion_mrr, reactivation_mrr,
+                     contraction_mrr, churned_mrr, mrr_end, paying_tenants
+              FROM mrr_waterfall ORDER BY currency, month"
+echo "== churn and LTV of the last months (queries/churn.sql, queries/ltv.sql)"
+"$tally" sql "SELECT c.month, c.currency, c.customers_start, c.customers_churned,
+                     round(c.logo_churn_rate, 4) AS logo_churn, round(c.net_mrr_churn_rate, 4) AS net_mrr_churn,
+                     round(c.nrr, 4) AS nrr, round(l.arpa / 100, 2) AS arpa, round(l.ltv / 100, 2) AS ltv
+              FROM churn c JOIN ltv l ON l.month = c.month AND l.currency = c.currency
+              WHERE c.currency = 'USD' ORDER BY c.month DESC LIMIT 6"
+echo "== top tenants by MRR (queries/top_tenants.sql over the tenants view)"
+"$tally" sql "SELECT rank, tenant, name, plan, billing_cycle, mrr, currency FROM top_tenants
+              WHERE currency = 'USD' ORDER BY rank LIMIT 5"
+echo "== over quota this month (queries/over_quota.sql over the overages view)"
+"$tally" sql "SELECT tenant, metric, plan, used, included, overage_amount, currency
+              FROM over_quota ORDER BY overage_amount DESC NULLS LAST, tenant LIMIT 8"
 echo "== daily api_calls of the last days (usage view)"
 "$tally" sql "SELECT window_start AS day, count(DISTINCT tenant) AS tenants, sum(sum) AS api_calls
               FROM usage WHERE granularity = 'day' AND metric = 'api_calls'
               GROUP BY window_start ORDER BY window_start DESC LIMIT 5"
-echo "== tenants over their plan in the last month (overages view)"
-"$tally" sql "SELECT tenant, period, metric, plan, used, included, overage_amount, currency, threshold
-              FROM overages WHERE overage_quantity > 0 AND period = (SELECT max(period) FROM overages)
-              ORDER BY overage_amount DESC NULLS LAST, tenant LIMIT 8"
-echo "== busiest tenants"
-"$tally" sql "SELECT tenant, count(*) AS events, min(time) AS first_seen, max(time) AS last_seen
-              FROM events WHERE tenant <> '_system' GROUP BY tenant ORDER BY events DESC, tenant LIMIT 5"
+echo "== tally replay: every view rebuilt from the stream, then switched atomically"
+before="$("$tally" sql --format csv "SELECT * FROM mrr ORDER BY month, tenant, currency" | cksum)"
+"$tally" replay
+after="$("$tally" sql --format csv "SELECT * FROM mrr ORDER BY month, tenant, currency" | cksum)"
+if [ "$before" = "$after" ]; then echo "mrr after replay: identical rows"; else echo "ERROR: mrr differs after replay" >&2; exit 1; fi
 echo
 echo "Views are in $TALLY_DATA_DIR. The server stops now; to query again:"
 echo "  TALLY_DATA_DIR=$TALLY_DATA_DIR $tally sql \"SELECT type, count(*) FROM events GROUP BY type\""

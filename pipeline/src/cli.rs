@@ -105,7 +105,7 @@ pub enum Command {
         /// Messages per batch.
         #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 50_000)]
         batch_size: usize,
-        /// Dead-letter stream name (a replay re-publishes dead letters with the same ids; the stream deduplicates them).
+        /// Dead-letter stream name (must exist; a replay counts dead letters but publishes none).
         #[arg(long, env = "TALLY_DLQ_STREAM", default_value = "TALLY_DLQ")]
         dlq_stream: String,
         /// Seconds a live `tally run` has to answer the hand-off.

@@ -8,10 +8,11 @@
 //! rename on one file system), locked by the replay while it is built. It
 //! is filled by the same pipeline as `tally run` (same settings, same
 //! operators, same durability protocol), read through its own durable
-//! consumer, with alerts off (`live = false`: a replay publishes none,
-//! though it remembers which thresholds were crossed so a later live run
-//! does not alert them again). It stops at the stream's last sequence as
-//! of the start, or at `--until-seq`.
+//! consumer, with its outputs to NATS off (`live = false`: a replay
+//! publishes no alerts and no dead letters, which the live run published;
+//! it still counts the dead letters, and remembers which thresholds were
+//! crossed so a later live run does not alert them again). It stops at the
+//! stream's last sequence as of the start, or at `--until-seq`.
 //!
 //! # The switch, and the hand-off with a live run
 //! Without a live run, the replay takes the data directory's lock and

@@ -800,11 +800,13 @@ pub async fn run_with_lock(
     };
     let mut last_report = Instant::now();
     let mut reported_msgs = 0u64;
-    let max_ack_pending = (opts.batch_size * 4).max(1000) as i64;
+    let max_ack_pending = js_source::max_ack_pending(opts.batch_size);
     let mut failures = 0u32;
     let mut first_seen: Option<Instant> = None;
     let done = |p: &Processor| opts.stop_at.is_some_and(|n| p.checkpoint.last_seq >= n);
     let mut in_flight: Option<InFlight> = None;
+    // Idle ticks in a row with messages owed to us (see the idle branch).
+    let mut stalled_ticks = 0u32;
     'session: loop {
         settle(&mut in_flight, &mut summary, opts).await?;
         if *stop.borrow() || done(&p) {
@@ -886,15 +888,35 @@ pub async fn run_with_lock(
                     continue;
                 }
                 Err(_) => {
-                    if opts.until_idle {
-                        let mut c = consumer.clone();
-                        match c.info().await {
-                            Ok(info) if info.num_pending == 0 => break 'session,
-                            Ok(_) => continue,
-                            Err(e) => {
-                                warn!(error = %e, "cannot read consumer state; reconnecting");
+                    // Quiet for a while with nothing in flight. Either the
+                    // stream is drained, or delivery stalled: the server has
+                    // messages for us (pending, or delivered and never
+                    // received) that did not arrive. A stall is healed by
+                    // recreating the consumer from the checkpoint.
+                    let mut c = consumer.clone();
+                    match c.info().await {
+                        Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {
+                            stalled_ticks = 0;
+                            if opts.until_idle {
+                                break 'session;
+                            }
+                        }
+                        Ok(info) => {
+                            stalled_ticks += 1;
+                            if stalled_ticks >= 3 {
+                                warn!(
+                                    pending = info.num_pending,
+                                    delivered_unacked = info.num_ack_pending,
+                                    resume_from = p.checkpoint.last_seq + 1,
+                                    "message delivery stalled; recreating the consumer from the checkpoint"
+                                );
+                                stalled_ticks = 0;
                                 continue 'session;
                             }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "cannot read consumer state; reconnecting");
+                            continue 'session;
                         }
                     }
                     continue;
@@ -907,7 +929,10 @@ pub async fn run_with_lock(
                     warn!(error = %e, "message stream failed; resuming from the checkpoint");
                     tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => continue 'session, _ = stop.changed() => break 'session }
                 }
-                Ok(Some(Ok(m))) => m,
+                Ok(Some(Ok(m))) => {
+                    stalled_ticks = 0;
+                    m
+                }
             };
             first_seen.get_or_insert_with(Instant::now);
             let mut batch = Vec::with_capacity(opts.batch_size);
@@ -958,7 +983,12 @@ pub async fn run_with_lock(
                 last_idx = Some(idx);
             }
             let processed = incoming.len() as u64;
-            let letters = p.process_batch(&incoming);
+            let mut letters = p.process_batch(&incoming);
+            if !opts.live {
+                // A replay rebuilds views; the dead letters (like the alerts)
+                // were published by the live run, and are counted anyway.
+                letters.clear();
+            }
             drop(incoming);
             let Some(last_msg) = last_idx.and_then(|i| batch.into_iter().nth(i)) else {
                 continue;

@@ -251,6 +251,62 @@ fn every_bad_message_is_dead_lettered_with_its_reason() {
     assert_eq!(sql_u64(&server, &data, "SELECT count(*) FROM events"), 2);
 }
 
+/// More dead letters in one batch than the NATS client allows
+/// unacknowledged publishes (5000): they are published in windows and the
+/// run never stalls behind them (it used to wait forever).
+#[test]
+fn a_batch_of_thousands_of_dead_letters_does_not_stall() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let bad = 6000u64;
+    rt().block_on(async {
+        let js = js(&server).await;
+        js.create_stream(stream::Config {
+            name: "TALLY_EVENTS".into(),
+            subjects: vec!["tally.events.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut acks = Vec::new();
+        for i in 0..bad {
+            acks.push(
+                js.publish(
+                    "tally.events.acme.usage.recorded",
+                    format!("not json {i}").into(),
+                )
+                .await
+                .unwrap(),
+            );
+            if acks.len() == 1000 {
+                for a in acks.drain(..) {
+                    a.await.unwrap();
+                }
+            }
+        }
+        for a in acks {
+            a.await.unwrap();
+        }
+    });
+    let mut c = tally(&server, &data);
+    c.args(["run", "--until-idle", "--batch-size", "50000"]);
+    let started = std::time::Instant::now();
+    run_expect(c, 0);
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let s = status_json(&server, &data);
+    assert_eq!(
+        s["status"]["counts"]["dead_lettered"]["invalid_json"].as_u64(),
+        Some(bad),
+        "{s}"
+    );
+    rt().block_on(async {
+        let js = js(&server).await;
+        let mut dlq = js.get_stream("TALLY_DLQ").await.unwrap();
+        assert_eq!(dlq.info().await.unwrap().state.messages, bad);
+    });
+}
+
 #[test]
 fn duplicates_inside_and_beyond_the_jetstream_window_count_once() {
     let server = NatsServer::start();

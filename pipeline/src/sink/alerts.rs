@@ -21,31 +21,35 @@ pub enum AlertError {
     Ack { id: String, cause: String },
 }
 
-/// Publishes every alert and waits for JetStream to store each.
+/// Publishes every alert and waits for JetStream to store each, at most
+/// [`crate::publish::MAX_WINDOW`] awaiting their acks at a time (the client
+/// stalls beyond its own limit of unacknowledged publishes).
 pub async fn publish_all(js: &jetstream::Context, alerts: &[Alert]) -> Result<(), AlertError> {
-    let mut pending: Vec<(String, PublishAckFuture)> = Vec::with_capacity(alerts.len());
-    for a in alerts {
-        let id = a.id();
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id.as_str());
-        let ack = js
-            .publish_with_headers(
-                format!("{SUBJECT_PREFIX}.{}", a.tenant),
-                headers,
-                a.to_json().into(),
-            )
-            .await
-            .map_err(|e| AlertError::Publish {
-                id: id.clone(),
+    for chunk in alerts.chunks(crate::publish::MAX_WINDOW) {
+        let mut pending: Vec<(String, PublishAckFuture)> = Vec::with_capacity(chunk.len());
+        for a in chunk {
+            let id = a.id();
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id.as_str());
+            let ack = js
+                .publish_with_headers(
+                    format!("{SUBJECT_PREFIX}.{}", a.tenant),
+                    headers,
+                    a.to_json().into(),
+                )
+                .await
+                .map_err(|e| AlertError::Publish {
+                    id: id.clone(),
+                    cause: e.to_string(),
+                })?;
+            pending.push((id, ack));
+        }
+        for (id, ack) in pending {
+            ack.await.map_err(|e| AlertError::Ack {
+                id,
                 cause: e.to_string(),
             })?;
-        pending.push((id, ack));
-    }
-    for (id, ack) in pending {
-        ack.await.map_err(|e| AlertError::Ack {
-            id,
-            cause: e.to_string(),
-        })?;
+        }
     }
     Ok(())
 }

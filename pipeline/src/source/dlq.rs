@@ -53,33 +53,37 @@ pub async fn publish_all(
     stream: &str,
     letters: &[DeadLetter],
 ) -> Result<(), DlqError> {
-    let mut pending: Vec<(String, PublishAckFuture)> = Vec::with_capacity(letters.len());
-    for l in letters {
-        let subject = format!("{SUBJECT_PREFIX}.{}", l.reject.reason.as_str());
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("tally-dlq:{stream}:{}", l.stream_seq).as_str(),
-        );
-        headers.insert(HEADER_STREAM, stream);
-        headers.insert(HEADER_SUBJECT, one_line(&l.subject).as_str());
-        headers.insert(HEADER_SEQUENCE, l.stream_seq.to_string().as_str());
-        headers.insert(HEADER_REASON, l.reject.reason.as_str());
-        headers.insert(HEADER_ERROR, one_line(&l.reject.detail).as_str());
-        let ack = js
-            .publish_with_headers(subject.clone(), headers, l.payload.clone())
-            .await
-            .map_err(|e| DlqError::Publish {
-                subject: subject.clone(),
+    // At most MAX_WINDOW awaiting their acks at a time: the client stalls
+    // beyond its own limit of unacknowledged publishes.
+    for chunk in letters.chunks(crate::publish::MAX_WINDOW) {
+        let mut pending: Vec<(String, PublishAckFuture)> = Vec::with_capacity(chunk.len());
+        for l in chunk {
+            let subject = format!("{SUBJECT_PREFIX}.{}", l.reject.reason.as_str());
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                "Nats-Msg-Id",
+                format!("tally-dlq:{stream}:{}", l.stream_seq).as_str(),
+            );
+            headers.insert(HEADER_STREAM, stream);
+            headers.insert(HEADER_SUBJECT, one_line(&l.subject).as_str());
+            headers.insert(HEADER_SEQUENCE, l.stream_seq.to_string().as_str());
+            headers.insert(HEADER_REASON, l.reject.reason.as_str());
+            headers.insert(HEADER_ERROR, one_line(&l.reject.detail).as_str());
+            let ack = js
+                .publish_with_headers(subject.clone(), headers, l.payload.clone())
+                .await
+                .map_err(|e| DlqError::Publish {
+                    subject: subject.clone(),
+                    cause: e.to_string(),
+                })?;
+            pending.push((subject, ack));
+        }
+        for (subject, ack) in pending {
+            ack.await.map_err(|e| DlqError::Ack {
+                subject,
                 cause: e.to_string(),
             })?;
-        pending.push((subject, ack));
-    }
-    for (subject, ack) in pending {
-        ack.await.map_err(|e| DlqError::Ack {
-            subject,
-            cause: e.to_string(),
-        })?;
+        }
     }
     Ok(())
 }

@@ -68,9 +68,24 @@ pub enum SourceError {
 
 /// Connects with a clear message when the server is not there. The client
 /// reconnects by itself after a connection loss; callers retry operations.
+/// Messages a subscription can buffer in the client. A full buffer makes
+/// the client drop messages (the server then redelivers them only after
+/// `ack_wait`, stalling the run), so the consumer never has more unacked
+/// messages outstanding than this: see [`max_ack_pending`].
+pub const SUBSCRIPTION_CAPACITY: usize = 262_144;
+
+/// The consumer's `max_ack_pending` for a batch size: room for the batch
+/// being made durable, the one being processed and the one arriving, and
+/// always below [`SUBSCRIPTION_CAPACITY`].
+pub fn max_ack_pending(batch_size: usize) -> i64 {
+    let wanted = batch_size.saturating_mul(3).max(1000);
+    i64::try_from(wanted.min(SUBSCRIPTION_CAPACITY - 16_384)).unwrap_or(i64::MAX)
+}
+
 pub async fn connect(url: &str) -> Result<async_nats::Client, SourceError> {
     async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .name("tally")
         .connect(url)
         .await
