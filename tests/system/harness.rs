@@ -243,7 +243,8 @@ pub fn wait_for_checkpoint(
     beyond: u64,
     child: &mut std::process::Child,
 ) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Generous: the full-size fault suite runs a debug build over 240k events.
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         if let Ok(text) = std::fs::read_to_string(data.join("checkpoint.json"))
             && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
