@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use crate::config::{ConfigError, Settings};
 use crate::event::{Event, Limits, payload_from_archive, validate_message};
 use crate::operator::overages::Alert;
+use crate::operator::subscription::SubEvent;
 use crate::operator::{self, Operator, OperatorError, Storage};
 use crate::sink::alerts::{self, AlertError};
 use crate::sink::parquet::{SinkError, ViewDir, read_parquet};
@@ -199,11 +200,16 @@ impl Processor {
                 }
             }
         }
+        // Each subscription change is built once and shared by the operators.
+        let subs: Vec<Option<Arc<SubEvent>>> = accepted
+            .iter()
+            .map(|e| SubEvent::from_event(e).map(Arc::new))
+            .collect();
         let (heavy, light): (Vec<_>, Vec<_>) = self.operators.iter_mut().partition(|op| op.heavy());
         let apply = |mut ops: Vec<&mut Box<dyn Operator>>| {
-            for e in &accepted {
+            for (e, sub) in accepted.iter().zip(&subs) {
                 for op in ops.iter_mut() {
-                    op.apply(e);
+                    op.apply_with(e, sub.as_ref());
                 }
             }
         };
@@ -266,8 +272,9 @@ impl Processor {
         for_each_archived(data_dir, |event| {
             self.dedup
                 .insert(dedup::key(&event.source, &event.id), event.published_at);
+            let sub = SubEvent::from_event(event).map(Arc::new);
             for i in &rebuild {
-                self.operators[*i].apply(event);
+                self.operators[*i].apply_with(event, sub.as_ref());
             }
             replayed += 1;
         })?;

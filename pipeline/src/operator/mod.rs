@@ -20,11 +20,14 @@ pub mod tenants;
 pub mod usage;
 pub mod window;
 
+use std::sync::Arc;
+
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 
 use crate::config::Settings;
 use crate::event::Event;
+use subscription::SubEvent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
@@ -112,6 +115,12 @@ pub trait Operator: Send {
     /// Alerts decided by the last `take_rows`.
     fn take_alerts(&mut self) -> Vec<overages::Alert> {
         Vec::new()
+    }
+    /// [`Operator::apply`] with the event's subscription change, if any,
+    /// built once for every operator (they share it instead of each
+    /// keeping a copy of every tenant's history).
+    fn apply_with(&mut self, event: &Event, _sub: Option<&Arc<SubEvent>>) {
+        self.apply(event);
     }
     /// Live runs publish alerts; restore and replay do not.
     fn set_live(&mut self, _live: bool) {}

@@ -349,8 +349,13 @@ impl Operator for MrrOperator {
     }
 
     fn apply(&mut self, e: &Event) {
+        let sub = SubEvent::from_event(e).map(Arc::new);
+        self.apply_with(e, sub.as_ref());
+    }
+
+    fn apply_with(&mut self, e: &Event, sub: Option<&Arc<SubEvent>>) {
         self.clock = Some(self.clock.map_or(e.time, |c| c.max(e.time)));
-        if let Some(sub) = SubEvent::from_event(e) {
+        if let Some(sub) = sub {
             let name: Arc<str> = match self.tenants.get_key_value(e.tenant.as_str()) {
                 Some((k, _)) => Arc::clone(k),
                 None => Arc::from(e.tenant.as_str()),
@@ -359,7 +364,7 @@ impl Operator for MrrOperator {
                 .entry(Arc::clone(&name))
                 .or_default()
                 .history
-                .insert(sub);
+                .insert(Arc::clone(sub));
             self.dirty.insert(name);
         }
     }

@@ -387,14 +387,22 @@ impl Operator for OveragesOperator {
     }
 
     fn apply(&mut self, e: &Event) {
+        let sub = SubEvent::from_event(e).map(Arc::new);
+        self.apply_with(e, sub.as_ref());
+    }
+
+    fn apply_with(&mut self, e: &Event, sub: Option<&Arc<SubEvent>>) {
         self.clock = Some(self.clock.map_or(e.time, |c| c.max(e.time)));
         if self.catalog.apply(e) {
             self.dirty_all = true;
             return;
         }
-        if let Some(sub) = SubEvent::from_event(e) {
+        if let Some(sub) = sub {
             let t = self.intern(&e.tenant);
-            self.subs.entry(Arc::clone(&t)).or_default().insert(sub);
+            self.subs
+                .entry(Arc::clone(&t))
+                .or_default()
+                .insert(Arc::clone(sub));
             self.dirty_tenants.insert(t);
             return;
         }

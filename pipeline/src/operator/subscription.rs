@@ -8,6 +8,8 @@
 //! the terms it had and when. The whole history is kept, sorted, so an event
 //! that arrives late or out of order gives the same fold as in-order arrival.
 
+use std::sync::Arc;
+
 use crate::event::{BillingCycle, Event, Payload, SubscriptionTerms};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,18 +73,21 @@ pub struct FoldState {
 /// One tenant's subscription history, sorted by effective time.
 #[derive(Debug, Clone, Default)]
 pub struct History {
-    events: Vec<SubEvent>,
+    /// Shared: the operators that fold subscriptions hold the same events
+    /// (built once per event by the processor), not a copy each.
+    events: Vec<Arc<SubEvent>>,
 }
 
 impl History {
-    pub fn insert(&mut self, e: SubEvent) {
+    pub fn insert(&mut self, e: impl Into<Arc<SubEvent>>) {
+        let e: Arc<SubEvent> = e.into();
         let pos = self
             .events
             .partition_point(|x| x.order_key() < e.order_key());
         self.events.insert(pos, e);
     }
 
-    pub fn events(&self) -> &[SubEvent] {
+    pub fn events(&self) -> &[Arc<SubEvent>] {
         &self.events
     }
 
@@ -135,7 +140,7 @@ impl History {
 
 /// An incremental fold over a [`History`]; see [`History::cursor`].
 pub struct Cursor<'a> {
-    events: &'a [SubEvent],
+    events: &'a [Arc<SubEvent>],
     pos: usize,
     pub state: FoldState,
 }

@@ -208,6 +208,11 @@ impl Operator for TenantsOperator {
     }
 
     fn apply(&mut self, e: &Event) {
+        let sub = SubEvent::from_event(e).map(Arc::new);
+        self.apply_with(e, sub.as_ref());
+    }
+
+    fn apply_with(&mut self, e: &Event, sub: Option<&Arc<SubEvent>>) {
         self.clock = Some(self.clock.map_or(e.time, |c| c.max(e.time)));
         if e.tenant == SYSTEM_TENANT {
             return;
@@ -238,8 +243,8 @@ impl Operator for TenantsOperator {
                 t.revenue = t.revenue.saturating_sub(*amount);
             }
             _ => {
-                if let Some(sub) = SubEvent::from_event(e) {
-                    t.history.insert(sub);
+                if let Some(sub) = sub {
+                    t.history.insert(Arc::clone(sub));
                 }
             }
         }
