@@ -26,9 +26,21 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// A JetStream context on the test's server.
+/// A JetStream context on the test's server (retrying briefly: a server
+/// just started or restarted on a loaded machine may not accept yet).
 async fn js(server: &NatsServer) -> jetstream::Context {
-    jetstream::new(async_nats::connect(&server.url).await.unwrap())
+    let mut attempts = 0;
+    loop {
+        match async_nats::connect(&server.url).await {
+            Ok(client) => return jetstream::new(client),
+            Err(e) if attempts < 50 => {
+                attempts += 1;
+                eprintln!("connect to {} failed ({e}); retrying", server.url);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("cannot connect to {}: {e}", server.url),
+        }
+    }
 }
 
 /// Distinct (source, id) pairs in a JSON Lines file: what the archive must hold.
