@@ -615,6 +615,8 @@ pub struct BatchOutput {
     /// The checkpoint covering the batch, taken when the batch was cut (the
     /// processor moves on to the next batch while this one is written).
     pub checkpoint: Checkpoint,
+    /// Views whose small files to merge once the batch is durable.
+    pub compact: Option<Vec<(&'static str, SchemaRef)>>,
 }
 
 /// Makes one batch durable: DLQ, alerts, view files, checkpoint. Retries
@@ -671,6 +673,15 @@ fn write_batch(data_dir: &Path, out: &BatchOutput) -> Result<(), RuntimeError> {
         )?;
     }
     out.checkpoint.save(data_dir)?;
+    // The batch is durable; merging small files is housekeeping: a failure
+    // is logged and retried at the next round, never holds the batch.
+    for (view, schema) in out.compact.iter().flatten() {
+        match ViewDir::new(data_dir, view).compact(schema, out.checkpoint.last_seq) {
+            Ok(0) => {}
+            Ok(merged) => debug!(view, merged, "compacted small view files"),
+            Err(e) => warn!(view, error = %e, "cannot compact view files yet"),
+        }
+    }
     Ok(())
 }
 
@@ -969,6 +980,7 @@ pub async fn run_with_lock(
             }
             // Process (sync).
             let cpu = Instant::now();
+            let report_now = last_report.elapsed() >= Duration::from_secs(5);
             let first_seq_before = p.checkpoint.last_seq;
             let mut incoming = Vec::with_capacity(batch.len());
             let mut last_idx = None;
@@ -1006,6 +1018,9 @@ pub async fn run_with_lock(
                 alerts: p.take_alerts(),
                 letters,
                 checkpoint: p.checkpoint.clone(),
+                // Every 5 s the writer also merges small view files, after
+                // this batch is durable (it is the only one writing files).
+                compact: report_now.then(|| p.view_schemas()),
             };
             summary.processing += cpu.elapsed();
             // One batch in flight: the previous one must be durable (and is
@@ -1025,9 +1040,7 @@ pub async fn run_with_lock(
                 last_seq: p.checkpoint.last_seq,
             });
             summary.messages += processed;
-            if last_report.elapsed() >= Duration::from_secs(5) {
-                // Compaction rewrites view files: not while a batch is being written.
-                settle(&mut in_flight, &mut summary, opts).await?;
+            if report_now {
                 let rate =
                     (summary.messages - reported_msgs) as f64 / last_report.elapsed().as_secs_f64();
                 let c = &p.checkpoint.counts;
@@ -1041,13 +1054,6 @@ pub async fn run_with_lock(
                 );
                 last_report = Instant::now();
                 reported_msgs = summary.messages;
-                for (view, schema) in p.view_schemas() {
-                    let merged = ViewDir::new(&opts.data_dir, view)
-                        .compact(&schema, p.checkpoint.last_seq)?;
-                    if merged > 0 {
-                        debug!(view, merged, "compacted small view files");
-                    }
-                }
             }
             if stream_failed {
                 continue 'session;

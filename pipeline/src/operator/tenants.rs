@@ -13,7 +13,7 @@
 //! customer and has no row. The state is re-folded from the `events`
 //! archive at start-up.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -75,11 +75,17 @@ struct Tenant {
     row: Option<Row>,
     /// When the clock reaches this instant, the row may change.
     wake: Option<i64>,
+    /// The map's key, so marking the tenant dirty needs no second lookup.
+    key: Arc<str>,
+    /// Listed in `dirty` already (every event touches its tenant: a flag
+    /// is cheaper than a set insert per event).
+    dirty: bool,
 }
 
 pub struct TenantsOperator {
     tenants: HashMap<Arc<str>, Tenant, FixedState>,
-    dirty: HashSet<Arc<str>, FixedState>,
+    /// Tenants to recompute at the next `take_rows`.
+    dirty: Vec<Arc<str>>,
     wakeups: BTreeSet<(i64, Arc<str>)>,
     /// Largest accepted event time: the stream clock.
     clock: Option<i64>,
@@ -95,7 +101,7 @@ impl TenantsOperator {
     pub fn new() -> TenantsOperator {
         TenantsOperator {
             tenants: HashMap::with_hasher(FixedState),
-            dirty: HashSet::with_hasher(FixedState),
+            dirty: Vec::new(),
             wakeups: BTreeSet::new(),
             clock: None,
         }
@@ -217,18 +223,21 @@ impl Operator for TenantsOperator {
         if e.tenant == SYSTEM_TENANT {
             return;
         }
-        let name: Arc<str> = match self.tenants.get_key_value(e.tenant.as_str()) {
-            Some((k, _)) => Arc::clone(k),
-            None => Arc::from(e.tenant.as_str()),
+        if !self.tenants.contains_key(e.tenant.as_str()) {
+            let key: Arc<str> = Arc::from(e.tenant.as_str());
+            self.tenants.insert(
+                Arc::clone(&key),
+                Tenant {
+                    first_seen: e.time,
+                    last_seen: e.time,
+                    key,
+                    ..Tenant::default()
+                },
+            );
+        }
+        let Some(t) = self.tenants.get_mut(e.tenant.as_str()) else {
+            return;
         };
-        let t = self
-            .tenants
-            .entry(Arc::clone(&name))
-            .or_insert_with(|| Tenant {
-                first_seen: e.time,
-                last_seen: e.time,
-                ..Tenant::default()
-            });
         t.first_seen = t.first_seen.min(e.time);
         t.last_seen = t.last_seen.max(e.time);
         match &e.payload {
@@ -248,7 +257,10 @@ impl Operator for TenantsOperator {
                 }
             }
         }
-        self.dirty.insert(name);
+        if !t.dirty {
+            t.dirty = true;
+            self.dirty.push(Arc::clone(&t.key));
+        }
     }
 
     fn take_rows(&mut self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
@@ -258,15 +270,20 @@ impl Operator for TenantsOperator {
         while let Some(first) = self.wakeups.first()
             && first.0 <= clock
         {
-            if let Some((_, name)) = self.wakeups.pop_first() {
-                self.dirty.insert(name);
+            if let Some((_, name)) = self.wakeups.pop_first()
+                && let Some(t) = self.tenants.get_mut(&name)
+                && !t.dirty
+            {
+                t.dirty = true;
+                self.dirty.push(name);
             }
         }
         let mut changed: Vec<Arc<str>> = Vec::new();
-        for name in self.dirty.drain() {
+        for name in std::mem::take(&mut self.dirty) {
             let Some(t) = self.tenants.get_mut(&name) else {
                 continue;
             };
+            t.dirty = false;
             let (row, wake) = TenantsOperator::compute(t, clock);
             if t.wake != wake {
                 if let Some(old) = t.wake {
