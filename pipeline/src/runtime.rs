@@ -139,15 +139,10 @@ impl Processor {
         }
     }
 
-    /// Processes one message. Returns the dead letter if it was rejected.
-    /// Messages at or below the checkpoint are ignored (redeliveries).
-    pub fn process(&mut self, m: Incoming<'_>) -> Option<DeadLetter> {
-        self.process_batch(&[m]).pop()
-    }
-
     /// Processes a batch of messages in stream order; returns the dead
-    /// letters. Gives exactly the state of [`Processor::process`] on each
-    /// message in turn, using two cores: validation (a pure function of
+    /// letters. Messages at or below the checkpoint are ignored
+    /// (redeliveries). Gives exactly the state of processing the messages
+    /// one at a time, using two cores: validation (a pure function of
     /// each message) runs on both halves of the batch at once, and the
     /// operators (independent state machines that each see every accepted
     /// event in order) run in two groups at once.

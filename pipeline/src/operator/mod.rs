@@ -20,6 +20,7 @@ pub mod tenants;
 pub mod usage;
 pub mod window;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -28,6 +29,7 @@ use arrow::datatypes::SchemaRef;
 use crate::config::Settings;
 use crate::event::Event;
 use subscription::SubEvent;
+use usage::FixedState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
@@ -128,6 +130,60 @@ pub trait Operator: Send {
     /// another (see `Processor::process_batch`); the result is the same.
     fn heavy(&self) -> bool {
         false
+    }
+}
+
+/// A validated event for operator tests: the JSON envelope built from its
+/// parts and validated as `tally run` would (publish time far ahead).
+#[cfg(test)]
+pub(crate) fn test_event(
+    id: &str,
+    source: &str,
+    tenant: &str,
+    ty: &str,
+    time: &str,
+    data: &str,
+) -> Event {
+    use crate::event::{Limits, validate_message};
+    let json = format!(
+        r#"{{"specversion":"1.0","id":"{id}","source":"{source}","type":"{ty}","time":"{time}","tenant":"{tenant}","data":{data}}}"#
+    );
+    validate_message(
+        json.as_bytes(),
+        &format!("tally.events.{tenant}.{ty}"),
+        "tally.events",
+        1,
+        i64::MAX / 2,
+        &Limits::default(),
+    )
+    .unwrap()
+}
+
+/// Interned names and their ids: views whose state has a row per tenant
+/// and month key them by small ids instead of strings.
+#[derive(Default)]
+pub(crate) struct Names {
+    ids: HashMap<Arc<str>, u32, FixedState>,
+    names: Vec<Arc<str>>,
+}
+
+impl Names {
+    pub(crate) fn id(&mut self, s: &str) -> u32 {
+        if let Some(id) = self.ids.get(s) {
+            return *id;
+        }
+        let id = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+        let name: Arc<str> = Arc::from(s);
+        self.names.push(Arc::clone(&name));
+        self.ids.insert(name, id);
+        id
+    }
+
+    pub(crate) fn name(&self, id: u32) -> &str {
+        self.names
+            .get(id as usize)
+            .map(|n| &**n)
+            .unwrap_or_default()
     }
 }
 

@@ -31,7 +31,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use super::subscription::{History, SubEvent};
 use super::usage::FixedState;
 use super::window::{month_bounds, month_date32};
-use super::{Operator, OperatorError, Storage};
+use super::{Names, Operator, OperatorError, Storage};
 use crate::event::Event;
 
 pub const VIEW: &str = "mrr";
@@ -132,7 +132,7 @@ struct Tenant {
 pub struct MrrOperator {
     tenants: HashMap<Arc<str>, Tenant, FixedState>,
     dirty: HashSet<Arc<str>, FixedState>,
-    currencies: Vec<Arc<str>>,
+    currencies: Names,
     /// Largest accepted event time: the stream clock.
     clock: Option<i64>,
     /// Start of the clock's month as of the last `take_rows`.
@@ -150,18 +150,10 @@ impl MrrOperator {
         MrrOperator {
             tenants: HashMap::with_hasher(FixedState),
             dirty: HashSet::with_hasher(FixedState),
-            currencies: Vec::new(),
+            currencies: Names::default(),
             clock: None,
             clock_month: None,
         }
-    }
-
-    fn currency_index(&mut self, c: &str) -> u16 {
-        if let Some(i) = self.currencies.iter().position(|x| &**x == c) {
-            return u16::try_from(i).unwrap_or(u16::MAX);
-        }
-        self.currencies.push(Arc::from(c));
-        u16::try_from(self.currencies.len() - 1).unwrap_or(u16::MAX)
     }
 
     /// Every row of `history` up to the month starting `clock_month`, and
@@ -171,13 +163,10 @@ impl MrrOperator {
         let Some(first) = history.first_start() else {
             return (rows, false);
         };
-        let currencies: Vec<(u16, String)> = history
+        let currencies: Vec<(u16, &str)> = history
             .currencies()
             .into_iter()
-            .map(|c| c.to_owned())
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map(|c| (self.currency_index(&c), c))
+            .map(|c| (u16::try_from(self.currencies.id(c)).unwrap_or(u16::MAX), c))
             .collect();
         let mut seen = vec![false; currencies.len()];
         let mut cursor = history.cursor();
@@ -262,12 +251,7 @@ impl MrrOperator {
         for (name, row, del) in rows {
             month.append_value(month_date32(row.month));
             tenant.append_value(name);
-            currency.append_value(
-                self.currencies
-                    .get(usize::from(row.currency))
-                    .map(|c| &**c)
-                    .unwrap_or_default(),
-            );
+            currency.append_value(self.currencies.name(u32::from(row.currency)));
             let values = [row.start, row.end];
             for (b, v) in amounts
                 .iter_mut()
@@ -397,21 +381,10 @@ impl Operator for MrrOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Limits, validate_message};
+    use crate::operator::test_event;
 
     fn ev(id: &str, tenant: &str, ty: &str, time: &str, data: &str) -> Event {
-        let json = format!(
-            r#"{{"specversion":"1.0","id":"{id}","source":"s","type":"{ty}","time":"{time}","tenant":"{tenant}","data":{data}}}"#
-        );
-        validate_message(
-            json.as_bytes(),
-            &format!("tally.events.{tenant}.{ty}"),
-            "tally.events",
-            1,
-            i64::MAX / 2,
-            &Limits::default(),
-        )
-        .unwrap()
+        test_event(id, "s", tenant, ty, time, data)
     }
 
     fn start(id: &str, t: &str, time: &str, sub: &str, price: i64, extra: &str) -> Event {

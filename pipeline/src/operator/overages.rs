@@ -504,22 +504,11 @@ impl Operator for OveragesOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Limits, validate_message};
+    use crate::operator::test_event;
     use std::collections::BTreeMap;
 
     fn ev(id: &str, tenant: &str, ty: &str, time: &str, data: &str) -> Event {
-        let json = format!(
-            r#"{{"specversion":"1.0","id":"{id}","source":"s","type":"{ty}","time":"{time}","tenant":"{tenant}","data":{data}}}"#
-        );
-        validate_message(
-            json.as_bytes(),
-            &format!("tally.events.{tenant}.{ty}"),
-            "tally.events",
-            1,
-            i64::MAX / 2,
-            &Limits::default(),
-        )
-        .unwrap()
+        test_event(id, "s", tenant, ty, time, data)
     }
 
     fn plan(id: &str, time: &str, plan: &str, limits: &str, overage: &str) -> Event {

@@ -15,7 +15,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::usage::FixedState;
 use super::window::{month_bounds, month_date32};
-use super::{Operator, OperatorError, Storage};
+use super::{Names, Operator, OperatorError, Storage};
 use crate::event::{Event, Payload};
 
 pub const VIEW: &str = "revenue";
@@ -50,33 +50,6 @@ pub struct RevenueOperator {
     dirty: HashSet<Key, FixedState>,
     tenants: Names,
     currencies: Names,
-}
-
-/// Interned names and their ids.
-#[derive(Default)]
-struct Names {
-    ids: HashMap<Arc<str>, u32, FixedState>,
-    names: Vec<Arc<str>>,
-}
-
-impl Names {
-    fn id(&mut self, s: &str) -> u32 {
-        if let Some(id) = self.ids.get(s) {
-            return *id;
-        }
-        let id = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
-        let name: Arc<str> = Arc::from(s);
-        self.names.push(Arc::clone(&name));
-        self.ids.insert(name, id);
-        id
-    }
-
-    fn name(&self, id: u32) -> &str {
-        self.names
-            .get(id as usize)
-            .map(|n| &**n)
-            .unwrap_or_default()
-    }
 }
 
 impl Default for RevenueOperator {
@@ -212,21 +185,17 @@ impl Operator for RevenueOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Limits, validate_message};
+    use crate::operator::test_event;
 
     fn invoice(id: &str, ty: &str, time: &str, amount: i64, currency: &str) -> Event {
-        let json = format!(
-            r#"{{"specversion":"1.0","id":"{id}","source":"s","type":"{ty}","time":"{time}","tenant":"acme","data":{{"invoice_id":"i-{id}","amount":{amount},"currency":"{currency}"}}}}"#
-        );
-        validate_message(
-            json.as_bytes(),
-            &format!("tally.events.acme.{ty}"),
-            "tally.events",
-            1,
-            i64::MAX / 2,
-            &Limits::default(),
+        test_event(
+            id,
+            "s",
+            "acme",
+            ty,
+            time,
+            &format!(r#"{{"invoice_id":"i-{id}","amount":{amount},"currency":"{currency}"}}"#),
         )
-        .unwrap()
     }
 
     #[test]

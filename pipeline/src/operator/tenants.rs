@@ -320,21 +320,10 @@ impl Operator for TenantsOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Limits, validate_message};
+    use crate::operator::test_event;
 
     fn ev(id: &str, tenant: &str, ty: &str, time: &str, data: &str) -> Event {
-        let json = format!(
-            r#"{{"specversion":"1.0","id":"{id}","source":"s","type":"{ty}","time":"{time}","tenant":"{tenant}","data":{data}}}"#
-        );
-        validate_message(
-            json.as_bytes(),
-            &format!("tally.events.{tenant}.{ty}"),
-            "tally.events",
-            1,
-            i64::MAX / 2,
-            &Limits::default(),
-        )
-        .unwrap()
+        test_event(id, "s", tenant, ty, time, data)
     }
 
     /// `tenant,name,plan,status,mrr,revenue_to_date` of the rows written.

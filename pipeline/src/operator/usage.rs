@@ -484,23 +484,18 @@ impl Operator for UsageOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Limits, validate_message};
+    use crate::operator::test_event;
     use arrow::util::pretty::pretty_format_batches;
 
     fn usage(id: &str, source: &str, tenant: &str, metric: &str, time: &str, q: &str) -> Event {
-        let json = format!(
-            r#"{{"specversion":"1.0","id":"{id}","source":"{source}","type":"usage.recorded","time":"{time}","tenant":"{tenant}","data":{{"metric":"{metric}","quantity":{q}}}}}"#
-        );
-        let subject = format!("tally.events.{tenant}.usage.recorded");
-        validate_message(
-            json.as_bytes(),
-            &subject,
-            "tally.events",
-            1,
-            i64::MAX / 2,
-            &Limits::default(),
+        test_event(
+            id,
+            source,
+            tenant,
+            "usage.recorded",
+            time,
+            &format!(r#"{{"metric":"{metric}","quantity":{q}}}"#),
         )
-        .unwrap()
     }
 
     fn grans(g: &[&str]) -> Vec<String> {
