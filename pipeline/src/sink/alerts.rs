@@ -6,9 +6,10 @@
 //! never decides the same alert again.
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishAckFuture};
+use async_nats::jetstream;
 
 use crate::operator::overages::Alert;
+use crate::source::jetstream::{OutMessage, PublishFailure, publish_acked};
 
 pub const STREAM: &str = "TALLY_ALERTS";
 pub const SUBJECT_PREFIX: &str = "tally.alerts";
@@ -21,35 +22,20 @@ pub enum AlertError {
     Ack { id: String, cause: String },
 }
 
-/// Publishes every alert and waits for JetStream to store each, at most
-/// [`crate::publish::MAX_WINDOW`] awaiting their acks at a time (the client
-/// stalls beyond its own limit of unacknowledged publishes).
+/// Publishes every alert and waits for JetStream to store each.
 pub async fn publish_all(js: &jetstream::Context, alerts: &[Alert]) -> Result<(), AlertError> {
-    for chunk in alerts.chunks(crate::publish::MAX_WINDOW) {
-        let mut pending: Vec<(String, PublishAckFuture)> = Vec::with_capacity(chunk.len());
-        for a in chunk {
+    let messages: Vec<OutMessage> = alerts
+        .iter()
+        .map(|a| {
             let id = a.id();
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", id.as_str());
-            let ack = js
-                .publish_with_headers(
-                    format!("{SUBJECT_PREFIX}.{}", a.tenant),
-                    headers,
-                    a.to_json().into(),
-                )
-                .await
-                .map_err(|e| AlertError::Publish {
-                    id: id.clone(),
-                    cause: e.to_string(),
-                })?;
-            pending.push((id, ack));
-        }
-        for (id, ack) in pending {
-            ack.await.map_err(|e| AlertError::Ack {
-                id,
-                cause: e.to_string(),
-            })?;
-        }
-    }
-    Ok(())
+            let subject = format!("{SUBJECT_PREFIX}.{}", a.tenant);
+            (id, subject, headers, a.to_json().into())
+        })
+        .collect();
+    publish_acked(js, messages).await.map_err(|f| match f {
+        PublishFailure::Publish { label, cause } => AlertError::Publish { id: label, cause },
+        PublishFailure::Ack { label, cause } => AlertError::Ack { id: label, cause },
+    })
 }

@@ -3,10 +3,11 @@
 //! headers saying where it came from and why it was refused.
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishAckFuture};
+use async_nats::jetstream;
 use bytes::Bytes;
 
 use crate::event::Reject;
+use crate::source::jetstream::{OutMessage, PublishFailure, publish_acked};
 
 /// DLQ subjects: `tally.dlq.<reason>`.
 pub const SUBJECT_PREFIX: &str = "tally.dlq";
@@ -53,11 +54,9 @@ pub async fn publish_all(
     stream: &str,
     letters: &[DeadLetter],
 ) -> Result<(), DlqError> {
-    // At most MAX_WINDOW awaiting their acks at a time: the client stalls
-    // beyond its own limit of unacknowledged publishes.
-    for chunk in letters.chunks(crate::publish::MAX_WINDOW) {
-        let mut pending: Vec<(String, PublishAckFuture)> = Vec::with_capacity(chunk.len());
-        for l in chunk {
+    let messages: Vec<OutMessage> = letters
+        .iter()
+        .map(|l| {
             let subject = format!("{SUBJECT_PREFIX}.{}", l.reject.reason.as_str());
             let mut headers = HeaderMap::new();
             headers.insert(
@@ -69,21 +68,17 @@ pub async fn publish_all(
             headers.insert(HEADER_SEQUENCE, l.stream_seq.to_string().as_str());
             headers.insert(HEADER_REASON, l.reject.reason.as_str());
             headers.insert(HEADER_ERROR, one_line(&l.reject.detail).as_str());
-            let ack = js
-                .publish_with_headers(subject.clone(), headers, l.payload.clone())
-                .await
-                .map_err(|e| DlqError::Publish {
-                    subject: subject.clone(),
-                    cause: e.to_string(),
-                })?;
-            pending.push((subject, ack));
-        }
-        for (subject, ack) in pending {
-            ack.await.map_err(|e| DlqError::Ack {
-                subject,
-                cause: e.to_string(),
-            })?;
-        }
-    }
-    Ok(())
+            (subject.clone(), subject, headers, l.payload.clone())
+        })
+        .collect();
+    publish_acked(js, messages).await.map_err(|f| match f {
+        PublishFailure::Publish { label, cause } => DlqError::Publish {
+            subject: label,
+            cause,
+        },
+        PublishFailure::Ack { label, cause } => DlqError::Ack {
+            subject: label,
+            cause,
+        },
+    })
 }
