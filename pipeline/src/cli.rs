@@ -187,6 +187,9 @@ pub enum Command {
         /// Also measure validation and each operator alone (in process, one core).
         #[arg(long)]
         operators: bool,
+        /// Only that in-process measurement, over an events file (no broker).
+        #[arg(long, hide = true, value_name = "EVENTS_FILE")]
+        operators_only: Option<PathBuf>,
     },
 }
 
@@ -494,7 +497,13 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             no_activity,
             replay,
             operators,
+            operators_only,
         } => {
+            if let Some(file) = operators_only {
+                let o = bench::operators_bench(file, "tally.bench")?;
+                print_operators(&o);
+                return Ok(());
+            }
             let exe = std::env::current_exe().map_err(|source| CliError::Input {
                 what: "own executable path".into(),
                 source,
@@ -527,14 +536,18 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 println!("replay peak RSS      {:>10.1} MiB", rp.peak_rss_mib);
             }
             if let Some(o) = &r.operators {
-                println!("in process, one core, {} events:", o.events);
-                println!("  validate           {:>10.0} events/s", o.validate_per_s);
-                for (view, per_s) in &o.operators {
-                    println!("  {view:<18} {per_s:>10.0} events/s");
-                }
+                print_operators(o);
             }
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             Ok(())
         }
+    }
+}
+
+fn print_operators(o: &bench::OperatorsBench) {
+    println!("in process, one core, {} events:", o.events);
+    println!("  validate           {:>10.0} events/s", o.validate_per_s);
+    for (view, per_s) in &o.operators {
+        println!("  {view:<18} {per_s:>10.0} events/s");
     }
 }

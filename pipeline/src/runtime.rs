@@ -112,6 +112,9 @@ pub struct ViewRows {
     pub batch: RecordBatch,
 }
 
+/// Operators (with their registry index) that run on one thread.
+type Group<'a> = Vec<(usize, &'a mut Box<dyn Operator>)>;
+
 /// The synchronous core: validation, dedup and the operators. No I/O, no
 /// clock; the same messages in the same order give the same state.
 pub struct Processor {
@@ -119,6 +122,10 @@ pub struct Processor {
     prefix: String,
     dedup: Dedup,
     operators: Vec<Box<dyn Operator>>,
+    /// Each operator's measured cost (apply + cut rows) over recent
+    /// batches, to split them into two groups of about equal work. Only
+    /// which thread runs an operator depends on it, never a result.
+    costs: Vec<Duration>,
     live: bool,
     /// Rows written per versioned view since its last snapshot (compaction policy).
     versions_written: std::collections::HashMap<&'static str, usize>,
@@ -133,6 +140,7 @@ impl Processor {
             prefix: prefix.to_owned(),
             dedup: Dedup::new(settings.dedup_horizon_us),
             operators: operator::registry(settings),
+            costs: Vec::new(),
             live: true,
             versions_written: std::collections::HashMap::new(),
             checkpoint,
@@ -148,6 +156,7 @@ impl Processor {
     /// event in order) run in two groups at once.
     pub fn process_batch(&mut self, msgs: &[Incoming<'_>]) -> Vec<DeadLetter> {
         let (prefix, limits) = (self.prefix.as_str(), &self.limits);
+        // The dedup key is hashed here too, on both halves.
         let validate = |m: &Incoming<'_>| {
             validate_message(
                 m.payload,
@@ -157,12 +166,18 @@ impl Processor {
                 m.published_at,
                 limits,
             )
+            .map(|event| {
+                let key = dedup::key(&event.source, &event.id);
+                (event, key)
+            })
         };
         let results = on_two_cores(msgs, validate);
         let cp = &mut self.checkpoint;
         let mut letters = Vec::new();
         let mut accepted = Vec::with_capacity(msgs.len());
-        for (m, result) in msgs.iter().zip(results) {
+        // Events stay where validation put them; the operators see them by
+        // reference (moving ~400-byte events cost more than the dedup).
+        for (m, result) in msgs.iter().zip(&results) {
             if m.stream_seq <= cp.last_seq {
                 continue;
             }
@@ -178,16 +193,14 @@ impl Processor {
                         stream_seq: m.stream_seq,
                         subject: m.subject.to_owned(),
                         payload: m.payload.clone(),
-                        reject,
+                        reject: reject.clone(),
                     });
                 }
-                Ok(event) => {
-                    let key = dedup::key(&event.source, &event.id);
-                    if self.dedup.is_duplicate(key, m.published_at) {
+                Ok((event, key)) => {
+                    if !self.dedup.admit(*key, m.published_at) {
                         cp.counts.duplicate += 1;
                         continue;
                     }
-                    self.dedup.insert(key, m.published_at);
                     cp.counts.accepted += 1;
                     cp.stream_clock_us =
                         Some(cp.stream_clock_us.map_or(event.time, |c| c.max(event.time)));
@@ -200,47 +213,90 @@ impl Processor {
             .iter()
             .map(|e| SubEvent::from_event(e).map(Arc::new))
             .collect();
-        let (heavy, light): (Vec<_>, Vec<_>) = self.operators.iter_mut().partition(|op| op.heavy());
-        let apply = |mut ops: Vec<&mut Box<dyn Operator>>| {
-            for (e, sub) in accepted.iter().zip(&subs) {
-                for op in ops.iter_mut() {
-                    op.apply_with(e, sub.as_ref());
-                }
-            }
+        let (first, second) = self.groups();
+        let apply = |ops: Group<'_>| -> Vec<(usize, Duration)> {
+            ops.into_iter()
+                .map(|(i, op)| {
+                    let started = Instant::now();
+                    for (e, sub) in accepted.iter().zip(&subs) {
+                        op.apply_with(e, sub.as_ref());
+                    }
+                    (i, started.elapsed())
+                })
+                .collect()
         };
-        run_pair(heavy, light, apply, apply);
+        let (a, b) = run_pair(first, second, apply, apply);
+        self.measured(a.into_iter().chain(b), true);
         letters
     }
 
-    /// The rows the operators produced since the last call (the heavy
-    /// operators cut theirs on a second thread), in registry order.
-    pub fn take_rows(&mut self) -> Result<Vec<ViewRows>, OperatorError> {
-        let seq = self.checkpoint.last_seq;
-        let (heavy, light): (Vec<_>, Vec<_>) = self
-            .operators
+    /// Makes room in the dedup horizon for `messages` more events (the
+    /// stream's backlog), so that it does not grow step by step.
+    pub fn reserve_dedup(&mut self, messages: u64) {
+        self.dedup
+            .reserve(usize::try_from(messages).unwrap_or(usize::MAX));
+    }
+
+    /// The operators in two groups of about equal measured cost, for
+    /// [`run_pair`]: largest first, each to the group with less so far.
+    fn groups(&mut self) -> (Group<'_>, Group<'_>) {
+        self.costs.resize(self.operators.len(), Duration::ZERO);
+        let mut order: Vec<usize> = (0..self.operators.len()).collect();
+        order.sort_by_key(|i| std::cmp::Reverse(self.costs[*i]));
+        let mut in_first = vec![false; self.operators.len()];
+        let (mut first, mut second) = (Duration::ZERO, Duration::ZERO);
+        for i in order {
+            if first <= second {
+                first += self.costs[i];
+                in_first[i] = true;
+            } else {
+                second += self.costs[i];
+            }
+        }
+        self.operators
             .iter_mut()
             .enumerate()
-            .partition(|(_, op)| op.heavy());
-        type Cut = Result<Vec<(usize, ViewRows)>, OperatorError>;
-        let cut = |ops: Vec<(usize, &mut Box<dyn Operator>)>| -> Cut {
+            .partition(|(i, _)| in_first[*i])
+    }
+
+    /// Records measured costs: `apply` starts a batch's figure (half the
+    /// previous one carried over, so the split follows the stream's mix
+    /// without jumping on one odd batch); cutting rows adds to it.
+    fn measured(&mut self, times: impl Iterator<Item = (usize, Duration)>, apply: bool) {
+        for (i, t) in times {
+            if let Some(c) = self.costs.get_mut(i) {
+                *c = if apply { *c / 2 + t } else { *c + t };
+            }
+        }
+    }
+
+    /// The rows the operators produced since the last call (cut in the
+    /// same two groups at once), in registry order.
+    pub fn take_rows(&mut self) -> Result<Vec<ViewRows>, OperatorError> {
+        let seq = self.checkpoint.last_seq;
+        let (first, second) = self.groups();
+        type Cut = Result<Vec<(usize, Duration, Option<ViewRows>)>, OperatorError>;
+        let cut = |ops: Group<'_>| -> Cut {
             let mut out = Vec::new();
             for (i, op) in ops {
-                if let Some(batch) = op.take_rows(seq)? {
-                    out.push((
-                        i,
-                        ViewRows {
-                            view: op.view(),
-                            schema: op.schema(),
-                            batch,
-                        },
-                    ));
-                }
+                let started = Instant::now();
+                let rows = op.take_rows(seq)?.map(|batch| ViewRows {
+                    view: op.view(),
+                    schema: op.schema(),
+                    batch,
+                });
+                out.push((i, started.elapsed(), rows));
             }
             Ok(out)
         };
-        let (a, b) = run_pair(heavy, light, cut, cut);
-        let mut rows = a?;
-        rows.extend(b?);
+        let (a, b) = run_pair(first, second, cut, cut);
+        let mut cut = a?;
+        cut.extend(b?);
+        self.measured(cut.iter().map(|(i, t, _)| (*i, *t)), false);
+        let mut rows: Vec<(usize, ViewRows)> = cut
+            .into_iter()
+            .filter_map(|(i, _, rows)| rows.map(|r| (i, r)))
+            .collect();
         rows.sort_by_key(|(i, _)| *i);
         let mut out = Vec::with_capacity(rows.len());
         for (_, r) in rows {
@@ -266,7 +322,7 @@ impl Processor {
         let mut replayed = 0u64;
         for_each_archived(data_dir, |event| {
             self.dedup
-                .insert(dedup::key(&event.source, &event.id), event.published_at);
+                .admit(dedup::key(&event.source, &event.id), event.published_at);
             let sub = SubEvent::from_event(event).map(Arc::new);
             for i in &rebuild {
                 self.operators[*i].apply_with(event, sub.as_ref());
@@ -792,6 +848,7 @@ pub async fn run_with_lock(
         &opts.source.subject_prefix,
     )?;
     p.set_live(opts.live);
+    p.reserve_dedup(stream_last.saturating_sub(p.checkpoint.last_seq));
     if p.checkpoint.last_seq > stream_last {
         return Err(RuntimeError::AheadOfStream {
             path: opts.data_dir.clone(),

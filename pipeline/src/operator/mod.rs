@@ -126,11 +126,6 @@ pub trait Operator: Send {
     }
     /// Live runs publish alerts; restore and replay do not.
     fn set_live(&mut self, _live: bool) {}
-    /// Costly enough to run on its own thread while the others run on
-    /// another (see `Processor::process_batch`); the result is the same.
-    fn heavy(&self) -> bool {
-        false
-    }
 }
 
 /// A validated event for operator tests: the JSON envelope built from its

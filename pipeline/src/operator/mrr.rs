@@ -9,15 +9,18 @@
 //! `overages`, [`super::subscription`]) and the rows last written for the
 //! tenant. A tenant is recomputed whole — one forward pass over its months
 //! with an incremental fold — when a subscription event of it arrives (late
-//! or out of order events included, so arrival order never matters) and,
-//! when the stream clock enters a new month, if it can still have MRR.
+//! or out of order events included, so arrival order never matters); when
+//! the stream clock enters a new month, a tenant that can still have MRR
+//! gets the new months' rows.
 //! Only rows that differ from the last written ones are written, as new
 //! versions; a row that no longer exists (a late cancellation took its MRR
 //! away) is written as a tombstone (`_deleted`), which the query layer
 //! hides. The state is re-folded from the `events` archive at start-up.
 //!
-//! Cost: a recompute is O(months + subscription events) of one tenant, and
-//! each new month recomputes every tenant that still has a subscription.
+//! Cost: a recompute is O(months + subscription events) of one tenant. A
+//! new month only adds the new months' rows to every tenant that still has
+//! a subscription (a month's row depends on the history and the months
+//! before it, never on the clock), so a steady payer costs O(1) a month.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock};
@@ -156,9 +159,19 @@ impl MrrOperator {
         }
     }
 
-    /// Every row of `history` up to the month starting `clock_month`, and
-    /// whether later months may still have rows.
-    fn compute(&mut self, history: &History, clock_month: i64) -> (Vec<Row>, bool) {
+    /// The rows of `history` for the months from the one starting `from`
+    /// up to the one starting `clock_month`, and whether later months may
+    /// still have rows. `prior` holds the rows of the months before `from`
+    /// (sorted; empty when `from` is at or before the first start): a
+    /// month's row depends only on the history and the months before it,
+    /// so a tenant whose history did not change only gets its new months.
+    fn compute(
+        &mut self,
+        history: &History,
+        prior: &[Row],
+        from: i64,
+        clock_month: i64,
+    ) -> (Vec<Row>, bool) {
         let mut rows = Vec::new();
         let Some(first) = history.first_start() else {
             return (rows, false);
@@ -168,10 +181,18 @@ impl MrrOperator {
             .into_iter()
             .map(|c| (u16::try_from(self.currencies.id(c)).unwrap_or(u16::MAX), c))
             .collect();
-        let mut seen = vec![false; currencies.len()];
         let mut cursor = history.cursor();
-        let (mut s, _) = month_bounds(first);
+        let mut s = month_bounds(first).0.max(from);
+        // MRR at the start of month `s` (the end of the month before), and
+        // whether a currency ever had MRR before it (new vs reactivation).
         let mut at_start: Vec<i64> = vec![0; currencies.len()];
+        let mut seen = vec![false; currencies.len()];
+        for r in prior.iter().filter(|r| r.month < s) {
+            if let Some(i) = currencies.iter().position(|(id, _)| *id == r.currency) {
+                seen[i] |= r.end > 0;
+                at_start[i] = r.end;
+            }
+        }
         while s <= clock_month {
             let (_, e) = month_bounds(s);
             let state = cursor.advance_to(e);
@@ -205,28 +226,43 @@ impl MrrOperator {
             return Vec::new();
         };
         let (clock_month, _) = month_bounds(clock);
-        if self.clock_month != Some(clock_month) {
-            // A new month: every tenant that may still pay gets its rows.
-            self.clock_month = Some(clock_month);
-            let open: Vec<Arc<str>> = self
+        // A new month: every tenant that may still pay gets its new
+        // months' rows (the rows before stay as they are).
+        let mut extend: Vec<(Arc<str>, i64)> = Vec::new();
+        if let Some(old) = self.clock_month.filter(|m| *m < clock_month) {
+            let (_, next) = month_bounds(old);
+            extend = self
                 .tenants
                 .iter()
-                .filter(|(_, t)| t.open)
-                .map(|(k, _)| Arc::clone(k))
+                .filter(|(k, t)| t.open && !self.dirty.contains(*k))
+                .map(|(k, _)| (Arc::clone(k), next))
                 .collect();
-            self.dirty.extend(open);
         }
-        let mut dirty: Vec<Arc<str>> = self.dirty.drain().collect();
-        dirty.sort_unstable();
+        self.clock_month = Some(clock_month);
+        // Tenants with new subscription events: recomputed whole.
+        let mut work: Vec<(Arc<str>, i64)> = self.dirty.drain().map(|k| (k, i64::MIN)).collect();
+        work.extend(extend);
+        work.sort_unstable();
         let mut out = Vec::new();
-        for name in dirty {
+        for (name, from) in work {
             let Some(mut tenant) = self.tenants.remove(&name) else {
                 continue;
             };
-            let (rows, open) = self.compute(&tenant.history, clock_month);
-            diff(&tenant.rows, &rows, |row, deleted| {
-                out.push((Arc::clone(&name), row, deleted));
-            });
+            let prior: &[Row] = if from == i64::MIN { &[] } else { &tenant.rows };
+            let (mut rows, open) = self.compute(&tenant.history, prior, from, clock_month);
+            if from == i64::MIN {
+                diff(&tenant.rows, &rows, |row, deleted| {
+                    out.push((Arc::clone(&name), row, deleted));
+                });
+            } else {
+                let keep = tenant.rows.partition_point(|r| r.month < from);
+                tenant.rows.truncate(keep);
+                diff(&[], &rows, |row, deleted| {
+                    out.push((Arc::clone(&name), row, deleted));
+                });
+                tenant.rows.append(&mut rows);
+                rows = std::mem::take(&mut tenant.rows);
+            }
             tenant.rows = rows;
             tenant.open = open;
             self.tenants.insert(name, tenant);

@@ -190,8 +190,8 @@ impl OveragesOperator {
             .map(|h| h.fold_before(e))
             .unwrap_or_default();
         let plan = match (&fold.current, &fold.last_cancel) {
-            (Some(cur), _) => Some(cur.plan.clone()),
-            (None, Some((terms, at))) if *at >= s => Some(terms.plan.clone()),
+            (Some(cur), _) => Some(cur.terms.plan.clone()),
+            (None, Some((cancelled, at))) if *at >= s => Some(cancelled.terms.plan.clone()),
             _ => None,
         };
         let version = plan

@@ -59,13 +59,22 @@ impl SubEvent {
     }
 }
 
+/// A subscription as the fold sees it: the terms of its last change,
+/// borrowed from the history (folding copies nothing), and its trial end,
+/// which a change keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Current<'a> {
+    pub terms: &'a SubscriptionTerms,
+    pub trial_ends_at: Option<i64>,
+}
+
 /// What the fold says at an instant.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FoldState {
-    /// The current subscription's terms (plan, price, ... as last changed).
-    pub current: Option<SubscriptionTerms>,
-    /// The terms the last cancelled subscription had, and when it ended.
-    pub last_cancel: Option<(SubscriptionTerms, i64)>,
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FoldState<'a> {
+    /// The current subscription (plan, price, ... as last changed).
+    pub current: Option<Current<'a>>,
+    /// The last cancelled subscription, and when it ended.
+    pub last_cancel: Option<(Current<'a>, i64)>,
     /// Whether any subscription event is effective before the instant.
     pub any: bool,
 }
@@ -92,7 +101,7 @@ impl History {
     }
 
     /// Folds the events effective strictly before `t`.
-    pub fn fold_before(&self, t: i64) -> FoldState {
+    pub fn fold_before(&self, t: i64) -> FoldState<'_> {
         let mut c = self.cursor();
         c.advance_to(t);
         c.state
@@ -142,12 +151,12 @@ impl History {
 pub struct Cursor<'a> {
     events: &'a [Arc<SubEvent>],
     pos: usize,
-    pub state: FoldState,
+    pub state: FoldState<'a>,
 }
 
-impl Cursor<'_> {
+impl<'a> Cursor<'a> {
     /// Applies the events effective strictly before `t` not applied yet.
-    pub fn advance_to(&mut self, t: i64) -> &FoldState {
+    pub fn advance_to(&mut self, t: i64) -> &FoldState<'a> {
         let s = &mut self.state;
         while let Some(e) = self.events.get(self.pos)
             && e.effective < t
@@ -155,21 +164,23 @@ impl Cursor<'_> {
             self.pos += 1;
             s.any = true;
             match &e.change {
-                Change::Started(terms) => s.current = Some(terms.clone()),
+                Change::Started(terms) => {
+                    s.current = Some(Current {
+                        terms,
+                        trial_ends_at: terms.trial_ends_at,
+                    });
+                }
                 Change::PlanChanged(terms) => {
                     if let Some(cur) = &mut s.current
-                        && cur.subscription_id == terms.subscription_id
+                        && cur.terms.subscription_id == terms.subscription_id
                     {
                         // A change keeps the trial end of the subscription it changes.
-                        let trial = cur.trial_ends_at;
-                        *cur = terms.clone();
-                        cur.trial_ends_at = trial;
+                        cur.terms = terms;
                     }
                 }
                 Change::Cancelled { subscription_id } => {
                     if s.current
-                        .as_ref()
-                        .is_some_and(|c| &c.subscription_id == subscription_id)
+                        .is_some_and(|c| &c.terms.subscription_id == subscription_id)
                     {
                         s.last_cancel = s.current.take().map(|c| (c, e.effective));
                     }
@@ -196,14 +207,16 @@ pub fn monthly(terms: &SubscriptionTerms) -> i64 {
     }
 }
 
-impl FoldState {
+impl FoldState<'_> {
     /// MRR at the instant `t` this state was folded to, in `currency`:
     /// the current subscription's monthly price if it is in that currency
     /// and its trial (if any) ended before `t`; else 0.
     pub fn mrr_at(&self, t: i64, currency: &str) -> i64 {
         match &self.current {
-            Some(c) if c.currency == currency && c.trial_ends_at.is_none_or(|end| end < t) => {
-                monthly(c)
+            Some(c)
+                if c.terms.currency == currency && c.trial_ends_at.is_none_or(|end| end < t) =>
+            {
+                monthly(c.terms)
             }
             _ => 0,
         }
@@ -247,13 +260,13 @@ mod tests {
             },
         ));
         assert_eq!(h.fold_before(10).current, None);
-        assert_eq!(h.fold_before(15).current.unwrap().plan, "starter");
-        assert_eq!(h.fold_before(25).current.unwrap().plan, "pro");
+        assert_eq!(h.fold_before(15).current.unwrap().terms.plan, "starter");
+        assert_eq!(h.fold_before(25).current.unwrap().terms.plan, "pro");
         let after = h.fold_before(31);
         assert_eq!(after.current, None);
         assert_eq!(
-            after.last_cancel.map(|(t, at)| (t.plan, at)),
-            Some(("pro".to_string(), 30))
+            after.last_cancel.map(|(t, at)| (t.terms.plan.as_str(), at)),
+            Some(("pro", 30))
         );
     }
 
@@ -275,7 +288,7 @@ mod tests {
             Change::PlanChanged(terms("sub1", "enterprise")),
         ));
         let s = h.fold_before(50);
-        assert_eq!(s.current.unwrap().plan, "pro");
+        assert_eq!(s.current.unwrap().terms.plan, "pro");
         assert_eq!(s.last_cancel, None);
     }
 

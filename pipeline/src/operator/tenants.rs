@@ -111,7 +111,7 @@ impl TenantsOperator {
     fn compute(t: &Tenant, clock: i64) -> (Row, Option<i64>) {
         let at = clock.saturating_add(1);
         let fold = t.history.fold_before(at);
-        let current = fold.current.as_ref();
+        let current = fold.current;
         let trial_end = current.and_then(|c| c.trial_ends_at);
         let status = match current {
             Some(_) if trial_end.is_some_and(|end| end > clock) => "trialing",
@@ -123,12 +123,12 @@ impl TenantsOperator {
             name: t.created.as_ref().and_then(|(_, n)| n.clone()),
             first_seen: t.first_seen,
             last_seen: t.last_seen,
-            subscription_id: current.map(|c| c.subscription_id.clone()),
-            plan: current.map(|c| c.plan.clone()),
-            billing_cycle: current.map(|c| c.billing_cycle.as_str()),
+            subscription_id: current.map(|c| c.terms.subscription_id.clone()),
+            plan: current.map(|c| c.terms.plan.clone()),
+            billing_cycle: current.map(|c| c.terms.billing_cycle.as_str()),
             status,
-            mrr: current.map_or(0, |c| fold.mrr_at(at, &c.currency)),
-            currency: current.map(|c| c.currency.clone()),
+            mrr: current.map_or(0, |c| fold.mrr_at(at, &c.terms.currency)),
+            currency: current.map(|c| c.terms.currency.clone()),
             revenue_to_date: t.revenue,
         };
         let wake = [

@@ -177,32 +177,42 @@ impl Windows {
         self.chunks.get(i / CHUNK)?.get(i % CHUNK)
     }
 
-    fn get(&self, k: &Key) -> Option<&Window> {
-        let i = *self.index.get(k)?;
-        self.slot(i).map(|(_, w)| w)
+    fn slot_mut(&mut self, i: u32) -> Option<&mut (Key, Window)> {
+        let i = i as usize;
+        self.chunks.get_mut(i / CHUNK)?.get_mut(i % CHUNK)
     }
 
-    fn get_mut(&mut self, k: &Key) -> Option<&mut Window> {
-        let i = *self.index.get(k)? as usize;
-        self.chunks
-            .get_mut(i / CHUNK)?
-            .get_mut(i % CHUNK)
-            .map(|(_, w)| w)
+    /// The slot of `k` (one hash lookup), made with `new()` if absent;
+    /// true when it was made.
+    fn upsert(&mut self, k: Key, new: impl FnOnce() -> Window) -> (u32, bool) {
+        use std::collections::hash_map::Entry;
+        match self.index.entry(k) {
+            Entry::Occupied(o) => (*o.get(), false),
+            Entry::Vacant(v) => {
+                let i = u32::try_from(self.len).unwrap_or(u32::MAX);
+                if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
+                    self.chunks.push(Vec::with_capacity(CHUNK));
+                }
+                if let Some(chunk) = self.chunks.last_mut() {
+                    chunk.push((k, new()));
+                    v.insert(i);
+                    self.len += 1;
+                }
+                (i, true)
+            }
+        }
     }
 
     fn insert(&mut self, k: Key, w: Window) {
-        if let Some(slot) = self.get_mut(&k) {
-            *slot = w;
-            return;
-        }
-        if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
-            self.chunks.push(Vec::with_capacity(CHUNK));
-        }
-        if let Some(chunk) = self.chunks.last_mut() {
-            chunk.push((k, w));
-            self.index
-                .insert(k, u32::try_from(self.len).unwrap_or(u32::MAX));
-            self.len += 1;
+        match self.index.get(&k).copied() {
+            Some(i) => {
+                if let Some(slot) = self.slot_mut(i) {
+                    slot.1 = w;
+                }
+            }
+            None => {
+                self.upsert(k, || w);
+            }
         }
     }
 
@@ -212,10 +222,6 @@ impl Windows {
 
     fn entries(&self) -> impl Iterator<Item = &(Key, Window)> {
         self.chunks.iter().flatten()
-    }
-
-    fn keys(&self) -> impl Iterator<Item = &Key> {
-        self.entries().map(|(k, _)| k)
     }
 
     #[cfg(test)]
@@ -234,8 +240,9 @@ pub struct UsageOperator {
     granularities: Vec<Granularity>,
     /// Window -> (window end, aggregate, changed since the last `take_rows`).
     windows: Windows,
-    /// Windows changed since the last `take_rows`, in first-change order.
-    dirty: Vec<Key>,
+    /// Slots of the windows changed since the last `take_rows`, in
+    /// first-change order (slots, not keys: no lookups to cut the rows).
+    dirty: Vec<u32>,
     /// (tenant, metric) of each series id.
     series: Vec<(Arc<str>, Arc<str>)>,
     /// "tenant\u{1f}metric" -> series id (one string lookup per event).
@@ -289,7 +296,7 @@ impl UsageOperator {
 
     fn rows<'a>(
         &self,
-        keys: impl Iterator<Item = &'a Key>,
+        windows: impl Iterator<Item = &'a (Key, Window)>,
         seq: Option<u64>,
     ) -> Result<RecordBatch, OperatorError> {
         let mut tenant = StringBuilder::new();
@@ -310,10 +317,8 @@ impl UsageOperator {
         let mut last_source = StringBuilder::new();
         let mut last_id = StringBuilder::new();
         let mut seqs = UInt64Builder::new();
-        for k in keys {
-            let (Some((window_end, a, _)), Some((t, m))) =
-                (self.windows.get(k), self.series.get(k.series as usize))
-            else {
+        for (k, (window_end, a, _)) in windows {
+            let Some((t, m)) = self.series.get(k.series as usize) else {
                 continue;
             };
             tenant.append_value(t);
@@ -378,10 +383,6 @@ impl Operator for UsageOperator {
         }
     }
 
-    fn heavy(&self) -> bool {
-        true
-    }
-
     fn apply(&mut self, e: &Event) {
         let Payload::UsageRecorded { metric, quantity } = &e.payload else {
             return;
@@ -395,19 +396,16 @@ impl Operator for UsageOperator {
                 granularity: g,
                 start,
             };
-            let changed = match self.windows.get_mut(&key) {
-                Some((_, agg, dirty)) => {
-                    agg.add(e, *quantity);
-                    std::mem::replace(dirty, true)
+            let (i, made) = self
+                .windows
+                .upsert(key, || (end, Agg::new(e, *quantity), true));
+            if made {
+                self.dirty.push(i);
+            } else if let Some((_, (_, agg, dirty))) = self.windows.slot_mut(i) {
+                agg.add(e, *quantity);
+                if !std::mem::replace(dirty, true) {
+                    self.dirty.push(i);
                 }
-                None => {
-                    self.windows
-                        .insert(key, (end, Agg::new(e, *quantity), true));
-                    false
-                }
-            };
-            if !changed {
-                self.dirty.push(key);
             }
         }
     }
@@ -418,22 +416,25 @@ impl Operator for UsageOperator {
         }
         // In first-change order: row order inside a file carries no meaning,
         // and sorting string keys cost a tenth of the ingest time.
-        let dirty = std::mem::take(&mut self.dirty);
-        for k in &dirty {
-            if let Some(w) = self.windows.get_mut(k) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for i in &dirty {
+            if let Some((_, w)) = self.windows.slot_mut(*i) {
                 w.2 = false;
             }
         }
-        let rows = self.rows(dirty.iter(), Some(seq)).map(Some);
+        let windows = &self.windows;
+        let rows = self
+            .rows(dirty.iter().filter_map(|i| windows.slot(*i)), Some(seq))
+            .map(Some);
+        dirty.clear();
         self.dirty = dirty;
-        self.dirty.clear();
         rows
     }
 
     fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
-        let mut keys: Vec<&Key> = self.windows.keys().collect();
-        keys.sort_by(|a, b| self.order(a).cmp(&self.order(b)));
-        self.rows(keys.into_iter(), Some(seq)).map(Some)
+        let mut windows: Vec<&(Key, Window)> = self.windows.entries().collect();
+        windows.sort_by(|a, b| self.order(&a.0).cmp(&self.order(&b.0)));
+        self.rows(windows.into_iter(), Some(seq)).map(Some)
     }
 
     fn state_rows(&self) -> usize {
