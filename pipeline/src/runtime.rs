@@ -16,7 +16,7 @@ use arrow::array::{Array, RecordBatch, StringArray, TimestampMicrosecondArray, U
 use arrow::datatypes::SchemaRef;
 use async_nats::jetstream;
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use tracing::{debug, info, warn};
 
 use crate::config::{ConfigError, Settings};
@@ -741,7 +741,8 @@ struct InFlight {
     /// Resolves to when the batch became durable, and the time spent writing it.
     task: tokio::task::JoinHandle<Result<(Instant, Duration), RuntimeError>>,
     /// AckAll: acknowledging the batch's last message acknowledges it all.
-    last_msg: jetstream::Message,
+    last_msg: async_nats::Message,
+    client: async_nats::Client,
     last_seq: u64,
 }
 
@@ -760,7 +761,7 @@ async fn settle(
         .map_err(|e| RuntimeError::Task(e.to_string()))??;
     summary.durable_at = Some(durable_at);
     summary.writing += writing;
-    if let Err(e) = f.last_msg.ack().await {
+    if let Err(e) = js_source::ack(&f.client, &f.last_msg).await {
         debug!(error = %e, "ack failed; the checkpoint already covers the batch");
     }
     summary.batches += 1;
@@ -824,7 +825,7 @@ pub async fn run_with_lock(
     let settings =
         Settings::load(settings_path(&opts.data_dir, opts.config.as_deref()).as_deref())?;
     let client = js_source::connect(&opts.source.nats_url).await?;
-    let js = jetstream::new(client);
+    let js = jetstream::new(client.clone());
     let mut stream = js_source::ensure_event_stream(&js, &opts.source).await?;
     js_source::ensure_output_stream(
         &js,
@@ -898,13 +899,13 @@ pub async fn run_with_lock(
                 tokio::select! { _ = tokio::time::sleep(delay) => continue 'session, _ = stop.changed() => break 'session }
             }
         };
-        let mut messages = match consumer
-            .stream()
-            .max_messages_per_batch(opts.batch_size)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
+        let mut messages = match js_source::Pull::start(
+            &client,
+            &opts.source.stream,
+            &opts.source.consumer,
+            opts.batch_size,
+        )
+        .await
         {
             Ok(m) => m,
             Err(e) => {
@@ -1037,17 +1038,16 @@ pub async fn run_with_lock(
             let mut incoming = Vec::with_capacity(batch.len());
             let mut last_idx = None;
             for (idx, m) in batch.iter().enumerate() {
-                let Ok(info) = m.info() else {
+                let Some((seq, published_at)) = js_source::delivery_info(m) else {
                     warn!(subject = %m.subject, "message without JetStream metadata skipped");
                     continue;
                 };
-                let seq = info.stream_sequence;
                 if opts.stop_at.is_some_and(|n| seq > n) {
                     break;
                 }
                 incoming.push(Incoming {
                     stream_seq: seq,
-                    published_at: js_source::micros(&info.published),
+                    published_at,
                     subject: m.subject.as_str(),
                     payload: &m.payload,
                 });
@@ -1089,6 +1089,7 @@ pub async fn run_with_lock(
                     stop.clone(),
                 )),
                 last_msg,
+                client: client.clone(),
                 last_seq: p.checkpoint.last_seq,
             });
             summary.messages += processed;
