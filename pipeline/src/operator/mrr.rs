@@ -31,7 +31,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
-use super::subscription::{History, SubEvent};
+use super::subscription::{Change, History, SubEvent};
 use super::usage::FixedState;
 use super::window::{month_bounds, month_date32};
 use super::{Names, Operator, OperatorError, Storage};
@@ -130,6 +130,12 @@ struct Tenant {
     /// Whether months after the clock's may still have MRR (a subscription
     /// is current after every event, or an event is effective later).
     open: bool,
+    /// Start of the earliest month whose row may have changed since the
+    /// last `take_rows` (the month of the earliest new effective time, or
+    /// the first new month of the clock); `None` when nothing changed.
+    from: Option<i64>,
+    /// Ids of the currencies this history was ever priced in.
+    currencies: Vec<u16>,
 }
 
 pub struct MrrOperator {
@@ -159,67 +165,6 @@ impl MrrOperator {
         }
     }
 
-    /// The rows of `history` for the months from the one starting `from`
-    /// up to the one starting `clock_month`, and whether later months may
-    /// still have rows. `prior` holds the rows of the months before `from`
-    /// (sorted; empty when `from` is at or before the first start): a
-    /// month's row depends only on the history and the months before it,
-    /// so a tenant whose history did not change only gets its new months.
-    fn compute(
-        &mut self,
-        history: &History,
-        prior: &[Row],
-        from: i64,
-        clock_month: i64,
-    ) -> (Vec<Row>, bool) {
-        let mut rows = Vec::new();
-        let Some(first) = history.first_start() else {
-            return (rows, false);
-        };
-        let currencies: Vec<(u16, &str)> = history
-            .currencies()
-            .into_iter()
-            .map(|c| (u16::try_from(self.currencies.id(c)).unwrap_or(u16::MAX), c))
-            .collect();
-        let mut cursor = history.cursor();
-        let mut s = month_bounds(first).0.max(from);
-        // MRR at the start of month `s` (the end of the month before), and
-        // whether a currency ever had MRR before it (new vs reactivation).
-        let mut at_start: Vec<i64> = vec![0; currencies.len()];
-        let mut seen = vec![false; currencies.len()];
-        for r in prior.iter().filter(|r| r.month < s) {
-            if let Some(i) = currencies.iter().position(|(id, _)| *id == r.currency) {
-                seen[i] |= r.end > 0;
-                at_start[i] = r.end;
-            }
-        }
-        while s <= clock_month {
-            let (_, e) = month_bounds(s);
-            let state = cursor.advance_to(e);
-            for (i, (idx, c)) in currencies.iter().enumerate() {
-                let start = at_start[i];
-                let end = state.mrr_at(e, c);
-                at_start[i] = end;
-                if start > 0 || end > 0 {
-                    rows.push(Row {
-                        month: s,
-                        currency: *idx,
-                        start,
-                        end,
-                        movement: Movement::of(start, end, seen[i]),
-                    });
-                }
-                seen[i] |= end > 0;
-            }
-            s = e;
-        }
-        rows.sort_by_key(|r| (r.month, r.currency));
-        let (_, clock_month_end) = month_bounds(clock_month);
-        let open = cursor.advance_to(i64::MAX).current.is_some()
-            || history.next_effective_after(clock_month_end - 1).is_some();
-        (rows, open)
-    }
-
     /// Recomputes the dirty tenants: (tenant, row, deleted) to write.
     fn recompute(&mut self) -> Vec<(Arc<str>, Row, bool)> {
         let Some(clock) = self.clock else {
@@ -227,45 +172,34 @@ impl MrrOperator {
         };
         let (clock_month, _) = month_bounds(clock);
         // A new month: every tenant that may still pay gets its new
-        // months' rows (the rows before stay as they are).
-        let mut extend: Vec<(Arc<str>, i64)> = Vec::new();
+        // months' rows.
         if let Some(old) = self.clock_month.filter(|m| *m < clock_month) {
             let (_, next) = month_bounds(old);
-            extend = self
-                .tenants
-                .iter()
-                .filter(|(k, t)| t.open && !self.dirty.contains(*k))
-                .map(|(k, _)| (Arc::clone(k), next))
-                .collect();
+            for (k, t) in self.tenants.iter_mut().filter(|(_, t)| t.open) {
+                t.from = Some(t.from.map_or(next, |f| f.min(next)));
+                self.dirty.insert(Arc::clone(k));
+            }
         }
         self.clock_month = Some(clock_month);
-        // Tenants with new subscription events: recomputed whole.
-        let mut work: Vec<(Arc<str>, i64)> = self.dirty.drain().map(|k| (k, i64::MIN)).collect();
-        work.extend(extend);
-        work.sort_unstable();
         let mut out = Vec::new();
-        for (name, from) in work {
-            let Some(mut tenant) = self.tenants.remove(&name) else {
+        for name in self.dirty.drain() {
+            let Some(t) = self.tenants.get_mut(&name) else {
                 continue;
             };
-            let prior: &[Row] = if from == i64::MIN { &[] } else { &tenant.rows };
-            let (mut rows, open) = self.compute(&tenant.history, prior, from, clock_month);
-            if from == i64::MIN {
-                diff(&tenant.rows, &rows, |row, deleted| {
-                    out.push((Arc::clone(&name), row, deleted));
-                });
-            } else {
-                let keep = tenant.rows.partition_point(|r| r.month < from);
-                tenant.rows.truncate(keep);
-                diff(&[], &rows, |row, deleted| {
-                    out.push((Arc::clone(&name), row, deleted));
-                });
-                tenant.rows.append(&mut rows);
-                rows = std::mem::take(&mut tenant.rows);
-            }
-            tenant.rows = rows;
-            tenant.open = open;
-            self.tenants.insert(name, tenant);
+            let from = t.from.take().unwrap_or(i64::MIN);
+            let currencies: Vec<(u16, &str)> = t
+                .currencies
+                .iter()
+                .map(|id| (*id, self.currencies.name(u32::from(*id))))
+                .collect();
+            let (rows, open) = compute(&t.history, &currencies, &t.rows, from, clock_month);
+            let keep = t.rows.partition_point(|r| r.month < from);
+            diff(&t.rows[keep..], &rows, |row, deleted| {
+                out.push((Arc::clone(&name), row, deleted));
+            });
+            t.rows.truncate(keep);
+            t.rows.extend(rows);
+            t.open = open;
         }
         out
     }
@@ -313,6 +247,63 @@ impl MrrOperator {
         RecordBatch::try_new(Arc::clone(&SCHEMA), columns)
             .map_err(|source| OperatorError::Arrow { view: VIEW, source })
     }
+}
+
+/// The rows of `history` for the months from the one starting `from` up to
+/// the one starting `clock_month`, and whether later months may still have
+/// rows. `prior` holds the rows of the months before `from` (sorted). A
+/// month's row depends only on the history effective before its end and on
+/// the months before it, so events effective in month F leave every row
+/// before F as it was: a tenant is recomputed from the earliest month its
+/// new events touch, and a new clock month only adds rows.
+fn compute(
+    history: &History,
+    currencies: &[(u16, &str)],
+    prior: &[Row],
+    from: i64,
+    clock_month: i64,
+) -> (Vec<Row>, bool) {
+    let mut rows = Vec::new();
+    let Some(first) = history.first_start() else {
+        return (rows, false);
+    };
+    let mut cursor = history.cursor();
+    let mut s = month_bounds(first).0.max(from);
+    // MRR at the start of month `s` (the end of the month before), and
+    // whether a currency ever had MRR before it (new vs reactivation).
+    let mut at_start: Vec<i64> = vec![0; currencies.len()];
+    let mut seen = vec![false; currencies.len()];
+    for r in &prior[..prior.partition_point(|r| r.month < s)] {
+        if let Some(i) = currencies.iter().position(|(id, _)| *id == r.currency) {
+            seen[i] |= r.end > 0;
+            at_start[i] = r.end;
+        }
+    }
+    while s <= clock_month {
+        let (_, e) = month_bounds(s);
+        let state = cursor.advance_to(e);
+        for (i, (idx, c)) in currencies.iter().enumerate() {
+            let start = at_start[i];
+            let end = state.mrr_at(e, c);
+            at_start[i] = end;
+            if start > 0 || end > 0 {
+                rows.push(Row {
+                    month: s,
+                    currency: *idx,
+                    start,
+                    end,
+                    movement: Movement::of(start, end, seen[i]),
+                });
+            }
+            seen[i] |= end > 0;
+        }
+        s = e;
+    }
+    rows.sort_by_key(|r| (r.month, r.currency));
+    let (_, clock_month_end) = month_bounds(clock_month);
+    let open = cursor.advance_to(i64::MAX).current.is_some()
+        || history.next_effective_after(clock_month_end - 1).is_some();
+    (rows, open)
 }
 
 /// Calls `emit` for every row of `new` that differs from `old` and, as a
@@ -380,11 +371,16 @@ impl Operator for MrrOperator {
                 Some((k, _)) => Arc::clone(k),
                 None => Arc::from(e.tenant.as_str()),
             };
-            self.tenants
-                .entry(Arc::clone(&name))
-                .or_default()
-                .history
-                .insert(Arc::clone(sub));
+            let t = self.tenants.entry(Arc::clone(&name)).or_default();
+            t.history.insert(Arc::clone(sub));
+            let (month, _) = month_bounds(sub.effective);
+            t.from = Some(t.from.map_or(month, |f| f.min(month)));
+            if let Change::Started(terms) | Change::PlanChanged(terms) = &sub.change {
+                let id = u16::try_from(self.currencies.id(&terms.currency)).unwrap_or(u16::MAX);
+                if !t.currencies.contains(&id) {
+                    t.currencies.push(id);
+                }
+            }
             self.dirty.insert(name);
         }
     }
@@ -578,6 +574,49 @@ mod tests {
             row("2025-05-01", "c", 70, 0, "churn"),
         ];
         assert_eq!(view(&events, 1), want);
+    }
+
+    /// The incremental recompute (from the earliest touched month; new
+    /// clock months only appended) against arrival orders and batchings.
+    #[test]
+    fn a_generated_saas_gives_the_same_rows_in_any_order_and_batching() {
+        use crate::generate::{GenerateConfig, generate};
+        let cfg = GenerateConfig {
+            tenants: 60,
+            months: 18,
+            seed: 5,
+            start_year: 2024,
+            start_month: 1,
+            source: "g".into(),
+            activity: false,
+        };
+        let mut text = Vec::new();
+        generate(&cfg, &mut text).unwrap();
+        let limits = crate::event::Limits::default();
+        let events: Vec<Event> = text
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| crate::event::validate_payload(l, &limits).unwrap())
+            .collect();
+        let expected = view(&events, events.len());
+        assert!(expected.len() > 200, "{} rows", expected.len());
+        // A deterministic shuffle: a linear congruential walk.
+        let mut shuffled = events.clone();
+        let mut x = 12345u64;
+        for i in (1..shuffled.len()).rev() {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            shuffled.swap(i, (x >> 33) as usize % (i + 1));
+        }
+        for (order, batch) in [
+            (&events, 1),
+            (&events, 37),
+            (&shuffled, 1),
+            (&shuffled, 250),
+        ] {
+            assert_eq!(view(order, batch), expected, "batch {batch}");
+        }
     }
 
     #[test]
