@@ -345,7 +345,7 @@ impl Processor {
             }
             for file in ViewDir::new(data_dir, op.view()).files()? {
                 for batch in read_parquet(&file.path)? {
-                    op.restore(&batch)?;
+                    op.restore(&batch?)?;
                 }
             }
         }
@@ -598,6 +598,7 @@ pub fn for_each_archived(data_dir: &Path, mut f: impl FnMut(&Event)) -> Result<(
     let bad = |detail: String| RuntimeError::Operator(OperatorError::Restore { view, detail });
     for file in ViewDir::new(data_dir, view).files()? {
         for batch in read_parquet(&file.path)? {
+            let batch = batch?;
             let s = |name: &str| {
                 batch
                     .column_by_name(name)

@@ -248,13 +248,19 @@ impl ViewDir {
             runs.push(run);
         }
         for run in runs.into_iter().filter(|r| r.len() > 1) {
-            let mut batches = Vec::new();
-            for f in &run {
-                batches.extend(read_parquet(&f.path)?);
-            }
             let first = run[0].first_seq;
             let last = run[run.len() - 1].last_seq;
-            self.write(first, last, schema, &batches)?;
+            // Streamed: one batch of one file in memory at a time (a run of
+            // the events archive decodes to several hundred MB).
+            let path = self.dir.join(file_name(first, last));
+            write_parquet_with(&path, schema, |write| {
+                for f in &run {
+                    for batch in read_parquet(&f.path)? {
+                        write(&batch?)?;
+                    }
+                }
+                Ok(())
+            })?;
             for f in &run {
                 std::fs::remove_file(&f.path).map_err(|source| SinkError::Io {
                     path: f.path.clone(),
@@ -320,6 +326,15 @@ pub fn write_parquet(
     schema: &SchemaRef,
     batches: &[RecordBatch],
 ) -> Result<(), SinkError> {
+    write_parquet_with(path, schema, |write| batches.iter().try_for_each(write))
+}
+
+/// [`write_parquet`] with the batches handed over one at a time by `fill`.
+fn write_parquet_with(
+    path: &Path,
+    schema: &SchemaRef,
+    fill: impl FnOnce(&mut dyn FnMut(&RecordBatch) -> Result<(), SinkError>) -> Result<(), SinkError>,
+) -> Result<(), SinkError> {
     let tmp = path.with_extension("parquet.tmp");
     let io = |source| SinkError::Io {
         path: tmp.clone(),
@@ -338,9 +353,7 @@ pub fn write_parquet(
         source,
     };
     let mut writer = ArrowWriter::try_new(file, Arc::clone(schema), Some(props)).map_err(enc)?;
-    for b in batches {
-        writer.write(b).map_err(enc)?;
-    }
+    fill(&mut |b: &RecordBatch| writer.write(b).map_err(enc))?;
     let file = writer.into_inner().map_err(enc)?;
     file.sync_all().map_err(io)?;
     drop(file);
@@ -352,8 +365,11 @@ pub fn write_parquet(
     })
 }
 
-/// Reads a whole Parquet file.
-pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>, SinkError> {
+/// Reads a Parquet file batch by batch (64k rows each): memory holds one
+/// batch, not the file.
+pub fn read_parquet(
+    path: &Path,
+) -> Result<impl Iterator<Item = Result<RecordBatch, SinkError>> + use<>, SinkError> {
     let file = File::open(path).map_err(|source| SinkError::Io {
         path: path.to_path_buf(),
         source,
@@ -364,12 +380,13 @@ pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>, SinkError> {
             path: path.to_path_buf(),
             source,
         })?;
-    reader
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| SinkError::Arrow {
-            path: path.to_path_buf(),
+    let path = path.to_path_buf();
+    Ok(reader.map(move |b| {
+        b.map_err(|source| SinkError::Arrow {
+            path: path.clone(),
             source,
         })
+    }))
 }
 
 #[cfg(test)]
@@ -427,7 +444,7 @@ mod tests {
         assert_eq!(files.len(), 1);
         let rows: Vec<u64> = read_parquet(&files[0].path)
             .unwrap()
-            .iter()
+            .map(|b| b.unwrap())
             .flat_map(|b| {
                 b.column(0)
                     .as_any()
