@@ -115,8 +115,10 @@ pub struct ViewRows {
 /// Operators (with their registry index) that run on one thread.
 type Group<'a> = Vec<(usize, &'a mut Box<dyn Operator>)>;
 
-/// The synchronous core: validation, dedup and the operators. No I/O, no
-/// clock; the same messages in the same order give the same state.
+/// The synchronous core: validation, dedup and the operators. No I/O and no
+/// clock in any result (a monotonic timer only measures operator costs to
+/// share them between two threads); the same messages in the same order
+/// give the same state.
 pub struct Processor {
     limits: Limits,
     prefix: String,
