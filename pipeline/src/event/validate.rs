@@ -508,7 +508,11 @@ fn field<'a>(raw: Option<&'a RawValue>, name: &str) -> Result<&'a RawValue, Reje
 }
 
 fn data_str(raw: Option<&RawValue>, name: &str) -> Result<String, Reject> {
-    required_str(raw, &format!("data.{name}"), data_err).map(Cow::into_owned)
+    // The attribute's name is only spelled out (allocated) for the reject.
+    match raw.and_then(string_of) {
+        Some(s) => Ok(s.into_owned()),
+        None => required_str(raw, &format!("data.{name}"), data_err).map(Cow::into_owned),
+    }
 }
 
 fn data_nonempty(raw: Option<&RawValue>, name: &str) -> Result<String, Reject> {
