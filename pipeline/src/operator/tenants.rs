@@ -142,49 +142,84 @@ impl TenantsOperator {
     }
 
     fn batch(&self, names: &[Arc<str>], seq: u64) -> Result<RecordBatch, OperatorError> {
-        let n = names.len();
-        let mut tenant = StringBuilder::new();
-        let mut name = StringBuilder::new();
-        let mut first = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
-        let mut last = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
-        let mut sub = StringBuilder::new();
-        let mut plan = StringBuilder::new();
-        let mut cycle = StringBuilder::new();
-        let mut status = StringBuilder::new();
-        let mut mrr = Int64Builder::with_capacity(n);
-        let mut currency = StringBuilder::new();
-        let mut revenue = Int64Builder::with_capacity(n);
-        let mut seqs = UInt64Builder::with_capacity(n);
+        let mut out = RowsBuilder::with_capacity(names.len());
         for key in names {
-            let Some(r) = self.tenants.get(key).and_then(|t| t.row.as_ref()) else {
-                continue;
-            };
-            tenant.append_value(key);
-            name.append_option(r.name.as_deref());
-            first.append_value(r.first_seen);
-            last.append_value(r.last_seen);
-            sub.append_option(r.subscription_id.as_deref());
-            plan.append_option(r.plan.as_deref());
-            cycle.append_option(r.billing_cycle);
-            status.append_value(r.status);
-            mrr.append_value(r.mrr);
-            currency.append_option(r.currency.as_deref());
-            revenue.append_value(r.revenue_to_date);
-            seqs.append_value(seq);
+            if let Some(r) = self.tenants.get(key).and_then(|t| t.row.as_ref()) {
+                out.push(key, r, seq);
+            }
         }
+        out.finish()
+    }
+}
+
+/// Arrow builders for `tenants` rows, filled as rows are decided (no
+/// second lookup per tenant to write them).
+struct RowsBuilder {
+    tenant: StringBuilder,
+    name: StringBuilder,
+    first: TimestampMicrosecondBuilder,
+    last: TimestampMicrosecondBuilder,
+    sub: StringBuilder,
+    plan: StringBuilder,
+    cycle: StringBuilder,
+    status: StringBuilder,
+    mrr: Int64Builder,
+    currency: StringBuilder,
+    revenue: Int64Builder,
+    seqs: UInt64Builder,
+}
+
+impl RowsBuilder {
+    fn with_capacity(n: usize) -> RowsBuilder {
+        RowsBuilder {
+            tenant: StringBuilder::new(),
+            name: StringBuilder::new(),
+            first: TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC"),
+            last: TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC"),
+            sub: StringBuilder::new(),
+            plan: StringBuilder::new(),
+            cycle: StringBuilder::new(),
+            status: StringBuilder::new(),
+            mrr: Int64Builder::with_capacity(n),
+            currency: StringBuilder::new(),
+            revenue: Int64Builder::with_capacity(n),
+            seqs: UInt64Builder::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, key: &str, r: &Row, seq: u64) {
+        self.tenant.append_value(key);
+        self.name.append_option(r.name.as_deref());
+        self.first.append_value(r.first_seen);
+        self.last.append_value(r.last_seen);
+        self.sub.append_option(r.subscription_id.as_deref());
+        self.plan.append_option(r.plan.as_deref());
+        self.cycle.append_option(r.billing_cycle);
+        self.status.append_value(r.status);
+        self.mrr.append_value(r.mrr);
+        self.currency.append_option(r.currency.as_deref());
+        self.revenue.append_value(r.revenue_to_date);
+        self.seqs.append_value(seq);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.seqs.values_slice().is_empty()
+    }
+
+    fn finish(mut self) -> Result<RecordBatch, OperatorError> {
         let columns: Vec<ArrayRef> = vec![
-            Arc::new(tenant.finish()),
-            Arc::new(name.finish()),
-            Arc::new(first.finish()),
-            Arc::new(last.finish()),
-            Arc::new(sub.finish()),
-            Arc::new(plan.finish()),
-            Arc::new(cycle.finish()),
-            Arc::new(status.finish()),
-            Arc::new(mrr.finish()),
-            Arc::new(currency.finish()),
-            Arc::new(revenue.finish()),
-            Arc::new(seqs.finish()),
+            Arc::new(self.tenant.finish()),
+            Arc::new(self.name.finish()),
+            Arc::new(self.first.finish()),
+            Arc::new(self.last.finish()),
+            Arc::new(self.sub.finish()),
+            Arc::new(self.plan.finish()),
+            Arc::new(self.cycle.finish()),
+            Arc::new(self.status.finish()),
+            Arc::new(self.mrr.finish()),
+            Arc::new(self.currency.finish()),
+            Arc::new(self.revenue.finish()),
+            Arc::new(self.seqs.finish()),
         ];
         RecordBatch::try_new(Arc::clone(&SCHEMA), columns)
             .map_err(|source| OperatorError::Arrow { view: VIEW, source })
@@ -278,7 +313,8 @@ impl Operator for TenantsOperator {
                 self.dirty.push(name);
             }
         }
-        let mut changed: Vec<Arc<str>> = Vec::new();
+        // In recompute order: row order inside a file carries no meaning.
+        let mut out = RowsBuilder::with_capacity(self.dirty.len());
         for name in std::mem::take(&mut self.dirty) {
             let Some(t) = self.tenants.get_mut(&name) else {
                 continue;
@@ -295,15 +331,14 @@ impl Operator for TenantsOperator {
                 t.wake = wake;
             }
             if t.row.as_ref() != Some(&row) {
+                out.push(&name, &row, seq);
                 t.row = Some(row);
-                changed.push(name);
             }
         }
-        if changed.is_empty() {
+        if out.is_empty() {
             return Ok(None);
         }
-        changed.sort_unstable();
-        self.batch(&changed, seq).map(Some)
+        out.finish().map(Some)
     }
 
     fn state_rows(&self) -> usize {
@@ -327,6 +362,7 @@ mod tests {
     }
 
     /// `tenant,name,plan,status,mrr,revenue_to_date` of the rows written.
+    /// The rows cut, sorted (their order in a batch carries no meaning).
     fn rows(op: &mut TenantsOperator) -> Vec<String> {
         let b = op.take_rows(1).unwrap().unwrap();
         let cols: Vec<_> = [0, 1, 5, 7, 8, 10]
@@ -346,6 +382,8 @@ mod tests {
                     .collect::<Vec<_>>()
                     .join(",")
             })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
             .collect()
     }
 
