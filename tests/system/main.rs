@@ -43,6 +43,15 @@ async fn js(server: &NatsServer) -> jetstream::Context {
     }
 }
 
+/// The event stream as a producer's deployment would create it.
+fn events_stream() -> stream::Config {
+    stream::Config {
+        name: "TALLY_EVENTS".into(),
+        subjects: vec!["tally.events.>".into()],
+        ..Default::default()
+    }
+}
+
 /// Distinct (source, id) pairs in a JSON Lines file: what the archive must hold.
 fn unique_events(path: &std::path::Path) -> usize {
     let text = std::fs::read_to_string(path).unwrap();
@@ -191,13 +200,7 @@ fn every_bad_message_is_dead_lettered_with_its_reason() {
     ];
     rt().block_on(async {
         let js = js(&server).await;
-        js.create_stream(stream::Config {
-            name: "TALLY_EVENTS".into(),
-            subjects: vec!["tally.events.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        js.create_stream(events_stream()).await.unwrap();
         js.publish("tally.events.acme.usage.recorded", good.clone().into())
             .await
             .unwrap()
@@ -274,13 +277,7 @@ fn a_batch_of_thousands_of_dead_letters_does_not_stall() {
     let bad = 6000u64;
     rt().block_on(async {
         let js = js(&server).await;
-        js.create_stream(stream::Config {
-            name: "TALLY_EVENTS".into(),
-            subjects: vec!["tally.events.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        js.create_stream(events_stream()).await.unwrap();
         let mut acks = Vec::new();
         for i in 0..bad {
             acks.push(
@@ -331,10 +328,8 @@ fn duplicates_inside_and_beyond_the_jetstream_window_count_once() {
         let js = js(&server).await;
         // A short JetStream duplicate window, so "beyond the window" is quick to reach.
         js.create_stream(stream::Config {
-            name: "TALLY_EVENTS".into(),
-            subjects: vec!["tally.events.>".into()],
             duplicate_window: Duration::from_secs(1),
-            ..Default::default()
+            ..events_stream()
         })
         .await
         .unwrap();
