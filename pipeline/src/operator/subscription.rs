@@ -96,10 +96,6 @@ impl History {
         self.events.insert(pos, e);
     }
 
-    pub fn events(&self) -> &[Arc<SubEvent>] {
-        &self.events
-    }
-
     /// Folds the events effective strictly before `t`.
     pub fn fold_before(&self, t: i64) -> FoldState<'_> {
         let mut c = self.cursor();
@@ -123,21 +119,6 @@ impl History {
             .iter()
             .find(|e| matches!(e.change, Change::Started(_)))
             .map(|e| e.effective)
-    }
-
-    /// Currencies any subscription of this history was priced in.
-    pub fn currencies(&self) -> Vec<&str> {
-        let mut out: Vec<&str> = self
-            .events
-            .iter()
-            .filter_map(|e| match &e.change {
-                Change::Started(t) | Change::PlanChanged(t) => Some(t.currency.as_str()),
-                Change::Cancelled { .. } => None,
-            })
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        out
     }
 
     /// The first effective time strictly after `t`, if any.

@@ -95,11 +95,6 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, SourceError> {
         })
 }
 
-/// Microseconds since the epoch of a JetStream timestamp.
-pub fn micros(t: &chrono::DateTime<chrono::Utc>) -> i64 {
-    t.timestamp_micros()
-}
-
 /// Creates the event stream if missing; accepts an existing one whose
 /// subjects cover `<prefix>.>`.
 pub async fn ensure_event_stream(
