@@ -421,16 +421,10 @@ fn on_two_cores<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Ve
         return items.iter().map(&f).collect();
     }
     let (a, b) = items.split_at(items.len() / 2);
-    std::thread::scope(|s| {
-        let first = s.spawn(|| a.iter().map(&f).collect::<Vec<R>>());
-        let second: Vec<R> = b.iter().map(&f).collect();
-        let mut out = match first.join() {
-            Ok(v) => v,
-            Err(panic) => std::panic::resume_unwind(panic),
-        };
-        out.extend(second);
-        out
-    })
+    let map = |half: &[T]| half.iter().map(&f).collect::<Vec<R>>();
+    let (mut out, second) = run_pair(a, b, map, map);
+    out.extend(second);
+    out
 }
 
 /// Runs `fa(a)` on a second thread and `fb(b)` on this one, at once.
