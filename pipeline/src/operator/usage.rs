@@ -157,6 +157,21 @@ struct Key {
 
 type Window = (i64, Agg, bool);
 
+/// A series' last window of one granularity: `[start, end)` and its slot
+/// (`end <= start` when there is none yet).
+#[derive(Debug, Clone, Copy)]
+struct Recent {
+    start: i64,
+    end: i64,
+    slot: u32,
+}
+
+const NO_RECENT: Recent = Recent {
+    start: 0,
+    end: 0,
+    slot: 0,
+};
+
 /// Slots per chunk of [`Windows`].
 const CHUNK: usize = 4096;
 
@@ -247,6 +262,12 @@ pub struct UsageOperator {
     series: Vec<(Arc<str>, Arc<str>)>,
     /// "tenant\u{1f}metric" -> series id (one string lookup per event).
     series_ids: HashMap<Box<str>, u32, FixedState>,
+    /// Per series id and granularity, the window its last event fell in:
+    /// (start, end, slot). A series' events mostly arrive in time order, so
+    /// most events hit the same windows as the one before and skip both the
+    /// window arithmetic and the index lookup. Slots never move, so an
+    /// entry never goes stale; it only stops matching.
+    recent: Vec<[Recent; 4]>,
     /// Reused buffer for the lookup key.
     scratch: String,
 }
@@ -265,6 +286,7 @@ impl UsageOperator {
             dirty: Vec::new(),
             series: Vec::new(),
             series_ids: HashMap::with_hasher(FixedState),
+            recent: Vec::new(),
             scratch: String::new(),
         }
     }
@@ -280,6 +302,7 @@ impl UsageOperator {
         }
         let id = u32::try_from(self.series.len()).unwrap_or(u32::MAX);
         self.series.push((Arc::from(tenant), Arc::from(metric)));
+        self.recent.push([NO_RECENT; 4]);
         self.series_ids.insert(self.scratch.as_str().into(), id);
         id
     }
@@ -388,20 +411,45 @@ impl Operator for UsageOperator {
             return;
         };
         let series = self.series_id(&e.tenant, metric);
-        for i in 0..self.granularities.len() {
-            let g = self.granularities[i];
-            let (start, end) = g.window(e.time);
-            let key = Key {
-                series,
-                granularity: g,
-                start,
+        for gi in 0..self.granularities.len() {
+            let hit = self
+                .recent
+                .get(series as usize)
+                .and_then(|r| r.get(gi))
+                .filter(|r| r.start <= e.time && e.time < r.end)
+                .map(|r| r.slot);
+            let i = match hit {
+                Some(i) => i,
+                None => {
+                    let g = self.granularities[gi];
+                    let (start, end) = g.window(e.time);
+                    let key = Key {
+                        series,
+                        granularity: g,
+                        start,
+                    };
+                    let (i, made) = self
+                        .windows
+                        .upsert(key, || (end, Agg::new(e, *quantity), true));
+                    if let Some(r) = self
+                        .recent
+                        .get_mut(series as usize)
+                        .and_then(|r| r.get_mut(gi))
+                    {
+                        *r = Recent {
+                            start,
+                            end,
+                            slot: i,
+                        };
+                    }
+                    if made {
+                        self.dirty.push(i);
+                        continue;
+                    }
+                    i
+                }
             };
-            let (i, made) = self
-                .windows
-                .upsert(key, || (end, Agg::new(e, *quantity), true));
-            if made {
-                self.dirty.push(i);
-            } else if let Some((_, (_, agg, dirty))) = self.windows.slot_mut(i) {
+            if let Some((_, (_, agg, dirty))) = self.windows.slot_mut(i) {
                 agg.add(e, *quantity);
                 if !std::mem::replace(dirty, true) {
                     self.dirty.push(i);
