@@ -20,7 +20,7 @@ use futures::FutureExt;
 use tracing::{debug, info, warn};
 
 use crate::config::{ConfigError, Settings};
-use crate::event::{Event, Limits, payload_from_archive, validate_message};
+use crate::event::{Event, Limits, Text, payload_from_archive, validate_message};
 use crate::operator::overages::Alert;
 use crate::operator::subscription::SubEvent;
 use crate::operator::{self, Operator, OperatorError, Storage};
@@ -635,16 +635,16 @@ pub fn for_each_archived(data_dir: &Path, mut f: impl FnMut(&Event)) -> Result<(
                 f(&Event {
                     stream_seq: seqs.value(i),
                     published_at: published.value(i),
-                    id: id.value(i).to_owned(),
-                    source: source.value(i).to_owned(),
-                    event_type: ty.value(i).to_owned(),
-                    tenant: tenant.value(i).to_owned(),
+                    id: id.value(i).into(),
+                    source: source.value(i).into(),
+                    event_type: ty.value(i).into(),
+                    tenant: tenant.value(i).into(),
                     time: time.value(i),
-                    dataversion: dv.value(i).to_owned(),
-                    actor: opt(actor, i),
-                    actortype: opt(actortype, i),
-                    subject: opt(subject, i),
-                    data: data_text,
+                    dataversion: dv.value(i).into(),
+                    actor: opt(actor, i).map(Text::from),
+                    actortype: opt(actortype, i).map(Text::from),
+                    subject: opt(subject, i).map(Text::from),
+                    data: data_text.map(Text::from),
                     payload,
                 });
             }

@@ -16,30 +16,36 @@ pub use payload::{
     Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms,
 };
 pub use reason::{DlqReason, Reject};
+/// An event's string: inline when short (see [`Event`]).
+pub type Text = compact_str::CompactString;
+
 pub use validate::{Limits, payload_from_archive, validate_message, validate_payload};
 
 /// An accepted event, with its position in the stream.
 ///
-/// Times are microseconds since the Unix epoch, UTC.
+/// Times are microseconds since the Unix epoch, UTC. Strings are
+/// [`Text`]: up to 24 bytes (ids, sources, tenants, types) are kept inline,
+/// so validating an event allocates only for its longer strings (usually
+/// just `data`), and dropping it frees as few.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     /// JetStream stream sequence of the message that carried it.
     pub stream_seq: u64,
     /// JetStream publish time: stream time, used for dedup and skew.
     pub published_at: i64,
-    pub id: String,
-    pub source: String,
-    pub event_type: String,
-    pub tenant: String,
+    pub id: Text,
+    pub source: Text,
+    pub event_type: Text,
+    pub tenant: Text,
     /// Event time, normalised to UTC and truncated to microseconds.
     pub time: i64,
     /// `"1"` when the producer left it out.
-    pub dataversion: String,
-    pub actor: Option<String>,
-    pub actortype: Option<String>,
-    pub subject: Option<String>,
+    pub dataversion: Text,
+    pub actor: Option<Text>,
+    pub actortype: Option<Text>,
+    pub subject: Option<Text>,
     /// The `data` object as the producer wrote it (JSON text).
-    pub data: Option<String>,
+    pub data: Option<Text>,
     /// The typed meaning of `data` for the nine metric-driving types.
     pub payload: Payload,
 }

@@ -104,7 +104,7 @@ pub enum Payload {
         effective_at: Option<i64>,
     },
     UsageRecorded {
-        metric: String,
+        metric: super::Text,
         quantity: i128,
     },
     InvoicePaid {

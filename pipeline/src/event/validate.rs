@@ -12,13 +12,13 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use super::Event;
 use super::decimal::{self, QuantityError};
 use super::payload::{
     self, Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms,
 };
 use super::reason::{DlqReason, Reject};
 use super::time::parse_rfc3339_micros;
+use super::{Event, Text};
 
 /// Limits that decide rejections; they change results, so they come from
 /// the TOML config (see `crate::config`).
@@ -477,16 +477,16 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
     Ok(Event {
         stream_seq: 0,
         published_at: 0,
-        id: id.into_owned(),
-        source: source.into_owned(),
-        event_type: event_type.into_owned(),
-        tenant: tenant.into_owned(),
+        id: Text::from(&*id),
+        source: Text::from(&*source),
+        event_type: Text::from(&*event_type),
+        tenant: Text::from(&*tenant),
         time,
-        dataversion: dataversion.map_or_else(|| "1".to_owned(), Cow::into_owned),
-        actor: actor.map(Cow::into_owned),
-        actortype: actortype.map(Cow::into_owned),
-        subject: subject.map(Cow::into_owned),
-        data: raw.data.map(|d| d.get().to_owned()),
+        dataversion: dataversion.map_or_else(|| Text::const_new("1"), |v| Text::from(&*v)),
+        actor: actor.map(|v| Text::from(&*v)),
+        actortype: actortype.map(|v| Text::from(&*v)),
+        subject: subject.map(|v| Text::from(&*v)),
+        data: raw.data.map(|d| Text::from(d.get())),
         payload,
     })
 }
@@ -507,11 +507,13 @@ fn field<'a>(raw: Option<&'a RawValue>, name: &str) -> Result<&'a RawValue, Reje
     raw.ok_or_else(|| bad_data(format!("`data.{name}` is required")))
 }
 
-fn data_str(raw: Option<&RawValue>, name: &str) -> Result<String, Reject> {
+/// A string attribute of `data`, borrowed when it has no escapes: the
+/// caller decides what to own it as.
+fn data_str<'a>(raw: Option<&'a RawValue>, name: &str) -> Result<Cow<'a, str>, Reject> {
     // The attribute's name is only spelled out (allocated) for the reject.
     match raw.and_then(string_of) {
-        Some(s) => Ok(s.into_owned()),
-        None => required_str(raw, &format!("data.{name}"), data_err).map(Cow::into_owned),
+        Some(s) => Ok(s),
+        None => required_str(raw, &format!("data.{name}"), data_err),
     }
 }
 
@@ -520,15 +522,15 @@ fn data_nonempty(raw: Option<&RawValue>, name: &str) -> Result<String, Reject> {
     if s.is_empty() {
         return Err(bad_data(format!("`data.{name}` must not be empty")));
     }
-    Ok(s)
+    Ok(s.into_owned())
 }
 
-fn data_checked(
-    raw: Option<&RawValue>,
+fn data_checked<'a>(
+    raw: Option<&'a RawValue>,
     name: &str,
     ok: fn(&str) -> bool,
     rule: &str,
-) -> Result<String, Reject> {
+) -> Result<Cow<'a, str>, Reject> {
     let s = data_str(raw, name)?;
     if !ok(&s) {
         return Err(bad_data(format!(
@@ -611,14 +613,15 @@ fn object_entries<'a>(
 fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
     let d: RawData<'_> = serde_json::from_str(data.get())
         .map_err(|e| bad_data(format!("`data` has a repeated field: {e}")))?;
-    let currency = |d: &RawData<'_>| {
+    fn currency<'a>(d: &RawData<'a>) -> Result<Cow<'a, str>, Reject> {
         data_checked(d.currency, "currency", is_currency, "^[A-Z]{3}$ (ISO 4217)")
-    };
-    let plan =
-        |d: &RawData<'_>| data_checked(d.plan, "plan", is_plan_code, "^[a-z0-9][a-z0-9_-]{0,63}$");
-    let metric = |d: &RawData<'_>| {
+    }
+    fn plan<'a>(d: &RawData<'a>) -> Result<Cow<'a, str>, Reject> {
+        data_checked(d.plan, "plan", is_plan_code, "^[a-z0-9][a-z0-9_-]{0,63}$")
+    }
+    fn metric<'a>(d: &RawData<'a>) -> Result<Cow<'a, str>, Reject> {
         data_checked(d.metric, "metric", is_metric_name, "^[a-z][a-z0-9_]{0,63}$")
-    };
+    }
     let terms = |d: &RawData<'_>, trial: Option<i64>| -> Result<SubscriptionTerms, Reject> {
         let subscription_id = data_nonempty(d.subscription_id, "subscription_id")?;
         let plan = plan(d)?;
@@ -633,10 +636,10 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
         let currency = currency(d)?;
         Ok(SubscriptionTerms {
             subscription_id,
-            plan,
+            plan: plan.into_owned(),
             billing_cycle,
             price,
-            currency,
+            currency: currency.into_owned(),
             trial_ends_at: trial,
         })
     };
@@ -683,8 +686,8 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
                 }
             }
             Payload::PlanPublished(PlanVersion {
-                plan,
-                currency,
+                plan: plan.into_owned(),
+                currency: currency.into_owned(),
                 limits,
                 overage,
             })
@@ -699,7 +702,7 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
                 ))
             })?;
             Payload::MeterDefined {
-                metric,
+                metric: metric.into_owned(),
                 aggregation,
             }
         }
@@ -716,7 +719,10 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
         "usage.recorded" => {
             let metric = metric(&d)?;
             let quantity = quantity(field(d.quantity, "quantity")?, "data.quantity")?;
-            Payload::UsageRecorded { metric, quantity }
+            Payload::UsageRecorded {
+                metric: Text::from(&*metric),
+                quantity,
+            }
         }
         "invoice.paid" | "invoice.refunded" => {
             let invoice_id = data_nonempty(d.invoice_id, "invoice_id")?;
@@ -726,13 +732,13 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
                 Payload::InvoicePaid {
                     invoice_id,
                     amount,
-                    currency,
+                    currency: currency.into_owned(),
                 }
             } else {
                 Payload::InvoiceRefunded {
                     invoice_id,
                     amount,
-                    currency,
+                    currency: currency.into_owned(),
                 }
             }
         }

@@ -20,7 +20,7 @@ impl Catalog {
     /// Folds a catalog event; returns whether it was one.
     pub fn apply(&mut self, e: &Event) -> bool {
         // Built only for catalog events: this runs for every event.
-        let key = || (e.time, e.source.clone(), e.id.clone());
+        let key = || (e.time, e.source.to_string(), e.id.to_string());
         match &e.payload {
             Payload::PlanPublished(v) => {
                 let key = key();

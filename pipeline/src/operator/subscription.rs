@@ -48,8 +48,8 @@ impl SubEvent {
         };
         Some(SubEvent {
             effective,
-            source: e.source.clone(),
-            id: e.id.clone(),
+            source: e.source.to_string(),
+            id: e.id.to_string(),
             change,
         })
     }

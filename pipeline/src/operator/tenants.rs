@@ -277,7 +277,7 @@ impl Operator for TenantsOperator {
         t.last_seen = t.last_seen.max(e.time);
         match &e.payload {
             Payload::TenantCreated { name } => {
-                let key = (e.time, e.source.clone(), e.id.clone());
+                let key = (e.time, e.source.to_string(), e.id.to_string());
                 if t.created.as_ref().is_none_or(|(k, _)| *k < key) {
                     t.created = Some((key, name.clone()));
                 }

@@ -28,7 +28,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use super::window::Granularity;
 use super::{Operator, OperatorError, Storage};
 use crate::event::decimal::{PRECISION, SCALE};
-use crate::event::{Event, Payload};
+use crate::event::{Event, Payload, Text};
 
 pub const VIEW: &str = "usage";
 
@@ -67,37 +67,6 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 });
 
 /// Exact aggregate of one window.
-/// A string kept inline when short (event ids and sources usually are),
-/// so a window's `last` key costs no allocation; longer ones are boxed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SmallStr {
-    Inline { len: u8, bytes: [u8; 30] },
-    Heap(Box<str>),
-}
-
-impl SmallStr {
-    pub fn new(s: &str) -> SmallStr {
-        let mut bytes = [0u8; 30];
-        match (bytes.get_mut(..s.len()), u8::try_from(s.len())) {
-            (Some(slot), Ok(len)) => {
-                slot.copy_from_slice(s.as_bytes());
-                SmallStr::Inline { len, bytes }
-            }
-            _ => SmallStr::Heap(s.into()),
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        match self {
-            SmallStr::Inline { len, bytes } => bytes
-                .get(..usize::from(*len))
-                .and_then(|b| std::str::from_utf8(b).ok())
-                .unwrap_or_default(),
-            SmallStr::Heap(b) => b,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agg {
     pub events: i64,
@@ -106,7 +75,7 @@ pub struct Agg {
     pub max: i128,
     pub last: i128,
     /// (`time`, `source`, `id`) of the event `last` came from.
-    pub last_key: (i64, SmallStr, SmallStr),
+    pub last_key: (i64, Text, Text),
 }
 
 impl Agg {
@@ -117,7 +86,7 @@ impl Agg {
             min: q,
             max: q,
             last: q,
-            last_key: (e.time, SmallStr::new(&e.source), SmallStr::new(&e.id)),
+            last_key: (e.time, e.source.clone(), e.id.clone()),
         }
     }
 
@@ -139,8 +108,8 @@ impl Agg {
         };
         if newer {
             self.last = q;
-            // Short ids and sources stay inline: no allocation per event.
-            self.last_key = (e.time, SmallStr::new(&e.source), SmallStr::new(&e.id));
+            // Short ids and sources are inline: no allocation per event.
+            self.last_key = (e.time, e.source.clone(), e.id.clone());
         }
     }
 }
@@ -520,8 +489,8 @@ impl Operator for UsageOperator {
                 last: last.value(i),
                 last_key: (
                     last_time.value(i),
-                    SmallStr::new(last_source.value(i)),
-                    SmallStr::new(last_id.value(i)),
+                    Text::from(last_source.value(i)),
+                    Text::from(last_id.value(i)),
                 ),
             };
             self.windows.insert(key, (end.value(i), agg, false));
