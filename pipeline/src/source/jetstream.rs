@@ -197,6 +197,11 @@ pub async fn consumer_from(
         // while when the disk is slow; redeliveries are skipped anyway.
         ack_wait: Duration::from_secs(300),
         max_ack_pending,
+        // The checkpoint, not the consumer, is the record of progress: the
+        // consumer is recreated from it every session. Kept in memory, the
+        // server does not re-encode its up to `max_ack_pending` pending
+        // entries to disk on every state flush (a tenth of its CPU here).
+        memory_storage: true,
         ..Default::default()
     })
     .await
