@@ -13,7 +13,7 @@
 //! (catalog, subscription and usage events), except which thresholds were
 //! already alerted, which is read back from the stored rows.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -78,6 +78,65 @@ struct Month {
     agg: Agg,
     row: Option<Row>,
     alerted: i32,
+    /// Changed since the last `take_rows` (its slot is in `dirty`).
+    dirty: bool,
+}
+
+/// The months: an index (key -> slot) over slots that never move, so a
+/// usage event reaches its month through a series' cached slot without
+/// hashing the key's strings, and dirty months are a list of slots.
+#[derive(Default)]
+struct Months {
+    index: HashMap<Key, u32, FixedState>,
+    slots: Vec<(Key, Month)>,
+}
+
+impl Months {
+    fn get(&self, k: &Key) -> Option<&Month> {
+        let i = *self.index.get(k)?;
+        self.slots.get(i as usize).map(|(_, m)| m)
+    }
+
+    fn get_mut(&mut self, k: &Key) -> Option<&mut Month> {
+        let i = *self.index.get(k)?;
+        self.slots.get_mut(i as usize).map(|(_, m)| m)
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &Key> {
+        self.slots.iter().map(|(k, _)| k)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Key, &Month)> {
+        self.slots.iter().map(|(k, m)| (k, m))
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The slot of `k`, made with `new()` if absent; true when it was made.
+    fn upsert(&mut self, k: Key, new: impl FnOnce() -> Month) -> (u32, bool) {
+        use std::collections::hash_map::Entry;
+        match self.index.entry(k) {
+            Entry::Occupied(o) => (*o.get(), false),
+            Entry::Vacant(v) => {
+                let i = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
+                self.slots.push((v.key().clone(), new()));
+                v.insert(i);
+                (i, true)
+            }
+        }
+    }
+}
+
+/// A (tenant, metric) pair and the month its last usage event fell in:
+/// `[start, end)` and its slot (`end <= start` when there is none yet).
+struct Series {
+    tenant: Arc<str>,
+    metric: Arc<str>,
+    start: i64,
+    end: i64,
+    slot: u32,
 }
 
 /// A `usage.threshold_crossed` alert to publish to `tally.alerts.<tenant>`.
@@ -128,8 +187,15 @@ pub struct OveragesOperator {
     lateness_us: i64,
     catalog: Catalog,
     subs: HashMap<Arc<str>, History>,
-    months: HashMap<Key, Month, FixedState>,
-    dirty_keys: HashSet<Key, FixedState>,
+    months: Months,
+    /// Slots of the months a usage event changed since the last `take_rows`.
+    dirty: Vec<u32>,
+    /// "tenant\u{1f}metric" -> index into `series`: one string lookup per
+    /// usage event, and none for the month when it is the series' last.
+    series_ids: HashMap<Box<str>, u32, FixedState>,
+    series: Vec<Series>,
+    /// Reused buffer for the series lookup key.
+    scratch: String,
     dirty_tenants: BTreeSet<Arc<str>>,
     dirty_all: bool,
     /// Largest accepted event time seen: the stream clock.
@@ -161,8 +227,11 @@ impl OveragesOperator {
             lateness_us,
             catalog: Catalog::default(),
             subs: HashMap::new(),
-            months: HashMap::with_hasher(FixedState),
-            dirty_keys: HashSet::with_hasher(FixedState),
+            months: Months::default(),
+            dirty: Vec::new(),
+            series_ids: HashMap::with_hasher(FixedState),
+            series: Vec::new(),
+            scratch: String::new(),
             dirty_tenants: BTreeSet::new(),
             dirty_all: false,
             clock: None,
@@ -170,6 +239,29 @@ impl OveragesOperator {
             alerts: Vec::new(),
             names: HashMap::with_hasher(FixedState),
         }
+    }
+
+    /// The index of (`tenant`, `metric`) in `series`, created on first sight.
+    fn series_id(&mut self, tenant: &str, metric: &str) -> usize {
+        self.scratch.clear();
+        self.scratch.push_str(tenant);
+        self.scratch.push('\u{1f}');
+        self.scratch.push_str(metric);
+        if let Some(id) = self.series_ids.get(self.scratch.as_str()) {
+            return *id as usize;
+        }
+        let id = self.series.len();
+        let series = Series {
+            tenant: self.intern(tenant),
+            metric: self.intern(metric),
+            start: 0,
+            end: 0,
+            slot: 0,
+        };
+        self.series.push(series);
+        self.series_ids
+            .insert(self.scratch.as_str().into(), u32::try_from(id).unwrap_or(u32::MAX));
+        id
     }
 
     fn intern(&mut self, s: &str) -> Arc<str> {
@@ -249,7 +341,13 @@ impl OveragesOperator {
     }
 
     fn recompute(&mut self) -> Vec<Key> {
-        let mut keys: BTreeSet<Key> = self.dirty_keys.drain().collect();
+        let mut keys: BTreeSet<Key> = BTreeSet::new();
+        for i in std::mem::take(&mut self.dirty) {
+            if let Some((k, m)) = self.months.slots.get_mut(i as usize) {
+                m.dirty = false;
+                keys.insert(k.clone());
+            }
+        }
         if self.dirty_all {
             keys.extend(self.months.keys().cloned());
         } else {
@@ -407,22 +505,34 @@ impl Operator for OveragesOperator {
             return;
         }
         if let Payload::UsageRecorded { metric, quantity } = &e.payload {
-            let (s, _) = month_bounds(e.time);
-            let key = (self.intern(&e.tenant), s, self.intern(metric));
-            match self.months.get_mut(&key) {
-                Some(m) => m.agg.add(e, *quantity),
-                None => {
-                    self.months.insert(
-                        key.clone(),
-                        Month {
-                            agg: Agg::new(e, *quantity),
-                            row: None,
-                            alerted: 0,
-                        },
-                    );
+            let sid = self.series_id(&e.tenant, metric);
+            let Some(series) = self.series.get_mut(sid) else {
+                return;
+            };
+            let slot = if series.start <= e.time && e.time < series.end {
+                series.slot
+            } else {
+                let (s, end) = month_bounds(e.time);
+                let key = (Arc::clone(&series.tenant), s, Arc::clone(&series.metric));
+                let (slot, made) = self.months.upsert(key, || Month {
+                    agg: Agg::new(e, *quantity),
+                    row: None,
+                    alerted: 0,
+                    dirty: true,
+                });
+                (series.start, series.end, series.slot) = (s, end, slot);
+                if made {
+                    self.dirty.push(slot);
+                    return;
+                }
+                slot
+            };
+            if let Some((_, m)) = self.months.slots.get_mut(slot as usize) {
+                m.agg.add(e, *quantity);
+                if !std::mem::replace(&mut m.dirty, true) {
+                    self.dirty.push(slot);
                 }
             }
-            self.dirty_keys.insert(key);
         }
     }
 
