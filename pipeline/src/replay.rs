@@ -7,8 +7,11 @@
 //! The fresh directory is `<data>.replay`, a sibling (so the switch is a
 //! rename on one file system), locked by the replay while it is built. It
 //! is filled by the same pipeline as `tally run` (same settings, same
-//! operators, same durability protocol), read through its own durable
-//! consumer, with its outputs to NATS off (`live = false`: a replay
+//! operators, same files-then-checkpoint protocol), read through its own
+//! read-only consumer (no acks, so the server keeps no pending state: the
+//! fresh directory's checkpoint is the only record of progress, and a gap
+//! in the consumer sequence sends the replay back to it), with its outputs
+//! to NATS off (`live = false`: a replay
 //! publishes no alerts and no dead letters, which the live run published;
 //! it still counts the dead letters, and remembers which thresholds were
 //! crossed so a later live run does not alert them again). It stops at the
@@ -188,6 +191,7 @@ pub async fn replay(
     run.config = runtime::settings_path(&data, opts.run.config.as_deref());
     run.data_dir = target_dir.clone();
     run.live = false;
+    run.acked = false;
     run.serve_handoff = false;
     run.until_idle = true;
     run.stop_at = Some(target);

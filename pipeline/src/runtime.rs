@@ -458,6 +458,10 @@ pub struct RunOptions {
     pub batch_wait: Duration,
     /// Publish alerts (`tally run`); a replay does not.
     pub live: bool,
+    /// Acknowledge each batch once durable (`tally run`). A replay reads
+    /// through a read-only consumer instead and checks deliveries for gaps
+    /// (see [`js_source::consumer_from`]).
+    pub acked: bool,
     /// Answer a `tally replay`'s hand-off between batches (see [`crate::replay`]).
     pub serve_handoff: bool,
     /// Stop once this stream sequence is processed (replay's target).
@@ -478,6 +482,7 @@ impl RunOptions {
             batch_size: 50_000,
             batch_wait: Duration::from_millis(200),
             live: true,
+            acked: true,
             serve_handoff: true,
             stop_at: None,
             position: None,
@@ -758,7 +763,9 @@ async fn settle(
         .map_err(|e| RuntimeError::Task(e.to_string()))??;
     summary.durable_at = Some(durable_at);
     summary.writing += writing;
-    if let Err(e) = js_source::ack(&f.client, &f.last_msg).await {
+    if opts.acked
+        && let Err(e) = js_source::ack(&f.client, &f.last_msg).await
+    {
         debug!(error = %e, "ack failed; the checkpoint already covers the batch");
     }
     summary.batches += 1;
@@ -875,6 +882,9 @@ pub async fn run_with_lock(
     let mut in_flight: Option<InFlight> = None;
     // Idle ticks in a row with messages owed to us (see the idle branch).
     let mut stalled_ticks = 0u32;
+    // The current consumer's deliveries, checked for gaps when they are
+    // not acked (see `acked`).
+    let mut deliveries: js_source::Deliveries;
     'session: loop {
         settle(&mut in_flight, &mut summary, opts).await?;
         if *stop.borrow() || done(&p) {
@@ -885,6 +895,7 @@ pub async fn run_with_lock(
             &opts.source,
             p.checkpoint.last_seq + 1,
             max_ack_pending,
+            opts.acked,
         )
         .await
         {
@@ -896,6 +907,7 @@ pub async fn run_with_lock(
                 tokio::select! { _ = tokio::time::sleep(delay) => continue 'session, _ = stop.changed() => break 'session }
             }
         };
+        deliveries = js_source::Deliveries::default();
         let mut messages = match js_source::Pull::start(
             &client,
             &opts.source.stream,
@@ -963,7 +975,14 @@ pub async fn run_with_lock(
                     // recreating the consumer from the checkpoint.
                     let mut c = consumer.clone();
                     match c.info().await {
-                        Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {
+                        // Unacked deliveries are not counted as pending: one
+                        // lost at the tail shows as delivered, not received.
+                        Ok(info)
+                            if info.num_pending == 0
+                                && info.num_ack_pending == 0
+                                && (opts.acked
+                                    || !deliveries.lost_any(info.delivered.consumer_sequence)) =>
+                        {
                             stalled_ticks = 0;
                             if opts.until_idle {
                                 break 'session;
@@ -1035,16 +1054,27 @@ pub async fn run_with_lock(
             let mut incoming = Vec::with_capacity(batch.len());
             let mut last_idx = None;
             for (idx, m) in batch.iter().enumerate() {
-                let Some((seq, published_at)) = js_source::delivery_info(m) else {
+                let Some(d) = js_source::delivery_info(m) else {
                     warn!(subject = %m.subject, "message without JetStream metadata skipped");
                     continue;
                 };
-                if opts.stop_at.is_some_and(|n| seq > n) {
+                if !opts.acked && !deliveries.admit(&d) {
+                    // Not redelivered without acks: take what came before
+                    // it, then resume from the checkpoint.
+                    warn!(
+                        expected = deliveries.expected(),
+                        got = d.consumer_seq,
+                        "a delivery was lost; resuming from the checkpoint"
+                    );
+                    stream_failed = true;
+                    break;
+                }
+                if opts.stop_at.is_some_and(|n| d.stream_seq > n) {
                     break;
                 }
                 incoming.push(Incoming {
-                    stream_seq: seq,
-                    published_at,
+                    stream_seq: d.stream_seq,
+                    published_at: d.published_at,
                     subject: m.subject.as_str(),
                     payload: &m.payload,
                 });

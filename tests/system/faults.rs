@@ -241,7 +241,7 @@ fn alerts_count(server: &NatsServer) -> u64 {
 
 #[test]
 fn replay_rebuilds_every_view_and_hands_a_live_run_over() {
-    let s = stream();
+    let mut s = stream();
     let last = last_seq(&s.server, &s.data("clean"));
 
     // A replay of a finished directory switches to identical views, with no alerts.
@@ -276,6 +276,30 @@ fn replay_rebuilds_every_view_and_hands_a_live_run_over() {
         .arg(s.data("too-far"));
     let err = String::from_utf8_lossy(&run_expect(c, 1).stderr).to_string();
     assert!(err.contains("beyond the end of stream"), "{err}");
+
+    // nats-server restarted in the middle of a replay: its read-only
+    // consumer loses what was on the wire, which is never redelivered; the
+    // replay sees the gap (or the stall) and resumes from its checkpoint.
+    let restarted = s.data("replay-restart");
+    let mut c = tally(&s.server, &data);
+    c.args(["replay", "--batch-size", "200", "--into"])
+        .arg(&restarted)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_for_checkpoint(&restarted, 0, &mut child);
+    s.server.stop();
+    std::thread::sleep(Duration::from_millis(1500));
+    s.server.restart();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert_same_views(
+        &s.clean,
+        &all_views(&s.server, &restarted),
+        "after a NATS restart mid-replay",
+    );
 
     // A replay while a live run works on the same directory: the live run
     // pauses between batches, resumes on the replayed views, loses nothing.

@@ -259,8 +259,10 @@ impl OveragesOperator {
             slot: 0,
         };
         self.series.push(series);
-        self.series_ids
-            .insert(self.scratch.as_str().into(), u32::try_from(id).unwrap_or(u32::MAX));
+        self.series_ids.insert(
+            self.scratch.as_str().into(),
+            u32::try_from(id).unwrap_or(u32::MAX),
+        );
         id
     }
 

@@ -170,11 +170,20 @@ pub async fn stream_identity(
 }
 
 /// (Re)creates the durable consumer to deliver from `start_seq`.
+///
+/// `acked`: deliveries are acknowledged (AckAll) once durable, as `tally
+/// run` does. A replay's consumer is read-only (AckNone): it lives for one
+/// rebuild into a fresh directory whose checkpoint is the only record of
+/// progress, and the server then keeps no per-message pending state (a
+/// third of its CPU in a replay). Without acks nothing is redelivered, so
+/// the reader checks [`Delivery::consumer_seq`] for gaps and resumes from
+/// its checkpoint when one appears.
 pub async fn consumer_from(
     s: &stream::Stream,
     cfg: &SourceConfig,
     start_seq: u64,
     max_ack_pending: i64,
+    acked: bool,
 ) -> Result<consumer::PullConsumer, SourceError> {
     let err = |e: String| SourceError::Consumer {
         stream: cfg.stream.clone(),
@@ -192,7 +201,11 @@ pub async fn consumer_from(
         deliver_policy: consumer::DeliverPolicy::ByStartSequence {
             start_sequence: start_seq.max(1),
         },
-        ack_policy: consumer::AckPolicy::All,
+        ack_policy: if acked {
+            consumer::AckPolicy::All
+        } else {
+            consumer::AckPolicy::None
+        },
         // Long: a batch is acked only after it is durable, which can take a
         // while when the disk is slow; redeliveries are skipped anyway.
         ack_wait: Duration::from_secs(300),
@@ -236,7 +249,10 @@ const PULL_EXPIRES: Duration = Duration::from_secs(30);
 
 impl Pull {
     /// Subscribes an inbox for `consumer` on `stream`, fetching `batch`
-    /// messages per request (a new one when half of the last is in).
+    /// messages per request (a new one when half of the last is in). At
+    /// most 1.5 requests are outstanding, so `batch` is capped at half the
+    /// subscription's capacity: even a consumer without `max_ack_pending`
+    /// (a read-only one) never overflows it.
     pub async fn start(
         client: &async_nats::Client,
         stream: &str,
@@ -252,6 +268,7 @@ impl Pull {
                     stream: stream.to_owned(),
                     cause: e.to_string(),
                 })?;
+        let batch = batch.clamp(1, SUBSCRIPTION_CAPACITY / 2);
         let request = format!(
             "{{\"batch\":{batch},\"expires\":{}}}",
             PULL_EXPIRES.as_nanos()
@@ -262,7 +279,7 @@ impl Pull {
             inbox,
             next_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}").into(),
             request: request.into(),
-            batch: batch.max(1),
+            batch,
             owed: 0,
             stream: stream.to_owned(),
         })
@@ -329,11 +346,59 @@ impl Pull {
     }
 }
 
-/// Stream sequence and publish time (µs since the epoch) of a delivered
-/// message, from its `$JS.ACK.` reply subject: the original 9 tokens
+/// Where a delivered message sits, from its `$JS.ACK.` reply subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Position in the stream.
+    pub stream_seq: u64,
+    /// Position among the consumer's deliveries: consecutive from 1 for a
+    /// new consumer, so a gap means a delivery was lost on the way.
+    pub consumer_seq: u64,
+    /// JetStream publish time, µs since the epoch.
+    pub published_at: i64,
+}
+
+/// Follows a read-only consumer's deliveries, which are never redelivered:
+/// each must carry the next consumer sequence (a new consumer starts at 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deliveries {
+    next: u64,
+}
+
+impl Default for Deliveries {
+    fn default() -> Self {
+        Deliveries { next: 1 }
+    }
+}
+
+impl Deliveries {
+    /// Takes a delivery in; false when one before it was lost on the way
+    /// (and then nothing from it on may be used).
+    pub fn admit(&mut self, d: &Delivery) -> bool {
+        if d.consumer_seq != self.next {
+            return false;
+        }
+        self.next += 1;
+        true
+    }
+
+    /// Whether the consumer reports deliveries (`delivered.consumer_sequence`)
+    /// that never arrived: lost at the tail, where no later one shows a gap.
+    pub fn lost_any(&self, delivered: u64) -> bool {
+        delivered >= self.next
+    }
+
+    /// The consumer sequence expected next.
+    pub fn expected(&self) -> u64 {
+        self.next
+    }
+}
+
+/// The [`Delivery`] of a message, from its `$JS.ACK.` reply subject: the
+/// original 9 tokens
 /// (`$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>`)
 /// or the 11+ of ADR-15, with domain and account hash after `$JS.ACK.`.
-pub fn delivery_info(m: &async_nats::Message) -> Option<(u64, i64)> {
+pub fn delivery_info(m: &async_nats::Message) -> Option<Delivery> {
     let rest = m.reply.as_deref()?.strip_prefix("$JS.ACK.")?;
     let mut t = [""; 10];
     let mut n = 0;
@@ -346,9 +411,12 @@ pub fn delivery_info(m: &async_nats::Message) -> Option<(u64, i64)> {
         n if n >= 9 => 2,
         _ => return None,
     };
-    let seq = t.get(at + 3)?.parse::<u64>().ok()?;
     let nanos = t.get(at + 5)?.parse::<i64>().ok()?;
-    Some((seq, nanos.div_euclid(1000)))
+    Some(Delivery {
+        stream_seq: t.get(at + 3)?.parse::<u64>().ok()?,
+        consumer_seq: t.get(at + 4)?.parse::<u64>().ok()?,
+        published_at: nanos.div_euclid(1000),
+    })
 }
 
 /// Acknowledges a delivery (AckAll: every earlier one too).
@@ -422,14 +490,37 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_delivery_is_noticed_in_the_middle_and_at_the_tail() {
+        let at = |consumer_seq| Delivery {
+            stream_seq: 100 + consumer_seq,
+            consumer_seq,
+            published_at: 0,
+        };
+        let mut d = Deliveries::default();
+        assert!(d.admit(&at(1)) && d.admit(&at(2)));
+        assert!(!d.lost_any(2), "both delivered ones arrived");
+        assert!(d.lost_any(3), "the third was delivered and not received");
+        assert!(!d.admit(&at(4)), "the third is missing");
+        assert_eq!(d.expected(), 3);
+        assert!(d.admit(&at(3)));
+    }
+
+    #[test]
     fn delivery_info_reads_both_ack_subject_formats() {
         let ns = 1_700_000_000_123_456_789i64;
         let v1 = delivered(&format!("$JS.ACK.EVENTS.tally.1.42.7.{ns}.3"));
-        assert_eq!(delivery_info(&v1), Some((42, 1_700_000_000_123_456)));
+        let d = |stream_seq, consumer_seq| {
+            Some(Delivery {
+                stream_seq,
+                consumer_seq,
+                published_at: 1_700_000_000_123_456,
+            })
+        };
+        assert_eq!(delivery_info(&v1), d(42, 7));
         let v2 = delivered(&format!("$JS.ACK._.hash.EVENTS.tally.1.43.8.{ns}.0.tok"));
-        assert_eq!(delivery_info(&v2), Some((43, 1_700_000_000_123_456)));
+        assert_eq!(delivery_info(&v2), d(43, 8));
         let v2_short = delivered(&format!("$JS.ACK.hub.hash.EVENTS.tally.2.44.9.{ns}.0"));
-        assert_eq!(delivery_info(&v2_short), Some((44, 1_700_000_000_123_456)));
+        assert_eq!(delivery_info(&v2_short), d(44, 9));
         assert_eq!(delivery_info(&delivered("_INBOX.abc")), None);
         assert_eq!(delivery_info(&delivered("$JS.ACK.a.b.c")), None);
         assert_eq!(delivery_info(&delivered("$JS.ACK.S.C.1.x.7.1.3")), None);
