@@ -24,7 +24,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use super::subscription::{History, SubEvent};
 use super::usage::FixedState;
 use super::{Operator, OperatorError, Storage, timestamp_type as ts};
-use crate::event::{Event, Payload};
+use crate::event::{Event, Payload, Text};
 
 pub const VIEW: &str = "tenants";
 
@@ -48,18 +48,19 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-/// One computed row (without the tenant key).
+/// One computed row (without the tenant key). Rows are computed for every
+/// changed tenant and mostly compared and dropped: short strings inline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
-    pub name: Option<String>,
+    pub name: Option<Text>,
     pub first_seen: i64,
     pub last_seen: i64,
-    pub subscription_id: Option<String>,
-    pub plan: Option<String>,
+    pub subscription_id: Option<Text>,
+    pub plan: Option<Text>,
     pub billing_cycle: Option<&'static str>,
     pub status: &'static str,
     pub mrr: i64,
-    pub currency: Option<String>,
+    pub currency: Option<Text>,
     pub revenue_to_date: i64,
 }
 
@@ -120,15 +121,18 @@ impl TenantsOperator {
             None => "none",
         };
         let row = Row {
-            name: t.created.as_ref().and_then(|(_, n)| n.clone()),
+            name: t
+                .created
+                .as_ref()
+                .and_then(|(_, n)| n.as_deref().map(Text::from)),
             first_seen: t.first_seen,
             last_seen: t.last_seen,
-            subscription_id: current.map(|c| c.terms.subscription_id.clone()),
-            plan: current.map(|c| c.terms.plan.clone()),
+            subscription_id: current.map(|c| Text::from(c.terms.subscription_id.as_str())),
+            plan: current.map(|c| Text::from(c.terms.plan.as_str())),
             billing_cycle: current.map(|c| c.terms.billing_cycle.as_str()),
             status,
             mrr: current.map_or(0, |c| fold.mrr_at(at, &c.terms.currency)),
-            currency: current.map(|c| c.terms.currency.clone()),
+            currency: current.map(|c| Text::from(c.terms.currency.as_str())),
             revenue_to_date: t.revenue,
         };
         let wake = [
