@@ -12,7 +12,11 @@
 //! file first and deletes the parts after; a file whose range lies inside
 //! another file's range is ignored by readers and removed by recovery, so a
 //! crash in between never shows a row twice. Cost: a compaction rewrites the
-//! small files once (at most `COMPACT_MAX_FILE_BYTES` each).
+//! small files once (at most `COMPACT_MAX_FILE_BYTES` each). When every row
+//! group of a run is large (a batch's rows of the `events` archive, say),
+//! the row groups are copied into the merged file as they are, without
+//! decoding or encoding a value; a run with small row groups is decoded and
+//! re-encoded, so that they coalesce.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -32,6 +36,9 @@ use crate::state::checkpoint::sync_dir;
 const COMPACT_MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
 /// Compact once a view has this many small files.
 const COMPACT_TRIGGER: usize = 32;
+/// Row groups with at least this many rows are copied as they are when
+/// files are merged (see the module doc).
+const COPY_MIN_ROWS: i64 = 8 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -253,14 +260,16 @@ impl ViewDir {
             // Streamed: one batch of one file in memory at a time (a run of
             // the events archive decodes to several hundred MB).
             let path = self.dir.join(file_name(first, last));
-            write_parquet_with(&path, schema, |write| {
-                for f in &run {
-                    for batch in read_parquet(&f.path)? {
-                        write(&batch?)?;
+            if !copy_row_groups(&path, &run)? {
+                write_parquet_with(&path, schema, |write| {
+                    for f in &run {
+                        for batch in read_parquet(&f.path)? {
+                            write(&batch?)?;
+                        }
                     }
-                }
-                Ok(())
-            })?;
+                    Ok(())
+                })?;
+            }
             for f in &run {
                 std::fs::remove_file(&f.path).map_err(|source| SinkError::Io {
                     path: f.path.clone(),
@@ -320,6 +329,104 @@ impl ViewDir {
     }
 }
 
+/// Writes `files` (one schema) as one file at `path` by copying their row
+/// groups' bytes, if every row group has at least [`COPY_MIN_ROWS`] rows;
+/// false (and nothing written) otherwise. The Arrow schema and other
+/// key-value metadata of the first file are carried over.
+fn copy_row_groups(path: &Path, files: &[&ViewFile]) -> Result<bool, SinkError> {
+    use parquet::column::writer::ColumnCloseResult;
+    use parquet::file::metadata::ParquetMetaDataReader;
+    use parquet::file::writer::SerializedFileWriter;
+
+    let mut inputs = Vec::with_capacity(files.len());
+    for f in files {
+        let decode = |source| SinkError::Decode {
+            path: f.path.clone(),
+            source,
+        };
+        let file = File::open(&f.path).map_err(|source| SinkError::Io {
+            path: f.path.clone(),
+            source,
+        })?;
+        let meta = ParquetMetaDataReader::new()
+            .parse_and_finish(&file)
+            .map_err(decode)?;
+        if meta
+            .row_groups()
+            .iter()
+            .any(|rg| rg.num_rows() < COPY_MIN_ROWS)
+        {
+            return Ok(false);
+        }
+        inputs.push((file, meta));
+    }
+    let Some((_, first)) = inputs.first() else {
+        return Ok(false);
+    };
+    if inputs
+        .iter()
+        .any(|(_, m)| m.file_metadata().schema() != first.file_metadata().schema())
+    {
+        return Ok(false);
+    }
+    let root = first.file_metadata().schema_descr().root_schema_ptr();
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_key_value_metadata(first.file_metadata().key_value_metadata().cloned())
+            .build(),
+    );
+    atomically(path, |tmp, file| {
+        let enc = |source| SinkError::Encode {
+            path: tmp.to_path_buf(),
+            source,
+        };
+        let mut writer = SerializedFileWriter::new(file, root, props).map_err(enc)?;
+        for (input, meta) in &inputs {
+            for rg in meta.row_groups() {
+                let mut out = writer.next_row_group().map_err(enc)?;
+                for column in rg.columns() {
+                    let copied = ColumnCloseResult {
+                        bytes_written: u64::try_from(column.compressed_size()).unwrap_or(0),
+                        rows_written: u64::try_from(rg.num_rows()).unwrap_or(0),
+                        metadata: column.clone(),
+                        bloom_filter: None,
+                        column_index: None,
+                        offset_index: None,
+                    };
+                    out.append_column(input, copied).map_err(enc)?;
+                }
+                out.close().map_err(enc)?;
+            }
+        }
+        writer.into_inner().map_err(enc)
+    })?;
+    Ok(true)
+}
+
+/// Writes a file through `fill` at `path.tmp`, fsyncs it and renames it to
+/// `path`, then fsyncs the directory. `fill` gets the temporary path (for
+/// its errors) and the file, and hands the file back once written.
+fn atomically(
+    path: &Path,
+    fill: impl FnOnce(&Path, File) -> Result<File, SinkError>,
+) -> Result<(), SinkError> {
+    let tmp = path.with_extension("parquet.tmp");
+    let io = |source| SinkError::Io {
+        path: tmp.clone(),
+        source,
+    };
+    let file = File::create(&tmp).map_err(io)?;
+    let file = fill(&tmp, file)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    sync_dir(dir).map_err(|source| SinkError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
 /// Writes a Parquet file to `path.tmp`, fsyncs it and renames it to `path`.
 pub fn write_parquet(
     path: &Path,
@@ -335,12 +442,6 @@ fn write_parquet_with(
     schema: &SchemaRef,
     fill: impl FnOnce(&mut dyn FnMut(&RecordBatch) -> Result<(), SinkError>) -> Result<(), SinkError>,
 ) -> Result<(), SinkError> {
-    let tmp = path.with_extension("parquet.tmp");
-    let io = |source| SinkError::Io {
-        path: tmp.clone(),
-        source,
-    };
-    let file = File::create(&tmp).map_err(io)?;
     let mut props = WriterProperties::builder().set_compression(Compression::SNAPPY);
     // Unique-per-row text gains nothing from a dictionary and costs an
     // intern per value on the hot path.
@@ -348,20 +449,15 @@ fn write_parquet_with(
         props = props.set_column_dictionary_enabled(ColumnPath::from(column), false);
     }
     let props = props.build();
-    let enc = |source| SinkError::Encode {
-        path: tmp.clone(),
-        source,
-    };
-    let mut writer = ArrowWriter::try_new(file, Arc::clone(schema), Some(props)).map_err(enc)?;
-    fill(&mut |b: &RecordBatch| writer.write(b).map_err(enc))?;
-    let file = writer.into_inner().map_err(enc)?;
-    file.sync_all().map_err(io)?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(io)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    sync_dir(dir).map_err(|source| SinkError::Io {
-        path: dir.to_path_buf(),
-        source,
+    atomically(path, |tmp, file| {
+        let enc = |source| SinkError::Encode {
+            path: tmp.to_path_buf(),
+            source,
+        };
+        let mut writer =
+            ArrowWriter::try_new(file, Arc::clone(schema), Some(props)).map_err(enc)?;
+        fill(&mut |b: &RecordBatch| writer.write(b).map_err(enc))?;
+        writer.into_inner().map_err(enc)
     })
 }
 
@@ -455,5 +551,60 @@ mod tests {
             })
             .collect();
         assert_eq!(rows, (0..40).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn large_row_groups_are_copied_with_their_arrow_schema() {
+        use arrow::array::{StringArray, TimestampMicrosecondArray};
+        let dir = tempfile::tempdir().unwrap();
+        let ts = DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into()));
+        let schema: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("at", ts, false),
+            Field::new("tenant", DataType::Utf8, false),
+        ]));
+        let v = ViewDir::new(dir.path(), "t");
+        v.create().unwrap();
+        let rows = COPY_MIN_ROWS as usize;
+        for i in 0..33u64 {
+            let at: Vec<i64> = (0..rows)
+                .map(|r| (i as i64) * 1_000_000 + r as i64)
+                .collect();
+            let tenant: Vec<String> = (0..rows).map(|r| format!("t{}", r % 7)).collect();
+            let b = RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![
+                    Arc::new(TimestampMicrosecondArray::from(at).with_timezone("UTC")),
+                    Arc::new(StringArray::from(tenant)),
+                ],
+            )
+            .unwrap();
+            v.write(i * 10 + 1, i * 10 + 10, &schema, &[b]).unwrap();
+        }
+        assert_eq!(v.compact(&schema, 330).unwrap(), 33);
+        let files = v.files().unwrap();
+        assert_eq!(files.len(), 1);
+        let file = File::open(&files[0].path).unwrap();
+        let meta = parquet::file::metadata::ParquetMetaDataReader::new()
+            .parse_and_finish(&file)
+            .unwrap();
+        // Copied, not re-encoded: one row group per merged file.
+        assert_eq!(meta.row_groups().len(), 33);
+        let mut n = 0;
+        let mut last = i64::MIN;
+        for b in read_parquet(&files[0].path).unwrap() {
+            let b = b.unwrap();
+            assert_eq!(b.schema(), schema, "the Arrow schema (time zone) survives");
+            let at = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<TimestampMicrosecondArray>()
+                .unwrap();
+            for x in at.values() {
+                assert!(*x > last, "rows in file order");
+                last = *x;
+            }
+            n += b.num_rows();
+        }
+        assert_eq!(n, 33 * rows);
     }
 }
