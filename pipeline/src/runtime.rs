@@ -1089,6 +1089,9 @@ pub async fn run_with_lock(
             }
             drop(incoming);
             let Some(last_msg) = last_idx.and_then(|i| batch.get(i).cloned()) else {
+                if stream_failed {
+                    continue 'session;
+                }
                 continue;
             };
             // Freeing 50k messages is a tenth of this thread's work: the
