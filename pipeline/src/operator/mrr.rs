@@ -22,7 +22,7 @@
 //! a subscription (a month's row depends on the history and the months
 //! before it, never on the clock), so a steady payer costs O(1) a month.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -136,11 +136,16 @@ struct Tenant {
     from: Option<i64>,
     /// Ids of the currencies this history was ever priced in.
     currencies: Vec<u16>,
+    /// Effective time of the first `started`, kept here so a recompute
+    /// need not walk the shared (scattered) history to find it.
+    first_start: Option<i64>,
+    /// Has new events since the last `take_rows`: a flag, not a set of
+    /// names, so marking and finding dirty tenants hashes no string.
+    dirty: bool,
 }
 
 pub struct MrrOperator {
     tenants: HashMap<Arc<str>, Tenant, FixedState>,
-    dirty: HashSet<Arc<str>, FixedState>,
     currencies: Names,
     /// Largest accepted event time: the stream clock.
     clock: Option<i64>,
@@ -158,7 +163,6 @@ impl MrrOperator {
     pub fn new() -> MrrOperator {
         MrrOperator {
             tenants: HashMap::with_hasher(FixedState),
-            dirty: HashSet::with_hasher(FixedState),
             currencies: Names::default(),
             clock: None,
             clock_month: None,
@@ -173,29 +177,39 @@ impl MrrOperator {
         let (clock_month, _) = month_bounds(clock);
         // A new month: every tenant that may still pay gets its new
         // months' rows.
-        if let Some(old) = self.clock_month.filter(|m| *m < clock_month) {
-            let (_, next) = month_bounds(old);
-            for (k, t) in self.tenants.iter_mut().filter(|(_, t)| t.open) {
-                t.from = Some(t.from.map_or(next, |f| f.min(next)));
-                self.dirty.insert(Arc::clone(k));
-            }
-        }
+        let next = self
+            .clock_month
+            .filter(|m| *m < clock_month)
+            .map(|old| month_bounds(old).1);
         self.clock_month = Some(clock_month);
         let mut out = Vec::new();
-        for name in self.dirty.drain() {
-            let Some(t) = self.tenants.get_mut(&name) else {
+        // One pass over the tenants in place (most are touched in a batch
+        // at scale) rather than a lookup per dirty name.
+        for (name, t) in self.tenants.iter_mut() {
+            if let Some(next) = next.filter(|_| t.open) {
+                t.from = Some(t.from.map_or(next, |f| f.min(next)));
+                t.dirty = true;
+            }
+            if !std::mem::replace(&mut t.dirty, false) {
                 continue;
-            };
+            }
             let from = t.from.take().unwrap_or(i64::MIN);
             let currencies: Vec<(u16, &str)> = t
                 .currencies
                 .iter()
                 .map(|id| (*id, self.currencies.name(u32::from(*id))))
                 .collect();
-            let (rows, open) = compute(&t.history, &currencies, &t.rows, from, clock_month);
+            let (rows, open) = compute(
+                &t.history,
+                t.first_start,
+                &currencies,
+                &t.rows,
+                from,
+                clock_month,
+            );
             let keep = t.rows.partition_point(|r| r.month < from);
             diff(&t.rows[keep..], &rows, |row, deleted| {
-                out.push((Arc::clone(&name), row, deleted));
+                out.push((Arc::clone(name), row, deleted));
             });
             t.rows.truncate(keep);
             t.rows.extend(rows);
@@ -251,20 +265,22 @@ impl MrrOperator {
 
 /// The rows of `history` for the months from the one starting `from` up to
 /// the one starting `clock_month`, and whether later months may still have
-/// rows. `prior` holds the rows of the months before `from` (sorted). A
+/// rows. `first_start` is the effective time of the history's first
+/// `started` (MRR is 0 before it). `prior` holds the rows of the months before `from` (sorted). A
 /// month's row depends only on the history effective before its end and on
 /// the months before it, so events effective in month F leave every row
 /// before F as it was: a tenant is recomputed from the earliest month its
 /// new events touch, and a new clock month only adds rows.
 fn compute(
     history: &History,
+    first_start: Option<i64>,
     currencies: &[(u16, &str)],
     prior: &[Row],
     from: i64,
     clock_month: i64,
 ) -> (Vec<Row>, bool) {
     let mut rows = Vec::new();
-    let Some(first) = history.first_start() else {
+    let Some(first) = first_start else {
         return (rows, false);
     };
     let mut cursor = history.cursor();
@@ -375,13 +391,19 @@ impl Operator for MrrOperator {
             t.history.insert(Arc::clone(sub));
             let (month, _) = month_bounds(sub.effective);
             t.from = Some(t.from.map_or(month, |f| f.min(month)));
+            if let Change::Started(_) = &sub.change {
+                t.first_start = Some(
+                    t.first_start
+                        .map_or(sub.effective, |f| f.min(sub.effective)),
+                );
+            }
             if let Change::Started(terms) | Change::PlanChanged(terms) = &sub.change {
                 let id = u16::try_from(self.currencies.id(&terms.currency)).unwrap_or(u16::MAX);
                 if !t.currencies.contains(&id) {
                     t.currencies.push(id);
                 }
             }
-            self.dirty.insert(name);
+            t.dirty = true;
         }
     }
 

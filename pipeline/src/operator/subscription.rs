@@ -113,14 +113,6 @@ impl History {
         }
     }
 
-    /// Effective time of the first `started`: MRR is 0 before it.
-    pub fn first_start(&self) -> Option<i64> {
-        self.events
-            .iter()
-            .find(|e| matches!(e.change, Change::Started(_)))
-            .map(|e| e.effective)
-    }
-
     /// The first effective time strictly after `t`, if any.
     pub fn next_effective_after(&self, t: i64) -> Option<i64> {
         let i = self.events.partition_point(|e| e.effective <= t);
@@ -304,7 +296,6 @@ mod tests {
         let mut c = h.cursor();
         assert_eq!(c.advance_to(20).mrr_at(20, "USD"), 0);
         assert_eq!(c.advance_to(200).mrr_at(200, "USD"), 100);
-        assert_eq!(h.first_start(), Some(10));
         assert_eq!(h.next_effective_after(10), Some(50));
         assert_eq!(h.next_effective_after(50), None);
     }
