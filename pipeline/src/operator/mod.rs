@@ -182,6 +182,32 @@ impl Names {
     }
 }
 
+/// (tenant, metric) pairs numbered from 0 in order of first sight, found
+/// with one string lookup per event (`tenant\u{1f}metric`, built in a
+/// reused buffer): `usage` and `overages` key their state by these ids.
+#[derive(Default)]
+pub(crate) struct SeriesIds {
+    ids: HashMap<Box<str>, u32, FixedState>,
+    scratch: String,
+}
+
+impl SeriesIds {
+    /// The id of (`tenant`, `metric`), and whether it is new (then it is
+    /// the number of pairs seen before).
+    pub(crate) fn id(&mut self, tenant: &str, metric: &str) -> (u32, bool) {
+        self.scratch.clear();
+        self.scratch.push_str(tenant);
+        self.scratch.push('\u{1f}');
+        self.scratch.push_str(metric);
+        if let Some(id) = self.ids.get(self.scratch.as_str()) {
+            return (*id, false);
+        }
+        let id = u32::try_from(self.ids.len()).unwrap_or(u32::MAX);
+        self.ids.insert(self.scratch.as_str().into(), id);
+        (id, true)
+    }
+}
+
 /// Every operator, in one explicit list.
 pub fn registry(settings: &Settings) -> Vec<Box<dyn Operator>> {
     vec![

@@ -27,7 +27,7 @@ use super::catalog::Catalog;
 use super::subscription::{History, SubEvent};
 use super::usage::{Agg, FixedState};
 use super::window::month_bounds;
-use super::{Operator, OperatorError, Storage};
+use super::{Operator, OperatorError, SeriesIds, Storage};
 use crate::event::decimal::{self, ONE, PRECISION, SCALE};
 use crate::event::time::{MICROS, format_micros};
 use crate::event::{Aggregation, Event, Payload};
@@ -190,12 +190,10 @@ pub struct OveragesOperator {
     months: Months,
     /// Slots of the months a usage event changed since the last `take_rows`.
     dirty: Vec<u32>,
-    /// "tenant\u{1f}metric" -> index into `series`: one string lookup per
-    /// usage event, and none for the month when it is the series' last.
-    series_ids: HashMap<Box<str>, u32, FixedState>,
+    /// (tenant, metric) -> index into `series`: one string lookup per usage
+    /// event, and none for the month when it is the series' last.
+    series_ids: SeriesIds,
     series: Vec<Series>,
-    /// Reused buffer for the series lookup key.
-    scratch: String,
     dirty_tenants: BTreeSet<Arc<str>>,
     dirty_all: bool,
     /// Largest accepted event time seen: the stream clock.
@@ -229,9 +227,8 @@ impl OveragesOperator {
             subs: HashMap::new(),
             months: Months::default(),
             dirty: Vec::new(),
-            series_ids: HashMap::with_hasher(FixedState),
+            series_ids: SeriesIds::default(),
             series: Vec::new(),
-            scratch: String::new(),
             dirty_tenants: BTreeSet::new(),
             dirty_all: false,
             clock: None,
@@ -243,27 +240,18 @@ impl OveragesOperator {
 
     /// The index of (`tenant`, `metric`) in `series`, created on first sight.
     fn series_id(&mut self, tenant: &str, metric: &str) -> usize {
-        self.scratch.clear();
-        self.scratch.push_str(tenant);
-        self.scratch.push('\u{1f}');
-        self.scratch.push_str(metric);
-        if let Some(id) = self.series_ids.get(self.scratch.as_str()) {
-            return *id as usize;
+        let (id, new) = self.series_ids.id(tenant, metric);
+        if new {
+            let series = Series {
+                tenant: self.intern(tenant),
+                metric: self.intern(metric),
+                start: 0,
+                end: 0,
+                slot: 0,
+            };
+            self.series.push(series);
         }
-        let id = self.series.len();
-        let series = Series {
-            tenant: self.intern(tenant),
-            metric: self.intern(metric),
-            start: 0,
-            end: 0,
-            slot: 0,
-        };
-        self.series.push(series);
-        self.series_ids.insert(
-            self.scratch.as_str().into(),
-            u32::try_from(id).unwrap_or(u32::MAX),
-        );
-        id
+        id as usize
     }
 
     fn intern(&mut self, s: &str) -> Arc<str> {

@@ -26,7 +26,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::window::Granularity;
-use super::{Operator, OperatorError, Storage};
+use super::{Operator, OperatorError, SeriesIds, Storage};
 use crate::event::decimal::{PRECISION, SCALE};
 use crate::event::{Event, Payload, Text};
 
@@ -229,16 +229,14 @@ pub struct UsageOperator {
     dirty: Vec<u32>,
     /// (tenant, metric) of each series id.
     series: Vec<(Arc<str>, Arc<str>)>,
-    /// "tenant\u{1f}metric" -> series id (one string lookup per event).
-    series_ids: HashMap<Box<str>, u32, FixedState>,
+    /// (tenant, metric) -> series id.
+    series_ids: SeriesIds,
     /// Per series id and granularity, the window its last event fell in:
     /// (start, end, slot). A series' events mostly arrive in time order, so
     /// most events hit the same windows as the one before and skip both the
     /// window arithmetic and the index lookup. Slots never move, so an
     /// entry never goes stale; it only stops matching.
     recent: Vec<[Recent; 4]>,
-    /// Reused buffer for the lookup key.
-    scratch: String,
 }
 
 impl UsageOperator {
@@ -254,25 +252,18 @@ impl UsageOperator {
             windows: Windows::default(),
             dirty: Vec::new(),
             series: Vec::new(),
-            series_ids: HashMap::with_hasher(FixedState),
+            series_ids: SeriesIds::default(),
             recent: Vec::new(),
-            scratch: String::new(),
         }
     }
 
     /// The series id of (`tenant`, `metric`), created on first sight.
     fn series_id(&mut self, tenant: &str, metric: &str) -> u32 {
-        self.scratch.clear();
-        self.scratch.push_str(tenant);
-        self.scratch.push('\u{1f}');
-        self.scratch.push_str(metric);
-        if let Some(id) = self.series_ids.get(self.scratch.as_str()) {
-            return *id;
+        let (id, new) = self.series_ids.id(tenant, metric);
+        if new {
+            self.series.push((Arc::from(tenant), Arc::from(metric)));
+            self.recent.push([NO_RECENT; 4]);
         }
-        let id = u32::try_from(self.series.len()).unwrap_or(u32::MAX);
-        self.series.push((Arc::from(tenant), Arc::from(metric)));
-        self.recent.push([NO_RECENT; 4]);
-        self.series_ids.insert(self.scratch.as_str().into(), id);
         id
     }
 
