@@ -15,6 +15,7 @@ pub mod events;
 pub mod mrr;
 pub mod overages;
 pub mod revenue;
+mod slots;
 pub mod subscription;
 pub mod tenants;
 pub mod usage;

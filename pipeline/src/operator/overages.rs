@@ -24,6 +24,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::catalog::Catalog;
+use super::slots::{Recent, Slots};
 use super::subscription::{History, SubEvent};
 use super::usage::{Agg, FixedState};
 use super::window::month_bounds;
@@ -82,61 +83,16 @@ struct Month {
     dirty: bool,
 }
 
-/// The months: an index (key -> slot) over slots that never move, so a
-/// usage event reaches its month through a series' cached slot without
-/// hashing the key's strings, and dirty months are a list of slots.
-#[derive(Default)]
-struct Months {
-    index: HashMap<Key, u32, FixedState>,
-    slots: Vec<(Key, Month)>,
-}
+/// The months, one slot each: a usage event reaches its month through its
+/// series' [`Recent`] slot without hashing the key's strings, and dirty
+/// months are a list of slots.
+type Months = Slots<Key, Month>;
 
-impl Months {
-    fn get(&self, k: &Key) -> Option<&Month> {
-        let i = *self.index.get(k)?;
-        self.slots.get(i as usize).map(|(_, m)| m)
-    }
-
-    fn get_mut(&mut self, k: &Key) -> Option<&mut Month> {
-        let i = *self.index.get(k)?;
-        self.slots.get_mut(i as usize).map(|(_, m)| m)
-    }
-
-    fn keys(&self) -> impl Iterator<Item = &Key> {
-        self.slots.iter().map(|(k, _)| k)
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&Key, &Month)> {
-        self.slots.iter().map(|(k, m)| (k, m))
-    }
-
-    fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    /// The slot of `k`, made with `new()` if absent; true when it was made.
-    fn upsert(&mut self, k: Key, new: impl FnOnce() -> Month) -> (u32, bool) {
-        use std::collections::hash_map::Entry;
-        match self.index.entry(k) {
-            Entry::Occupied(o) => (*o.get(), false),
-            Entry::Vacant(v) => {
-                let i = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
-                self.slots.push((v.key().clone(), new()));
-                v.insert(i);
-                (i, true)
-            }
-        }
-    }
-}
-
-/// A (tenant, metric) pair and the month its last usage event fell in:
-/// `[start, end)` and its slot (`end <= start` when there is none yet).
+/// A (tenant, metric) pair and the month its last usage event fell in.
 struct Series {
     tenant: Arc<str>,
     metric: Arc<str>,
-    start: i64,
-    end: i64,
-    slot: u32,
+    recent: Recent,
 }
 
 /// A `usage.threshold_crossed` alert to publish to `tally.alerts.<tenant>`.
@@ -245,9 +201,7 @@ impl OveragesOperator {
             let series = Series {
                 tenant: self.intern(tenant),
                 metric: self.intern(metric),
-                start: 0,
-                end: 0,
-                slot: 0,
+                recent: Recent::NONE,
             };
             self.series.push(series);
         }
@@ -333,21 +287,21 @@ impl OveragesOperator {
     fn recompute(&mut self) -> Vec<Key> {
         let mut keys: BTreeSet<Key> = BTreeSet::new();
         for i in std::mem::take(&mut self.dirty) {
-            if let Some((k, m)) = self.months.slots.get_mut(i as usize) {
+            if let Some((k, m)) = self.months.slot_mut(i) {
                 m.dirty = false;
                 keys.insert(k.clone());
             }
         }
         if self.dirty_all {
-            keys.extend(self.months.keys().cloned());
+            keys.extend(self.months.entries().map(|(k, _)| k.clone()));
         } else {
             let tenants = std::mem::take(&mut self.dirty_tenants);
             if !tenants.is_empty() {
                 keys.extend(
                     self.months
-                        .keys()
-                        .filter(|k| tenants.contains(&k.0))
-                        .cloned(),
+                        .entries()
+                        .filter(|(k, _)| tenants.contains(&k.0))
+                        .map(|(k, _)| k.clone()),
                 );
             }
         }
@@ -499,8 +453,8 @@ impl Operator for OveragesOperator {
             let Some(series) = self.series.get_mut(sid) else {
                 return;
             };
-            let slot = if series.start <= e.time && e.time < series.end {
-                series.slot
+            let slot = if let Some(slot) = series.recent.slot_at(e.time) {
+                slot
             } else {
                 let (s, end) = month_bounds(e.time);
                 let key = (Arc::clone(&series.tenant), s, Arc::clone(&series.metric));
@@ -510,14 +464,18 @@ impl Operator for OveragesOperator {
                     alerted: 0,
                     dirty: true,
                 });
-                (series.start, series.end, series.slot) = (s, end, slot);
+                series.recent = Recent {
+                    start: s,
+                    end,
+                    slot,
+                };
                 if made {
                     self.dirty.push(slot);
                     return;
                 }
                 slot
             };
-            if let Some((_, m)) = self.months.slots.get_mut(slot as usize) {
+            if let Some((_, m)) = self.months.slot_mut(slot) {
                 m.agg.add(e, *quantity);
                 if !std::mem::replace(&mut m.dirty, true) {
                     self.dirty.push(slot);
@@ -549,7 +507,7 @@ impl Operator for OveragesOperator {
     fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
         let mut keys: Vec<Key> = self
             .months
-            .iter()
+            .entries()
             .filter(|(_, m)| m.row.is_some())
             .map(|(k, _)| k.clone())
             .collect();
@@ -654,7 +612,7 @@ mod tests {
         op.take_rows(1).unwrap();
         let rows = op
             .months
-            .iter()
+            .entries()
             .map(|(k, m)| {
                 (
                     (

@@ -15,7 +15,6 @@
 //! over at most one compaction interval of versions; the state (one entry
 //! per window) lives in memory and is restored from the files at start.
 
-use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -25,6 +24,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
+use super::slots::{Recent, Slots};
 use super::window::Granularity;
 use super::{Operator, OperatorError, SeriesIds, Storage};
 use crate::event::decimal::{PRECISION, SCALE};
@@ -126,98 +126,8 @@ struct Key {
 
 type Window = (i64, Agg, bool);
 
-/// A series' last window of one granularity: `[start, end)` and its slot
-/// (`end <= start` when there is none yet).
-#[derive(Debug, Clone, Copy)]
-struct Recent {
-    start: i64,
-    end: i64,
-    slot: u32,
-}
-
-const NO_RECENT: Recent = Recent {
-    start: 0,
-    end: 0,
-    slot: 0,
-};
-
-/// Slots per chunk of [`Windows`].
-const CHUNK: usize = 4096;
-
-/// The windows: a small index (key -> slot number) over slots kept in
-/// fixed-size chunks, so growing never moves an aggregate (the index moves
-/// 32-byte entries; a single vector of slots copied ~200-byte slots on
-/// every doubling).
-#[derive(Default)]
-struct Windows {
-    index: HashMap<Key, u32, FixedState>,
-    chunks: Vec<Vec<(Key, Window)>>,
-    len: usize,
-}
-
-impl Windows {
-    fn slot(&self, i: u32) -> Option<&(Key, Window)> {
-        let i = i as usize;
-        self.chunks.get(i / CHUNK)?.get(i % CHUNK)
-    }
-
-    fn slot_mut(&mut self, i: u32) -> Option<&mut (Key, Window)> {
-        let i = i as usize;
-        self.chunks.get_mut(i / CHUNK)?.get_mut(i % CHUNK)
-    }
-
-    /// The slot of `k` (one hash lookup), made with `new()` if absent;
-    /// true when it was made.
-    fn upsert(&mut self, k: Key, new: impl FnOnce() -> Window) -> (u32, bool) {
-        use std::collections::hash_map::Entry;
-        match self.index.entry(k) {
-            Entry::Occupied(o) => (*o.get(), false),
-            Entry::Vacant(v) => {
-                let i = u32::try_from(self.len).unwrap_or(u32::MAX);
-                if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
-                    self.chunks.push(Vec::with_capacity(CHUNK));
-                }
-                if let Some(chunk) = self.chunks.last_mut() {
-                    chunk.push((k, new()));
-                    v.insert(i);
-                    self.len += 1;
-                }
-                (i, true)
-            }
-        }
-    }
-
-    fn insert(&mut self, k: Key, w: Window) {
-        match self.index.get(&k).copied() {
-            Some(i) => {
-                if let Some(slot) = self.slot_mut(i) {
-                    slot.1 = w;
-                }
-            }
-            None => {
-                self.upsert(k, || w);
-            }
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn entries(&self) -> impl Iterator<Item = &(Key, Window)> {
-        self.chunks.iter().flatten()
-    }
-
-    #[cfg(test)]
-    fn iter(&self) -> impl Iterator<Item = (&Key, &Window)> {
-        self.entries().map(|(k, w)| (k, w))
-    }
-
-    #[cfg(test)]
-    fn values(&self) -> impl Iterator<Item = &Window> {
-        self.entries().map(|(_, w)| w)
-    }
-}
+/// The windows, one slot each.
+type Windows = Slots<Key, Window>;
 
 /// The `usage` operator.
 pub struct UsageOperator {
@@ -231,11 +141,10 @@ pub struct UsageOperator {
     series: Vec<(Arc<str>, Arc<str>)>,
     /// (tenant, metric) -> series id.
     series_ids: SeriesIds,
-    /// Per series id and granularity, the window its last event fell in:
-    /// (start, end, slot). A series' events mostly arrive in time order, so
-    /// most events hit the same windows as the one before and skip both the
-    /// window arithmetic and the index lookup. Slots never move, so an
-    /// entry never goes stale; it only stops matching.
+    /// Per series id and granularity, the window its last event fell in.
+    /// A series' events mostly arrive in time order, so most events hit
+    /// the same windows as the one before and skip both the window
+    /// arithmetic and the index lookup.
     recent: Vec<[Recent; 4]>,
 }
 
@@ -262,7 +171,7 @@ impl UsageOperator {
         let (id, new) = self.series_ids.id(tenant, metric);
         if new {
             self.series.push((Arc::from(tenant), Arc::from(metric)));
-            self.recent.push([NO_RECENT; 4]);
+            self.recent.push([Recent::NONE; 4]);
         }
         id
     }
@@ -376,8 +285,7 @@ impl Operator for UsageOperator {
                 .recent
                 .get(series as usize)
                 .and_then(|r| r.get(gi))
-                .filter(|r| r.start <= e.time && e.time < r.end)
-                .map(|r| r.slot);
+                .and_then(|r| r.slot_at(e.time));
             let i = match hit {
                 Some(i) => i,
                 None => {
@@ -547,9 +455,9 @@ mod tests {
             "2026-01-05T11:00:00Z",
             "\"12.5\"",
         ));
-        let hour = op
+        let hour = &op
             .windows
-            .iter()
+            .entries()
             .find(|(k, _)| {
                 k.granularity == Granularity::Hour
                     && k.start % (3600 * 1_000_000) == 0
@@ -563,9 +471,9 @@ mod tests {
         assert_eq!(hour.1.min, 100_000_000);
         assert_eq!(hour.1.max, 200_000_000);
         assert_eq!(hour.1.last, 200_000_000);
-        let month = op
+        let month = &op
             .windows
-            .iter()
+            .entries()
             .find(|(k, _)| k.granularity == Granularity::Month)
             .unwrap()
             .1;
@@ -603,7 +511,7 @@ mod tests {
             "2026-01-05T10:00:00Z",
             "9",
         ));
-        let (_, agg, _) = op.windows.values().next().unwrap();
+        let (_, (_, agg, _)) = op.windows.entries().next().unwrap();
         assert_eq!(
             agg.last, 7_000_000_000,
             "greatest (time, source, id) is (t, b-src, z)"

@@ -1,0 +1,154 @@
+//! Keyed operator state in numbered slots that never move, and the
+//! per-series cache of the slot an event last went to.
+//!
+//! `usage` (one slot per window) and `overages` (one per tenant-month)
+//! reach most events' state through a series' [`Recent`] slot, without
+//! hashing the key, and list their dirty state as slot numbers, so cutting
+//! rows needs no lookup either.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+
+use super::usage::FixedState;
+
+/// Slots per chunk.
+const CHUNK: usize = 4096;
+
+/// A small index (key -> slot number) over `(key, value)` slots kept in
+/// fixed-size chunks, so growing never moves a value (the index moves its
+/// small entries; a single vector of ~200-byte slots was copied on every
+/// doubling).
+pub(crate) struct Slots<K, V> {
+    index: HashMap<K, u32, FixedState>,
+    chunks: Vec<Vec<(K, V)>>,
+    len: usize,
+}
+
+impl<K, V> Default for Slots<K, V> {
+    fn default() -> Self {
+        Slots {
+            index: HashMap::with_hasher(FixedState),
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone, V> Slots<K, V> {
+    pub(crate) fn slot(&self, i: u32) -> Option<&(K, V)> {
+        let i = i as usize;
+        self.chunks.get(i / CHUNK)?.get(i % CHUNK)
+    }
+
+    pub(crate) fn slot_mut(&mut self, i: u32) -> Option<&mut (K, V)> {
+        let i = i as usize;
+        self.chunks.get_mut(i / CHUNK)?.get_mut(i % CHUNK)
+    }
+
+    pub(crate) fn get(&self, k: &K) -> Option<&V> {
+        self.slot(*self.index.get(k)?).map(|(_, v)| v)
+    }
+
+    pub(crate) fn get_mut(&mut self, k: &K) -> Option<&mut V> {
+        let i = *self.index.get(k)?;
+        self.slot_mut(i).map(|(_, v)| v)
+    }
+
+    /// The slot of `k` (one hash lookup), made with `new()` if absent;
+    /// true when it was made.
+    pub(crate) fn upsert(&mut self, k: K, new: impl FnOnce() -> V) -> (u32, bool) {
+        use std::collections::hash_map::Entry;
+        match self.index.entry(k) {
+            Entry::Occupied(o) => (*o.get(), false),
+            Entry::Vacant(v) => {
+                let i = u32::try_from(self.len).unwrap_or(u32::MAX);
+                if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
+                    self.chunks.push(Vec::with_capacity(CHUNK));
+                }
+                if let Some(chunk) = self.chunks.last_mut() {
+                    chunk.push((v.key().clone(), new()));
+                    v.insert(i);
+                    self.len += 1;
+                }
+                (i, true)
+            }
+        }
+    }
+
+    /// Sets the value of `k`, in its slot if it has one.
+    pub(crate) fn insert(&mut self, k: K, value: V) {
+        match self.index.get(&k).copied() {
+            Some(i) => {
+                if let Some(slot) = self.slot_mut(i) {
+                    slot.1 = value;
+                }
+            }
+            None => {
+                self.upsert(k, || value);
+            }
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Every `(key, value)`, in slot order.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &(K, V)> {
+        self.chunks.iter().flatten()
+    }
+}
+
+/// The slot a series' last event went to, and the time range that slot
+/// covers (`[start, end)`; empty until the first event). Slots never move,
+/// so a `Recent` never goes stale: it only stops matching.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Recent {
+    pub(crate) start: i64,
+    pub(crate) end: i64,
+    pub(crate) slot: u32,
+}
+
+impl Recent {
+    pub(crate) const NONE: Recent = Recent {
+        start: 0,
+        end: 0,
+        slot: 0,
+    };
+
+    /// The slot, if `t` falls in its range.
+    pub(crate) fn slot_at(&self, t: i64) -> Option<u32> {
+        (self.start <= t && t < self.end).then_some(self.slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_keep_their_numbers_as_they_grow() {
+        let mut s: Slots<u64, u64> = Slots::default();
+        for k in 0..10_000u64 {
+            assert_eq!(s.upsert(k, || k * 2), (k as u32, true));
+        }
+        assert_eq!(s.upsert(7, || 0), (7, false));
+        s.insert(7, 1);
+        s.insert(10_000, 3);
+        assert_eq!(s.get(&7), Some(&1));
+        assert_eq!(s.slot(5000), Some(&(5000, 10_000)));
+        assert_eq!(s.slot(10_000), Some(&(10_000, 3)));
+        assert_eq!(s.len(), 10_001);
+        assert_eq!(s.entries().count(), 10_001);
+        let r = Recent {
+            start: 10,
+            end: 20,
+            slot: 4,
+        };
+        assert_eq!(
+            (r.slot_at(9), r.slot_at(10), r.slot_at(19), r.slot_at(20)),
+            (None, Some(4), Some(4), None)
+        );
+        assert_eq!(Recent::NONE.slot_at(0), None);
+    }
+}
