@@ -16,10 +16,10 @@ pub use payload::{
     Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms,
 };
 pub use reason::{DlqReason, Reject};
+pub use validate::{Limits, payload_from_archive, validate_message, validate_payload};
+
 /// An event's string: inline when short (see [`Event`]).
 pub type Text = compact_str::CompactString;
-
-pub use validate::{Limits, payload_from_archive, validate_message, validate_payload};
 
 /// An accepted event, with its position in the stream.
 ///

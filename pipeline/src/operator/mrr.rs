@@ -266,11 +266,12 @@ impl MrrOperator {
 /// The rows of `history` for the months from the one starting `from` up to
 /// the one starting `clock_month`, and whether later months may still have
 /// rows. `first_start` is the effective time of the history's first
-/// `started` (MRR is 0 before it). `prior` holds the rows of the months before `from` (sorted). A
-/// month's row depends only on the history effective before its end and on
-/// the months before it, so events effective in month F leave every row
-/// before F as it was: a tenant is recomputed from the earliest month its
-/// new events touch, and a new clock month only adds rows.
+/// `started` (MRR is 0 before it). `prior` holds the rows of the months
+/// before `from` (sorted). A month's row depends only on the history
+/// effective before its end and on the months before it, so events
+/// effective in month F leave every row before F as it was: a tenant is
+/// recomputed from the earliest month its new events touch, and a new
+/// clock month only adds rows.
 fn compute(
     history: &History,
     first_start: Option<i64>,
