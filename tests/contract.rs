@@ -42,7 +42,7 @@ struct Case<'a> {
 fn schemas() -> (Validator, BTreeMap<String, Validator>) {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas");
     let mut docs = BTreeMap::new();
-    for (file, text) in tally::schema::SCHEMAS {
+    for (file, text) in tally::commands::schema::SCHEMAS {
         // The embedded copy must be the file on disk.
         assert_eq!(
             std::fs::read_to_string(format!("{dir}/{file}")).unwrap(),

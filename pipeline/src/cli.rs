@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::bench::{self, BenchError, BenchOptions};
-use crate::generate::{self, GenerateConfig, GenerateError};
-use crate::publish::{self, PublishError, PublishOptions};
+use crate::commands::bench::{self, BenchError, BenchOptions};
+use crate::commands::generate::{self, GenerateConfig, GenerateError};
+use crate::commands::publish::{self, PublishError, PublishOptions};
+use crate::commands::status::{self, StatusError};
 use crate::query::{self, OutputFormat, QueryError};
 use crate::runtime::{self, RunOptions, RuntimeError};
-use crate::source::jetstream::{SourceConfig, SourceError, connect};
-use crate::status::{self, StatusError};
+use crate::source::jetstream::{self as js, SourceConfig, SourceError, connect};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,7 +29,7 @@ pub struct Cli {
         long,
         global = true,
         env = "TALLY_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
+        default_value = js::DEFAULT_NATS_URL
     )]
     pub nats: String,
     /// Data directory: views, checkpoint, settings.
@@ -45,7 +45,7 @@ pub struct Cli {
         long,
         global = true,
         env = "TALLY_STREAM",
-        default_value = "TALLY_EVENTS"
+        default_value = js::DEFAULT_STREAM
     )]
     pub stream: String,
     /// Subject prefix: events go to `<prefix>.<tenant>.<type>`.
@@ -53,7 +53,7 @@ pub struct Cli {
         long,
         global = true,
         env = "TALLY_SUBJECT_PREFIX",
-        default_value = "tally.events"
+        default_value = crate::event::DEFAULT_SUBJECT_PREFIX
     )]
     pub subject_prefix: String,
     /// Log format; the level comes from RUST_LOG (default info).
@@ -74,16 +74,16 @@ pub enum Command {
         #[arg(long, env = "TALLY_CONFIG")]
         config: Option<PathBuf>,
         /// Most messages per batch (one Parquet file per view and one checkpoint per batch; a batch is also cut after --batch-wait-ms).
-        #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 50_000)]
+        #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = runtime::DEFAULT_BATCH_SIZE)]
         batch_size: usize,
         /// Milliseconds to wait for a batch to fill once it has started.
-        #[arg(long, env = "TALLY_BATCH_WAIT_MS", default_value_t = 200)]
+        #[arg(long, env = "TALLY_BATCH_WAIT_MS", default_value_t = runtime::DEFAULT_BATCH_WAIT_MS)]
         batch_wait_ms: u64,
         /// Durable consumer name.
-        #[arg(long, env = "TALLY_CONSUMER", default_value = "tally")]
+        #[arg(long, env = "TALLY_CONSUMER", default_value = js::DEFAULT_CONSUMER)]
         consumer: String,
         /// Dead-letter stream name.
-        #[arg(long, env = "TALLY_DLQ_STREAM", default_value = "TALLY_DLQ")]
+        #[arg(long, env = "TALLY_DLQ_STREAM", default_value = js::DEFAULT_DLQ_STREAM)]
         dlq_stream: String,
         /// Print a JSON summary line on stdout at exit (used by `tally bench`).
         #[arg(long, hide = true)]
@@ -103,13 +103,13 @@ pub enum Command {
         #[arg(long, env = "TALLY_CONFIG")]
         config: Option<PathBuf>,
         /// Messages per batch.
-        #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 50_000)]
+        #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = runtime::DEFAULT_BATCH_SIZE)]
         batch_size: usize,
         /// Dead-letter stream name (must exist; a replay counts dead letters but publishes none).
-        #[arg(long, env = "TALLY_DLQ_STREAM", default_value = "TALLY_DLQ")]
+        #[arg(long, env = "TALLY_DLQ_STREAM", default_value = js::DEFAULT_DLQ_STREAM)]
         dlq_stream: String,
         /// Seconds a live `tally run` has to answer the hand-off.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = runtime::HANDOFF_TIMEOUT_SECS)]
         handoff_timeout_secs: u64,
         /// Print a JSON summary line on stdout at exit (used by `tally bench`).
         #[arg(long, hide = true)]
@@ -154,7 +154,7 @@ pub enum Command {
     },
     /// Stream position, consumer lag, checkpoint, counts per outcome.
     Status {
-        #[arg(long, env = "TALLY_CONSUMER", default_value = "tally")]
+        #[arg(long, env = "TALLY_CONSUMER", default_value = js::DEFAULT_CONSUMER)]
         consumer: String,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -210,7 +210,7 @@ pub enum CliError {
     #[error(transparent)]
     Bench(#[from] BenchError),
     #[error(transparent)]
-    Replay(#[from] crate::replay::ReplayError),
+    Replay(#[from] crate::commands::replay::ReplayError),
     #[error("cannot read {what}: {source}")]
     Input {
         what: String,
@@ -308,9 +308,10 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                     "--until-seq builds the views as of a past position, which must not replace the live ones: name a new directory with --into DIR".into(),
                 ));
             }
-            let opts = crate::replay::ReplayOptions {
+            let opts = crate::commands::replay::ReplayOptions {
                 run: RunOptions {
                     batch_size: *batch_size,
+                    handoff_timeout: Duration::from_secs(*handoff_timeout_secs),
                     ..RunOptions::live(
                         cli.data.clone(),
                         source_config(&cli, Some("tally-replay"), Some(dlq_stream)),
@@ -322,7 +323,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 handoff_timeout: Duration::from_secs(*handoff_timeout_secs),
                 progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
-            let r = crate::replay::replay(&opts, runtime::shutdown_signal()).await?;
+            let r = crate::commands::replay::replay(&opts, runtime::shutdown_signal()).await?;
             if *summary_json {
                 println!(
                     "{}",
@@ -400,7 +401,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             let opts = PublishOptions {
                 prefix: cli.subject_prefix.clone(),
                 allow_invalid: *allow_invalid,
-                window: 4096,
+                window: crate::sink::nats::MAX_WINDOW,
             };
             let report =
                 publish::publish(&js, BufReader::with_capacity(1 << 20, input), &opts).await?;
@@ -473,13 +474,13 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             let mut out = std::io::stdout().lock();
             match name {
                 None => {
-                    for (file, _) in crate::schema::SCHEMAS {
+                    for (file, _) in crate::commands::schema::SCHEMAS {
                         writeln!(out, "{}", file.trim_end_matches(".json"))
                             .map_err(CliError::Output)?;
                     }
                 }
                 Some(n) => {
-                    let s = crate::schema::schema_for(n).ok_or_else(|| {
+                    let s = crate::commands::schema::schema_for(n).ok_or_else(|| {
                         CliError::Usage(format!("no schema named {n:?}; `tally schema` lists them"))
                     })?;
                     out.write_all(s.as_bytes()).map_err(CliError::Output)?;

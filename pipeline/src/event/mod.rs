@@ -6,6 +6,7 @@
 //! (`tests/contract.rs`) runs one fixture corpus through both and requires
 //! that they agree on every event.
 
+pub mod alert;
 pub mod decimal;
 pub mod payload;
 pub mod reason;

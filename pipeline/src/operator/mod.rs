@@ -12,6 +12,7 @@
 
 pub mod catalog;
 pub mod events;
+mod ids;
 pub mod mrr;
 pub mod overages;
 pub mod revenue;
@@ -21,7 +22,6 @@ pub mod tenants;
 pub mod usage;
 pub mod window;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -29,8 +29,9 @@ use arrow::datatypes::SchemaRef;
 
 use crate::config::Settings;
 use crate::event::Event;
+use crate::event::alert::Alert;
+pub(crate) use ids::{FixedState, Names, SeriesIds};
 use subscription::SubEvent;
-use usage::FixedState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
@@ -116,7 +117,7 @@ pub trait Operator: Send {
         false
     }
     /// Alerts decided by the last `take_rows`.
-    fn take_alerts(&mut self) -> Vec<overages::Alert> {
+    fn take_alerts(&mut self) -> Vec<Alert> {
         Vec::new()
     }
     /// [`Operator::apply`] with the event's subscription change, if any,
@@ -153,60 +154,6 @@ pub(crate) fn test_event(
         &Limits::default(),
     )
     .unwrap()
-}
-
-/// Interned names and their ids: views whose state has a row per tenant
-/// and month key them by small ids instead of strings.
-#[derive(Default)]
-pub(crate) struct Names {
-    ids: HashMap<Arc<str>, u32, FixedState>,
-    names: Vec<Arc<str>>,
-}
-
-impl Names {
-    pub(crate) fn id(&mut self, s: &str) -> u32 {
-        if let Some(id) = self.ids.get(s) {
-            return *id;
-        }
-        let id = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
-        let name: Arc<str> = Arc::from(s);
-        self.names.push(Arc::clone(&name));
-        self.ids.insert(name, id);
-        id
-    }
-
-    pub(crate) fn name(&self, id: u32) -> &str {
-        self.names
-            .get(id as usize)
-            .map(|n| &**n)
-            .unwrap_or_default()
-    }
-}
-
-/// (tenant, metric) pairs numbered from 0 in order of first sight, found
-/// with one string lookup per event (`tenant\u{1f}metric`, built in a
-/// reused buffer): `usage` and `overages` key their state by these ids.
-#[derive(Default)]
-pub(crate) struct SeriesIds {
-    ids: HashMap<Box<str>, u32, FixedState>,
-    scratch: String,
-}
-
-impl SeriesIds {
-    /// The id of (`tenant`, `metric`), and whether it is new (then it is
-    /// the number of pairs seen before).
-    pub(crate) fn id(&mut self, tenant: &str, metric: &str) -> (u32, bool) {
-        self.scratch.clear();
-        self.scratch.push_str(tenant);
-        self.scratch.push('\u{1f}');
-        self.scratch.push_str(metric);
-        if let Some(id) = self.ids.get(self.scratch.as_str()) {
-            return (*id, false);
-        }
-        let id = u32::try_from(self.ids.len()).unwrap_or(u32::MAX);
-        self.ids.insert(self.scratch.as_str().into(), id);
-        (id, true)
-    }
 }
 
 /// Every operator, in one explicit list.

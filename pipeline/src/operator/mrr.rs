@@ -31,8 +31,8 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
+use super::FixedState;
 use super::subscription::{Change, History, SubEvent};
-use super::usage::FixedState;
 use super::window::{month_bounds, month_date32};
 use super::{Names, Operator, OperatorError, Storage};
 use crate::event::Event;
@@ -603,7 +603,7 @@ mod tests {
     /// clock months only appended) against arrival orders and batchings.
     #[test]
     fn a_generated_saas_gives_the_same_rows_in_any_order_and_batching() {
-        use crate::generate::{GenerateConfig, generate};
+        use crate::commands::generate::{GenerateConfig, generate};
         let cfg = GenerateConfig {
             tenants: 60,
             months: 18,

@@ -23,12 +23,14 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
+use super::FixedState;
 use super::catalog::Catalog;
 use super::slots::{Recent, Slots};
 use super::subscription::{History, SubEvent};
-use super::usage::{Agg, FixedState};
+use super::usage::Agg;
 use super::window::month_bounds;
 use super::{Operator, OperatorError, SeriesIds, Storage};
+use crate::event::alert::Alert;
 use crate::event::decimal::{self, ONE, PRECISION, SCALE};
 use crate::event::time::{MICROS, format_micros};
 use crate::event::{Aggregation, Event, Payload};
@@ -93,50 +95,6 @@ struct Series {
     tenant: Arc<str>,
     metric: Arc<str>,
     recent: Recent,
-}
-
-/// A `usage.threshold_crossed` alert to publish to `tally.alerts.<tenant>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Alert {
-    pub tenant: String,
-    /// `YYYY-MM-DD`, the first day of the period.
-    pub period: String,
-    pub metric: String,
-    pub threshold: i32,
-    pub used: String,
-    pub included: Option<String>,
-    /// The stream clock when it was decided (the alert's event time).
-    pub time: i64,
-}
-
-impl Alert {
-    /// The deterministic id, also its `Nats-Msg-Id`.
-    pub fn id(&self) -> String {
-        format!(
-            "threshold:{}:{}:{}:{}",
-            self.tenant, self.period, self.metric, self.threshold
-        )
-    }
-
-    /// The alert as a CloudEvent (JSON text).
-    pub fn to_json(&self) -> String {
-        serde_json::json!({
-            "specversion": "1.0",
-            "id": self.id(),
-            "source": "tally",
-            "type": "usage.threshold_crossed",
-            "time": format_micros(self.time),
-            "tenant": self.tenant,
-            "data": {
-                "period": self.period,
-                "metric": self.metric,
-                "threshold": self.threshold,
-                "used": self.used,
-                "included": self.included,
-            }
-        })
-        .to_string()
-    }
 }
 
 pub struct OveragesOperator {

@@ -13,7 +13,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
-use super::usage::FixedState;
+use super::FixedState;
 use super::window::{month_bounds, month_date32};
 use super::{Names, Operator, OperatorError, Storage};
 use crate::event::{Event, Payload};

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 
-use super::usage::FixedState;
+use super::FixedState;
 
 /// Slots per chunk.
 const CHUNK: usize = 4096;

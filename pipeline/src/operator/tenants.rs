@@ -21,8 +21,8 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
+use super::FixedState;
 use super::subscription::{History, SubEvent};
-use super::usage::FixedState;
 use super::{Operator, OperatorError, Storage, timestamp_type as ts};
 use crate::event::{Event, Payload, Text};
 

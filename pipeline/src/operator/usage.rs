@@ -32,18 +32,6 @@ use crate::event::{Event, Payload, Text};
 
 pub const VIEW: &str = "usage";
 
-/// A fast hasher with fixed seeds: the maps hold only our own keys, and
-/// fixed seeds keep runs identical.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FixedState;
-
-impl std::hash::BuildHasher for FixedState {
-    type Hasher = ahash::AHasher;
-    fn build_hasher(&self) -> ahash::AHasher {
-        ahash::RandomState::with_seeds(0x7a11, 0x5eed, 0xb111, 0x1e55).build_hasher()
-    }
-}
-
 use super::{decimal_type as dec, timestamp_type as ts};
 
 static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {

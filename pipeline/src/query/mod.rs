@@ -24,15 +24,15 @@ use datafusion::execution::context::{SQLOptions, SessionContext};
 
 use crate::config::Settings;
 use crate::operator::{self, Storage};
-use crate::sink::parquet::{SinkError, ViewDir};
-use crate::state::checkpoint::{Checkpoint, CheckpointError};
+use crate::store::checkpoint::{Checkpoint, CheckpointError};
+use crate::store::parquet::{ViewDir, ViewFilesError};
 
 pub use format::{OutputFormat, write_batches};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     #[error(transparent)]
-    Sink(#[from] SinkError),
+    ViewFiles(#[from] ViewFilesError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error("cannot register view {view}: {source}")]

@@ -8,8 +8,8 @@
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 
-use crate::operator::overages::Alert;
-use crate::source::jetstream::{OutMessage, PublishFailure, publish_acked};
+use super::nats::{OutMessage, PublishFailure, publish_acked};
+use crate::event::alert::Alert;
 
 pub const STREAM: &str = "TALLY_ALERTS";
 pub const SUBJECT_PREFIX: &str = "tally.alerts";

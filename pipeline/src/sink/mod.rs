@@ -1,5 +1,8 @@
-//! Where results go: view rows to Parquet files under
-//! `<data dir>/views/<view>/`, threshold alerts to NATS.
+//! Tally's output to NATS: rejected messages to the dead-letter stream
+//! ([`dlq`]), threshold alerts to the alerts stream ([`alerts`]), both
+//! through the acknowledged, windowed publishing of [`nats`], which
+//! `tally publish` uses too.
 
 pub mod alerts;
-pub mod parquet;
+pub mod dlq;
+pub mod nats;

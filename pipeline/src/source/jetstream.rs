@@ -21,14 +21,23 @@ pub struct SourceConfig {
     pub dlq_stream: String,
 }
 
+/// The NATS server a new user runs locally (`--nats`).
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// The event stream (`--stream`).
+pub const DEFAULT_STREAM: &str = "TALLY_EVENTS";
+/// The durable consumer of `tally run` (`--consumer`).
+pub const DEFAULT_CONSUMER: &str = "tally";
+/// The dead-letter stream (`--dlq-stream`).
+pub const DEFAULT_DLQ_STREAM: &str = "TALLY_DLQ";
+
 impl Default for SourceConfig {
     fn default() -> SourceConfig {
         SourceConfig {
-            nats_url: "nats://127.0.0.1:4222".into(),
-            stream: "TALLY_EVENTS".into(),
+            nats_url: DEFAULT_NATS_URL.into(),
+            stream: DEFAULT_STREAM.into(),
             subject_prefix: crate::event::DEFAULT_SUBJECT_PREFIX.into(),
-            consumer: "tally".into(),
-            dlq_stream: "TALLY_DLQ".into(),
+            consumer: DEFAULT_CONSUMER.into(),
+            dlq_stream: DEFAULT_DLQ_STREAM.into(),
         }
     }
 }
@@ -428,49 +437,6 @@ pub async fn ack(client: &async_nats::Client, m: &async_nats::Message) -> Result
         .publish(reply, bytes::Bytes::from_static(b"+ACK"))
         .await
         .map_err(|e| e.to_string())
-}
-
-/// Why [`publish_acked`] stopped: the message's label, the step, the cause.
-#[derive(Debug)]
-pub enum PublishFailure {
-    Publish { label: String, cause: String },
-    Ack { label: String, cause: String },
-}
-
-/// A message for [`publish_acked`]: (label, subject, headers, payload).
-pub type OutMessage = (String, String, async_nats::HeaderMap, bytes::Bytes);
-
-/// Publishes `(label, subject, headers, payload)` messages and waits for
-/// JetStream to store each, at most [`crate::publish::MAX_WINDOW`] awaiting
-/// their acks at a time (the client stalls beyond its own limit of
-/// unacknowledged publishes). The label names a message in errors.
-pub async fn publish_acked(
-    js: &jetstream::Context,
-    messages: Vec<OutMessage>,
-) -> Result<(), PublishFailure> {
-    let mut pending = Vec::new();
-    // A Vec, not an iterator of closures: the future must stay `Send`.
-    let mut messages = messages.into_iter().peekable();
-    while messages.peek().is_some() {
-        for (label, subject, headers, payload) in messages.by_ref().take(crate::publish::MAX_WINDOW)
-        {
-            let ack = js
-                .publish_with_headers(subject, headers, payload)
-                .await
-                .map_err(|e| PublishFailure::Publish {
-                    label: label.clone(),
-                    cause: e.to_string(),
-                })?;
-            pending.push((label, ack));
-        }
-        for (label, ack) in pending.drain(..) {
-            ack.await.map_err(|e| PublishFailure::Ack {
-                label,
-                cause: e.to_string(),
-            })?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,5 +1,4 @@
-//! NATS JetStream: the event stream Tally consumes ([`jetstream`]) and the
-//! dead-letter stream it publishes rejects to ([`dlq`]).
+//! NATS JetStream input: the event stream, its durable pull consumer and
+//! the deliveries the runtime batches from ([`jetstream`]).
 
-pub mod dlq;
 pub mod jetstream;

@@ -1,5 +1,4 @@
-//! What survives a restart: the checkpoint (the commit point of every batch)
-//! and the dedup horizon.
+//! The processor's in-memory state that is not a view: the dedup horizon
+//! ([`dedup`]), rebuilt at start-up from the `events` archive.
 
-pub mod checkpoint;
 pub mod dedup;

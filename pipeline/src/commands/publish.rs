@@ -32,10 +32,7 @@ pub enum PublishError {
     },
 }
 
-/// async-nats's JetStream context allows 5,000 unacknowledged publishes
-/// (`max_ack_inflight`); waiting for a permit while holding more unpolled
-/// ack futures than that would deadlock, so the window stays below it.
-pub const MAX_WINDOW: usize = 4096;
+pub use crate::sink::nats::MAX_WINDOW;
 
 /// What a publish run did.
 #[derive(Debug, Default, Clone)]

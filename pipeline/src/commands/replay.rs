@@ -22,16 +22,9 @@
 //! exchanges the two directories in one `renameat2(RENAME_EXCHANGE)`
 //! (readers see the old or the new views, never none), then deletes the old.
 //!
-//! With a live run (it holds the lock), the replay asks it through files in
-//! the data directory:
-//! 1. the replay writes `handoff.request`;
-//! 2. the live run, between batches (its last batch durable and acked),
-//!    writes `handoff.paused` and stops consuming;
-//! 3. the replay writes `handoff.done` into the fresh directory, exchanges
-//!    the directories and releases its lock;
-//! 4. the live run sees `handoff.done` at the data path, takes the lock of
-//!    the new directory, reloads its state from it and resumes from *its*
-//!    checkpoint + 1 through a recreated consumer.
+//! With a live run (it holds the lock), the replay asks it to pause
+//! between batches and hands the new directory over through the protocol of
+//! [`crate::store::handoff`].
 //!
 //! Nothing is lost or doubled: the new directory holds exactly the stream
 //! up to its checkpoint, and the live run continues from there (messages it
@@ -49,12 +42,10 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use tracing::{info, warn};
 
-use crate::runtime::{self, DataDirLock, RunOptions, RunSummary, RuntimeError, lock_data_dir};
+use crate::runtime::{RunOptions, RunSummary, RuntimeError, run_with_lock};
 use crate::source::jetstream as js_source;
-
-pub const REQUEST: &str = "handoff.request";
-pub const PAUSED: &str = "handoff.paused";
-pub const DONE: &str = "handoff.done";
+use crate::store::handoff::{self, DONE, PAUSED, REQUEST};
+use crate::store::{DataDir, DataDirLock, SETTINGS_FILE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -149,9 +140,11 @@ pub async fn replay(
         }
     } else if target_dir.exists() {
         // A leftover of an interrupted replay, unless one is running.
-        let lock = lock_data_dir(&target_dir).map_err(|_| ReplayError::Busy {
-            path: target_dir.clone(),
-        })?;
+        let lock = DataDir::new(&target_dir)
+            .lock()
+            .map_err(|_| ReplayError::Busy {
+                path: target_dir.clone(),
+            })?;
         drop(lock);
         std::fs::remove_dir_all(&target_dir).map_err(io("remove", &target_dir))?;
     }
@@ -180,15 +173,15 @@ pub async fn replay(
     // The settings of the directory being rebuilt go with the new one.
     std::fs::create_dir_all(&target_dir).map_err(io("create", &target_dir))?;
     if opts.run.config.is_none() {
-        let toml = data.join("tally.toml");
+        let toml = data.join(SETTINGS_FILE);
         if toml.exists() {
-            let to = target_dir.join("tally.toml");
+            let to = target_dir.join(SETTINGS_FILE);
             std::fs::copy(&toml, &to).map_err(io("copy settings to", &to))?;
         }
     }
     let position = Arc::new(AtomicU64::new(0));
     let mut run = opts.run.clone();
-    run.config = runtime::settings_path(&data, opts.run.config.as_deref());
+    run.config = DataDir::new(&data).settings_path(opts.run.config.as_deref());
     run.data_dir = target_dir.clone();
     run.live = false;
     run.acked = false;
@@ -205,7 +198,7 @@ pub async fn replay(
         .progress_bar
         .then(|| progress_bar(target, Arc::clone(&position)));
     let mut lock_slot = None;
-    let summary = runtime::run_with_lock(&run, stop.clone(), &mut lock_slot).await;
+    let summary = run_with_lock(&run, stop.clone(), &mut lock_slot).await;
     if let Some((bar, task)) = bar {
         task.abort();
         bar.finish_and_clear();
@@ -257,7 +250,7 @@ async fn switch(
     fresh_lock: DataDirLock,
     timeout: Duration,
 ) -> Result<bool, ReplayError> {
-    if let Ok(data_lock) = lock_data_dir(data) {
+    if let Ok(data_lock) = DataDir::new(data).lock() {
         exchange(fresh, data)?;
         drop(data_lock);
         drop(fresh_lock);
@@ -275,7 +268,7 @@ async fn switch(
             break;
         }
         // The live run may have exited meanwhile: then the lock is free.
-        if let Ok(data_lock) = lock_data_dir(data) {
+        if let Ok(data_lock) = DataDir::new(data).lock() {
             let _ = std::fs::remove_file(&request);
             exchange(fresh, data)?;
             drop(data_lock);
@@ -291,7 +284,7 @@ async fn switch(
                 secs: timeout.as_secs(),
             });
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(handoff::POLL).await;
     }
     let done = fresh.join(DONE);
     std::fs::write(&done, b"").map_err(io("write", &done))?;
@@ -301,7 +294,7 @@ async fn switch(
     let taken = data.join(DONE);
     let started = Instant::now();
     while taken.exists() && started.elapsed() < timeout {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(handoff::POLL).await;
     }
     if taken.exists() {
         warn!(data = %data.display(), "the live run has not resumed on the replayed views yet");
@@ -356,56 +349,4 @@ fn progress_bar(
         }
     });
     (bar, task)
-}
-
-/// The live side of the hand-off, called by `tally run` between batches:
-/// whether a replay asks for the data directory.
-pub fn handoff_requested(data: &Path) -> bool {
-    data.join(REQUEST).exists()
-}
-
-/// The live side: pause (the last batch is durable and acked), wait for
-/// the switch, then take the new directory's lock. Returns `false` if the
-/// replay withdrew its request (nothing changed).
-pub async fn serve_handoff(
-    data: &Path,
-    last_seq: u64,
-    lock: &mut Option<DataDirLock>,
-    timeout: Duration,
-) -> Result<bool, RuntimeError> {
-    let paused = data.join(PAUSED);
-    std::fs::write(&paused, last_seq.to_string()).map_err(|source| RuntimeError::DataDir {
-        path: paused.clone(),
-        source,
-    })?;
-    info!(
-        last_seq,
-        "a tally replay asked for the data directory; paused between batches"
-    );
-    let done = data.join(DONE);
-    let started = Instant::now();
-    loop {
-        if done.exists() {
-            break;
-        }
-        if !data.join(REQUEST).exists() || started.elapsed() > timeout {
-            let _ = std::fs::remove_file(&paused);
-            info!("the replay withdrew; resuming on the same views");
-            return Ok(false);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The directories were exchanged: `data` is the replayed one.
-    *lock = None;
-    let started = Instant::now();
-    let new_lock = loop {
-        match lock_data_dir(data) {
-            Ok(l) => break l,
-            Err(e) if started.elapsed() > timeout => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
-    *lock = Some(new_lock);
-    let _ = std::fs::remove_file(&done);
-    Ok(true)
 }

@@ -7,7 +7,7 @@ use async_nats::jetstream;
 use serde::Serialize;
 
 use crate::source::jetstream::{self as js_source, SourceConfig, SourceError};
-use crate::state::checkpoint::{Checkpoint, CheckpointError, Counts};
+use crate::store::checkpoint::{Checkpoint, CheckpointError, Counts};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {

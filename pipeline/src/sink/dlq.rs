@@ -6,8 +6,8 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
 
+use super::nats::{OutMessage, PublishFailure, publish_acked};
 use crate::event::Reject;
-use crate::source::jetstream::{OutMessage, PublishFailure, publish_acked};
 
 /// DLQ subjects: `tally.dlq.<reason>`.
 pub const SUBJECT_PREFIX: &str = "tally.dlq";

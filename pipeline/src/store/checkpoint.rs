@@ -8,8 +8,6 @@
 //! is replaced atomically (temp file, fsync, rename, fsync of the directory).
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -64,10 +62,6 @@ impl Counts {
 
     pub fn dead_lettered_total(&self) -> u64 {
         self.dead_lettered.values().sum()
-    }
-
-    pub fn total(&self) -> u64 {
-        self.accepted + self.duplicate + self.dead_lettered_total()
     }
 }
 
@@ -137,25 +131,9 @@ impl Checkpoint {
             path: path.clone(),
             source: std::io::Error::other(e),
         })?;
-        write_atomically(&path, &bytes).map_err(|source| CheckpointError::Write { path, source })
+        super::atomic::write(&path, &bytes)
+            .map_err(|source| CheckpointError::Write { path, source })
     }
-}
-
-/// Writes `bytes` to `path` via `path.tmp`, fsyncs, renames, fsyncs the directory.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
-}
-
-/// fsync of a directory, so a rename inside it survives a power cut.
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -22,8 +22,8 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::generate::{self, GenerateConfig, GenerateError};
-use crate::publish::{self, PublishError, PublishOptions};
+use crate::commands::generate::{self, GenerateConfig, GenerateError};
+use crate::commands::publish::{self, PublishError, PublishOptions};
 use crate::source::jetstream::{self as js_source, SourceError};
 
 #[derive(Debug, thiserror::Error)]

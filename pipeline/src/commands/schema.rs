@@ -4,42 +4,45 @@
 
 /// (file name, contents) of every schema, the envelope first.
 pub const SCHEMAS: [(&str, &str); 10] = [
-    ("envelope.json", include_str!("../../schemas/envelope.json")),
+    (
+        "envelope.json",
+        include_str!("../../../schemas/envelope.json"),
+    ),
     (
         "tenant.created.json",
-        include_str!("../../schemas/tenant.created.json"),
+        include_str!("../../../schemas/tenant.created.json"),
     ),
     (
         "catalog.plan_published.json",
-        include_str!("../../schemas/catalog.plan_published.json"),
+        include_str!("../../../schemas/catalog.plan_published.json"),
     ),
     (
         "catalog.meter_defined.json",
-        include_str!("../../schemas/catalog.meter_defined.json"),
+        include_str!("../../../schemas/catalog.meter_defined.json"),
     ),
     (
         "subscription.started.json",
-        include_str!("../../schemas/subscription.started.json"),
+        include_str!("../../../schemas/subscription.started.json"),
     ),
     (
         "subscription.plan_changed.json",
-        include_str!("../../schemas/subscription.plan_changed.json"),
+        include_str!("../../../schemas/subscription.plan_changed.json"),
     ),
     (
         "subscription.cancelled.json",
-        include_str!("../../schemas/subscription.cancelled.json"),
+        include_str!("../../../schemas/subscription.cancelled.json"),
     ),
     (
         "usage.recorded.json",
-        include_str!("../../schemas/usage.recorded.json"),
+        include_str!("../../../schemas/usage.recorded.json"),
     ),
     (
         "invoice.paid.json",
-        include_str!("../../schemas/invoice.paid.json"),
+        include_str!("../../../schemas/invoice.paid.json"),
     ),
     (
         "invoice.refunded.json",
-        include_str!("../../schemas/invoice.refunded.json"),
+        include_str!("../../../schemas/invoice.refunded.json"),
     ),
 ];
 

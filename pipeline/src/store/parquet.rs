@@ -30,7 +30,7 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 
-use crate::state::checkpoint::sync_dir;
+use super::atomic::{rename_into_place, sync_dir};
 
 /// A file smaller than this is a candidate for compaction.
 const COMPACT_MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
@@ -41,7 +41,7 @@ const COMPACT_TRIGGER: usize = 32;
 const COPY_MIN_ROWS: i64 = 8 * 1024;
 
 #[derive(Debug, thiserror::Error)]
-pub enum SinkError {
+pub enum ViewFilesError {
     #[error("cannot create view directory {path}: {source}")]
     CreateDir {
         path: PathBuf,
@@ -110,8 +110,8 @@ impl ViewDir {
         }
     }
 
-    pub fn create(&self) -> Result<(), SinkError> {
-        std::fs::create_dir_all(&self.dir).map_err(|source| SinkError::CreateDir {
+    pub fn create(&self) -> Result<(), ViewFilesError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| ViewFilesError::CreateDir {
             path: self.dir.clone(),
             source,
         })
@@ -119,20 +119,20 @@ impl ViewDir {
 
     /// Every `seq-*.parquet` file, sorted by first sequence, without the
     /// files whose range lies inside another's (compaction leftovers).
-    pub fn files(&self) -> Result<Vec<ViewFile>, SinkError> {
+    pub fn files(&self) -> Result<Vec<ViewFile>, ViewFilesError> {
         let mut files = Vec::new();
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(files),
             Err(source) => {
-                return Err(SinkError::List {
+                return Err(ViewFilesError::List {
                     path: self.dir.clone(),
                     source,
                 });
             }
         };
         for entry in entries {
-            let entry = entry.map_err(|source| SinkError::List {
+            let entry = entry.map_err(|source| ViewFilesError::List {
                 path: self.dir.clone(),
                 source,
             })?;
@@ -166,7 +166,7 @@ impl ViewDir {
 
     /// Makes the directory agree with a checkpoint at `last_seq`: removes
     /// temp files, files beyond the checkpoint, and compaction leftovers.
-    pub fn recover(&self, last_seq: u64) -> Result<usize, SinkError> {
+    pub fn recover(&self, last_seq: u64) -> Result<usize, ViewFilesError> {
         let keep: Vec<PathBuf> = self
             .files()?
             .into_iter()
@@ -178,14 +178,14 @@ impl ViewDir {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(source) => {
-                return Err(SinkError::List {
+                return Err(ViewFilesError::List {
                     path: self.dir.clone(),
                     source,
                 });
             }
         };
         for entry in entries {
-            let entry = entry.map_err(|source| SinkError::List {
+            let entry = entry.map_err(|source| ViewFilesError::List {
                 path: self.dir.clone(),
                 source,
             })?;
@@ -195,7 +195,7 @@ impl ViewDir {
                 .to_str()
                 .is_some_and(|n| n.ends_with(".tmp") || parse_name(n).is_some());
             if ours && !keep.contains(&path) {
-                std::fs::remove_file(&path).map_err(|source| SinkError::Io {
+                std::fs::remove_file(&path).map_err(|source| ViewFilesError::Io {
                     path: path.clone(),
                     source,
                 })?;
@@ -203,7 +203,7 @@ impl ViewDir {
             }
         }
         if removed > 0 {
-            sync_dir(&self.dir).map_err(|source| SinkError::Io {
+            sync_dir(&self.dir).map_err(|source| ViewFilesError::Io {
                 path: self.dir.clone(),
                 source,
             })?;
@@ -218,7 +218,7 @@ impl ViewDir {
         last: u64,
         schema: &SchemaRef,
         batches: &[RecordBatch],
-    ) -> Result<PathBuf, SinkError> {
+    ) -> Result<PathBuf, ViewFilesError> {
         let path = self.dir.join(file_name(first, last));
         write_parquet(&path, schema, batches)?;
         Ok(path)
@@ -226,7 +226,7 @@ impl ViewDir {
 
     /// Merges runs of small files once there are enough of them. Only files
     /// at or below `upto` (the checkpoint) are touched.
-    pub fn compact(&self, schema: &SchemaRef, upto: u64) -> Result<usize, SinkError> {
+    pub fn compact(&self, schema: &SchemaRef, upto: u64) -> Result<usize, ViewFilesError> {
         let files: Vec<ViewFile> = self
             .files()?
             .into_iter()
@@ -271,12 +271,12 @@ impl ViewDir {
                 })?;
             }
             for f in &run {
-                std::fs::remove_file(&f.path).map_err(|source| SinkError::Io {
+                std::fs::remove_file(&f.path).map_err(|source| ViewFilesError::Io {
                     path: f.path.clone(),
                     source,
                 })?;
             }
-            sync_dir(&self.dir).map_err(|source| SinkError::Io {
+            sync_dir(&self.dir).map_err(|source| ViewFilesError::Io {
                 path: self.dir.clone(),
                 source,
             })?;
@@ -288,7 +288,7 @@ impl ViewDir {
 
 impl ViewDir {
     /// Are there enough small files at or below `upto` to compact?
-    pub fn needs_compaction(&self, upto: u64) -> Result<bool, SinkError> {
+    pub fn needs_compaction(&self, upto: u64) -> Result<bool, ViewFilesError> {
         let small = self
             .files()?
             .iter()
@@ -305,7 +305,7 @@ impl ViewDir {
         upto: u64,
         schema: &SchemaRef,
         batch: &RecordBatch,
-    ) -> Result<usize, SinkError> {
+    ) -> Result<usize, ViewFilesError> {
         let old: Vec<ViewFile> = self
             .files()?
             .into_iter()
@@ -315,13 +315,13 @@ impl ViewDir {
         let keep = self.dir.join(file_name(1, upto));
         let mut removed = 0;
         for f in old.iter().filter(|f| f.path != keep) {
-            std::fs::remove_file(&f.path).map_err(|source| SinkError::Io {
+            std::fs::remove_file(&f.path).map_err(|source| ViewFilesError::Io {
                 path: f.path.clone(),
                 source,
             })?;
             removed += 1;
         }
-        sync_dir(&self.dir).map_err(|source| SinkError::Io {
+        sync_dir(&self.dir).map_err(|source| ViewFilesError::Io {
             path: self.dir.clone(),
             source,
         })?;
@@ -333,18 +333,18 @@ impl ViewDir {
 /// groups' bytes, if every row group has at least [`COPY_MIN_ROWS`] rows;
 /// false (and nothing written) otherwise. The Arrow schema and other
 /// key-value metadata of the first file are carried over.
-fn copy_row_groups(path: &Path, files: &[&ViewFile]) -> Result<bool, SinkError> {
+fn copy_row_groups(path: &Path, files: &[&ViewFile]) -> Result<bool, ViewFilesError> {
     use parquet::column::writer::ColumnCloseResult;
     use parquet::file::metadata::ParquetMetaDataReader;
     use parquet::file::writer::SerializedFileWriter;
 
     let mut inputs = Vec::with_capacity(files.len());
     for f in files {
-        let decode = |source| SinkError::Decode {
+        let decode = |source| ViewFilesError::Decode {
             path: f.path.clone(),
             source,
         };
-        let file = File::open(&f.path).map_err(|source| SinkError::Io {
+        let file = File::open(&f.path).map_err(|source| ViewFilesError::Io {
             path: f.path.clone(),
             source,
         })?;
@@ -376,7 +376,7 @@ fn copy_row_groups(path: &Path, files: &[&ViewFile]) -> Result<bool, SinkError> 
             .build(),
     );
     atomically(path, |tmp, file| {
-        let enc = |source| SinkError::Encode {
+        let enc = |source| ViewFilesError::Encode {
             path: tmp.to_path_buf(),
             source,
         };
@@ -408,10 +408,10 @@ fn copy_row_groups(path: &Path, files: &[&ViewFile]) -> Result<bool, SinkError> 
 /// its errors) and the file, and hands the file back once written.
 fn atomically(
     path: &Path,
-    fill: impl FnOnce(&Path, File) -> Result<File, SinkError>,
-) -> Result<(), SinkError> {
+    fill: impl FnOnce(&Path, File) -> Result<File, ViewFilesError>,
+) -> Result<(), ViewFilesError> {
     let tmp = path.with_extension("parquet.tmp");
-    let io = |source| SinkError::Io {
+    let io = |source| ViewFilesError::Io {
         path: tmp.clone(),
         source,
     };
@@ -419,12 +419,7 @@ fn atomically(
     let file = fill(&tmp, file)?;
     file.sync_all().map_err(io)?;
     drop(file);
-    std::fs::rename(&tmp, path).map_err(io)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    sync_dir(dir).map_err(|source| SinkError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })
+    rename_into_place(&tmp, path).map_err(io)
 }
 
 /// Writes a Parquet file to `path.tmp`, fsyncs it and renames it to `path`.
@@ -432,7 +427,7 @@ pub fn write_parquet(
     path: &Path,
     schema: &SchemaRef,
     batches: &[RecordBatch],
-) -> Result<(), SinkError> {
+) -> Result<(), ViewFilesError> {
     write_parquet_with(path, schema, |write| batches.iter().try_for_each(write))
 }
 
@@ -440,8 +435,10 @@ pub fn write_parquet(
 fn write_parquet_with(
     path: &Path,
     schema: &SchemaRef,
-    fill: impl FnOnce(&mut dyn FnMut(&RecordBatch) -> Result<(), SinkError>) -> Result<(), SinkError>,
-) -> Result<(), SinkError> {
+    fill: impl FnOnce(
+        &mut dyn FnMut(&RecordBatch) -> Result<(), ViewFilesError>,
+    ) -> Result<(), ViewFilesError>,
+) -> Result<(), ViewFilesError> {
     let mut props = WriterProperties::builder().set_compression(Compression::SNAPPY);
     // Unique-per-row text gains nothing from a dictionary and costs an
     // intern per value on the hot path.
@@ -450,7 +447,7 @@ fn write_parquet_with(
     }
     let props = props.build();
     atomically(path, |tmp, file| {
-        let enc = |source| SinkError::Encode {
+        let enc = |source| ViewFilesError::Encode {
             path: tmp.to_path_buf(),
             source,
         };
@@ -465,20 +462,20 @@ fn write_parquet_with(
 /// batch, not the file.
 pub fn read_parquet(
     path: &Path,
-) -> Result<impl Iterator<Item = Result<RecordBatch, SinkError>> + use<>, SinkError> {
-    let file = File::open(path).map_err(|source| SinkError::Io {
+) -> Result<impl Iterator<Item = Result<RecordBatch, ViewFilesError>> + use<>, ViewFilesError> {
+    let file = File::open(path).map_err(|source| ViewFilesError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.with_batch_size(64 * 1024).build())
-        .map_err(|source| SinkError::Decode {
+        .map_err(|source| ViewFilesError::Decode {
             path: path.to_path_buf(),
             source,
         })?;
     let path = path.to_path_buf();
     Ok(reader.map(move |b| {
-        b.map_err(|source| SinkError::Arrow {
+        b.map_err(|source| ViewFilesError::Arrow {
             path: path.clone(),
             source,
         })

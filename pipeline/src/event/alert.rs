@@ -1,0 +1,50 @@
+//! Threshold alerts: the `usage.threshold_crossed` CloudEvent Tally emits
+//! when a tenant's usage of a metric first reaches 80, 90 or 100 % of its
+//! plan's limit in a billing period (metrics.md). The `overages` operator
+//! decides them; the alerts sink publishes them.
+
+use super::time::format_micros;
+
+/// A `usage.threshold_crossed` alert to publish to `tally.alerts.<tenant>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    pub tenant: String,
+    /// `YYYY-MM-DD`, the first day of the period.
+    pub period: String,
+    pub metric: String,
+    pub threshold: i32,
+    pub used: String,
+    pub included: Option<String>,
+    /// The stream clock when it was decided (the alert's event time).
+    pub time: i64,
+}
+
+impl Alert {
+    /// The deterministic id, also its `Nats-Msg-Id`.
+    pub fn id(&self) -> String {
+        format!(
+            "threshold:{}:{}:{}:{}",
+            self.tenant, self.period, self.metric, self.threshold
+        )
+    }
+
+    /// The alert as a CloudEvent (JSON text).
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "specversion": "1.0",
+            "id": self.id(),
+            "source": "tally",
+            "type": "usage.threshold_crossed",
+            "time": format_micros(self.time),
+            "tenant": self.tenant,
+            "data": {
+                "period": self.period,
+                "metric": self.metric,
+                "threshold": self.threshold,
+                "used": self.used,
+                "included": self.included,
+            }
+        })
+        .to_string()
+    }
+}

@@ -1,0 +1,139 @@
+//! Making one batch durable, then acknowledging it: dead letters and
+//! alerts published and acked by JetStream, view files renamed into place,
+//! then the checkpoint, then the ack. Runs as its own task while the next
+//! batch is fetched and processed (one batch in flight at a time).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::SchemaRef;
+use async_nats::jetstream;
+use tracing::{debug, warn};
+
+use super::processor::ViewRows;
+use super::{RunOptions, RunSummary, RuntimeError};
+use crate::event::alert::Alert;
+use crate::sink::dlq::DeadLetter;
+use crate::sink::{alerts, dlq};
+use crate::source::jetstream as js_source;
+use crate::store::DataDir;
+use crate::store::checkpoint::Checkpoint;
+
+/// What one batch must make durable before its checkpoint.
+pub struct BatchOutput {
+    /// First stream sequence the batch covers.
+    pub first: u64,
+    pub letters: Vec<DeadLetter>,
+    pub alerts: Vec<Alert>,
+    pub rows: Vec<ViewRows>,
+    /// The checkpoint covering the batch, taken when the batch was cut (the
+    /// processor moves on to the next batch while this one is written).
+    pub checkpoint: Checkpoint,
+    /// Views whose small files to merge once the batch is durable.
+    pub compact: Option<Vec<(&'static str, SchemaRef)>>,
+}
+
+/// Makes one batch durable: DLQ, alerts, view files, checkpoint. Retries
+/// with backoff until it succeeds or `stop` fires. Runs as its own task
+/// while the next batch is fetched and processed; the Parquet encoding and
+/// fsyncs run on a blocking thread.
+pub async fn commit(
+    js: jetstream::Context,
+    data_dir: DataDir,
+    stream: String,
+    out: Arc<BatchOutput>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(Instant, Duration), RuntimeError> {
+    let first = out.first;
+    let last = out.checkpoint.last_seq;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let attempt: Result<Duration, RuntimeError> = async {
+            dlq::publish_all(&js, &stream, &out.letters).await?;
+            alerts::publish_all(&js, &out.alerts).await?;
+            let (dir, batch) = (data_dir.clone(), Arc::clone(&out));
+            tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                write_batch(&dir, &batch).map(|()| started.elapsed())
+            })
+            .await
+            .map_err(|e| RuntimeError::Task(e.to_string()))?
+        }
+        .await;
+        match attempt {
+            Ok(writing) => return Ok((Instant::now(), writing)),
+            Err(e) => {
+                warn!(first, last, error = %e, retry_in_ms = delay.as_millis() as u64, "batch not yet durable; keeping it unacknowledged and retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => {
+                        return Err(RuntimeError::Interrupted { first, last, cause: e.to_string() });
+                    }
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// The view files of a batch (temp file, fsync, rename), then its checkpoint.
+fn write_batch(data_dir: &DataDir, out: &BatchOutput) -> Result<(), RuntimeError> {
+    for r in &out.rows {
+        data_dir.view(r.view).write(
+            out.first,
+            out.checkpoint.last_seq,
+            &r.schema,
+            std::slice::from_ref(&r.batch),
+        )?;
+    }
+    data_dir.commit(&out.checkpoint)?;
+    // The batch is durable; merging small files is housekeeping: a failure
+    // is logged and retried at the next round, never holds the batch.
+    for (view, schema) in out.compact.iter().flatten() {
+        match data_dir.view(view).compact(schema, out.checkpoint.last_seq) {
+            Ok(0) => {}
+            Ok(merged) => debug!(view, merged, "compacted small view files"),
+            Err(e) => warn!(view, error = %e, "cannot compact view files yet"),
+        }
+    }
+    Ok(())
+}
+
+/// A batch being made durable, and the message that acknowledges it.
+pub struct InFlight {
+    /// Resolves to when the batch became durable, and the time spent writing it.
+    pub task: tokio::task::JoinHandle<Result<(Instant, Duration), RuntimeError>>,
+    /// AckAll: acknowledging the batch's last message acknowledges it all.
+    pub last_msg: async_nats::Message,
+    pub client: async_nats::Client,
+    pub last_seq: u64,
+}
+
+/// Waits for the batch in flight (if any) to be durable, then acks it.
+pub async fn settle(
+    in_flight: &mut Option<InFlight>,
+    summary: &mut RunSummary,
+    opts: &RunOptions,
+) -> Result<(), RuntimeError> {
+    let Some(f) = in_flight.take() else {
+        return Ok(());
+    };
+    let (durable_at, writing) = f
+        .task
+        .await
+        .map_err(|e| RuntimeError::Task(e.to_string()))??;
+    summary.durable_at = Some(durable_at);
+    summary.writing += writing;
+    if opts.acked
+        && let Err(e) = js_source::ack(&f.client, &f.last_msg).await
+    {
+        debug!(error = %e, "ack failed; the checkpoint already covers the batch");
+    }
+    summary.batches += 1;
+    summary.last_seq = f.last_seq;
+    if let Some(pos) = &opts.position {
+        pos.store(f.last_seq, Ordering::Relaxed);
+    }
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! The runtime: the thin async shell that drives the synchronous
+//! [`Processor`] over the stream and makes its output durable.
+//!
+//! Per batch: fetch (pull consumer, large batches) -> validate, dedup, fold
+//! (sync) -> make durable (DLQ publishes acked, Parquet renamed into place)
+//! -> checkpoint -> ack (AckAll on the batch's last message). A failure in
+//! the durable steps keeps the batch unacked and is retried with backoff; a
+//! crash at any instant leaves the views equal to the checkpoint's prefix
+//! after the next start's recovery.
+//!
+//! Rooms: [`processor`] (the synchronous core), [`restore`] (loading and
+//! checking the data directory's state at start), [`session`] (the consume
+//! loop: batches, idle and stall detection, the hand-off), [`commit`]
+//! (making one batch durable, then acking it), [`signal`] (SIGINT/SIGTERM).
+
+pub mod commit;
+pub mod processor;
+pub mod restore;
+pub mod session;
+pub mod signal;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use crate::config::ConfigError;
+use crate::operator::OperatorError;
+use crate::sink::alerts::AlertError;
+use crate::sink::dlq::DlqError;
+use crate::source::jetstream::{SourceConfig, SourceError};
+use crate::store::DataDirError;
+use crate::store::checkpoint::CheckpointError;
+use crate::store::parquet::ViewFilesError;
+
+pub use processor::{Incoming, Processor, ViewRows};
+pub use restore::{for_each_archived, open_state};
+pub use session::run_with_lock;
+pub use signal::shutdown_signal;
+
+/// Most messages per batch: one Parquet file per view and one checkpoint
+/// per batch (`--batch-size`).
+pub const DEFAULT_BATCH_SIZE: usize = 50_000;
+/// How long a batch waits to fill once it has started (`--batch-wait-ms`).
+pub const DEFAULT_BATCH_WAIT_MS: u64 = 200;
+/// How long the stream must stay quiet for `--until-idle` to exit.
+pub const IDLE: Duration = Duration::from_secs(1);
+/// How long a live run waits, paused, for a replay to switch directories,
+/// and how long a replay waits for a live run to answer
+/// (`--handoff-timeout-secs`): one figure for both sides of the hand-off.
+pub const HANDOFF_TIMEOUT_SECS: u64 = 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    ViewFiles(#[from] ViewFilesError),
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Dlq(#[from] DlqError),
+    #[error(transparent)]
+    Alert(#[from] AlertError),
+    #[error(transparent)]
+    Operator(#[from] OperatorError),
+    #[error(
+        "data directory {path} was built from stream {found} (created {found_created}), not {wanted} (created {wanted_created}); use a fresh --data, or `tally replay` to rebuild from this stream"
+    )]
+    OtherStream {
+        path: PathBuf,
+        found: String,
+        found_created: String,
+        wanted: String,
+        wanted_created: String,
+    },
+    #[error(
+        "data directory {path} was built with other settings ({found}) than the config now says ({wanted}); views would stop being a function of the stream: restore the config, or run `tally replay` to rebuild with the new one"
+    )]
+    SettingsChanged {
+        path: PathBuf,
+        found: String,
+        wanted: String,
+    },
+    #[error(
+        "checkpoint of {path} is at sequence {checkpoint} but stream {stream} ends at {last}: the stream lost messages or was recreated; run `tally replay` or use a fresh --data"
+    )]
+    AheadOfStream {
+        path: PathBuf,
+        checkpoint: u64,
+        stream: String,
+        last: u64,
+    },
+    #[error(
+        "internal task failed: {0}; nothing unfinished was acknowledged, the next start redoes it"
+    )]
+    Task(String),
+    #[error(
+        "stopped before batch {first}..={last} was durable: {cause}; nothing was acknowledged, the next start redoes it"
+    )]
+    Interrupted {
+        first: u64,
+        last: u64,
+        cause: String,
+    },
+}
+
+/// How `tally run` behaves (runtime knobs, not results).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub data_dir: PathBuf,
+    pub source: SourceConfig,
+    pub config: Option<PathBuf>,
+    /// Exit once the stream is drained and quiet for `idle`.
+    pub until_idle: bool,
+    pub idle: Duration,
+    pub batch_size: usize,
+    /// How long to wait for more messages once a batch has started.
+    pub batch_wait: Duration,
+    /// Publish alerts (`tally run`); a replay does not.
+    pub live: bool,
+    /// Acknowledge each batch once durable (`tally run`). A replay reads
+    /// through a read-only consumer instead and checks deliveries for gaps
+    /// (see [`crate::source::jetstream::consumer_from`]).
+    pub acked: bool,
+    /// Answer a `tally replay`'s hand-off between batches (see
+    /// [`crate::store::handoff`]).
+    pub serve_handoff: bool,
+    /// How long to wait, paused, for the replay to switch directories.
+    pub handoff_timeout: Duration,
+    /// Stop once this stream sequence is processed (replay's target).
+    pub stop_at: Option<u64>,
+    /// The last processed sequence, for a progress display.
+    pub position: Option<Arc<AtomicU64>>,
+}
+
+impl RunOptions {
+    /// `tally run`'s behaviour with the given knobs.
+    pub fn live(data_dir: PathBuf, source: SourceConfig, config: Option<PathBuf>) -> RunOptions {
+        RunOptions {
+            data_dir,
+            source,
+            config,
+            until_idle: false,
+            idle: IDLE,
+            batch_size: DEFAULT_BATCH_SIZE,
+            batch_wait: Duration::from_millis(DEFAULT_BATCH_WAIT_MS),
+            handoff_timeout: Duration::from_secs(HANDOFF_TIMEOUT_SECS),
+            live: true,
+            acked: true,
+            serve_handoff: true,
+            stop_at: None,
+            position: None,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    pub batches: u64,
+    pub messages: u64,
+    pub last_seq: u64,
+    pub elapsed: Duration,
+    /// From the first message received to the last batch acknowledged:
+    /// the time spent working, without start-up and the final idle wait.
+    pub active: Duration,
+    /// When the last batch became durable.
+    pub durable_at: Option<Instant>,
+    /// Time spent validating, folding and cutting rows (the main thread's work).
+    pub processing: Duration,
+    /// Time the main thread waited for the previous batch to become durable.
+    pub waiting_durable: Duration,
+    /// Time spent encoding and writing view files and checkpoints (the writer thread).
+    pub writing: Duration,
+}
+
+/// `tally run`.
+pub async fn run(
+    opts: &RunOptions,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<RunSummary, RuntimeError> {
+    let mut lock = None;
+    run_with_lock(opts, stop, &mut lock).await
+}

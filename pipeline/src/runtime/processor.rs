@@ -1,0 +1,372 @@
+//! The synchronous core of a run: validation, dedup and the operators,
+//! batch by batch, on two cores. No I/O in any decision and no clock in any
+//! result: the same messages in the same order give the same state.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use bytes::Bytes;
+use tracing::debug;
+
+use super::RuntimeError;
+use super::restore::for_each_archived;
+use crate::config::Settings;
+use crate::event::alert::Alert;
+use crate::event::{Limits, validate_message};
+use crate::operator::subscription::SubEvent;
+use crate::operator::{self, Operator, OperatorError, Storage};
+use crate::sink::dlq::DeadLetter;
+use crate::state::dedup::{self, Dedup};
+use crate::store::DataDir;
+use crate::store::checkpoint::Checkpoint;
+use crate::store::parquet::read_parquet;
+
+/// One message as the processor sees it.
+pub struct Incoming<'a> {
+    pub stream_seq: u64,
+    pub published_at: i64,
+    pub subject: &'a str,
+    pub payload: &'a Bytes,
+}
+
+/// A view's rows for one batch.
+pub struct ViewRows {
+    pub view: &'static str,
+    pub schema: SchemaRef,
+    pub batch: RecordBatch,
+}
+
+/// Operators (with their registry index) that run on one thread.
+type Group<'a> = Vec<(usize, &'a mut Box<dyn Operator>)>;
+
+/// The synchronous core: validation, dedup and the operators. No I/O and no
+/// clock in any result (a monotonic timer only measures operator costs to
+/// share them between two threads); the same messages in the same order
+/// give the same state.
+pub struct Processor {
+    limits: Limits,
+    prefix: String,
+    dedup: Dedup,
+    operators: Vec<Box<dyn Operator>>,
+    /// Each operator's measured cost (apply + cut rows) over recent
+    /// batches, to split them into two groups of about equal work. Only
+    /// which thread runs an operator depends on it, never a result.
+    costs: Vec<Duration>,
+    live: bool,
+    /// Rows written per versioned view since its last snapshot (compaction policy).
+    versions_written: HashMap<&'static str, usize>,
+    /// In-memory state of the checkpoint (counts, positions); saved by the shell.
+    pub checkpoint: Checkpoint,
+}
+
+impl Processor {
+    pub fn new(settings: &Settings, prefix: &str, checkpoint: Checkpoint) -> Processor {
+        Processor {
+            limits: settings.limits(),
+            prefix: prefix.to_owned(),
+            dedup: Dedup::new(settings.dedup_horizon_us),
+            operators: operator::registry(settings),
+            costs: Vec::new(),
+            live: true,
+            versions_written: HashMap::new(),
+            checkpoint,
+        }
+    }
+
+    /// Processes a batch of messages in stream order; returns the dead
+    /// letters. Messages at or below the checkpoint are ignored
+    /// (redeliveries). Gives exactly the state of processing the messages
+    /// one at a time, using two cores: validation (a pure function of
+    /// each message) runs on both halves of the batch at once, and the
+    /// operators (independent state machines that each see every accepted
+    /// event in order) run in two groups at once.
+    pub fn process_batch(&mut self, msgs: &[Incoming<'_>]) -> Vec<DeadLetter> {
+        let (prefix, limits) = (self.prefix.as_str(), &self.limits);
+        // The dedup key is hashed here too, on both halves.
+        let validate = |m: &Incoming<'_>| {
+            validate_message(
+                m.payload,
+                m.subject,
+                prefix,
+                m.stream_seq,
+                m.published_at,
+                limits,
+            )
+            .map(|event| {
+                let key = dedup::key(&event.source, &event.id);
+                (event, key)
+            })
+        };
+        let results = on_two_cores(msgs, validate);
+        let cp = &mut self.checkpoint;
+        let mut letters = Vec::new();
+        let mut accepted = Vec::with_capacity(msgs.len());
+        // Events stay where validation put them; the operators see them by
+        // reference (moving ~400-byte events cost more than the dedup).
+        for (m, result) in msgs.iter().zip(&results) {
+            if m.stream_seq <= cp.last_seq {
+                continue;
+            }
+            cp.last_seq = m.stream_seq;
+            cp.stream_now_us = Some(
+                cp.stream_now_us
+                    .map_or(m.published_at, |n| n.max(m.published_at)),
+            );
+            match result {
+                Err(reject) => {
+                    cp.counts.dead_letter(reject.reason);
+                    letters.push(DeadLetter {
+                        stream_seq: m.stream_seq,
+                        subject: m.subject.to_owned(),
+                        payload: m.payload.clone(),
+                        reject: reject.clone(),
+                    });
+                }
+                Ok((event, key)) => {
+                    if !self.dedup.admit(*key, m.published_at) {
+                        cp.counts.duplicate += 1;
+                        continue;
+                    }
+                    cp.counts.accepted += 1;
+                    cp.stream_clock_us =
+                        Some(cp.stream_clock_us.map_or(event.time, |c| c.max(event.time)));
+                    accepted.push(event);
+                }
+            }
+        }
+        // Each subscription change is built once and shared by the operators.
+        let subs: Vec<Option<Arc<SubEvent>>> = accepted
+            .iter()
+            .map(|e| SubEvent::from_event(e).map(Arc::new))
+            .collect();
+        let (first, second) = self.groups();
+        let apply = |ops: Group<'_>| -> Vec<(usize, Duration)> {
+            ops.into_iter()
+                .map(|(i, op)| {
+                    let started = Instant::now();
+                    for (e, sub) in accepted.iter().zip(&subs) {
+                        op.apply_with(e, sub.as_ref());
+                    }
+                    (i, started.elapsed())
+                })
+                .collect()
+        };
+        let (a, b) = run_pair(first, second, apply, apply);
+        self.measured(a.into_iter().chain(b), true);
+        letters
+    }
+
+    /// Makes room in the dedup horizon for `messages` more events (the
+    /// stream's backlog), so that it does not grow step by step.
+    pub fn reserve_dedup(&mut self, messages: u64) {
+        self.dedup
+            .reserve(usize::try_from(messages).unwrap_or(usize::MAX));
+    }
+
+    /// The operators in two groups of about equal measured cost, for
+    /// [`run_pair`]: largest first, each to the group with less so far.
+    fn groups(&mut self) -> (Group<'_>, Group<'_>) {
+        self.costs.resize(self.operators.len(), Duration::ZERO);
+        let mut order: Vec<usize> = (0..self.operators.len()).collect();
+        order.sort_by_key(|i| std::cmp::Reverse(self.costs[*i]));
+        let mut in_first = vec![false; self.operators.len()];
+        let (mut first, mut second) = (Duration::ZERO, Duration::ZERO);
+        for i in order {
+            if first <= second {
+                first += self.costs[i];
+                in_first[i] = true;
+            } else {
+                second += self.costs[i];
+            }
+        }
+        self.operators
+            .iter_mut()
+            .enumerate()
+            .partition(|(i, _)| in_first[*i])
+    }
+
+    /// Records measured costs: `apply` starts a batch's figure (half the
+    /// previous one carried over, so the split follows the stream's mix
+    /// without jumping on one odd batch); cutting rows adds to it.
+    fn measured(&mut self, times: impl Iterator<Item = (usize, Duration)>, apply: bool) {
+        for (i, t) in times {
+            if let Some(c) = self.costs.get_mut(i) {
+                *c = if apply { *c / 2 + t } else { *c + t };
+            }
+        }
+    }
+
+    /// The rows the operators produced since the last call (cut in the
+    /// same two groups at once), in registry order.
+    pub fn take_rows(&mut self) -> Result<Vec<ViewRows>, OperatorError> {
+        let seq = self.checkpoint.last_seq;
+        let (first, second) = self.groups();
+        type Cut = Result<Vec<(usize, Duration, Option<ViewRows>)>, OperatorError>;
+        let cut = |ops: Group<'_>| -> Cut {
+            let mut out = Vec::new();
+            for (i, op) in ops {
+                let started = Instant::now();
+                let rows = op.take_rows(seq)?.map(|batch| ViewRows {
+                    view: op.view(),
+                    schema: op.schema(),
+                    batch,
+                });
+                out.push((i, started.elapsed(), rows));
+            }
+            Ok(out)
+        };
+        let (a, b) = run_pair(first, second, cut, cut);
+        let mut cut = a?;
+        cut.extend(b?);
+        self.measured(cut.iter().map(|(i, t, _)| (*i, *t)), false);
+        let mut rows: Vec<(usize, ViewRows)> = cut
+            .into_iter()
+            .filter_map(|(i, _, rows)| rows.map(|r| (i, r)))
+            .collect();
+        rows.sort_by_key(|(i, _)| *i);
+        let mut out = Vec::with_capacity(rows.len());
+        for (_, r) in rows {
+            *self.versions_written.entry(r.view).or_insert(0) += r.batch.num_rows();
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// Restores the state at start-up in one pass over the `events`
+    /// archive: the dedup horizon (the archive holds exactly the accepted
+    /// events, in the order they were inserted, so re-inserting them gives
+    /// the same horizon, evictions included) and the operators that rebuild
+    /// from the archive (silently). Then every versioned view folds its
+    /// stored rows back.
+    pub fn restore(&mut self, data_dir: &DataDir) -> Result<(), RuntimeError> {
+        let rebuild: Vec<usize> = (0..self.operators.len())
+            .filter(|i| self.operators[*i].rebuilds_from_archive())
+            .collect();
+        for i in &rebuild {
+            self.operators[*i].set_live(false);
+        }
+        let mut replayed = 0u64;
+        for_each_archived(data_dir, |event| {
+            self.dedup
+                .admit(dedup::key(&event.source, &event.id), event.published_at);
+            let sub = SubEvent::from_event(event).map(Arc::new);
+            for i in &rebuild {
+                self.operators[*i].apply_with(event, sub.as_ref());
+            }
+            replayed += 1;
+        })?;
+        for i in &rebuild {
+            let op = &mut self.operators[*i];
+            op.take_rows(0)?;
+            op.take_alerts();
+        }
+        debug!(
+            replayed,
+            dedup_entries = self.dedup.len(),
+            "state re-folded from the events archive"
+        );
+        for op in &mut self.operators {
+            if op.storage() == Storage::Append {
+                continue;
+            }
+            for file in data_dir.view(op.view()).files()? {
+                for batch in read_parquet(&file.path)? {
+                    op.restore(&batch?)?;
+                }
+            }
+        }
+        for i in &rebuild {
+            self.operators[*i].set_live(self.live);
+        }
+        Ok(())
+    }
+
+    /// Whether alerts are published (a live run) or not (replay).
+    pub fn set_live(&mut self, live: bool) {
+        self.live = live;
+        for op in &mut self.operators {
+            op.set_live(live);
+        }
+    }
+
+    /// Alerts decided by the last [`Processor::take_rows`].
+    pub fn take_alerts(&mut self) -> Vec<Alert> {
+        self.operators
+            .iter_mut()
+            .flat_map(|o| o.take_alerts())
+            .collect()
+    }
+
+    /// Compacts every view's files once there are many small ones: appended
+    /// views merge their files; versioned views write a snapshot of their
+    /// state covering the whole prefix. Call only right after a checkpoint.
+    pub fn compact(&mut self, data_dir: &DataDir) -> Result<(), RuntimeError> {
+        let upto = self.checkpoint.last_seq;
+        for op in &self.operators {
+            let dir = data_dir.view(op.view());
+            match op.storage() {
+                Storage::Append => {
+                    let merged = dir.compact(&op.schema(), upto)?;
+                    if merged > 0 {
+                        debug!(view = op.view(), merged, "compacted small view files");
+                    }
+                }
+                Storage::Versioned { .. } => {
+                    let written = self.versions_written.get(op.view()).copied().unwrap_or(0);
+                    if written >= op.state_rows()
+                        && dir.needs_compaction(upto)?
+                        && let Some(snapshot) = op.snapshot(upto)?
+                    {
+                        let replaced = dir.replace_with(upto, &op.schema(), &snapshot)?;
+                        self.versions_written.insert(op.view(), 0);
+                        debug!(
+                            view = op.view(),
+                            replaced, "replaced view versions with a snapshot"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn view_schemas(&self) -> Vec<(&'static str, SchemaRef)> {
+        self.operators
+            .iter()
+            .map(|o| (o.view(), o.schema()))
+            .collect()
+    }
+}
+
+/// Maps `f` over `items` in order, on two threads (one per half) when
+/// there are enough items to pay for it.
+fn on_two_cores<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if items.len() < 1024 {
+        return items.iter().map(&f).collect();
+    }
+    let (a, b) = items.split_at(items.len() / 2);
+    let map = |half: &[T]| half.iter().map(&f).collect::<Vec<R>>();
+    let (mut out, second) = run_pair(a, b, map, map);
+    out.extend(second);
+    out
+}
+
+/// Runs `fa(a)` on a second thread and `fb(b)` on this one, at once.
+pub(crate) fn run_pair<A: Send, B, RA: Send, RB>(
+    a: A,
+    b: B,
+    fa: impl FnOnce(A) -> RA + Send,
+    fb: impl FnOnce(B) -> RB,
+) -> (RA, RB) {
+    std::thread::scope(|s| {
+        let first = s.spawn(|| fa(a));
+        let second = fb(b);
+        match first.join() {
+            Ok(ra) => (ra, second),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
