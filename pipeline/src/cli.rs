@@ -79,9 +79,12 @@ pub enum Command {
         /// Milliseconds to wait for a batch to fill once it has started.
         #[arg(long, env = "TALLY_BATCH_WAIT_MS", default_value_t = runtime::DEFAULT_BATCH_WAIT_MS)]
         batch_wait_ms: u64,
-        /// Durable consumer name.
-        #[arg(long, env = "TALLY_CONSUMER", default_value = js::DEFAULT_CONSUMER)]
-        consumer: String,
+        /// Durable consumer name; default `tally-<hash of the --data path>`, one per data directory.
+        #[arg(long, env = "TALLY_CONSUMER")]
+        consumer: Option<String>,
+        /// Go on past messages the stream no longer holds (retention, a purge, a deletion), recording each gap in the checkpoint, instead of stopping.
+        #[arg(long)]
+        accept_gap: bool,
         /// Dead-letter stream name.
         #[arg(long, env = "TALLY_DLQ_STREAM", default_value = js::DEFAULT_DLQ_STREAM)]
         dlq_stream: String,
@@ -108,6 +111,9 @@ pub enum Command {
         /// Dead-letter stream name (must exist; a replay counts dead letters but publishes none).
         #[arg(long, env = "TALLY_DLQ_STREAM", default_value = js::DEFAULT_DLQ_STREAM)]
         dlq_stream: String,
+        /// Go on past messages the stream no longer holds, recording each gap, instead of stopping.
+        #[arg(long)]
+        accept_gap: bool,
         /// Seconds a live `tally run` has to answer the hand-off.
         #[arg(long, default_value_t = runtime::HANDOFF_TIMEOUT_SECS)]
         handoff_timeout_secs: u64,
@@ -154,8 +160,9 @@ pub enum Command {
     },
     /// Stream position, consumer lag, checkpoint, counts per outcome.
     Status {
-        #[arg(long, env = "TALLY_CONSUMER", default_value = js::DEFAULT_CONSUMER)]
-        consumer: String,
+        /// The run's consumer name, if it was given one (default: derived from --data, as `tally run` does).
+        #[arg(long, env = "TALLY_CONSUMER")]
+        consumer: Option<String>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -260,19 +267,24 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             batch_size,
             batch_wait_ms,
             consumer,
+            accept_gap,
             dlq_stream,
             summary_json,
         } => {
             if *batch_size == 0 {
                 return Err(CliError::Usage("--batch-size must be at least 1".into()));
             }
+            let consumer = consumer
+                .clone()
+                .unwrap_or_else(|| crate::store::DataDir::new(&cli.data).consumer_name());
             let opts = RunOptions {
                 until_idle: *until_idle,
+                accept_gap: *accept_gap,
                 batch_size: *batch_size,
                 batch_wait: Duration::from_millis(*batch_wait_ms),
                 ..RunOptions::live(
                     cli.data.clone(),
-                    source_config(&cli, Some(consumer), Some(dlq_stream)),
+                    source_config(&cli, Some(&consumer), Some(dlq_stream)),
                     config.clone(),
                 )
             };
@@ -297,6 +309,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             config,
             batch_size,
             dlq_stream,
+            accept_gap,
             handoff_timeout_secs,
             summary_json,
         } => {
@@ -311,6 +324,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             let opts = crate::commands::replay::ReplayOptions {
                 run: RunOptions {
                     batch_size: *batch_size,
+                    accept_gap: *accept_gap,
                     handoff_timeout: Duration::from_secs(*handoff_timeout_secs),
                     ..RunOptions::live(
                         cli.data.clone(),
@@ -458,8 +472,11 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Status { consumer, json } => {
+            let consumer = consumer
+                .clone()
+                .unwrap_or_else(|| crate::store::DataDir::new(&cli.data).consumer_name());
             let (s, nats_error) =
-                status::status(&cli.data, &source_config(&cli, Some(consumer), None)).await?;
+                status::status(&cli.data, &source_config(&cli, Some(&consumer), None)).await?;
             let text = if *json {
                 serde_json::json!({ "status": s, "nats_error": nats_error }).to_string() + "\n"
             } else {

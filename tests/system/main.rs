@@ -6,7 +6,9 @@
 
 mod faults;
 mod harness;
+mod history;
 mod metrics;
+mod probes;
 
 use std::io::Write;
 use std::process::Stdio;

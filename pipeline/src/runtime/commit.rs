@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 use super::processor::ViewRows;
 use super::{RunOptions, RunSummary, RuntimeError};
 use crate::event::alert::Alert;
-use crate::sink::dlq::DeadLetter;
+use crate::sink::dlq::{DeadLetter, DlqTarget};
 use crate::sink::{alerts, dlq};
 use crate::source::jetstream as js_source;
 use crate::store::DataDir;
@@ -41,7 +41,7 @@ pub struct BatchOutput {
 pub async fn commit(
     js: jetstream::Context,
     data_dir: DataDir,
-    stream: String,
+    dlq_target: Arc<DlqTarget>,
     out: Arc<BatchOutput>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(Instant, Duration), RuntimeError> {
@@ -50,7 +50,7 @@ pub async fn commit(
     let mut delay = Duration::from_millis(200);
     loop {
         let attempt: Result<Duration, RuntimeError> = async {
-            dlq::publish_all(&js, &stream, &out.letters).await?;
+            dlq::publish_all(&js, &dlq_target, &out.letters).await?;
             alerts::publish_all(&js, &out.alerts).await?;
             let (dir, batch) = (data_dir.clone(), Arc::clone(&out));
             tokio::task::spawn_blocking(move || {
@@ -104,8 +104,9 @@ fn write_batch(data_dir: &DataDir, out: &BatchOutput) -> Result<(), RuntimeError
 pub struct InFlight {
     /// Resolves to when the batch became durable, and the time spent writing it.
     pub task: tokio::task::JoinHandle<Result<(Instant, Duration), RuntimeError>>,
-    /// AckAll: acknowledging the batch's last message acknowledges it all.
-    pub last_msg: async_nats::Message,
+    /// AckAll: acknowledging the batch's last message acknowledges it all
+    /// (`None` for a checkpoint that only records a gap).
+    pub last_msg: Option<async_nats::Message>,
     pub client: async_nats::Client,
     pub last_seq: u64,
 }
@@ -126,7 +127,8 @@ pub async fn settle(
     summary.durable_at = Some(durable_at);
     summary.writing += writing;
     if opts.acked
-        && let Err(e) = js_source::ack(&f.client, &f.last_msg).await
+        && let Some(m) = &f.last_msg
+        && let Err(e) = js_source::ack(&f.client, m).await
     {
         debug!(error = %e, "ack failed; the checkpoint already covers the batch");
     }

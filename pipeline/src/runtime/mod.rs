@@ -96,6 +96,25 @@ pub enum RuntimeError {
         last: u64,
     },
     #[error(
+        "stream {stream} no longer holds sequences {first}..={last} ({count} messages), which data directory {path} needs next (retention, a purge or a deleted message removed them); stopped before them, the views and the checkpoint ({checkpoint}) are untouched. To keep the history, give the stream enough retention; to go on without these messages and record the gap for good (`tally status` and the `_tally_gaps` table show it), run again with --accept-gap",
+        count = last - first + 1
+    )]
+    Gap {
+        stream: String,
+        first: u64,
+        last: u64,
+        path: PathBuf,
+        checkpoint: u64,
+    },
+    #[error(
+        "messages of stream {stream} were delivered through consumer {consumer} to another process, again and again: another tally run (or a client) uses the same consumer name; stopped with everything up to sequence {checkpoint} durable. Give every data directory its own --consumer (the default derives one from --data)"
+    )]
+    ConsumerShared {
+        stream: String,
+        consumer: String,
+        checkpoint: u64,
+    },
+    #[error(
         "internal task failed: {0}; nothing unfinished was acknowledged, the next start redoes it"
     )]
     Task(String),
@@ -132,6 +151,9 @@ pub struct RunOptions {
     pub serve_handoff: bool,
     /// How long to wait, paused, for the replay to switch directories.
     pub handoff_timeout: Duration,
+    /// Go on past sequences the stream no longer holds, recording the gap
+    /// in the checkpoint (`--accept-gap`), instead of stopping.
+    pub accept_gap: bool,
     /// Stop once this stream sequence is processed (replay's target).
     pub stop_at: Option<u64>,
     /// The last processed sequence, for a progress display.
@@ -153,6 +175,7 @@ impl RunOptions {
             live: true,
             acked: true,
             serve_handoff: true,
+            accept_gap: false,
             stop_at: None,
             position: None,
         }

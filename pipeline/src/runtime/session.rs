@@ -1,11 +1,20 @@
 //! The consume loop of a run: (re)create the consumer from the checkpoint,
 //! gather batches, hand them to the processor and the committer, notice a
-//! drained stream, a stalled delivery or a replay's hand-off request.
+//! drained stream, a stalled delivery, a gap in the stream or a replay's
+//! hand-off request.
+//!
+//! Every batch is checked to continue the stream exactly where the
+//! checkpoint ends: a stream sequence that was passed over is either gone
+//! from the stream (a gap: refused, or recorded with `--accept-gap`) or
+//! was delivered to someone else (a second process on the same consumer,
+//! or a lost delivery): then nothing past it is processed, and the consumer
+//! is recreated from the checkpoint. So a run never checkpoints past a
+//! message it did not process.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, consumer::PullConsumer, stream};
 use futures::FutureExt;
 use tracing::{info, warn};
 
@@ -14,153 +23,294 @@ use super::processor::{Incoming, Processor};
 use super::restore::open_state;
 use super::{RunOptions, RunSummary, RuntimeError};
 use crate::config::Settings;
+use crate::sink::dlq::DlqTarget;
 use crate::sink::{alerts, dlq};
 use crate::source::jetstream as js_source;
 use crate::store::{DataDir, DataDirLock, handoff};
 
-/// [`run`], leaving the data directory's lock in `lock` when it returns
-/// (a replay keeps it until it has switched directories).
+/// Idle ticks in a row with messages owed to us before the consumer is
+/// recreated from the checkpoint.
+const STALL_TICKS: u32 = 3;
+/// Deliveries that passed over a message the stream still holds, within
+/// [`LOST_WINDOW`], before the run concludes that another process takes
+/// its messages and stops.
+const LOST_LIMIT: usize = 3;
+const LOST_WINDOW: Duration = Duration::from_secs(60);
+/// How often a progress line is logged.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
+
+/// [`super::run`], leaving the data directory's lock in `lock` when it
+/// returns (a replay keeps it until it has switched directories).
 pub async fn run_with_lock(
     opts: &RunOptions,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
     lock: &mut Option<DataDirLock>,
 ) -> Result<RunSummary, RuntimeError> {
     let started = Instant::now();
-    let data_dir = DataDir::new(&opts.data_dir);
-    *lock = Some(data_dir.lock()?);
-    let settings = Settings::load(data_dir.settings_path(opts.config.as_deref()).as_deref())?;
-    let client = js_source::connect(&opts.source.nats_url).await?;
-    let js = jetstream::new(client.clone());
-    let mut stream = js_source::ensure_event_stream(&js, &opts.source).await?;
-    js_source::ensure_output_stream(
-        &js,
-        &opts.source.dlq_stream,
-        &format!("{}.>", dlq::SUBJECT_PREFIX),
-    )
-    .await?;
-    js_source::ensure_output_stream(
-        &js,
-        alerts::STREAM,
-        &format!("{}.>", alerts::SUBJECT_PREFIX),
-    )
-    .await?;
-    let (created, stream_last) =
-        js_source::stream_identity(&mut stream, &opts.source.stream).await?;
-    let mut p = open_state(
-        &data_dir,
-        &settings,
-        &opts.source.stream,
-        &created,
-        &opts.source.subject_prefix,
-    )?;
-    p.set_live(opts.live);
-    p.reserve_dedup(stream_last.saturating_sub(p.checkpoint.last_seq));
-    if p.checkpoint.last_seq > stream_last {
-        return Err(RuntimeError::AheadOfStream {
-            path: opts.data_dir.clone(),
-            checkpoint: p.checkpoint.last_seq,
-            stream: opts.source.stream.clone(),
-            last: stream_last,
-        });
-    }
-    info!(
-        stream = %opts.source.stream,
-        resume_from = p.checkpoint.last_seq + 1,
-        stream_last,
-        data = %opts.data_dir.display(),
-        "tally run starting"
-    );
-    let mut summary = RunSummary {
-        last_seq: p.checkpoint.last_seq,
-        ..Default::default()
-    };
-    let mut last_report = Instant::now();
-    let mut reported_msgs = 0u64;
-    let max_ack_pending = js_source::max_ack_pending(opts.batch_size);
-    let mut failures = 0u32;
-    let mut first_seen: Option<Instant> = None;
-    let done = |p: &Processor| opts.stop_at.is_some_and(|n| p.checkpoint.last_seq >= n);
-    let mut in_flight: Option<InFlight> = None;
-    // Idle ticks in a row with messages owed to us (see the idle branch).
-    let mut stalled_ticks = 0u32;
-    // The current consumer's deliveries, checked for gaps when they are
-    // not acked (see `acked`).
-    let mut deliveries: js_source::Deliveries;
-    'session: loop {
-        settle(&mut in_flight, &mut summary, opts).await?;
-        if *stop.borrow() || done(&p) {
-            break;
-        }
-        let consumer = match js_source::consumer_from(
-            &stream,
-            &opts.source,
-            p.checkpoint.last_seq + 1,
-            max_ack_pending,
-            opts.acked,
+    let mut session = Session::open(opts, lock).await?;
+    session.consume(stop, lock).await?;
+    session.finish(started).await
+}
+
+/// Why the batch loop of one consumer ended.
+enum Next {
+    /// Recreate the consumer from the checkpoint.
+    Resume,
+    /// Stop the run (drained with `--until-idle`, stopped, or at the target).
+    Stop,
+}
+
+/// What the messages of a batch look like against the stream.
+enum Hole {
+    /// Every message continues the stream.
+    None,
+    /// The message after the batch's usable part skipped `first..=last`.
+    Skipped { first: u64, last: u64 },
+    /// A read-only consumer lost a delivery on the way.
+    LostDelivery,
+}
+
+struct Session<'o> {
+    opts: &'o RunOptions,
+    data_dir: DataDir,
+    settings: Settings,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    created: String,
+    dlq: Arc<DlqTarget>,
+    p: Processor,
+    summary: RunSummary,
+    in_flight: Option<InFlight>,
+    first_seen: Option<Instant>,
+    last_report: Instant,
+    reported_msgs: u64,
+    /// When deliveries passed over messages the stream still holds.
+    lost: Vec<Instant>,
+}
+
+impl<'o> Session<'o> {
+    /// Locks the data directory, connects, makes sure the streams exist,
+    /// and loads the state the checkpoint describes.
+    async fn open(
+        opts: &'o RunOptions,
+        lock: &mut Option<DataDirLock>,
+    ) -> Result<Session<'o>, RuntimeError> {
+        let data_dir = DataDir::new(&opts.data_dir);
+        *lock = Some(data_dir.lock()?);
+        let settings = Settings::load(data_dir.settings_path(opts.config.as_deref()).as_deref())?;
+        let client = js_source::connect(&opts.source.nats_url).await?;
+        let js = jetstream::new(client.clone());
+        let mut stream = js_source::ensure_event_stream(&js, &opts.source).await?;
+        let dlq_max = js_source::ensure_output_stream(
+            &js,
+            &opts.source.dlq_stream,
+            &format!("{}.>", dlq::SUBJECT_PREFIX),
         )
-        .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                failures += 1;
-                let delay = Duration::from_millis(250 * u64::from(failures.min(40)));
-                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "consumer not available; retrying");
-                tokio::select! { _ = tokio::time::sleep(delay) => continue 'session, _ = stop.changed() => break 'session }
-            }
-        };
-        deliveries = js_source::Deliveries::default();
-        let mut messages = match js_source::Pull::start(
-            &client,
+        .await?;
+        js_source::ensure_output_stream(
+            &js,
+            alerts::STREAM,
+            &format!("{}.>", alerts::SUBJECT_PREFIX),
+        )
+        .await?;
+        let (created, stream_last) =
+            js_source::stream_identity(&mut stream, &opts.source.stream).await?;
+        let mut p = open_state(
+            &data_dir,
+            &settings,
             &opts.source.stream,
-            &opts.source.consumer,
-            opts.batch_size,
-        )
-        .await
-        {
-            Ok(m) => m,
-            Err(e) => {
-                failures += 1;
-                warn!(error = %e, "cannot start consuming; retrying");
-                tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => continue 'session, _ = stop.changed() => break 'session }
-            }
+            &created,
+            &opts.source.subject_prefix,
+        )?;
+        p.set_live(opts.live);
+        p.reserve_dedup(stream_last.saturating_sub(p.checkpoint.last_seq));
+        if p.checkpoint.last_seq > stream_last {
+            return Err(RuntimeError::AheadOfStream {
+                path: opts.data_dir.clone(),
+                checkpoint: p.checkpoint.last_seq,
+                stream: opts.source.stream.clone(),
+                last: stream_last,
+            });
+        }
+        let dlq = Arc::new(DlqTarget {
+            stream: opts.source.dlq_stream.clone(),
+            source_stream: opts.source.stream.clone(),
+            source_created: created.clone(),
+            max_message_bytes: dlq::message_budget(client.server_info().max_payload, dlq_max),
+        });
+        info!(
+            stream = %opts.source.stream,
+            consumer = %opts.source.consumer,
+            resume_from = p.checkpoint.last_seq + 1,
+            stream_last,
+            data = %opts.data_dir.display(),
+            "tally run starting"
+        );
+        let summary = RunSummary {
+            last_seq: p.checkpoint.last_seq,
+            ..Default::default()
         };
+        Ok(Session {
+            opts,
+            data_dir,
+            settings,
+            client,
+            js,
+            stream,
+            created,
+            dlq,
+            p,
+            summary,
+            in_flight: None,
+            first_seen: None,
+            last_report: Instant::now(),
+            reported_msgs: 0,
+            lost: Vec::new(),
+        })
+    }
+
+    fn done(&self) -> bool {
+        self.opts
+            .stop_at
+            .is_some_and(|n| self.p.checkpoint.last_seq >= n)
+    }
+
+    async fn settle(&mut self) -> Result<(), RuntimeError> {
+        settle(&mut self.in_flight, &mut self.summary, self.opts).await
+    }
+
+    /// Sessions of one consumer each, until the run stops.
+    async fn consume(
+        &mut self,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        lock: &mut Option<DataDirLock>,
+    ) -> Result<(), RuntimeError> {
+        let opts = self.opts;
+        let max_ack_pending = js_source::max_ack_pending(opts.batch_size);
+        let mut failures = 0u32;
         loop {
-            if opts.serve_handoff && handoff::requested(&data_dir) {
-                settle(&mut in_flight, &mut summary, opts).await?;
-                if handoff::serve(&data_dir, p.checkpoint.last_seq, lock, opts.handoff_timeout)
-                    .await?
+            self.settle().await?;
+            if *stop.borrow() || self.done() {
+                return Ok(());
+            }
+            // The stream may have forgotten what comes next (retention, a
+            // purge) without any delivery showing it: look before consuming.
+            match js_source::first_sequence(&mut self.stream, &opts.source.stream).await {
+                Ok(first) if first > self.p.checkpoint.last_seq + 1 => {
+                    self.gap(self.p.checkpoint.last_seq + 1, first - 1, &stop)
+                        .await?;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    failures += 1;
+                    warn!(error = %e, "cannot read the stream's state; retrying");
+                    if backoff(failures, &mut stop).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
+            let consumer = match js_source::consumer_from(
+                &self.stream,
+                &opts.source,
+                self.p.checkpoint.last_seq + 1,
+                max_ack_pending,
+                opts.acked,
+            )
+            .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    failures += 1;
+                    warn!(error = %e, "consumer not available; retrying");
+                    if backoff(failures, &mut stop).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            let messages = match js_source::Pull::start(
+                &self.client,
+                &opts.source.stream,
+                &opts.source.consumer,
+                opts.batch_size,
+            )
+            .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    failures += 1;
+                    warn!(error = %e, "cannot start consuming; retrying");
+                    if backoff(failures, &mut stop).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            match self.batches(consumer, messages, &mut stop, lock).await? {
+                Next::Resume => {}
+                Next::Stop => return Ok(()),
+            }
+        }
+    }
+
+    /// Batches from one consumer until it must be recreated or the run stops.
+    async fn batches(
+        &mut self,
+        consumer: PullConsumer,
+        mut messages: js_source::Pull,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+        lock: &mut Option<DataDirLock>,
+    ) -> Result<Next, RuntimeError> {
+        let opts = self.opts;
+        // The consumer's deliveries, checked for losses when they are not
+        // acked (see `RunOptions::acked`).
+        let mut deliveries = js_source::Deliveries::default();
+        let mut stalled_ticks = 0u32;
+        loop {
+            if opts.serve_handoff && handoff::requested(&self.data_dir) {
+                self.settle().await?;
+                if handoff::serve(
+                    &self.data_dir,
+                    self.p.checkpoint.last_seq,
+                    lock,
+                    opts.handoff_timeout,
+                )
+                .await?
                 {
-                    p = open_state(
-                        &data_dir,
-                        &settings,
+                    self.p = open_state(
+                        &self.data_dir,
+                        &self.settings,
                         &opts.source.stream,
-                        &created,
+                        &self.created,
                         &opts.source.subject_prefix,
                     )?;
-                    p.set_live(opts.live);
+                    self.p.set_live(opts.live);
                     info!(
-                        resume_from = p.checkpoint.last_seq + 1,
+                        resume_from = self.p.checkpoint.last_seq + 1,
                         "resumed on the replayed views"
                     );
                 }
-                continue 'session;
+                return Ok(Next::Resume);
             }
             // Wait for the first message of a batch, the idle timeout, or a
             // stop; with a batch in flight, only briefly: it is acked as soon
             // as it is durable, not when the stream goes quiet.
-            let wait = if in_flight.is_some() {
+            let wait = if self.in_flight.is_some() {
                 opts.batch_wait
             } else {
                 opts.idle
             };
             let first_msg = tokio::select! {
                 biased;
-                _ = stop.changed() => break 'session,
+                _ = stop.changed() => return Ok(Next::Stop),
                 r = tokio::time::timeout(wait, messages.next()) => r,
             };
             let first_msg = match first_msg {
-                Err(_) if in_flight.is_some() => {
-                    settle(&mut in_flight, &mut summary, opts).await?;
+                Err(_) if self.in_flight.is_some() => {
+                    self.settle().await?;
                     continue;
                 }
                 Err(_) => {
@@ -180,188 +330,349 @@ pub async fn run_with_lock(
                                     || !deliveries.lost_any(info.delivered.consumer_sequence)) =>
                         {
                             stalled_ticks = 0;
+                            // Drained, unless the stream forgot its tail:
+                            // the session start looks at that.
+                            let first =
+                                js_source::first_sequence(&mut self.stream, &opts.source.stream)
+                                    .await;
+                            if first.is_ok_and(|f| f > self.p.checkpoint.last_seq + 1) {
+                                return Ok(Next::Resume);
+                            }
                             if opts.until_idle {
-                                break 'session;
+                                return Ok(Next::Stop);
                             }
                         }
                         Ok(info) => {
                             stalled_ticks += 1;
-                            if stalled_ticks >= 3 {
+                            if stalled_ticks >= STALL_TICKS {
                                 warn!(
                                     pending = info.num_pending,
                                     delivered_unacked = info.num_ack_pending,
-                                    resume_from = p.checkpoint.last_seq + 1,
+                                    resume_from = self.p.checkpoint.last_seq + 1,
                                     "message delivery stalled; recreating the consumer from the checkpoint"
                                 );
-                                stalled_ticks = 0;
-                                continue 'session;
+                                return Ok(Next::Resume);
                             }
                         }
                         Err(e) => {
                             warn!(error = %e, "cannot read consumer state; reconnecting");
-                            continue 'session;
+                            return Ok(Next::Resume);
                         }
                     }
                     continue;
                 }
                 Ok(None) => {
                     warn!("message stream ended; reconnecting");
-                    continue 'session;
+                    return Ok(Next::Resume);
                 }
                 Ok(Some(Err(e))) => {
                     warn!(error = %e, "message stream failed; resuming from the checkpoint");
-                    tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => continue 'session, _ = stop.changed() => break 'session }
+                    return Ok(if pause(Duration::from_millis(500), stop).await {
+                        Next::Stop
+                    } else {
+                        Next::Resume
+                    });
                 }
                 Ok(Some(Ok(m))) => {
                     stalled_ticks = 0;
                     m
                 }
             };
-            first_seen.get_or_insert_with(Instant::now);
-            let mut batch = Vec::with_capacity(opts.batch_size);
-            batch.push(first_msg);
-            let deadline = tokio::time::Instant::now() + opts.batch_wait;
-            let mut stream_failed = false;
-            while batch.len() < opts.batch_size {
-                // Messages already received are taken without arming a
-                // timer each (that cost more than the message itself).
-                let next = match messages.next().now_or_never() {
-                    Some(m) => Ok(m),
-                    None => tokio::time::timeout_at(deadline, messages.next()).await,
-                };
-                match next {
-                    Ok(Some(Ok(m))) => batch.push(m),
-                    Ok(Some(Err(e))) => {
-                        warn!(error = %e, "message stream failed mid-batch; committing what arrived");
-                        stream_failed = true;
-                        break;
-                    }
-                    Ok(None) => {
-                        stream_failed = true;
-                        break;
-                    }
-                    Err(_) => break,
+            self.first_seen.get_or_insert_with(Instant::now);
+            let (batch, stream_failed) = gather(first_msg, &mut messages, opts).await;
+            let report_now = self.last_report.elapsed() >= REPORT_EVERY;
+            let (hole, out) = self.process(batch, &mut deliveries, report_now)?;
+            if let Some((out, ack)) = out {
+                // One batch in flight: the previous one must be durable (and
+                // is acked) before this one is written.
+                let waited = Instant::now();
+                self.settle().await?;
+                self.summary.waiting_durable += waited.elapsed();
+                self.dispatch(out, Some(ack), stop);
+                if report_now {
+                    self.report();
                 }
             }
-            // Process (sync).
-            let cpu = Instant::now();
-            let report_now = last_report.elapsed() >= Duration::from_secs(5);
-            let first_seq_before = p.checkpoint.last_seq;
-            let mut incoming = Vec::with_capacity(batch.len());
-            let mut last_idx = None;
-            for (idx, m) in batch.iter().enumerate() {
-                let Some(d) = js_source::delivery_info(m) else {
-                    warn!(subject = %m.subject, "message without JetStream metadata skipped");
-                    continue;
-                };
-                if !opts.acked && !deliveries.admit(&d) {
-                    // Not redelivered without acks: take what came before
-                    // it, then resume from the checkpoint.
-                    warn!(
-                        expected = deliveries.expected(),
-                        got = d.consumer_seq,
-                        "a delivery was lost; resuming from the checkpoint"
-                    );
-                    stream_failed = true;
-                    break;
+            match hole {
+                Hole::None if stream_failed => return Ok(Next::Resume),
+                Hole::None => {}
+                Hole::LostDelivery => return Ok(Next::Resume),
+                Hole::Skipped { first, last } => {
+                    self.skipped(first, last, stop).await?;
+                    return Ok(Next::Resume);
                 }
-                if opts.stop_at.is_some_and(|n| d.stream_seq > n) {
-                    break;
-                }
-                incoming.push(Incoming {
-                    stream_seq: d.stream_seq,
-                    published_at: d.published_at,
-                    subject: m.subject.as_str(),
-                    payload: &m.payload,
-                });
-                last_idx = Some(idx);
             }
-            let processed = incoming.len() as u64;
-            let mut letters = p.process_batch(&incoming);
-            if !opts.live {
-                // A replay rebuilds views; the dead letters (like the alerts)
-                // were published by the live run, and are counted anyway.
-                letters.clear();
-            }
-            drop(incoming);
-            let Some(last_msg) = last_idx.and_then(|i| batch.get(i).cloned()) else {
-                if stream_failed {
-                    continue 'session;
-                }
-                continue;
-            };
-            // Freeing 50k messages is a tenth of this thread's work: the
-            // blocking pool does it while the next batch is processed.
-            tokio::task::spawn_blocking(move || drop(batch));
-            let out = BatchOutput {
-                first: first_seq_before + 1,
-                rows: p.take_rows()?,
-                alerts: p.take_alerts(),
-                letters,
-                checkpoint: p.checkpoint.clone(),
-                // Every 5 s the writer also merges small view files, after
-                // this batch is durable (it is the only one writing files).
-                compact: report_now.then(|| p.view_schemas()),
-            };
-            summary.processing += cpu.elapsed();
-            // One batch in flight: the previous one must be durable (and is
-            // acked) before this one is written.
-            let waited = Instant::now();
-            settle(&mut in_flight, &mut summary, opts).await?;
-            summary.waiting_durable += waited.elapsed();
-            in_flight = Some(InFlight {
-                task: tokio::spawn(commit(
-                    js.clone(),
-                    data_dir.clone(),
-                    opts.source.stream.clone(),
-                    Arc::new(out),
-                    stop.clone(),
-                )),
-                last_msg,
-                client: client.clone(),
-                last_seq: p.checkpoint.last_seq,
-            });
-            summary.messages += processed;
-            if report_now {
-                let rate =
-                    (summary.messages - reported_msgs) as f64 / last_report.elapsed().as_secs_f64();
-                let c = &p.checkpoint.counts;
-                info!(
-                    last_seq = p.checkpoint.last_seq,
-                    accepted = c.accepted,
-                    duplicate = c.duplicate,
-                    dead_lettered = c.dead_lettered_total(),
-                    msgs_per_s = rate as u64,
-                    "progress"
-                );
-                last_report = Instant::now();
-                reported_msgs = summary.messages;
-            }
-            if stream_failed {
-                continue 'session;
-            }
-            if *stop.borrow() || done(&p) {
-                break 'session;
+            if *stop.borrow() || self.done() {
+                return Ok(Next::Stop);
             }
         }
     }
-    settle(&mut in_flight, &mut summary, opts).await?;
-    if let (Some(first), Some(durable)) = (first_seen, summary.durable_at) {
-        summary.active = durable.saturating_duration_since(first);
+
+    /// Processes the usable part of `batch`: its output and the message
+    /// that acknowledges it, if any. The usable part ends before a message
+    /// that does not continue the stream (reported as the [`Hole`]) or past
+    /// the run's target.
+    fn process(
+        &mut self,
+        batch: Vec<async_nats::Message>,
+        deliveries: &mut js_source::Deliveries,
+        compact: bool,
+    ) -> Result<(Hole, Option<(BatchOutput, async_nats::Message)>), RuntimeError> {
+        let opts = self.opts;
+        let cpu = Instant::now();
+        let first_seq_before = self.p.checkpoint.last_seq;
+        let mut next = first_seq_before + 1;
+        let mut hole = Hole::None;
+        let mut incoming = Vec::with_capacity(batch.len());
+        let mut last_idx = None;
+        for (idx, m) in batch.iter().enumerate() {
+            let Some(d) = js_source::delivery_info(m) else {
+                warn!(subject = %m.subject, "message without JetStream metadata skipped");
+                continue;
+            };
+            if !opts.acked && !deliveries.admit(&d) {
+                // Not redelivered without acks: take what came before it,
+                // then resume from the checkpoint.
+                warn!(
+                    expected = deliveries.expected(),
+                    got = d.consumer_seq,
+                    "a delivery was lost; resuming from the checkpoint"
+                );
+                hole = Hole::LostDelivery;
+                break;
+            }
+            if d.stream_seq < next {
+                // A redelivery of a message already processed.
+                continue;
+            }
+            if opts.stop_at.is_some_and(|n| d.stream_seq > n) {
+                break;
+            }
+            if d.stream_seq > next {
+                hole = Hole::Skipped {
+                    first: next,
+                    last: d.stream_seq - 1,
+                };
+                break;
+            }
+            next += 1;
+            incoming.push(Incoming {
+                stream_seq: d.stream_seq,
+                published_at: d.published_at,
+                subject: m.subject.as_str(),
+                payload: &m.payload,
+            });
+            last_idx = Some(idx);
+        }
+        let processed = incoming.len() as u64;
+        let mut letters = self.p.process_batch(&incoming);
+        if !opts.live {
+            // A replay rebuilds views; the dead letters (like the alerts)
+            // were published by the live run, and are counted anyway.
+            letters.clear();
+        }
+        drop(incoming);
+        let Some(last_msg) = last_idx.and_then(|i| batch.get(i).cloned()) else {
+            return Ok((hole, None));
+        };
+        // Freeing 50k messages is a tenth of this thread's work: the
+        // blocking pool does it while the next batch is processed.
+        tokio::task::spawn_blocking(move || drop(batch));
+        let out = BatchOutput {
+            first: first_seq_before + 1,
+            rows: self.p.take_rows()?,
+            alerts: self.p.take_alerts(),
+            letters,
+            checkpoint: self.p.checkpoint.clone(),
+            // Every few seconds the writer also merges small view files,
+            // after this batch is durable (it is the only one writing files).
+            compact: compact.then(|| self.p.view_schemas()),
+        };
+        self.summary.processing += cpu.elapsed();
+        self.summary.messages += processed;
+        Ok((hole, Some((out, last_msg))))
     }
-    p.compact(&data_dir)?;
-    summary.elapsed = started.elapsed();
-    let c = &p.checkpoint.counts;
-    info!(
-        last_seq = p.checkpoint.last_seq,
-        accepted = c.accepted,
-        duplicate = c.duplicate,
-        dead_lettered = c.dead_lettered_total(),
-        seconds = summary.elapsed.as_secs_f64(),
-        processing_secs = summary.processing.as_secs_f64(),
-        waiting_durable_secs = summary.waiting_durable.as_secs_f64(),
-        writing_secs = summary.writing.as_secs_f64(),
-        "tally run stopped; everything processed is durable and acknowledged"
-    );
-    Ok(summary)
+
+    /// Hands a batch's output to the committer; the caller has settled the
+    /// previous batch (one in flight at a time).
+    fn dispatch(
+        &mut self,
+        out: BatchOutput,
+        ack: Option<async_nats::Message>,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) {
+        let task = tokio::spawn(commit(
+            self.js.clone(),
+            self.data_dir.clone(),
+            Arc::clone(&self.dlq),
+            Arc::new(out),
+            stop.clone(),
+        ));
+        self.in_flight = Some(InFlight {
+            task,
+            last_msg: ack,
+            client: self.client.clone(),
+            last_seq: self.p.checkpoint.last_seq,
+        });
+    }
+
+    fn report(&mut self) {
+        let rate = (self.summary.messages - self.reported_msgs) as f64
+            / self.last_report.elapsed().as_secs_f64();
+        let c = &self.p.checkpoint.counts;
+        info!(
+            last_seq = self.p.checkpoint.last_seq,
+            accepted = c.accepted,
+            duplicate = c.duplicate,
+            dead_lettered = c.dead_lettered_total(),
+            msgs_per_s = rate as u64,
+            "progress"
+        );
+        self.last_report = Instant::now();
+        self.reported_msgs = self.summary.messages;
+    }
+
+    /// A delivery passed over `first..=last`: a gap if the stream no longer
+    /// holds them, else they went elsewhere and the consumer is recreated.
+    async fn skipped(
+        &mut self,
+        first: u64,
+        last: u64,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), RuntimeError> {
+        let opts = self.opts;
+        match js_source::gone_until(&self.stream, &opts.source.stream, first, last).await? {
+            Some(gone) => self.gap(first, gone, stop).await,
+            None => {
+                let now = Instant::now();
+                self.lost.retain(|t| now.duration_since(*t) < LOST_WINDOW);
+                self.lost.push(now);
+                warn!(
+                    missing = first,
+                    "the consumer passed over a message the stream holds; resuming from the checkpoint"
+                );
+                if self.lost.len() >= LOST_LIMIT {
+                    self.settle().await?;
+                    return Err(RuntimeError::ConsumerShared {
+                        stream: opts.source.stream.clone(),
+                        consumer: opts.source.consumer.clone(),
+                        checkpoint: self.p.checkpoint.last_seq,
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The stream no longer holds `first..=last`, the sequences that come
+    /// next: refuse (nothing past them is processed, the checkpoint stays),
+    /// or with `--accept-gap` record the gap and go on.
+    async fn gap(
+        &mut self,
+        first: u64,
+        last: u64,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), RuntimeError> {
+        let opts = self.opts;
+        let last = opts.stop_at.map_or(last, |n| last.min(n));
+        self.settle().await?;
+        if !opts.accept_gap {
+            return Err(RuntimeError::Gap {
+                stream: opts.source.stream.clone(),
+                first,
+                last,
+                path: opts.data_dir.clone(),
+                checkpoint: self.p.checkpoint.last_seq,
+            });
+        }
+        warn!(
+            first_seq = first,
+            last_seq = last,
+            messages = last - first + 1,
+            "the stream no longer holds these messages; going on without them (--accept-gap) and recording the gap"
+        );
+        self.p.checkpoint.skip_gap(first, last);
+        let out = BatchOutput {
+            first,
+            rows: Vec::new(),
+            alerts: Vec::new(),
+            letters: Vec::new(),
+            checkpoint: self.p.checkpoint.clone(),
+            compact: None,
+        };
+        self.dispatch(out, None, stop);
+        self.settle().await
+    }
+
+    /// Settles the last batch, merges small files, logs the outcome.
+    async fn finish(mut self, started: Instant) -> Result<RunSummary, RuntimeError> {
+        self.settle().await?;
+        if let (Some(first), Some(durable)) = (self.first_seen, self.summary.durable_at) {
+            self.summary.active = durable.saturating_duration_since(first);
+        }
+        self.p.compact(&self.data_dir)?;
+        self.summary.elapsed = started.elapsed();
+        let c = &self.p.checkpoint.counts;
+        info!(
+            last_seq = self.p.checkpoint.last_seq,
+            accepted = c.accepted,
+            duplicate = c.duplicate,
+            dead_lettered = c.dead_lettered_total(),
+            gaps = self.p.checkpoint.gaps.len(),
+            seconds = self.summary.elapsed.as_secs_f64(),
+            processing_secs = self.summary.processing.as_secs_f64(),
+            waiting_durable_secs = self.summary.waiting_durable.as_secs_f64(),
+            writing_secs = self.summary.writing.as_secs_f64(),
+            "tally run stopped; everything processed is durable and acknowledged"
+        );
+        Ok(self.summary)
+    }
+}
+
+/// Gathers a batch after its first message: up to the batch size, for at
+/// most the batch wait. Also says whether the message stream failed.
+async fn gather(
+    first: async_nats::Message,
+    messages: &mut js_source::Pull,
+    opts: &RunOptions,
+) -> (Vec<async_nats::Message>, bool) {
+    let mut batch = Vec::with_capacity(opts.batch_size);
+    batch.push(first);
+    let deadline = tokio::time::Instant::now() + opts.batch_wait;
+    while batch.len() < opts.batch_size {
+        // Messages already received are taken without arming a timer each
+        // (that cost more than the message itself).
+        let next = match messages.next().now_or_never() {
+            Some(m) => Ok(m),
+            None => tokio::time::timeout_at(deadline, messages.next()).await,
+        };
+        match next {
+            Ok(Some(Ok(m))) => batch.push(m),
+            Ok(Some(Err(e))) => {
+                warn!(error = %e, "message stream failed mid-batch; committing what arrived");
+                return (batch, true);
+            }
+            Ok(None) => return (batch, true),
+            Err(_) => break,
+        }
+    }
+    (batch, false)
+}
+
+/// Waits `delay` unless the run is stopped first (then true).
+async fn pause(delay: Duration, stop: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => false,
+        _ = stop.changed() => true,
+    }
+}
+
+/// Waits longer after each failure in a row (0.25 s more each, up to 10 s);
+/// true if the run was stopped meanwhile.
+async fn backoff(failures: u32, stop: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    pause(
+        Duration::from_millis(250 * u64::from(failures.min(40))),
+        stop,
+    )
+    .await
 }

@@ -25,7 +25,9 @@ pub struct SourceConfig {
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// The event stream (`--stream`).
 pub const DEFAULT_STREAM: &str = "TALLY_EVENTS";
-/// The durable consumer of `tally run` (`--consumer`).
+/// The durable consumer when none is named; `tally run` and `tally status`
+/// derive one per data directory instead (see
+/// [`crate::store::DataDir::consumer_name`]).
 pub const DEFAULT_CONSUMER: &str = "tally";
 /// The dead-letter stream (`--dlq-stream`).
 pub const DEFAULT_DLQ_STREAM: &str = "TALLY_DLQ";
@@ -74,6 +76,10 @@ pub enum SourceError {
     #[error("cannot consume from stream {stream}: {cause}")]
     Messages { stream: String, cause: String },
 }
+
+/// How long a consumer may go without pull requests before the server
+/// removes it.
+const CONSUMER_INACTIVE: Duration = Duration::from_secs(3600);
 
 /// Messages a subscription can buffer in the client. A full buffer makes
 /// the client drop messages (the server then redelivers them only after
@@ -145,24 +151,30 @@ pub async fn ensure_event_stream(
 /// Creates a stream for Tally's own output (`TALLY_DLQ`, `TALLY_ALERTS`) if
 /// missing. Its duplicate window covers a restart after a crash, so a
 /// publish repeated by the recovery of an unfinished batch is dropped.
+/// Returns the stream's `max_msg_size` (`<= 0`: unlimited).
 pub async fn ensure_output_stream(
     js: &jetstream::Context,
     name: &str,
     subjects: &str,
-) -> Result<(), SourceError> {
-    js.get_or_create_stream(stream::Config {
-        name: name.to_owned(),
-        subjects: vec![subjects.to_owned()],
-        storage: stream::StorageType::File,
-        duplicate_window: Duration::from_secs(3600),
-        ..Default::default()
-    })
-    .await
-    .map(|_| ())
-    .map_err(|e| SourceError::Stream {
+) -> Result<i64, SourceError> {
+    let mut s = js
+        .get_or_create_stream(stream::Config {
+            name: name.to_owned(),
+            subjects: vec![subjects.to_owned()],
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| SourceError::Stream {
+            stream: name.to_owned(),
+            cause: e.to_string(),
+        })?;
+    let info = s.info().await.map_err(|e| SourceError::Info {
         stream: name.to_owned(),
         cause: e.to_string(),
-    })
+    })?;
+    Ok(i64::from(info.config.max_message_size))
 }
 
 /// Stream creation time, as recorded in the checkpoint to detect a stream
@@ -176,6 +188,63 @@ pub async fn stream_identity(
         cause: e.to_string(),
     })?;
     Ok((info.created.to_rfc3339(), info.state.last_sequence))
+}
+
+/// The stream's first sequence still held: every sequence below it is
+/// gone (retention, a purge).
+pub async fn first_sequence(s: &mut stream::Stream, name: &str) -> Result<u64, SourceError> {
+    let info = s.info().await.map_err(|e| SourceError::Info {
+        stream: name.to_owned(),
+        cause: e.to_string(),
+    })?;
+    Ok(info.state.first_sequence)
+}
+
+/// Of the sequences `from..=to`, which a consumer passed over: the last
+/// of the run of them, starting at `from`, that the stream no longer holds
+/// (below its first sequence, or deleted one by one). `None` when `from`
+/// itself is still held: then it was not delivered to us although it
+/// exists.
+pub async fn gone_until(
+    s: &stream::Stream,
+    name: &str,
+    from: u64,
+    to: u64,
+) -> Result<Option<u64>, SourceError> {
+    let info = s
+        .info_builder()
+        .with_deleted(true)
+        .fetch()
+        .await
+        .map_err(|e| SourceError::Info {
+            stream: name.to_owned(),
+            cause: e.to_string(),
+        })?
+        .info;
+    let deleted: std::collections::HashSet<u64> = info
+        .state
+        .deleted
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| (from..=to).contains(d))
+        .collect();
+    let first = info.state.first_sequence;
+    let gone = |seq: u64| seq < first || deleted.contains(&seq);
+    if !gone(from) {
+        return Ok(None);
+    }
+    let mut last = from;
+    while last < to {
+        let next = last + 1;
+        if next < first {
+            last = (first - 1).min(to);
+        } else if deleted.contains(&next) {
+            last = next;
+        } else {
+            break;
+        }
+    }
+    Ok(Some(last))
 }
 
 /// (Re)creates the durable consumer to deliver from `start_seq`.
@@ -219,6 +288,10 @@ pub async fn consumer_from(
         // while when the disk is slow; redeliveries are skipped anyway.
         ack_wait: Duration::from_secs(300),
         max_ack_pending,
+        // A consumer a run left behind (its data directory given up) is
+        // removed by the server after an hour without pull requests; a live
+        // run always has one outstanding.
+        inactive_threshold: CONSUMER_INACTIVE,
         // The checkpoint, not the consumer, is the record of progress: the
         // consumer is recreated from it every session. Kept in memory, the
         // server does not re-encode its up to `max_ack_pending` pending

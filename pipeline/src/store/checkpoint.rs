@@ -65,6 +65,20 @@ impl Counts {
     }
 }
 
+/// Stream sequences the views never saw: gone from the stream (retention, a
+/// purge, a deleted message) before a run reached them, and passed over
+/// with `--accept-gap`. Recorded for good, so that whoever reads the views
+/// can tell they are incomplete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gap {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// `last_seq - first_seq + 1`.
+    pub messages: u64,
+    /// The stream clock when the gap was found (µs): how far the views had got.
+    pub stream_clock_us: Option<i64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub version: u32,
@@ -82,6 +96,9 @@ pub struct Checkpoint {
     /// The result-changing settings the views were built with.
     pub settings: Settings,
     pub counts: Counts,
+    /// Sequences passed over, in stream order.
+    #[serde(default)]
+    pub gaps: Vec<Gap>,
 }
 
 impl Checkpoint {
@@ -95,7 +112,20 @@ impl Checkpoint {
             stream_clock_us: None,
             settings: settings.clone(),
             counts: Counts::default(),
+            gaps: Vec::new(),
         }
+    }
+
+    /// Passes over the gone sequences `first..=last`: the views go on
+    /// without them, and the gap is recorded.
+    pub fn skip_gap(&mut self, first: u64, last: u64) {
+        self.gaps.push(Gap {
+            first_seq: first,
+            last_seq: last,
+            messages: last - first + 1,
+            stream_clock_us: self.stream_clock_us,
+        });
+        self.last_seq = self.last_seq.max(last);
     }
 
     pub fn path(data_dir: &Path) -> PathBuf {

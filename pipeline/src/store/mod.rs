@@ -62,6 +62,18 @@ impl DataDir {
         &self.root
     }
 
+    /// The default name of the durable consumer of runs on this directory:
+    /// `tally-` and a hash of its absolute path. Each data directory gets a
+    /// consumer of its own, so two runs on two directories never split one
+    /// consumer's messages between them.
+    pub fn consumer_name(&self) -> String {
+        let path = std::path::absolute(&self.root).unwrap_or_else(|_| self.root.clone());
+        format!(
+            "tally-{:016x}",
+            xxhash_rust::xxh3::xxh3_64(path.as_os_str().as_encoded_bytes())
+        )
+    }
+
     /// One view's files.
     pub fn view(&self, view: &str) -> ViewDir {
         ViewDir::new(&self.root, view)

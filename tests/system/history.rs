@@ -1,0 +1,198 @@
+//! History the stream forgot: purges, `max_msgs` retention and deleted
+//! messages. A run refuses to go past a gap (the checkpoint and views stay
+//! as they were) unless told `--accept-gap`, which records it for good.
+
+use std::path::Path;
+
+use async_nats::jetstream::stream;
+
+use crate::harness::{NatsServer, generated, run_expect, tally, until_idle};
+use crate::metrics::{all_views, publish_file};
+use crate::{events_stream, js, rt};
+
+fn checkpoint(data: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(data.join("checkpoint.json")).unwrap()).unwrap()
+}
+
+/// `tally run --until-idle` expecting the gap refusal; returns stderr.
+fn refused(server: &NatsServer, data: &Path) -> String {
+    let mut c = tally(server, data);
+    c.args(["run", "--until-idle"]);
+    String::from_utf8(run_expect(c, 1).stderr).unwrap()
+}
+
+fn accept_gap(server: &NatsServer, data: &Path) {
+    let mut c = tally(server, data);
+    c.args(["run", "--until-idle", "--accept-gap"]);
+    run_expect(c, 0);
+}
+
+fn gaps(data: &Path) -> Vec<(u64, u64)> {
+    checkpoint(data)["gaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["first_seq"].as_u64().unwrap(),
+                g["last_seq"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The stream's last sequence.
+fn stream_last(server: &NatsServer) -> u64 {
+    rt().block_on(async {
+        let js = js(server).await;
+        let mut s = js.get_stream("TALLY_EVENTS").await.unwrap();
+        s.info().await.unwrap().state.last_sequence
+    })
+}
+
+/// Publishes the first `n` lines of `file` and writes the rest to
+/// `rest.jsonl`; returns the stream's last sequence (JetStream drops the
+/// file's quick re-sends, so fewer than `n`).
+fn publish_split(server: &NatsServer, dir: &Path, file: &Path, n: usize) -> u64 {
+    let text = std::fs::read_to_string(file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let (a, b) = lines.split_at(n);
+    let first = dir.join("first.jsonl");
+    let rest = dir.join("rest.jsonl");
+    std::fs::write(&first, a.join("\n") + "\n").unwrap();
+    std::fs::write(&rest, b.join("\n") + "\n").unwrap();
+    publish_file(server, &dir.join("unused"), &first);
+    stream_last(server)
+}
+
+#[test]
+fn a_purge_past_the_checkpoint_is_refused_then_recorded_with_accept_gap() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = generated(dir.path(), 20, 3, 11);
+    let first = publish_split(&server, dir.path(), &file, 2000);
+    until_idle(&server, &data);
+    let before = checkpoint(&data);
+    let views_before = all_views(&server, &data);
+    assert_eq!(before["last_seq"].as_u64().unwrap(), first);
+    publish_file(
+        &server,
+        &dir.path().join("unused"),
+        &dir.path().join("rest.jsonl"),
+    );
+    let last = rt().block_on(async {
+        let js = js(&server).await;
+        let mut s = js.get_stream("TALLY_EVENTS").await.unwrap();
+        s.purge().keep(500).await.unwrap();
+        s.info().await.unwrap().state.last_sequence
+    });
+    let gone_first = first + 1;
+    let gone_last = last - 500;
+    let err = refused(&server, &data);
+    assert!(
+        err.contains(&format!("sequences {gone_first}..={gone_last}"))
+            && err.contains(&format!("{} messages", gone_last - gone_first + 1))
+            && err.contains("--accept-gap"),
+        "{err}"
+    );
+    assert_eq!(checkpoint(&data), before, "the checkpoint is untouched");
+    assert_eq!(
+        all_views(&server, &data),
+        views_before,
+        "the views are untouched"
+    );
+    accept_gap(&server, &data);
+    assert_eq!(gaps(&data), vec![(gone_first, gone_last)]);
+    assert_eq!(checkpoint(&data)["last_seq"].as_u64().unwrap(), last);
+    // Recorded for good: a later run keeps it and goes on.
+    until_idle(&server, &data);
+    assert_eq!(gaps(&data), vec![(gone_first, gone_last)]);
+}
+
+#[test]
+fn a_fresh_directory_on_a_purged_stream_is_refused() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = generated(dir.path(), 5, 2, 12);
+    publish_file(&server, &dir.path().join("unused"), &file);
+    let last = rt().block_on(async {
+        let js = js(&server).await;
+        let mut s = js.get_stream("TALLY_EVENTS").await.unwrap();
+        s.purge().keep(100).await.unwrap();
+        s.info().await.unwrap().state.last_sequence
+    });
+    let err = refused(&server, &data);
+    assert!(
+        err.contains(&format!("sequences 1..={}", last - 100)),
+        "{err}"
+    );
+    accept_gap(&server, &data);
+    assert_eq!(gaps(&data), vec![(1, last - 100)]);
+}
+
+#[test]
+fn a_single_deleted_message_is_a_gap_of_one() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = generated(dir.path(), 5, 2, 13);
+    publish_file(&server, &dir.path().join("unused"), &file);
+    rt().block_on(async {
+        let js = js(&server).await;
+        let s = js.get_stream("TALLY_EVENTS").await.unwrap();
+        assert!(s.delete_message(200).await.unwrap());
+    });
+    let err = refused(&server, &data);
+    assert!(err.contains("sequences 200..=200 (1 messages)"), "{err}");
+    assert_eq!(checkpoint(&data)["last_seq"].as_u64().unwrap(), 199);
+    accept_gap(&server, &data);
+    assert_eq!(gaps(&data), vec![(200, 200)]);
+}
+
+#[test]
+fn a_stream_whose_retention_drops_what_a_run_has_not_read_is_refused() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    rt().block_on(async {
+        let js = js(&server).await;
+        js.create_stream(stream::Config {
+            max_messages: 300,
+            ..events_stream()
+        })
+        .await
+        .unwrap();
+    });
+    let file = generated(dir.path(), 5, 2, 14);
+    let first = publish_split(&server, dir.path(), &file, 250);
+    until_idle(&server, &data);
+    assert_eq!(checkpoint(&data)["last_seq"].as_u64().unwrap(), first);
+    publish_file(
+        &server,
+        &dir.path().join("unused"),
+        &dir.path().join("rest.jsonl"),
+    );
+    let err = refused(&server, &data);
+    assert!(
+        err.contains(&format!("sequences {}..=", first + 1)),
+        "{err}"
+    );
+    // The whole remaining tail purged: nothing is delivered, the gap is
+    // still noticed.
+    rt().block_on(async {
+        let js = js(&server).await;
+        js.get_stream("TALLY_EVENTS")
+            .await
+            .unwrap()
+            .purge()
+            .await
+            .unwrap();
+    });
+    let err = refused(&server, &data);
+    assert!(
+        err.contains(&format!("sequences {}..=", first + 1)),
+        "{err}"
+    );
+}
