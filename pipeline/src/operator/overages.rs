@@ -33,7 +33,7 @@ use super::{Operator, OperatorError, SeriesIds, Storage};
 use crate::event::alert::Alert;
 use crate::event::decimal::{self, ONE, PRECISION, SCALE};
 use crate::event::time::{MICROS, format_micros};
-use crate::event::{Aggregation, Event, Payload};
+use crate::event::{Aggregation, Event, Payload, PlanVersion};
 
 pub const VIEW: &str = "overages";
 const THRESHOLDS: [i32; 3] = [80, 90, 100];
@@ -46,6 +46,7 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("period", DataType::Date32, false),
         Field::new("metric", DataType::Utf8, false),
         Field::new("plan", DataType::Utf8, true),
+        Field::new("aggregation", DataType::Utf8, false),
         Field::new("used", dec(), false),
         Field::new("included", dec(), true),
         Field::new("overage_quantity", dec(), false),
@@ -65,6 +66,7 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     pub plan: Option<String>,
+    pub aggregation: Aggregation,
     pub used: i128,
     pub included: Option<i128>,
     pub overage_quantity: i128,
@@ -80,10 +82,27 @@ type Key = (Arc<str>, i64, Arc<str>);
 struct Month {
     agg: Agg,
     row: Option<Row>,
+    /// Bit set of the thresholds (80, 90, 100, bits 0-2) reached so far:
+    /// each is decided once, at the message that reaches it.
     alerted: i32,
+    /// The bits as last written: a row is written again when they change.
+    written: i32,
+    /// What `used` is measured against, kept until the tenant's
+    /// subscriptions or the catalog change (then `None`).
+    limit: Option<Limit>,
     /// Changed since the last `take_rows` (its slot is in `dirty`).
     dirty: bool,
 }
+
+/// What a month's threshold depends on besides its usage.
+#[derive(Debug, Clone, Copy)]
+struct Limit {
+    aggregation: Aggregation,
+    included: Option<i128>,
+}
+
+/// Every threshold bit.
+const ALL_REACHED: i32 = (1 << THRESHOLDS.len()) - 1;
 
 /// The months, one slot each: a usage event reaches its month through its
 /// series' [`Recent`] slot without hashing the key's strings, and dirty
@@ -110,6 +129,9 @@ pub struct OveragesOperator {
     series: Vec<Series>,
     dirty_tenants: BTreeSet<Arc<str>>,
     dirty_all: bool,
+    /// Each tenant's month slots, to decide its thresholds again when its
+    /// subscriptions change.
+    tenant_months: HashMap<Arc<str>, Vec<u32>, FixedState>,
     /// Largest accepted event time seen: the stream clock.
     clock: Option<i64>,
     /// Alerts are published only by a live run, never during restore or replay.
@@ -123,6 +145,48 @@ fn ceil_div(a: i128, b: i128) -> i128 {
         return 0;
     }
     a / b + i128::from(a % b != 0)
+}
+
+/// The `aggregation` column: the metric's aggregation as catalog events spell it.
+fn aggregation_name(a: Aggregation) -> &'static str {
+    match a {
+        Aggregation::Sum => "sum",
+        Aggregation::Count => "count",
+        Aggregation::Max => "max",
+        Aggregation::Latest => "latest",
+    }
+}
+
+/// `used` of a month: its usage under the metric's aggregation.
+fn used(agg: &Agg, aggregation: Aggregation) -> i128 {
+    match aggregation {
+        Aggregation::Sum => agg.sum,
+        Aggregation::Count => i128::from(agg.events).saturating_mul(ONE),
+        Aggregation::Max => agg.max,
+        Aggregation::Latest => agg.last,
+    }
+}
+
+fn pct_used(used: i128, included: Option<i128>) -> Option<f64> {
+    included
+        .filter(|inc| *inc > 0)
+        .map(|inc| 100.0 * (used as f64) / (inc as f64))
+}
+
+/// The largest threshold `used` reaches against `included`, decided with
+/// exact integers (`used * 100 >= included * t`); 100 when nothing is
+/// included and something is used.
+fn threshold(used: i128, included: Option<i128>) -> Option<i32> {
+    match included {
+        Some(0) if used > 0 => Some(100),
+        Some(inc) if inc > 0 => THRESHOLDS.iter().rev().copied().find(|t| {
+            match (used.checked_mul(100), inc.checked_mul(i128::from(*t))) {
+                (Some(a), Some(b)) => a >= b,
+                _ => pct_used(used, included).is_some_and(|p| p >= f64::from(*t)),
+            }
+        }),
+        _ => None,
+    }
 }
 
 /// Days since the epoch as `YYYY-MM-DD`.
@@ -145,6 +209,7 @@ impl OveragesOperator {
             series: Vec::new(),
             dirty_tenants: BTreeSet::new(),
             dirty_all: false,
+            tenant_months: HashMap::with_hasher(FixedState),
             clock: None,
             live: true,
             alerts: Vec::new(),
@@ -175,8 +240,8 @@ impl OveragesOperator {
         a
     }
 
-    /// The row of (`tenant`, month starting `s`, `metric`) with usage `agg`.
-    pub fn compute(&self, tenant: &str, s: i64, metric: &str, agg: &Agg) -> Row {
+    /// The plan of `tenant` for the month starting `s`, and its catalog version.
+    fn plan(&self, tenant: &str, s: i64) -> (Option<String>, Option<&PlanVersion>) {
         let (_, e) = month_bounds(s);
         let fold = self
             .subs
@@ -191,12 +256,22 @@ impl OveragesOperator {
         let version = plan
             .as_deref()
             .and_then(|p| self.catalog.plan_version(p, e));
-        let used = match self.catalog.aggregation(metric) {
-            Aggregation::Sum => agg.sum,
-            Aggregation::Count => i128::from(agg.events).saturating_mul(ONE),
-            Aggregation::Max => agg.max,
-            Aggregation::Latest => agg.last,
-        };
+        (plan, version)
+    }
+
+    fn limit(&self, tenant: &str, s: i64, metric: &str) -> Limit {
+        let (_, version) = self.plan(tenant, s);
+        Limit {
+            aggregation: self.catalog.aggregation(metric),
+            included: version.and_then(|v| v.limits.get(metric)).copied(),
+        }
+    }
+
+    /// The row of (`tenant`, month starting `s`, `metric`) with usage `agg`.
+    pub fn compute(&self, tenant: &str, s: i64, metric: &str, agg: &Agg) -> Row {
+        let (plan, version) = self.plan(tenant, s);
+        let aggregation = self.catalog.aggregation(metric);
+        let used = used(agg, aggregation);
         let included = version.and_then(|v| v.limits.get(metric)).copied();
         let overage_quantity = included.map_or(0, |inc| (used - inc).max(0));
         let overage_amount = match version {
@@ -211,29 +286,91 @@ impl OveragesOperator {
                 }),
             },
         };
-        let pct_used = included
-            .filter(|inc| *inc > 0)
-            .map(|inc| 100.0 * (used as f64) / (inc as f64));
-        // Exact integer comparisons: pct_used reaches t  <=>  used * 100 >= included * t.
-        let threshold = match included {
-            Some(0) if used > 0 => Some(100),
-            Some(inc) if inc > 0 => THRESHOLDS.iter().rev().copied().find(|t| {
-                match (used.checked_mul(100), inc.checked_mul(i128::from(*t))) {
-                    (Some(a), Some(b)) => a >= b,
-                    _ => pct_used.is_some_and(|p| p >= f64::from(*t)),
-                }
-            }),
-            _ => None,
-        };
         Row {
             plan,
+            aggregation,
             used,
             included,
             overage_quantity,
             overage_amount,
             currency: version.map(|v| v.currency.clone()),
-            pct_used,
-            threshold,
+            pct_used: pct_used(used, included),
+            threshold: threshold(used, included),
+        }
+    }
+
+    /// Decides the thresholds of the month in `slot` after the message just
+    /// applied: each one `used` now meets for the first time is reached
+    /// here, and alerted if the period is not final by the stream clock
+    /// after this message (metrics.md), so which alerts exist depends on
+    /// the stream alone, never on batching.
+    fn reach(&mut self, slot: u32) {
+        let cached = match self.months.slot(slot) {
+            Some((_, m)) if m.alerted == ALL_REACHED => return,
+            Some((_, m)) => m.limit,
+            None => return,
+        };
+        let limit = match cached {
+            Some(l) => l,
+            None => {
+                let Some((k, _)) = self.months.slot(slot) else {
+                    return;
+                };
+                let k = k.clone();
+                self.limit(&k.0, k.1, &k.2)
+            }
+        };
+        let Some((key, m)) = self.months.slot_mut(slot) else {
+            return;
+        };
+        m.limit = Some(limit);
+        let used = used(&m.agg, limit.aggregation);
+        let Some(reached) = threshold(used, limit.included) else {
+            return;
+        };
+        let mut newly = 0;
+        for (bit, t) in THRESHOLDS.iter().enumerate() {
+            if reached >= *t && m.alerted & (1 << bit) == 0 {
+                newly |= 1 << bit;
+            }
+        }
+        if newly == 0 {
+            return;
+        }
+        m.alerted |= newly;
+        if !std::mem::replace(&mut m.dirty, true) {
+            self.dirty.push(slot);
+        }
+        let (_, end) = month_bounds(key.1);
+        let open = self
+            .clock
+            .is_none_or(|c| end.saturating_add(self.lateness_us) > c);
+        if !(self.live && open) {
+            return;
+        }
+        for (bit, t) in THRESHOLDS.iter().enumerate() {
+            if newly & (1 << bit) != 0 {
+                self.alerts.push(Alert {
+                    tenant: key.0.to_string(),
+                    period: date_text(key.1),
+                    metric: key.2.to_string(),
+                    threshold: *t,
+                    used: decimal::to_string(used),
+                    included: limit.included.map(decimal::to_string),
+                    time: self.clock.unwrap_or(0),
+                });
+            }
+        }
+    }
+
+    /// Forgets the cached limits of `slots` and decides their thresholds
+    /// again (their tenant's subscriptions or the catalog changed).
+    fn reach_again(&mut self, slots: &[u32]) {
+        for &slot in slots {
+            if let Some((_, m)) = self.months.slot_mut(slot) {
+                m.limit = None;
+            }
+            self.reach(slot);
         }
     }
 
@@ -253,14 +390,12 @@ impl OveragesOperator {
         if self.dirty_all {
             keys.extend(self.months.entries().map(|(k, _)| k.clone()));
         } else {
-            let tenants = std::mem::take(&mut self.dirty_tenants);
-            if !tenants.is_empty() {
-                keys.extend(
-                    self.months
-                        .entries()
-                        .filter(|(k, _)| tenants.contains(&k.0))
-                        .map(|(k, _)| k.clone()),
-                );
+            for t in std::mem::take(&mut self.dirty_tenants) {
+                for slot in self.tenant_months.get(&t).into_iter().flatten() {
+                    if let Some((k, _)) = self.months.slot(*slot) {
+                        keys.insert(k.clone());
+                    }
+                }
             }
         }
         self.dirty_all = false;
@@ -271,33 +406,12 @@ impl OveragesOperator {
                 continue;
             };
             let row = self.compute(&key.0, key.1, &key.2, &month.agg);
-            if month.row.as_ref() == Some(&row) {
+            if month.row.as_ref() == Some(&row) && month.written == month.alerted {
                 continue;
-            }
-            let (_, end) = month_bounds(key.1);
-            let open = self
-                .clock
-                .is_none_or(|c| end.saturating_add(self.lateness_us) > c);
-            let mut alerted = month.alerted;
-            for (bit, t) in THRESHOLDS.iter().enumerate() {
-                if row.threshold.is_some_and(|r| r >= *t) && alerted & (1 << bit) == 0 {
-                    alerted |= 1 << bit;
-                    if self.live && open {
-                        self.alerts.push(Alert {
-                            tenant: key.0.to_string(),
-                            period: date_text(key.1),
-                            metric: key.2.to_string(),
-                            threshold: *t,
-                            used: decimal::to_string(row.used),
-                            included: row.included.map(decimal::to_string),
-                            time: self.clock.unwrap_or(0),
-                        });
-                    }
-                }
             }
             if let Some(m) = self.months.get_mut(&key) {
                 m.row = Some(row);
-                m.alerted = alerted;
+                m.written = m.alerted;
             }
             changed.push(key);
         }
@@ -311,6 +425,7 @@ impl OveragesOperator {
         let mut period = Date32Builder::new();
         let mut metric = StringBuilder::new();
         let mut plan = StringBuilder::new();
+        let mut aggregation = StringBuilder::new();
         let (mut used, mut included, mut oq) = (
             dec().map_err(err)?,
             dec().map_err(err)?,
@@ -333,6 +448,7 @@ impl OveragesOperator {
                 .append_value(i32::try_from(key.1.div_euclid(86_400 * MICROS)).unwrap_or(i32::MAX));
             metric.append_value(&key.2);
             plan.append_option(r.plan.as_deref());
+            aggregation.append_value(aggregation_name(r.aggregation));
             used.append_value(r.used);
             included.append_option(r.included);
             oq.append_value(r.overage_quantity);
@@ -349,6 +465,7 @@ impl OveragesOperator {
             Arc::new(period.finish()),
             Arc::new(metric.finish()),
             Arc::new(plan.finish()),
+            Arc::new(aggregation.finish()),
             Arc::new(used.finish()),
             Arc::new(included.finish()),
             Arc::new(oq.finish()),
@@ -376,7 +493,7 @@ impl Operator for OveragesOperator {
     fn storage(&self) -> Storage {
         Storage::Versioned {
             key: &["tenant", "period", "metric"],
-            columns: "tenant, period, metric, plan, used, included, overage_quantity, overage_amount, currency, pct_used, threshold",
+            columns: "tenant, period, metric, plan, aggregation, used, included, overage_quantity, overage_amount, currency, pct_used, threshold",
             final_column: Some("period_end"),
             deleted_column: None,
         }
@@ -395,6 +512,8 @@ impl Operator for OveragesOperator {
         self.clock = Some(self.clock.map_or(e.time, |c| c.max(e.time)));
         if self.catalog.apply(e) {
             self.dirty_all = true;
+            let slots: Vec<u32> = self.tenant_months.values().flatten().copied().collect();
+            self.reach_again(&slots);
             return;
         }
         if let Some(sub) = sub {
@@ -403,7 +522,9 @@ impl Operator for OveragesOperator {
                 .entry(Arc::clone(&t))
                 .or_default()
                 .insert(Arc::clone(sub));
+            let slots = self.tenant_months.get(&t).cloned().unwrap_or_default();
             self.dirty_tenants.insert(t);
+            self.reach_again(&slots);
             return;
         }
         if let Payload::UsageRecorded { metric, quantity } = &e.payload {
@@ -420,6 +541,8 @@ impl Operator for OveragesOperator {
                     agg: Agg::new(e, *quantity),
                     row: None,
                     alerted: 0,
+                    written: 0,
+                    limit: None,
                     dirty: true,
                 });
                 series.recent = Recent {
@@ -428,7 +551,12 @@ impl Operator for OveragesOperator {
                     slot,
                 };
                 if made {
+                    self.tenant_months
+                        .entry(Arc::clone(&series.tenant))
+                        .or_default()
+                        .push(slot);
                     self.dirty.push(slot);
+                    self.reach(slot);
                     return;
                 }
                 slot
@@ -439,6 +567,7 @@ impl Operator for OveragesOperator {
                     self.dirty.push(slot);
                 }
             }
+            self.reach(slot);
         }
     }
 
@@ -929,6 +1058,50 @@ mod tests {
             op.take_alerts().is_empty(),
             "February is final once the clock reaches March 1 + lateness"
         );
+    }
+
+    /// metrics.md: which alerts exist is a pure function of the stream. A
+    /// generated SaaS (usage over and under limits, plan changes, catalog
+    /// versions) as one batch, per event, and in batches of 97 gives the
+    /// same alerts, with the same times.
+    #[test]
+    fn alerts_do_not_depend_on_batching() {
+        use crate::commands::generate::{GenerateConfig, generate};
+        let cfg = GenerateConfig {
+            tenants: 25,
+            months: 6,
+            seed: 9,
+            start_year: 2025,
+            start_month: 1,
+            source: "g".into(),
+            activity: true,
+        };
+        let mut text = Vec::new();
+        generate(&cfg, &mut text).unwrap();
+        let limits = crate::event::Limits::default();
+        let events: Vec<Event> = text
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| crate::event::validate_payload(l, &limits).unwrap())
+            .collect();
+        let alerts = |batch: usize| {
+            let mut op = OveragesOperator::new(300 * MICROS);
+            let mut out = Vec::new();
+            for chunk in events.chunks(batch) {
+                for e in chunk {
+                    op.apply(e);
+                }
+                op.take_rows(1).unwrap();
+                out.extend(op.take_alerts());
+            }
+            out.iter()
+                .map(|a| (a.id(), a.time, a.used.clone()))
+                .collect::<Vec<_>>()
+        };
+        let whole = alerts(events.len());
+        assert!(whole.len() > 20, "{} alerts", whole.len());
+        assert_eq!(alerts(1), whole);
+        assert_eq!(alerts(97), whole);
     }
 
     #[test]
