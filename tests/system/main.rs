@@ -199,6 +199,11 @@ fn every_bad_message_is_dead_lettered_with_its_reason() {
             "tally.events.acme.usage.recorded".into(),
             good.replace("g1", "b8").replace("2025-01-01", "2999-01-01"),
         ),
+        (
+            "time_too_old",
+            "tally.events.acme.usage.recorded".into(),
+            good.replace("g1", "b9").replace("2025-01-01", "1990-01-01"),
+        ),
     ];
     rt().block_on(async {
         let js = js(&server).await;

@@ -16,7 +16,9 @@ pub use payload::{
     Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms,
 };
 pub use reason::{DlqReason, Reject};
-pub use validate::{Limits, payload_from_archive, validate_message, validate_payload};
+pub use validate::{
+    DEFAULT_MAX_EVENT_AGE_DAYS, Limits, payload_from_archive, validate_message, validate_payload,
+};
 
 /// An event's string: inline when short (see [`Event`]).
 pub type Text = compact_str::CompactString;

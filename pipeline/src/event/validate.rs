@@ -17,8 +17,11 @@ use super::payload::{
     self, Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms,
 };
 use super::reason::{DlqReason, Reject};
-use super::time::parse_rfc3339_micros;
+use super::time::{MICROS, format_micros, parse_rfc3339_micros};
 use super::{Event, Text};
+
+/// The contract's default maximum event age (`max_event_age`), in days.
+pub const DEFAULT_MAX_EVENT_AGE_DAYS: i64 = 3650;
 
 /// Limits that decide rejections; they change results, so they come from
 /// the TOML config (see `crate::config`).
@@ -28,13 +31,17 @@ pub struct Limits {
     pub max_bytes: usize,
     /// Allowed clock skew: `time` may exceed the publish time by this much (µs).
     pub future_skew_us: i64,
+    /// `time` may be this much earlier than the publish time (µs); an event
+    /// from further back is a producer's bug (`time_too_old`).
+    pub max_event_age_us: i64,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_bytes: 256 * 1024,
-            future_skew_us: 3600 * super::time::MICROS,
+            future_skew_us: 3600 * MICROS,
+            max_event_age_us: DEFAULT_MAX_EVENT_AGE_DAYS * 86_400 * MICROS,
         }
     }
 }
@@ -123,7 +130,7 @@ struct Context<'s> {
     published_at: Option<i64>,
 }
 
-/// Validates a consumed message: all eight reasons apply.
+/// Validates a consumed message: every reason applies.
 pub fn validate_message(
     bytes: &[u8],
     subject: &str,
@@ -143,7 +150,9 @@ pub fn validate_message(
 }
 
 /// Validates an event before it is published: every rule except
-/// `subject_mismatch` and `time_in_future`, which need the message context.
+/// `subject_mismatch`, `time_in_future` and `time_too_old`, which need the
+/// message context. The publish time is the server's, assigned on arrival;
+/// validation never reads the clock in its place.
 pub fn validate_payload(bytes: &[u8], limits: &Limits) -> Result<Event, Reject> {
     validate(
         bytes,
@@ -153,6 +162,18 @@ pub fn validate_payload(bytes: &[u8], limits: &Limits) -> Result<Event, Reject> 
         },
         limits,
     )
+}
+
+/// Microseconds in the largest unit that divides them, as the config
+/// writes durations (`"3650d"`, `"90s"`).
+fn duration_text(us: i64) -> String {
+    for (unit, len) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
+        let unit_us = len * MICROS;
+        if us % unit_us == 0 {
+            return format!("{}{unit}", us / unit_us);
+        }
+    }
+    format!("{us}µs")
 }
 
 fn shown(s: &str) -> String {
@@ -467,9 +488,23 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
             DlqReason::TimeInFuture,
             format!(
                 "event time {} is more than {}s after the publish time {}",
-                super::time::format_micros(time),
-                limits.future_skew_us / super::time::MICROS,
-                super::time::format_micros(published_at)
+                format_micros(time),
+                limits.future_skew_us / MICROS,
+                format_micros(published_at)
+            ),
+        ));
+    }
+    // 9. time_too_old
+    if let Some(published_at) = ctx.published_at
+        && time < published_at.saturating_sub(limits.max_event_age_us)
+    {
+        return Err(Reject::new(
+            DlqReason::TimeTooOld,
+            format!(
+                "event time {} is more than {} (max_event_age) before the publish time {}",
+                format_micros(time),
+                duration_text(limits.max_event_age_us),
+                format_micros(published_at)
             ),
         ));
     }
@@ -803,6 +838,80 @@ mod tests {
         assert_eq!(
             msg(dup, "x").unwrap_err().reason,
             DlqReason::InvalidEnvelope
+        );
+    }
+
+    /// `USAGE` with event time `time`, on its subject.
+    fn usage_at(time: &str, limits: &Limits) -> Result<Event, Reject> {
+        validate_message(
+            USAGE.replace("2025-12-31T23:00:00+01:00", time).as_bytes(),
+            "tally.events.acme.usage.recorded",
+            "tally.events",
+            7,
+            PUBLISHED,
+            limits,
+        )
+    }
+
+    /// The publish time `msg` uses: 2026-01-01T00:00:00Z.
+    const PUBLISHED: i64 = 1_767_225_600_000_000;
+
+    #[test]
+    fn time_too_old_at_the_boundary() {
+        let limits = Limits::default();
+        // 3650 days before the publish time is still accepted...
+        assert_eq!(
+            format_micros(PUBLISHED - limits.max_event_age_us),
+            "2016-01-04T00:00:00Z"
+        );
+        assert!(usage_at("2016-01-04T00:00:00Z", &limits).is_ok());
+        assert!(usage_at("2016-01-04T01:00:00+01:00", &limits).is_ok());
+        // ...one microsecond more is not.
+        let r = usage_at("2016-01-03T23:59:59.999999Z", &limits).unwrap_err();
+        assert_eq!(r.reason, DlqReason::TimeTooOld);
+        assert_eq!(
+            r.detail,
+            "event time 2016-01-03T23:59:59.999999Z is more than 3650d (max_event_age) before the publish time 2026-01-01T00:00:00Z"
+        );
+        // The limit is the setting's.
+        let day = Limits {
+            max_event_age_us: 86_400 * MICROS,
+            ..Limits::default()
+        };
+        assert!(usage_at("2025-12-31T00:00:00Z", &day).is_ok());
+        assert_eq!(
+            usage_at("2025-12-30T23:59:59.999999Z", &day)
+                .unwrap_err()
+                .reason,
+            DlqReason::TimeTooOld
+        );
+        // An age beyond any time: the cutoff saturates rather than wraps.
+        let none = Limits {
+            max_event_age_us: i64::MAX,
+            ..Limits::default()
+        };
+        assert!(usage_at("0001-01-01T00:00:00Z", &none).is_ok());
+    }
+
+    #[test]
+    fn time_too_old_is_checked_last() {
+        let old_and_bad = USAGE
+            .replace("2025-12-31T23:00:00+01:00", "1990-01-01T00:00:00Z")
+            .replace("\"12.5\"", "\"abc\"");
+        assert_eq!(
+            msg(&old_and_bad, "tally.events.acme.usage.recorded")
+                .unwrap_err()
+                .reason,
+            DlqReason::InvalidData
+        );
+        // Before publishing there is no publish time: nothing is too old yet.
+        let old = USAGE.replace("2025-12-31T23:00:00+01:00", "1990-01-01T00:00:00Z");
+        assert!(validate_payload(old.as_bytes(), &Limits::default()).is_ok());
+        assert_eq!(
+            msg(&old, "tally.events.acme.usage.recorded")
+                .unwrap_err()
+                .reason,
+            DlqReason::TimeTooOld
         );
     }
 
