@@ -46,8 +46,16 @@ pub struct Event {
     pub actor: Option<Text>,
     pub actortype: Option<Text>,
     pub subject: Option<Text>,
+    /// `application/json` when given (the only value the contract allows).
+    pub datacontenttype: Option<Text>,
+    pub dataschema: Option<Text>,
     /// The `data` object as the producer wrote it (JSON text).
     pub data: Option<Text>,
+    /// The attributes outside the contract's list (extensions such as
+    /// `traceparent`) as a JSON object text: names in the order they
+    /// appeared, values as the producer wrote them; `None` when there are
+    /// none.
+    pub extensions: Option<Text>,
     /// The typed meaning of `data` for the nine metric-driving types.
     pub payload: Payload,
 }

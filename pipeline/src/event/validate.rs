@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use serde::de::{DeserializeSeed, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
@@ -51,34 +52,161 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
     <&'de RawValue>::deserialize(d).map(Some)
 }
 
-#[derive(Deserialize)]
+/// The envelope's attributes, borrowed from the message text. The
+/// contract's attributes have a field each; any other attribute is kept
+/// with its raw value, in the order it appeared, for the archive.
+#[derive(Default)]
 struct RawEnvelope<'a> {
-    #[serde(default, borrow, deserialize_with = "present")]
     specversion: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     id: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     source: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present", rename = "type")]
     event_type: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     time: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     tenant: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     dataversion: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     actor: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     actortype: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     datacontenttype: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     subject: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     dataschema: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+    /// Extension attributes: empty, and so never allocated, for most events.
+    extensions: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+/// Below this many extension attributes a repeat is looked for as each
+/// arrives; from there, once, by sorting their names (a message of
+/// thousands of distinct names must not cost a quadratic search).
+const LINEAR_REPEAT_CHECK: usize = 16;
+
+impl<'de> Deserialize<'de> for RawEnvelope<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(EnvelopeVisitor)
+    }
+}
+
+struct EnvelopeVisitor;
+
+/// The error for an attribute given twice, worded like serde's own.
+fn repeated_attribute<E: serde::de::Error>(name: &str) -> E {
+    E::custom(format_args!("duplicate field `{name}`"))
+}
+
+impl<'de> Visitor<'de> for EnvelopeVisitor {
+    type Value = RawEnvelope<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEnvelope<'de>, A::Error> {
+        let mut env = RawEnvelope::default();
+        while let Some(name) = map.next_key_seed(AttributeName)? {
+            let slot = match &*name {
+                "specversion" => &mut env.specversion,
+                "id" => &mut env.id,
+                "source" => &mut env.source,
+                "type" => &mut env.event_type,
+                "time" => &mut env.time,
+                "tenant" => &mut env.tenant,
+                "dataversion" => &mut env.dataversion,
+                "actor" => &mut env.actor,
+                "actortype" => &mut env.actortype,
+                "datacontenttype" => &mut env.datacontenttype,
+                "subject" => &mut env.subject,
+                "dataschema" => &mut env.dataschema,
+                "data" => &mut env.data,
+                _ => {
+                    let ext = &mut env.extensions;
+                    if ext.len() < LINEAR_REPEAT_CHECK && ext.iter().any(|(n, _)| *n == name) {
+                        return Err(repeated_attribute(&name));
+                    }
+                    let value = map.next_value()?;
+                    ext.push((name, value));
+                    continue;
+                }
+            };
+            if slot.is_some() {
+                return Err(repeated_attribute(&name));
+            }
+            *slot = Some(map.next_value()?);
+        }
+        if env.extensions.len() > LINEAR_REPEAT_CHECK {
+            let mut names: Vec<&str> = env.extensions.iter().map(|(n, _)| &**n).collect();
+            names.sort_unstable();
+            if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+                return Err(repeated_attribute(w[0]));
+            }
+        }
+        Ok(env)
+    }
+}
+
+/// An attribute name, borrowed from the message unless it had escapes.
+struct AttributeName;
+
+impl<'de> DeserializeSeed<'de> for AttributeName {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for AttributeName {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an attribute name")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
+/// The extension attributes as a JSON object text, names re-escaped and
+/// values as the producer wrote them, in their order; `None` when there
+/// are none.
+fn extensions_text(extensions: &[(Cow<'_, str>, &RawValue)]) -> Option<Text> {
+    if extensions.is_empty() {
+        return None;
+    }
+    let len: usize = extensions
+        .iter()
+        .map(|(n, v)| n.len() + v.get().len() + 4)
+        .sum();
+    let mut out = String::with_capacity(len + 1);
+    for (i, (name, value)) in extensions.iter().enumerate() {
+        out.push(if i == 0 { '{' } else { ',' });
+        push_json_string(&mut out, name);
+        out.push(':');
+        out.push_str(value.get());
+    }
+    out.push('}');
+    Some(Text::from(out))
+}
+
+/// `s` as a JSON string literal.
+fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// Every field any metric-driving `data` object can carry; each type reads
@@ -314,7 +442,7 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
     let text = std::str::from_utf8(bytes)
         .map_err(|e| Reject::new(DlqReason::InvalidJson, format!("not UTF-8 text: {e}")))?;
     let starts_as_object = text.trim_start().starts_with('{');
-    // A derived struct also deserialises from a JSON array: only objects count.
+    // Anything but an object is told apart below, by its kind.
     let parsed = if starts_as_object {
         serde_json::from_str::<RawEnvelope<'_>>(text)
     } else {
@@ -401,13 +529,14 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
     let actor = optional_str(raw.actor, "actor", env_err)?;
     let actortype = optional_str(raw.actortype, "actortype", env_err)?;
     let subject = optional_str(raw.subject, "subject", env_err)?;
-    optional_str(raw.dataschema, "dataschema", env_err)?;
-    if let Some(ct) = optional_str(raw.datacontenttype, "datacontenttype", env_err)?
+    let dataschema = optional_str(raw.dataschema, "dataschema", env_err)?;
+    let datacontenttype = optional_str(raw.datacontenttype, "datacontenttype", env_err)?;
+    if let Some(ct) = &datacontenttype
         && ct != "application/json"
     {
         return Err(envelope(format!(
             "`datacontenttype` must be \"application/json\", got {}",
-            shown(&ct)
+            shown(ct)
         )));
     }
     if let Some(d) = raw.data
@@ -521,7 +650,10 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
         actor: actor.map(|v| Text::from(&*v)),
         actortype: actortype.map(|v| Text::from(&*v)),
         subject: subject.map(|v| Text::from(&*v)),
+        datacontenttype: datacontenttype.map(|v| Text::from(&*v)),
+        dataschema: dataschema.map(|v| Text::from(&*v)),
         data: raw.data.map(|d| Text::from(d.get())),
+        extensions: extensions_text(&raw.extensions),
         payload,
     })
 }
@@ -913,6 +1045,56 @@ mod tests {
                 .reason,
             DlqReason::TimeTooOld
         );
+    }
+
+    /// `USAGE` with `extra` attributes (JSON members) after `tenant`.
+    fn usage_with(extra: &str) -> Result<Event, Reject> {
+        msg(
+            &USAGE.replace(r#""tenant":"acme""#, &format!(r#""tenant":"acme",{extra}"#)),
+            "tally.events.acme.usage.recorded",
+        )
+    }
+
+    #[test]
+    fn extensions_are_kept_in_order_with_their_raw_values() {
+        let e = usage_with(r#""zeta":1.50,"alpha": {"b" : [true]},"dataschema":"urn:s""#).unwrap();
+        assert_eq!(
+            e.extensions.as_deref(),
+            Some(r#"{"zeta":1.50,"alpha":{"b" : [true]}}"#)
+        );
+        assert_eq!(e.dataschema.as_deref(), Some("urn:s"));
+        let plain = msg(USAGE, "tally.events.acme.usage.recorded").unwrap();
+        assert_eq!((plain.extensions, plain.dataschema), (None, None));
+    }
+
+    #[test]
+    fn a_repeated_attribute_is_invalid_envelope_and_named() {
+        for (extra, name) in [
+            (
+                r#""traceparent":"a","x":1,"traceparent":"b""#,
+                "traceparent",
+            ),
+            (r#""id":"e2""#, "id"),
+            // The name is compared after unescaping: this is `id` again.
+            (r#""\u0069d":"e2""#, "id"),
+            (r#""actor":"a","actor":"a""#, "actor"),
+        ] {
+            let r = usage_with(extra).unwrap_err();
+            assert_eq!(r.reason, DlqReason::InvalidEnvelope, "{extra}");
+            assert!(
+                r.detail.starts_with(&format!(
+                    "the envelope has a repeated attribute: duplicate field `{name}`"
+                )),
+                "{extra}: {}",
+                r.detail
+            );
+        }
+        // Past the linear check, a repeat is still found.
+        let many: Vec<String> = (0..40).map(|i| format!(r#""x{i}":{i}"#)).collect();
+        assert!(usage_with(&many.join(",")).is_ok());
+        let r = usage_with(&format!("{},\"x3\":0", many.join(","))).unwrap_err();
+        assert_eq!(r.reason, DlqReason::InvalidEnvelope);
+        assert!(r.detail.contains("duplicate field `x3`"), "{}", r.detail);
     }
 
     #[test]
