@@ -2,9 +2,10 @@
 //!
 //! Checks run in the contract's reason order, so a message gets the first
 //! reason that applies. The envelope is deserialised into borrowed
-//! [`RawValue`]s: nothing is allocated for attributes that are not kept, the
-//! `data` object is archived byte-for-byte, and quantities are parsed from
-//! their original text (never through `f64`).
+//! [`RawValue`]s: nothing is allocated while parsing an event without
+//! extension attributes, the `data` object and the extensions' values are
+//! archived byte-for-byte, and quantities are parsed from their original
+//! text (never through `f64`).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
