@@ -5,7 +5,9 @@
 
 use std::path::Path;
 
-use crate::harness::{NatsServer, publish_lines, run_expect, sql, status_json, tally, until_idle};
+use crate::harness::{
+    NatsServer, api_calls, publish_lines, run_expect, sql, status_json, tally, until_idle,
+};
 
 /// An `invoice.paid` from source `billing` with invoice id `id`.
 fn invoice(tenant: &str, id: &str, amount: u64) -> String {
@@ -215,4 +217,82 @@ fn archive_files_from_before_the_new_columns_stay_readable() {
     );
     let s = status_json(&server, &data);
     assert_eq!(s["status"]["counts"]["duplicate"].as_u64(), Some(1), "{s}");
+}
+
+/// Two quantities of twenty-nine 9s: their sum does not fit
+/// Decimal128(38, 9). `usage.sum` and `overages.used` are NULL (not a
+/// saturated number), across a restart too, and the run logs an ERROR.
+#[test]
+fn a_usage_sum_past_decimal128_is_null_not_a_wrong_number() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let nines = r#""99999999999999999999999999999""#;
+    let catalog = crate::harness::event(
+        "p1",
+        "_system",
+        "catalog.plan_published",
+        "2026-01-01T00:00:00Z",
+        r#"{"plan":"starter","currency":"USD","limits":{"api_calls":1000},"overage":{"api_calls":{"unit_price":100,"per":1000}}}"#,
+    );
+    let start = crate::harness::event(
+        "s1",
+        "acme",
+        "subscription.started",
+        "2026-01-01T00:00:00Z",
+        r#"{"subscription_id":"sub1","plan":"starter","billing_cycle":"monthly","price":4900,"currency":"USD"}"#,
+    );
+    publish_lines(
+        &server,
+        &data,
+        &[
+            catalog,
+            start,
+            api_calls("u1", "acme", "2026-01-05T10:00:00Z", nines),
+            api_calls("u2", "acme", "2026-01-05T10:30:00Z", nines),
+        ],
+    );
+    let mut run = tally(&server, &data);
+    run.args(["run", "--until-idle"]);
+    let logs = String::from_utf8(run_expect(run, 0).stderr).unwrap();
+    assert!(
+        logs.contains("ERROR") && logs.contains("usage sum exceeds Decimal128(38, 9)"),
+        "{logs}"
+    );
+    // A later event in the same windows, seen by a new process that
+    // restores `usage` from its stored rows.
+    publish_lines(
+        &server,
+        &data,
+        &[api_calls("u3", "acme", "2026-01-05T10:45:00Z", "1")],
+    );
+    until_idle(&server, &data);
+
+    let usage = sql_json(
+        &server,
+        &data,
+        "SELECT granularity, events, sum, max FROM usage ORDER BY granularity",
+    );
+    assert_eq!(usage.len(), 3, "{usage:?}");
+    for row in &usage {
+        assert_eq!(row["events"], 3, "{row}");
+        assert!(row["sum"].is_null(), "{row}");
+        assert!(!row["max"].is_null(), "{row}");
+    }
+    let overages = sql_json(
+        &server,
+        &data,
+        "SELECT used, included, overage_quantity, overage_amount, pct_used, threshold FROM overages",
+    );
+    assert_eq!(overages.len(), 1, "{overages:?}");
+    for column in [
+        "used",
+        "overage_quantity",
+        "overage_amount",
+        "pct_used",
+        "threshold",
+    ] {
+        assert!(overages[0][column].is_null(), "{column}: {:?}", overages[0]);
+    }
+    assert!(!overages[0]["included"].is_null());
 }
