@@ -39,7 +39,7 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConfigFile {
-    /// How long (in stream time) a (source, id) is remembered for dedup.
+    /// How long (in stream time) a (tenant, source, id) is remembered for dedup.
     pub dedup_horizon: String,
     /// How far an event's time may be ahead of its publish time.
     pub future_skew: String,

@@ -86,9 +86,9 @@ pub fn subject_for(prefix: &str, tenant: &str, event_type: &str) -> String {
 /// Control characters and `%` are percent-encoded everywhere, so the value
 /// is always a valid header.
 pub fn nats_msg_id(tenant: &str, source: &str, id: &str) -> String {
-    fn push_escaped(out: &mut String, s: &str, also: char) {
+    fn push_escaped(out: &mut String, s: &str, also: Option<char>) {
         for c in s.chars() {
-            if c.is_control() || c == '%' || c == also {
+            if c.is_control() || c == '%' || Some(c) == also {
                 let mut buf = [0u8; 4];
                 for b in c.encode_utf8(&mut buf).bytes() {
                     out.push_str(&format!("%{b:02X}"));
@@ -99,13 +99,13 @@ pub fn nats_msg_id(tenant: &str, source: &str, id: &str) -> String {
         }
     }
     let mut out = String::with_capacity(tenant.len() + source.len() + id.len() + 8);
-    push_escaped(&mut out, tenant, ':');
+    push_escaped(&mut out, tenant, Some(':'));
     out.push(':');
     out.push_str(&source.len().to_string());
     out.push(':');
-    push_escaped(&mut out, source, '%');
+    push_escaped(&mut out, source, None);
     out.push(':');
-    push_escaped(&mut out, id, '%');
+    push_escaped(&mut out, id, None);
     out
 }
 
