@@ -156,9 +156,12 @@ fn schemas_and_validator_agree_on_the_corpus() {
             true
         };
         let schema_ok = env_ok && type_ok;
-        let documented_exception = case.name.contains("rounds up past Decimal128");
+        // Rules JSON Schema cannot express: the rounding of a quantity, and a
+        // repeated attribute (a JSON parser keeps one of the two values).
+        let documented_exception = case.name.contains("rounds up past Decimal128")
+            || case.name.contains("repeated attribute");
         let agree = match case.expect.as_str() {
-            "accepted" | "time_in_future" => schema_ok,
+            "accepted" | "time_in_future" | "time_too_old" => schema_ok,
             // Checked before the tenant and data rules, which the line may break too.
             "subject_mismatch" => true,
             _ if documented_exception => schema_ok,

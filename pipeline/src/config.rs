@@ -10,8 +10,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::Limits;
 use crate::event::time::MICROS;
+use crate::event::{DEFAULT_MAX_EVENT_AGE_DAYS, Limits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -39,10 +39,12 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConfigFile {
-    /// How long (in stream time) a (source, id) is remembered for dedup.
+    /// How long (in stream time) a (tenant, source, id) is remembered for dedup.
     pub dedup_horizon: String,
     /// How far an event's time may be ahead of its publish time.
     pub future_skew: String,
+    /// How far an event's time may be behind its publish time.
+    pub max_event_age: String,
     /// Allowed lateness: a window is final once `end + lateness <= stream clock`.
     pub lateness: String,
     /// Usage window granularities: any of minute, hour, day, month.
@@ -56,6 +58,7 @@ impl Default for ConfigFile {
         ConfigFile {
             dedup_horizon: "32d".into(),
             future_skew: "1h".into(),
+            max_event_age: format!("{DEFAULT_MAX_EVENT_AGE_DAYS}d"),
             lateness: "5m".into(),
             granularities: vec!["hour".into(), "day".into(), "month".into()],
             max_message_bytes: 256 * 1024,
@@ -68,6 +71,10 @@ impl Default for ConfigFile {
 pub struct Settings {
     pub dedup_horizon_us: i64,
     pub future_skew_us: i64,
+    /// A checkpoint written before this setting existed holds the default,
+    /// so its data directory resumes with the default settings.
+    #[serde(default = "default_max_event_age_us")]
+    pub max_event_age_us: i64,
     pub lateness_us: i64,
     pub granularities: Vec<String>,
     pub max_message_bytes: usize,
@@ -79,11 +86,16 @@ impl Default for Settings {
         Settings {
             dedup_horizon_us: 32 * 86_400 * MICROS,
             future_skew_us: 3600 * MICROS,
+            max_event_age_us: default_max_event_age_us(),
             lateness_us: 300 * MICROS,
             granularities: vec!["hour".into(), "day".into(), "month".into()],
             max_message_bytes: 256 * 1024,
         }
     }
+}
+
+fn default_max_event_age_us() -> i64 {
+    DEFAULT_MAX_EVENT_AGE_DAYS * 86_400 * MICROS
 }
 
 impl Settings {
@@ -125,6 +137,7 @@ impl Settings {
         Ok(Settings {
             dedup_horizon_us: dur("dedup_horizon", &file.dedup_horizon)?,
             future_skew_us: dur("future_skew", &file.future_skew)?,
+            max_event_age_us: dur("max_event_age", &file.max_event_age)?,
             lateness_us: dur("lateness", &file.lateness)?,
             granularities: file.granularities.clone(),
             max_message_bytes: file.max_message_bytes,
@@ -135,15 +148,17 @@ impl Settings {
         Limits {
             max_bytes: self.max_message_bytes,
             future_skew_us: self.future_skew_us,
+            max_event_age_us: self.max_event_age_us,
         }
     }
 
     /// A one-line rendering for messages.
     pub fn fingerprint(&self) -> String {
         format!(
-            "dedup={} skew={} lateness={} granularities={} max_bytes={}",
+            "dedup={} skew={} max_age={} lateness={} granularities={} max_bytes={}",
             self.dedup_horizon_us,
             self.future_skew_us,
+            self.max_event_age_us,
             self.lateness_us,
             self.granularities.join(","),
             self.max_message_bytes
@@ -185,6 +200,36 @@ mod tests {
             Settings::from_file(&ConfigFile::default(), "x").unwrap(),
             Settings::default()
         );
+    }
+
+    #[test]
+    fn max_event_age_is_read_and_limits_validation() {
+        let file: ConfigFile = toml::from_str("max_event_age = \"30d\"").unwrap();
+        let s = Settings::from_file(&file, "x").unwrap();
+        assert_eq!(s.max_event_age_us, 30 * 86_400 * MICROS);
+        assert_eq!(s.limits().max_event_age_us, 30 * 86_400 * MICROS);
+        assert_ne!(s, Settings::default(), "a changed age changes the settings");
+        assert!(s.fingerprint().contains("max_age=2592000000000"));
+        let bad: ConfigFile = toml::from_str("max_event_age = \"ten years\"").unwrap();
+        assert!(matches!(
+            Settings::from_file(&bad, "x"),
+            Err(ConfigError::Duration {
+                field: "max_event_age",
+                ..
+            })
+        ));
+        assert_eq!(
+            Settings::default().limits().max_event_age_us,
+            Limits::default().max_event_age_us
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_from_before_max_event_age_resumes_with_the_default() {
+        // The settings as checkpoints stored them before `max_event_age`.
+        let old = r#"{"dedup_horizon_us":2764800000000,"future_skew_us":3600000000,"lateness_us":300000000,"granularities":["hour","day","month"],"max_message_bytes":262144}"#;
+        let s: Settings = serde_json::from_str(old).unwrap();
+        assert_eq!(s, Settings::default());
     }
 
     #[test]

@@ -88,7 +88,7 @@ fn until_idle_as(server: &NatsServer, data: &Path, consumer: &str) {
 /// Republishes 5% of the lines: half through `tally publish` (same
 /// `Nats-Msg-Id`: JetStream's duplicate window drops them) and half with a
 /// fresh message id, as if sent after the window (JetStream stores them;
-/// Tally's (source, id) dedup must drop them).
+/// Tally's (tenant, source, id) dedup must drop them).
 fn republish_five_percent(server: &NatsServer, dir: &Path, file: &Path) -> usize {
     let text = std::fs::read_to_string(file).unwrap();
     let picked: Vec<&str> = text.lines().step_by(20).collect();

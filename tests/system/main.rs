@@ -4,6 +4,7 @@
 // Integration-test crate: panicking on a broken fixture is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod contract;
 mod faults;
 mod harness;
 mod history;
@@ -54,13 +55,14 @@ fn events_stream() -> stream::Config {
     }
 }
 
-/// Distinct (source, id) pairs in a JSON Lines file: what the archive must hold.
+/// Distinct (tenant, source, id) triples in a JSON Lines file: what the archive must hold.
 fn unique_events(path: &std::path::Path) -> usize {
     let text = std::fs::read_to_string(path).unwrap();
     let mut keys = std::collections::HashSet::new();
     for l in text.lines() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
         keys.insert((
+            v["tenant"].as_str().unwrap().to_string(),
             v["source"].as_str().unwrap().to_string(),
             v["id"].as_str().unwrap().to_string(),
         ));
@@ -199,6 +201,11 @@ fn every_bad_message_is_dead_lettered_with_its_reason() {
             "tally.events.acme.usage.recorded".into(),
             good.replace("g1", "b8").replace("2025-01-01", "2999-01-01"),
         ),
+        (
+            "time_too_old",
+            "tally.events.acme.usage.recorded".into(),
+            good.replace("g1", "b9").replace("2025-01-01", "1990-01-01"),
+        ),
     ];
     rt().block_on(async {
         let js = js(&server).await;
@@ -325,7 +332,7 @@ fn duplicates_inside_and_beyond_the_jetstream_window_count_once() {
     let data = dir.path().join("data");
     let e1 = api_calls("e1", "acme", "2025-01-01T00:00:00Z", "1");
     let e2 = api_calls("e2", "acme", "2025-01-01T00:00:01Z", "1");
-    let msg_id = tally::event::nats_msg_id("test", "e1");
+    let msg_id = tally::event::nats_msg_id("acme", "test", "e1");
     rt().block_on(async {
         let js = js(&server).await;
         // A short JetStream duplicate window, so "beyond the window" is quick to reach.

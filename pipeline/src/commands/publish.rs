@@ -100,7 +100,7 @@ pub async fn publish<R: BufRead>(
         let (subject, msg_id) = match validate_payload(&line, &limits) {
             Ok(e) => (
                 subject_for(&opts.prefix, &e.tenant, &e.event_type),
-                Some(event::nats_msg_id(&e.source, &e.id)),
+                Some(event::nats_msg_id(&e.tenant, &e.source, &e.id)),
             ),
             Err(reject) => {
                 report.invalid += 1;

@@ -13,6 +13,8 @@ pub const PRECISION: u8 = 38;
 pub const ONE: i128 = 1_000_000_000;
 /// Exclusive upper bound of a Decimal128(38, 9) value, in nano-units.
 const LIMIT: i128 = 10i128.pow(PRECISION as u32);
+/// The largest Decimal128(38, 9) value, in nano-units.
+pub const MAX: i128 = LIMIT - 1;
 
 /// Why a quantity's text was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -17,7 +17,9 @@ pub use payload::{
     Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms,
 };
 pub use reason::{DlqReason, Reject};
-pub use validate::{Limits, payload_from_archive, validate_message, validate_payload};
+pub use validate::{
+    DEFAULT_MAX_EVENT_AGE_DAYS, Limits, payload_from_archive, validate_message, validate_payload,
+};
 
 /// An event's string: inline when short (see [`Event`]).
 pub type Text = compact_str::CompactString;
@@ -45,8 +47,16 @@ pub struct Event {
     pub actor: Option<Text>,
     pub actortype: Option<Text>,
     pub subject: Option<Text>,
+    /// `application/json` when given (the only value the contract allows).
+    pub datacontenttype: Option<Text>,
+    pub dataschema: Option<Text>,
     /// The `data` object as the producer wrote it (JSON text).
     pub data: Option<Text>,
+    /// The attributes outside the contract's list (extensions such as
+    /// `traceparent`) as a JSON object text: names in the order they
+    /// appeared, values as the producer wrote them; `None` when there are
+    /// none.
+    pub extensions: Option<Text>,
     /// The typed meaning of `data` for the nine metric-driving types.
     pub payload: Payload,
 }
@@ -66,13 +76,20 @@ pub fn subject_for(prefix: &str, tenant: &str, event_type: &str) -> String {
     format!("{prefix}.{tenant}.{event_type}")
 }
 
-/// The `Nats-Msg-Id` for an event: `<byte length of source>:<source>:<id>`,
-/// unambiguous for any (source, id) pair; control characters and `%` are
-/// percent-encoded so the value is always a valid header.
-pub fn nats_msg_id(source: &str, id: &str) -> String {
-    fn push_escaped(out: &mut String, s: &str) {
+/// The `Nats-Msg-Id` for an event:
+/// `<tenant>:<byte length of source>:<source>:<id>`.
+///
+/// The tenant is part of it, as it is of the dedup key: with (`source`,
+/// `id`) alone, one tenant's message would make JetStream drop another
+/// tenant's inside the duplicate window. The value is unambiguous for any
+/// triple: `:` is percent-encoded in the tenant (a valid tenant has none),
+/// so the first `:` ends it, and the source's length delimits the source.
+/// Control characters and `%` are percent-encoded everywhere, so the value
+/// is always a valid header.
+pub fn nats_msg_id(tenant: &str, source: &str, id: &str) -> String {
+    fn push_escaped(out: &mut String, s: &str, also: Option<char>) {
         for c in s.chars() {
-            if c.is_control() || c == '%' {
+            if c.is_control() || c == '%' || Some(c) == also {
                 let mut buf = [0u8; 4];
                 for b in c.encode_utf8(&mut buf).bytes() {
                     out.push_str(&format!("%{b:02X}"));
@@ -82,12 +99,14 @@ pub fn nats_msg_id(source: &str, id: &str) -> String {
             }
         }
     }
-    let mut out = String::with_capacity(source.len() + id.len() + 8);
+    let mut out = String::with_capacity(tenant.len() + source.len() + id.len() + 8);
+    push_escaped(&mut out, tenant, Some(':'));
+    out.push(':');
     out.push_str(&source.len().to_string());
     out.push(':');
-    push_escaped(&mut out, source);
+    push_escaped(&mut out, source, None);
     out.push(':');
-    push_escaped(&mut out, id);
+    push_escaped(&mut out, id, None);
     out
 }
 
@@ -97,8 +116,22 @@ mod tests {
 
     #[test]
     fn msg_id_is_unambiguous() {
-        assert_ne!(nats_msg_id("a:b", "c"), nats_msg_id("a", "b:c"));
-        assert_eq!(nats_msg_id("billing", "evt_1"), "7:billing:evt_1");
-        assert_eq!(nats_msg_id("s", "a\nb%"), "1:s:a%0Ab%25");
+        assert_ne!(nats_msg_id("t", "a:b", "c"), nats_msg_id("t", "a", "b:c"));
+        assert_ne!(nats_msg_id("t:1", "s", "i"), nats_msg_id("t", "1:s", "i"));
+        assert_eq!(
+            nats_msg_id("acme", "billing", "evt_1"),
+            "acme:7:billing:evt_1"
+        );
+        assert_eq!(nats_msg_id("acme", "s", "a\nb%"), "acme:1:s:a%0Ab%25");
+        assert_eq!(nats_msg_id("a:b", "s", "i"), "a%3Ab:1:s:i");
+    }
+
+    #[test]
+    fn msg_id_is_per_tenant() {
+        // Else JetStream's duplicate window would drop the victim's invoice.
+        assert_ne!(
+            nats_msg_id("evil", "billing", "inv-777"),
+            nats_msg_id("victim", "billing", "inv-777")
+        );
     }
 }

@@ -17,11 +17,12 @@ pub enum DlqReason {
     ForbiddenTenant,
     InvalidData,
     TimeInFuture,
+    TimeTooOld,
 }
 
 impl DlqReason {
     /// Every reason, in check order.
-    pub const ALL: [DlqReason; 8] = [
+    pub const ALL: [DlqReason; 9] = [
         DlqReason::TooLarge,
         DlqReason::InvalidJson,
         DlqReason::InvalidEnvelope,
@@ -30,6 +31,7 @@ impl DlqReason {
         DlqReason::ForbiddenTenant,
         DlqReason::InvalidData,
         DlqReason::TimeInFuture,
+        DlqReason::TimeTooOld,
     ];
 
     /// The DLQ subject token and the name used in counts.
@@ -43,6 +45,7 @@ impl DlqReason {
             DlqReason::ForbiddenTenant => "forbidden_tenant",
             DlqReason::InvalidData => "invalid_data",
             DlqReason::TimeInFuture => "time_in_future",
+            DlqReason::TimeTooOld => "time_too_old",
         }
     }
 

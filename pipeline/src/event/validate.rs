@@ -2,13 +2,15 @@
 //!
 //! Checks run in the contract's reason order, so a message gets the first
 //! reason that applies. The envelope is deserialised into borrowed
-//! [`RawValue`]s: nothing is allocated for attributes that are not kept, the
-//! `data` object is archived byte-for-byte, and quantities are parsed from
-//! their original text (never through `f64`).
+//! [`RawValue`]s: nothing is allocated while parsing an event without
+//! extension attributes, the `data` object and the extensions' values are
+//! archived byte-for-byte, and quantities are parsed from their original
+//! text (never through `f64`).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use serde::de::{DeserializeSeed, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
@@ -17,8 +19,11 @@ use super::payload::{
     self, Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms,
 };
 use super::reason::{DlqReason, Reject};
-use super::time::parse_rfc3339_micros;
+use super::time::{MICROS, format_micros, parse_rfc3339_micros};
 use super::{Event, Text};
+
+/// The contract's default maximum event age (`max_event_age`), in days.
+pub const DEFAULT_MAX_EVENT_AGE_DAYS: i64 = 3650;
 
 /// Limits that decide rejections; they change results, so they come from
 /// the TOML config (see `crate::config`).
@@ -28,13 +33,17 @@ pub struct Limits {
     pub max_bytes: usize,
     /// Allowed clock skew: `time` may exceed the publish time by this much (µs).
     pub future_skew_us: i64,
+    /// `time` may be this much earlier than the publish time (µs); an event
+    /// from further back is a producer's bug (`time_too_old`).
+    pub max_event_age_us: i64,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_bytes: 256 * 1024,
-            future_skew_us: 3600 * super::time::MICROS,
+            future_skew_us: 3600 * MICROS,
+            max_event_age_us: DEFAULT_MAX_EVENT_AGE_DAYS * 86_400 * MICROS,
         }
     }
 }
@@ -44,34 +53,161 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
     <&'de RawValue>::deserialize(d).map(Some)
 }
 
-#[derive(Deserialize)]
+/// The envelope's attributes, borrowed from the message text. The
+/// contract's attributes have a field each; any other attribute is kept
+/// with its raw value, in the order it appeared, for the archive.
+#[derive(Default)]
 struct RawEnvelope<'a> {
-    #[serde(default, borrow, deserialize_with = "present")]
     specversion: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     id: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     source: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present", rename = "type")]
     event_type: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     time: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     tenant: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     dataversion: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     actor: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     actortype: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     datacontenttype: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     subject: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     dataschema: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+    /// Extension attributes: empty, and so never allocated, for most events.
+    extensions: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+/// Below this many extension attributes a repeat is looked for as each
+/// arrives; from there, once, by sorting their names (a message of
+/// thousands of distinct names must not cost a quadratic search).
+const LINEAR_REPEAT_CHECK: usize = 16;
+
+impl<'de> Deserialize<'de> for RawEnvelope<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(EnvelopeVisitor)
+    }
+}
+
+struct EnvelopeVisitor;
+
+/// The error for an attribute given twice, worded like serde's own.
+fn repeated_attribute<E: serde::de::Error>(name: &str) -> E {
+    E::custom(format_args!("duplicate field `{name}`"))
+}
+
+impl<'de> Visitor<'de> for EnvelopeVisitor {
+    type Value = RawEnvelope<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEnvelope<'de>, A::Error> {
+        let mut env = RawEnvelope::default();
+        while let Some(name) = map.next_key_seed(AttributeName)? {
+            let slot = match &*name {
+                "specversion" => &mut env.specversion,
+                "id" => &mut env.id,
+                "source" => &mut env.source,
+                "type" => &mut env.event_type,
+                "time" => &mut env.time,
+                "tenant" => &mut env.tenant,
+                "dataversion" => &mut env.dataversion,
+                "actor" => &mut env.actor,
+                "actortype" => &mut env.actortype,
+                "datacontenttype" => &mut env.datacontenttype,
+                "subject" => &mut env.subject,
+                "dataschema" => &mut env.dataschema,
+                "data" => &mut env.data,
+                _ => {
+                    let ext = &mut env.extensions;
+                    if ext.len() < LINEAR_REPEAT_CHECK && ext.iter().any(|(n, _)| *n == name) {
+                        return Err(repeated_attribute(&name));
+                    }
+                    let value = map.next_value()?;
+                    ext.push((name, value));
+                    continue;
+                }
+            };
+            if slot.is_some() {
+                return Err(repeated_attribute(&name));
+            }
+            *slot = Some(map.next_value()?);
+        }
+        if env.extensions.len() > LINEAR_REPEAT_CHECK {
+            let mut names: Vec<&str> = env.extensions.iter().map(|(n, _)| &**n).collect();
+            names.sort_unstable();
+            if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+                return Err(repeated_attribute(w[0]));
+            }
+        }
+        Ok(env)
+    }
+}
+
+/// An attribute name, borrowed from the message unless it had escapes.
+struct AttributeName;
+
+impl<'de> DeserializeSeed<'de> for AttributeName {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for AttributeName {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an attribute name")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
+/// The extension attributes as a JSON object text, names re-escaped and
+/// values as the producer wrote them, in their order; `None` when there
+/// are none.
+fn extensions_text(extensions: &[(Cow<'_, str>, &RawValue)]) -> Option<Text> {
+    if extensions.is_empty() {
+        return None;
+    }
+    let len: usize = extensions
+        .iter()
+        .map(|(n, v)| n.len() + v.get().len() + 4)
+        .sum();
+    let mut out = String::with_capacity(len + 1);
+    for (i, (name, value)) in extensions.iter().enumerate() {
+        out.push(if i == 0 { '{' } else { ',' });
+        push_json_string(&mut out, name);
+        out.push(':');
+        out.push_str(value.get());
+    }
+    out.push('}');
+    Some(Text::from(out))
+}
+
+/// `s` as a JSON string literal.
+fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// Every field any metric-driving `data` object can carry; each type reads
@@ -123,7 +259,7 @@ struct Context<'s> {
     published_at: Option<i64>,
 }
 
-/// Validates a consumed message: all eight reasons apply.
+/// Validates a consumed message: every reason applies.
 pub fn validate_message(
     bytes: &[u8],
     subject: &str,
@@ -143,7 +279,9 @@ pub fn validate_message(
 }
 
 /// Validates an event before it is published: every rule except
-/// `subject_mismatch` and `time_in_future`, which need the message context.
+/// `subject_mismatch`, `time_in_future` and `time_too_old`, which need the
+/// message context. The publish time is the server's, assigned on arrival;
+/// validation never reads the clock in its place.
 pub fn validate_payload(bytes: &[u8], limits: &Limits) -> Result<Event, Reject> {
     validate(
         bytes,
@@ -153,6 +291,18 @@ pub fn validate_payload(bytes: &[u8], limits: &Limits) -> Result<Event, Reject> 
         },
         limits,
     )
+}
+
+/// Microseconds in the largest unit that divides them, as the config
+/// writes durations (`"3650d"`, `"90s"`).
+fn duration_text(us: i64) -> String {
+    for (unit, len) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
+        let unit_us = len * MICROS;
+        if us % unit_us == 0 {
+            return format!("{}{unit}", us / unit_us);
+        }
+    }
+    format!("{us}µs")
 }
 
 fn shown(s: &str) -> String {
@@ -293,7 +443,7 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
     let text = std::str::from_utf8(bytes)
         .map_err(|e| Reject::new(DlqReason::InvalidJson, format!("not UTF-8 text: {e}")))?;
     let starts_as_object = text.trim_start().starts_with('{');
-    // A derived struct also deserialises from a JSON array: only objects count.
+    // Anything but an object is told apart below, by its kind.
     let parsed = if starts_as_object {
         serde_json::from_str::<RawEnvelope<'_>>(text)
     } else {
@@ -380,13 +530,14 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
     let actor = optional_str(raw.actor, "actor", env_err)?;
     let actortype = optional_str(raw.actortype, "actortype", env_err)?;
     let subject = optional_str(raw.subject, "subject", env_err)?;
-    optional_str(raw.dataschema, "dataschema", env_err)?;
-    if let Some(ct) = optional_str(raw.datacontenttype, "datacontenttype", env_err)?
+    let dataschema = optional_str(raw.dataschema, "dataschema", env_err)?;
+    let datacontenttype = optional_str(raw.datacontenttype, "datacontenttype", env_err)?;
+    if let Some(ct) = &datacontenttype
         && ct != "application/json"
     {
         return Err(envelope(format!(
             "`datacontenttype` must be \"application/json\", got {}",
-            shown(&ct)
+            shown(ct)
         )));
     }
     if let Some(d) = raw.data
@@ -467,9 +618,23 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
             DlqReason::TimeInFuture,
             format!(
                 "event time {} is more than {}s after the publish time {}",
-                super::time::format_micros(time),
-                limits.future_skew_us / super::time::MICROS,
-                super::time::format_micros(published_at)
+                format_micros(time),
+                limits.future_skew_us / MICROS,
+                format_micros(published_at)
+            ),
+        ));
+    }
+    // 9. time_too_old
+    if let Some(published_at) = ctx.published_at
+        && time < published_at.saturating_sub(limits.max_event_age_us)
+    {
+        return Err(Reject::new(
+            DlqReason::TimeTooOld,
+            format!(
+                "event time {} is more than {} (max_event_age) before the publish time {}",
+                format_micros(time),
+                duration_text(limits.max_event_age_us),
+                format_micros(published_at)
             ),
         ));
     }
@@ -486,7 +651,10 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
         actor: actor.map(|v| Text::from(&*v)),
         actortype: actortype.map(|v| Text::from(&*v)),
         subject: subject.map(|v| Text::from(&*v)),
+        datacontenttype: datacontenttype.map(|v| Text::from(&*v)),
+        dataschema: dataschema.map(|v| Text::from(&*v)),
         data: raw.data.map(|d| Text::from(d.get())),
+        extensions: extensions_text(&raw.extensions),
         payload,
     })
 }
@@ -804,6 +972,130 @@ mod tests {
             msg(dup, "x").unwrap_err().reason,
             DlqReason::InvalidEnvelope
         );
+    }
+
+    /// `USAGE` with event time `time`, on its subject.
+    fn usage_at(time: &str, limits: &Limits) -> Result<Event, Reject> {
+        validate_message(
+            USAGE.replace("2025-12-31T23:00:00+01:00", time).as_bytes(),
+            "tally.events.acme.usage.recorded",
+            "tally.events",
+            7,
+            PUBLISHED,
+            limits,
+        )
+    }
+
+    /// The publish time `msg` uses: 2026-01-01T00:00:00Z.
+    const PUBLISHED: i64 = 1_767_225_600_000_000;
+
+    #[test]
+    fn time_too_old_at_the_boundary() {
+        let limits = Limits::default();
+        // 3650 days before the publish time is still accepted...
+        assert_eq!(
+            format_micros(PUBLISHED - limits.max_event_age_us),
+            "2016-01-04T00:00:00Z"
+        );
+        assert!(usage_at("2016-01-04T00:00:00Z", &limits).is_ok());
+        assert!(usage_at("2016-01-04T01:00:00+01:00", &limits).is_ok());
+        // ...one microsecond more is not.
+        let r = usage_at("2016-01-03T23:59:59.999999Z", &limits).unwrap_err();
+        assert_eq!(r.reason, DlqReason::TimeTooOld);
+        assert_eq!(
+            r.detail,
+            "event time 2016-01-03T23:59:59.999999Z is more than 3650d (max_event_age) before the publish time 2026-01-01T00:00:00Z"
+        );
+        // The limit is the setting's.
+        let day = Limits {
+            max_event_age_us: 86_400 * MICROS,
+            ..Limits::default()
+        };
+        assert!(usage_at("2025-12-31T00:00:00Z", &day).is_ok());
+        assert_eq!(
+            usage_at("2025-12-30T23:59:59.999999Z", &day)
+                .unwrap_err()
+                .reason,
+            DlqReason::TimeTooOld
+        );
+        // An age beyond any time: the cutoff saturates rather than wraps.
+        let none = Limits {
+            max_event_age_us: i64::MAX,
+            ..Limits::default()
+        };
+        assert!(usage_at("0001-01-01T00:00:00Z", &none).is_ok());
+    }
+
+    #[test]
+    fn time_too_old_is_checked_last() {
+        let old_and_bad = USAGE
+            .replace("2025-12-31T23:00:00+01:00", "1990-01-01T00:00:00Z")
+            .replace("\"12.5\"", "\"abc\"");
+        assert_eq!(
+            msg(&old_and_bad, "tally.events.acme.usage.recorded")
+                .unwrap_err()
+                .reason,
+            DlqReason::InvalidData
+        );
+        // Before publishing there is no publish time: nothing is too old yet.
+        let old = USAGE.replace("2025-12-31T23:00:00+01:00", "1990-01-01T00:00:00Z");
+        assert!(validate_payload(old.as_bytes(), &Limits::default()).is_ok());
+        assert_eq!(
+            msg(&old, "tally.events.acme.usage.recorded")
+                .unwrap_err()
+                .reason,
+            DlqReason::TimeTooOld
+        );
+    }
+
+    /// `USAGE` with `extra` attributes (JSON members) after `tenant`.
+    fn usage_with(extra: &str) -> Result<Event, Reject> {
+        msg(
+            &USAGE.replace(r#""tenant":"acme""#, &format!(r#""tenant":"acme",{extra}"#)),
+            "tally.events.acme.usage.recorded",
+        )
+    }
+
+    #[test]
+    fn extensions_are_kept_in_order_with_their_raw_values() {
+        let e = usage_with(r#""zeta":1.50,"alpha": {"b" : [true]},"dataschema":"urn:s""#).unwrap();
+        assert_eq!(
+            e.extensions.as_deref(),
+            Some(r#"{"zeta":1.50,"alpha":{"b" : [true]}}"#)
+        );
+        assert_eq!(e.dataschema.as_deref(), Some("urn:s"));
+        let plain = msg(USAGE, "tally.events.acme.usage.recorded").unwrap();
+        assert_eq!((plain.extensions, plain.dataschema), (None, None));
+    }
+
+    #[test]
+    fn a_repeated_attribute_is_invalid_envelope_and_named() {
+        for (extra, name) in [
+            (
+                r#""traceparent":"a","x":1,"traceparent":"b""#,
+                "traceparent",
+            ),
+            (r#""id":"e2""#, "id"),
+            // The name is compared after unescaping: this is `id` again.
+            (r#""\u0069d":"e2""#, "id"),
+            (r#""actor":"a","actor":"a""#, "actor"),
+        ] {
+            let r = usage_with(extra).unwrap_err();
+            assert_eq!(r.reason, DlqReason::InvalidEnvelope, "{extra}");
+            assert!(
+                r.detail.starts_with(&format!(
+                    "the envelope has a repeated attribute: duplicate field `{name}`"
+                )),
+                "{extra}: {}",
+                r.detail
+            );
+        }
+        // Past the linear check, a repeat is still found.
+        let many: Vec<String> = (0..40).map(|i| format!(r#""x{i}":{i}"#)).collect();
+        assert!(usage_with(&many.join(",")).is_ok());
+        let r = usage_with(&format!("{},\"x3\":0", many.join(","))).unwrap_err();
+        assert_eq!(r.reason, DlqReason::InvalidEnvelope);
+        assert!(r.detail.contains("duplicate field `x3`"), "{}", r.detail);
     }
 
     #[test]

@@ -1,16 +1,19 @@
 //! The `events` view: the archive (audit trail). One row per accepted event
-//! of every type, with its stream position, so analysts can answer
-//! questions nobody modelled yet. Append-only: a batch's rows go to one file.
+//! of every type, with its stream position and every attribute, so
+//! analysts can answer questions nobody modelled yet. Append-only: a
+//! batch's rows go to one file. [`decode`] reads the rows back into events
+//! (start-up rebuilds the dedup horizon and operator state from them).
 
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    ArrayRef, RecordBatch, StringBuilder, TimestampMicrosecondBuilder, UInt64Builder,
+    Array, ArrayRef, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
+    TimestampMicrosecondBuilder, UInt64Array, UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::{Operator, OperatorError};
-use crate::event::Event;
+use crate::event::{Event, Text, payload_from_archive};
 
 pub const VIEW: &str = "events";
 
@@ -30,6 +33,12 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("actortype", DataType::Utf8, true),
         Field::new("subject", DataType::Utf8, true),
         Field::new("data", DataType::Utf8, true),
+        // Appended after the first release's columns: files written before
+        // them stay readable, the missing columns reading as NULL.
+        Field::new("datacontenttype", DataType::Utf8, true),
+        Field::new("dataschema", DataType::Utf8, true),
+        // The other attributes, as a JSON object text (see `Event::extensions`).
+        Field::new("extensions", DataType::Utf8, true),
     ]))
 });
 
@@ -53,6 +62,9 @@ pub struct EventsArchive {
     actortype: StringBuilder,
     subject: StringBuilder,
     data: StringBuilder,
+    datacontenttype: StringBuilder,
+    dataschema: StringBuilder,
+    extensions: StringBuilder,
 }
 
 impl Default for EventsArchive {
@@ -77,6 +89,9 @@ impl EventsArchive {
             actortype: StringBuilder::new(),
             subject: StringBuilder::new(),
             data: StringBuilder::new(),
+            datacontenttype: StringBuilder::new(),
+            dataschema: StringBuilder::new(),
+            extensions: StringBuilder::new(),
         }
     }
 }
@@ -104,6 +119,10 @@ impl Operator for EventsArchive {
         self.actortype.append_option(e.actortype.as_deref());
         self.subject.append_option(e.subject.as_deref());
         self.data.append_option(e.data.as_deref());
+        self.datacontenttype
+            .append_option(e.datacontenttype.as_deref());
+        self.dataschema.append_option(e.dataschema.as_deref());
+        self.extensions.append_option(e.extensions.as_deref());
     }
 
     fn take_rows(&mut self, _seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
@@ -124,11 +143,99 @@ impl Operator for EventsArchive {
             Arc::new(self.actortype.finish()),
             Arc::new(self.subject.finish()),
             Arc::new(self.data.finish()),
+            Arc::new(self.datacontenttype.finish()),
+            Arc::new(self.dataschema.finish()),
+            Arc::new(self.extensions.finish()),
         ];
         RecordBatch::try_new(schema(), columns)
             .map(Some)
             .map_err(|source| OperatorError::Arrow { view: VIEW, source })
     }
+}
+
+/// Column `name` of `batch` as a `T`: `None` if the file has no such
+/// column.
+fn column<'a, T: 'static>(
+    batch: &'a RecordBatch,
+    name: &str,
+) -> Result<Option<&'a T>, OperatorError> {
+    batch
+        .column_by_name(name)
+        .map(|c| {
+            c.as_any()
+                .downcast_ref::<T>()
+                .ok_or_else(|| OperatorError::Restore {
+                    view: VIEW,
+                    detail: format!("column {name} has the wrong type"),
+                })
+        })
+        .transpose()
+}
+
+/// Column `name` of `batch`, which every archive file has.
+fn required<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T, OperatorError> {
+    column(batch, name)?.ok_or_else(|| OperatorError::Restore {
+        view: VIEW,
+        detail: format!("column {name} missing"),
+    })
+}
+
+/// Calls `f` with the event of every row of `batch` (archive rows, as
+/// [`EventsArchive`] wrote them), in row order. Columns are found by name;
+/// a nullable column the file does not have (it was written before the
+/// column existed) reads as NULL.
+pub fn decode(batch: &RecordBatch, mut f: impl FnMut(&Event)) -> Result<(), OperatorError> {
+    let seqs = required::<UInt64Array>(batch, "stream_seq")?;
+    let published = required::<TimestampMicrosecondArray>(batch, "published_at")?;
+    let time = required::<TimestampMicrosecondArray>(batch, "time")?;
+    let s = |name: &str| required::<StringArray>(batch, name);
+    let (id, source, ty, tenant, dataversion) = (
+        s("id")?,
+        s("source")?,
+        s("type")?,
+        s("tenant")?,
+        s("dataversion")?,
+    );
+    let o = |name: &str| column::<StringArray>(batch, name);
+    let (actor, actortype, subject, data) =
+        (o("actor")?, o("actortype")?, o("subject")?, o("data")?);
+    let (datacontenttype, dataschema, extensions) =
+        (o("datacontenttype")?, o("dataschema")?, o("extensions")?);
+    let text = |a: Option<&StringArray>, i: usize| {
+        a.filter(|a| !a.is_null(i)).map(|a| Text::from(a.value(i)))
+    };
+    for i in 0..batch.num_rows() {
+        let data = text(data, i);
+        let payload = payload_from_archive(ty.value(i), data.as_deref()).map_err(|r| {
+            OperatorError::Restore {
+                view: VIEW,
+                detail: format!(
+                    "archived event {} at seq {}: {r}",
+                    id.value(i),
+                    seqs.value(i)
+                ),
+            }
+        })?;
+        f(&Event {
+            stream_seq: seqs.value(i),
+            published_at: published.value(i),
+            id: id.value(i).into(),
+            source: source.value(i).into(),
+            event_type: ty.value(i).into(),
+            tenant: tenant.value(i).into(),
+            time: time.value(i),
+            dataversion: dataversion.value(i).into(),
+            actor: text(actor, i),
+            actortype: text(actortype, i),
+            subject: text(subject, i),
+            datacontenttype: text(datacontenttype, i),
+            dataschema: text(dataschema, i),
+            data,
+            extensions: text(extensions, i),
+            payload,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -155,5 +262,108 @@ mod tests {
         assert_eq!(b.num_rows(), 2);
         assert_eq!(b.schema(), schema());
         assert!(op.take_rows(9).unwrap().is_none());
+    }
+
+    /// Events with every attribute, with none, and with odd extensions.
+    fn varied_events() -> Vec<Event> {
+        let lines = [
+            (
+                "tally.events.acme.usage.recorded",
+                r#"{"specversion":"1.0","id":"u1","source":"metering","type":"usage.recorded","time":"2026-01-01T00:00:00.123456Z","tenant":"acme","dataversion":"1","actor":"key_9","actortype":"api_key","subject":"item/7","datacontenttype":"application/json","dataschema":"https://example.com/usage.json","traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01","region":{ "name" : "eu" },"retries":[1,2.50],"note":null,"data":{"metric":"api_calls","quantity":"12.5"}}"#,
+            ),
+            (
+                "tally.events.beta.auth.user_logged_in",
+                r#"{"specversion":"1.0","id":"a1","source":"auth","type":"auth.user_logged_in","time":"2026-01-01T00:00:01Z","tenant":"beta"}"#,
+            ),
+            (
+                "tally.events.beta.invoice.paid",
+                r#"{"tenant":"beta","x\"q\u00e9\n":"\u00e9","specversion":"1.0","id":"i1","source":"billing","type":"invoice.paid","time":"2026-01-01T00:00:02Z","data":{"invoice_id":"inv-1","amount":4900,"currency":"USD"}}"#,
+            ),
+        ];
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, (subject, json))| {
+                validate_message(
+                    json.as_bytes(),
+                    subject,
+                    "tally.events",
+                    i as u64 + 1,
+                    1_767_225_600_000_000 + i as i64,
+                    &Limits::default(),
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    fn decoded(batch: &RecordBatch) -> Vec<Event> {
+        let mut out = Vec::new();
+        decode(batch, |e| out.push(e.clone())).unwrap();
+        out
+    }
+
+    #[test]
+    fn every_attribute_round_trips_through_the_archive() {
+        let events = varied_events();
+        assert_eq!(
+            events[0].extensions.as_deref(),
+            Some(
+                r#"{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01","region":{ "name" : "eu" },"retries":[1,2.50],"note":null}"#
+            )
+        );
+        assert_eq!(
+            events[0].dataschema.as_deref(),
+            Some("https://example.com/usage.json")
+        );
+        assert_eq!(
+            events[0].datacontenttype.as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(events[1].extensions, None);
+        assert_eq!(
+            events[2].extensions.as_deref(),
+            Some(r#"{"x\"qé\u000a":"\u00e9"}"#)
+        );
+        let mut op = EventsArchive::new();
+        for e in &events {
+            op.apply(e);
+        }
+        let batch = op.take_rows(3).unwrap().unwrap();
+        assert_eq!(decoded(&batch), events);
+    }
+
+    #[test]
+    fn files_from_before_the_new_columns_decode_them_as_null() {
+        let events = varied_events();
+        let mut op = EventsArchive::new();
+        for e in &events {
+            op.apply(e);
+        }
+        let batch = op.take_rows(3).unwrap().unwrap();
+        let old: Vec<usize> = ["datacontenttype", "dataschema", "extensions"]
+            .iter()
+            .map(|c| batch.schema().index_of(c).unwrap())
+            .collect();
+        let kept: Vec<usize> = (0..batch.num_columns())
+            .filter(|i| !old.contains(i))
+            .collect();
+        let older = batch.project(&kept).unwrap();
+        let expected: Vec<Event> = events
+            .into_iter()
+            .map(|e| Event {
+                datacontenttype: None,
+                dataschema: None,
+                extensions: None,
+                ..e
+            })
+            .collect();
+        assert_eq!(decoded(&older), expected);
+        // A required column missing is an error that says which.
+        let no_id: Vec<usize> = (0..batch.num_columns())
+            .filter(|i| *i != batch.schema().index_of("id").unwrap())
+            .collect();
+        let err = decode(&batch.project(&no_id).unwrap(), |_| {}).unwrap_err();
+        assert!(err.to_string().contains("column id missing"), "{err}");
     }
 }

@@ -131,7 +131,8 @@ pub trait Operator: Send {
 }
 
 /// A validated event for operator tests: the JSON envelope built from its
-/// parts and validated as `tally run` would (publish time far ahead).
+/// parts and validated as `tally run` would (publish time far ahead, and no
+/// age limit, so any event time is accepted).
 #[cfg(test)]
 pub(crate) fn test_event(
     id: &str,
@@ -151,7 +152,10 @@ pub(crate) fn test_event(
         "tally.events",
         1,
         i64::MAX / 2,
-        &Limits::default(),
+        &Limits {
+            max_event_age_us: i64::MAX,
+            ..Limits::default()
+        },
     )
     .unwrap()
 }

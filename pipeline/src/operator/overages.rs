@@ -22,6 +22,7 @@ use arrow::array::{
     TimestampMicrosecondBuilder, UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use tracing::error;
 
 use super::FixedState;
 use super::catalog::Catalog;
@@ -47,9 +48,11 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("metric", DataType::Utf8, false),
         Field::new("plan", DataType::Utf8, true),
         Field::new("aggregation", DataType::Utf8, false),
-        Field::new("used", dec(), false),
+        // NULL when a `sum` metric's usage went past Decimal128(38, 9); so is
+        // everything derived from it.
+        Field::new("used", dec(), true),
         Field::new("included", dec(), true),
-        Field::new("overage_quantity", dec(), false),
+        Field::new("overage_quantity", dec(), true),
         Field::new("overage_amount", DataType::Int64, true),
         Field::new("currency", DataType::Utf8, true),
         Field::new("pct_used", DataType::Float64, true),
@@ -67,9 +70,11 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 pub struct Row {
     pub plan: Option<String>,
     pub aggregation: Aggregation,
-    pub used: i128,
+    /// `None` when the usage cannot be represented (a `sum` past
+    /// Decimal128(38, 9)).
+    pub used: Option<i128>,
     pub included: Option<i128>,
-    pub overage_quantity: i128,
+    pub overage_quantity: Option<i128>,
     pub overage_amount: Option<i64>,
     pub currency: Option<String>,
     pub pct_used: Option<f64>,
@@ -157,30 +162,32 @@ fn aggregation_name(a: Aggregation) -> &'static str {
     }
 }
 
-/// `used` of a month: its usage under the metric's aggregation.
-fn used(agg: &Agg, aggregation: Aggregation) -> i128 {
+/// `used` of a month: its usage under the metric's aggregation; `None`
+/// when a `sum` went past Decimal128(38, 9), and then nothing is derived
+/// from it (no overage quantity or amount unless unlimited, no percentage,
+/// no threshold and so no alert).
+fn used(agg: &Agg, aggregation: Aggregation) -> Option<i128> {
     match aggregation {
-        Aggregation::Sum => agg.sum,
-        Aggregation::Count => i128::from(agg.events).saturating_mul(ONE),
-        Aggregation::Max => agg.max,
-        Aggregation::Latest => agg.last,
+        Aggregation::Sum => agg.sum(),
+        Aggregation::Count => Some(i128::from(agg.events).saturating_mul(ONE)),
+        Aggregation::Max => Some(agg.max),
+        Aggregation::Latest => Some(agg.last),
     }
 }
 
-fn pct_used(used: i128, included: Option<i128>) -> Option<f64> {
-    included
-        .filter(|inc| *inc > 0)
-        .map(|inc| 100.0 * (used as f64) / (inc as f64))
+fn pct_used(used: Option<i128>, included: Option<i128>) -> Option<f64> {
+    used.zip(included.filter(|inc| *inc > 0))
+        .map(|(u, inc)| 100.0 * (u as f64) / (inc as f64))
 }
 
 /// The largest threshold `used` reaches against `included`, decided with
 /// exact integers (`used * 100 >= included * t`); 100 when nothing is
 /// included and something is used.
-fn threshold(used: i128, included: Option<i128>) -> Option<i32> {
-    match included {
-        Some(0) if used > 0 => Some(100),
-        Some(inc) if inc > 0 => THRESHOLDS.iter().rev().copied().find(|t| {
-            match (used.checked_mul(100), inc.checked_mul(i128::from(*t))) {
+fn threshold(used: Option<i128>, included: Option<i128>) -> Option<i32> {
+    match (used, included) {
+        (Some(u), Some(0)) if u > 0 => Some(100),
+        (Some(u), Some(inc)) if inc > 0 => THRESHOLDS.iter().rev().copied().find(|t| {
+            match (u.checked_mul(100), inc.checked_mul(i128::from(*t))) {
                 (Some(a), Some(b)) => a >= b,
                 _ => pct_used(used, included).is_some_and(|p| p >= f64::from(*t)),
             }
@@ -273,17 +280,23 @@ impl OveragesOperator {
         let aggregation = self.catalog.aggregation(metric);
         let used = used(agg, aggregation);
         let included = version.and_then(|v| v.limits.get(metric)).copied();
-        let overage_quantity = included.map_or(0, |inc| (used - inc).max(0));
+        let overage_quantity = match included {
+            None => Some(0),
+            Some(inc) => used.map(|u| (u - inc).max(0)),
+        };
         let overage_amount = match version {
             None => None,
             Some(v) => match included {
                 None => Some(0),
-                Some(_) => v.overage.get(metric).map(|p| {
-                    let packages =
-                        ceil_div(overage_quantity, i128::from(p.per).saturating_mul(ONE));
-                    i64::try_from(packages.saturating_mul(i128::from(p.unit_price)))
-                        .unwrap_or(i64::MAX)
-                }),
+                Some(_) => v
+                    .overage
+                    .get(metric)
+                    .zip(overage_quantity)
+                    .map(|(p, over)| {
+                        let packages = ceil_div(over, i128::from(p.per).saturating_mul(ONE));
+                        i64::try_from(packages.saturating_mul(i128::from(p.unit_price)))
+                            .unwrap_or(i64::MAX)
+                    }),
             },
         };
         Row {
@@ -325,7 +338,8 @@ impl OveragesOperator {
         };
         m.limit = Some(limit);
         let used = used(&m.agg, limit.aggregation);
-        let Some(reached) = threshold(used, limit.included) else {
+        // A threshold is reached only by a known `used`.
+        let (Some(reached), Some(used)) = (threshold(used, limit.included), used) else {
             return;
         };
         let mut newly = 0;
@@ -409,6 +423,19 @@ impl OveragesOperator {
             if month.row.as_ref() == Some(&row) && month.written == month.alerted {
                 continue;
             }
+            // Once, when `used` becomes unknown (restore and replay, not live,
+            // only re-derive what a live run already reported).
+            if self.live
+                && row.used.is_none()
+                && month.row.as_ref().is_none_or(|r| r.used.is_some())
+            {
+                error!(
+                    tenant = %key.0,
+                    metric = %key.2,
+                    period = %date_text(key.1),
+                    "usage sum exceeds Decimal128(38, 9); overages.used is NULL for the period, and no overage, percentage or threshold is derived from it"
+                );
+            }
             if let Some(m) = self.months.get_mut(&key) {
                 m.row = Some(row);
                 m.written = m.alerted;
@@ -449,9 +476,9 @@ impl OveragesOperator {
             metric.append_value(&key.2);
             plan.append_option(r.plan.as_deref());
             aggregation.append_value(aggregation_name(r.aggregation));
-            used.append_value(r.used);
+            used.append_option(r.used);
             included.append_option(r.included);
-            oq.append_value(r.overage_quantity);
+            oq.append_option(r.overage_quantity);
             amount.append_option(r.overage_amount);
             currency.append_option(r.currency.as_deref());
             pct.append_option(r.pct_used);
@@ -751,9 +778,9 @@ mod tests {
         let (_, rows) = run(&e);
         let r = &rows[&("acme".into(), "2026-01".into(), "api_calls".into())];
         assert_eq!(r.plan.as_deref(), Some("starter"));
-        assert_eq!(r.used, q("1500.5"));
+        assert_eq!(r.used, Some(q("1500.5")));
         assert_eq!(r.included, Some(q("1000")));
-        assert_eq!(r.overage_quantity, q("500.5"));
+        assert_eq!(r.overage_quantity, Some(q("500.5")));
         assert_eq!(
             r.overage_amount,
             Some(100),
@@ -777,7 +804,7 @@ mod tests {
         e.push(use_("u2", "acme", "2026-01-10T00:00:00Z", "reports", "3"));
         let (_, rows) = run(&e);
         let storage = &rows[&("acme".into(), "2026-01".into(), "storage_gb".into())];
-        assert_eq!(storage.overage_quantity, q("0.5"));
+        assert_eq!(storage.overage_quantity, Some(q("0.5")));
         assert_eq!(storage.overage_amount, None, "a limit but no overage price");
         let reports = &rows[&("acme".into(), "2026-01".into(), "reports".into())];
         assert_eq!(
@@ -786,7 +813,7 @@ mod tests {
                 reports.overage_quantity,
                 reports.overage_amount
             ),
-            (None, 0, Some(0))
+            (None, Some(0), Some(0))
         );
         assert_eq!((reports.pct_used, reports.threshold), (None, None));
     }
@@ -823,7 +850,11 @@ mod tests {
             }
         }
         let (_, rows) = run(&e);
-        let used = |m: &str| rows[&("acme".to_string(), "2026-01".to_string(), m.to_string())].used;
+        let used = |m: &str| {
+            rows[&("acme".to_string(), "2026-01".to_string(), m.to_string())]
+                .used
+                .unwrap()
+        };
         assert_eq!(used("api_calls"), q("3"), "count");
         assert_eq!(used("storage_gb"), q("9"), "max");
         assert_eq!(used("seats"), q("4"), "latest by time, not arrival");
@@ -966,8 +997,96 @@ mod tests {
                 gamma.overage_quantity,
                 gamma.overage_amount
             ),
-            (None, 0, None)
+            (None, Some(0), None)
         );
+    }
+
+    #[test]
+    fn an_overflowed_sum_gives_no_used_and_nothing_derived_from_it() {
+        const NINES: &str = "\"99999999999999999999999999999\"";
+        let mut e = base();
+        e.push(ev(
+            "m1",
+            "_system",
+            "catalog.meter_defined",
+            "2025-12-01T00:00:00Z",
+            r#"{"metric":"seats","aggregation":"max"}"#,
+        ));
+        for (i, m) in ["api_calls", "reports", "seats"].iter().enumerate() {
+            for j in 0..2 {
+                e.push(use_(
+                    &format!("u{i}{j}"),
+                    "acme",
+                    "2026-01-10T00:00:00Z",
+                    m,
+                    NINES,
+                ));
+            }
+        }
+        let ((mut op, rows), logs) = crate::operator::usage::captured_logs(|| run(&e));
+        let row = |m: &str| &rows[&("acme".into(), "2026-01".into(), m.into())];
+        // Limited and priced: no overage, percentage or threshold from a bogus number.
+        let api = row("api_calls");
+        assert_eq!(
+            (
+                api.used,
+                api.included,
+                api.overage_quantity,
+                api.overage_amount
+            ),
+            (None, Some(q("1000")), None, None)
+        );
+        assert_eq!((api.pct_used, api.threshold), (None, None));
+        assert_eq!(api.plan.as_deref(), Some("starter"));
+        let alerted: Vec<(String, i32)> = op
+            .take_alerts()
+            .into_iter()
+            .map(|a| (a.metric, a.threshold))
+            .collect();
+        assert!(
+            alerted.iter().all(|(m, _)| m == "seats"),
+            "only the max-aggregated metric, whose `used` is known: {alerted:?}"
+        );
+        // Unlimited: no overage whatever the usage.
+        let reports = row("reports");
+        assert_eq!(
+            (
+                reports.used,
+                reports.overage_quantity,
+                reports.overage_amount
+            ),
+            (None, Some(0), Some(0))
+        );
+        // Another aggregation of the same quantities is exact.
+        assert_eq!(row("seats").used, Some(q("99999999999999999999999999999")));
+        assert_eq!(logs.matches("overages.used is NULL").count(), 2, "{logs}");
+        assert!(
+            logs.contains("ERROR")
+                && logs.contains("metric=api_calls")
+                && logs.contains("period=2026-01-01"),
+            "{logs}"
+        );
+        // Written as NULLs; a later event changes nothing and logs nothing more.
+        let batch = op.snapshot(1).unwrap().unwrap();
+        assert_eq!(batch.column_by_name("used").unwrap().null_count(), 2);
+        assert_eq!(
+            batch
+                .column_by_name("overage_quantity")
+                .unwrap()
+                .null_count(),
+            1
+        );
+        let (_, again) = crate::operator::usage::captured_logs(|| {
+            op.apply(&use_(
+                "u9",
+                "acme",
+                "2026-01-11T00:00:00Z",
+                "api_calls",
+                "1",
+            ));
+            op.take_rows(2).unwrap()
+        });
+        assert_eq!(again, "");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Key (`tenant`, `metric`, `granularity`, `window_start`); `events`, `sum`,
 //! `min`, `max`, `last` in exact Decimal128(38, 9) (`last` = the quantity of
 //! the greatest event by (`time`, `source`, `id`)); `is_final` is derived
-//! when the view is read.
+//! when the view is read. A `sum` beyond Decimal128(38, 9) is NULL: no
+//! number in the column could be mistaken for it.
 //!
 //! Late events are never dropped: an event for an old window updates it.
 //! How updated windows reach Parquet: every batch appends one file holding
@@ -23,11 +24,13 @@ use arrow::array::{
     UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use tracing::error;
 
 use super::slots::{Recent, Slots};
 use super::window::Granularity;
 use super::{Operator, OperatorError, SeriesIds, Storage};
-use crate::event::decimal::{PRECISION, SCALE};
+use crate::event::decimal::{self, PRECISION, SCALE};
+use crate::event::time::format_micros;
 use crate::event::{Event, Payload, Text};
 
 pub const VIEW: &str = "usage";
@@ -42,7 +45,8 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("window_start", ts(), false),
         Field::new("window_end", ts(), false),
         Field::new("events", DataType::Int64, false),
-        Field::new("sum", dec(), false),
+        // NULL once the window's sum no longer fits Decimal128(38, 9).
+        Field::new("sum", dec(), true),
         Field::new("min", dec(), false),
         Field::new("max", dec(), false),
         Field::new("last", dec(), false),
@@ -54,11 +58,17 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
+/// `Agg::sum` of a window whose sum went past Decimal128(38, 9): negative,
+/// so never a real sum (quantities are >= 0). A marker value rather than an
+/// `Option` keeps every window 16 bytes smaller.
+const OVERFLOWED: i128 = i128::MIN;
+
 /// Exact aggregate of one window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agg {
     pub events: i64,
-    pub sum: i128,
+    /// The exact sum, or [`OVERFLOWED`]: read it through [`Agg::sum`].
+    sum: i128,
     pub min: i128,
     pub max: i128,
     pub last: i128,
@@ -78,11 +88,28 @@ impl Agg {
         }
     }
 
-    /// Folds one more event. Commutative: any arrival order gives the same result.
-    pub fn add(&mut self, e: &Event, q: i128) {
+    /// The sum of the quantities; `None` once it went past Decimal128(38, 9)
+    /// (it stays `None`: more quantities, all >= 0, cannot bring it back).
+    pub fn sum(&self) -> Option<i128> {
+        (self.sum != OVERFLOWED).then_some(self.sum)
+    }
+
+    /// Folds one more event; true if this event took the sum past
+    /// Decimal128(38, 9). Commutative: any arrival order gives the same
+    /// result (with quantities >= 0 the sum overflows whatever the order).
+    pub fn add(&mut self, e: &Event, q: i128) -> bool {
         self.events += 1;
-        // Sums beyond Decimal128(38, 9) cannot be represented; saturate rather than wrap.
-        self.sum = self.sum.saturating_add(q).min(10i128.pow(38) - 1);
+        let overflowed = self.sum != OVERFLOWED
+            && match self.sum.checked_add(q).filter(|s| *s <= decimal::MAX) {
+                Some(sum) => {
+                    self.sum = sum;
+                    false
+                }
+                None => {
+                    self.sum = OVERFLOWED;
+                    true
+                }
+            };
         self.min = self.min.min(q);
         self.max = self.max.max(q);
         // Time first; the strings only break ties.
@@ -99,6 +126,7 @@ impl Agg {
             // Short ids and sources are inline: no allocation per event.
             self.last_key = (e.time, e.source.clone(), e.id.clone());
         }
+        overflowed
     }
 }
 
@@ -207,7 +235,7 @@ impl UsageOperator {
             start.append_value(k.start);
             end.append_value(*window_end);
             events.append_value(a.events);
-            sum.append_value(a.sum);
+            sum.append_option(a.sum());
             min.append_value(a.min);
             max.append_value(a.max);
             last.append_value(a.last);
@@ -305,8 +333,18 @@ impl Operator for UsageOperator {
                     i
                 }
             };
-            if let Some((_, (_, agg, dirty))) = self.windows.slot_mut(i) {
-                agg.add(e, *quantity);
+            if let Some((key, (end, agg, dirty))) = self.windows.slot_mut(i) {
+                if agg.add(e, *quantity) {
+                    // Once per window: later events find the sum already NULL.
+                    error!(
+                        tenant = %e.tenant,
+                        metric = %metric,
+                        granularity = key.granularity.as_str(),
+                        window_start = %format_micros(key.start),
+                        window_end = %format_micros(*end),
+                        "usage sum exceeds Decimal128(38, 9); the window's sum is NULL from now on"
+                    );
+                }
                 if !std::mem::replace(dirty, true) {
                     self.dirty.push(i);
                 }
@@ -370,7 +408,11 @@ impl Operator for UsageOperator {
             };
             let agg = Agg {
                 events: events.value(i),
-                sum: sum.value(i),
+                sum: if sum.is_null(i) {
+                    OVERFLOWED
+                } else {
+                    sum.value(i)
+                },
                 min: min.value(i),
                 max: max.value(i),
                 last: last.value(i),
@@ -384,6 +426,32 @@ impl Operator for UsageOperator {
         }
         Ok(())
     }
+}
+
+/// What `f` logs, at every level, as text lines; with its result.
+#[cfg(test)]
+pub(crate) fn captured_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
+    use std::sync::Mutex;
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Lines {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+    (out, text)
 }
 
 #[cfg(test)]
@@ -470,6 +538,73 @@ mod tests {
             (3, 12_800_000_000, 12_500_000_000)
         );
         assert_eq!(op.windows.len(), 3);
+    }
+
+    /// The largest whole quantity: 29 nines.
+    const NINES: &str = "\"99999999999999999999999999999\"";
+
+    #[test]
+    fn a_sum_past_decimal128_is_null_for_good_and_logged_once() {
+        let mut op = UsageOperator::new(&grans(&["hour", "month"]));
+        let u = |id: &str, time: &str, q: &str| usage(id, "s", "acme", "api_calls", time, q);
+        let ((), logs) = captured_logs(|| {
+            op.apply(&u("a", "2026-01-05T10:15:00Z", NINES));
+            op.apply(&u("b", "2026-01-05T10:45:00Z", NINES));
+            op.apply(&u("c", "2026-01-05T10:50:00Z", "1"));
+            op.apply(&u("d", "2026-01-05T11:00:00Z", "2"));
+        });
+        // One line per window that overflowed (10:00 and the month), not per event.
+        assert_eq!(logs.matches("usage sum exceeds").count(), 2, "{logs}");
+        for field in [
+            "ERROR",
+            "tenant=acme",
+            "metric=api_calls",
+            "granularity=\"hour\"",
+            "window_start=2026-01-05T10:00:00Z",
+            "window_end=2026-01-05T11:00:00Z",
+            "granularity=\"month\"",
+        ] {
+            assert!(logs.contains(field), "{field}: {logs}");
+        }
+        let agg = |g: Granularity, start: &str| {
+            let start = crate::event::time::parse_rfc3339_micros(start).unwrap();
+            op.windows
+                .entries()
+                .find(|(k, _)| k.granularity == g && k.start == start)
+                .map(|(_, w)| w.1.clone())
+                .unwrap()
+        };
+        let hour = agg(Granularity::Hour, "2026-01-05T10:00:00Z");
+        let nines = decimal::parse_decimal_string("99999999999999999999999999999").unwrap();
+        assert_eq!(hour.sum(), None);
+        assert_eq!(
+            (hour.events, hour.min, hour.max, hour.last),
+            (3, decimal::ONE, nines, decimal::ONE),
+            "the other aggregates stay exact"
+        );
+        assert_eq!(agg(Granularity::Month, "2026-01-01T00:00:00Z").sum(), None);
+        assert_eq!(
+            agg(Granularity::Hour, "2026-01-05T11:00:00Z").sum(),
+            Some(2 * decimal::ONE)
+        );
+        let rows = op.take_rows(1).unwrap().unwrap();
+        let sums = rows
+            .column_by_name("sum")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<Decimal128Array>()
+            .unwrap();
+        assert_eq!((sums.len(), sums.null_count()), (3, 2));
+
+        // Stored NULL sums come back as overflowed, and stay so without a
+        // second log line.
+        let mut restored = UsageOperator::new(&grans(&["hour", "month"]));
+        restored.restore(&op.snapshot(2).unwrap().unwrap()).unwrap();
+        assert_eq!(table(&restored), table(&op));
+        let ((), again) = captured_logs(|| restored.apply(&u("e", "2026-01-05T10:55:00Z", "1")));
+        assert_eq!(again, "");
+        let rows = restored.take_rows(3).unwrap().unwrap();
+        assert_eq!(rows.column_by_name("sum").unwrap().null_count(), 2);
     }
 
     #[test]

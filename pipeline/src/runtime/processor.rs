@@ -96,7 +96,7 @@ impl Processor {
                 limits,
             )
             .map(|event| {
-                let key = dedup::key(&event.source, &event.id);
+                let key = dedup::key(&event.tenant, &event.source, &event.id);
                 (event, key)
             })
         };
@@ -250,8 +250,10 @@ impl Processor {
         }
         let mut replayed = 0u64;
         for_each_archived(data_dir, |event| {
-            self.dedup
-                .admit(dedup::key(&event.source, &event.id), event.published_at);
+            self.dedup.admit(
+                dedup::key(&event.tenant, &event.source, &event.id),
+                event.published_at,
+            );
             let sub = SubEvent::from_event(event).map(Arc::new);
             for i in &rebuild {
                 self.operators[*i].apply_with(event, sub.as_ref());

@@ -1,4 +1,7 @@
-//! Dedup by (`source`, `id`) over a horizon of stream time.
+//! Dedup by (`tenant`, `source`, `id`) over a horizon of stream time.
+//!
+//! The tenant is part of the key so that no tenant can suppress another's
+//! events by reusing their (`source`, `id`).
 //!
 //! Each accepted event's key is remembered with its JetStream publish time;
 //! a later message with the same key published within the horizon is a
@@ -16,23 +19,37 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_128};
 
-/// The key of an event: xxh3-128 over `source`, a 0xFF separator (never
-/// valid UTF-8, so the pair is unambiguous) and `id`, hashed in one shot
-/// from a stack buffer when short (the streaming hasher costs more).
-pub fn key(source: &str, id: &str) -> u128 {
-    let (s, i) = (source.as_bytes(), id.as_bytes());
-    let mut buf = [0u8; 192];
-    let n = s.len() + 1 + i.len();
+/// Longest key hashed from a stack buffer; longer ones (rare: `source`
+/// may be 256 characters) go through the streaming hasher.
+const ONE_SHOT_MAX: usize = 256;
+
+/// The key of an event: xxh3-128 over `tenant`, `source` and `id` joined by
+/// 0xFF bytes (never part of valid UTF-8, so the triple is unambiguous),
+/// hashed in one shot from a stack buffer when short (the streaming hasher
+/// costs more).
+pub fn key(tenant: &str, source: &str, id: &str) -> u128 {
+    let parts = [tenant.as_bytes(), source.as_bytes(), id.as_bytes()];
+    let n = parts.iter().map(|p| p.len()).sum::<usize>() + parts.len() - 1;
+    let mut buf = [0u8; ONE_SHOT_MAX];
     if let Some(out) = buf.get_mut(..n) {
-        out[..s.len()].copy_from_slice(s);
-        out[s.len()] = 0xFF;
-        out[s.len() + 1..].copy_from_slice(i);
+        let mut at = 0;
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                out[at] = 0xFF;
+                at += 1;
+            }
+            out[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
         return xxh3_128(out);
     }
     let mut h = Xxh3::new();
-    h.update(s);
-    h.update(&[0xFF]);
-    h.update(i);
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            h.update(&[0xFF]);
+        }
+        h.update(p);
+    }
     h.digest128()
 }
 
@@ -164,7 +181,7 @@ mod tests {
 
     #[test]
     fn duplicates_inside_the_horizon_only() {
-        let k = key("svc", "e1");
+        let k = key("t", "svc", "e1");
         for (at, duplicate) in [(31 * DAY, true), (32 * DAY, true), (32 * DAY + 1, false)] {
             let mut d = Dedup::new(32 * DAY);
             assert!(d.admit(k, 0));
@@ -172,7 +189,7 @@ mod tests {
         }
         let mut d = Dedup::new(32 * DAY);
         assert!(d.admit(k, 0));
-        assert!(d.admit(key("svc", "e2"), DAY));
+        assert!(d.admit(key("t", "svc", "e2"), DAY));
         // A duplicate is not remembered again: the horizon runs from the
         // accepted event, so it expires 32 days after that one.
         assert!(!d.admit(k, 20 * DAY));
@@ -184,10 +201,10 @@ mod tests {
     #[test]
     fn a_publish_time_behind_the_newest_still_sees_the_horizon() {
         let mut d = Dedup::new(10);
-        assert!(d.admit(key("s", "a"), 100));
-        assert!(d.admit(key("s", "b"), 105));
+        assert!(d.admit(key("t", "s", "a"), 100));
+        assert!(d.admit(key("t", "s", "b"), 105));
         // The server clock stepped back: still inside the horizon of "a".
-        assert!(!d.admit(key("s", "a"), 103));
+        assert!(!d.admit(key("t", "s", "a"), 103));
     }
 
     #[test]
@@ -195,13 +212,36 @@ mod tests {
         let mut d = Dedup::new(10);
         d.reserve(16);
         for i in 0..1000 {
-            assert!(d.admit(key("s", &i.to_string()), i));
+            assert!(d.admit(key("t", "s", &i.to_string()), i));
         }
         assert!(d.len() <= 11, "{}", d.len());
     }
 
     #[test]
     fn key_is_unambiguous() {
-        assert_ne!(key("ab", "c"), key("a", "bc"));
+        assert_ne!(key("t", "ab", "c"), key("t", "a", "bc"));
+        assert_ne!(key("ta", "b", "c"), key("t", "ab", "c"));
+    }
+
+    #[test]
+    fn key_is_per_tenant() {
+        // Another tenant reusing a (source, id) must not suppress the event.
+        assert_ne!(
+            key("victim", "billing", "inv-777"),
+            key("evil", "billing", "inv-777")
+        );
+        let mut d = Dedup::new(DAY);
+        assert!(d.admit(key("evil", "billing", "inv-777"), 0));
+        assert!(d.admit(key("victim", "billing", "inv-777"), 1));
+        assert!(!d.admit(key("victim", "billing", "inv-777"), 2));
+    }
+
+    #[test]
+    fn long_keys_hash_like_short_ones() {
+        // Past the stack buffer the streaming hasher must give the one-shot hash.
+        let source = "s".repeat(ONE_SHOT_MAX);
+        let joined = [b"t".as_slice(), &[0xFF], source.as_bytes(), &[0xFF], b"i"].concat();
+        assert_eq!(key("t", &source, "i"), xxh3_128(&joined));
+        assert_ne!(key("t", &source, "i"), key("u", &source, "i"));
     }
 }

@@ -264,7 +264,13 @@ impl ViewDir {
                 write_parquet_with(&path, schema, |write| {
                     for f in &run {
                         for batch in read_parquet(&f.path)? {
-                            write(&batch?)?;
+                            let batch = conform(batch?, schema).map_err(|source| {
+                                ViewFilesError::Arrow {
+                                    path: f.path.clone(),
+                                    source,
+                                }
+                            })?;
+                            write(&batch)?;
                         }
                     }
                     Ok(())
@@ -327,6 +333,26 @@ impl ViewDir {
         })?;
         Ok(removed)
     }
+}
+
+/// `batch` in `schema`: a file written before a column was added to its
+/// view lacks it, and reads it as NULL (the column is nullable).
+fn conform(
+    batch: RecordBatch,
+    schema: &SchemaRef,
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    if batch.schema().fields() == schema.fields() {
+        return Ok(batch);
+    }
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) => Arc::clone(c),
+            None => arrow::array::new_null_array(f.data_type(), batch.num_rows()),
+        })
+        .collect();
+    RecordBatch::try_new(Arc::clone(schema), columns)
 }
 
 /// Writes `files` (one schema) as one file at `path` by copying their row
@@ -487,6 +513,44 @@ mod tests {
     use super::*;
     use arrow::array::UInt64Array;
     use arrow::datatypes::{DataType, Field, Schema};
+
+    #[test]
+    fn files_from_before_a_column_was_added_merge_with_it_as_null() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = ViewDir::new(dir.path(), "t");
+        v.create().unwrap();
+        let old: SchemaRef = Arc::new(Schema::new(vec![Field::new("a", DataType::UInt64, false)]));
+        let new: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("a", DataType::UInt64, false),
+            Field::new("b", DataType::Utf8, true),
+        ]));
+        for i in 0..COMPACT_TRIGGER as u64 {
+            let b = if i < 20 {
+                batch(&old, &[i])
+            } else {
+                RecordBatch::try_new(
+                    Arc::clone(&new),
+                    vec![
+                        Arc::new(UInt64Array::from(vec![i])),
+                        Arc::new(arrow::array::StringArray::from(vec![Some("x")])),
+                    ],
+                )
+                .unwrap()
+            };
+            let schema = b.schema();
+            v.write(i + 1, i + 1, &schema, &[b]).unwrap();
+        }
+        assert_eq!(v.compact(&new, COMPACT_TRIGGER as u64).unwrap(), COMPACT_TRIGGER);
+        let files = v.files().unwrap();
+        assert_eq!(files.len(), 1);
+        let rows: Vec<RecordBatch> = read_parquet(&files[0].path)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let nulls: usize = rows.iter().map(|b| b.column(1).null_count()).sum();
+        assert_eq!(nulls, 20);
+        assert_eq!(rows.iter().map(RecordBatch::num_rows).sum::<usize>(), COMPACT_TRIGGER);
+    }
 
     fn batch(schema: &SchemaRef, vals: &[u64]) -> RecordBatch {
         RecordBatch::try_new(
