@@ -119,10 +119,19 @@ impl Drop for NatsServer {
     }
 }
 
+/// The `tally` binary under test: the one cargo built for these tests, or
+/// `TALLY_BIN` (a copy of a build, when several work trees share a target
+/// directory and its `debug/tally`).
+pub fn bin() -> PathBuf {
+    std::env::var_os("TALLY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tally")))
+}
+
 /// The `tally` binary with the server and data dir set through the
 /// environment, as a user would.
 pub fn tally(server: &NatsServer, data: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tally"));
+    let mut c = Command::new(bin());
     c.env("TALLY_NATS_URL", &server.url)
         .env("TALLY_DATA_DIR", data)
         .env("RUST_LOG", "warn")
@@ -186,7 +195,7 @@ pub fn api_calls(id: &str, tenant: &str, time: &str, quantity: &str) -> String {
 /// `tally generate` output as a file.
 pub fn generated(dir: &Path, tenants: u32, months: u32, seed: u64) -> PathBuf {
     let path = dir.join(format!("gen-{tenants}-{months}-{seed}.jsonl"));
-    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+    let out = Command::new(bin())
         .args([
             "generate",
             "--tenants",

@@ -503,7 +503,7 @@ fn unreachable_nats_says_what_to_do() {
         .local_addr()
         .unwrap()
         .port();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+    let out = std::process::Command::new(harness::bin())
         .args(["--nats", &format!("nats://127.0.0.1:{port}"), "--data"])
         .arg(dir.path())
         .args(["run", "--until-idle"])
@@ -515,7 +515,7 @@ fn unreachable_nats_says_what_to_do() {
         err.contains("cannot reach NATS") && err.contains("nats-server"),
         "{err}"
     );
-    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+    let bad = std::process::Command::new(harness::bin())
         .args(["sql"])
         .arg("--bogus")
         .output()

@@ -1038,14 +1038,26 @@ mod tests {
         );
         assert_eq!((api.pct_used, api.threshold), (None, None));
         assert_eq!(api.plan.as_deref(), Some("starter"));
-        let alerted: Vec<(String, i32)> = op
+        // Alerts are decided message by message: the first quantity
+        // already reached every threshold of `api_calls` with a known
+        // `used`; the overflowing second one derives nothing.
+        let alerted: Vec<(String, i32, String)> = op
             .take_alerts()
             .into_iter()
-            .map(|a| (a.metric, a.threshold))
+            .map(|a| (a.metric, a.threshold, a.used))
             .collect();
+        let nines = NINES.trim_matches('"').to_string();
+        for t in [80, 90, 100] {
+            assert!(
+                alerted.contains(&("api_calls".into(), t, nines.clone())),
+                "{alerted:?}"
+            );
+        }
         assert!(
-            alerted.iter().all(|(m, _)| m == "seats"),
-            "only the max-aggregated metric, whose `used` is known: {alerted:?}"
+            alerted
+                .iter()
+                .all(|(m, _, used)| m != "api_calls" || *used == nines),
+            "{alerted:?}"
         );
         // Unlimited: no overage whatever the usage.
         let reports = row("reports");

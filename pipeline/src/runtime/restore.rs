@@ -61,7 +61,10 @@ pub fn open_state(
 }
 
 /// Calls `f` with every archived event, in stream order.
-pub fn for_each_archived(data_dir: &DataDir, mut f: impl FnMut(&Event)) -> Result<(), RuntimeError> {
+pub fn for_each_archived(
+    data_dir: &DataDir,
+    mut f: impl FnMut(&Event),
+) -> Result<(), RuntimeError> {
     for file in data_dir.view(operator::events::VIEW).files()? {
         for batch in read_parquet(&file.path)? {
             operator::events::decode(&batch?, &mut f)?;

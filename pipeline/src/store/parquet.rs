@@ -540,7 +540,10 @@ mod tests {
             let schema = b.schema();
             v.write(i + 1, i + 1, &schema, &[b]).unwrap();
         }
-        assert_eq!(v.compact(&new, COMPACT_TRIGGER as u64).unwrap(), COMPACT_TRIGGER);
+        assert_eq!(
+            v.compact(&new, COMPACT_TRIGGER as u64).unwrap(),
+            COMPACT_TRIGGER
+        );
         let files = v.files().unwrap();
         assert_eq!(files.len(), 1);
         let rows: Vec<RecordBatch> = read_parquet(&files[0].path)
@@ -549,7 +552,10 @@ mod tests {
             .collect();
         let nulls: usize = rows.iter().map(|b| b.column(1).null_count()).sum();
         assert_eq!(nulls, 20);
-        assert_eq!(rows.iter().map(RecordBatch::num_rows).sum::<usize>(), COMPACT_TRIGGER);
+        assert_eq!(
+            rows.iter().map(RecordBatch::num_rows).sum::<usize>(),
+            COMPACT_TRIGGER
+        );
     }
 
     fn batch(schema: &SchemaRef, vals: &[u64]) -> RecordBatch {
