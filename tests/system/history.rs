@@ -196,3 +196,165 @@ fn a_stream_whose_retention_drops_what_a_run_has_not_read_is_refused() {
         "{err}"
     );
 }
+
+/// `tally replay` on `data`, expecting `code`; returns stderr.
+fn replay(server: &NatsServer, data: &Path, args: &[&str], code: i32) -> String {
+    let mut c = tally(server, data);
+    c.arg("replay").args(args);
+    String::from_utf8(run_expect(c, code).stderr).unwrap()
+}
+
+/// The checkpoint's counts and gaps: what a replay must carry over.
+fn counts(data: &Path) -> (serde_json::Value, serde_json::Value, u64) {
+    let cp = checkpoint(data);
+    (
+        cp["counts"].clone(),
+        cp["gaps"].clone(),
+        cp["last_seq"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn replay_reads_what_the_stream_forgot_from_the_archive() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = generated(dir.path(), 25, 4, 21);
+    publish_file(&server, &dir.path().join("unused"), &file);
+    // Bad messages and a re-sent duplicate beyond JetStream's window, so the
+    // forgotten range holds every outcome.
+    rt().block_on(async {
+        let js = js(&server).await;
+        for body in ["not json", "{\"specversion\":\"0.3\"}"] {
+            js.publish("tally.events.acme.usage.recorded", body.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    let lines: Vec<String> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .take(40)
+        .map(str::to_string)
+        .collect();
+    crate::harness::publish_lines(&server, &dir.path().join("unused"), &lines);
+    until_idle(&server, &data);
+    let complete = all_views(&server, &data);
+    let complete_counts = counts(&data);
+    // A replay of the complete stream, as of a past position, for later.
+    let as_of = complete_counts.2 / 2;
+    let past = dir.path().join("past");
+    replay(
+        &server,
+        &data,
+        &[
+            "--until-seq",
+            &as_of.to_string(),
+            "--into",
+            past.to_str().unwrap(),
+        ],
+        0,
+    );
+    let past_views = all_views(&server, &past);
+    // The stream forgets: a message in the middle, then everything but the
+    // newest 300, then everything.
+    rt().block_on(async {
+        let js = js(&server).await;
+        let s = js.get_stream("TALLY_EVENTS").await.unwrap();
+        assert!(s.delete_message(complete_counts.2 - 100).await.unwrap());
+        s.purge().keep(300).await.unwrap();
+    });
+    replay(&server, &data, &[], 0);
+    assert_eq!(
+        all_views(&server, &data),
+        complete,
+        "after a purge with keep"
+    );
+    assert_eq!(counts(&data), complete_counts);
+    rt().block_on(async {
+        let js = js(&server).await;
+        js.get_stream("TALLY_EVENTS")
+            .await
+            .unwrap()
+            .purge()
+            .await
+            .unwrap();
+    });
+    replay(&server, &data, &[], 0);
+    assert_eq!(
+        all_views(&server, &data),
+        complete,
+        "after a complete purge"
+    );
+    assert_eq!(counts(&data), complete_counts);
+    let past_again = dir.path().join("past-again");
+    replay(
+        &server,
+        &data,
+        &[
+            "--until-seq",
+            &as_of.to_string(),
+            "--into",
+            past_again.to_str().unwrap(),
+        ],
+        0,
+    );
+    assert_eq!(
+        all_views(&server, &past_again),
+        past_views,
+        "--until-seq from the archive"
+    );
+    // The dedup horizon survives: a late re-send of an archived event is
+    // still a duplicate.
+    crate::harness::publish_lines(&server, &dir.path().join("unused"), &lines[..5]);
+    until_idle(&server, &data);
+    assert_eq!(
+        all_views(&server, &data),
+        complete,
+        "re-sends after the replay"
+    );
+}
+
+#[test]
+fn replay_refuses_to_build_views_from_less_history() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = generated(dir.path(), 10, 3, 22);
+    let first = publish_split(&server, dir.path(), &file, 1500);
+    until_idle(&server, &data);
+    let before = all_views(&server, &data);
+    let before_cp = checkpoint(&data);
+    publish_file(
+        &server,
+        &dir.path().join("unused"),
+        &dir.path().join("rest.jsonl"),
+    );
+    rt().block_on(async {
+        let js = js(&server).await;
+        js.get_stream("TALLY_EVENTS")
+            .await
+            .unwrap()
+            .purge()
+            .keep(50)
+            .await
+            .unwrap();
+    });
+    // The live views stop at `first`; the stream forgot what came after.
+    let err = replay(&server, &data, &[], 1);
+    assert!(
+        err.contains(&format!("sequences {}..=", first + 1)) && err.contains("less history"),
+        "{err}"
+    );
+    assert_eq!(
+        all_views(&server, &data),
+        before,
+        "the live views are untouched"
+    );
+    assert_eq!(checkpoint(&data), before_cp);
+    replay(&server, &data, &["--accept-gap"], 0);
+    assert_eq!(gaps(&data).len(), 1);
+    assert_eq!(gaps(&data)[0].0, first + 1);
+}

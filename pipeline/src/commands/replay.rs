@@ -42,8 +42,10 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use tracing::{info, warn};
 
-use crate::runtime::{RunOptions, RunSummary, RuntimeError, run_with_lock};
+use crate::config::Settings;
+use crate::runtime::{ArchiveSource, RunOptions, RunSummary, RuntimeError, run_with_lock};
 use crate::source::jetstream as js_source;
+use crate::store::checkpoint::Checkpoint;
 use crate::store::handoff::{self, DONE, PAUSED, REQUEST};
 use crate::store::{DataDir, DataDirLock, SETTINGS_FILE};
 
@@ -51,6 +53,24 @@ use crate::store::{DataDir, DataDirLock, SETTINGS_FILE};
 pub enum ReplayError {
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error(
+        "stream {stream} no longer holds sequences {first}..={last}, and the events archive of {data} does not have them either: a replay would build views from less history than the live ones, so it stops here and the live views are untouched. Run `tally replay --accept-gap` to rebuild without them and record the gap"
+    )]
+    LessHistory {
+        stream: String,
+        data: PathBuf,
+        first: u64,
+        last: u64,
+    },
+    #[error(
+        "the replay accepted {replayed} events up to sequence {upto} where the live views accepted {live}: the events archive of {data} and the stream disagree; the live views are untouched. Move {data} aside and replay from a stream that holds every message"
+    )]
+    ArchiveDisagrees {
+        data: PathBuf,
+        upto: u64,
+        replayed: u64,
+        live: u64,
+    },
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -156,7 +176,7 @@ pub async fn replay(
     let mut stream = js_source::ensure_event_stream(&js, &opts.run.source)
         .await
         .map_err(RuntimeError::from)?;
-    let (_, last) = js_source::stream_identity(&mut stream, &opts.run.source.stream)
+    let (created, last) = js_source::stream_identity(&mut stream, &opts.run.source.stream)
         .await
         .map_err(RuntimeError::from)?;
     let target = match opts.until_seq {
@@ -189,6 +209,27 @@ pub async fn replay(
     run.until_idle = true;
     run.stop_at = Some(target);
     run.position = Some(Arc::clone(&position));
+    // What the live views were built from: their archive stands in for
+    // sequences the stream has forgotten, if they come from this stream and
+    // these settings.
+    let settings = Settings::load(run.config.as_deref()).map_err(RuntimeError::from)?;
+    let live = DataDir::new(&data)
+        .checkpoint()
+        .map_err(RuntimeError::from)?
+        .filter(|cp| {
+            cp.stream == opts.run.source.stream
+                && cp.stream_created == created
+                && cp.settings == settings
+        });
+    run.archive = live.as_ref().map(|cp| ArchiveSource {
+        dir: data.clone(),
+        upto: cp.last_seq,
+        gaps: cp.gaps.clone(),
+    });
+    run.split_at = live
+        .as_ref()
+        .map(|cp| cp.last_seq)
+        .filter(|n| *n >= 1 && *n <= target);
     run.source.consumer = format!(
         "tally-replay-{:016x}",
         xxhash_rust::xxh3::xxh3_64(target_dir.to_string_lossy().as_bytes())
@@ -203,9 +244,27 @@ pub async fn replay(
         task.abort();
         bar.finish_and_clear();
     }
-    let summary = summary?;
     if let Err(e) = stream.delete_consumer(&run.source.consumer).await {
         warn!(error = %e, consumer = %run.source.consumer, "cannot delete the replay's consumer");
+    }
+    let summary = match summary {
+        Err(RuntimeError::Gap {
+            stream,
+            first,
+            last,
+            ..
+        }) => {
+            return Err(ReplayError::LessHistory {
+                stream,
+                data: data.clone(),
+                first,
+                last,
+            });
+        }
+        other => other?,
+    };
+    if let Some(live) = &live {
+        carry_counts(&data, &target_dir, live, &summary)?;
     }
     if *stop.borrow() && summary.last_seq < target {
         info!(
@@ -240,6 +299,47 @@ pub async fn replay(
         switched: true,
         live_run_handed_off: handed_off,
     })
+}
+
+/// Completes the rebuilt checkpoint's counts with what only the live run
+/// knew: duplicates and dead letters among the sequences read from the
+/// archive (which holds accepted events only). The live counts up to its
+/// checkpoint, less what the replay counted up to the same sequence, are
+/// exactly those; the accepted counts must agree.
+fn carry_counts(
+    data: &Path,
+    fresh: &Path,
+    live: &Checkpoint,
+    summary: &RunSummary,
+) -> Result<(), ReplayError> {
+    let Some(snap) = &summary.counts_at_split else {
+        if summary.last_seq < live.last_seq {
+            warn!(
+                upto = summary.last_seq,
+                "duplicates and dead letters among sequences read from the archive before this point are not counted (the live counts cover more)"
+            );
+        }
+        return Ok(());
+    };
+    if snap.accepted != live.counts.accepted {
+        return Err(ReplayError::ArchiveDisagrees {
+            data: data.to_path_buf(),
+            upto: live.last_seq,
+            replayed: snap.accepted,
+            live: live.counts.accepted,
+        });
+    }
+    let dir = DataDir::new(fresh);
+    let Some(mut cp) = dir.checkpoint().map_err(RuntimeError::from)? else {
+        return Ok(());
+    };
+    cp.counts.duplicate += live.counts.duplicate.saturating_sub(snap.duplicate);
+    for (reason, n) in &live.counts.dead_lettered {
+        let seen = snap.dead_lettered.get(reason).copied().unwrap_or(0);
+        *cp.counts.dead_lettered.entry(reason.clone()).or_insert(0) += n.saturating_sub(seen);
+    }
+    dir.commit(&cp).map_err(RuntimeError::from)?;
+    Ok(())
 }
 
 /// Exchanges `fresh` into `data`, coordinating with a live run if one

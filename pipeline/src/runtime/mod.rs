@@ -30,7 +30,7 @@ use crate::sink::alerts::AlertError;
 use crate::sink::dlq::DlqError;
 use crate::source::jetstream::{SourceConfig, SourceError};
 use crate::store::DataDirError;
-use crate::store::checkpoint::CheckpointError;
+use crate::store::checkpoint::{CheckpointError, Counts, Gap};
 use crate::store::parquet::ViewFilesError;
 
 pub use processor::{Incoming, Processor, ViewRows};
@@ -154,6 +154,12 @@ pub struct RunOptions {
     /// Go on past sequences the stream no longer holds, recording the gap
     /// in the checkpoint (`--accept-gap`), instead of stopping.
     pub accept_gap: bool,
+    /// An `events` archive to read the sequences the stream no longer
+    /// holds from (a replay's source besides the stream).
+    pub archive: Option<ArchiveSource>,
+    /// Cut a batch after this sequence and keep the counts there
+    /// ([`RunSummary::counts_at_split`]).
+    pub split_at: Option<u64>,
     /// Stop once this stream sequence is processed (replay's target).
     pub stop_at: Option<u64>,
     /// The last processed sequence, for a progress display.
@@ -176,15 +182,28 @@ impl RunOptions {
             acked: true,
             serve_handoff: true,
             accept_gap: false,
+            archive: None,
+            split_at: None,
             stop_at: None,
             position: None,
         }
     }
 }
 
+/// A data directory whose `events` archive holds what a run processed up
+/// to `upto`, with the gaps that run recorded.
+#[derive(Debug, Clone)]
+pub struct ArchiveSource {
+    pub dir: PathBuf,
+    pub upto: u64,
+    pub gaps: Vec<Gap>,
+}
+
 /// What a run did.
 #[derive(Debug, Clone, Default)]
 pub struct RunSummary {
+    /// The counts once the checkpoint reached [`RunOptions::split_at`].
+    pub counts_at_split: Option<Counts>,
     pub batches: u64,
     pub messages: u64,
     pub last_seq: u64,

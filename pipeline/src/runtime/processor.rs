@@ -15,7 +15,7 @@ use super::RuntimeError;
 use super::restore::for_each_archived;
 use crate::config::Settings;
 use crate::event::alert::Alert;
-use crate::event::{Limits, validate_message};
+use crate::event::{Event, Limits, validate_message};
 use crate::operator::subscription::SubEvent;
 use crate::operator::{self, Operator, OperatorError, Storage};
 use crate::sink::dlq::DeadLetter;
@@ -137,6 +137,47 @@ impl Processor {
                 }
             }
         }
+        self.fold(&accepted);
+        letters
+    }
+
+    /// Folds events that an `events` archive holds for sequences the
+    /// stream no longer has, in stream order, and moves the checkpoint to
+    /// `through` (the sequences between them were messages that were not
+    /// accepted: duplicates and dead letters, counted by the run that
+    /// archived them). They were accepted once, so they are not validated
+    /// again; they pass the dedup horizon like any event, so that it is the
+    /// same as a run over the complete stream.
+    pub fn process_archived(&mut self, events: &[Event], through: u64) {
+        let cp = &mut self.checkpoint;
+        let mut accepted = Vec::with_capacity(events.len());
+        for e in events {
+            if e.stream_seq <= cp.last_seq {
+                continue;
+            }
+            cp.last_seq = e.stream_seq;
+            cp.stream_now_us = Some(
+                cp.stream_now_us
+                    .map_or(e.published_at, |n| n.max(e.published_at)),
+            );
+            if !self
+                .dedup
+                .admit(dedup::key(&e.tenant, &e.source, &e.id), e.published_at)
+            {
+                cp.counts.duplicate += 1;
+                continue;
+            }
+            cp.counts.accepted += 1;
+            cp.stream_clock_us = Some(cp.stream_clock_us.map_or(e.time, |c| c.max(e.time)));
+            accepted.push(e);
+        }
+        cp.last_seq = cp.last_seq.max(through);
+        self.fold(&accepted);
+    }
+
+    /// Applies accepted events to every operator, in order, the operators
+    /// in two groups at once.
+    fn fold(&mut self, accepted: &[&Event]) {
         // Each subscription change is built once and shared by the operators.
         let subs: Vec<Option<Arc<SubEvent>>> = accepted
             .iter()
@@ -156,7 +197,6 @@ impl Processor {
         };
         let (a, b) = run_pair(first, second, apply, apply);
         self.measured(a.into_iter().chain(b), true);
-        letters
     }
 
     /// Makes room in the dedup horizon for `messages` more events (the

@@ -21,11 +21,14 @@ use tracing::{info, warn};
 use super::commit::{BatchOutput, InFlight, commit, settle};
 use super::processor::{Incoming, Processor};
 use super::restore::open_state;
-use super::{RunOptions, RunSummary, RuntimeError};
+use super::{ArchiveSource, RunOptions, RunSummary, RuntimeError};
 use crate::config::Settings;
+use crate::event::Event;
+use crate::operator::events;
 use crate::sink::dlq::DlqTarget;
 use crate::sink::{alerts, dlq};
 use crate::source::jetstream as js_source;
+use crate::store::parquet::read_parquet;
 use crate::store::{DataDir, DataDirLock, handoff};
 
 /// Idle ticks in a row with messages owed to us before the consumer is
@@ -380,6 +383,7 @@ impl<'o> Session<'o> {
             };
             self.first_seen.get_or_insert_with(Instant::now);
             let (batch, stream_failed) = gather(first_msg, &mut messages, opts).await;
+            let before = self.p.checkpoint.last_seq;
             let report_now = self.last_report.elapsed() >= REPORT_EVERY;
             let (hole, out) = self.process(batch, &mut deliveries, report_now)?;
             if let Some((out, ack)) = out {
@@ -392,6 +396,15 @@ impl<'o> Session<'o> {
                 if report_now {
                     self.report();
                 }
+            }
+            self.note_split();
+            if self
+                .opts
+                .split_at
+                .is_some_and(|n| before < n && self.p.checkpoint.last_seq == n)
+            {
+                // The batch was cut at the split: the rest of it comes again.
+                return Ok(Next::Resume);
             }
             match hole {
                 Hole::None if stream_failed => return Ok(Next::Resume),
@@ -446,6 +459,12 @@ impl<'o> Session<'o> {
                 continue;
             }
             if opts.stop_at.is_some_and(|n| d.stream_seq > n) {
+                break;
+            }
+            if opts
+                .split_at
+                .is_some_and(|n| first_seq_before < n && d.stream_seq > n)
+            {
                 break;
             }
             if d.stream_seq > next {
@@ -576,6 +595,17 @@ impl<'o> Session<'o> {
         let opts = self.opts;
         let last = opts.stop_at.map_or(last, |n| last.min(n));
         self.settle().await?;
+        let mut first = first;
+        if let Some(src) = &opts.archive
+            && first <= src.upto
+        {
+            let end = last.min(src.upto);
+            self.feed_archive(src, first, end, stop).await?;
+            if end >= last {
+                return Ok(());
+            }
+            first = end + 1;
+        }
         if !opts.accept_gap {
             return Err(RuntimeError::Gap {
                 stream: opts.source.stream.clone(),
@@ -592,6 +622,7 @@ impl<'o> Session<'o> {
             "the stream no longer holds these messages; going on without them (--accept-gap) and recording the gap"
         );
         self.p.checkpoint.skip_gap(first, last);
+        self.note_split();
         let out = BatchOutput {
             first,
             rows: Vec::new(),
@@ -602,6 +633,90 @@ impl<'o> Session<'o> {
         };
         self.dispatch(out, None, stop);
         self.settle().await
+    }
+
+    /// Keeps the counts once the checkpoint reaches the split.
+    fn note_split(&mut self) {
+        if let Some(n) = self.opts.split_at
+            && self.summary.counts_at_split.is_none()
+            && self.p.checkpoint.last_seq >= n
+        {
+            self.summary.counts_at_split = Some(self.p.checkpoint.counts.clone());
+        }
+    }
+
+    /// Processes `from..=to` from the archive of `src` (the stream no
+    /// longer holds them), in batches, each made durable like a stream
+    /// batch; the gaps `src` recorded in that range are recorded again.
+    async fn feed_archive(
+        &mut self,
+        src: &ArchiveSource,
+        from: u64,
+        to: u64,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), RuntimeError> {
+        info!(
+            from,
+            to,
+            archive = %src.dir.display(),
+            "the stream no longer holds these sequences; reading them from the events archive"
+        );
+        let archive = DataDir::new(&src.dir);
+        let mut chunk: Vec<Event> = Vec::with_capacity(self.opts.batch_size.min(1 << 16));
+        for file in archive.view(events::VIEW).files()? {
+            if file.last_seq < from || file.first_seq > to {
+                continue;
+            }
+            for batch in read_parquet(&file.path)? {
+                let mut failed = None;
+                events::decode(&batch?, |e| {
+                    if (from..=to).contains(&e.stream_seq) {
+                        chunk.push(e.clone());
+                    }
+                })
+                .unwrap_or_else(|e| failed = Some(e));
+                if let Some(e) = failed {
+                    return Err(e.into());
+                }
+                if chunk.len() >= self.opts.batch_size {
+                    let through = chunk.last().map_or(from, |e| e.stream_seq);
+                    self.commit_archived(&chunk, through, stop).await?;
+                    chunk.clear();
+                }
+            }
+        }
+        for g in &src.gaps {
+            if g.last_seq >= from && g.first_seq <= to {
+                self.p.checkpoint.gaps.push(g.clone());
+            }
+        }
+        self.commit_archived(&chunk, to, stop).await
+    }
+
+    /// One batch of archived events through the processor and the committer.
+    async fn commit_archived(
+        &mut self,
+        chunk: &[Event],
+        through: u64,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), RuntimeError> {
+        let cpu = Instant::now();
+        let first = self.p.checkpoint.last_seq + 1;
+        self.p.process_archived(chunk, through);
+        let out = BatchOutput {
+            first,
+            rows: self.p.take_rows()?,
+            alerts: self.p.take_alerts(),
+            letters: Vec::new(),
+            checkpoint: self.p.checkpoint.clone(),
+            compact: None,
+        };
+        self.summary.processing += cpu.elapsed();
+        self.summary.messages += chunk.len() as u64;
+        self.settle().await?;
+        self.dispatch(out, None, stop);
+        self.note_split();
+        Ok(())
     }
 
     /// Settles the last batch, merges small files, logs the outcome.
