@@ -56,6 +56,12 @@ pub struct Cli {
         default_value = crate::event::DEFAULT_SUBJECT_PREFIX
     )]
     pub subject_prefix: String,
+    /// Retention of the event stream when Tally creates it: keep messages at most this long (e.g. 30d, 12h); default unlimited. Sequences the stream forgets stay in the `events` archive (see README, "History").
+    #[arg(long, global = true, env = "TALLY_STREAM_MAX_AGE", value_parser = parse_age)]
+    pub stream_max_age: Option<Duration>,
+    /// Retention of the event stream when Tally creates it: at most this many bytes (e.g. 10G); default unlimited.
+    #[arg(long, global = true, env = "TALLY_STREAM_MAX_BYTES", value_parser = parse_bytes)]
+    pub stream_max_bytes: Option<i64>,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, global = true, env = "TALLY_LOG", default_value = "text", value_parser = ["text", "json"])]
     pub log: String,
@@ -247,6 +253,32 @@ impl CliError {
     }
 }
 
+/// `30d`, `12h`, `90m`, `45s` as a duration.
+fn parse_age(s: &str) -> Result<Duration, String> {
+    crate::config::parse_duration_us(s)
+        .filter(|us| *us > 0)
+        .map(|us| Duration::from_micros(us.unsigned_abs()))
+        .ok_or_else(|| format!("{s:?} is not a duration; write e.g. 30d, 12h, 90m"))
+}
+
+/// `10G`, `512M`, `64K` or plain bytes.
+fn parse_bytes(s: &str) -> Result<i64, String> {
+    let t = s.trim();
+    let (digits, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1i64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        Some((i, 'T' | 't')) => (&t[..i], 1 << 40),
+        _ => (t, 1),
+    };
+    digits
+        .parse::<i64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a size; write e.g. 10G, 512M or a number of bytes"))
+}
+
 fn source_config(cli: &Cli, consumer: Option<&str>, dlq: Option<&str>) -> SourceConfig {
     let d = SourceConfig::default();
     SourceConfig {
@@ -255,6 +287,8 @@ fn source_config(cli: &Cli, consumer: Option<&str>, dlq: Option<&str>) -> Source
         subject_prefix: cli.subject_prefix.clone(),
         consumer: consumer.map_or(d.consumer, str::to_owned),
         dlq_stream: dlq.map_or(d.dlq_stream, str::to_owned),
+        max_age: cli.stream_max_age,
+        max_bytes: cli.stream_max_bytes,
     }
 }
 
@@ -567,5 +601,21 @@ fn print_operators(o: &bench::OperatorsBench) {
     println!("  validate           {:>10.0} events/s", o.validate_per_s);
     for (view, per_s) in &o.operators {
         println!("  {view:<18} {per_s:>10.0} events/s");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_flags_read_ages_and_sizes() {
+        assert_eq!(parse_age("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_age("90m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_age("0s").is_err() && parse_age("30").is_err());
+        assert_eq!(parse_bytes("10G"), Ok(10 << 30));
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("-1").is_err() && parse_bytes("10X").is_err());
     }
 }

@@ -358,3 +358,26 @@ fn replay_refuses_to_build_views_from_less_history() {
     assert_eq!(gaps(&data).len(), 1);
     assert_eq!(gaps(&data)[0].0, first + 1);
 }
+
+#[test]
+fn the_stream_tally_creates_gets_the_retention_asked_for() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = tally(&server, &dir.path().join("data"));
+    c.args([
+        "--stream-max-age",
+        "30d",
+        "--stream-max-bytes",
+        "1G",
+        "run",
+        "--until-idle",
+    ]);
+    run_expect(c, 0);
+    let config = rt().block_on(async {
+        let js = js(&server).await;
+        let mut s = js.get_stream("TALLY_EVENTS").await.unwrap();
+        s.info().await.unwrap().config.clone()
+    });
+    assert_eq!(config.max_age, std::time::Duration::from_secs(30 * 86_400));
+    assert_eq!(config.max_bytes, 1 << 30);
+}

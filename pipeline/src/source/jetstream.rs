@@ -19,6 +19,11 @@ pub struct SourceConfig {
     pub subject_prefix: String,
     pub consumer: String,
     pub dlq_stream: String,
+    /// Retention of the event stream when Tally creates it (an existing
+    /// stream is used as it is): the longest a message is kept, and the
+    /// most bytes the stream holds (the oldest go first). `None`: unlimited.
+    pub max_age: Option<Duration>,
+    pub max_bytes: Option<i64>,
 }
 
 /// The NATS server a new user runs locally (`--nats`).
@@ -40,6 +45,8 @@ impl Default for SourceConfig {
             subject_prefix: crate::event::DEFAULT_SUBJECT_PREFIX.into(),
             consumer: DEFAULT_CONSUMER.into(),
             dlq_stream: DEFAULT_DLQ_STREAM.into(),
+            max_age: None,
+            max_bytes: None,
         }
     }
 }
@@ -122,6 +129,8 @@ pub async fn ensure_event_stream(
             name: cfg.stream.clone(),
             subjects: vec![wanted.clone()],
             storage: stream::StorageType::File,
+            max_age: cfg.max_age.unwrap_or_default(),
+            max_bytes: cfg.max_bytes.unwrap_or(-1),
             ..Default::default()
         })
         .await
