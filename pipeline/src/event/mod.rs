@@ -61,13 +61,6 @@ pub struct Event {
     pub payload: Payload,
 }
 
-impl Event {
-    /// The order every view uses where an order is needed: (`time`, `source`, `id`).
-    pub fn order_key(&self) -> (i64, &str, &str) {
-        (self.time, &self.source, &self.id)
-    }
-}
-
 /// The contract's default subject prefix.
 pub const DEFAULT_SUBJECT_PREFIX: &str = "tally.events";
 

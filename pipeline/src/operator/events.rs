@@ -153,31 +153,15 @@ impl Operator for EventsArchive {
     }
 }
 
-/// Column `name` of `batch` as a `T`: `None` if the file has no such
-/// column.
 fn column<'a, T: 'static>(
     batch: &'a RecordBatch,
     name: &str,
 ) -> Result<Option<&'a T>, OperatorError> {
-    batch
-        .column_by_name(name)
-        .map(|c| {
-            c.as_any()
-                .downcast_ref::<T>()
-                .ok_or_else(|| OperatorError::Restore {
-                    view: VIEW,
-                    detail: format!("column {name} has the wrong type"),
-                })
-        })
-        .transpose()
+    super::stored_column(batch, VIEW, name)
 }
 
-/// Column `name` of `batch`, which every archive file has.
 fn required<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T, OperatorError> {
-    column(batch, name)?.ok_or_else(|| OperatorError::Restore {
-        view: VIEW,
-        detail: format!("column {name} missing"),
-    })
+    super::required_column(batch, VIEW, name)
 }
 
 /// Calls `f` with the event of every row of `batch` (archive rows, as

@@ -60,6 +60,38 @@ pub fn decimal_type() -> arrow::datatypes::DataType {
     arrow::datatypes::DataType::Decimal128(PRECISION, SCALE as i8)
 }
 
+/// Column `name` of a stored batch of `view` as a `T`: `None` if the file
+/// has no such column (it was written before the column existed).
+pub(crate) fn stored_column<'a, T: 'static>(
+    batch: &'a RecordBatch,
+    view: &'static str,
+    name: &str,
+) -> Result<Option<&'a T>, OperatorError> {
+    batch
+        .column_by_name(name)
+        .map(|c| {
+            c.as_any()
+                .downcast_ref::<T>()
+                .ok_or_else(|| OperatorError::Restore {
+                    view,
+                    detail: format!("column {name} has the wrong type"),
+                })
+        })
+        .transpose()
+}
+
+/// Column `name` of a stored batch of `view`, which every file has.
+pub(crate) fn required_column<'a, T: 'static>(
+    batch: &'a RecordBatch,
+    view: &'static str,
+    name: &str,
+) -> Result<&'a T, OperatorError> {
+    stored_column(batch, view, name)?.ok_or_else(|| OperatorError::Restore {
+        view,
+        detail: format!("column {name} missing"),
+    })
+}
+
 /// How a view's rows are stored and read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Storage {

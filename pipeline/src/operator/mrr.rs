@@ -218,7 +218,7 @@ impl MrrOperator {
         out
     }
 
-    fn batch(
+    fn rows(
         &self,
         rows: &[(Arc<str>, Row, bool)],
         seq: u64,
@@ -413,7 +413,7 @@ impl Operator for MrrOperator {
         if rows.is_empty() {
             return Ok(None);
         }
-        self.batch(&rows, seq).map(Some)
+        self.rows(&rows, seq).map(Some)
     }
 
     fn state_rows(&self) -> usize {
@@ -429,7 +429,7 @@ impl Operator for MrrOperator {
                 rows.extend(t.rows.iter().map(|r| (Arc::clone(name), *r, false)));
             }
         }
-        self.batch(&rows, seq).map(Some)
+        self.rows(&rows, seq).map(Some)
     }
 }
 

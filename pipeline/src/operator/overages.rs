@@ -17,7 +17,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    Array, ArrayRef, Date32Array, Date32Builder, Decimal128Builder, Float64Builder, Int32Array,
+    ArrayRef, Date32Array, Date32Builder, Decimal128Builder, Float64Builder, Int32Array,
     Int32Builder, Int64Builder, RecordBatch, StringArray, StringBuilder,
     TimestampMicrosecondBuilder, UInt64Builder,
 };
@@ -30,7 +30,7 @@ use super::slots::{Recent, Slots};
 use super::subscription::{History, SubEvent};
 use super::usage::Agg;
 use super::window::month_bounds;
-use super::{Operator, OperatorError, SeriesIds, Storage};
+use super::{Operator, OperatorError, SeriesIds, Storage, required_column};
 use crate::event::alert::Alert;
 use crate::event::decimal::{self, ONE, PRECISION, SCALE};
 use crate::event::time::{MICROS, format_micros};
@@ -632,33 +632,10 @@ impl Operator for OveragesOperator {
     /// Stored rows give back only the alerted bits; everything else is
     /// re-folded from the archive.
     fn restore(&mut self, b: &RecordBatch) -> Result<(), OperatorError> {
-        let col = |name: &str| {
-            b.column_by_name(name)
-                .ok_or_else(|| OperatorError::Restore {
-                    view: VIEW,
-                    detail: format!("column {name} missing"),
-                })
-        };
-        let bad = |name: &str| OperatorError::Restore {
-            view: VIEW,
-            detail: format!("column {name} has the wrong type"),
-        };
-        let tenant = col("tenant")?
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .ok_or_else(|| bad("tenant"))?;
-        let period = col("period")?
-            .as_any()
-            .downcast_ref::<Date32Array>()
-            .ok_or_else(|| bad("period"))?;
-        let metric = col("metric")?
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .ok_or_else(|| bad("metric"))?;
-        let alerted = col("alerted")?
-            .as_any()
-            .downcast_ref::<Int32Array>()
-            .ok_or_else(|| bad("alerted"))?;
+        let tenant = required_column::<StringArray>(b, VIEW, "tenant")?;
+        let period = required_column::<Date32Array>(b, VIEW, "period")?;
+        let metric = required_column::<StringArray>(b, VIEW, "metric")?;
+        let alerted = required_column::<Int32Array>(b, VIEW, "alerted")?;
         for i in 0..b.num_rows() {
             let key = (
                 self.intern(tenant.value(i)),

@@ -68,7 +68,7 @@ impl RevenueOperator {
         }
     }
 
-    fn batch(&self, keys: &[Key], seq: u64) -> Result<RecordBatch, OperatorError> {
+    fn rows(&self, keys: &[Key], seq: u64) -> Result<RecordBatch, OperatorError> {
         let mut month = Date32Builder::with_capacity(keys.len());
         let mut tenant = StringBuilder::new();
         let mut currency = StringBuilder::new();
@@ -157,7 +157,7 @@ impl Operator for RevenueOperator {
             return Ok(None);
         }
         let keys: Vec<Key> = self.dirty.drain().collect();
-        self.batch(&keys, seq).map(Some)
+        self.rows(&keys, seq).map(Some)
     }
 
     fn state_rows(&self) -> usize {
@@ -178,7 +178,7 @@ impl Operator for RevenueOperator {
                     self.currencies.name(u32::from(b.2)),
                 ))
         });
-        self.batch(&keys, seq).map(Some)
+        self.rows(&keys, seq).map(Some)
     }
 }
 

@@ -145,7 +145,7 @@ impl TenantsOperator {
         (row, wake)
     }
 
-    fn batch(&self, names: &[Arc<str>], seq: u64) -> Result<RecordBatch, OperatorError> {
+    fn rows(&self, names: &[Arc<str>], seq: u64) -> Result<RecordBatch, OperatorError> {
         let mut out = RowsBuilder::with_capacity(names.len());
         for key in names {
             if let Some(r) = self.tenants.get(key).and_then(|t| t.row.as_ref()) {
@@ -352,7 +352,7 @@ impl Operator for TenantsOperator {
     fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
         let mut names: Vec<Arc<str>> = self.tenants.keys().cloned().collect();
         names.sort_unstable();
-        self.batch(&names, seq).map(Some)
+        self.rows(&names, seq).map(Some)
     }
 }
 

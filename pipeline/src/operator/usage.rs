@@ -265,12 +265,7 @@ impl UsageOperator {
 }
 
 fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> Result<&'a T, OperatorError> {
-    b.column_by_name(name)
-        .and_then(|c| c.as_any().downcast_ref::<T>())
-        .ok_or_else(|| OperatorError::Restore {
-            view: VIEW,
-            detail: format!("column {name} missing or of the wrong type"),
-        })
+    super::required_column(b, VIEW, name)
 }
 
 impl Operator for UsageOperator {
