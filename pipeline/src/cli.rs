@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use crate::bench::{self, BenchError, BenchOptions};
 use crate::generate::{self, GenerateConfig, GenerateError};
 use crate::publish::{self, PublishError, PublishOptions};
-use crate::query::{self, OutputFormat, QueryError};
+use crate::query::{self, ByteSize, OutputFormat, QueryError, QueryOptions, Session};
 use crate::runtime::{self, RunOptions, RuntimeError};
 use crate::source::jetstream::{SourceConfig, SourceError, connect};
 use crate::status::{self, StatusError};
@@ -124,9 +124,14 @@ pub enum Command {
         file: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "table")]
         format: OutputFormat,
-        /// Directory of SQL views registered at start-up (one SELECT per `<name>.sql`).
-        #[arg(long, env = "TALLY_QUERIES_DIR", default_value = "queries")]
-        queries: PathBuf,
+        /// More SQL views (one SELECT per `<name>.sql`), on top of the built-in
+        /// queries/ views; a file named like a built-in view replaces it.
+        #[arg(long, env = "TALLY_QUERIES_DIR")]
+        queries: Option<PathBuf>,
+        /// Memory the query may hold, in bytes or with K/M/G/T (powers of 1024),
+        /// e.g. 512M; the default is a quarter of this machine's memory.
+        #[arg(long, env = "TALLY_MEMORY_LIMIT", default_value_t = query::default_memory_limit())]
+        memory_limit: ByteSize,
     },
     /// Validate CloudEvents JSON Lines and publish the valid ones.
     Publish {
@@ -360,6 +365,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             file,
             format,
             queries,
+            memory_limit,
         } => {
             let sql = match (q, file) {
                 (Some(q), None) => q.clone(),
@@ -374,8 +380,23 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                         .into(),
                 )),
             };
-            let ctx = query::open_session(&cli.data, Some(queries)).await?;
-            let batches = query::query(&ctx, &sql).await?;
+            let opts = QueryOptions {
+                queries_dir: queries.clone(),
+                memory_limit: *memory_limit,
+            };
+            let data = cli.data.clone();
+            let batches = query::on_query_threads(move || async move {
+                let mut session = Session::open(&data, &opts).await?;
+                for r in &session.replaced {
+                    eprintln!(
+                        "note: view {} from {} replaces the built-in one",
+                        r.name,
+                        r.path.display()
+                    );
+                }
+                session.query(&sql).await
+            })
+            .await??;
             let stdout = std::io::stdout();
             query::write_batches(&batches, *format, stdout.lock())?;
             Ok(())
