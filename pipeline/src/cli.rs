@@ -233,6 +233,14 @@ pub enum CliError {
         "{invalid} of {lines} lines were invalid and not published (see above); fix them, or pass --allow-invalid to send them to the dead-letter path"
     )]
     InvalidLines { invalid: u64, lines: u64 },
+    #[error(
+        "{unsendable} of {lines} lines were over the {max_bytes}-byte limit and not sent, even with --allow-invalid (see above): shrink or split them"
+    )]
+    UnsendableLines {
+        unsendable: u64,
+        lines: u64,
+        max_bytes: usize,
+    },
 }
 
 impl CliError {
@@ -438,10 +446,25 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 "lines {}  published {}  (of which JetStream duplicates {})  invalid {}",
                 report.lines, report.published, report.duplicates, report.invalid
             );
+            if let Some((line, bytes)) = report.unended_line {
+                return Err(PublishError::NoLineEnd {
+                    line,
+                    bytes,
+                    max_bytes: crate::event::Limits::default().max_bytes,
+                }
+                .into());
+            }
             if report.invalid > 0 && !allow_invalid {
                 return Err(CliError::InvalidLines {
                     invalid: report.invalid,
                     lines: report.lines,
+                });
+            }
+            if report.unsendable > 0 {
+                return Err(CliError::UnsendableLines {
+                    unsendable: report.unsendable,
+                    lines: report.lines,
+                    max_bytes: crate::event::Limits::default().max_bytes,
                 });
             }
             Ok(())
