@@ -157,7 +157,8 @@ pub enum Command {
         #[arg(long)]
         no_activity: bool,
     },
-    /// Stream position, consumer lag, checkpoint, counts per outcome.
+    /// Stream position, consumer lag, checkpoint, counts per outcome (exit 1
+    /// after printing if the checkpoint or NATS cannot be read).
     Status {
         #[arg(long, env = "TALLY_CONSUMER", default_value = "tally")]
         consumer: String,
@@ -241,6 +242,10 @@ pub enum CliError {
         lines: u64,
         max_bytes: usize,
     },
+    /// Every problem `tally status` met, one per line (the status itself
+    /// was printed).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\ntally: "))]
+    StatusIncomplete(Vec<StatusError>),
 }
 
 impl CliError {
@@ -501,17 +506,34 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Status { consumer, json } => {
-            let (s, nats_error) =
+            let report =
                 status::status(&cli.data, &source_config(&cli, Some(consumer), None)).await?;
+            let nats_error = report
+                .problems
+                .iter()
+                .find(|p| p.is_nats())
+                .map(ToString::to_string);
             let text = if *json {
-                serde_json::json!({ "status": s, "nats_error": nats_error }).to_string() + "\n"
+                let problems: Vec<String> =
+                    report.problems.iter().map(ToString::to_string).collect();
+                serde_json::json!({
+                    "status": report.status,
+                    "nats_error": nats_error,
+                    "problems": problems,
+                })
+                .to_string()
+                    + "\n"
             } else {
-                status::render(&s, nats_error.as_deref())
+                status::render(&report.status, nats_error.as_deref())
             };
             std::io::stdout()
                 .write_all(text.as_bytes())
                 .map_err(CliError::Output)?;
-            Ok(())
+            if report.problems.is_empty() {
+                Ok(())
+            } else {
+                Err(CliError::StatusIncomplete(report.problems))
+            }
         }
         Command::Schema { name } => {
             let mut out = std::io::stdout().lock();
