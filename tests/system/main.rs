@@ -7,6 +7,7 @@
 mod faults;
 mod harness;
 mod metrics;
+mod sql;
 
 use std::io::Write;
 use std::process::Stdio;
