@@ -64,11 +64,16 @@ const OPEN_ATTEMPTS: usize = 3;
 /// the stack and abort the process. Refusing it takes a millisecond.
 pub const MAX_EXPR_DEPTH: usize = 1000;
 
-/// Stack of the threads that plan and run queries: enough for
+/// Stack of the thread that parses and plans a query: enough for
 /// [`MAX_EXPR_DEPTH`] levels of DataFusion's unprotected recursion (several
 /// KiB a level in a debug build) and for dropping the syntax tree of a
-/// refused, deeper query. Only the pages touched are ever committed.
+/// refused, much deeper query (a few hundred bytes a level). Only the pages
+/// touched are ever committed.
 pub const QUERY_STACK_BYTES: usize = 256 << 20;
+
+/// Stack of the worker threads that execute a query's plan, where
+/// expressions at most [`MAX_EXPR_DEPTH`] deep are evaluated recursively.
+pub const QUERY_WORKER_STACK_BYTES: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -499,8 +504,9 @@ pub async fn run(
 }
 
 /// Runs `work` (opening a session, running queries) on a runtime of its
-/// own whose threads have [`QUERY_STACK_BYTES`] of stack, and waits for it
-/// without blocking the caller's runtime.
+/// own, on a thread with [`QUERY_STACK_BYTES`] of stack and workers with
+/// [`QUERY_WORKER_STACK_BYTES`] (tokio's default is 2 MiB), and waits for
+/// it without blocking the caller's runtime.
 pub async fn on_query_threads<F, Fut, T>(work: F) -> Result<T, QueryError>
 where
     F: FnOnce() -> Fut + Send + 'static,
@@ -514,7 +520,7 @@ where
         .spawn(move || {
             let out = tokio::runtime::Builder::new_multi_thread()
                 .thread_name("tally-query-worker")
-                .thread_stack_size(QUERY_STACK_BYTES)
+                .thread_stack_size(QUERY_WORKER_STACK_BYTES)
                 .enable_all()
                 .build()
                 .map(|rt| rt.block_on(work()))
