@@ -13,7 +13,7 @@ use crate::commands::bench::{self, BenchError, BenchOptions};
 use crate::commands::generate::{self, GenerateConfig, GenerateError};
 use crate::commands::publish::{self, PublishError, PublishOptions};
 use crate::commands::status::{self, StatusError};
-use crate::query::{self, OutputFormat, QueryError};
+use crate::query::{self, ByteSize, OutputFormat, QueryError, QueryOptions, Session};
 use crate::runtime::{self, RunOptions, RuntimeError};
 use crate::source::jetstream::{self as js, SourceConfig, SourceError, connect};
 
@@ -136,9 +136,14 @@ pub enum Command {
         file: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "table")]
         format: OutputFormat,
-        /// Directory of SQL views registered at start-up (one SELECT per `<name>.sql`).
-        #[arg(long, env = "TALLY_QUERIES_DIR", default_value = "queries")]
-        queries: PathBuf,
+        /// More SQL views (one SELECT per `<name>.sql`), on top of the built-in
+        /// queries/ views; a file named like a built-in view replaces it.
+        #[arg(long, env = "TALLY_QUERIES_DIR")]
+        queries: Option<PathBuf>,
+        /// Memory the query may hold, in bytes or with K/M/G/T (powers of 1024),
+        /// e.g. 512M; the default is a quarter of this machine's memory.
+        #[arg(long, env = "TALLY_MEMORY_LIMIT", default_value_t = query::default_memory_limit())]
+        memory_limit: ByteSize,
     },
     /// Validate CloudEvents JSON Lines and publish the valid ones.
     Publish {
@@ -164,7 +169,8 @@ pub enum Command {
         #[arg(long)]
         no_activity: bool,
     },
-    /// Stream position, consumer lag, checkpoint, counts per outcome.
+    /// Stream position, consumer lag, checkpoint, counts per outcome (exit 1
+    /// after printing if the checkpoint or NATS cannot be read).
     Status {
         /// The run's consumer name, if it was given one (default: derived from --data, as `tally run` does).
         #[arg(long, env = "TALLY_CONSUMER")]
@@ -241,6 +247,18 @@ pub enum CliError {
         "{invalid} of {lines} lines were invalid and not published (see above); fix them, or pass --allow-invalid to send them to the dead-letter path"
     )]
     InvalidLines { invalid: u64, lines: u64 },
+    #[error(
+        "{unsendable} of {lines} lines were over the {max_bytes}-byte limit and not sent, even with --allow-invalid (see above): shrink or split them"
+    )]
+    UnsendableLines {
+        unsendable: u64,
+        lines: u64,
+        max_bytes: usize,
+    },
+    /// Every problem `tally status` met, one per line (the status itself
+    /// was printed).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\ntally: "))]
+    StatusIncomplete(Vec<StatusError>),
 }
 
 impl CliError {
@@ -409,6 +427,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             file,
             format,
             queries,
+            memory_limit,
         } => {
             let sql = match (q, file) {
                 (Some(q), None) => q.clone(),
@@ -423,8 +442,23 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                         .into(),
                 )),
             };
-            let ctx = query::open_session(&cli.data, Some(queries)).await?;
-            let batches = query::query(&ctx, &sql).await?;
+            let opts = QueryOptions {
+                queries_dir: queries.clone(),
+                memory_limit: *memory_limit,
+            };
+            let data = cli.data.clone();
+            let batches = query::on_query_threads(move || async move {
+                let mut session = Session::open(&data, &opts).await?;
+                for r in &session.replaced {
+                    eprintln!(
+                        "note: view {} from {} replaces the built-in one",
+                        r.name,
+                        r.path.display()
+                    );
+                }
+                session.query(&sql).await
+            })
+            .await??;
             let stdout = std::io::stdout();
             query::write_batches(&batches, *format, stdout.lock())?;
             Ok(())
@@ -466,10 +500,25 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 "lines {}  published {}  (of which JetStream duplicates {})  invalid {}",
                 report.lines, report.published, report.duplicates, report.invalid
             );
+            if let Some((line, bytes)) = report.unended_line {
+                return Err(PublishError::NoLineEnd {
+                    line,
+                    bytes,
+                    max_bytes: crate::event::Limits::default().max_bytes,
+                }
+                .into());
+            }
             if report.invalid > 0 && !allow_invalid {
                 return Err(CliError::InvalidLines {
                     invalid: report.invalid,
                     lines: report.lines,
+                });
+            }
+            if report.unsendable > 0 {
+                return Err(CliError::UnsendableLines {
+                    unsendable: report.unsendable,
+                    lines: report.lines,
+                    max_bytes: crate::event::Limits::default().max_bytes,
                 });
             }
             Ok(())
@@ -509,17 +558,34 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             let consumer = consumer
                 .clone()
                 .unwrap_or_else(|| crate::store::DataDir::new(&cli.data).consumer_name());
-            let (s, nats_error) =
+            let report =
                 status::status(&cli.data, &source_config(&cli, Some(&consumer), None)).await?;
+            let nats_error = report
+                .problems
+                .iter()
+                .find(|p| p.is_nats())
+                .map(ToString::to_string);
             let text = if *json {
-                serde_json::json!({ "status": s, "nats_error": nats_error }).to_string() + "\n"
+                let problems: Vec<String> =
+                    report.problems.iter().map(ToString::to_string).collect();
+                serde_json::json!({
+                    "status": report.status,
+                    "nats_error": nats_error,
+                    "problems": problems,
+                })
+                .to_string()
+                    + "\n"
             } else {
-                status::render(&s, nats_error.as_deref())
+                status::render(&report.status, nats_error.as_deref())
             };
             std::io::stdout()
                 .write_all(text.as_bytes())
                 .map_err(CliError::Output)?;
-            Ok(())
+            if report.problems.is_empty() {
+                Ok(())
+            } else {
+                Err(CliError::StatusIncomplete(report.problems))
+            }
         }
         Command::Schema { name } => {
             let mut out = std::io::stdout().lock();

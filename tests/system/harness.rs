@@ -129,16 +129,13 @@ pub fn bin() -> PathBuf {
 }
 
 /// The `tally` binary with the server and data dir set through the
-/// environment, as a user would.
+/// environment, as a user would (the `queries/` views are built in).
 pub fn tally(server: &NatsServer, data: &Path) -> Command {
     let mut c = Command::new(bin());
     c.env("TALLY_NATS_URL", &server.url)
         .env("TALLY_DATA_DIR", data)
         .env("RUST_LOG", "warn")
-        .env(
-            "TALLY_QUERIES_DIR",
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../queries"),
-        );
+        .env_remove("TALLY_QUERIES_DIR");
     c
 }
 

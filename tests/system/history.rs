@@ -102,9 +102,28 @@ fn a_purge_past_the_checkpoint_is_refused_then_recorded_with_accept_gap() {
         views_before,
         "the views are untouched"
     );
+    let status = crate::harness::status_json(&server, &data);
+    let warnings = status["status"]["warnings"].to_string();
+    assert!(warnings.contains("no longer holds"), "{status}");
     accept_gap(&server, &data);
     assert_eq!(gaps(&data), vec![(gone_first, gone_last)]);
     assert_eq!(checkpoint(&data)["last_seq"].as_u64().unwrap(), last);
+    let status = crate::harness::status_json(&server, &data);
+    assert_eq!(status["status"]["gaps"][0]["first_seq"], gone_first);
+    assert_eq!(status["status"]["gaps"][0]["last_seq"], gone_last);
+    let rows = crate::harness::sql(
+        &server,
+        &data,
+        "SELECT first_seq, last_seq, messages FROM _tally_gaps",
+    );
+    assert_eq!(
+        rows,
+        vec![vec![
+            gone_first.to_string(),
+            gone_last.to_string(),
+            (gone_last - gone_first + 1).to_string()
+        ]]
+    );
     // Recorded for good: a later run keeps it and goes on.
     until_idle(&server, &data);
     assert_eq!(gaps(&data), vec![(gone_first, gone_last)]);
@@ -357,6 +376,39 @@ fn replay_refuses_to_build_views_from_less_history() {
     replay(&server, &data, &["--accept-gap"], 0);
     assert_eq!(gaps(&data).len(), 1);
     assert_eq!(gaps(&data)[0].0, first + 1);
+}
+
+#[test]
+fn status_warns_when_retention_is_about_to_drop_unprocessed_messages() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    rt().block_on(async {
+        js(&server)
+            .await
+            .create_stream(stream::Config {
+                max_messages: 1000,
+                ..events_stream()
+            })
+            .await
+            .unwrap();
+    });
+    let file = generated(dir.path(), 5, 2, 15);
+    publish_split(&server, dir.path(), &file, 100);
+    until_idle(&server, &data);
+    let quiet = crate::harness::status_json(&server, &data);
+    assert_eq!(
+        quiet["status"]["warnings"],
+        serde_json::json!([]),
+        "{quiet}"
+    );
+    let more: Vec<String> = (0..800)
+        .map(|i| crate::harness::api_calls(&format!("r{i}"), "acme", "2025-03-01T00:00:00Z", "1"))
+        .collect();
+    crate::harness::publish_lines(&server, &dir.path().join("unused"), &more);
+    let status = crate::harness::status_json(&server, &data);
+    let warnings = status["status"]["warnings"].to_string();
+    assert!(warnings.contains("max_msgs"), "{status}");
 }
 
 #[test]

@@ -10,6 +10,7 @@ mod harness;
 mod history;
 mod metrics;
 mod probes;
+mod sql;
 
 use std::io::Write;
 use std::process::Stdio;
@@ -438,6 +439,12 @@ fn sql_is_read_only() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    publish_lines(
+        &server,
+        &data,
+        &[api_calls("r1", "acme", "2025-01-01T00:00:00Z", "1")],
+    );
+    until_idle(&server, &data);
     for q in [
         "CREATE EXTERNAL TABLE t STORED AS CSV LOCATION '/etc/passwd'",
         "COPY (SELECT 1) TO '/tmp/tally-should-not-exist.csv'",

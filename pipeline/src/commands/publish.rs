@@ -2,6 +2,11 @@
 //! validates each line against the contract, publishes valid ones to
 //! `<prefix>.<tenant>.<type>` with `Nats-Msg-Id`, and waits for every
 //! JetStream acknowledgement.
+//!
+//! Memory stays bounded whatever the input: a line is buffered only up to
+//! the largest message the contract accepts; a longer one is reported as
+//! `too_large` and skipped to its newline unread, and input with no newline
+//! for [`MAX_UNENDED_LINE`] bytes is not JSON Lines and stops the run.
 
 use std::collections::VecDeque;
 use std::io::BufRead;
@@ -16,6 +21,14 @@ use crate::event::{self, DlqReason, Limits, subject_for, validate_payload};
 pub enum PublishError {
     #[error("cannot read input: {0}")]
     Read(std::io::Error),
+    #[error(
+        "line {line} has no end after {bytes} bytes: the input is not JSON Lines (one event per line, each at most {max_bytes} bytes); stopped reading there (the lines before it were handled as reported)"
+    )]
+    NoLineEnd {
+        line: u64,
+        bytes: u64,
+        max_bytes: usize,
+    },
     #[error("cannot publish line {line} to {subject}: {cause}")]
     Publish {
         line: u64,
@@ -34,6 +47,11 @@ pub enum PublishError {
 
 pub use crate::sink::nats::MAX_WINDOW;
 
+/// Bytes without a newline after which the input is taken for something
+/// other than JSON Lines (a binary file, `/dev/zero`) and reading stops:
+/// a line this long is hundreds of times the largest valid event.
+pub const MAX_UNENDED_LINE: u64 = 64 << 20;
+
 /// What a publish run did.
 #[derive(Debug, Default, Clone)]
 pub struct PublishReport {
@@ -42,6 +60,12 @@ pub struct PublishReport {
     /// JetStream said the message was a duplicate inside its window.
     pub duplicates: u64,
     pub invalid: u64,
+    /// Invalid lines not sent even with `--allow-invalid`: those over the
+    /// size limit, which are never held in memory whole.
+    pub unsendable: u64,
+    /// Reading stopped at this line (number, bytes read) because it had no
+    /// end after [`MAX_UNENDED_LINE`] bytes.
+    pub unended_line: Option<(u64, u64)>,
     /// (line number, reason, detail), at most the first 100.
     pub problems: Vec<(u64, DlqReason, String)>,
 }
@@ -78,6 +102,98 @@ fn fallback_subject(prefix: &str, line: &[u8]) -> String {
     }
 }
 
+/// One line of input, without its `\n` (and `\r`).
+enum Line {
+    /// Held whole: at most the size limit (plus a `\r`).
+    Whole,
+    /// Over the size limit: skipped to its end, `bytes` long.
+    TooLong { bytes: u64 },
+}
+
+/// Why [`Lines`] stopped.
+enum LinesError {
+    Read(std::io::Error),
+    NoEnd { line: u64, bytes: u64 },
+}
+
+/// Splits input into lines, holding at most `limit + 1` bytes of one line.
+struct Lines<R> {
+    input: R,
+    /// The size limit: a line is held if at most this plus a `\r`.
+    limit: usize,
+    give_up: u64,
+    /// The current line when it is [`Line::Whole`].
+    buf: Vec<u8>,
+    number: u64,
+}
+
+impl<R: BufRead> Lines<R> {
+    fn new(input: R, limit: usize, give_up: u64) -> Lines<R> {
+        Lines {
+            input,
+            limit,
+            give_up,
+            buf: Vec::new(),
+            number: 0,
+        }
+    }
+
+    /// The next line, or `None` at the end of the input;
+    /// [`LinesError::NoEnd`] for a line with no end after `give_up` bytes.
+    fn next_line(&mut self) -> Result<Option<Line>, LinesError> {
+        self.buf.clear();
+        let mut bytes: u64 = 0;
+        let mut too_long = false;
+        let mut started = false;
+        loop {
+            let chunk = match self.input.fill_buf() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(LinesError::Read(e)),
+            };
+            if chunk.is_empty() {
+                if !started {
+                    return Ok(None);
+                }
+                break;
+            }
+            if !started {
+                started = true;
+                self.number += 1;
+            }
+            let newline = memchr::memchr(b'\n', chunk);
+            let part = &chunk[..newline.unwrap_or(chunk.len())];
+            bytes += part.len() as u64;
+            if !too_long {
+                if self.buf.len() + part.len() > self.limit + 1 {
+                    too_long = true;
+                    self.buf = Vec::new();
+                } else {
+                    self.buf.extend_from_slice(part);
+                }
+            }
+            let used = part.len() + usize::from(newline.is_some());
+            self.input.consume(used);
+            if newline.is_some() {
+                break;
+            }
+            if bytes > self.give_up {
+                return Err(LinesError::NoEnd {
+                    line: self.number,
+                    bytes,
+                });
+            }
+        }
+        if too_long {
+            return Ok(Some(Line::TooLong { bytes }));
+        }
+        if self.buf.last() == Some(&b'\r') {
+            self.buf.pop();
+        }
+        Ok(Some(Line::Whole))
+    }
+}
+
 /// Publishes every line of `input`.
 pub async fn publish<R: BufRead>(
     js: &jetstream::Context,
@@ -87,17 +203,47 @@ pub async fn publish<R: BufRead>(
     let limits = Limits::default();
     let mut report = PublishReport::default();
     let mut pending: VecDeque<(u64, String, PublishAckFuture)> = VecDeque::new();
-    for (i, line) in input.split(b'\n').enumerate() {
-        let line_no = i as u64 + 1;
-        let mut line = line.map_err(PublishError::Read)?;
-        if line.last() == Some(&b'\r') {
-            line.pop();
+    let mut lines = Lines::new(input, limits.max_bytes, MAX_UNENDED_LINE);
+    loop {
+        let line = match lines.next_line() {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(LinesError::Read(e)) => return Err(PublishError::Read(e)),
+            Err(LinesError::NoEnd { line, bytes }) => {
+                // The lines before it were sent: wait for their acks too.
+                report.lines += 1;
+                report.invalid += 1;
+                report.unended_line = Some((line, bytes));
+                break;
+            }
+        };
+        let line_no = lines.number;
+        if let Line::TooLong { bytes } = line {
+            report.lines += 1;
+            report.invalid += 1;
+            if opts.allow_invalid {
+                report.unsendable += 1;
+            }
+            if report.problems.len() < 100 {
+                let mut detail = format!(
+                    "line is {bytes} bytes, over the {}-byte limit",
+                    limits.max_bytes
+                );
+                if opts.allow_invalid {
+                    detail.push_str(
+                        "; not sent even with --allow-invalid: a line over the limit is skipped unread, so it cannot be sent intact",
+                    );
+                }
+                report.problems.push((line_no, DlqReason::TooLarge, detail));
+            }
+            continue;
         }
+        let line = &lines.buf;
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         report.lines += 1;
-        let (subject, msg_id) = match validate_payload(&line, &limits) {
+        let (subject, msg_id) = match validate_payload(line, &limits) {
             Ok(e) => (
                 subject_for(&opts.prefix, &e.tenant, &e.event_type),
                 Some(event::nats_msg_id(&e.tenant, &e.source, &e.id)),
@@ -112,7 +258,7 @@ pub async fn publish<R: BufRead>(
                 if !opts.allow_invalid {
                     continue;
                 }
-                (fallback_subject(&opts.prefix, &line), None)
+                (fallback_subject(&opts.prefix, line), None)
             }
         };
         let mut headers = HeaderMap::new();
@@ -120,7 +266,7 @@ pub async fn publish<R: BufRead>(
             headers.insert("Nats-Msg-Id", id.as_str());
         }
         let ack = js
-            .publish_with_headers(subject.clone(), headers, Bytes::from(line))
+            .publish_with_headers(subject.clone(), headers, Bytes::copy_from_slice(line))
             .await
             .map_err(|e| PublishError::Publish {
                 line: line_no,
@@ -154,4 +300,58 @@ async fn settle(
         report.duplicates += 1;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(input: &[u8], keep: usize, give_up: u64) -> Vec<Result<(u64, String), String>> {
+        let mut l = Lines::new(std::io::BufReader::with_capacity(4, input), keep, give_up);
+        let mut out = Vec::new();
+        loop {
+            match l.next_line() {
+                Ok(None) => return out,
+                Ok(Some(Line::Whole)) => {
+                    out.push(Ok((l.number, String::from_utf8(l.buf.clone()).unwrap())))
+                }
+                Ok(Some(Line::TooLong { bytes })) => out.push(Err(format!("{}:{bytes}", l.number))),
+                Err(LinesError::NoEnd { line, bytes }) => {
+                    out.push(Err(format!("no end: {line}:{bytes}")));
+                    return out;
+                }
+                Err(LinesError::Read(e)) => panic!("{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn long_lines_are_skipped_unbuffered_and_counted() {
+        let got = lines(b"ab\r\n0123456789\n\nxyz", 4, 100);
+        assert_eq!(
+            got,
+            [
+                Ok((1, "ab".into())),
+                Err("2:10".into()),
+                Ok((3, String::new())),
+                Ok((4, "xyz".into())),
+            ]
+        );
+        // Up to the limit plus a `\r`, a line is held (and the `\r` dropped).
+        assert_eq!(lines(b"1234\r\n", 4, 100), [Ok((1, "1234".into()))]);
+        assert_eq!(lines(b"12345", 4, 100), [Ok((1, "12345".into()))]);
+        assert_eq!(lines(b"123456", 4, 100), [Err("1:6".into())]);
+    }
+
+    #[test]
+    fn a_line_without_end_stops_the_input() {
+        let input = [b'x'; 64];
+        let got = lines(&input, 5, 20);
+        // Stopped soon after 20 bytes, not at the end of the 64.
+        let [Err(e)] = got.as_slice() else {
+            panic!("{got:?}")
+        };
+        let read: u64 = e.strip_prefix("no end: 1:").unwrap().parse().unwrap();
+        assert!((21..=24).contains(&read), "{read}");
+    }
 }

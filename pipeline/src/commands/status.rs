@@ -1,20 +1,56 @@
 //! `tally status`: where the stream is, how far Tally got, and what
 //! happened to every message so far.
+//!
+//! The checkpoint and NATS are read independently: when one is missing the
+//! other is still shown, and the command fails (exit 1) after printing,
+//! saying what is missing, so a script never takes a partial status for a
+//! healthy one.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use async_nats::jetstream;
 use serde::Serialize;
 
 use crate::source::jetstream::{self as js_source, SourceConfig, SourceError};
-use crate::store::checkpoint::{Checkpoint, CheckpointError, Counts};
+use crate::store::checkpoint::{Checkpoint, CheckpointError, Counts, Gap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(
+        "no checkpoint in {} (no checkpoint.json), so no views and no counts: is --data / TALLY_DATA_DIR right? `tally run` writes it with its first batch of events",
+        dir.display()
+    )]
+    NoCheckpoint { dir: PathBuf },
+    #[error(transparent)]
+    Connect(#[from] SourceError),
+    #[error(
+        "stream {stream} is not on the NATS server at {url} ({cause}): is --stream / TALLY_STREAM right? `tally publish` and `tally run` create it"
+    )]
+    NoStream {
+        stream: String,
+        url: String,
+        cause: String,
+    },
+    #[error(
+        "cannot read the state of stream {stream} at {url}: {cause}; check the server (`nats-server -js`) and try again"
+    )]
+    StreamInfo {
+        stream: String,
+        url: String,
+        cause: String,
+    },
+}
+
+impl StatusError {
+    /// Whether NATS (not the data directory) is what failed.
+    pub fn is_nats(&self) -> bool {
+        matches!(
+            self,
+            StatusError::Connect(_) | StatusError::NoStream { .. } | StatusError::StreamInfo { .. }
+        )
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -28,19 +64,38 @@ pub struct Status {
     pub consumer_pending: Option<u64>,
     pub consumer_ack_pending: Option<u64>,
     pub checkpoint_seq: Option<u64>,
-    /// Stream messages after the checkpoint.
+    /// Stream messages after the checkpoint (all of them without one).
     pub lag: Option<u64>,
     pub stream_clock: Option<String>,
-    pub counts: Counts,
+    /// What happened to the messages up to the checkpoint; none without one.
+    pub counts: Option<Counts>,
+    /// Stream sequences the views never saw (`--accept-gap`), for good.
+    pub gaps: Vec<Gap>,
+    /// Unprocessed messages the stream's retention is about to drop, or
+    /// has dropped.
+    pub warnings: Vec<String>,
 }
 
-/// Reads the stream, consumer and checkpoint. Works without NATS too: the
-/// stream fields are then empty and `nats_error` says why.
-pub async fn status(
-    data_dir: &Path,
-    cfg: &SourceConfig,
-) -> Result<(Status, Option<String>), StatusError> {
+/// What `tally status` found, and what it could not find out.
+#[derive(Debug)]
+pub struct Report {
+    pub status: Status,
+    /// A missing checkpoint, an unreachable server or stream: the status
+    /// lacks those parts, and the command fails after printing it.
+    pub problems: Vec<StatusError>,
+}
+
+/// Reads the checkpoint, then the stream and consumer. Either may be
+/// missing: the status then holds what the other says, and `problems` why
+/// the rest is empty. A checkpoint that cannot be read is an error.
+pub async fn status(data_dir: &Path, cfg: &SourceConfig) -> Result<Report, StatusError> {
     let cp = Checkpoint::load(data_dir)?;
+    let mut problems = Vec::new();
+    if cp.is_none() {
+        problems.push(StatusError::NoCheckpoint {
+            dir: data_dir.to_path_buf(),
+        });
+    }
     let mut s = Status {
         stream: cfg.stream.clone(),
         stream_first_seq: None,
@@ -54,32 +109,117 @@ pub async fn status(
             .as_ref()
             .and_then(|c| c.stream_clock_us)
             .map(crate::event::time::format_micros),
-        counts: cp.map(|c| c.counts).unwrap_or_default(),
+        gaps: cp.as_ref().map(|c| c.gaps.clone()).unwrap_or_default(),
+        counts: cp.map(|c| c.counts),
+        warnings: Vec::new(),
     };
-    let client = match js_source::connect(&cfg.nats_url).await {
-        Ok(c) => c,
-        Err(e) => return Ok((s, Some(e.to_string()))),
-    };
-    let js = jetstream::new(client);
-    let mut stream = match js.get_stream(&cfg.stream).await {
-        Ok(st) => st,
-        Err(e) => return Ok((s, Some(format!("stream {} not available: {e}", cfg.stream)))),
-    };
-    if let Ok(info) = stream.info().await {
-        s.stream_first_seq = Some(info.state.first_sequence);
-        s.stream_last_seq = Some(info.state.last_sequence);
-        s.stream_messages = Some(info.state.messages);
-        s.lag = Some(
-            info.state
-                .last_sequence
-                .saturating_sub(s.checkpoint_seq.unwrap_or(0)),
-        );
+    if let Err(e) = read_stream(&mut s, cfg).await {
+        problems.push(e);
     }
+    Ok(Report {
+        status: s,
+        problems,
+    })
+}
+
+/// Fills the stream and consumer fields from NATS. A missing consumer is
+/// not a problem: `tally run` creates it on its first start.
+async fn read_stream(s: &mut Status, cfg: &SourceConfig) -> Result<(), StatusError> {
+    let client = js_source::connect(&cfg.nats_url).await?;
+    let js = jetstream::new(client);
+    let mut stream = js
+        .get_stream(&cfg.stream)
+        .await
+        .map_err(|e| StatusError::NoStream {
+            stream: cfg.stream.clone(),
+            url: cfg.nats_url.clone(),
+            cause: e.to_string(),
+        })?;
+    let info = stream
+        .info()
+        .await
+        .cloned()
+        .map_err(|e| StatusError::StreamInfo {
+            stream: cfg.stream.clone(),
+            url: cfg.nats_url.clone(),
+            cause: e.to_string(),
+        })?;
+    s.stream_first_seq = Some(info.state.first_sequence);
+    s.stream_last_seq = Some(info.state.last_sequence);
+    s.stream_messages = Some(info.state.messages);
+    s.lag = Some(
+        info.state
+            .last_sequence
+            .saturating_sub(s.checkpoint_seq.unwrap_or(0)),
+    );
+    s.warnings = retention_warnings(&stream, &info, s.checkpoint_seq.unwrap_or(0)).await;
     if let Ok(info) = stream.consumer_info(&cfg.consumer).await {
         s.consumer_pending = Some(info.num_pending);
         s.consumer_ack_pending = Some(info.num_ack_pending as u64);
     }
-    Ok((s, None))
+    Ok(())
+}
+
+/// Share of a retention limit at which unprocessed messages are at risk.
+const AT_RISK: f64 = 0.8;
+
+/// What the stream's retention does to the messages after the checkpoint:
+/// already dropped some (the next run refuses them), or close to dropping
+/// the oldest (its age near `max_age`, the stream near `max_bytes` or
+/// `max_msgs`, which drop the oldest first).
+async fn retention_warnings(
+    stream: &async_nats::jetstream::stream::Stream,
+    info: &async_nats::jetstream::stream::Info,
+    checkpoint: u64,
+) -> Vec<String> {
+    let (state, config) = (&info.state, &info.config);
+    let mut out = Vec::new();
+    if state.last_sequence <= checkpoint {
+        return out;
+    }
+    if state.first_sequence > checkpoint + 1 {
+        out.push(format!(
+            "the stream no longer holds sequences {}..={} that no view has seen: `tally run` will stop there; `tally run --accept-gap` goes on and records the gap",
+            checkpoint + 1,
+            state.first_sequence - 1
+        ));
+        return out;
+    }
+    let unprocessed = state.last_sequence - checkpoint;
+    if config.max_age > std::time::Duration::ZERO
+        && let Ok(oldest) = stream.get_raw_message(checkpoint + 1).await
+    {
+        // How old a message is now is a question about the wall clock, not
+        // about the stream: this report is not pipeline logic.
+        #[allow(clippy::disallowed_methods)]
+        let now = std::time::SystemTime::now();
+        let published = std::time::SystemTime::from(oldest.time);
+        let age = now.duration_since(published).unwrap_or_default();
+        if age.as_secs_f64() >= AT_RISK * config.max_age.as_secs_f64() {
+            out.push(format!(
+                "the oldest unprocessed message (sequence {}) is {} s old and the stream keeps messages {} s (max_age): run `tally run` before it is dropped",
+                checkpoint + 1,
+                age.as_secs(),
+                config.max_age.as_secs()
+            ));
+        }
+    }
+    let near = |used: u64, limit: i64| {
+        u64::try_from(limit).is_ok_and(|l| l > 0 && used as f64 >= AT_RISK * l as f64)
+    };
+    if near(state.bytes, config.max_bytes) {
+        out.push(format!(
+            "the stream holds {} of its {} bytes (max_bytes) with {unprocessed} messages unprocessed: the oldest go first; run `tally run`",
+            state.bytes, config.max_bytes
+        ));
+    }
+    if near(state.messages, config.max_messages) {
+        out.push(format!(
+            "the stream holds {} of its {} messages (max_msgs) with {unprocessed} unprocessed: the oldest go first; run `tally run`",
+            state.messages, config.max_messages
+        ));
+    }
+    out
 }
 
 /// Human-readable rendering.
@@ -110,14 +250,36 @@ pub fn render(s: &Status, nats_error: Option<&str>) -> String {
         "stream clock      {}\n",
         s.stream_clock.as_deref().unwrap_or("-")
     ));
-    out.push_str(&format!("accepted          {}\n", s.counts.accepted));
-    out.push_str(&format!("duplicate         {}\n", s.counts.duplicate));
+    let counts = s.counts.as_ref();
+    out.push_str(&format!(
+        "accepted          {}\n",
+        opt(counts.map(|c| c.accepted))
+    ));
+    out.push_str(&format!(
+        "duplicate         {}\n",
+        opt(counts.map(|c| c.duplicate))
+    ));
     out.push_str(&format!(
         "dead-lettered     {}\n",
-        s.counts.dead_lettered_total()
+        opt(counts.map(Counts::dead_lettered_total))
     ));
-    for (reason, n) in &s.counts.dead_lettered {
+    for (reason, n) in counts.iter().flat_map(|c| &c.dead_lettered) {
         out.push_str(&format!("  {reason:<16}{n}\n"));
+    }
+    if !s.gaps.is_empty() {
+        out.push_str(&format!(
+            "gaps              {} (sequences no view has seen)\n",
+            s.gaps.len()
+        ));
+        for g in &s.gaps {
+            out.push_str(&format!(
+                "  {}..={} ({} messages)\n",
+                g.first_seq, g.last_seq, g.messages
+            ));
+        }
+    }
+    for w in &s.warnings {
+        out.push_str(&format!("warning           {w}\n"));
     }
     out
 }

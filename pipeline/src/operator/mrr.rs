@@ -218,11 +218,7 @@ impl MrrOperator {
         out
     }
 
-    fn rows(
-        &self,
-        rows: &[(Arc<str>, Row, bool)],
-        seq: u64,
-    ) -> Result<RecordBatch, OperatorError> {
+    fn rows(&self, rows: &[(Arc<str>, Row, bool)], seq: u64) -> Result<RecordBatch, OperatorError> {
         let mut month = Date32Builder::with_capacity(rows.len());
         let mut tenant = StringBuilder::new();
         let mut currency = StringBuilder::new();

@@ -1,4 +1,8 @@
 //! Result formats of `tally sql`: table, csv, json, jsonl, parquet.
+//!
+//! JSON rows carry every column, a NULL as an explicit `null`: a consumer
+//! reading the rows must not have to know the schema to tell "NULL" from
+//! "no such column".
 
 use std::io::Write;
 use std::sync::Arc;
@@ -46,7 +50,9 @@ pub fn write_batches<W: Write>(
             }
         }
         OutputFormat::Json => {
-            let mut writer = arrow::json::ArrayWriter::new(&mut w);
+            let mut writer = arrow::json::WriterBuilder::new()
+                .with_explicit_nulls(true)
+                .build::<_, arrow::json::writer::JsonArray>(&mut w);
             for b in batches {
                 writer.write(b).map_err(out)?;
             }
@@ -54,7 +60,9 @@ pub fn write_batches<W: Write>(
             writeln!(w).map_err(out)?;
         }
         OutputFormat::Jsonl => {
-            let mut writer = arrow::json::LineDelimitedWriter::new(&mut w);
+            let mut writer = arrow::json::WriterBuilder::new()
+                .with_explicit_nulls(true)
+                .build::<_, arrow::json::writer::LineDelimited>(&mut w);
             for b in batches {
                 writer.write(b).map_err(out)?;
             }
@@ -76,4 +84,44 @@ pub fn write_batches<W: Write>(
         }
     }
     w.flush().map_err(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field};
+
+    fn batch() -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("a", DataType::Int64, true),
+            Field::new("b", DataType::Utf8, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(vec![Some(1), None])),
+                Arc::new(StringArray::from(vec![None, Some("x")])),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn render(format: OutputFormat) -> String {
+        let mut out = Vec::new();
+        write_batches(&[batch()], format, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn json_rows_carry_null_columns() {
+        assert_eq!(
+            render(OutputFormat::Jsonl),
+            "{\"a\":1,\"b\":null}\n{\"a\":null,\"b\":\"x\"}\n"
+        );
+        assert_eq!(
+            render(OutputFormat::Json),
+            "[{\"a\":1,\"b\":null},{\"a\":null,\"b\":\"x\"}]\n"
+        );
+    }
 }

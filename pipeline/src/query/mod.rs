@@ -1,26 +1,47 @@
 //! SQL over the views, with DataFusion, read-only.
 //!
-//! Every view is registered as a table over exactly the Parquet files that
-//! [`ViewDir::files`] lists (never a directory glob), so files a crash left
-//! beyond the checkpoint or compaction leftovers are never read twice. The
-//! `queries/*.sql` files are registered as SQL views on top, by file name.
+//! A [`Session`] reads one checkpoint and registers, for every view, exactly
+//! the Parquet files that checkpoint covers ([`ViewDir::files`] with
+//! `last_seq <= checkpoint`, never a directory glob): files a crashed batch
+//! left beyond the checkpoint, and compaction leftovers, are never read, and
+//! a file that vanishes before it is read fails the query, which is then
+//! run once more on the newer checkpoint ([`table`], [`Session::query`]).
+//! The `queries/*.sql` views (compiled in, see [`views`]) are registered on
+//! top, and `_tally_clock` says which checkpoint the answers cover.
 //!
-//! User SQL runs with DDL, DML and statements refused, and DataFusion's
-//! URL tables are off, so nothing outside the views can be read or written.
+//! User SQL is planned first and refused if the plan holds DDL, DML, COPY or
+//! a statement (`SET`, transactions, `PREPARE`); DataFusion's URL tables are
+//! off, so nothing outside the views can be read or written. `SHOW` and
+//! `DESCRIBE` plan to queries over `information_schema`, which is on.
+//! Queries run under a memory pool (`--memory-limit`). Deeply nested
+//! expressions are refused past [`MAX_EXPR_DEPTH`]; below it, DataFusion's
+//! recursion protection and the large stacks of [`on_query_threads`] keep
+//! its recursive planner within bounds.
 
 pub mod format;
+pub mod memory;
+pub mod table;
+pub mod view_name;
+pub mod views;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{RecordBatch, TimestampMicrosecondArray};
+use arrow::array::{RecordBatch, TimestampMicrosecondArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::common::tree_node::{TreeNodeRecursion, TreeNodeVisitor};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
-use datafusion::execution::context::{SQLOptions, SessionContext};
+use datafusion::error::DataFusionError;
+use datafusion::execution::context::{SessionConfig, SessionContext};
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Visit, Visitor};
+use datafusion::sql::sqlparser::parser::ParserError;
 
 use crate::config::Settings;
 use crate::operator::{self, Storage};
@@ -28,62 +49,237 @@ use crate::store::checkpoint::{Checkpoint, CheckpointError};
 use crate::store::parquet::{ViewDir, ViewFilesError};
 
 pub use format::{OutputFormat, write_batches};
+pub use memory::{ByteSize, default_memory_limit};
+pub use views::Replaced;
+
+/// Attempts to open a session whose checkpoint and files agree (see
+/// [`Session::open`]): each retry follows a newer checkpoint, and two
+/// commits of `tally run` during one listing are already rare.
+const OPEN_ATTEMPTS: usize = 3;
+
+/// The deepest expression nesting a query may have (SQLite's default
+/// `SQLITE_MAX_EXPR_DEPTH`). Parts of DataFusion's planner recurse once per
+/// level without stack protection and take time quadratic in the depth, so
+/// `1+1+...+1` with 5,000 terms would take minutes to plan, or overflow
+/// the stack and abort the process. Refusing it takes a millisecond.
+pub const MAX_EXPR_DEPTH: usize = 1000;
+
+/// Stack of the thread that parses and plans a query: enough for
+/// [`MAX_EXPR_DEPTH`] levels of DataFusion's unprotected recursion (several
+/// KiB a level in a debug build) and for dropping the syntax tree of a
+/// refused, much deeper query (a few hundred bytes a level). Only the pages
+/// touched are ever committed.
+pub const QUERY_STACK_BYTES: usize = 256 << 20;
+
+/// Stack of the worker threads that execute a query's plan, where
+/// expressions at most [`MAX_EXPR_DEPTH`] deep are evaluated recursively.
+pub const QUERY_WORKER_STACK_BYTES: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
+    #[error(
+        "no views in {} (no checkpoint.json): is --data / TALLY_DATA_DIR right? `tally run` creates them with its first batch of events",
+        dir.display()
+    )]
+    NoViews { dir: PathBuf },
     #[error(transparent)]
     ViewFiles(#[from] ViewFilesError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
-    #[error("cannot register view {view}: {source}")]
+    #[error(
+        "{} extends beyond the checkpoint (stream sequence {checkpoint_seq}) after {OPEN_ATTEMPTS} fresh reads of it: the data directory keeps changing while it is opened; try again (a restarted `tally run` repairs a directory left inconsistent)",
+        path.display()
+    )]
+    Unsettled { path: PathBuf, checkpoint_seq: u64 },
+    #[error("cannot set up the query engine: {0}")]
+    Runtime(DataFusionError),
+    #[error("cannot register view {view}: {cause}")]
     Register {
         view: String,
-        source: datafusion::error::DataFusionError,
+        cause: DataFusionError,
     },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {}: {cause}; check --queries / TALLY_QUERIES_DIR", path.display())]
     ReadQuery {
         path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("query view {path} is not valid SQL: {source}")]
-    QueryView {
-        path: PathBuf,
-        source: datafusion::error::DataFusionError,
+        cause: std::io::Error,
     },
     #[error(
-        "refused: tally sql is read-only ({detail}). Only queries over the views are allowed: SELECT, WITH, EXPLAIN. To load other data, use DataFusion directly"
+        "{}: a view file must be named <name>.sql, with a lower-case name of letters, digits and _ (starting with a letter); rename it",
+        path.display()
     )]
-    ReadOnly { detail: String },
+    ViewName { path: PathBuf },
+    #[error(
+        "{}: view {name} would hide the stored view of that name; rename the file",
+        path.display()
+    )]
+    ShadowsStoredView { path: PathBuf, name: String },
+    #[error("view {name} from {origin} is not valid SQL over the views: {cause}")]
+    QueryView {
+        name: String,
+        origin: views::Origin,
+        cause: DataFusionError,
+    },
+    #[error(
+        "refused: tally sql is read-only ({refused} is not allowed). Only queries over the views are: SELECT, WITH, EXPLAIN, SHOW, DESCRIBE. To load other data, use DataFusion directly"
+    )]
+    ReadOnly { refused: String },
+    #[error(
+        "the query nests too deeply for the SQL parser ({cause}); flatten it, e.g. `x IN (a, b, c)` instead of nested conditions"
+    )]
+    TooDeep { cause: DataFusionError },
+    #[error(
+        "the query's expressions nest more than {MAX_EXPR_DEPTH} levels deep (a chain of {MAX_EXPR_DEPTH} operators, such as `a OR b OR ...`, is that deep); shorten it, e.g. `x IN (a, b, c)` instead of `x = a OR x = b OR x = c`, or split it"
+    )]
+    ExpressionTooDeep,
+    #[error("cannot start the query thread: {0}")]
+    Thread(std::io::Error),
+    #[error(
+        "the query thread stopped without an answer (a bug in Tally or DataFusion): run with RUST_BACKTRACE=1 and report it"
+    )]
+    ThreadLost,
+    #[error(
+        "the query went over the memory limit ({limit} bytes); narrow the query (filter, aggregate, LIMIT) or raise --memory-limit / TALLY_MEMORY_LIMIT. DataFusion said: {cause}"
+    )]
+    MemoryLimit { limit: u64, cause: DataFusionError },
+    #[error(
+        "a view file the query was reading vanished twice (compaction or a replay switch replaced it): {cause}; run the query again"
+    )]
+    FileGone { cause: DataFusionError },
     #[error("query failed: {0}")]
-    Execute(datafusion::error::DataFusionError),
+    Execute(DataFusionError),
     #[error("cannot write the result: {0}")]
     Output(String),
 }
 
-/// Opens a session with every view and every `queries/*.sql` view registered.
-pub async fn open_session(
+/// How to open sessions.
+#[derive(Debug, Clone)]
+pub struct QueryOptions {
+    /// Extra `<name>.sql` views, replacing built-in ones of the same name.
+    pub queries_dir: Option<PathBuf>,
+    /// Bytes the query operators may hold (DataFusion memory pool).
+    pub memory_limit: ByteSize,
+}
+
+/// A DataFusion session over one checkpoint of a data directory.
+pub struct Session {
+    pub ctx: SessionContext,
+    /// The checkpoint the session reads: every answer covers exactly the
+    /// stream up to this sequence.
+    pub checkpoint_seq: u64,
+    /// Views of the queries directory that replace a built-in one.
+    pub replaced: Vec<Replaced>,
+    data_dir: PathBuf,
+    opts: QueryOptions,
+    runtime: Arc<RuntimeEnv>,
+}
+
+/// The checkpoint and the view files disagree: a file extends beyond it.
+struct Moved {
+    path: PathBuf,
+}
+
+enum OpenError {
+    Moved(Moved),
+    Failed(QueryError),
+}
+
+impl From<QueryError> for OpenError {
+    fn from(e: QueryError) -> OpenError {
+        OpenError::Failed(e)
+    }
+}
+
+impl From<ViewFilesError> for OpenError {
+    fn from(e: ViewFilesError) -> OpenError {
+        OpenError::Failed(e.into())
+    }
+}
+
+impl Session {
+    /// Reads the checkpoint of `data_dir` once and registers every view as of
+    /// it. A file that starts within the checkpoint but ends beyond it means
+    /// compaction merged batches committed after the checkpoint was read;
+    /// then the checkpoint is read again.
+    pub async fn open(data_dir: &Path, opts: &QueryOptions) -> Result<Session, QueryError> {
+        let runtime = memory::runtime_env(opts.memory_limit)?;
+        Session::open_with(data_dir, opts, runtime).await
+    }
+
+    async fn open_with(
+        data_dir: &Path,
+        opts: &QueryOptions,
+        runtime: Arc<RuntimeEnv>,
+    ) -> Result<Session, QueryError> {
+        let mut moved = None;
+        for _ in 0..OPEN_ATTEMPTS {
+            let checkpoint = Checkpoint::load(data_dir)?.ok_or_else(|| QueryError::NoViews {
+                dir: data_dir.to_path_buf(),
+            })?;
+            match open_at(data_dir, &checkpoint, opts, Arc::clone(&runtime)).await {
+                Ok((ctx, replaced)) => {
+                    return Ok(Session {
+                        ctx,
+                        checkpoint_seq: checkpoint.last_seq,
+                        replaced,
+                        data_dir: data_dir.to_path_buf(),
+                        opts: opts.clone(),
+                        runtime,
+                    });
+                }
+                Err(OpenError::Moved(m)) => moved = Some((m.path, checkpoint.last_seq)),
+                Err(OpenError::Failed(e)) => return Err(e),
+            }
+        }
+        let (path, checkpoint_seq) = moved.unwrap_or_default();
+        Err(QueryError::Unsettled {
+            path,
+            checkpoint_seq,
+        })
+    }
+
+    /// Runs one read-only statement and collects its rows. If a file the
+    /// plan lists vanished before it was read (compaction merged it, or
+    /// `tally replay` switched the directory), the session is opened again
+    /// on the then-current checkpoint and the query runs once more.
+    pub async fn query(&mut self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
+        match run(&self.ctx, sql, self.opts.memory_limit).await {
+            Err(QueryError::FileGone { .. }) => {
+                *self = Session::open_with(&self.data_dir, &self.opts, Arc::clone(&self.runtime))
+                    .await?;
+                run(&self.ctx, sql, self.opts.memory_limit).await
+            }
+            other => other,
+        }
+    }
+}
+
+async fn open_at(
     data_dir: &Path,
-    queries_dir: Option<&Path>,
-) -> Result<SessionContext, QueryError> {
-    let ctx = SessionContext::new();
-    let checkpoint = Checkpoint::load(data_dir)?;
-    let settings = checkpoint
-        .as_ref()
-        .map(|c| c.settings.clone())
-        .unwrap_or_default();
-    register_clock(&ctx, checkpoint.as_ref(), &settings)?;
-    for op in operator::registry(&settings) {
+    checkpoint: &Checkpoint,
+    opts: &QueryOptions,
+    runtime: Arc<RuntimeEnv>,
+) -> Result<(SessionContext, Vec<Replaced>), OpenError> {
+    let config = SessionConfig::new().with_information_schema(true);
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    let settings = &checkpoint.settings;
+    register_clock(&ctx, checkpoint, settings)?;
+    register_gaps(&ctx, checkpoint)?;
+    let ops = operator::registry(settings);
+    let mut stored = Vec::with_capacity(ops.len());
+    for op in &ops {
         let view = op.view();
+        stored.push(view);
+        let upto = checkpoint.last_seq;
         match op.storage() {
-            Storage::Append => register_files(&ctx, data_dir, view, view, op.schema())?,
+            Storage::Append => register_files(&ctx, data_dir, upto, view, view, op.schema())?,
             Storage::Versioned {
                 key,
                 columns,
                 final_column,
                 deleted_column,
             } => {
-                let stored = format!("_{view}_versions");
-                register_files(&ctx, data_dir, view, &stored, op.schema())?;
+                let versions = format!("_{view}_versions");
+                register_files(&ctx, data_dir, upto, view, &versions, op.schema())?;
                 let is_final = final_column
                     .map(|c| format!(", COALESCE({c} <= (SELECT final_before FROM {CLOCK_TABLE}), false) AS is_final"))
                     .unwrap_or_default();
@@ -92,41 +288,42 @@ pub async fn open_session(
                     .unwrap_or_default();
                 let sql = format!(
                     "CREATE VIEW {view} AS SELECT {columns}{is_final} FROM \
-                     (SELECT *, row_number() OVER (PARTITION BY {} ORDER BY _seq DESC) AS _tally_rn FROM {stored}) \
+                     (SELECT *, row_number() OVER (PARTITION BY {} ORDER BY _seq DESC) AS _tally_rn FROM {versions}) \
                      WHERE _tally_rn = 1{deleted}",
                     key.join(", ")
                 );
-                ctx.sql(&sql).await.map_err(|source| QueryError::Register {
+                ctx.sql(&sql).await.map_err(|cause| QueryError::Register {
                     view: view.to_owned(),
-                    source,
+                    cause,
                 })?;
             }
         }
     }
-    if let Some(dir) = queries_dir {
-        register_query_views(&ctx, dir).await?;
-    }
-    Ok(ctx)
+    let (sql_views, replaced) = views::view_sql(opts.queries_dir.as_deref(), &stored)?;
+    views::register(&ctx, &sql_views).await?;
+    Ok((ctx, replaced))
 }
 
-/// One-row table with the stream clock and the finality bound
-/// (`stream clock - lateness`): `is_final` = `end <= final_before`.
+/// One-row table: the checkpoint the session reads (`checkpoint_seq`, the
+/// last stream sequence every answer covers), the stream clock and the
+/// finality bound (`stream clock - lateness`): `is_final` = `end <= final_before`.
 pub const CLOCK_TABLE: &str = "_tally_clock";
 
 fn register_clock(
     ctx: &SessionContext,
-    cp: Option<&Checkpoint>,
+    cp: &Checkpoint,
     settings: &Settings,
 ) -> Result<(), QueryError> {
     let ts = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     let schema = Arc::new(Schema::new(vec![
         Field::new("stream_clock", ts(), true),
         Field::new("final_before", ts(), true),
+        Field::new("checkpoint_seq", DataType::UInt64, false),
     ]));
-    let clock = cp.and_then(|c| c.stream_clock_us);
-    let reg = |source| QueryError::Register {
+    let clock = cp.stream_clock_us;
+    let reg = |cause| QueryError::Register {
         view: CLOCK_TABLE.to_owned(),
-        source,
+        cause,
     };
     let batch = RecordBatch::try_new(
         Arc::clone(&schema),
@@ -138,6 +335,7 @@ fn register_clock(
                 ])
                 .with_timezone("UTC"),
             ),
+            Arc::new(UInt64Array::from(vec![cp.last_seq])),
         ],
     )
     .map_err(|e| reg(e.into()))?;
@@ -147,18 +345,76 @@ fn register_clock(
     Ok(())
 }
 
-/// Registers the files of `view` as table `name`.
+/// The gaps the checkpoint records: stream sequences no view has seen
+/// (`tally run --accept-gap`), one row each, so that a billing job can tell
+/// that the views are incomplete before it bills from them.
+pub const GAPS_TABLE: &str = "_tally_gaps";
+
+fn register_gaps(ctx: &SessionContext, cp: &Checkpoint) -> Result<(), QueryError> {
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("first_seq", DataType::UInt64, false),
+        Field::new("last_seq", DataType::UInt64, false),
+        Field::new("messages", DataType::UInt64, false),
+        Field::new("stream_clock", ts, true),
+    ]));
+    let reg = |cause| QueryError::Register {
+        view: GAPS_TABLE.to_owned(),
+        cause,
+    };
+    let gaps = &cp.gaps;
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(UInt64Array::from_iter_values(
+                gaps.iter().map(|g| g.first_seq),
+            )),
+            Arc::new(UInt64Array::from_iter_values(
+                gaps.iter().map(|g| g.last_seq),
+            )),
+            Arc::new(UInt64Array::from_iter_values(
+                gaps.iter().map(|g| g.messages),
+            )),
+            Arc::new(
+                TimestampMicrosecondArray::from(
+                    gaps.iter().map(|g| g.stream_clock_us).collect::<Vec<_>>(),
+                )
+                .with_timezone("UTC"),
+            ),
+        ],
+    )
+    .map_err(|e| reg(e.into()))?;
+    let table = MemTable::try_new(schema, vec![vec![batch]]).map_err(reg)?;
+    ctx.register_table(GAPS_TABLE, Arc::new(table))
+        .map_err(reg)?;
+    Ok(())
+}
+
+/// Registers the files of `view` that the checkpoint at `upto` covers as
+/// table `name`.
 fn register_files(
     ctx: &SessionContext,
     data_dir: &Path,
+    upto: u64,
     view: &str,
     name: &str,
     schema: SchemaRef,
-) -> Result<(), QueryError> {
-    let files = ViewDir::new(data_dir, view).files()?;
-    let reg = |source| QueryError::Register {
+) -> Result<(), OpenError> {
+    let listed = ViewDir::new(data_dir, view).files()?;
+    if let Some(f) = listed
+        .iter()
+        .find(|f| f.first_seq <= upto && f.last_seq > upto)
+    {
+        // A compaction of batches newer than `upto` covers files `upto`
+        // needs, and `files()` has already left those out.
+        return Err(OpenError::Moved(Moved {
+            path: f.path.clone(),
+        }));
+    }
+    let files: Vec<_> = listed.into_iter().filter(|f| f.last_seq <= upto).collect();
+    let reg = |cause| QueryError::Register {
         view: view.to_owned(),
-        source,
+        cause,
     };
     if files.is_empty() {
         let table = MemTable::try_new(Arc::clone(&schema), vec![vec![]]).map_err(reg)?;
@@ -166,9 +422,11 @@ fn register_files(
         return Ok(());
     }
     let mut urls = Vec::with_capacity(files.len());
+    let mut paths = Vec::with_capacity(files.len());
     for f in &files {
         let path = std::path::absolute(&f.path).unwrap_or_else(|_| f.path.clone());
         urls.push(ListingTableUrl::parse(path.to_string_lossy().as_ref()).map_err(reg)?);
+        paths.push(path);
     }
     let options =
         ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
@@ -176,115 +434,451 @@ fn register_files(
         .with_listing_options(options)
         .with_schema(schema);
     let table = ListingTable::try_new(config).map_err(reg)?;
-    ctx.register_table(name, Arc::new(table)).map_err(reg)?;
+    ctx.register_table(name, Arc::new(table::CheckpointFiles::new(table, paths)))
+        .map_err(reg)?;
     Ok(())
 }
 
-/// Registers each `<dir>/<name>.sql` (a single SELECT) as view `<name>`, in
-/// file-name order; a view may use the views before it and every table.
-async fn register_query_views(ctx: &SessionContext, dir: &Path) -> Result<(), QueryError> {
-    let mut paths: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(QueryError::ReadQuery {
-                path: dir.to_path_buf(),
-                source,
-            });
-        }
-    };
-    paths.sort();
-    // Views may depend on each other: retry the ones that failed until no progress.
-    let mut pending = paths;
-    loop {
-        let mut failed = Vec::new();
-        let mut last_err = None;
-        for path in &pending {
-            let sql = std::fs::read_to_string(path).map_err(|source| QueryError::ReadQuery {
-                path: path.clone(),
-                source,
-            })?;
-            let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("view");
-            let body = sql.trim().trim_end_matches(';');
-            match ctx
-                .sql(&format!("CREATE OR REPLACE VIEW {name} AS {body}"))
-                .await
-            {
-                Ok(_) => {}
-                Err(e) => {
-                    failed.push(path.clone());
-                    last_err = Some((path.clone(), e));
-                }
-            }
-        }
-        if failed.is_empty() {
-            return Ok(());
-        }
-        if failed.len() == pending.len() {
-            if let Some((path, source)) = last_err {
-                return Err(QueryError::QueryView { path, source });
-            }
-            return Ok(());
-        }
-        pending = failed;
+/// Finds the first plan node that would change something.
+struct ReadOnlyGuard {
+    refused: Option<String>,
+}
+
+impl<'n> TreeNodeVisitor<'n> for ReadOnlyGuard {
+    type Node = LogicalPlan;
+
+    fn f_down(&mut self, node: &'n LogicalPlan) -> datafusion::error::Result<TreeNodeRecursion> {
+        self.refused = match node {
+            LogicalPlan::Ddl(ddl) => Some(format!("DDL ({})", ddl.name())),
+            LogicalPlan::Dml(dml) => Some(format!("DML ({})", dml.op)),
+            LogicalPlan::Copy(_) => Some("COPY".to_owned()),
+            LogicalPlan::Statement(s) => Some(format!("the statement {}", s.name())),
+            _ => None,
+        };
+        Ok(if self.refused.is_some() {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
     }
 }
 
-/// Runs one read-only statement and collects its rows.
-pub async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
-    let options = SQLOptions::new()
-        .with_allow_ddl(false)
-        .with_allow_dml(false)
-        .with_allow_statements(false);
-    let df = ctx.sql_with_options(sql, options).await.map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains("not supported")
-            && (msg.contains("DDL") || msg.contains("DML") || msg.contains("Statement"))
-        {
-            QueryError::ReadOnly { detail: msg }
+/// Counts how deep expressions nest, and stops past [`MAX_EXPR_DEPTH`].
+/// sqlparser's walk is itself stack-protected (`recursive`).
+#[derive(Default)]
+struct DepthGuard {
+    depth: usize,
+}
+
+impl Visitor for DepthGuard {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, _: &SqlExpr) -> std::ops::ControlFlow<()> {
+        self.depth += 1;
+        if self.depth > MAX_EXPR_DEPTH {
+            std::ops::ControlFlow::Break(())
         } else {
-            QueryError::Execute(e)
+            std::ops::ControlFlow::Continue(())
         }
-    })?;
-    df.collect().await.map_err(QueryError::Execute)
+    }
+
+    fn post_visit_expr(&mut self, _: &SqlExpr) -> std::ops::ControlFlow<()> {
+        self.depth -= 1;
+        std::ops::ControlFlow::Continue(())
+    }
+}
+
+/// Refuses what the plan-level guard cannot see in time: DataFusion's own
+/// statements that write or set (they would be planned first), and
+/// expressions nested deeper than [`MAX_EXPR_DEPTH`].
+fn check_statement(stmt: &DFStatement) -> Result<(), QueryError> {
+    let refused = |what: &str| {
+        Err(QueryError::ReadOnly {
+            refused: what.to_owned(),
+        })
+    };
+    match stmt {
+        DFStatement::Statement(s) => {
+            if s.visit(&mut DepthGuard::default()).is_break() {
+                return Err(QueryError::ExpressionTooDeep);
+            }
+            Ok(())
+        }
+        DFStatement::Explain(e) => check_statement(&e.statement),
+        DFStatement::CreateExternalTable(_) => refused("DDL (CREATE EXTERNAL TABLE)"),
+        DFStatement::CopyTo(_) => refused("COPY"),
+        DFStatement::Reset(_) => refused("the statement RESET"),
+    }
+}
+
+/// Parses and plans `sql`, refusing plans that write, define or set
+/// anything. DataFusion's `SHOW ...` and `DESCRIBE` plan to queries over
+/// `information_schema` (and `DescribeTable`), which are reads and pass.
+async fn plan_read_only(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, QueryError> {
+    let state = ctx.state();
+    let dialect = state.config().options().sql_parser.dialect;
+    let statement = state
+        .sql_to_statement(sql, &dialect)
+        .map_err(|e| classify(e, 0))?;
+    check_statement(&statement)?;
+    let plan = state
+        .statement_to_plan(statement)
+        .await
+        .map_err(|e| classify(e, 0))?;
+    let mut guard = ReadOnlyGuard { refused: None };
+    plan.visit_with_subqueries(&mut guard)
+        .map_err(QueryError::Execute)?;
+    match guard.refused {
+        Some(refused) => Err(QueryError::ReadOnly { refused }),
+        None => Ok(plan),
+    }
+}
+
+/// Runs one read-only statement on `ctx` and collects its rows (no retry;
+/// see [`Session::query`]).
+pub async fn run(
+    ctx: &SessionContext,
+    sql: &str,
+    memory_limit: ByteSize,
+) -> Result<Vec<RecordBatch>, QueryError> {
+    let plan = plan_read_only(ctx, sql).await?;
+    let df = ctx
+        .execute_logical_plan(plan)
+        .await
+        .map_err(|e| classify(e, memory_limit.0))?;
+    df.collect().await.map_err(|e| classify(e, memory_limit.0))
+}
+
+/// Runs `work` (opening a session, running queries) on a runtime of its
+/// own, on a thread with [`QUERY_STACK_BYTES`] of stack and workers with
+/// [`QUERY_WORKER_STACK_BYTES`] (tokio's default is 2 MiB), and waits for
+/// it without blocking the caller's runtime.
+pub async fn on_query_threads<F, Fut, T>(work: F) -> Result<T, QueryError>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("tally-query".into())
+        .stack_size(QUERY_STACK_BYTES)
+        .spawn(move || {
+            let out = tokio::runtime::Builder::new_multi_thread()
+                .thread_name("tally-query-worker")
+                .thread_stack_size(QUERY_WORKER_STACK_BYTES)
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(work()))
+                .map_err(QueryError::Thread);
+            // The receiver only goes away if the caller was cancelled.
+            let _ = tx.send(out);
+        })
+        .map_err(QueryError::Thread)?;
+    rx.await.map_err(|_| QueryError::ThreadLost)?
+}
+
+/// Every error in `e`'s chain of sources, `e` first.
+fn chain(e: &DataFusionError) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+}
+
+/// Sorts a DataFusion failure into what the user can act on.
+fn classify(e: DataFusionError, memory_limit: u64) -> QueryError {
+    let mut file_gone = false;
+    let mut memory = false;
+    let mut too_deep = false;
+    for cause in chain(&e) {
+        let df = cause.downcast_ref::<DataFusionError>().or_else(|| {
+            cause
+                .downcast_ref::<Arc<DataFusionError>>()
+                .map(AsRef::as_ref)
+        });
+        match df {
+            Some(DataFusionError::ResourcesExhausted(_)) => memory = true,
+            Some(DataFusionError::SQL(p, _)) => {
+                too_deep |= matches!(**p, ParserError::RecursionLimitExceeded);
+            }
+            _ => {}
+        }
+        if let Some(datafusion::object_store::Error::NotFound { .. }) = cause.downcast_ref() {
+            file_gone = true;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            file_gone |= io.kind() == std::io::ErrorKind::NotFound;
+        }
+    }
+    if memory {
+        QueryError::MemoryLimit {
+            limit: memory_limit,
+            cause: e,
+        }
+    } else if too_deep {
+        QueryError::TooDeep { cause: e }
+    } else if file_gone {
+        QueryError::FileGone { cause: e }
+    } else {
+        QueryError::Execute(e)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::parquet::views_root;
 
-    #[tokio::test]
-    async fn writes_and_file_reads_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let ctx = open_session(dir.path(), None).await.unwrap();
-        for sql in [
-            "CREATE EXTERNAL TABLE t STORED AS CSV LOCATION '/etc/passwd'",
-            "CREATE TABLE x AS SELECT 1",
-            "INSERT INTO events SELECT * FROM events",
-            "COPY events TO '/tmp/x.csv'",
-            "DROP TABLE events",
-            "SET datafusion.execution.batch_size = 1",
-        ] {
-            let err = query(&ctx, sql).await.unwrap_err();
-            assert!(matches!(err, QueryError::ReadOnly { .. }), "{sql}: {err}");
+    fn opts() -> QueryOptions {
+        QueryOptions {
+            queries_dir: None,
+            memory_limit: ByteSize(256 << 20),
         }
-        let err = query(&ctx, "SELECT * FROM '/etc/passwd'")
-            .await
-            .unwrap_err();
-        assert!(matches!(err, QueryError::Execute(_)), "{err}");
+    }
+
+    /// A data directory with a checkpoint at `last_seq` and no view files.
+    fn data_dir(last_seq: u64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cp = Checkpoint::new("TALLY_EVENTS", "2026-01-01T00:00:00Z", &Settings::default());
+        cp.last_seq = last_seq;
+        cp.save(dir.path()).unwrap();
+        dir
+    }
+
+    /// Writes an `events` file for stream sequences `first..=last`, one row each.
+    fn write_events(data: &Path, first: u64, last: u64) {
+        let op = operator::registry(&Settings::default())
+            .into_iter()
+            .find(|o| o.view() == "events")
+            .unwrap();
+        let schema = op.schema();
+        let seqs: Vec<u64> = (first..=last).collect();
+        let columns: Vec<arrow::array::ArrayRef> = schema
+            .fields()
+            .iter()
+            .map(|f| -> arrow::array::ArrayRef {
+                if f.name() == "stream_seq" {
+                    Arc::new(UInt64Array::from(seqs.clone()))
+                } else if f.is_nullable() {
+                    arrow::array::new_null_array(f.data_type(), seqs.len())
+                } else if f.data_type() == &DataType::Utf8 {
+                    Arc::new(arrow::array::StringArray::from_iter_values(
+                        seqs.iter().map(|s| format!("e{s}")),
+                    ))
+                } else {
+                    let n =
+                        arrow::array::Int64Array::from_iter_values(seqs.iter().map(|s| *s as i64));
+                    arrow::compute::cast(&n, f.data_type()).unwrap()
+                }
+            })
+            .collect();
+        let batch = RecordBatch::try_new(Arc::clone(&schema), columns).unwrap();
+        let dir = ViewDir::new(data, "events");
+        dir.create().unwrap();
+        dir.write(first, last, &schema, &[batch]).unwrap();
+    }
+
+    async fn count(s: &mut Session) -> u64 {
+        let rows = s.query("SELECT count(*) AS n FROM events").await.unwrap();
+        rows[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap()
+            .value(0) as u64
     }
 
     #[tokio::test]
-    async fn empty_views_are_queryable() {
+    async fn writes_settings_and_file_reads_are_refused() {
+        let dir = data_dir(0);
+        let mut s = Session::open(dir.path(), &opts()).await.unwrap();
+        for sql in [
+            "CREATE EXTERNAL TABLE t STORED AS CSV LOCATION '/etc/passwd'",
+            "CREATE TABLE x AS SELECT 1",
+            "CREATE VIEW v AS SELECT 1",
+            "INSERT INTO events SELECT * FROM events",
+            "COPY events TO '/tmp/x.csv'",
+            "COPY (SELECT 1) TO '/tmp/x.csv'",
+            "DROP TABLE events",
+            "SET datafusion.execution.batch_size = 1",
+            "EXPLAIN CREATE TABLE x AS SELECT 1",
+            "START TRANSACTION",
+            "PREPARE p AS SELECT 1",
+        ] {
+            let err = s.query(sql).await.unwrap_err();
+            assert!(matches!(err, QueryError::ReadOnly { .. }), "{sql}: {err}");
+        }
+        let err = s.query("SELECT * FROM '/etc/passwd'").await.unwrap_err();
+        assert!(matches!(err, QueryError::Execute(_)), "{err}");
+        assert!(!Path::new("/tmp/x.csv").exists());
+    }
+
+    #[tokio::test]
+    async fn schema_discovery_lists_every_view_and_its_columns() {
+        let dir = data_dir(0);
+        let mut s = Session::open(dir.path(), &opts()).await.unwrap();
+        let text = |b: &[RecordBatch]| {
+            arrow::util::pretty::pretty_format_batches(b)
+                .unwrap()
+                .to_string()
+        };
+        let tables = text(&s.query("SHOW TABLES").await.unwrap());
+        for view in ["events", "usage", "tenants", "churn", "ltv", CLOCK_TABLE] {
+            assert!(tables.contains(&format!(" {view} ")), "{view}:\n{tables}");
+        }
+        let columns = text(
+            &s.query(
+                "SELECT column_name, data_type FROM information_schema.columns \
+                 WHERE table_name = 'usage' ORDER BY ordinal_position",
+            )
+            .await
+            .unwrap(),
+        );
+        assert!(columns.contains("window_start") && columns.contains("is_final"));
+        for sql in ["DESCRIBE usage", "SHOW COLUMNS FROM usage"] {
+            let out = text(&s.query(sql).await.unwrap());
+            assert!(out.contains("window_start"), "{sql}:\n{out}");
+        }
+        let churn = text(&s.query("DESCRIBE churn").await.unwrap());
+        assert!(churn.contains("logo_churn_rate"), "{churn}");
+        let clock = text(&s.query("DESCRIBE _tally_clock").await.unwrap());
+        assert!(clock.contains("checkpoint_seq"), "{clock}");
+    }
+
+    #[tokio::test]
+    async fn a_directory_without_a_checkpoint_has_no_views() {
         let dir = tempfile::tempdir().unwrap();
-        let ctx = open_session(dir.path(), None).await.unwrap();
-        let rows = query(&ctx, "SELECT count(*) AS n FROM events")
+        let err = Session::open(dir.path(), &opts()).await.err().unwrap();
+        assert!(matches!(err, QueryError::NoViews { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&dir.path().display().to_string()) && msg.contains("tally run"),
+            "{msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn views_without_files_are_empty() {
+        let dir = data_dir(0);
+        let mut s = Session::open(dir.path(), &opts()).await.unwrap();
+        assert_eq!(count(&mut s).await, 0);
+    }
+
+    #[tokio::test]
+    async fn files_beyond_the_checkpoint_are_not_read() {
+        let dir = data_dir(20);
+        write_events(dir.path(), 1, 10);
+        write_events(dir.path(), 11, 20);
+        // A crashed batch's leftover: written, never checkpointed.
+        write_events(dir.path(), 21, 30);
+        let mut s = Session::open(dir.path(), &opts()).await.unwrap();
+        assert_eq!(s.checkpoint_seq, 20);
+        assert_eq!(count(&mut s).await, 20);
+        let rows = s
+            .query("SELECT checkpoint_seq FROM _tally_clock")
             .await
             .unwrap();
-        assert_eq!(rows[0].num_rows(), 1);
+        let seq = rows[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<UInt64Array>()
+            .unwrap()
+            .value(0);
+        assert_eq!(seq, 20);
+    }
+
+    #[tokio::test]
+    async fn a_compaction_beyond_the_checkpoint_read_is_followed() {
+        // The session read checkpoint 20, but by the time it lists the files,
+        // batch 21..=30 was committed and compacted with 1..=20.
+        let dir = data_dir(20);
+        write_events(dir.path(), 1, 30);
+        let stale = Checkpoint::load(dir.path()).unwrap().unwrap();
+        let runtime = memory::runtime_env(opts().memory_limit).unwrap();
+        assert!(matches!(
+            open_at(dir.path(), &stale, &opts(), Arc::clone(&runtime)).await,
+            Err(OpenError::Moved(_))
+        ));
+        let mut newer = stale.clone();
+        newer.last_seq = 30;
+        newer.save(dir.path()).unwrap();
+        let mut s = Session::open(dir.path(), &opts()).await.unwrap();
+        assert_eq!((s.checkpoint_seq, count(&mut s).await), (30, 30));
+    }
+
+    #[tokio::test]
+    async fn a_file_compacted_away_after_listing_is_retried_on_the_new_checkpoint() {
+        let dir = data_dir(20);
+        write_events(dir.path(), 1, 10);
+        write_events(dir.path(), 11, 20);
+        let mut s = Session::open(dir.path(), &opts()).await.unwrap();
+        // Compaction between listing and reading: the parts are replaced by
+        // one file over the same range.
+        let files = ViewDir::new(dir.path(), "events").files().unwrap();
+        write_events(dir.path(), 1, 20);
+        for f in files {
+            std::fs::remove_file(f.path).unwrap();
+        }
+        let first = run(&s.ctx, "SELECT count(*) FROM events", opts().memory_limit)
+            .await
+            .unwrap_err();
+        assert!(matches!(first, QueryError::FileGone { .. }), "{first}");
+        assert_eq!(count(&mut s).await, 20);
+        assert!(views_root(dir.path()).join("events").exists());
+    }
+
+    #[tokio::test]
+    async fn a_file_removed_after_planning_fails_its_read_as_gone() {
+        let dir = data_dir(10);
+        write_events(dir.path(), 1, 10);
+        let s = Session::open(dir.path(), &opts()).await.unwrap();
+        let df = s
+            .ctx
+            .sql("SELECT count(*) FROM events WHERE id LIKE 'e%'")
+            .await
+            .unwrap();
+        let plan = df.create_physical_plan().await.unwrap();
+        for f in ViewDir::new(dir.path(), "events").files().unwrap() {
+            std::fs::remove_file(f.path).unwrap();
+        }
+        let err = datafusion::physical_plan::collect(plan, s.ctx.task_ctx())
+            .await
+            .unwrap_err();
+        let err = classify(err, 0);
+        assert!(matches!(err, QueryError::FileGone { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_operator_over_the_memory_limit_fails_alone() {
+        let dir = data_dir(2000);
+        write_events(dir.path(), 1, 2000);
+        let small = QueryOptions {
+            memory_limit: ByteSize(4 << 20),
+            ..opts()
+        };
+        let mut s = Session::open(dir.path(), &small).await.unwrap();
+        let err = s
+            .query(
+                "SELECT count(DISTINCT CAST(a.stream_seq AS VARCHAR) || '-' || CAST(b.stream_seq AS VARCHAR)) \
+                 FROM events a CROSS JOIN events b",
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, QueryError::MemoryLimit { limit, .. } if limit == 4 << 20),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--memory-limit"), "{err}");
+        // The session still answers.
+        assert_eq!(count(&mut s).await, 2000);
+    }
+
+    #[tokio::test]
+    async fn a_query_nested_beyond_the_parser_limit_is_refused_clearly() {
+        let dir = data_dir(0);
+        let mut s = Session::open(dir.path(), &opts()).await.unwrap();
+        let sql = format!("SELECT {}1{}", "(".repeat(500), ")".repeat(500));
+        let err = s.query(&sql).await.unwrap_err();
+        assert!(matches!(err, QueryError::TooDeep { .. }), "{err}");
     }
 }
