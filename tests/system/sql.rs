@@ -147,6 +147,20 @@ fn a_data_directory_without_views_fails_sql_and_status() {
 }
 
 #[test]
+fn a_run_over_an_empty_stream_leaves_empty_views_not_none() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    until_idle(&server, &data);
+    assert_eq!(sql_u64(&server, &data, "SELECT count(*) FROM events"), 0);
+    assert_eq!(
+        sql_u64(&server, &data, "SELECT checkpoint_seq FROM _tally_clock"),
+        0
+    );
+    status_json(&server, &data);
+}
+
+#[test]
 fn json_rows_carry_every_column_with_explicit_nulls() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();

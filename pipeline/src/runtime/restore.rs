@@ -23,7 +23,13 @@ pub fn open_state(
     prefix: &str,
 ) -> Result<Processor, RuntimeError> {
     let checkpoint = match data_dir.checkpoint()? {
-        None => Checkpoint::new(stream, stream_created, settings),
+        None => {
+            // A new data directory has views from the start (empty ones),
+            // so readers can tell it from a mistyped path.
+            let cp = Checkpoint::new(stream, stream_created, settings);
+            data_dir.commit(&cp)?;
+            cp
+        }
         Some(cp) => {
             if cp.stream != stream || cp.stream_created != stream_created {
                 return Err(RuntimeError::OtherStream {
