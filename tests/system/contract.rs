@@ -31,8 +31,8 @@ fn dedup_is_per_tenant() {
     // A re-send by the victim after JetStream's window (no Nats-Msg-Id, so
     // the broker stores it), seen by a new process: the horizon rebuilt
     // from the archive must know it per tenant.
-    crate::rt().block_on(async {
-        let js = crate::js(&server).await;
+    crate::harness::rt().block_on(async {
+        let js = crate::harness::js(&server).await;
         js.publish("tally.events.victim.invoice.paid", victim.into())
             .await
             .unwrap()
@@ -90,8 +90,8 @@ fn the_archive_keeps_every_attribute() {
     let repeated = TRACED
         .replace(r#""id":"t1""#, r#""id":"t3""#)
         .replace(r#""attempt":2"#, r#""attempt":2,"attempt":3"#);
-    crate::rt().block_on(async {
-        let js = crate::js(&server).await;
+    crate::harness::rt().block_on(async {
+        let js = crate::harness::js(&server).await;
         for payload in [TRACED.to_string(), repeated] {
             js.publish("tally.events.acme.auth.user_logged_in", payload.into())
                 .await
@@ -187,8 +187,8 @@ fn archive_files_from_before_the_new_columns_stay_readable() {
     until_idle(&server, &data);
     drop_new_archive_columns(&data);
     let newer = TRACED.replace(r#""id":"t1""#, r#""id":"t2""#);
-    crate::rt().block_on(async {
-        let js = crate::js(&server).await;
+    crate::harness::rt().block_on(async {
+        let js = crate::harness::js(&server).await;
         // t1 again (a duplicate only the old file can tell), then t2.
         for payload in [TRACED.to_string(), newer] {
             js.publish("tally.events.acme.auth.user_logged_in", payload.into())

@@ -103,8 +103,8 @@ fn republish_five_percent(server: &NatsServer, dir: &Path, file: &Path) -> usize
     let inside_file = dir.join("dups-inside.jsonl");
     std::fs::write(&inside_file, inside.join("\n") + "\n").unwrap();
     publish_file(server, &dir.join("unused"), &inside_file);
-    crate::rt().block_on(async {
-        let js = crate::js(server).await;
+    crate::harness::rt().block_on(async {
+        let js = crate::harness::js(server).await;
         for (i, line) in &beyond {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             let subject = format!(
@@ -230,8 +230,8 @@ fn every_fault_leaves_every_view_equal_to_a_clean_run() {
 }
 
 fn alerts_count(server: &NatsServer) -> u64 {
-    crate::rt().block_on(async {
-        let js = crate::js(server).await;
+    crate::harness::rt().block_on(async {
+        let js = crate::harness::js(server).await;
         match js.get_stream("TALLY_ALERTS").await {
             Ok(mut st) => st.info().await.unwrap().state.messages,
             Err(_) => 0,

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::{self, stream};
+
 /// A running nats-server with JetStream, owned by one test.
 pub struct NatsServer {
     child: Option<Child>,
@@ -264,4 +266,52 @@ pub fn wait_for_checkpoint(
         assert!(Instant::now() < deadline, "no checkpoint beyond {beyond}");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A JetStream context on the test's server (retrying briefly: a server
+/// just started or restarted on a loaded machine may not accept yet).
+pub async fn js(server: &NatsServer) -> jetstream::Context {
+    let mut attempts = 0;
+    loop {
+        match async_nats::connect(&server.url).await {
+            Ok(client) => return jetstream::new(client),
+            Err(e) if attempts < 50 => {
+                attempts += 1;
+                eprintln!("connect to {} failed ({e}); retrying", server.url);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("cannot connect to {}: {e}", server.url),
+        }
+    }
+}
+
+/// The event stream as a producer's deployment would create it.
+pub fn events_stream() -> stream::Config {
+    stream::Config {
+        name: "TALLY_EVENTS".into(),
+        subjects: vec!["tally.events.>".into()],
+        ..Default::default()
+    }
+}
+
+/// Distinct (tenant, source, id) triples in a JSON Lines file: what the archive must hold.
+pub fn unique_events(path: &std::path::Path) -> usize {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut keys = std::collections::HashSet::new();
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        keys.insert((
+            v["tenant"].as_str().unwrap().to_string(),
+            v["source"].as_str().unwrap().to_string(),
+            v["id"].as_str().unwrap().to_string(),
+        ));
+    }
+    keys.len()
 }

@@ -7,8 +7,8 @@ use std::path::Path;
 use async_nats::jetstream::stream;
 
 use crate::harness::{NatsServer, generated, run_expect, tally, until_idle};
+use crate::harness::{events_stream, js, rt};
 use crate::metrics::{all_views, publish_file};
-use crate::{events_stream, js, rt};
 
 fn checkpoint(data: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(data.join("checkpoint.json")).unwrap()).unwrap()

@@ -17,59 +17,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::stream;
 use harness::{
-    NatsServer, api_calls, event, generated, publish_lines, run_expect, sql, sql_u64, status_json,
-    tally, until_idle, wait_for_checkpoint,
+    NatsServer, api_calls, event, events_stream, generated, js, publish_lines, rt, run_expect, sql,
+    sql_u64, status_json, tally, unique_events, until_idle, wait_for_checkpoint,
 };
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A JetStream context on the test's server (retrying briefly: a server
-/// just started or restarted on a loaded machine may not accept yet).
-async fn js(server: &NatsServer) -> jetstream::Context {
-    let mut attempts = 0;
-    loop {
-        match async_nats::connect(&server.url).await {
-            Ok(client) => return jetstream::new(client),
-            Err(e) if attempts < 50 => {
-                attempts += 1;
-                eprintln!("connect to {} failed ({e}); retrying", server.url);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("cannot connect to {}: {e}", server.url),
-        }
-    }
-}
-
-/// The event stream as a producer's deployment would create it.
-fn events_stream() -> stream::Config {
-    stream::Config {
-        name: "TALLY_EVENTS".into(),
-        subjects: vec!["tally.events.>".into()],
-        ..Default::default()
-    }
-}
-
-/// Distinct (tenant, source, id) triples in a JSON Lines file: what the archive must hold.
-fn unique_events(path: &std::path::Path) -> usize {
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut keys = std::collections::HashSet::new();
-    for l in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        keys.insert((
-            v["tenant"].as_str().unwrap().to_string(),
-            v["source"].as_str().unwrap().to_string(),
-            v["id"].as_str().unwrap().to_string(),
-        ));
-    }
-    keys.len()
-}
 
 #[test]
 fn publish_run_and_query_end_to_end() {

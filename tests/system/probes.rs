@@ -10,8 +10,8 @@ use async_nats::jetstream;
 use futures::StreamExt;
 
 use crate::harness::{NatsServer, api_calls, generated, run_expect, sql_u64, tally, until_idle};
+use crate::harness::{events_stream, js, rt};
 use crate::metrics::{all_views, assert_same_views, publish_file};
-use crate::{events_stream, js, rt};
 
 /// Waits for `child` to exit within `secs`; kills it and panics otherwise
 /// (a stalled run must fail the test, not hang it).

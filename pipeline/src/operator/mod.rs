@@ -99,17 +99,39 @@ pub enum Storage {
     Append,
     /// Rows are keyed and change: each file holds new versions stamped
     /// `_seq`; the view `<name>` is the latest version per `key` over the
-    /// stored table `_<name>_versions`, with the public `columns` and, when
-    /// `final_column` is set, `is_final` = `final_column + lateness <= stream clock`;
-    /// latest versions marked by `deleted_column` are hidden.
+    /// stored table `_<name>_versions`, with the schema's columns except
+    /// the `internal` ones and those starting with `_` (see
+    /// [`Storage::public_columns`]) and, when `final_column` is set,
+    /// `is_final` = `final_column + lateness <= stream clock`; latest
+    /// versions marked by `deleted_column` are hidden.
     Versioned {
         key: &'static [&'static str],
-        columns: &'static str,
+        /// Stored columns that only the operator reads back (restore
+        /// state, finality inputs), not part of the view.
+        internal: &'static [&'static str],
         final_column: Option<&'static str>,
         /// A Boolean column marking tombstones: a latest version with it
         /// set means the row no longer exists.
         deleted_column: Option<&'static str>,
     },
+}
+
+impl Storage {
+    /// The view's columns, in schema order: every stored column but the
+    /// internal ones and those starting with `_` (`_seq`, tombstones).
+    pub fn public_columns(&self, schema: &SchemaRef) -> Vec<String> {
+        let internal: &[&str] = match self {
+            Storage::Append => &[],
+            Storage::Versioned { internal, .. } => internal,
+        };
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.name())
+            .filter(|n| !n.starts_with('_') && !internal.contains(&n.as_str()))
+            .cloned()
+            .collect()
+    }
 }
 
 /// A view-maintaining state machine.
@@ -202,4 +224,45 @@ pub fn registry(settings: &Settings) -> Vec<Box<dyn Operator>> {
         Box::new(revenue::RevenueOperator::new()),
         Box::new(tenants::TenantsOperator::new()),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The views' columns are a public contract (metrics.md).
+    #[test]
+    fn every_view_shows_the_columns_of_the_contract() {
+        let expected = [
+            (
+                "usage",
+                "tenant, metric, granularity, window_start, window_end, events, sum, min, max, last",
+            ),
+            (
+                "overages",
+                "tenant, period, metric, plan, aggregation, used, included, overage_quantity, overage_amount, currency, pct_used, threshold",
+            ),
+            (
+                "mrr",
+                "month, tenant, currency, mrr_start, mrr_end, new_mrr, expansion_mrr, contraction_mrr, churned_mrr, reactivation_mrr, movement",
+            ),
+            (
+                "revenue",
+                "month, tenant, currency, paid, refunded, net, invoices_paid",
+            ),
+            (
+                "tenants",
+                "tenant, name, first_seen, last_seen, subscription_id, plan, billing_cycle, status, mrr, currency, revenue_to_date",
+            ),
+        ];
+        let ops = registry(&Settings::default());
+        for (view, columns) in expected {
+            let op = ops.iter().find(|o| o.view() == view).unwrap();
+            assert_eq!(
+                op.storage().public_columns(&op.schema()).join(", "),
+                columns,
+                "{view}"
+            );
+        }
+    }
 }

@@ -362,7 +362,7 @@ impl Operator for MrrOperator {
     fn storage(&self) -> Storage {
         Storage::Versioned {
             key: &["month", "tenant", "currency"],
-            columns: "month, tenant, currency, mrr_start, mrr_end, new_mrr, expansion_mrr, contraction_mrr, churned_mrr, reactivation_mrr, movement",
+            internal: &[],
             final_column: None,
             deleted_column: Some("_deleted"),
         }

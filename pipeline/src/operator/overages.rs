@@ -520,7 +520,7 @@ impl Operator for OveragesOperator {
     fn storage(&self) -> Storage {
         Storage::Versioned {
             key: &["tenant", "period", "metric"],
-            columns: "tenant, period, metric, plan, aggregation, used, included, overage_quantity, overage_amount, currency, pct_used, threshold",
+            internal: &["period_end", "alerted"],
             final_column: Some("period_end"),
             deleted_column: None,
         }

@@ -117,7 +117,7 @@ impl Operator for RevenueOperator {
     fn storage(&self) -> Storage {
         Storage::Versioned {
             key: &["month", "tenant", "currency"],
-            columns: "month, tenant, currency, paid, refunded, net, invoices_paid",
+            internal: &[],
             final_column: None,
             deleted_column: None,
         }

@@ -242,7 +242,7 @@ impl Operator for TenantsOperator {
     fn storage(&self) -> Storage {
         Storage::Versioned {
             key: &["tenant"],
-            columns: "tenant, name, first_seen, last_seen, subscription_id, plan, billing_cycle, status, mrr, currency, revenue_to_date",
+            internal: &[],
             final_column: None,
             deleted_column: None,
         }

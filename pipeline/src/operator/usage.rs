@@ -280,7 +280,7 @@ impl Operator for UsageOperator {
     fn storage(&self) -> Storage {
         Storage::Versioned {
             key: &["tenant", "metric", "granularity", "window_start"],
-            columns: "tenant, metric, granularity, window_start, window_end, events, sum, min, max, last",
+            internal: &["last_time", "last_source", "last_id"],
             final_column: Some("window_end"),
             deleted_column: None,
         }

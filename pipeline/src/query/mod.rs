@@ -272,12 +272,13 @@ async fn open_at(
         let upto = checkpoint.last_seq;
         match op.storage() {
             Storage::Append => register_files(&ctx, data_dir, upto, view, view, op.schema())?,
-            Storage::Versioned {
+            storage @ Storage::Versioned {
                 key,
-                columns,
                 final_column,
                 deleted_column,
+                ..
             } => {
+                let columns = storage.public_columns(&op.schema()).join(", ");
                 let versions = format!("_{view}_versions");
                 register_files(&ctx, data_dir, upto, view, &versions, op.schema())?;
                 let is_final = final_column
