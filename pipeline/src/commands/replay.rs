@@ -266,20 +266,14 @@ pub async fn replay(
     if let Some(live) = &live {
         carry_counts(&data, &target_dir, live, &summary)?;
     }
-    if *stop.borrow() && summary.last_seq < target {
+    let interrupted = *stop.borrow() && summary.last_seq < target;
+    if interrupted {
         info!(
             last_seq = summary.last_seq,
             "replay interrupted; the data directory was not switched"
         );
-        return Ok(ReplayReport {
-            summary,
-            target,
-            dir: target_dir,
-            switched: false,
-            live_run_handed_off: false,
-        });
     }
-    if opts.into.is_some() {
+    if interrupted || opts.into.is_some() {
         return Ok(ReplayReport {
             summary,
             target,

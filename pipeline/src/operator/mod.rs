@@ -214,6 +214,35 @@ pub(crate) fn test_event(
     .unwrap()
 }
 
+/// The events of a generated SaaS (`tally generate`), validated, for
+/// operator tests over realistic streams.
+#[cfg(test)]
+pub(crate) fn generated_events(
+    tenants: u32,
+    months: u32,
+    seed: u64,
+    start_year: i32,
+    activity: bool,
+) -> Vec<Event> {
+    use crate::commands::generate::{GenerateConfig, generate};
+    let cfg = GenerateConfig {
+        tenants,
+        months,
+        seed,
+        start_year,
+        start_month: 1,
+        source: "g".into(),
+        activity,
+    };
+    let mut text = Vec::new();
+    generate(&cfg, &mut text).unwrap();
+    let limits = crate::event::Limits::default();
+    text.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| crate::event::validate_payload(l, &limits).unwrap())
+        .collect()
+}
+
 /// Every operator, in one explicit list.
 pub fn registry(settings: &Settings) -> Vec<Box<dyn Operator>> {
     vec![

@@ -599,24 +599,7 @@ mod tests {
     /// clock months only appended) against arrival orders and batchings.
     #[test]
     fn a_generated_saas_gives_the_same_rows_in_any_order_and_batching() {
-        use crate::commands::generate::{GenerateConfig, generate};
-        let cfg = GenerateConfig {
-            tenants: 60,
-            months: 18,
-            seed: 5,
-            start_year: 2024,
-            start_month: 1,
-            source: "g".into(),
-            activity: false,
-        };
-        let mut text = Vec::new();
-        generate(&cfg, &mut text).unwrap();
-        let limits = crate::event::Limits::default();
-        let events: Vec<Event> = text
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| crate::event::validate_payload(l, &limits).unwrap())
-            .collect();
+        let events = crate::operator::generated_events(60, 18, 5, 2024, false);
         let expected = view(&events, events.len());
         assert!(expected.len() > 200, "{} rows", expected.len());
         // A deterministic shuffle: a linear congruential walk.

@@ -1174,24 +1174,7 @@ mod tests {
     /// same alerts, with the same times.
     #[test]
     fn alerts_do_not_depend_on_batching() {
-        use crate::commands::generate::{GenerateConfig, generate};
-        let cfg = GenerateConfig {
-            tenants: 25,
-            months: 6,
-            seed: 9,
-            start_year: 2025,
-            start_month: 1,
-            source: "g".into(),
-            activity: true,
-        };
-        let mut text = Vec::new();
-        generate(&cfg, &mut text).unwrap();
-        let limits = crate::event::Limits::default();
-        let events: Vec<Event> = text
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| crate::event::validate_payload(l, &limits).unwrap())
-            .collect();
+        let events = crate::operator::generated_events(25, 6, 9, 2025, true);
         let alerts = |batch: usize| {
             let mut op = OveragesOperator::new(300 * MICROS);
             let mut out = Vec::new();

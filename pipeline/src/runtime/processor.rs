@@ -110,11 +110,7 @@ impl Processor {
             if m.stream_seq <= cp.last_seq {
                 continue;
             }
-            cp.last_seq = m.stream_seq;
-            cp.stream_now_us = Some(
-                cp.stream_now_us
-                    .map_or(m.published_at, |n| n.max(m.published_at)),
-            );
+            cp.advance(m.stream_seq, m.published_at);
             match result {
                 Err(reject) => {
                     cp.counts.dead_letter(reject.reason);
@@ -130,9 +126,7 @@ impl Processor {
                         cp.counts.duplicate += 1;
                         continue;
                     }
-                    cp.counts.accepted += 1;
-                    cp.stream_clock_us =
-                        Some(cp.stream_clock_us.map_or(event.time, |c| c.max(event.time)));
+                    cp.accept(event.time);
                     accepted.push(event);
                 }
             }
@@ -155,11 +149,7 @@ impl Processor {
             if e.stream_seq <= cp.last_seq {
                 continue;
             }
-            cp.last_seq = e.stream_seq;
-            cp.stream_now_us = Some(
-                cp.stream_now_us
-                    .map_or(e.published_at, |n| n.max(e.published_at)),
-            );
+            cp.advance(e.stream_seq, e.published_at);
             if !self
                 .dedup
                 .admit(dedup::key(&e.tenant, &e.source, &e.id), e.published_at)
@@ -167,8 +157,7 @@ impl Processor {
                 cp.counts.duplicate += 1;
                 continue;
             }
-            cp.counts.accepted += 1;
-            cp.stream_clock_us = Some(cp.stream_clock_us.map_or(e.time, |c| c.max(e.time)));
+            cp.accept(e.time);
             accepted.push(e);
         }
         cp.last_seq = cp.last_seq.max(through);

@@ -215,37 +215,11 @@ impl<'o> Session<'o> {
                     continue;
                 }
             }
-            let consumer = match js_source::consumer_from(
-                &self.stream,
-                &opts.source,
-                self.p.checkpoint.last_seq + 1,
-                max_ack_pending,
-                opts.acked,
-            )
-            .await
-            {
+            let (consumer, messages) = match self.open_consumer(max_ack_pending).await {
                 Ok(c) => c,
                 Err(e) => {
                     failures += 1;
-                    warn!(error = %e, "consumer not available; retrying");
-                    if backoff(failures, &mut stop).await {
-                        return Ok(());
-                    }
-                    continue;
-                }
-            };
-            let messages = match js_source::Pull::start(
-                &self.client,
-                &opts.source.stream,
-                &opts.source.consumer,
-                opts.batch_size,
-            )
-            .await
-            {
-                Ok(m) => m,
-                Err(e) => {
-                    failures += 1;
-                    warn!(error = %e, "cannot start consuming; retrying");
+                    warn!(error = %e, "cannot consume from the stream yet; retrying");
                     if backoff(failures, &mut stop).await {
                         return Ok(());
                     }
@@ -257,6 +231,31 @@ impl<'o> Session<'o> {
                 Next::Stop => return Ok(()),
             }
         }
+    }
+
+    /// (Re)creates the consumer to deliver from the checkpoint, and starts
+    /// pulling from it.
+    async fn open_consumer(
+        &self,
+        max_ack_pending: i64,
+    ) -> Result<(PullConsumer, js_source::Pull), js_source::SourceError> {
+        let opts = self.opts;
+        let consumer = js_source::consumer_from(
+            &self.stream,
+            &opts.source,
+            self.p.checkpoint.last_seq + 1,
+            max_ack_pending,
+            opts.acked,
+        )
+        .await?;
+        let messages = js_source::Pull::start(
+            &self.client,
+            &opts.source.stream,
+            &opts.source.consumer,
+            opts.batch_size,
+        )
+        .await?;
+        Ok((consumer, messages))
     }
 
     /// Batches from one consumer until it must be recreated or the run stops.

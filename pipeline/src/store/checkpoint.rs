@@ -116,6 +116,21 @@ impl Checkpoint {
         }
     }
 
+    /// Moves past the message at `seq`, published at `published_at` (µs).
+    pub fn advance(&mut self, seq: u64, published_at: i64) {
+        self.last_seq = seq;
+        self.stream_now_us = Some(
+            self.stream_now_us
+                .map_or(published_at, |n| n.max(published_at)),
+        );
+    }
+
+    /// Counts an accepted event of event time `time` (µs).
+    pub fn accept(&mut self, time: i64) {
+        self.counts.accepted += 1;
+        self.stream_clock_us = Some(self.stream_clock_us.map_or(time, |c| c.max(time)));
+    }
+
     /// Passes over the gone sequences `first..=last`: the views go on
     /// without them, and the gap is recorded.
     pub fn skip_gap(&mut self, first: u64, last: u64) {

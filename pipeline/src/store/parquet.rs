@@ -117,25 +117,24 @@ impl ViewDir {
         })
     }
 
+    /// The directory's entries; none if it does not exist (yet).
+    fn entries(&self) -> Result<Vec<std::fs::DirEntry>, ViewFilesError> {
+        let list = |source| ViewFilesError::List {
+            path: self.dir.clone(),
+            source,
+        };
+        match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries.map(|e| e.map_err(list)).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(source) => Err(list(source)),
+        }
+    }
+
     /// Every `seq-*.parquet` file, sorted by first sequence, without the
     /// files whose range lies inside another's (compaction leftovers).
     pub fn files(&self) -> Result<Vec<ViewFile>, ViewFilesError> {
         let mut files = Vec::new();
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(files),
-            Err(source) => {
-                return Err(ViewFilesError::List {
-                    path: self.dir.clone(),
-                    source,
-                });
-            }
-        };
-        for entry in entries {
-            let entry = entry.map_err(|source| ViewFilesError::List {
-                path: self.dir.clone(),
-                source,
-            })?;
+        for entry in self.entries()? {
             let name = entry.file_name();
             let Some((first, last)) = name.to_str().and_then(parse_name) else {
                 continue;
@@ -174,21 +173,7 @@ impl ViewDir {
             .map(|f| f.path)
             .collect();
         let mut removed = 0;
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(source) => {
-                return Err(ViewFilesError::List {
-                    path: self.dir.clone(),
-                    source,
-                });
-            }
-        };
-        for entry in entries {
-            let entry = entry.map_err(|source| ViewFilesError::List {
-                path: self.dir.clone(),
-                source,
-            })?;
+        for entry in self.entries()? {
             let path = entry.path();
             let name = entry.file_name();
             let ours = name
