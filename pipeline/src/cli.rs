@@ -652,6 +652,17 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 println!("tally replay         {:>10.0} msg/s", rp.tally_replay_per_s);
                 println!("replay ratio         {:>10.3}", rp.ratio);
                 println!("replay peak RSS      {:>10.1} MiB", rp.peak_rss_mib);
+                println!(
+                    "replay, whole cmd    {:>10.2} s (from the stream)",
+                    rp.stream_wall_secs
+                );
+                println!(
+                    "replay, whole cmd    {:>10.2} s (stream purged: from the archive)",
+                    rp.archive_wall_secs
+                );
+                println!("archive replay       {:>10.0} seq/s", rp.archive_per_s);
+                println!("archive vs stream    {:>10.2}x", rp.archive_vs_stream);
+                println!("archive replay RSS   {:>10.1} MiB", rp.archive_peak_rss_mib);
             }
             if let Some(o) = &r.operators {
                 print_operators(o);

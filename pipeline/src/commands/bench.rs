@@ -6,7 +6,9 @@
 //!   --until-idle` as a child process on the same stream from an empty data
 //!   directory, and reports both rates, their ratio and the child's peak RSS.
 //! - **Replay** (`--replay`): a raw ordered-consumer read of the same stream
-//!   against `tally replay --into` (a child), rate ratio and peak RSS.
+//!   against `tally replay --into` (a child), rate ratio and peak RSS; then
+//!   the stream is purged and `tally replay --into` reads every sequence
+//!   from the run's `events` archive: both whole commands' wall times.
 //! - **Operators** (`--operators`): in process, on one core, no broker:
 //!   validation alone, then each operator alone, in events/s.
 //! - **Shape** (`--tenants N --months M [--no-activity]`): the generated SaaS
@@ -77,13 +79,24 @@ pub struct BenchReport {
     pub tally_peak_rss_mib: f64,
 }
 
-/// `tally replay` against a raw ordered-consumer read of the same stream.
+/// `tally replay` against a raw ordered-consumer read of the same stream,
+/// then `tally replay` of the same sequences from the `events` archive
+/// once the stream was purged completely.
 #[derive(Debug, Serialize)]
 pub struct ReplayBench {
     pub raw_ordered_per_s: f64,
     pub tally_replay_per_s: f64,
     pub ratio: f64,
     pub peak_rss_mib: f64,
+    /// The whole `tally replay` command, start to exit, from the stream.
+    pub stream_wall_secs: f64,
+    /// The same with the stream purged: every sequence from the archive.
+    pub archive_wall_secs: f64,
+    /// Stream sequences per second of wall time, from the archive.
+    pub archive_per_s: f64,
+    /// Archive replay rate / stream replay rate, both whole commands.
+    pub archive_vs_stream: f64,
+    pub archive_peak_rss_mib: f64,
 }
 
 /// In-process rates on one core, no broker.
@@ -258,9 +271,14 @@ pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, Bench
         }
         let raw_ordered_per_s = seen as f64 / started.elapsed().as_secs_f64();
         drop(msgs);
-        let into = opts.scratch.join("replayed");
-        let _ = std::fs::remove_dir_all(&into);
-        let into_text = into.to_string_lossy().into_owned();
+        let replay_into = |name: &str| {
+            let into = opts.scratch.join(name);
+            let _ = std::fs::remove_dir_all(&into);
+            into.to_string_lossy().into_owned()
+        };
+        let batch = opts.batch_size.to_string();
+        let into = replay_into("replayed");
+        let started = Instant::now();
         let (summary, peak) = child(
             tally,
             opts,
@@ -269,18 +287,43 @@ pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, Bench
                 "replay",
                 "--summary-json",
                 "--into",
-                &into_text,
+                &into,
                 "--batch-size",
-                &opts.batch_size.to_string(),
+                &batch,
             ],
         )
         .await?;
+        let stream_wall_secs = started.elapsed().as_secs_f64();
         let tally_replay_per_s = rate(&summary);
+        // The stream forgets everything: the replay reads the archive.
+        s.purge().await.map_err(|e| serr(e.to_string()))?;
+        let into = replay_into("replayed-from-archive");
+        let started = Instant::now();
+        let (_, archive_peak) = child(
+            tally,
+            opts,
+            &data,
+            &[
+                "replay",
+                "--summary-json",
+                "--into",
+                &into,
+                "--batch-size",
+                &batch,
+            ],
+        )
+        .await?;
+        let archive_wall_secs = started.elapsed().as_secs_f64();
         Some(ReplayBench {
             raw_ordered_per_s,
             tally_replay_per_s,
             ratio: tally_replay_per_s / raw_ordered_per_s,
             peak_rss_mib: peak as f64 / 1024.0,
+            stream_wall_secs,
+            archive_wall_secs,
+            archive_per_s: stored as f64 / archive_wall_secs,
+            archive_vs_stream: stream_wall_secs / archive_wall_secs,
+            archive_peak_rss_mib: archive_peak as f64 / 1024.0,
         })
     } else {
         None
