@@ -10,8 +10,11 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::time::MICROS;
-use crate::event::{DEFAULT_MAX_EVENT_AGE_DAYS, Limits};
+use crate::event::Limits;
+use crate::event::time::{DAY_US, MICROS};
+use crate::event::validate::{
+    DEFAULT_FUTURE_SKEW_US, DEFAULT_MAX_EVENT_AGE_US, MAX_MESSAGE_BYTES, duration_text,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -53,15 +56,23 @@ pub struct ConfigFile {
     pub max_message_bytes: usize,
 }
 
+/// How long a (tenant, source, id) is remembered for dedup, by default.
+pub const DEFAULT_DEDUP_HORIZON_US: i64 = 32 * DAY_US;
+/// Allowed lateness before a window is final, by default.
+pub const DEFAULT_LATENESS_US: i64 = 5 * 60 * MICROS;
+/// Usage window granularities, by default.
+pub const DEFAULT_GRANULARITIES: [&str; 3] = ["hour", "day", "month"];
+
 impl Default for ConfigFile {
     fn default() -> ConfigFile {
+        let d = Settings::default();
         ConfigFile {
-            dedup_horizon: "32d".into(),
-            future_skew: "1h".into(),
-            max_event_age: format!("{DEFAULT_MAX_EVENT_AGE_DAYS}d"),
-            lateness: "5m".into(),
-            granularities: vec!["hour".into(), "day".into(), "month".into()],
-            max_message_bytes: 256 * 1024,
+            dedup_horizon: duration_text(d.dedup_horizon_us),
+            future_skew: duration_text(d.future_skew_us),
+            max_event_age: duration_text(d.max_event_age_us),
+            lateness: duration_text(d.lateness_us),
+            granularities: d.granularities,
+            max_message_bytes: d.max_message_bytes,
         }
     }
 }
@@ -84,18 +95,18 @@ impl Default for Settings {
     fn default() -> Settings {
         // The defaults are valid by construction.
         Settings {
-            dedup_horizon_us: 32 * 86_400 * MICROS,
-            future_skew_us: 3600 * MICROS,
-            max_event_age_us: default_max_event_age_us(),
-            lateness_us: 300 * MICROS,
-            granularities: vec!["hour".into(), "day".into(), "month".into()],
-            max_message_bytes: 256 * 1024,
+            dedup_horizon_us: DEFAULT_DEDUP_HORIZON_US,
+            future_skew_us: DEFAULT_FUTURE_SKEW_US,
+            max_event_age_us: DEFAULT_MAX_EVENT_AGE_US,
+            lateness_us: DEFAULT_LATENESS_US,
+            granularities: DEFAULT_GRANULARITIES.map(String::from).to_vec(),
+            max_message_bytes: MAX_MESSAGE_BYTES,
         }
     }
 }
 
 fn default_max_event_age_us() -> i64 {
-    DEFAULT_MAX_EVENT_AGE_DAYS * 86_400 * MICROS
+    DEFAULT_MAX_EVENT_AGE_US
 }
 
 impl Settings {

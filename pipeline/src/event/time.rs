@@ -6,6 +6,10 @@
 
 /// Microseconds per second.
 pub const MICROS: i64 = 1_000_000;
+/// An hour in microseconds.
+pub const HOUR_US: i64 = 3600 * MICROS;
+/// A day in microseconds.
+pub const DAY_US: i64 = 86_400 * MICROS;
 
 /// Parses `2026-01-31T23:59:59.123456789+02:00` into UTC microseconds.
 /// Returns `None` for anything that is not a valid RFC 3339 date-time with offset.

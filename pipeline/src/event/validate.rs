@@ -19,11 +19,18 @@ use super::payload::{
     self, Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms,
 };
 use super::reason::{DlqReason, Reject};
-use super::time::{MICROS, format_micros, parse_rfc3339_micros};
+use super::time::{DAY_US, HOUR_US, MICROS, format_micros, parse_rfc3339_micros};
 use super::{Event, Text};
 
+/// The contract's largest message (`too_large` above it, `max_message_bytes`).
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// The contract's default allowed skew of event time past the publish
+/// time (`future_skew`), µs.
+pub const DEFAULT_FUTURE_SKEW_US: i64 = HOUR_US;
 /// The contract's default maximum event age (`max_event_age`), in days.
 pub const DEFAULT_MAX_EVENT_AGE_DAYS: i64 = 3650;
+/// The same, µs.
+pub const DEFAULT_MAX_EVENT_AGE_US: i64 = DEFAULT_MAX_EVENT_AGE_DAYS * DAY_US;
 
 /// Limits that decide rejections; they change results, so they come from
 /// the TOML config (see `crate::config`).
@@ -41,9 +48,9 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            max_bytes: 256 * 1024,
-            future_skew_us: 3600 * MICROS,
-            max_event_age_us: DEFAULT_MAX_EVENT_AGE_DAYS * 86_400 * MICROS,
+            max_bytes: MAX_MESSAGE_BYTES,
+            future_skew_us: DEFAULT_FUTURE_SKEW_US,
+            max_event_age_us: DEFAULT_MAX_EVENT_AGE_US,
         }
     }
 }
@@ -295,7 +302,7 @@ pub fn validate_payload(bytes: &[u8], limits: &Limits) -> Result<Event, Reject> 
 
 /// Microseconds in the largest unit that divides them, as the config
 /// writes durations (`"3650d"`, `"90s"`).
-fn duration_text(us: i64) -> String {
+pub fn duration_text(us: i64) -> String {
     for (unit, len) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
         let unit_us = len * MICROS;
         if us % unit_us == 0 {

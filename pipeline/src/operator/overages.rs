@@ -33,7 +33,7 @@ use super::window::month_bounds;
 use super::{Operator, OperatorError, SeriesIds, Storage, required_column};
 use crate::event::alert::Alert;
 use crate::event::decimal::{self, ONE, PRECISION, SCALE};
-use crate::event::time::{MICROS, format_micros};
+use crate::event::time::{DAY_US, format_micros};
 use crate::event::{Aggregation, Event, Payload, PlanVersion};
 
 pub const VIEW: &str = "overages";
@@ -471,8 +471,7 @@ impl OveragesOperator {
             };
             let Some(r) = &m.row else { continue };
             tenant.append_value(&key.0);
-            period
-                .append_value(i32::try_from(key.1.div_euclid(86_400 * MICROS)).unwrap_or(i32::MAX));
+            period.append_value(i32::try_from(key.1.div_euclid(DAY_US)).unwrap_or(i32::MAX));
             metric.append_value(&key.2);
             plan.append_option(r.plan.as_deref());
             aggregation.append_value(aggregation_name(r.aggregation));
@@ -639,7 +638,7 @@ impl Operator for OveragesOperator {
         for i in 0..b.num_rows() {
             let key = (
                 self.intern(tenant.value(i)),
-                i64::from(period.value(i)) * 86_400 * MICROS,
+                i64::from(period.value(i)) * DAY_US,
                 self.intern(metric.value(i)),
             );
             if let Some(m) = self.months.get_mut(&key) {
@@ -653,6 +652,7 @@ impl Operator for OveragesOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::time::MICROS;
     use crate::operator::test_event;
     use std::collections::BTreeMap;
 

@@ -161,7 +161,7 @@ pub struct UsageOperator {
     /// A series' events mostly arrive in time order, so most events hit
     /// the same windows as the one before and skip both the window
     /// arithmetic and the index lookup.
-    recent: Vec<[Recent; 4]>,
+    recent: Vec<[Recent; Granularity::COUNT]>,
 }
 
 impl UsageOperator {
@@ -187,7 +187,7 @@ impl UsageOperator {
         let (id, new) = self.series_ids.id(tenant, metric);
         if new {
             self.series.push((Arc::from(tenant), Arc::from(metric)));
-            self.recent.push([Recent::NONE; 4]);
+            self.recent.push([Recent::NONE; Granularity::COUNT]);
         }
         id
     }
@@ -352,7 +352,7 @@ impl Operator for UsageOperator {
             return Ok(None);
         }
         // In first-change order: row order inside a file carries no meaning,
-        // and sorting string keys cost a tenth of the ingest time.
+        // and sorting string keys is a large share of the ingest time.
         let mut dirty = std::mem::take(&mut self.dirty);
         for i in &dirty {
             if let Some((_, w)) = self.windows.slot_mut(*i) {

@@ -6,7 +6,7 @@
 //! a view is read (see `crate::query`), so a row's `is_final` never needs
 //! rewriting as the clock moves.
 
-use crate::event::time::{MICROS, civil_from_days, days_from_civil};
+use crate::event::time::{DAY_US, MICROS, civil_from_days, days_from_civil};
 
 /// A window size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -18,6 +18,9 @@ pub enum Granularity {
 }
 
 impl Granularity {
+    /// How many granularities there are (a series keeps a window of each).
+    pub const COUNT: usize = 4;
+
     pub fn parse(s: &str) -> Option<Granularity> {
         match s {
             "minute" => Some(Granularity::Minute),
@@ -46,7 +49,7 @@ impl Granularity {
         match self {
             Granularity::Minute => fixed(60 * MICROS),
             Granularity::Hour => fixed(3600 * MICROS),
-            Granularity::Day => fixed(86_400 * MICROS),
+            Granularity::Day => fixed(DAY_US),
             Granularity::Month => month_bounds(t),
         }
     }
@@ -54,17 +57,17 @@ impl Granularity {
 
 /// `[s, e)` of the UTC calendar month holding `t`.
 pub fn month_bounds(t: i64) -> (i64, i64) {
-    let days = t.div_euclid(86_400 * MICROS);
+    let days = t.div_euclid(DAY_US);
     let (y, m, _) = civil_from_days(days);
-    let start = days_from_civil(y, m, 1) * 86_400 * MICROS;
+    let start = days_from_civil(y, m, 1) * DAY_US;
     let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-    (start, days_from_civil(ny, nm, 1) * 86_400 * MICROS)
+    (start, days_from_civil(ny, nm, 1) * DAY_US)
 }
 
 /// Days since the epoch of the first day of the month holding `t` (an Arrow `Date32`).
 pub fn month_date32(t: i64) -> i32 {
     let (s, _) = month_bounds(t);
-    i32::try_from(s.div_euclid(86_400 * MICROS)).unwrap_or(i32::MAX)
+    i32::try_from(s.div_euclid(DAY_US)).unwrap_or(i32::MAX)
 }
 
 #[cfg(test)]

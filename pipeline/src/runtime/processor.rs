@@ -105,7 +105,7 @@ impl Processor {
         let mut letters = Vec::new();
         let mut accepted = Vec::with_capacity(msgs.len());
         // Events stay where validation put them; the operators see them by
-        // reference (moving ~400-byte events cost more than the dedup).
+        // reference (moving the large events would cost more than the dedup).
         for (m, result) in msgs.iter().zip(&results) {
             if m.stream_seq <= cp.last_seq {
                 continue;

@@ -493,7 +493,7 @@ impl<'o> Session<'o> {
         let Some(last_msg) = last_idx.and_then(|i| batch.get(i).cloned()) else {
             return Ok((hole, None));
         };
-        // Freeing 50k messages is a tenth of this thread's work: the
+        // Freeing a batch's messages is a noticeable share of this thread's work: the
         // blocking pool does it while the next batch is processed.
         tokio::task::spawn_blocking(move || drop(batch));
         let out = BatchOutput {
@@ -755,7 +755,7 @@ async fn gather(
     let deadline = tokio::time::Instant::now() + opts.batch_wait;
     while batch.len() < opts.batch_size {
         // Messages already received are taken without arming a timer each
-        // (that cost more than the message itself).
+        // (arming one costs more than taking the message itself).
         let next = match messages.next().now_or_never() {
             Some(m) => Ok(m),
             None => tokio::time::timeout_at(deadline, messages.next()).await,

@@ -304,7 +304,7 @@ pub async fn consumer_from(
         // The checkpoint, not the consumer, is the record of progress: the
         // consumer is recreated from it every session. Kept in memory, the
         // server does not re-encode its up to `max_ack_pending` pending
-        // entries to disk on every state flush (a tenth of its CPU here).
+        // entries to disk on every state flush.
         memory_storage: true,
         ..Default::default()
     })
@@ -320,7 +320,7 @@ pub async fn consumer_from(
 /// many of it were left; 409: it was ended; 100: heartbeat). Doing this
 /// here rather than through the client's JetStream stream keeps the
 /// per-message cost to the plain message: that stream clones a JetStream
-/// context and looks up a header for every message, a tenth of ingest CPU.
+/// context and looks up a header for every message.
 /// A lost request (say, across a server restart) is healed by the
 /// runtime's stall detector, which recreates the consumer.
 pub struct Pull {

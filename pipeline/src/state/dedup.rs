@@ -98,7 +98,7 @@ type KeySet = HashSet<Key, BuildHasherDefault<PassThroughHasher>>;
 
 /// Most entries reserved up front ([`Dedup::reserve`]): growing the
 /// table rehashes every key and faults in a fresh table each time, which
-/// showed at ~4% of ingest CPU; beyond this the table grows as needed.
+/// costs measurable ingest time; beyond this the table grows as needed.
 pub const MAX_RESERVE: usize = 1 << 20;
 
 /// The dedup horizon.
