@@ -19,7 +19,7 @@ pub enum StatusError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error(
-        "no checkpoint in {} (no checkpoint.json), so no views and no counts: is --data / TALLY_DATA_DIR right? `tally run` writes it with its first batch of events",
+        "no checkpoint in {} (no checkpoint.json), so no views and no counts: is --data / TALLY_DATA_DIR right? `tally run` writes it when it starts",
         dir.display()
     )]
     NoCheckpoint { dir: PathBuf },

@@ -168,7 +168,7 @@ fn required<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T,
 /// [`EventsArchive`] wrote them), in row order. Columns are found by name;
 /// a nullable column the file does not have (it was written before the
 /// column existed) reads as NULL.
-pub fn decode(batch: &RecordBatch, mut f: impl FnMut(&Event)) -> Result<(), OperatorError> {
+pub fn decode(batch: &RecordBatch, mut f: impl FnMut(Event)) -> Result<(), OperatorError> {
     let seqs = required::<UInt64Array>(batch, "stream_seq")?;
     let published = required::<TimestampMicrosecondArray>(batch, "published_at")?;
     let time = required::<TimestampMicrosecondArray>(batch, "time")?;
@@ -200,7 +200,7 @@ pub fn decode(batch: &RecordBatch, mut f: impl FnMut(&Event)) -> Result<(), Oper
                 ),
             }
         })?;
-        f(&Event {
+        f(Event {
             stream_seq: seqs.value(i),
             published_at: published.value(i),
             id: id.value(i).into(),
@@ -283,7 +283,7 @@ mod tests {
 
     fn decoded(batch: &RecordBatch) -> Vec<Event> {
         let mut out = Vec::new();
-        decode(batch, |e| out.push(e.clone())).unwrap();
+        decode(batch, |e| out.push(e)).unwrap();
         out
     }
 

@@ -78,7 +78,7 @@ pub const QUERY_WORKER_STACK_BYTES: usize = 64 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     #[error(
-        "no views in {} (no checkpoint.json): is --data / TALLY_DATA_DIR right? `tally run` creates them with its first batch of events",
+        "no views in {} (no checkpoint.json): is --data / TALLY_DATA_DIR right? `tally run` creates them when it starts",
         dir.display()
     )]
     NoViews { dir: PathBuf },

@@ -20,6 +20,14 @@ use crate::source::jetstream as js_source;
 use crate::store::DataDir;
 use crate::store::checkpoint::Checkpoint;
 
+/// A finished view file to put in place as the batch's file of `view`
+/// (a replay links the live `events` archive's files instead of encoding
+/// their rows again).
+pub struct ViewLink {
+    pub view: &'static str,
+    pub from: std::path::PathBuf,
+}
+
 /// What one batch must make durable before its checkpoint.
 pub struct BatchOutput {
     /// First stream sequence the batch covers.
@@ -27,6 +35,7 @@ pub struct BatchOutput {
     pub letters: Vec<DeadLetter>,
     pub alerts: Vec<Alert>,
     pub rows: Vec<ViewRows>,
+    pub links: Vec<ViewLink>,
     /// The checkpoint covering the batch, taken when the batch was cut (the
     /// processor moves on to the next batch while this one is written).
     pub checkpoint: Checkpoint,
@@ -86,6 +95,11 @@ fn write_batch(data_dir: &DataDir, out: &BatchOutput) -> Result<(), RuntimeError
             &r.schema,
             std::slice::from_ref(&r.batch),
         )?;
+    }
+    for l in &out.links {
+        data_dir
+            .view(l.view)
+            .link(&l.from, out.first, out.checkpoint.last_seq)?;
     }
     data_dir.commit(&out.checkpoint)?;
     // The batch is durable; merging small files is housekeeping: a failure

@@ -115,6 +115,14 @@ pub enum RuntimeError {
         checkpoint: u64,
     },
     #[error(
+        "the events archive holds {duplicates} events among sequences {first}..={last} that this replay finds to be duplicates: the archive and the settings disagree; the live views are untouched. Replay from a stream that holds every message, or with the settings the live views were built with"
+    )]
+    ArchiveDuplicates {
+        first: u64,
+        last: u64,
+        duplicates: u64,
+    },
+    #[error(
         "internal task failed: {0}; nothing unfinished was acknowledged, the next start redoes it"
     )]
     Task(String),

@@ -131,7 +131,7 @@ impl Processor {
                 }
             }
         }
-        self.fold(&accepted);
+        self.fold(&accepted, None);
         letters
     }
 
@@ -142,8 +142,14 @@ impl Processor {
     /// archived them). They were accepted once, so they are not validated
     /// again; they pass the dedup horizon like any event, so that it is the
     /// same as a run over the complete stream.
-    pub fn process_archived(&mut self, events: &[Event], through: u64) {
+    ///
+    /// With `linked`, the `events` view is left out: its rows for these
+    /// sequences are the archive's file itself. Returns how many of the
+    /// events were duplicates (none, for an archive built with the same
+    /// settings).
+    pub fn process_archived(&mut self, events: &[Event], through: u64, linked: bool) -> u64 {
         let cp = &mut self.checkpoint;
+        let duplicates_before = cp.counts.duplicate;
         let mut accepted = Vec::with_capacity(events.len());
         for e in events {
             if e.stream_seq <= cp.last_seq {
@@ -161,12 +167,14 @@ impl Processor {
             accepted.push(e);
         }
         cp.last_seq = cp.last_seq.max(through);
-        self.fold(&accepted);
+        let duplicates = cp.counts.duplicate - duplicates_before;
+        self.fold(&accepted, linked.then_some(operator::events::VIEW));
+        duplicates
     }
 
-    /// Applies accepted events to every operator, in order, the operators
-    /// in two groups at once.
-    fn fold(&mut self, accepted: &[&Event]) {
+    /// Applies accepted events to every operator but `skip`, in order, the
+    /// operators in two groups at once.
+    fn fold(&mut self, accepted: &[&Event], skip: Option<&'static str>) {
         // Each subscription change is built once and shared by the operators.
         let subs: Vec<Option<Arc<SubEvent>>> = accepted
             .iter()
@@ -177,8 +185,10 @@ impl Processor {
             ops.into_iter()
                 .map(|(i, op)| {
                     let started = Instant::now();
-                    for (e, sub) in accepted.iter().zip(&subs) {
-                        op.apply_with(e, sub.as_ref());
+                    if skip != Some(op.view()) {
+                        for (e, sub) in accepted.iter().zip(&subs) {
+                            op.apply_with(e, sub.as_ref());
+                        }
                     }
                     (i, started.elapsed())
                 })

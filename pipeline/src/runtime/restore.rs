@@ -73,7 +73,7 @@ pub fn for_each_archived(
 ) -> Result<(), RuntimeError> {
     for file in data_dir.view(operator::events::VIEW).files()? {
         for batch in read_parquet(&file.path)? {
-            operator::events::decode(&batch?, &mut f)?;
+            operator::events::decode(&batch?, |e| f(&e))?;
         }
     }
     Ok(())

@@ -18,7 +18,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer, stream};
 use futures::FutureExt;
 use tracing::{info, warn};
 
-use super::commit::{BatchOutput, InFlight, commit, settle};
+use super::commit::{BatchOutput, InFlight, ViewLink, commit, settle};
 use super::processor::{Incoming, Processor};
 use super::restore::open_state;
 use super::{ArchiveSource, RunOptions, RunSummary, RuntimeError};
@@ -28,7 +28,7 @@ use crate::operator::events;
 use crate::sink::dlq::DlqTarget;
 use crate::sink::{alerts, dlq};
 use crate::source::jetstream as js_source;
-use crate::store::parquet::read_parquet;
+use crate::store::parquet::{ViewFile, read_parquet};
 use crate::store::{DataDir, DataDirLock, handoff};
 
 /// Idle ticks in a row with messages owed to us before the consumer is
@@ -501,6 +501,7 @@ impl<'o> Session<'o> {
             rows: self.p.take_rows()?,
             alerts: self.p.take_alerts(),
             letters,
+            links: Vec::new(),
             checkpoint: self.p.checkpoint.clone(),
             // Every few seconds the writer also merges small view files,
             // after this batch is durable (it is the only one writing files).
@@ -627,6 +628,7 @@ impl<'o> Session<'o> {
             rows: Vec::new(),
             alerts: Vec::new(),
             letters: Vec::new(),
+            links: Vec::new(),
             checkpoint: self.p.checkpoint.clone(),
             compact: None,
         };
@@ -661,27 +663,41 @@ impl<'o> Session<'o> {
             "the stream no longer holds these sequences; reading them from the events archive"
         );
         let archive = DataDir::new(&src.dir);
-        let mut chunk: Vec<Event> = Vec::with_capacity(self.opts.batch_size.min(1 << 16));
+        let mut chunk: Vec<Event> = Vec::new();
         for file in archive.view(events::VIEW).files()? {
             if file.last_seq < from || file.first_seq > to {
                 continue;
+            }
+            // A file wholly inside the range holds exactly the `events` rows
+            // of its sequences: it is linked into the new directory as it
+            // is, not decoded and encoded again.
+            let whole = file.first_seq >= from && file.last_seq <= to;
+            if whole && self.p.checkpoint.last_seq + 1 < file.first_seq {
+                let through = file.first_seq - 1;
+                self.commit_archived(std::mem::take(&mut chunk), through, None, stop)
+                    .await?;
             }
             for batch in read_parquet(&file.path)? {
                 let mut failed = None;
                 events::decode(&batch?, |e| {
                     if (from..=to).contains(&e.stream_seq) {
-                        chunk.push(e.clone());
+                        chunk.push(e);
                     }
                 })
                 .unwrap_or_else(|e| failed = Some(e));
                 if let Some(e) = failed {
                     return Err(e.into());
                 }
-                if chunk.len() >= self.opts.batch_size {
+                if !whole && chunk.len() >= self.opts.batch_size {
                     let through = chunk.last().map_or(from, |e| e.stream_seq);
-                    self.commit_archived(&chunk, through, stop).await?;
-                    chunk.clear();
+                    self.commit_archived(std::mem::take(&mut chunk), through, None, stop)
+                        .await?;
                 }
+            }
+            if whole {
+                let through = file.last_seq;
+                self.commit_archived(std::mem::take(&mut chunk), through, Some(file), stop)
+                    .await?;
             }
         }
         for g in &src.gaps {
@@ -689,29 +705,50 @@ impl<'o> Session<'o> {
                 self.p.checkpoint.gaps.push(g.clone());
             }
         }
-        self.commit_archived(&chunk, to, stop).await
+        self.commit_archived(chunk, to, None, stop).await
     }
 
-    /// One batch of archived events through the processor and the committer.
+    /// One batch of archived events through the processor and the
+    /// committer; with `linked`, the archive file that holds exactly these
+    /// events' rows becomes the new `events` file for its range.
     async fn commit_archived(
         &mut self,
-        chunk: &[Event],
+        chunk: Vec<Event>,
         through: u64,
+        linked: Option<ViewFile>,
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), RuntimeError> {
         let cpu = Instant::now();
         let first = self.p.checkpoint.last_seq + 1;
-        self.p.process_archived(chunk, through);
+        let duplicates = self.p.process_archived(&chunk, through, linked.is_some());
+        if duplicates > 0 && linked.is_some() {
+            // The archive's rows would show events this replay drops.
+            return Err(RuntimeError::ArchiveDuplicates {
+                first,
+                last: through,
+                duplicates,
+            });
+        }
+        let links = linked
+            .map(|f| ViewLink {
+                view: events::VIEW,
+                from: f.path,
+            })
+            .into_iter()
+            .collect();
         let out = BatchOutput {
             first,
             rows: self.p.take_rows()?,
             alerts: self.p.take_alerts(),
             letters: Vec::new(),
+            links,
             checkpoint: self.p.checkpoint.clone(),
             compact: None,
         };
         self.summary.processing += cpu.elapsed();
         self.summary.messages += chunk.len() as u64;
+        // Dropping the events off this thread, as for stream batches.
+        tokio::task::spawn_blocking(move || drop(chunk));
         self.settle().await?;
         self.dispatch(out, None, stop);
         self.note_split();

@@ -209,6 +209,32 @@ impl ViewDir {
         Ok(path)
     }
 
+    /// Puts the finished file `from` (of another data directory) in place
+    /// as the file covering `first..=last`: a hard link when both are on
+    /// one file system, else a copy; durable before it returns.
+    pub fn link(&self, from: &Path, first: u64, last: u64) -> Result<PathBuf, ViewFilesError> {
+        let path = self.dir.join(file_name(first, last));
+        let io = |source| ViewFilesError::Io {
+            path: path.clone(),
+            source,
+        };
+        // A retry after a failure may find its own earlier link.
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        if std::fs::hard_link(from, &path).is_err() {
+            let tmp = path.with_extension("parquet.tmp");
+            std::fs::copy(from, &tmp).map_err(io)?;
+            File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+            return rename_into_place(&tmp, &path)
+                .map(|()| path.clone())
+                .map_err(io);
+        }
+        sync_dir(&self.dir).map_err(io)?;
+        Ok(path)
+    }
+
     /// Merges runs of small files once there are enough of them. Only files
     /// at or below `upto` (the checkpoint) are touched.
     pub fn compact(&self, schema: &SchemaRef, upto: u64) -> Result<usize, ViewFilesError> {
@@ -498,6 +524,38 @@ mod tests {
     use super::*;
     use arrow::array::UInt64Array;
     use arrow::datatypes::{DataType, Field, Schema};
+
+    #[test]
+    fn a_linked_file_takes_its_range_and_a_retry_finds_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema: SchemaRef =
+            Arc::new(Schema::new(vec![Field::new("a", DataType::UInt64, false)]));
+        let live = ViewDir::new(&dir.path().join("live"), "t");
+        live.create().unwrap();
+        let src = live
+            .write(1, 10, &schema, &[batch(&schema, &[1, 2, 3])])
+            .unwrap();
+        let fresh = ViewDir::new(&dir.path().join("fresh"), "t");
+        fresh.create().unwrap();
+        fresh.link(&src, 1, 10).unwrap();
+        let linked = fresh.link(&src, 1, 10).unwrap();
+        assert_eq!(
+            std::fs::read(&linked).unwrap(),
+            std::fs::read(&src).unwrap()
+        );
+        let files = fresh.files().unwrap();
+        assert_eq!(
+            (files.len(), files[0].first_seq, files[0].last_seq),
+            (1, 1, 10)
+        );
+        // The live directory may drop its file (compaction): the link stays.
+        std::fs::remove_file(&src).unwrap();
+        let rows: usize = read_parquet(&linked)
+            .unwrap()
+            .map(|b| b.unwrap().num_rows())
+            .sum();
+        assert_eq!(rows, 3);
+    }
 
     #[test]
     fn files_from_before_a_column_was_added_merge_with_it_as_null() {
