@@ -271,49 +271,13 @@ pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, Bench
         }
         let raw_ordered_per_s = seen as f64 / started.elapsed().as_secs_f64();
         drop(msgs);
-        let replay_into = |name: &str| {
-            let into = opts.scratch.join(name);
-            let _ = std::fs::remove_dir_all(&into);
-            into.to_string_lossy().into_owned()
-        };
-        let batch = opts.batch_size.to_string();
-        let into = replay_into("replayed");
-        let started = Instant::now();
-        let (summary, peak) = child(
-            tally,
-            opts,
-            &data,
-            &[
-                "replay",
-                "--summary-json",
-                "--into",
-                &into,
-                "--batch-size",
-                &batch,
-            ],
-        )
-        .await?;
-        let stream_wall_secs = started.elapsed().as_secs_f64();
+        let (summary, peak, stream_wall_secs) =
+            timed_replay(tally, opts, &data, "replayed").await?;
         let tally_replay_per_s = rate(&summary);
         // The stream forgets everything: the replay reads the archive.
         s.purge().await.map_err(|e| serr(e.to_string()))?;
-        let into = replay_into("replayed-from-archive");
-        let started = Instant::now();
-        let (_, archive_peak) = child(
-            tally,
-            opts,
-            &data,
-            &[
-                "replay",
-                "--summary-json",
-                "--into",
-                &into,
-                "--batch-size",
-                &batch,
-            ],
-        )
-        .await?;
-        let archive_wall_secs = started.elapsed().as_secs_f64();
+        let (_, archive_peak, archive_wall_secs) =
+            timed_replay(tally, opts, &data, "replayed-from-archive").await?;
         Some(ReplayBench {
             raw_ordered_per_s,
             tally_replay_per_s,
@@ -346,6 +310,36 @@ pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, Bench
         operators,
         tally_peak_rss_mib: peak as f64 / 1024.0,
     })
+}
+
+/// `tally replay --into <scratch>/<name>` of `data` as a child: its summary,
+/// peak RSS (KiB) and the whole command's wall time (s).
+async fn timed_replay(
+    tally: &Path,
+    opts: &BenchOptions,
+    data: &Path,
+    name: &str,
+) -> Result<(serde_json::Value, u64, f64), BenchError> {
+    let into = opts.scratch.join(name);
+    let _ = std::fs::remove_dir_all(&into);
+    let into = into.to_string_lossy().into_owned();
+    let batch = opts.batch_size.to_string();
+    let started = Instant::now();
+    let (summary, peak) = child(
+        tally,
+        opts,
+        data,
+        &[
+            "replay",
+            "--summary-json",
+            "--into",
+            &into,
+            "--batch-size",
+            &batch,
+        ],
+    )
+    .await?;
+    Ok((summary, peak, started.elapsed().as_secs_f64()))
 }
 
 /// Messages per second of active work in a child's `--summary-json` line.

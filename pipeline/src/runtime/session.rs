@@ -63,6 +63,16 @@ enum Next {
     Stop,
 }
 
+/// What a session starts with.
+enum Opened {
+    /// The stream no longer holds the sequences that come next.
+    Gap {
+        first: u64,
+        last: u64,
+    },
+    Consuming(Box<(PullConsumer, js_source::Pull)>),
+}
+
 /// What the messages of a batch look like against the stream.
 enum Hole {
     /// Every message continues the stream.
@@ -197,26 +207,12 @@ impl<'o> Session<'o> {
             if *stop.borrow() || self.done() {
                 return Ok(());
             }
-            // The stream may have forgotten what comes next (retention, a
-            // purge) without any delivery showing it: look before consuming.
-            match js_source::first_sequence(&mut self.stream, &opts.source.stream).await {
-                Ok(first) if first > self.p.checkpoint.last_seq + 1 => {
-                    self.gap(self.p.checkpoint.last_seq + 1, first - 1, &stop)
-                        .await?;
-                    continue;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    failures += 1;
-                    warn!(error = %e, "cannot read the stream's state; retrying");
-                    if backoff(failures, &mut stop).await {
-                        return Ok(());
-                    }
-                    continue;
-                }
-            }
             let (consumer, messages) = match self.open_consumer(max_ack_pending).await {
-                Ok(c) => c,
+                Ok(Opened::Gap { first, last }) => {
+                    self.gap(first, last, &stop).await?;
+                    continue;
+                }
+                Ok(Opened::Consuming(opened)) => *opened,
                 Err(e) => {
                     failures += 1;
                     warn!(error = %e, "cannot consume from the stream yet; retrying");
@@ -234,12 +230,22 @@ impl<'o> Session<'o> {
     }
 
     /// (Re)creates the consumer to deliver from the checkpoint, and starts
-    /// pulling from it.
+    /// pulling from it; unless the stream has forgotten what comes next
+    /// (retention, a purge), which no delivery would show: that is looked
+    /// at first.
     async fn open_consumer(
-        &self,
+        &mut self,
         max_ack_pending: i64,
-    ) -> Result<(PullConsumer, js_source::Pull), js_source::SourceError> {
+    ) -> Result<Opened, js_source::SourceError> {
         let opts = self.opts;
+        let next = self.p.checkpoint.last_seq + 1;
+        let first = js_source::first_sequence(&mut self.stream, &opts.source.stream).await?;
+        if first > next {
+            return Ok(Opened::Gap {
+                first: next,
+                last: first - 1,
+            });
+        }
         let consumer = js_source::consumer_from(
             &self.stream,
             &opts.source,
@@ -255,7 +261,7 @@ impl<'o> Session<'o> {
             opts.batch_size,
         )
         .await?;
-        Ok((consumer, messages))
+        Ok(Opened::Consuming(Box::new((consumer, messages))))
     }
 
     /// Batches from one consumer until it must be recreated or the run stops.
@@ -369,6 +375,9 @@ impl<'o> Session<'o> {
                 }
                 Ok(Some(Err(e))) => {
                     warn!(error = %e, "message stream failed; resuming from the checkpoint");
+                    if matches!(e, js_source::SourceError::ConsumerDeleted { .. }) {
+                        self.lost_to_another().await?;
+                    }
                     return Ok(if pause(Duration::from_millis(500), stop).await {
                         Next::Stop
                     } else {
@@ -563,24 +572,31 @@ impl<'o> Session<'o> {
         match js_source::gone_until(&self.stream, &opts.source.stream, first, last).await? {
             Some(gone) => self.gap(first, gone, stop).await,
             None => {
-                let now = Instant::now();
-                self.lost.retain(|t| now.duration_since(*t) < LOST_WINDOW);
-                self.lost.push(now);
                 warn!(
                     missing = first,
                     "the consumer passed over a message the stream holds; resuming from the checkpoint"
                 );
-                if self.lost.len() >= LOST_LIMIT {
-                    self.settle().await?;
-                    return Err(RuntimeError::ConsumerShared {
-                        stream: opts.source.stream.clone(),
-                        consumer: opts.source.consumer.clone(),
-                        checkpoint: self.p.checkpoint.last_seq,
-                    });
-                }
-                Ok(())
+                self.lost_to_another().await
             }
         }
+    }
+
+    /// Notes a sign that another process uses this run's consumer (a
+    /// message delivered elsewhere, the consumer deleted under the run);
+    /// [`LOST_LIMIT`] of them within [`LOST_WINDOW`] stop the run.
+    async fn lost_to_another(&mut self) -> Result<(), RuntimeError> {
+        let now = Instant::now();
+        self.lost.retain(|t| now.duration_since(*t) < LOST_WINDOW);
+        self.lost.push(now);
+        if self.lost.len() < LOST_LIMIT {
+            return Ok(());
+        }
+        self.settle().await?;
+        Err(RuntimeError::ConsumerShared {
+            stream: self.opts.source.stream.clone(),
+            consumer: self.opts.source.consumer.clone(),
+            checkpoint: self.p.checkpoint.last_seq,
+        })
     }
 
     /// The stream no longer holds `first..=last`, the sequences that come

@@ -82,6 +82,10 @@ pub enum SourceError {
     },
     #[error("cannot consume from stream {stream}: {cause}")]
     Messages { stream: String, cause: String },
+    #[error(
+        "the consumer of stream {stream} was deleted while this run pulled from it (by another process using the same consumer name?)"
+    )]
+    ConsumerDeleted { stream: String },
 }
 
 /// How long a consumer may go without pull requests before the server
@@ -412,10 +416,13 @@ impl Pull {
                 Some(StatusCode::IDLE_HEARTBEAT) => continue,
                 Some(StatusCode::TIMEOUT | StatusCode::REQUEST_TERMINATED) => {
                     let gone = m.description.as_deref().unwrap_or_default();
-                    if gone.contains("Consumer Deleted")
-                        || gone.contains("push based")
-                        || gone.starts_with("Exceeded Max")
-                    {
+                    // The server says so in the status's description only.
+                    if gone.contains("Consumer Deleted") {
+                        return Some(Err(SourceError::ConsumerDeleted {
+                            stream: self.stream.clone(),
+                        }));
+                    }
+                    if gone.contains("push based") || gone.starts_with("Exceeded Max") {
                         return Some(Err(self.failed(format!("pull request refused: {gone}"))));
                     }
                     // What was left of that request will not come.
