@@ -433,3 +433,43 @@ fn the_stream_tally_creates_gets_the_retention_asked_for() {
     assert_eq!(config.max_age, std::time::Duration::from_secs(30 * 86_400));
     assert_eq!(config.max_bytes, 1 << 30);
 }
+
+#[test]
+fn replay_reads_deletions_at_the_split_and_at_the_tail_from_the_archive() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (data, clean) = (dir.path().join("data"), dir.path().join("clean"));
+    let file = generated(dir.path(), 10, 3, 23);
+    let split = publish_split(&server, dir.path(), &file, 1200);
+    until_idle(&server, &data);
+    publish_file(
+        &server,
+        &dir.path().join("unused"),
+        &dir.path().join("rest.jsonl"),
+    );
+    until_idle(&server, &clean);
+    let complete = all_views(&server, &clean);
+    let complete_counts = counts(&clean);
+    // The message at the live checkpoint (the replay's split) is gone, and
+    // later ones exist.
+    rt().block_on(async {
+        let js = js(&server).await;
+        let s = js.get_stream("TALLY_EVENTS").await.unwrap();
+        assert!(s.delete_message(split).await.unwrap());
+    });
+    replay(&server, &data, &[], 0);
+    assert_eq!(all_views(&server, &data), complete, "deleted at the split");
+    assert_eq!(counts(&data), complete_counts);
+    // The stream's tail is gone too, after the live run processed it.
+    let last = stream_last(&server);
+    rt().block_on(async {
+        let js = js(&server).await;
+        let s = js.get_stream("TALLY_EVENTS").await.unwrap();
+        for seq in last - 4..=last {
+            assert!(s.delete_message(seq).await.unwrap());
+        }
+    });
+    replay(&server, &data, &[], 0);
+    assert_eq!(all_views(&server, &data), complete, "deleted at the tail");
+    assert_eq!(counts(&data), complete_counts);
+}

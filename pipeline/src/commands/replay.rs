@@ -71,6 +71,10 @@ pub enum ReplayError {
         replayed: u64,
         live: u64,
     },
+    #[error(
+        "the replay ended at stream sequence {reached}, before its target {target}; the data directory was not switched. Run `tally replay` again; if it ends there again, `tally status` shows what the stream holds"
+    )]
+    Short { reached: u64, target: u64 },
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -272,6 +276,12 @@ pub async fn replay(
             last_seq = summary.last_seq,
             "replay interrupted; the data directory was not switched"
         );
+    }
+    if !interrupted && summary.last_seq < target {
+        return Err(ReplayError::Short {
+            reached: summary.last_seq,
+            target,
+        });
     }
     if interrupted || opts.into.is_some() {
         return Ok(ReplayReport {

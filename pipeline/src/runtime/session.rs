@@ -239,7 +239,7 @@ impl<'o> Session<'o> {
     ) -> Result<Opened, js_source::SourceError> {
         let opts = self.opts;
         let next = self.p.checkpoint.last_seq + 1;
-        let first = js_source::first_sequence(&mut self.stream, &opts.source.stream).await?;
+        let (first, _) = js_source::bounds(&mut self.stream, &opts.source.stream).await?;
         if first > next {
             return Ok(Opened::Gap {
                 first: next,
@@ -338,13 +338,27 @@ impl<'o> Session<'o> {
                                     || !deliveries.lost_any(info.delivered.consumer_sequence)) =>
                         {
                             stalled_ticks = 0;
-                            // Drained, unless the stream forgot its tail:
-                            // the session start looks at that.
-                            let first =
-                                js_source::first_sequence(&mut self.stream, &opts.source.stream)
-                                    .await;
-                            if first.is_ok_and(|f| f > self.p.checkpoint.last_seq + 1) {
-                                return Ok(Next::Resume);
+                            // Drained, unless the stream forgot what comes
+                            // next: all of it (the session start looks at
+                            // that), or its tail.
+                            let next = self.p.checkpoint.last_seq + 1;
+                            match js_source::bounds(&mut self.stream, &opts.source.stream).await {
+                                Ok((first, _)) if first > next => return Ok(Next::Resume),
+                                Ok((_, last)) if last >= next => {
+                                    let last = opts.stop_at.map_or(last, |n| last.min(n));
+                                    if let Some(gone) = js_source::gone_until(
+                                        &self.stream,
+                                        &opts.source.stream,
+                                        next,
+                                        last,
+                                    )
+                                    .await?
+                                    {
+                                        self.gap(next, gone, stop).await?;
+                                        return Ok(Next::Resume);
+                                    }
+                                }
+                                _ => {}
                             }
                             if opts.until_idle {
                                 return Ok(Next::Stop);
@@ -466,6 +480,22 @@ impl<'o> Session<'o> {
                 // A redelivery of a message already processed.
                 continue;
             }
+            if d.stream_seq > next {
+                // Skipped sequences up to the target or the split are a hole
+                // even when this message lies beyond them.
+                let bound = opts
+                    .stop_at
+                    .into_iter()
+                    .chain(opts.split_at.filter(|n| first_seq_before < *n))
+                    .fold(d.stream_seq - 1, u64::min);
+                if next <= bound {
+                    hole = Hole::Skipped {
+                        first: next,
+                        last: bound,
+                    };
+                    break;
+                }
+            }
             if opts.stop_at.is_some_and(|n| d.stream_seq > n) {
                 break;
             }
@@ -473,13 +503,6 @@ impl<'o> Session<'o> {
                 .split_at
                 .is_some_and(|n| first_seq_before < n && d.stream_seq > n)
             {
-                break;
-            }
-            if d.stream_seq > next {
-                hole = Hole::Skipped {
-                    first: next,
-                    last: d.stream_seq - 1,
-                };
                 break;
             }
             next += 1;

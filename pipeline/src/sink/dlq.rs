@@ -115,9 +115,14 @@ pub struct DeadLetter {
     pub reject: Reject,
 }
 
-/// Header values cannot hold CR/LF; keep them on one line.
+/// Longest header value, in characters: the headers of a dead letter must
+/// leave room for at least part of the original in any payload limit.
+const MAX_HEADER_CHARS: usize = 1024;
+
+/// Header values cannot hold CR/LF; keep them on one line, and short.
 fn one_line(s: &str) -> String {
     s.chars()
+        .take(MAX_HEADER_CHARS)
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
 }

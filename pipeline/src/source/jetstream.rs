@@ -203,14 +203,14 @@ pub async fn stream_identity(
     Ok((info.created.to_rfc3339(), info.state.last_sequence))
 }
 
-/// The stream's first sequence still held: every sequence below it is
-/// gone (retention, a purge).
-pub async fn first_sequence(s: &mut stream::Stream, name: &str) -> Result<u64, SourceError> {
+/// The stream's first sequence still held (every sequence below it is
+/// gone: retention, a purge) and its last sequence.
+pub async fn bounds(s: &mut stream::Stream, name: &str) -> Result<(u64, u64), SourceError> {
     let info = s.info().await.map_err(|e| SourceError::Info {
         stream: name.to_owned(),
         cause: e.to_string(),
     })?;
-    Ok(info.state.first_sequence)
+    Ok((info.state.first_sequence, info.state.last_sequence))
 }
 
 /// Of the sequences `from..=to`, which a consumer passed over: the last
