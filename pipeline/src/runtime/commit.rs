@@ -26,6 +26,9 @@ use crate::store::checkpoint::Checkpoint;
 pub struct ViewLink {
     pub view: &'static str,
     pub from: std::path::PathBuf,
+    /// The stream sequences the file covers.
+    pub first: u64,
+    pub last: u64,
 }
 
 /// What one batch must make durable before its checkpoint.
@@ -97,9 +100,7 @@ fn write_batch(data_dir: &DataDir, out: &BatchOutput) -> Result<(), RuntimeError
         )?;
     }
     for l in &out.links {
-        data_dir
-            .view(l.view)
-            .link(&l.from, out.first, out.checkpoint.last_seq)?;
+        data_dir.view(l.view).link(&l.from, l.first, l.last)?;
     }
     data_dir.commit(&out.checkpoint)?;
     // The batch is durable; merging small files is housekeeping: a failure

@@ -28,7 +28,7 @@ use crate::operator::events;
 use crate::sink::dlq::DlqTarget;
 use crate::sink::{alerts, dlq};
 use crate::source::jetstream as js_source;
-use crate::store::parquet::{ViewFile, read_parquet};
+use crate::store::parquet::read_parquet;
 use crate::store::{DataDir, DataDirLock, handoff};
 
 /// Idle ticks in a row with messages owed to us before the consumer is
@@ -702,18 +702,29 @@ impl<'o> Session<'o> {
             "the stream no longer holds these sequences; reading them from the events archive"
         );
         let archive = DataDir::new(&src.dir);
+        // Small whole files are folded together, up to a batch's size
+        // (larger batches measured slower: less of the writing overlaps
+        // the folding of the next batch).
+        let group = self.opts.batch_size;
         let mut chunk: Vec<Event> = Vec::new();
+        let mut links: Vec<ViewLink> = Vec::new();
         for file in archive.view(events::VIEW).files()? {
             if file.last_seq < from || file.first_seq > to {
                 continue;
             }
             // A file wholly inside the range holds exactly the `events` rows
             // of its sequences: it is linked into the new directory as it
-            // is, not decoded and encoded again.
+            // is, not decoded and encoded again. A batch is linked files
+            // only, or decoded rows only.
             let whole = file.first_seq >= from && file.last_seq <= to;
-            if whole && self.p.checkpoint.last_seq + 1 < file.first_seq {
+            if whole && links.is_empty() && !chunk.is_empty() {
                 let through = file.first_seq - 1;
-                self.commit_archived(std::mem::take(&mut chunk), through, None, stop)
+                self.commit_archived(std::mem::take(&mut chunk), through, Vec::new(), stop)
+                    .await?;
+            }
+            if !whole && let Some(through) = links.last().map(|l| l.last) {
+                let batch = (std::mem::take(&mut chunk), std::mem::take(&mut links));
+                self.commit_archived(batch.0, through, batch.1, stop)
                     .await?;
             }
             for batch in read_parquet(&file.path)? {
@@ -729,38 +740,52 @@ impl<'o> Session<'o> {
                 }
                 if !whole && chunk.len() >= self.opts.batch_size {
                     let through = chunk.last().map_or(from, |e| e.stream_seq);
-                    self.commit_archived(std::mem::take(&mut chunk), through, None, stop)
+                    self.commit_archived(std::mem::take(&mut chunk), through, Vec::new(), stop)
                         .await?;
                 }
             }
             if whole {
-                let through = file.last_seq;
-                self.commit_archived(std::mem::take(&mut chunk), through, Some(file), stop)
-                    .await?;
+                links.push(ViewLink {
+                    view: events::VIEW,
+                    from: file.path,
+                    first: file.first_seq,
+                    last: file.last_seq,
+                });
+                if chunk.len() >= group {
+                    let batch = (std::mem::take(&mut chunk), std::mem::take(&mut links));
+                    self.commit_archived(batch.0, file.last_seq, batch.1, stop)
+                        .await?;
+                }
             }
+        }
+        if let Some(through) = links.last().map(|l| l.last) {
+            let batch = (std::mem::take(&mut chunk), std::mem::take(&mut links));
+            self.commit_archived(batch.0, through, batch.1, stop)
+                .await?;
         }
         for g in &src.gaps {
             if g.last_seq >= from && g.first_seq <= to {
                 self.p.checkpoint.gaps.push(g.clone());
             }
         }
-        self.commit_archived(chunk, to, None, stop).await
+        self.commit_archived(chunk, to, Vec::new(), stop).await
     }
 
     /// One batch of archived events through the processor and the
-    /// committer; with `linked`, the archive file that holds exactly these
-    /// events' rows becomes the new `events` file for its range.
+    /// committer; with `links`, the archive files that hold exactly these
+    /// events' rows become the new `events` files for their ranges.
     async fn commit_archived(
         &mut self,
         chunk: Vec<Event>,
         through: u64,
-        linked: Option<ViewFile>,
+        links: Vec<ViewLink>,
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), RuntimeError> {
         let cpu = Instant::now();
         let first = self.p.checkpoint.last_seq + 1;
-        let duplicates = self.p.process_archived(&chunk, through, linked.is_some());
-        if duplicates > 0 && linked.is_some() {
+        let linked = !links.is_empty();
+        let duplicates = self.p.process_archived(&chunk, through, linked);
+        if duplicates > 0 && linked {
             // The archive's rows would show events this replay drops.
             return Err(RuntimeError::ArchiveDuplicates {
                 first,
@@ -768,13 +793,6 @@ impl<'o> Session<'o> {
                 duplicates,
             });
         }
-        let links = linked
-            .map(|f| ViewLink {
-                view: events::VIEW,
-                from: f.path,
-            })
-            .into_iter()
-            .collect();
         let out = BatchOutput {
             first,
             rows: self.p.take_rows()?,
