@@ -751,7 +751,8 @@ impl<'o> Session<'o> {
                     first: file.first_seq,
                     last: file.last_seq,
                 });
-                if chunk.len() >= group {
+                // Measured in sequences, as a stream batch is.
+                if file.last_seq - self.p.checkpoint.last_seq >= group as u64 {
                     let batch = (std::mem::take(&mut chunk), std::mem::take(&mut links));
                     self.commit_archived(batch.0, file.last_seq, batch.1, stop)
                         .await?;
