@@ -41,6 +41,31 @@ fn gaps(data: &Path) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Purges the event stream, keeping its newest `keep` messages (all of
+/// them gone with `None`); returns its last sequence.
+fn purge(server: &NatsServer, keep: Option<u64>) -> u64 {
+    rt().block_on(async {
+        let js = js(server).await;
+        let mut s = js.get_stream("TALLY_EVENTS").await.unwrap();
+        match keep {
+            Some(n) => s.purge().keep(n).await.unwrap(),
+            None => s.purge().await.unwrap(),
+        };
+        s.info().await.unwrap().state.last_sequence
+    })
+}
+
+/// Deletes single messages from the event stream.
+fn delete(server: &NatsServer, seqs: impl IntoIterator<Item = u64>) {
+    rt().block_on(async {
+        let js = js(server).await;
+        let s = js.get_stream("TALLY_EVENTS").await.unwrap();
+        for seq in seqs {
+            assert!(s.delete_message(seq).await.unwrap(), "message {seq}");
+        }
+    })
+}
+
 /// The stream's last sequence.
 fn stream_last(server: &NatsServer) -> u64 {
     rt().block_on(async {
@@ -81,12 +106,7 @@ fn a_purge_past_the_checkpoint_is_refused_then_recorded_with_accept_gap() {
         &dir.path().join("unused"),
         &dir.path().join("rest.jsonl"),
     );
-    let last = rt().block_on(async {
-        let js = js(&server).await;
-        let mut s = js.get_stream("TALLY_EVENTS").await.unwrap();
-        s.purge().keep(500).await.unwrap();
-        s.info().await.unwrap().state.last_sequence
-    });
+    let last = purge(&server, Some(500));
     let gone_first = first + 1;
     let gone_last = last - 500;
     let err = refused(&server, &data);
@@ -136,12 +156,7 @@ fn a_fresh_directory_on_a_purged_stream_is_refused() {
     let data = dir.path().join("data");
     let file = generated(dir.path(), 5, 2, 12);
     publish_file(&server, &dir.path().join("unused"), &file);
-    let last = rt().block_on(async {
-        let js = js(&server).await;
-        let mut s = js.get_stream("TALLY_EVENTS").await.unwrap();
-        s.purge().keep(100).await.unwrap();
-        s.info().await.unwrap().state.last_sequence
-    });
+    let last = purge(&server, Some(100));
     let err = refused(&server, &data);
     assert!(
         err.contains(&format!("sequences 1..={}", last - 100)),
@@ -158,11 +173,7 @@ fn a_single_deleted_message_is_a_gap_of_one() {
     let data = dir.path().join("data");
     let file = generated(dir.path(), 5, 2, 13);
     publish_file(&server, &dir.path().join("unused"), &file);
-    rt().block_on(async {
-        let js = js(&server).await;
-        let s = js.get_stream("TALLY_EVENTS").await.unwrap();
-        assert!(s.delete_message(200).await.unwrap());
-    });
+    delete(&server, [200]);
     let err = refused(&server, &data);
     assert!(err.contains("sequences 200..=200 (1 messages)"), "{err}");
     assert_eq!(checkpoint(&data)["last_seq"].as_u64().unwrap(), 199);
@@ -200,15 +211,7 @@ fn a_stream_whose_retention_drops_what_a_run_has_not_read_is_refused() {
     );
     // The whole remaining tail purged: nothing is delivered, the gap is
     // still noticed.
-    rt().block_on(async {
-        let js = js(&server).await;
-        js.get_stream("TALLY_EVENTS")
-            .await
-            .unwrap()
-            .purge()
-            .await
-            .unwrap();
-    });
+    purge(&server, None);
     let err = refused(&server, &data);
     assert!(
         err.contains(&format!("sequences {}..=", first + 1)),
@@ -289,12 +292,8 @@ fn replay_reads_what_the_stream_forgot_from_the_archive() {
     let past_views = all_views(&server, &past);
     // The stream forgets: a message in the middle, then everything but the
     // newest 300, then everything.
-    rt().block_on(async {
-        let js = js(&server).await;
-        let s = js.get_stream("TALLY_EVENTS").await.unwrap();
-        assert!(s.delete_message(complete_counts.2 - 100).await.unwrap());
-        s.purge().keep(300).await.unwrap();
-    });
+    delete(&server, [complete_counts.2 - 100]);
+    purge(&server, Some(300));
     replay(&server, &data, &[], 0);
     assert_eq!(
         all_views(&server, &data),
@@ -302,15 +301,7 @@ fn replay_reads_what_the_stream_forgot_from_the_archive() {
         "after a purge with keep"
     );
     assert_eq!(counts(&data), complete_counts);
-    rt().block_on(async {
-        let js = js(&server).await;
-        js.get_stream("TALLY_EVENTS")
-            .await
-            .unwrap()
-            .purge()
-            .await
-            .unwrap();
-    });
+    purge(&server, None);
     replay(&server, &data, &[], 0);
     assert_eq!(
         all_views(&server, &data),
@@ -361,16 +352,7 @@ fn replay_refuses_to_build_views_from_less_history() {
         &dir.path().join("unused"),
         &dir.path().join("rest.jsonl"),
     );
-    rt().block_on(async {
-        let js = js(&server).await;
-        js.get_stream("TALLY_EVENTS")
-            .await
-            .unwrap()
-            .purge()
-            .keep(50)
-            .await
-            .unwrap();
-    });
+    purge(&server, Some(50));
     // The live views stop at `first`; the stream forgot what came after.
     let err = replay(&server, &data, &[], 1);
     assert!(
@@ -462,23 +444,13 @@ fn replay_reads_deletions_at_the_split_and_at_the_tail_from_the_archive() {
     let complete_counts = counts(&clean);
     // The message at the live checkpoint (the replay's split) is gone, and
     // later ones exist.
-    rt().block_on(async {
-        let js = js(&server).await;
-        let s = js.get_stream("TALLY_EVENTS").await.unwrap();
-        assert!(s.delete_message(split).await.unwrap());
-    });
+    delete(&server, [split]);
     replay(&server, &data, &[], 0);
     assert_eq!(all_views(&server, &data), complete, "deleted at the split");
     assert_eq!(counts(&data), complete_counts);
     // The stream's tail is gone too, after the live run processed it.
     let last = stream_last(&server);
-    rt().block_on(async {
-        let js = js(&server).await;
-        let s = js.get_stream("TALLY_EVENTS").await.unwrap();
-        for seq in last - 4..=last {
-            assert!(s.delete_message(seq).await.unwrap());
-        }
-    });
+    delete(&server, last - 4..=last);
     replay(&server, &data, &[], 0);
     assert_eq!(all_views(&server, &data), complete, "deleted at the tail");
     assert_eq!(counts(&data), complete_counts);
