@@ -15,6 +15,7 @@ use crate::commands::publish::{self, PublishError, PublishOptions};
 use crate::commands::status::{self, StatusError};
 use crate::query::{self, ByteSize, OutputFormat, QueryError, QueryOptions, Session};
 use crate::runtime::{self, RunOptions, RuntimeError};
+use crate::serve;
 use crate::source::jetstream::{self as js, SourceConfig, SourceError, connect};
 
 #[derive(Debug, Parser)]
@@ -181,6 +182,48 @@ pub enum Command {
     },
     /// Print the JSON Schema of an event type (or `envelope`); no argument lists them.
     Schema { name: Option<String> },
+    /// Serve the views to psql, drivers, BI tools and Flight SQL clients:
+    /// read-only, with accounts and per-tenant scoping (see README, "Connect your tools").
+    Serve {
+        /// Postgres wire protocol address, or `off`.
+        #[arg(long, env = "TALLY_PG_LISTEN", default_value = serve::DEFAULT_PG_LISTEN)]
+        pg_listen: serve::Listen,
+        /// Arrow Flight SQL address, or `off`.
+        #[arg(long, env = "TALLY_FLIGHT_LISTEN", default_value = serve::DEFAULT_FLIGHT_LISTEN)]
+        flight_listen: serve::Listen,
+        /// HTTP address (/healthz, /metrics), or `off`.
+        #[arg(long, env = "TALLY_HTTP_LISTEN", default_value = serve::DEFAULT_HTTP_LISTEN)]
+        http_listen: serve::Listen,
+        /// The accounts (`tally users` edits it).
+        #[arg(long, env = "TALLY_USERS_FILE", default_value = serve::accounts::DEFAULT_USERS_FILE)]
+        users: PathBuf,
+        /// TLS certificate (PEM) for pgwire and Flight SQL; with --tls-key.
+        #[arg(long, env = "TALLY_TLS_CERT")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM); with --tls-cert.
+        #[arg(long, env = "TALLY_TLS_KEY")]
+        tls_key: Option<PathBuf>,
+        /// Seconds a query may run before it is cancelled.
+        #[arg(long, env = "TALLY_QUERY_TIMEOUT", default_value_t = serve::DEFAULT_QUERY_TIMEOUT_SECS)]
+        query_timeout: u64,
+        /// Open pgwire connections allowed; one more is refused.
+        #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = serve::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// Memory all queries together may hold (bytes, or with K/M/G/T); default a quarter of RAM.
+        #[arg(long, env = "TALLY_MEMORY_LIMIT", default_value_t = query::default_memory_limit())]
+        memory_limit: ByteSize,
+        /// `/healthz` fails when the checkpoint is more than this many seconds behind the stream's last message.
+        #[arg(long, env = "TALLY_STALE_AFTER", default_value_t = serve::DEFAULT_STALE_AFTER_SECS)]
+        stale_after: u64,
+        /// More SQL views, as for `tally sql --queries`.
+        #[arg(long, env = "TALLY_QUERIES_DIR")]
+        queries: Option<PathBuf>,
+    },
+    /// Accounts of `tally serve`: add, remove, list.
+    Users {
+        #[command(subcommand)]
+        action: UsersAction,
+    },
     /// Ingest benchmark: raw JetStream consume rate vs `tally run` on the same stream.
     Bench {
         #[arg(long, default_value_t = 1_000_000)]
@@ -212,8 +255,40 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum UsersAction {
+    /// Create or replace an account. The password comes from TALLY_PASSWORD,
+    /// else one line on stdin; never from the command line.
+    Add {
+        name: String,
+        /// A tenant the account sees (repeat for more).
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+        /// The account sees every tenant.
+        #[arg(long, conflicts_with = "tenants")]
+        all_tenants: bool,
+        #[arg(long, env = "TALLY_USERS_FILE", default_value = serve::accounts::DEFAULT_USERS_FILE)]
+        users: PathBuf,
+    },
+    /// Remove an account; its open sessions end at their next query.
+    Remove {
+        name: String,
+        #[arg(long, env = "TALLY_USERS_FILE", default_value = serve::accounts::DEFAULT_USERS_FILE)]
+        users: PathBuf,
+    },
+    /// List the accounts and what they see.
+    List {
+        #[arg(long, env = "TALLY_USERS_FILE", default_value = serve::accounts::DEFAULT_USERS_FILE)]
+        users: PathBuf,
+    },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    #[error(transparent)]
+    Serve(#[from] serve::ServeError),
+    #[error(transparent)]
+    Accounts(#[from] serve::accounts::AccountsError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
@@ -443,6 +518,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 )),
             };
             let opts = QueryOptions {
+                scope: query::Scope::AllTenants,
                 queries_dir: queries.clone(),
                 memory_limit: *memory_limit,
             };
@@ -554,6 +630,47 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             );
             Ok(())
         }
+        Command::Serve {
+            pg_listen,
+            flight_listen,
+            http_listen,
+            users,
+            tls_cert,
+            tls_key,
+            query_timeout,
+            max_connections,
+            memory_limit,
+            stale_after,
+            queries,
+        } => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                (None, None) => None,
+                _ => return Err(serve::ServeError::TlsHalf.into()),
+            };
+            let opts = serve::ServeOptions {
+                data_dir: cli.data.clone(),
+                queries_dir: queries.clone(),
+                users_file: users.clone(),
+                pg: *pg_listen,
+                flight: *flight_listen,
+                http: *http_listen,
+                tls,
+                query_timeout: Duration::from_secs((*query_timeout).max(1)),
+                max_connections: *max_connections,
+                memory_limit: *memory_limit,
+                stale_after: Duration::from_secs(*stale_after),
+                nats_url: cli.nats.clone(),
+                stream: cli.stream.clone(),
+            };
+            let mut stop = runtime::shutdown_signal();
+            serve::serve(&opts, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await?;
+            Ok(())
+        }
+        Command::Users { action } => crate::commands::users::users(action),
         Command::Status { consumer, json } => {
             let consumer = consumer
                 .clone()

@@ -6,14 +6,20 @@
 //!
 //! - [`cli`]: the `tally` command line (clap); dispatches to the commands.
 //! - [`commands`]: `replay`, `status`, `publish`, `generate`, `schema`,
-//!   `bench`: one file each, on top of the runtime and the query layer.
+//!   `bench`, `users`: one file each, on top of the runtime, the server and
+//!   the query layer.
 //! - [`runtime`]: `tally run`, the thin async shell: [`runtime::session`]
 //!   (consume loop), [`runtime::processor`] (validation, dedup, operators:
 //!   the synchronous core), [`runtime::commit`] (durable, then checkpoint,
 //!   then ack), [`runtime::restore`] (state at start-up),
 //!   [`runtime::signal`].
+//! - [`serve`]: `tally serve`: the views over the Postgres wire protocol
+//!   ([`serve::pg`]), Arrow Flight SQL ([`serve::flight`]) and HTTP
+//!   ([`serve::http`]), with accounts ([`serve::accounts`],
+//!   [`serve::scram`]) and per-tenant scoping, answering from one
+//!   checkpoint per query ([`serve::views`]).
 //! - [`query`]: DataFusion SQL over the views and the `queries/` views,
-//!   read-only.
+//!   read-only, for all tenants or a tenant scope ([`query::Scope`]).
 //! - [`operator`]: synchronous state machines, one file per view, that turn
 //!   accepted events into view rows: [`operator::events`] (the archive),
 //!   [`operator::usage`], [`operator::overages`], [`operator::mrr`],
@@ -46,6 +52,7 @@ pub mod event;
 pub mod operator;
 pub mod query;
 pub mod runtime;
+pub mod serve;
 pub mod sink;
 pub mod source;
 pub mod state;

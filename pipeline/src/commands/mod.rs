@@ -10,3 +10,4 @@ pub mod publish;
 pub mod replay;
 pub mod schema;
 pub mod status;
+pub mod users;

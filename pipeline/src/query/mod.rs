@@ -29,16 +29,21 @@ use std::sync::Arc;
 
 use arrow::array::{RecordBatch, TimestampMicrosecondArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::TableProvider;
+use datafusion::catalog::view::ViewTable;
 use datafusion::common::tree_node::{TreeNodeRecursion, TreeNodeVisitor};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
+use datafusion::datasource::provider_as_source;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::{SessionConfig, SessionContext};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::logical_expr::LogicalPlanBuilder;
+use datafusion::prelude::{col, lit};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Visit, Visitor};
 use datafusion::sql::sqlparser::parser::ParserError;
@@ -120,7 +125,7 @@ pub enum QueryError {
         cause: DataFusionError,
     },
     #[error(
-        "refused: tally sql is read-only ({refused} is not allowed). Only queries over the views are: SELECT, WITH, EXPLAIN, SHOW, DESCRIBE. To load other data, use DataFusion directly"
+        "refused: the views are read-only ({refused} is not allowed). Only queries over the views are: SELECT, WITH, EXPLAIN, SHOW, DESCRIBE. To load other data, use DataFusion directly"
     )]
     ReadOnly { refused: String },
     #[error(
@@ -158,6 +163,38 @@ pub struct QueryOptions {
     pub queries_dir: Option<PathBuf>,
     /// Bytes the query operators may hold (DataFusion memory pool).
     pub memory_limit: ByteSize,
+    /// Which tenants' rows the stored views hold for this session.
+    pub scope: Scope,
+}
+
+/// The world a session sees. A scoped session's stored views (and their
+/// hidden version tables) hold only the rows of its tenants: each is
+/// registered as a plan over the checkpoint's files with a `tenant IN (...)`
+/// filter, and the unfiltered files are not registered under any name, so
+/// no SQL can reach another tenant's rows; the `queries/` views are then
+/// computed over the scoped views.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum Scope {
+    #[default]
+    AllTenants,
+    /// Sorted and without duplicates.
+    Tenants(Vec<String>),
+}
+
+impl Scope {
+    pub fn tenants(mut tenants: Vec<String>) -> Scope {
+        tenants.sort();
+        tenants.dedup();
+        Scope::Tenants(tenants)
+    }
+
+    /// Whether rows of `tenant` are visible.
+    pub fn sees(&self, tenant: &str) -> bool {
+        match self {
+            Scope::AllTenants => true,
+            Scope::Tenants(t) => t.binary_search_by(|x| x.as_str().cmp(tenant)).is_ok(),
+        }
+    }
 }
 
 /// A DataFusion session over one checkpoint of a data directory.
@@ -205,7 +242,9 @@ impl Session {
         Session::open_with(data_dir, opts, runtime).await
     }
 
-    async fn open_with(
+    /// [`Session::open`] with a runtime (and so a memory pool) shared with
+    /// other sessions, as `tally serve` shares one among all its queries.
+    pub async fn open_with(
         data_dir: &Path,
         opts: &QueryOptions,
         runtime: Arc<RuntimeEnv>,
@@ -259,28 +298,51 @@ async fn open_at(
     opts: &QueryOptions,
     runtime: Arc<RuntimeEnv>,
 ) -> Result<(SessionContext, Vec<Replaced>), OpenError> {
-    let config = SessionConfig::new().with_information_schema(true);
+    // The catalog is named like the database clients connect to.
+    let config = SessionConfig::new()
+        .with_information_schema(true)
+        .with_default_catalog_and_schema(CATALOG, "public");
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     let settings = &checkpoint.settings;
     register_clock(&ctx, checkpoint, settings)?;
     register_gaps(&ctx, checkpoint)?;
-    let ops = operator::registry(settings);
-    let mut stored = Vec::with_capacity(ops.len());
-    for op in &ops {
-        let view = op.view();
+    // What each operator stores, taken before any await: operators are not
+    // `Sync`, and a session opens inside `Send` futures (`tally serve`).
+    let stores: Vec<(&'static str, Storage, SchemaRef)> = operator::registry(settings)
+        .iter()
+        .map(|op| (op.view(), op.storage(), op.schema()))
+        .collect();
+    let mut stored = Vec::with_capacity(stores.len());
+    for (view, storage, schema) in stores {
         stored.push(view);
         let upto = checkpoint.last_seq;
-        match op.storage() {
-            Storage::Append => register_files(&ctx, data_dir, upto, view, view, op.schema())?,
+        match storage {
+            Storage::Append => register_files(
+                &ctx,
+                data_dir,
+                upto,
+                view,
+                view,
+                Arc::clone(&schema),
+                &opts.scope,
+            )?,
             storage @ Storage::Versioned {
                 key,
                 final_column,
                 deleted_column,
                 ..
             } => {
-                let columns = storage.public_columns(&op.schema()).join(", ");
+                let columns = storage.public_columns(&schema).join(", ");
                 let versions = format!("_{view}_versions");
-                register_files(&ctx, data_dir, upto, view, &versions, op.schema())?;
+                register_files(
+                    &ctx,
+                    data_dir,
+                    upto,
+                    view,
+                    &versions,
+                    Arc::clone(&schema),
+                    &opts.scope,
+                )?;
                 let is_final = final_column
                     .map(|c| format!(", COALESCE({c} <= (SELECT final_before FROM {CLOCK_TABLE}), false) AS is_final"))
                     .unwrap_or_default();
@@ -304,6 +366,10 @@ async fn open_at(
     views::register(&ctx, &sql_views).await?;
     Ok((ctx, replaced))
 }
+
+/// The catalog the views are in: `tally.public.usage`, the database that
+/// Postgres clients name.
+pub const CATALOG: &str = "tally";
 
 /// One-row table: the checkpoint the session reads (`checkpoint_seq`, the
 /// last stream sequence every answer covers), the stream clock and the
@@ -392,7 +458,7 @@ fn register_gaps(ctx: &SessionContext, cp: &Checkpoint) -> Result<(), QueryError
 }
 
 /// Registers the files of `view` that the checkpoint at `upto` covers as
-/// table `name`.
+/// table `name`, holding only the rows `scope` sees.
 fn register_files(
     ctx: &SessionContext,
     data_dir: &Path,
@@ -400,6 +466,7 @@ fn register_files(
     view: &str,
     name: &str,
     schema: SchemaRef,
+    scope: &Scope,
 ) -> Result<(), OpenError> {
     let listed = ViewDir::new(data_dir, view).files()?;
     if let Some(f) = listed
@@ -419,7 +486,8 @@ fn register_files(
     };
     if files.is_empty() {
         let table = MemTable::try_new(Arc::clone(&schema), vec![vec![]]).map_err(reg)?;
-        ctx.register_table(name, Arc::new(table)).map_err(reg)?;
+        ctx.register_table(name, scoped(name, Arc::new(table), scope).map_err(reg)?)
+            .map_err(reg)?;
         return Ok(());
     }
     let mut urls = Vec::with_capacity(files.len());
@@ -435,9 +503,27 @@ fn register_files(
         .with_listing_options(options)
         .with_schema(schema);
     let table = ListingTable::try_new(config).map_err(reg)?;
-    ctx.register_table(name, Arc::new(table::CheckpointFiles::new(table, paths)))
+    let table = Arc::new(table::CheckpointFiles::new(table, paths));
+    ctx.register_table(name, scoped(name, table, scope).map_err(reg)?)
         .map_err(reg)?;
     Ok(())
+}
+
+/// `table` as `scope` sees it: itself for all tenants, else a view whose
+/// plan reads it directly (not by name) and keeps the scope's tenants.
+fn scoped(
+    name: &str,
+    table: Arc<dyn TableProvider>,
+    scope: &Scope,
+) -> Result<Arc<dyn TableProvider>, DataFusionError> {
+    let Scope::Tenants(tenants) = scope else {
+        return Ok(table);
+    };
+    let keep = col("tenant").in_list(tenants.iter().map(|t| lit(t.as_str())).collect(), false);
+    let plan = LogicalPlanBuilder::scan(name, provider_as_source(table), None)?
+        .filter(keep)?
+        .build()?;
+    Ok(Arc::new(ViewTable::new(plan, None)))
 }
 
 /// Finds the first plan node that would change something.
@@ -500,6 +586,29 @@ fn check_statement(stmt: &DFStatement) -> Result<(), QueryError> {
     };
     match stmt {
         DFStatement::Statement(s) => {
+            use datafusion::sql::sqlparser::ast::Statement as S;
+            // Only reads get as far as the planner: a write can fail to
+            // plan for reasons of its own, and must be refused as a write.
+            let reads = matches!(
+                **s,
+                S::Query(_)
+                    | S::Explain { .. }
+                    | S::ExplainTable { .. }
+                    | S::ShowTables { .. }
+                    | S::ShowColumns { .. }
+                    | S::ShowVariable { .. }
+                    | S::ShowFunctions { .. }
+                    | S::ShowViews { .. }
+                    | S::ShowSchemas { .. }
+                    | S::ShowDatabases { .. }
+                    | S::ShowCatalogs { .. }
+                    | S::ShowCreate { .. }
+            );
+            if !reads {
+                let text = s.to_string();
+                let verb: Vec<&str> = text.split_whitespace().take(2).collect();
+                return refused(&verb.join(" "));
+            }
             if s.visit(&mut DepthGuard::default()).is_break() {
                 return Err(QueryError::ExpressionTooDeep);
             }
@@ -510,6 +619,45 @@ fn check_statement(stmt: &DFStatement) -> Result<(), QueryError> {
         DFStatement::CopyTo(_) => refused("COPY"),
         DFStatement::Reset(_) => refused("the statement RESET"),
     }
+}
+
+/// Plans one parsed statement, refusing what [`plan_read_only`] refuses.
+pub async fn plan_statement(
+    ctx: &SessionContext,
+    statement: datafusion::sql::sqlparser::ast::Statement,
+) -> Result<LogicalPlan, QueryError> {
+    let statement = DFStatement::Statement(Box::new(statement));
+    check_statement(&statement)?;
+    let plan = ctx
+        .state()
+        .statement_to_plan(statement)
+        .await
+        .map_err(|e| classify(e, 0))?;
+    refuse_writes(&plan)?;
+    Ok(plan)
+}
+
+fn refuse_writes(plan: &LogicalPlan) -> Result<(), QueryError> {
+    let mut guard = ReadOnlyGuard { refused: None };
+    plan.visit_with_subqueries(&mut guard)
+        .map_err(QueryError::Execute)?;
+    match guard.refused {
+        Some(refused) => Err(QueryError::ReadOnly { refused }),
+        None => Ok(()),
+    }
+}
+
+/// Executes a plan from [`plan_statement`] and collects its rows.
+pub async fn execute_plan(
+    ctx: &SessionContext,
+    plan: LogicalPlan,
+    memory_limit: ByteSize,
+) -> Result<Vec<RecordBatch>, QueryError> {
+    let df = ctx
+        .execute_logical_plan(plan)
+        .await
+        .map_err(|e| classify(e, memory_limit.0))?;
+    df.collect().await.map_err(|e| classify(e, memory_limit.0))
 }
 
 /// Parses and plans `sql`, refusing plans that write, define or set
@@ -526,13 +674,8 @@ async fn plan_read_only(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, 
         .statement_to_plan(statement)
         .await
         .map_err(|e| classify(e, 0))?;
-    let mut guard = ReadOnlyGuard { refused: None };
-    plan.visit_with_subqueries(&mut guard)
-        .map_err(QueryError::Execute)?;
-    match guard.refused {
-        Some(refused) => Err(QueryError::ReadOnly { refused }),
-        None => Ok(plan),
-    }
+    refuse_writes(&plan)?;
+    Ok(plan)
 }
 
 /// Runs one read-only statement on `ctx` and collects its rows (no retry;
@@ -543,11 +686,7 @@ pub async fn run(
     memory_limit: ByteSize,
 ) -> Result<Vec<RecordBatch>, QueryError> {
     let plan = plan_read_only(ctx, sql).await?;
-    let df = ctx
-        .execute_logical_plan(plan)
-        .await
-        .map_err(|e| classify(e, memory_limit.0))?;
-    df.collect().await.map_err(|e| classify(e, memory_limit.0))
+    execute_plan(ctx, plan, memory_limit).await
 }
 
 /// Runs `work` (opening a session, running queries) on a runtime of its
@@ -632,6 +771,7 @@ mod tests {
 
     fn opts() -> QueryOptions {
         QueryOptions {
+            scope: Scope::AllTenants,
             queries_dir: None,
             memory_limit: ByteSize(256 << 20),
         }
@@ -854,6 +994,7 @@ mod tests {
         let dir = data_dir(2000);
         write_events(dir.path(), 1, 2000);
         let small = QueryOptions {
+            scope: Scope::AllTenants,
             memory_limit: ByteSize(4 << 20),
             ..opts()
         };

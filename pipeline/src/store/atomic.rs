@@ -22,7 +22,12 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// itself durable (an fsync of the directory).
 pub fn rename_into_place(tmp: &Path, path: &Path) -> std::io::Result<()> {
     std::fs::rename(tmp, path)?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    // A bare file name's parent is "", which is the current directory.
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    sync_dir(dir)
 }
 
 /// fsync of a directory, so that renames and removals inside it survive a

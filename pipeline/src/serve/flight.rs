@@ -1,0 +1,589 @@
+//! The Arrow Flight SQL front of `tally serve` (arrow-flight on tonic).
+//!
+//! The handshake takes HTTP Basic credentials (what ADBC and
+//! `pyarrow.flight` send) and answers with a bearer token that later calls
+//! carry; Basic on a later call works too. Every call resolves its account
+//! again, so a removed account's token stops working at once. Queries
+//! (`CommandStatementQuery`, prepared statements) run through the same
+//! [`super::views::Views`] as pgwire, for the account's scope, and return
+//! the views' Arrow types unchanged. Catalog calls (`GetCatalogs`,
+//! `GetDbSchemas`, `GetTables` with schemas, `GetTableTypes`,
+//! `GetSqlInfo`) describe the views the account sees, which is what ADBC's
+//! `get_objects` and `get_table_schema` read.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arrow::datatypes::Schema;
+use arrow::ipc::writer::IpcWriteOptions;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::flight_service_server::FlightServiceServer;
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
+use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::sql::{
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
+    ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetDbSchemas,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
+    CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
+};
+use arrow_flight::{
+    Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
+    IpcMessage, SchemaAsIpc, Ticket,
+};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use datafusion::sql::sqlparser::ast::Statement;
+use futures::{Stream, TryStreamExt};
+use prost::Message;
+use tokio::net::TcpListener;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Shared;
+use super::metrics::Protocol;
+use super::pg::sqlstate;
+use super::views::Answer;
+use crate::query::{QueryError, Scope};
+
+/// The catalog and schema every view is in (as on pgwire).
+pub const CATALOG: &str = "tally";
+pub const SCHEMA: &str = "public";
+
+type DoGetStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send>>;
+
+pub struct TallyFlight {
+    shared: Arc<Shared>,
+    /// Bearer token -> user, for the life of the server.
+    tokens: Mutex<HashMap<String, String>>,
+    sql_info: SqlInfoData,
+}
+
+fn status_of(e: &QueryError) -> Status {
+    let message = format!("{e} (SQLSTATE {})", sqlstate(e));
+    match e {
+        QueryError::ReadOnly { .. } => Status::permission_denied(message),
+        QueryError::MemoryLimit { .. } => Status::resource_exhausted(message),
+        QueryError::FileGone { .. } | QueryError::Unsettled { .. } => Status::aborted(message),
+        QueryError::NoViews { .. } => Status::failed_precondition(message),
+        QueryError::Execute(_) | QueryError::TooDeep { .. } | QueryError::ExpressionTooDeep => {
+            Status::invalid_argument(message)
+        }
+        _ => Status::internal(message),
+    }
+}
+
+impl TallyFlight {
+    fn new(shared: Arc<Shared>) -> Result<TallyFlight, Status> {
+        let mut b = SqlInfoDataBuilder::new();
+        b.append(SqlInfo::FlightSqlServerName, "Tally");
+        b.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+        b.append(SqlInfo::FlightSqlServerArrowVersion, "1.3");
+        b.append(SqlInfo::FlightSqlServerReadOnly, true);
+        b.append(SqlInfo::FlightSqlServerSql, true);
+        b.append(SqlInfo::FlightSqlServerSubstrait, false);
+        b.append(SqlInfo::FlightSqlServerTransaction, 0i32);
+        b.append(SqlInfo::FlightSqlServerCancel, false);
+        b.append(SqlInfo::SqlDdlCatalog, false);
+        b.append(SqlInfo::SqlDdlSchema, false);
+        b.append(SqlInfo::SqlDdlTable, false);
+        b.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
+        let sql_info = b.build().map_err(|e| Status::internal(e.to_string()))?;
+        Ok(TallyFlight {
+            shared,
+            tokens: Mutex::new(HashMap::new()),
+            sql_info,
+        })
+    }
+
+    /// The account scope of a call: its bearer token, or Basic credentials.
+    fn scope<T>(&self, req: &Request<T>) -> Result<Scope, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "no credentials: connect with a user and password (HTTP Basic in the handshake)",
+                )
+            })?;
+        let user = if let Some(token) = header.strip_prefix("Bearer ") {
+            self.tokens
+                .lock()
+                .ok()
+                .and_then(|t| t.get(token.trim()).cloned())
+                .ok_or_else(|| Status::unauthenticated("unknown or expired token: log in again"))?
+        } else if let Some(basic) = header.strip_prefix("Basic ") {
+            let (user, password) = decode_basic(basic)?;
+            self.shared
+                .login(&user, &password)
+                .ok_or_else(|| Status::unauthenticated("password authentication failed"))?;
+            user
+        } else {
+            return Err(Status::unauthenticated(
+                "authorization must be Basic or Bearer",
+            ));
+        };
+        self.shared
+            .accounts
+            .account(&user)
+            .map(|a| a.scope())
+            .ok_or_else(|| Status::unauthenticated(format!("account {user} was removed")))
+    }
+
+    async fn statement(&self, sql: &str) -> Result<Statement, Status> {
+        let mut statements =
+            datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser::new()
+                .parse(sql)
+                .map_err(|e| {
+                    Status::invalid_argument(format!("syntax error: {e} (SQLSTATE 42601)"))
+                })?;
+        if statements.len() != 1 {
+            return Err(Status::invalid_argument(
+                "give exactly one SQL statement per query",
+            ));
+        }
+        Ok(statements.remove(0))
+    }
+
+    /// The result schema of `sql` for `scope`, planned on the latest
+    /// checkpoint.
+    async fn plan_schema(&self, scope: &Scope, sql: &str) -> Result<Schema, Status> {
+        let statement = self.statement(sql).await?;
+        let snapshot = self
+            .shared
+            .views
+            .current(scope)
+            .await
+            .map_err(|e| status_of(&e))?;
+        let plan = crate::query::plan_statement(&snapshot.ctx, statement)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(plan.schema().as_arrow().clone())
+    }
+
+    async fn run(&self, scope: &Scope, sql: &str) -> Result<Answer, Status> {
+        let statement = self.statement(sql).await?;
+        let metrics = &self.shared.metrics;
+        let _running = metrics.running();
+        let started = Instant::now();
+        let timeout = self.shared.query_timeout;
+        let result =
+            tokio::time::timeout(timeout, self.shared.views.run(scope, &statement, Ok)).await;
+        metrics.observe(Protocol::Flight, started.elapsed());
+        match result {
+            Ok(Ok(a)) => {
+                metrics.served(Protocol::Flight);
+                Ok(a)
+            }
+            Ok(Err(e)) => {
+                metrics.failed(Protocol::Flight);
+                Err(status_of(&e))
+            }
+            Err(_) => {
+                metrics.failed(Protocol::Flight);
+                Err(Status::deadline_exceeded(format!(
+                    "the query ran longer than --query-timeout ({} s); narrow it or raise the timeout",
+                    timeout.as_secs()
+                )))
+            }
+        }
+    }
+
+    fn stream(answer: Answer) -> Response<DoGetStream> {
+        let batches = answer.batches.into_iter().map(Ok);
+        let stream = FlightDataEncoderBuilder::new()
+            .with_schema(answer.schema)
+            .build(futures::stream::iter(batches))
+            .map_err(Status::from);
+        Response::new(Box::pin(stream))
+    }
+
+    fn info(
+        schema: &Schema,
+        ticket: Vec<u8>,
+        descriptor: FlightDescriptor,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket));
+        let info = FlightInfo::new()
+            .try_with_schema(schema)
+            .map_err(|e| Status::internal(format!("cannot encode the schema: {e}")))?
+            .with_endpoint(endpoint)
+            .with_descriptor(descriptor);
+        Ok(Response::new(info))
+    }
+
+    /// The views `scope` sees, with their schemas, sorted by name.
+    async fn tables(&self, scope: &Scope) -> Result<Vec<(String, Arc<Schema>)>, Status> {
+        let snapshot = self
+            .shared
+            .views
+            .current(scope)
+            .await
+            .map_err(|e| status_of(&e))?;
+        let Some(schema) = snapshot.ctx.catalog(CATALOG).and_then(|c| c.schema(SCHEMA)) else {
+            return Ok(vec![]);
+        };
+        let mut names = schema.table_names();
+        names.retain(|n| !n.starts_with('_') || n.starts_with("_tally"));
+        names.sort();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if let Ok(Some(t)) = schema.table(&name).await {
+                out.push((name, t.schema()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Base64 with or without padding: Go's Flight client (ADBC) pads none.
+pub const LENIENT_B64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+fn decode_basic(basic: &str) -> Result<(String, String), Status> {
+    let bytes = LENIENT_B64
+        .decode(basic.trim())
+        .map_err(|_| Status::unauthenticated("Basic credentials are not base64"))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Status::unauthenticated("Basic credentials are not UTF-8"))?;
+    let (user, password) = text
+        .split_once(':')
+        .ok_or_else(|| Status::unauthenticated("Basic credentials are not user:password"))?;
+    Ok((user.to_owned(), password.to_owned()))
+}
+
+fn encode_schema(schema: &Schema) -> Result<bytes::Bytes, Status> {
+    let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
+        .try_into()
+        .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;
+    Ok(bytes)
+}
+
+fn once_batch(
+    schema: arrow::datatypes::SchemaRef,
+    batch: Result<arrow::array::RecordBatch, arrow_flight::error::FlightError>,
+) -> Response<DoGetStream> {
+    let stream = FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .build(futures::stream::once(async move { batch }))
+        .map_err(Status::from);
+    Response::new(Box::pin(stream))
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for TallyFlight {
+    type FlightService = TallyFlight;
+
+    async fn do_handshake(
+        &self,
+        request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<
+        Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>,
+        Status,
+    > {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|h| h.strip_prefix("Basic "))
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "the handshake needs HTTP Basic credentials (user and password)",
+                )
+            })?;
+        let (user, password) = decode_basic(header)?;
+        if self.shared.login(&user, &password).is_none() {
+            return Err(Status::unauthenticated(format!(
+                "password authentication failed for user \"{user}\""
+            )));
+        }
+        let mut raw = [0u8; 32];
+        getrandom::fill(&mut raw).map_err(|e| Status::internal(e.to_string()))?;
+        let token = B64.encode(raw);
+        if let Ok(mut t) = self.tokens.lock() {
+            t.insert(token.clone(), user);
+        }
+        let out = futures::stream::iter(vec![Ok(HandshakeResponse {
+            protocol_version: 0,
+            payload: token.clone().into(),
+        })]);
+        let mut response: Response<Pin<Box<dyn Stream<Item = _> + Send>>> =
+            Response::new(Box::pin(out));
+        let value = MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        response.metadata_mut().insert("authorization", value);
+        Ok(response)
+    }
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let scope = self.scope(&request)?;
+        let schema = self.plan_schema(&scope, &query.query).await?;
+        let ticket = TicketStatementQuery {
+            statement_handle: query.query.into_bytes().into(),
+        };
+        TallyFlight::info(
+            &schema,
+            ticket.as_any().encode_to_vec(),
+            request.into_inner(),
+        )
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let scope = self.scope(&request)?;
+        let sql = String::from_utf8(ticket.statement_handle.to_vec())
+            .map_err(|_| Status::invalid_argument("the ticket is not a query"))?;
+        Ok(TallyFlight::stream(self.run(&scope, &sql).await?))
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let scope = self.scope(&request)?;
+        let schema = self.plan_schema(&scope, &query.query).await?;
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: query.query.into_bytes().into(),
+            dataset_schema: encode_schema(&schema)?,
+            parameter_schema: encode_schema(&Schema::empty())?,
+        })
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        _query: ActionClosePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<(), Status> {
+        self.scope(&request)?;
+        Ok(())
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        cmd: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let scope = self.scope(&request)?;
+        let sql = String::from_utf8(cmd.prepared_statement_handle.to_vec())
+            .map_err(|_| Status::invalid_argument("the handle is not a query"))?;
+        let schema = self.plan_schema(&scope, &sql).await?;
+        TallyFlight::info(&schema, cmd.as_any().encode_to_vec(), request.into_inner())
+    }
+
+    async fn do_get_prepared_statement(
+        &self,
+        cmd: CommandPreparedStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let scope = self.scope(&request)?;
+        let sql = String::from_utf8(cmd.prepared_statement_handle.to_vec())
+            .map_err(|_| Status::invalid_argument("the handle is not a query"))?;
+        Ok(TallyFlight::stream(self.run(&scope, &sql).await?))
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.scope(&request)?;
+        let schema = query.into_builder().schema();
+        TallyFlight::info(
+            &schema,
+            query.as_any().encode_to_vec(),
+            request.into_inner(),
+        )
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.scope(&request)?;
+        let mut b = query.into_builder();
+        b.append(CATALOG);
+        let schema = b.schema();
+        Ok(once_batch(schema, b.build()))
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.scope(&request)?;
+        let schema = query.clone().into_builder().schema();
+        TallyFlight::info(
+            &schema,
+            query.as_any().encode_to_vec(),
+            request.into_inner(),
+        )
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.scope(&request)?;
+        let mut b = query.into_builder();
+        b.append(CATALOG, SCHEMA);
+        let schema = b.schema();
+        Ok(once_batch(schema, b.build()))
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.scope(&request)?;
+        let schema = query.clone().into_builder().schema();
+        TallyFlight::info(
+            &schema,
+            query.as_any().encode_to_vec(),
+            request.into_inner(),
+        )
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let scope = self.scope(&request)?;
+        let tables = self.tables(&scope).await?;
+        let mut b = query.into_builder();
+        for (name, schema) in &tables {
+            b.append(CATALOG, SCHEMA, name, "VIEW", schema)
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        let schema = b.schema();
+        Ok(once_batch(schema, b.build()))
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.scope(&request)?;
+        let schema = query.into_builder().schema();
+        TallyFlight::info(
+            &schema,
+            query.as_any().encode_to_vec(),
+            request.into_inner(),
+        )
+    }
+
+    async fn do_get_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.scope(&request)?;
+        let mut b = query.into_builder();
+        b.append("VIEW");
+        let schema = b.schema();
+        Ok(once_batch(schema, b.build()))
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.scope(&request)?;
+        let schema = query.clone().into_builder(&self.sql_info).schema();
+        TallyFlight::info(
+            &schema,
+            query.as_any().encode_to_vec(),
+            request.into_inner(),
+        )
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.scope(&request)?;
+        let b = query.into_builder(&self.sql_info);
+        let schema = b.schema();
+        Ok(once_batch(schema, b.build()))
+    }
+
+    async fn do_get_fallback(
+        &self,
+        _request: Request<Ticket>,
+        message: Any,
+    ) -> Result<Response<DoGetStream>, Status> {
+        Err(Status::unimplemented(format!(
+            "tally serve does not answer {}; it answers queries and catalog calls",
+            message.type_url
+        )))
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+/// Serves Flight SQL on `listener` until `stopped`.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    stopped: impl std::future::Future<Output = ()>,
+) -> Result<(), super::ServeError> {
+    let service = TallyFlight::new(shared).map_err(|e| super::ServeError::Flight(e.to_string()))?;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| super::ServeError::Tls {
+                cert: cert.clone(),
+                key: key.clone(),
+                cause: format!("{}: {e}", p.display()),
+            })
+        };
+        let identity = tonic::transport::Identity::from_pem(read(&cert)?, read(&key)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| super::ServeError::Tls {
+                cert: cert.clone(),
+                key: key.clone(),
+                cause: e.to_string(),
+            })?;
+    }
+    let incoming = tokio_stream_listener(listener);
+    builder
+        .add_service(FlightServiceServer::new(service))
+        .serve_with_incoming_shutdown(incoming, stopped)
+        .await
+        .map_err(|e| super::ServeError::Flight(e.to_string()))
+}
+
+/// The accepted connections of `listener` as a stream, for tonic.
+fn tokio_stream_listener(
+    listener: TcpListener,
+) -> impl Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
+    futures::stream::unfold(listener, |l| async move {
+        let next = l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        });
+        Some((next, l))
+    })
+}

@@ -1,0 +1,191 @@
+//! The HTTP listener of `tally serve` (axum): `/healthz`, open to all, and
+//! `/metrics` (Prometheus text), behind HTTP Basic with an account that
+//! sees all tenants, since the pipeline's counts cover every tenant.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine;
+use tokio::net::TcpListener;
+
+use super::{ServeError, Shared};
+use crate::query::Scope;
+use crate::store::checkpoint::Checkpoint;
+
+/// How long `/healthz` and `/metrics` wait for NATS.
+const NATS_WAIT: Duration = Duration::from_secs(2);
+
+struct Http {
+    shared: Arc<Shared>,
+    /// Connected on first use and kept (async-nats reconnects by itself).
+    nats: tokio::sync::Mutex<Option<async_nats::Client>>,
+}
+
+/// The stream's last sequence and the time of its last message (µs), if
+/// NATS answers in time.
+async fn stream_state(http: &Http) -> Result<(u64, i64), String> {
+    let shared = &http.shared;
+    let mut nats = http.nats.lock().await;
+    if nats.is_none() {
+        let c = tokio::time::timeout(
+            NATS_WAIT,
+            crate::source::jetstream::connect(&shared.nats_url),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "NATS at {} did not answer within {} s",
+                shared.nats_url,
+                NATS_WAIT.as_secs()
+            )
+        })?
+        .map_err(|e| e.to_string())?;
+        *nats = Some(c);
+    }
+    let Some(client) = nats.as_ref() else {
+        return Err("not connected to NATS".into());
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    let info = tokio::time::timeout(NATS_WAIT, async {
+        let mut stream = js
+            .get_stream(&shared.stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.info().await.cloned().map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|_| {
+        format!(
+            "NATS at {} did not answer within {} s",
+            shared.nats_url,
+            NATS_WAIT.as_secs()
+        )
+    })?
+    .map_err(|e| format!("cannot read stream {}: {e}", shared.stream))?;
+    let last_us = info.state.last_timestamp.timestamp_micros();
+    Ok((info.state.last_sequence, last_us))
+}
+
+async fn healthz(State(http): State<Arc<Http>>) -> Response {
+    let shared = &http.shared;
+    if let Err(e) = shared.views.current(&Scope::AllTenants).await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("views cannot be read: {e}\n"),
+        )
+            .into_response();
+    }
+    let checkpoint = match Checkpoint::load(shared.views.data_dir()) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "no checkpoint yet\n").into_response();
+        }
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("checkpoint cannot be read: {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    match stream_state(&http).await {
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot compare the checkpoint with the stream: {e}\n"),
+        )
+            .into_response(),
+        Ok((last_seq, last_us)) => {
+            let behind_us = if last_seq > checkpoint.last_seq {
+                last_us.saturating_sub(checkpoint.stream_now_us.unwrap_or(0))
+            } else {
+                0
+            };
+            let stale = shared.stale_after.as_micros() as i64;
+            if behind_us > stale {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "stale: the checkpoint (sequence {}) is {} s behind the stream's last message (sequence {last_seq}); more than --stale-after {} s. Is `tally run` running?\n",
+                        checkpoint.last_seq,
+                        behind_us / 1_000_000,
+                        shared.stale_after.as_secs()
+                    ),
+                )
+                    .into_response()
+            } else {
+                (StatusCode::OK, "ok\n").into_response()
+            }
+        }
+    }
+}
+
+/// The account of a Basic `Authorization` header, if the password is right.
+fn basic_account(shared: &Shared, headers: &HeaderMap) -> Option<super::accounts::Account> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?;
+    let decoded =
+        String::from_utf8(super::flight::LENIENT_B64.decode(encoded.trim()).ok()?).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    shared.login(user, password)
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(
+            header::WWW_AUTHENTICATE,
+            "Basic realm=\"tally\", charset=\"UTF-8\"",
+        )],
+        "log in with a tally account (HTTP Basic)\n",
+    )
+        .into_response()
+}
+
+async fn metrics(State(http): State<Arc<Http>>, headers: HeaderMap) -> Response {
+    let shared = &http.shared;
+    let Some(account) = basic_account(shared, &headers) else {
+        return unauthorized();
+    };
+    if account.scope() != Scope::AllTenants {
+        return (
+            StatusCode::FORBIDDEN,
+            "the metrics cover every tenant: log in with an account made with --all-tenants\n",
+        )
+            .into_response();
+    }
+    let checkpoint = Checkpoint::load(shared.views.data_dir()).ok().flatten();
+    let last_seq = stream_state(&http).await.ok().map(|(s, _)| s);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shared.metrics.render(checkpoint.as_ref(), last_seq),
+    )
+        .into_response()
+}
+
+/// Serves HTTP on `listener` until `stopped`.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let state = Arc::new(Http {
+        shared,
+        nats: tokio::sync::Mutex::new(None),
+    });
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stopped)
+        .await
+        .map_err(ServeError::Http)
+}
