@@ -10,6 +10,7 @@ mod harness;
 mod history;
 mod metrics;
 mod probes;
+mod serve;
 mod sql;
 
 use std::io::Write;

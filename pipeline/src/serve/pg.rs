@@ -608,10 +608,38 @@ pub struct Parser {
     sql: PostgresCompatibilityParser,
 }
 
+/// The subquery with which Grafana's Postgres datasource lists the schemas
+/// on the `search_path` (its table list and column browser use it). It
+/// reads a table function DataFusion lacks; the search path is always
+/// `public` here, so it becomes that.
+const GRAFANA_SEARCH_PATH: &str = "SELECT CASE WHEN trim(s[i]) = '\"$user\"' THEN user ELSE trim(s[i]) END FROM generate_series( array_lower(string_to_array(current_setting('search_path'),','),1), array_upper(string_to_array(current_setting('search_path'),','),1) ) as i, string_to_array(current_setting('search_path'),',') s";
+
+fn collapse_whitespace(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `sql` with Grafana's search-path subquery answered (see
+/// [`GRAFANA_SEARCH_PATH`]).
+pub fn known_client_rewrites(sql: &str) -> std::borrow::Cow<'_, str> {
+    if !sql.contains("string_to_array(current_setting('search_path')") {
+        return std::borrow::Cow::Borrowed(sql);
+    }
+    let pattern = collapse_whitespace(GRAFANA_SEARCH_PATH)
+        .replace("( ", "(")
+        .replace(" )", ")");
+    let text = collapse_whitespace(sql).replace("( ", "(").replace(" )", ")");
+    if text.contains(&pattern) {
+        std::borrow::Cow::Owned(text.replace(&pattern, "SELECT 'public'"))
+    } else {
+        std::borrow::Cow::Borrowed(sql)
+    }
+}
+
 impl Parser {
     fn parse_all(&self, sql: &str) -> PgWireResult<Vec<Statement>> {
+        let sql = known_client_rewrites(sql);
         self.sql
-            .parse(sql)
+            .parse(&sql)
             .map_err(|e| user_error("42601", format!("syntax error: {e}")))
     }
 }
@@ -1141,6 +1169,14 @@ mod tests {
                 .unwrap()
                 .remove(0),
         )
+    }
+
+    #[test]
+    fn grafanas_search_path_subquery_becomes_public() {
+        let grafana = "SELECT quote_ident(column_name) FROM information_schema.columns WHERE quote_ident(table_schema) IN (\n  SELECT\n    CASE WHEN trim(s[i]) = '\"$user\"' THEN user ELSE trim(s[i]) END\n  FROM\n    generate_series(\n      array_lower(string_to_array(current_setting('search_path'),','),1),\n      array_upper(string_to_array(current_setting('search_path'),','),1)\n    ) as i,\n    string_to_array(current_setting('search_path'),',') s\n  )";
+        let out = known_client_rewrites(grafana);
+        assert!(out.ends_with("IN (SELECT 'public')"), "{out}");
+        assert_eq!(known_client_rewrites("SELECT  1"), "SELECT  1");
     }
 
     #[test]
