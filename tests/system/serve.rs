@@ -445,3 +445,307 @@ fn serve_answers_psql_psycopg_jdbc_adbc_and_flight_as_tally_sql_does() {
     );
     assert!(flight["error"].as_str().unwrap().contains("Unauthenticated"), "{flight}");
 }
+
+/// The lines of a JSON Lines file whose tenant is one of `tenants`.
+fn only_tenants(file: &Path, tenants: &[&str], out: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(file).unwrap();
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            tenants.contains(&v["tenant"].as_str().unwrap())
+        })
+        .collect();
+    std::fs::write(out, kept.join("\n") + "\n").unwrap();
+    out.to_path_buf()
+}
+
+/// Rows as sorted text, without the columns that say where and when a
+/// message arrived or how final the stream clock makes a row (the clock is
+/// the whole stream's, visible to every account).
+fn comparable(step: &Value) -> Vec<String> {
+    assert!(step.get("error").is_none(), "query failed: {step}");
+    let columns: Vec<&str> = step["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let mut out: Vec<String> = step["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .zip(&columns)
+                .filter(|(_, c)| !matches!(**c, "stream_seq" | "published_at" | "is_final"))
+                .map(|(v, c)| format!("{c}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_tenant_account_sees_its_own_world_and_cannot_escape_it() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = generated(dir.path(), 12, 3, 9);
+    let mut p = tally(&server, &data);
+    p.arg("publish").arg(&file);
+    run_expect(p, 0);
+    until_idle(&server, &data);
+    let users = dir.path().join("users.toml");
+    add_user(&users, "acme", "acme-pw", &["--tenant", "t0003"]);
+    add_user(&users, "two", "two-pw", &["--tenant", "t0003", "--tenant", "t0005"]);
+    let serve = Serve::start(&server, &data, &users, &[]);
+    let acme = serve.dsn("acme", "acme-pw");
+
+    // The reference: the same stream with only t0003's events (and the
+    // catalog's), processed by a run of its own.
+    let ref_server = NatsServer::start();
+    let ref_data = dir.path().join("ref");
+    let ref_file = only_tenants(&file, &["t0003", "_system"], &dir.path().join("ref.jsonl"));
+    let mut p = tally(&ref_server, &ref_data);
+    p.arg("publish").arg(&ref_file);
+    run_expect(p, 0);
+    until_idle(&ref_server, &ref_data);
+    let ref_users = dir.path().join("ref-users.toml");
+    add_user(&ref_users, "ops", "ops-pw", &["--all-tenants"]);
+    let ref_serve = Serve::start(&ref_server, &ref_data, &ref_users, &[]);
+
+    // Every stored view and every queries/ view, and views of views, equal
+    // the reference's.
+    let views = [
+        ("events", "SELECT * FROM events WHERE tenant <> '_system'"),
+        ("usage", "SELECT * FROM usage"),
+        ("overages", "SELECT * FROM overages"),
+        ("mrr", "SELECT * FROM mrr"),
+        ("revenue", "SELECT * FROM revenue"),
+        ("tenants", "SELECT * FROM tenants WHERE tenant <> '_system'"),
+        ("churn", "SELECT * FROM churn"),
+        ("ltv", "SELECT * FROM ltv"),
+        ("mrr_waterfall", "SELECT * FROM mrr_waterfall"),
+        ("revenue_by_month", "SELECT * FROM revenue_by_month"),
+        ("top_tenants", "SELECT * FROM top_tenants"),
+        ("over_quota", "SELECT * FROM over_quota"),
+        ("nested", "WITH w AS (SELECT * FROM mrr_waterfall) SELECT currency, sum(mrr_end) AS s, count(*) AS n FROM w GROUP BY currency"),
+        ("subquery", "SELECT (SELECT sum(events) FROM usage) AS a, (SELECT count(*) FROM events WHERE tenant <> '_system') AS b, (SELECT sum(net) FROM revenue) AS c"),
+    ];
+    let scoped_steps: Vec<Value> = views
+        .iter()
+        .map(|(name, sql)| {
+            // The tenant account asks plainly: scoping is its world.
+            let plain = match *name {
+                "events" => "SELECT * FROM events".to_owned(),
+                "tenants" => "SELECT * FROM tenants".to_owned(),
+                "subquery" => "SELECT (SELECT sum(events) FROM usage) AS a, (SELECT count(*) FROM events) AS b, (SELECT sum(net) FROM revenue) AS c".to_owned(),
+                _ => sql.to_string(),
+            };
+            json!({"sql": plain})
+        })
+        .collect();
+    let ref_steps: Vec<Value> = views.iter().map(|(_, sql)| json!({"sql": sql})).collect();
+    let scoped = psycopg(&acme, Value::Array(scoped_steps));
+    let reference = psycopg(&ref_serve.dsn("ops", "ops-pw"), Value::Array(ref_steps));
+    for (i, (name, _)) in views.iter().enumerate() {
+        let (a, b) = (comparable(&scoped[i]), comparable(&reference[i]));
+        assert!(!b.is_empty() || *name == "over_quota", "{name}: reference is empty");
+        assert_eq!(a, b, "{name}: the tenant's world differs from its events alone");
+    }
+
+    // Escapes: every path to other tenants' rows finds none.
+    let steps = psycopg(
+        &acme,
+        json!([
+            {"sql": "SELECT DISTINCT tenant FROM events UNION SELECT DISTINCT tenant FROM usage UNION SELECT DISTINCT tenant FROM mrr UNION SELECT DISTINCT tenant FROM revenue UNION SELECT DISTINCT tenant FROM overages UNION SELECT DISTINCT tenant FROM tenants"},
+            {"sql": "SELECT count(*) FROM _usage_versions WHERE tenant <> 't0003'"},
+            {"sql": "SELECT count(*) FROM tally.public.usage WHERE tenant <> 't0003'"},
+            {"sql": "SELECT count(*) FROM usage u JOIN events e ON u.tenant <> e.tenant"},
+            {"sql": "SELECT count(*) FROM events WHERE tenant IN (SELECT tenant FROM tenants WHERE tenant <> 't0003')"},
+            {"sql": "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' AND table_name LIKE '\\_%' AND table_name NOT LIKE '\\_tally%' ORDER BY 1"},
+            {"sql": "SELECT count(*) FROM pg_catalog.pg_class"},
+            {"sql": format!("SELECT count(*) FROM '{}'", data.join("usage").display())},
+            {"sql": "SELECT * FROM read_parquet('x.parquet')"},
+            {"sql": "CREATE VIEW leak AS SELECT 1"},
+            {"sql": "SELECT reltuples FROM pg_catalog.pg_class WHERE relname = 'usage'"},
+        ]),
+    );
+    assert_eq!(rows(&steps[0]), vec![vec![Some("t0003".into())]]);
+    for step in &steps[1..5] {
+        assert_eq!(rows(step), vec![vec![Some("0".into())]], "{step}");
+    }
+    for r in rows(&steps[5]) {
+        assert!(r[0].as_deref().unwrap().ends_with("_versions"), "{r:?}");
+    }
+    assert!(rows(&steps[6])[0][0].is_some());
+    assert!(steps[7].get("error").is_some() && steps[8].get("error").is_some(), "{steps:?}");
+    assert_eq!(sqlstate(&steps[9]), "42501");
+    assert_eq!(rows(&steps[10]), vec![vec![Some("0.0".into())]], "no row counts leak");
+
+    // Two tenants see both; Flight SQL scopes the same way.
+    let two = psycopg(
+        &serve.dsn("two", "two-pw"),
+        json!([{"sql": "SELECT DISTINCT tenant FROM usage ORDER BY 1"}]),
+    );
+    assert_eq!(rows(&two[0]), vec![vec![Some("t0003".into())], vec![Some("t0005".into())]]);
+    let adbc = client(
+        "adbc",
+        &json!({
+            "uri": format!("grpc://127.0.0.1:{}", serve.flight),
+            "user": "acme", "password": "acme-pw",
+            "steps": [{"sql": "SELECT DISTINCT tenant FROM events"}, {"sql": "SELECT count(*) FROM _overages_versions WHERE tenant <> 't0003'"}],
+        }),
+    );
+    assert_eq!(adbc["steps"][0]["rows"], json!([["t0003"]]));
+    assert_eq!(adbc["steps"][1]["rows"], json!([["0"]]));
+}
+
+/// A query that runs for minutes in little memory.
+const SLOW: &str = "SELECT sum(value % 7) FROM generate_series(1, 100000000000)";
+
+#[test]
+fn bad_input_gets_a_clear_answer_and_harms_no_one() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = saas(&server, dir.path());
+    let users = dir.path().join("users.toml");
+    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    let serve = Serve::start(
+        &server,
+        &data,
+        &users,
+        &["--max-connections", "4", "--query-timeout", "3", "--memory-limit", "8M"],
+    );
+    let dsn = serve.dsn("ops", "ops-pw");
+
+    // One session opened first, used again at the end.
+    let mut held = Command::new("psql")
+        .arg(&dsn)
+        .args(["-X", "-A", "-t", "-q"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, out, _) = psql(&dsn, &["-c", "SELECT 1"], dir.path());
+    assert_eq!((code, out.trim()), (0, "1"));
+
+    // Wrong password and unknown user: one error, and a WARN without the password.
+    let (_, _, wrong) = psql(&serve.dsn("ops", "not-it-9"), &["-c", "SELECT 1"], dir.path());
+    let (_, _, unknown) = psql(&serve.dsn("nobody", "not-it-9"), &["-c", "SELECT 1"], dir.path());
+    assert!(wrong.contains("password authentication failed for user \"ops\""), "{wrong}");
+    assert!(unknown.contains("password authentication failed for user \"nobody\""), "{unknown}");
+    // Another database name.
+    let other = dsn.replace("dbname=tally", "dbname=prod");
+    let (_, _, err) = psql(&other, &["-c", "SELECT 1"], dir.path());
+    assert!(err.contains("database \"prod\" does not exist"), "{err}");
+
+    // Malformed protocol bytes, and a startup packet without a user.
+    let mut raw = TcpStream::connect(("127.0.0.1", serve.pg)).unwrap();
+    raw.write_all(b"\x00\x00\x00\x10GARBAGE-BYTES!!").unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 256];
+    let _ = std::io::Read::read(&mut raw, &mut buf);
+    drop(raw);
+    let mut raw = TcpStream::connect(("127.0.0.1", serve.pg)).unwrap();
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&196608u32.to_be_bytes());
+    startup.extend_from_slice(b"database\0tally\0\0");
+    let mut packet = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&startup);
+    raw.write_all(&packet).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut raw, &mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains("28000") && answer.contains("no user name"), "{answer}");
+
+    // A client that vanishes mid-query.
+    let mut vanishing = Command::new("psql")
+        .arg(&dsn)
+        .args(["-X", "-c", SLOW])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    vanishing.kill().unwrap();
+    vanishing.wait().unwrap();
+
+    // Past the timeout, over the memory limit, read-only, a bad plan.
+    let steps = psycopg(
+        &dsn,
+        json!([
+            {"sql": SLOW},
+            {"sql": "SELECT a.id, b.id, a.data, b.data FROM events a JOIN events b ON a.tenant = b.tenant ORDER BY a.data, b.data"},
+            {"sql": "SET work_mem = '1GB'"},
+            {"sql": "DROP VIEW usage"},
+            {"sql": "SELECT no_such_column FROM usage"},
+            {"sql": "SELECT * FROM no_such_view"},
+            {"sql": "SET application_name = 'billing-job'"},
+        ]),
+    );
+    assert_eq!(sqlstate(&steps[0]), "57014", "{}", steps[0]);
+    assert!(steps[0]["error"]["message"].as_str().unwrap().contains("--query-timeout"));
+    assert_eq!(sqlstate(&steps[1]), "53200", "{}", steps[1]);
+    assert!(steps[1]["error"]["message"].as_str().unwrap().contains("memory limit"));
+    assert_eq!(sqlstate(&steps[2]), "42501");
+    assert!(steps[2]["error"]["message"].as_str().unwrap().contains("SET work_mem"));
+    assert_eq!(sqlstate(&steps[3]), "42501");
+    assert_eq!(sqlstate(&steps[4]), "42703");
+    assert_eq!(sqlstate(&steps[5]), "42P01");
+    assert!(steps[6].get("error").is_none(), "{}", steps[6]);
+
+    // More connections than allowed: the fifth is refused, clearly.
+    let mut idle: Vec<Child> = (0..3)
+        .map(|_| {
+            Command::new("psql")
+                .arg(&dsn)
+                .args(["-X", "-q"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let (code, _, err) = psql(&dsn, &["-c", "SELECT 1"], dir.path());
+        if code != 0 {
+            break err;
+        }
+        assert!(Instant::now() < deadline, "a fifth connection was never refused");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(refused.contains("too many clients") && refused.contains("--max-connections"), "{refused}");
+    for c in &mut idle {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    // The first session still works, and so does a new one.
+    let mut stdin = held.stdin.take().unwrap();
+    stdin.write_all(b"SELECT count(*) > 0 FROM usage;\n\\q\n").unwrap();
+    drop(stdin);
+    let out = held.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "t", "{}", String::from_utf8_lossy(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, out, err) = psql(&dsn, &["-c", "SELECT count(*) > 0 FROM usage"], dir.path());
+        if code == 0 {
+            assert_eq!(out.trim(), "t");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the server stopped serving: {err}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = serve.log();
+    assert!(log.contains("login refused") && !log.contains("not-it-9"), "{log}");
+}

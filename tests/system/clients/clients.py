@@ -36,6 +36,27 @@ def psycopg_run(spec):
     return out
 
 
+def loop_run(spec):
+    """Runs one query over and over for `seconds`, on one connection: every
+    answer (or error) in order, with the time it took."""
+    import time
+
+    import psycopg
+
+    conn = psycopg.connect(spec["dsn"], autocommit=True)
+    out = []
+    end = time.monotonic() + spec["seconds"]
+    while time.monotonic() < end:
+        start = time.monotonic()
+        try:
+            row = conn.execute(spec["sql"]).fetchone()
+            out.append({"row": [None if v is None else str(v) for v in row], "ms": (time.monotonic() - start) * 1000})
+        except psycopg.Error as e:
+            out.append({"error": f"{e.sqlstate}: {e}"})
+    conn.close()
+    return out
+
+
 def adbc_run(spec):
     import adbc_driver_flightsql.dbapi as adbc
     import adbc_driver_manager
@@ -103,5 +124,5 @@ def prometheus_run(spec):
 if __name__ == "__main__":
     kind = sys.argv[1]
     spec = json.load(sys.stdin)
-    result = {"psycopg": psycopg_run, "adbc": adbc_run, "flight": flight_run, "prometheus": prometheus_run}[kind](spec)
+    result = {"psycopg": psycopg_run, "loop": loop_run, "adbc": adbc_run, "flight": flight_run, "prometheus": prometheus_run}[kind](spec)
     json.dump(result, sys.stdout)
