@@ -253,7 +253,10 @@ fn serve_answers_psql_psycopg_jdbc_adbc_and_flight_as_tally_sql_does() {
         "mrr_waterfall",
         "_tally_clock",
     ] {
-        assert!(out.contains(&format!("|{view}|")), "\\d lacks {view}:\n{out}");
+        assert!(
+            out.contains(&format!("|{view}|")),
+            "\\d lacks {view}:\n{out}"
+        );
     }
     let (code, out, err) = psql(&dsn, &["-c", "\\d usage"], dir.path());
     assert_eq!(code, 0, "{err}");
@@ -272,7 +275,10 @@ fn serve_answers_psql_psycopg_jdbc_adbc_and_flight_as_tally_sql_does() {
     // Every digit of a 29-digit decimal, and \copy to CSV.
     let (code, out, err) = psql(
         &dsn,
-        &["-c", "SELECT sum FROM usage WHERE tenant = 'tbig' AND granularity = 'month'"],
+        &[
+            "-c",
+            "SELECT sum FROM usage WHERE tenant = 'tbig' AND granularity = 'month'",
+        ],
         dir.path(),
     );
     assert_eq!((code, out.trim()), (0, BIG), "{err}");
@@ -300,7 +306,11 @@ fn serve_answers_psql_psycopg_jdbc_adbc_and_flight_as_tally_sql_does() {
         let s = row["s"].as_str().unwrap_or("");
         assert_eq!(
             *line,
-            format!("{},{},{s}", row["tenant"].as_str().unwrap(), row["metric"].as_str().unwrap())
+            format!(
+                "{},{},{s}",
+                row["tenant"].as_str().unwrap(),
+                row["metric"].as_str().unwrap()
+            )
         );
     }
 
@@ -325,7 +335,10 @@ fn serve_answers_psql_psycopg_jdbc_adbc_and_flight_as_tally_sql_does() {
     )[0]["n"]
         .to_string();
     for step in &steps[..3] {
-        assert_eq!(rows(step), vec![vec![Some("t0003".into()), Some(expected_n.clone())]]);
+        assert_eq!(
+            rows(step),
+            vec![vec![Some("t0003".into()), Some(expected_n.clone())]]
+        );
     }
     assert_eq!(rows(&steps[3]), vec![vec![Some(BIG.into())]]);
     let all = tally_json(&server, &data, "SELECT count(*) AS n FROM usage")[0]["n"]
@@ -361,14 +374,27 @@ fn serve_answers_psql_psycopg_jdbc_adbc_and_flight_as_tally_sql_does() {
     assert!(rows(&steps[3]).contains(&vec![Some("mrr_waterfall".into())]));
     let columns = rows(&steps[4]);
     assert_eq!(columns.len(), 11, "{columns:?}");
-    assert!(columns.iter().any(|c| c[0].as_deref() == Some("sum")), "{columns:?}");
-    assert!(rows(&steps[5])[0][0].as_deref().unwrap().starts_with("PostgreSQL 16"));
+    assert!(
+        columns.iter().any(|c| c[0].as_deref() == Some("sum")),
+        "{columns:?}"
+    );
+    assert!(
+        rows(&steps[5])[0][0]
+            .as_deref()
+            .unwrap()
+            .starts_with("PostgreSQL 16")
+    );
     assert_eq!(rows(&steps[6]), vec![vec![Some("UTC".into())]]);
-    assert!(rows(&steps[7]).iter().any(|r| r[1].as_deref() == Some("usage")));
+    assert!(
+        rows(&steps[7])
+            .iter()
+            .any(|r| r[1].as_deref() == Some("usage"))
+    );
 
     // pgjdbc: a PreparedStatement run until it is server-prepared,
     // metadata as DBeaver and Metabase read it, a refused write.
-    let jar = std::env::var("TALLY_PGJDBC_JAR").unwrap_or_else(|_| "/usr/share/java/postgresql.jar".into());
+    let jar = std::env::var("TALLY_PGJDBC_JAR")
+        .unwrap_or_else(|_| "/usr/share/java/postgresql.jar".into());
     let out = Command::new("java")
         .args(["-cp", &jar])
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/system/clients/Jdbc.java"))
@@ -377,7 +403,11 @@ fn serve_answers_psql_psycopg_jdbc_adbc_and_flight_as_tally_sql_does() {
         .output()
         .expect("java (OpenJDK) is needed: run deploy/install-clients.sh");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let day = tally_json(
         &server,
         &data,
@@ -390,9 +420,18 @@ fn serve_answers_psql_psycopg_jdbc_adbc_and_flight_as_tally_sql_does() {
         )),
         "{text}"
     );
-    assert!(text.contains(&format!("CHECKPOINT\t{checkpoint}")), "{text}");
-    assert!(text.contains("TABLE\tusage") && text.contains("TABLE\tmrr_waterfall"), "{text}");
-    assert!(text.contains("COLUMN\tsum\tnumeric") && text.contains("COLUMN\twindow_start\ttimestamptz"), "{text}");
+    assert!(
+        text.contains(&format!("CHECKPOINT\t{checkpoint}")),
+        "{text}"
+    );
+    assert!(
+        text.contains("TABLE\tusage") && text.contains("TABLE\tmrr_waterfall"),
+        "{text}"
+    );
+    assert!(
+        text.contains("COLUMN\tsum\tnumeric") && text.contains("COLUMN\twindow_start\ttimestamptz"),
+        "{text}"
+    );
     assert!(text.contains("REFUSED\t42501"), "{text}");
 
     // ADBC Flight SQL: the views' Arrow schema exactly, the same rows, the
@@ -429,8 +468,19 @@ fn serve_answers_psql_psycopg_jdbc_adbc_and_flight_as_tally_sql_does() {
     assert_eq!(adbc["steps"][0]["rows"][0][6], json!(BIG));
     let events = tally_json(&server, &data, "SELECT count(*) AS n FROM events")[0]["n"].to_string();
     assert_eq!(adbc["steps"][1]["rows"], json!([[events]]));
-    assert!(adbc["steps"][2]["error"].as_str().unwrap().contains("read-only"), "{adbc}");
-    let tables: Vec<&str> = adbc["tables"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert!(
+        adbc["steps"][2]["error"]
+            .as_str()
+            .unwrap()
+            .contains("read-only"),
+        "{adbc}"
+    );
+    let tables: Vec<&str> = adbc["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
     for view in ["usage", "mrr_waterfall", "events", "_tally_clock"] {
         assert!(tables.contains(&view), "{tables:?}");
     }
@@ -438,12 +488,21 @@ fn serve_answers_psql_psycopg_jdbc_adbc_and_flight_as_tally_sql_does() {
         "flight",
         &json!({"uri": format!("grpc://127.0.0.1:{}", serve.flight), "user": "ops", "password": "ops-pw"}),
     );
-    assert!(flight["token"].as_str().unwrap().starts_with("Bearer "), "{flight}");
+    assert!(
+        flight["token"].as_str().unwrap().starts_with("Bearer "),
+        "{flight}"
+    );
     let flight = client(
         "flight",
         &json!({"uri": format!("grpc://127.0.0.1:{}", serve.flight), "user": "ops", "password": "wrong"}),
     );
-    assert!(flight["error"].as_str().unwrap().contains("Unauthenticated"), "{flight}");
+    assert!(
+        flight["error"]
+            .as_str()
+            .unwrap()
+            .contains("Unauthenticated"),
+        "{flight}"
+    );
 }
 
 /// The lines of a JSON Lines file whose tenant is one of `tenants`.
@@ -502,7 +561,12 @@ fn a_tenant_account_sees_its_own_world_and_cannot_escape_it() {
     until_idle(&server, &data);
     let users = dir.path().join("users.toml");
     add_user(&users, "acme", "acme-pw", &["--tenant", "t0003"]);
-    add_user(&users, "two", "two-pw", &["--tenant", "t0003", "--tenant", "t0005"]);
+    add_user(
+        &users,
+        "two",
+        "two-pw",
+        &["--tenant", "t0003", "--tenant", "t0005"],
+    );
     let serve = Serve::start(&server, &data, &users, &[]);
     let acme = serve.dsn("acme", "acme-pw");
 
@@ -534,8 +598,14 @@ fn a_tenant_account_sees_its_own_world_and_cannot_escape_it() {
         ("revenue_by_month", "SELECT * FROM revenue_by_month"),
         ("top_tenants", "SELECT * FROM top_tenants"),
         ("over_quota", "SELECT * FROM over_quota"),
-        ("nested", "WITH w AS (SELECT * FROM mrr_waterfall) SELECT currency, sum(mrr_end) AS s, count(*) AS n FROM w GROUP BY currency"),
-        ("subquery", "SELECT (SELECT sum(events) FROM usage) AS a, (SELECT count(*) FROM events WHERE tenant <> '_system') AS b, (SELECT sum(net) FROM revenue) AS c"),
+        (
+            "nested",
+            "WITH w AS (SELECT * FROM mrr_waterfall) SELECT currency, sum(mrr_end) AS s, count(*) AS n FROM w GROUP BY currency",
+        ),
+        (
+            "subquery",
+            "SELECT (SELECT sum(events) FROM usage) AS a, (SELECT count(*) FROM events WHERE tenant <> '_system') AS b, (SELECT sum(net) FROM revenue) AS c",
+        ),
     ];
     let scoped_steps: Vec<Value> = views
         .iter()
@@ -555,8 +625,14 @@ fn a_tenant_account_sees_its_own_world_and_cannot_escape_it() {
     let reference = psycopg(&ref_serve.dsn("ops", "ops-pw"), Value::Array(ref_steps));
     for (i, (name, _)) in views.iter().enumerate() {
         let (a, b) = (comparable(&scoped[i]), comparable(&reference[i]));
-        assert!(!b.is_empty() || *name == "over_quota", "{name}: reference is empty");
-        assert_eq!(a, b, "{name}: the tenant's world differs from its events alone");
+        assert!(
+            !b.is_empty() || *name == "over_quota",
+            "{name}: reference is empty"
+        );
+        assert_eq!(
+            a, b,
+            "{name}: the tenant's world differs from its events alone"
+        );
     }
 
     // Escapes: every path to other tenants' rows finds none.
@@ -584,16 +660,26 @@ fn a_tenant_account_sees_its_own_world_and_cannot_escape_it() {
         assert!(r[0].as_deref().unwrap().ends_with("_versions"), "{r:?}");
     }
     assert!(rows(&steps[6])[0][0].is_some());
-    assert!(steps[7].get("error").is_some() && steps[8].get("error").is_some(), "{steps:?}");
+    assert!(
+        steps[7].get("error").is_some() && steps[8].get("error").is_some(),
+        "{steps:?}"
+    );
     assert_eq!(sqlstate(&steps[9]), "42501");
-    assert_eq!(rows(&steps[10]), vec![vec![Some("0.0".into())]], "no row counts leak");
+    assert_eq!(
+        rows(&steps[10]),
+        vec![vec![Some("0.0".into())]],
+        "no row counts leak"
+    );
 
     // Two tenants see both; Flight SQL scopes the same way.
     let two = psycopg(
         &serve.dsn("two", "two-pw"),
         json!([{"sql": "SELECT DISTINCT tenant FROM usage ORDER BY 1"}]),
     );
-    assert_eq!(rows(&two[0]), vec![vec![Some("t0003".into())], vec![Some("t0005".into())]]);
+    assert_eq!(
+        rows(&two[0]),
+        vec![vec![Some("t0003".into())], vec![Some("t0005".into())]]
+    );
     let adbc = client(
         "adbc",
         &json!({
@@ -620,7 +706,14 @@ fn bad_input_gets_a_clear_answer_and_harms_no_one() {
         &server,
         &data,
         &users,
-        &["--max-connections", "4", "--query-timeout", "3", "--memory-limit", "8M"],
+        &[
+            "--max-connections",
+            "4",
+            "--query-timeout",
+            "3",
+            "--memory-limit",
+            "8M",
+        ],
     );
     let dsn = serve.dsn("ops", "ops-pw");
 
@@ -637,10 +730,24 @@ fn bad_input_gets_a_clear_answer_and_harms_no_one() {
     assert_eq!((code, out.trim()), (0, "1"));
 
     // Wrong password and unknown user: one error, and a WARN without the password.
-    let (_, _, wrong) = psql(&serve.dsn("ops", "not-it-9"), &["-c", "SELECT 1"], dir.path());
-    let (_, _, unknown) = psql(&serve.dsn("nobody", "not-it-9"), &["-c", "SELECT 1"], dir.path());
-    assert!(wrong.contains("password authentication failed for user \"ops\""), "{wrong}");
-    assert!(unknown.contains("password authentication failed for user \"nobody\""), "{unknown}");
+    let (_, _, wrong) = psql(
+        &serve.dsn("ops", "not-it-9"),
+        &["-c", "SELECT 1"],
+        dir.path(),
+    );
+    let (_, _, unknown) = psql(
+        &serve.dsn("nobody", "not-it-9"),
+        &["-c", "SELECT 1"],
+        dir.path(),
+    );
+    assert!(
+        wrong.contains("password authentication failed for user \"ops\""),
+        "{wrong}"
+    );
+    assert!(
+        unknown.contains("password authentication failed for user \"nobody\""),
+        "{unknown}"
+    );
     // Another database name.
     let other = dsn.replace("dbname=tally", "dbname=prod");
     let (_, _, err) = psql(&other, &["-c", "SELECT 1"], dir.path());
@@ -664,7 +771,10 @@ fn bad_input_gets_a_clear_answer_and_harms_no_one() {
     let mut answer = Vec::new();
     let _ = std::io::Read::read_to_end(&mut raw, &mut answer);
     let answer = String::from_utf8_lossy(&answer);
-    assert!(answer.contains("28000") && answer.contains("no user name"), "{answer}");
+    assert!(
+        answer.contains("28000") && answer.contains("no user name"),
+        "{answer}"
+    );
 
     // A client that vanishes mid-query.
     let mut vanishing = Command::new("psql")
@@ -692,11 +802,26 @@ fn bad_input_gets_a_clear_answer_and_harms_no_one() {
         ]),
     );
     assert_eq!(sqlstate(&steps[0]), "57014", "{}", steps[0]);
-    assert!(steps[0]["error"]["message"].as_str().unwrap().contains("--query-timeout"));
+    assert!(
+        steps[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--query-timeout")
+    );
     assert_eq!(sqlstate(&steps[1]), "53200", "{}", steps[1]);
-    assert!(steps[1]["error"]["message"].as_str().unwrap().contains("memory limit"));
+    assert!(
+        steps[1]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("memory limit")
+    );
     assert_eq!(sqlstate(&steps[2]), "42501");
-    assert!(steps[2]["error"]["message"].as_str().unwrap().contains("SET work_mem"));
+    assert!(
+        steps[2]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("SET work_mem")
+    );
     assert_eq!(sqlstate(&steps[3]), "42501");
     assert_eq!(sqlstate(&steps[4]), "42703");
     assert_eq!(sqlstate(&steps[5]), "42P01");
@@ -721,10 +846,16 @@ fn bad_input_gets_a_clear_answer_and_harms_no_one() {
         if code != 0 {
             break err;
         }
-        assert!(Instant::now() < deadline, "a fifth connection was never refused");
+        assert!(
+            Instant::now() < deadline,
+            "a fifth connection was never refused"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(refused.contains("too many clients") && refused.contains("--max-connections"), "{refused}");
+    assert!(
+        refused.contains("too many clients") && refused.contains("--max-connections"),
+        "{refused}"
+    );
     for c in &mut idle {
         c.kill().unwrap();
         c.wait().unwrap();
@@ -732,10 +863,17 @@ fn bad_input_gets_a_clear_answer_and_harms_no_one() {
 
     // The first session still works, and so does a new one.
     let mut stdin = held.stdin.take().unwrap();
-    stdin.write_all(b"SELECT count(*) > 0 FROM usage;\n\\q\n").unwrap();
+    stdin
+        .write_all(b"SELECT count(*) > 0 FROM usage;\n\\q\n")
+        .unwrap();
     drop(stdin);
     let out = held.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "t", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "t",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (code, out, err) = psql(&dsn, &["-c", "SELECT count(*) > 0 FROM usage"], dir.path());
@@ -743,9 +881,313 @@ fn bad_input_gets_a_clear_answer_and_harms_no_one() {
             assert_eq!(out.trim(), "t");
             break;
         }
-        assert!(Instant::now() < deadline, "the server stopped serving: {err}");
+        assert!(
+            Instant::now() < deadline,
+            "the server stopped serving: {err}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let log = serve.log();
-    assert!(log.contains("login refused") && !log.contains("not-it-9"), "{log}");
+    assert!(
+        log.contains("login refused") && !log.contains("not-it-9"),
+        "{log}"
+    );
+}
+
+/// `n` usage events, one per minute from `start_min`, each of quantity 1.
+fn minute_events(prefix: &str, start_min: u32, n: u32) -> Vec<String> {
+    (start_min..start_min + n)
+        .map(|m| {
+            let (d, rest) = (m / 1440, m % 1440);
+            let time = format!("2025-03-{:02}T{:02}:{:02}:00Z", 1 + d, rest / 60, rest % 60);
+            api_calls(&format!("{prefix}-{m}"), &format!("t{}", m % 7), &time, "1")
+        })
+        .collect()
+}
+
+#[test]
+fn answers_stay_consistent_while_run_ingests_compacts_and_replay_switches() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    publish_lines(&server, &data, &minute_events("a", 0, 300));
+    until_idle(&server, &data);
+    let users = dir.path().join("users.toml");
+    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    let serve = Serve::start(&server, &data, &users, &[]);
+
+    // Every event is unique and counted once: at any checkpoint, the
+    // archive and the hourly usage both hold exactly checkpoint_seq events.
+    let probe = "SELECT (SELECT checkpoint_seq FROM _tally_clock), (SELECT count(*) FROM events), (SELECT sum(events) FROM usage WHERE granularity = 'hour')";
+    let spec = json!({"dsn": serve.dsn("ops", "ops-pw"), "seconds": 25, "sql": probe});
+    let looping = std::thread::spawn(move || client("loop", &spec));
+
+    // Small batches (many files, compactions) while the loop reads...
+    let mut run = tally(&server, &data);
+    run.args(["run", "--batch-size", "25"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut run = run.spawn().unwrap();
+    for chunk in 0..8 {
+        publish_lines(&server, &data, &minute_events("b", 300 + chunk * 150, 150));
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    // ...and a replay that switches the directory under it.
+    let mut replay = tally(&server, &data);
+    replay.arg("replay");
+    run_expect(replay, 0);
+    publish_lines(&server, &data, &minute_events("c", 1500, 100));
+    std::thread::sleep(Duration::from_secs(2));
+    let samples = looping.join().unwrap();
+    run.kill().unwrap();
+    run.wait().unwrap();
+
+    let samples = samples.as_array().unwrap();
+    assert!(samples.len() > 20, "too few answers: {}", samples.len());
+    let mut last = 0u64;
+    let mut seen = std::collections::BTreeSet::new();
+    for s in samples {
+        assert!(
+            s.get("error").is_none(),
+            "a query failed while the views changed: {s}"
+        );
+        let row: Vec<u64> = s["row"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(row[0], row[1], "half a batch: {s}");
+        assert_eq!(row[0], row[2], "half a batch: {s}");
+        assert!(
+            row[0] >= last,
+            "the checkpoint went back: {last} then {}",
+            row[0]
+        );
+        last = row[0];
+        seen.insert(row[0]);
+    }
+    assert!(seen.len() > 3, "the loop saw too few checkpoints: {seen:?}");
+    assert!(last >= 1500, "the loop never saw the later batches: {last}");
+}
+
+#[test]
+fn accounts_health_metrics_tls_and_shutdown() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    publish_lines(&server, &data, &minute_events("a", 0, 50));
+    until_idle(&server, &data);
+    let users = dir.path().join("users.toml");
+
+    // `tally users`: the password from stdin; only a verifier on disk.
+    let mut add = Command::new(bin());
+    add.args(["users", "add", "ops", "--all-tenants", "--users"])
+        .arg(&users)
+        .env_remove("TALLY_PASSWORD")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = add.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"stdin-secret-77\n")
+        .unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+    add_user(&users, "t1", "t1-pw-123", &["--tenant", "t1"]);
+    let text = std::fs::read_to_string(&users).unwrap();
+    assert!(
+        text.contains("SCRAM-SHA-256$4096:")
+            && !text.contains("stdin-secret-77")
+            && !text.contains("t1-pw-123")
+    );
+    let mut list = Command::new(bin());
+    list.args(["users", "list", "--users"]).arg(&users);
+    let out = String::from_utf8(run_expect(list, 0).stdout).unwrap();
+    assert!(
+        out.contains("ops\tall tenants") && out.contains("t1\ttenants: t1"),
+        "{out}"
+    );
+    let mut bad = Command::new(bin());
+    bad.args(["users", "add", "x", "--users"])
+        .arg(&users)
+        .env("TALLY_PASSWORD", "p");
+    let err = String::from_utf8(run_expect(bad, 2).stderr).unwrap();
+    assert!(
+        err.contains("--tenant T") && err.contains("--all-tenants"),
+        "{err}"
+    );
+
+    // TLS that cannot be used: refuse to start, never plaintext.
+    let mut c = tally(&server, &data);
+    c.args([
+        "serve",
+        "--tls-cert",
+        "/nonexistent/cert.pem",
+        "--tls-key",
+        "/nonexistent/key.pem",
+        "--users",
+    ])
+    .arg(&users)
+    .args([
+        "--pg-listen",
+        "127.0.0.1:0",
+        "--flight-listen",
+        "off",
+        "--http-listen",
+        "off",
+    ]);
+    let err = String::from_utf8(run_expect(c, 1).stderr).unwrap();
+    assert!(
+        err.contains("cannot use the TLS certificate")
+            && err.contains("never falls back to plaintext"),
+        "{err}"
+    );
+
+    // TLS that can: psql with sslmode=require.
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is needed for the TLS test");
+    assert!(ok.success());
+    let mut serve = Serve::start(
+        &server,
+        &data,
+        &users,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--stale-after",
+            "1",
+        ],
+    );
+    let tls_dsn = serve
+        .dsn("ops", "stdin-secret-77")
+        .replace("sslmode=disable", "sslmode=require");
+    let (code, out, err) = psql(&tls_dsn, &["-c", "SELECT count(*) FROM events"], dir.path());
+    assert_eq!((code, out.trim()), (0, "50"), "{err}");
+
+    // A user added while serving can log in; a removed one's session ends
+    // at its next query.
+    add_user(&users, "late", "late-pw-1", &["--all-tenants"]);
+    let mut session = Command::new("psql")
+        .arg(serve.dsn("late", "late-pw-1"))
+        .args(["-X", "-A", "-t", "-q"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = session.stdin.take().unwrap();
+    stdin.write_all(b"SELECT 'before';\n").unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let mut rm = Command::new(bin());
+    rm.args(["users", "remove", "late", "--users"]).arg(&users);
+    run_expect(rm, 0);
+    stdin.write_all(b"SELECT 'after';\n").unwrap();
+    drop(stdin);
+    let out = session.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stdout.contains("before") && !stdout.contains("after"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("account late was removed"), "{stderr}");
+
+    // /healthz: open, ok while the checkpoint keeps up.
+    let health = |serve: &Serve| -> (u16, String) {
+        let out = client(
+            "http",
+            &json!({"url": format!("http://127.0.0.1:{}/healthz", serve.http)}),
+        );
+        (
+            out["status"].as_u64().unwrap() as u16,
+            out["body"].as_str().unwrap_or("").to_owned(),
+        )
+    };
+    assert_eq!(health(&serve), (200, "ok\n".to_owned()));
+
+    // /metrics: Basic auth, all tenants only, parsed by prometheus_client.
+    let url = format!("http://127.0.0.1:{}/metrics", serve.http);
+    let anon = client("prometheus", &json!({"url": url}));
+    assert_eq!(anon["status"], 401);
+    let tenant = client(
+        "prometheus",
+        &json!({"url": url, "user": "t1", "password": "t1-pw-123"}),
+    );
+    assert_eq!(tenant["status"], 403);
+    let scrape = || {
+        client(
+            "prometheus",
+            &json!({"url": url, "user": "ops", "password": "stdin-secret-77"}),
+        )
+    };
+    let first = scrape();
+    assert_eq!(first["status"], 200, "{first}");
+    let s = &first["samples"];
+    assert_eq!(s["tally_checkpoint_sequence{}"], 50.0, "{s}");
+    assert_eq!(s["tally_stream_last_sequence{}"], 50.0);
+    assert_eq!(s["tally_lag_messages{}"], 0.0);
+    assert_eq!(s["tally_messages_accepted_total{}"], 50.0);
+    let served = s["tally_serve_queries_total{protocol=pgwire}"]
+        .as_f64()
+        .unwrap();
+    assert!(served >= 2.0, "{s}");
+    assert!(
+        s["tally_serve_query_duration_seconds_count{protocol=pgwire}"]
+            .as_f64()
+            .unwrap()
+            >= served
+    );
+    // They move: more queries, more messages.
+    psql(&tls_dsn, &["-c", "SELECT 1"], dir.path());
+    std::thread::sleep(Duration::from_millis(1500));
+    publish_lines(&server, &data, &minute_events("z", 60, 5));
+    let second = scrape();
+    let s2 = &second["samples"];
+    assert!(
+        s2["tally_serve_queries_total{protocol=pgwire}"]
+            .as_f64()
+            .unwrap()
+            > served
+    );
+    assert_eq!(s2["tally_stream_last_sequence{}"], 55.0);
+    assert_eq!(s2["tally_lag_messages{}"], 5.0);
+
+    // The checkpoint now trails the stream's last message by more than
+    // --stale-after: /healthz says so.
+    let (code, body) = health(&serve);
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("stale") && body.contains("tally run"),
+        "{body}"
+    );
+    until_idle(&server, &data);
+    assert_eq!(health(&serve).0, 200);
+
+    // SIGTERM: exit 0.
+    assert!(serve.terminate().success(), "{}", serve.log());
 }

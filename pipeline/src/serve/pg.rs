@@ -627,7 +627,9 @@ pub fn known_client_rewrites(sql: &str) -> std::borrow::Cow<'_, str> {
     let pattern = collapse_whitespace(GRAFANA_SEARCH_PATH)
         .replace("( ", "(")
         .replace(" )", ")");
-    let text = collapse_whitespace(sql).replace("( ", "(").replace(" )", ")");
+    let text = collapse_whitespace(sql)
+        .replace("( ", "(")
+        .replace(" )", ")");
     if text.contains(&pattern) {
         std::borrow::Cow::Owned(text.replace(&pattern, "SELECT 'public'"))
     } else {

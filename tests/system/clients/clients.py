@@ -1,7 +1,7 @@
 """Real clients of `tally serve`, driven by the system tests (tests/system/serve.rs).
 
 Usage: python clients.py KIND < spec.json > result.json, where KIND is
-psycopg, adbc, flight or prometheus. Every value comes back as text (None for
+psycopg, loop, adbc, flight, http or prometheus. Every value comes back as text (None for
 NULL) so the Rust side compares exact digits; errors come back as data
 (SQLSTATE or gRPC status and message), never as a crash of this script.
 """
@@ -100,6 +100,16 @@ def flight_run(spec):
     return out
 
 
+def http_run(spec):
+    import urllib.request
+
+    try:
+        resp = urllib.request.urlopen(spec["url"], timeout=10)
+        return {"status": resp.status, "body": resp.read().decode()}
+    except urllib.error.HTTPError as e:
+        return {"status": e.code, "body": e.read().decode()}
+
+
 def prometheus_run(spec):
     import base64
     import urllib.request
@@ -124,5 +134,5 @@ def prometheus_run(spec):
 if __name__ == "__main__":
     kind = sys.argv[1]
     spec = json.load(sys.stdin)
-    result = {"psycopg": psycopg_run, "loop": loop_run, "adbc": adbc_run, "flight": flight_run, "prometheus": prometheus_run}[kind](spec)
+    result = {"psycopg": psycopg_run, "loop": loop_run, "adbc": adbc_run, "flight": flight_run, "prometheus": prometheus_run, "http": http_run}[kind](spec)
     json.dump(result, sys.stdout)
