@@ -6,6 +6,8 @@
 #                        ~/.cache/tally-tools, never the system Python)
 #   TALLY_PGJDBC_JAR     pgjdbc (Debian libpostgresql-jdbc-java)
 #   psql                 Debian postgresql-client
+#   chromium             Debian chromium (headless, for the page tests)
+#   openssl              for the TLS test's self-signed certificate
 # Source it (`. deploy/install-clients.sh`) or run it to just install.
 TALLY_TOOLS="${TALLY_TOOLS:-$HOME/.cache/tally-tools}"
 TALLY_CLIENT_PINS="psycopg[binary]==3.3.9 pyarrow adbc-driver-manager==1.13.0 adbc-driver-flightsql==1.13.0 prometheus-client==0.26.0"
@@ -31,6 +33,8 @@ tally_install_clients() {
   command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
   command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
   [ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]} (Debian)" >&2
     local sudo=""

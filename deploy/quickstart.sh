@@ -69,6 +69,44 @@ before="$("$tally" sql --format csv "SELECT * FROM mrr ORDER BY month, tenant, c
 "$tally" replay
 after="$("$tally" sql --format csv "SELECT * FROM mrr ORDER BY month, tenant, currency" | cksum)"
 if [ "$before" = "$after" ]; then echo "mrr after replay: identical rows"; else echo "ERROR: mrr differs after replay" >&2; exit 1; fi
+
+echo "== tally serve: the views for psql, drivers, BI tools and Flight SQL"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+pg_port="$(free_port)"; flight_port="$(free_port)"; http_port="$(free_port)"
+password="$(python3 -c 'import secrets; print(secrets.token_urlsafe(12))')"
+export TALLY_USERS_FILE="$work/tally-users.toml"
+TALLY_PASSWORD="$password" "$tally" users add analyst --all-tenants
+TALLY_PASSWORD="$password-acme" "$tally" users add t0001 --tenant t0001
+RUST_LOG=info "$tally" serve --pg-listen "127.0.0.1:$pg_port" --flight-listen "127.0.0.1:$flight_port" \
+  --http-listen "127.0.0.1:$http_port" >"$work/serve.log" 2>&1 &
+# (tally serve's HTTP listener carries the dashboard, /healthz and /metrics.)
+serve_pid=$!
+trap 'kill "$serve_pid" 2>/dev/null || true; kill "$nats_pid" 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$pg_port") 2>/dev/null; then break; fi
+  sleep 0.1
+done
+dsn="host=127.0.0.1 port=$pg_port dbname=tally user=analyst"
+if command -v psql >/dev/null 2>&1; then
+  echo "== psql: the MRR waterfall over the Postgres wire protocol"
+  PGPASSWORD="$password" psql "$dsn" -X -c "SELECT month, currency, mrr_start, new_mrr, churned_mrr, mrr_end FROM mrr_waterfall WHERE currency = 'USD' ORDER BY month DESC LIMIT 3"
+  echo "== psql as tenant t0001 (an account scoped to one tenant sees only its rows)"
+  PGPASSWORD="$password-acme" psql "host=127.0.0.1 port=$pg_port dbname=tally user=t0001" -X -c "SELECT tenant, count(*) AS usage_rows FROM usage GROUP BY tenant"
+fi
 echo
-echo "Views are in $TALLY_DATA_DIR. The server stops now; to query again:"
-echo "  TALLY_DATA_DIR=$TALLY_DATA_DIR $tally sql \"SELECT type, count(*) FROM events GROUP BY type\""
+echo "tally serve is up (log: $work/serve.log). Connect with:"
+echo "  psql:        PGPASSWORD='$password' psql \"$dsn\""
+echo "  Python:      psycopg.connect(\"$dsn password=$password\")"
+echo "  JDBC:        jdbc:postgresql://127.0.0.1:$pg_port/tally  (user analyst, password $password)"
+echo "  Flight SQL:  grpc://127.0.0.1:$flight_port  (ADBC: username analyst, password $password)"
+echo "  Health:      curl http://127.0.0.1:$http_port/healthz"
+echo "  Dashboard:   http://127.0.0.1:$http_port/   (log in as analyst, password $password)"
+echo "  Tenant page: http://127.0.0.1:$http_port/tenants/t0001   (as t0001, password $password-acme)"
+echo "  Tenant t0001 logs in as user t0001, password $password-acme, and sees only its own rows."
+echo "Views are in $TALLY_DATA_DIR; accounts in $TALLY_USERS_FILE."
+if [ -t 0 ]; then
+  echo "Serving until Ctrl-C."
+  wait "$serve_pid" || true
+else
+  echo "(not a terminal: stopping the server and nats-server now)"
+fi

@@ -98,6 +98,9 @@ pub enum Command {
         /// Print a JSON summary line on stdout at exit (used by `tally bench`).
         #[arg(long, hide = true)]
         summary_json: bool,
+        /// Serve Prometheus metrics of the pipeline at http://ADDR/metrics (off by default; no login, so bind it where only your scraper reaches).
+        #[arg(long, env = "TALLY_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Rebuild every view from stream sequence 1 into a fresh directory, then
     /// switch the data directory to it atomically (a live `tally run` on it is
@@ -288,7 +291,7 @@ pub enum CliError {
     #[error(transparent)]
     Serve(#[from] serve::ServeError),
     #[error(transparent)]
-    Accounts(#[from] serve::accounts::AccountsError),
+    Users(#[from] crate::commands::users::UsersError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
@@ -314,6 +317,11 @@ pub enum CliError {
     Output(std::io::Error),
     #[error("{0}")]
     Usage(String),
+    #[error("cannot serve metrics on {addr}: {cause}; choose another --metrics-listen address")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        cause: std::io::Error,
+    },
     #[error(
         "replay interrupted at stream sequence {at} of {target}; the data directory was not switched; run `tally replay` again"
     )]
@@ -341,9 +349,43 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => 2,
+            CliError::Users(e) if e.is_usage() => 2,
             _ => 1,
         }
     }
+}
+
+/// `tally users`.
+fn users(action: &UsersAction) -> Result<(), CliError> {
+    use crate::commands::users;
+    match action {
+        UsersAction::Add {
+            name,
+            tenants,
+            all_tenants,
+            users: file,
+        } => {
+            let sees = users::add(file, name, tenants, *all_tenants)?;
+            println!("account {name} ({sees}) saved in {}", file.display());
+        }
+        UsersAction::Remove { name, users: file } => {
+            users::remove(file, name)?;
+            println!("account {name} removed from {}", file.display());
+        }
+        UsersAction::List { users: file } => {
+            let lines = users::list(file)?;
+            if lines.is_empty() {
+                println!(
+                    "no accounts in {}; add one with `tally users add NAME --all-tenants`",
+                    file.display()
+                );
+            }
+            for l in lines {
+                println!("{l}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `30d`, `12h`, `90m`, `45s` as a duration.
@@ -397,14 +439,34 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             accept_gap,
             dlq_stream,
             summary_json,
+            metrics_listen,
         } => {
             if *batch_size == 0 {
                 return Err(CliError::Usage("--batch-size must be at least 1".into()));
             }
+            let metrics = match metrics_listen {
+                Some(addr) => {
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|cause| CliError::MetricsListen { addr: *addr, cause })?;
+                    let m = std::sync::Arc::new(runtime::metrics::RunMetrics::default());
+                    tokio::spawn(runtime::metrics::serve(
+                        listener,
+                        std::sync::Arc::clone(&m),
+                        cli.data.clone(),
+                        cli.nats.clone(),
+                        cli.stream.clone(),
+                        runtime::shutdown_signal(),
+                    ));
+                    Some(m)
+                }
+                None => None,
+            };
             let consumer = consumer
                 .clone()
                 .unwrap_or_else(|| crate::store::DataDir::new(&cli.data).consumer_name());
             let opts = RunOptions {
+                metrics,
                 until_idle: *until_idle,
                 accept_gap: *accept_gap,
                 batch_size: *batch_size,
@@ -670,7 +732,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             .await?;
             Ok(())
         }
-        Command::Users { action } => crate::commands::users::users(action),
+        Command::Users { action } => users(action),
         Command::Status { consumer, json } => {
             let consumer = consumer
                 .clone()

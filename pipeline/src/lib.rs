@@ -12,10 +12,11 @@
 //!   (consume loop), [`runtime::processor`] (validation, dedup, operators:
 //!   the synchronous core), [`runtime::commit`] (durable, then checkpoint,
 //!   then ack), [`runtime::restore`] (state at start-up),
-//!   [`runtime::signal`].
+//!   [`runtime::metrics`] (`--metrics-listen`), [`runtime::signal`].
 //! - [`serve`]: `tally serve`: the views over the Postgres wire protocol
 //!   ([`serve::pg`]), Arrow Flight SQL ([`serve::flight`]) and HTTP
-//!   ([`serve::http`]), with accounts ([`serve::accounts`],
+//!   ([`serve::http`], with the pages of [`serve::dashboard`]), with
+//!   accounts ([`serve::accounts`],
 //!   [`serve::scram`]) and per-tenant scoping, answering from one
 //!   checkpoint per query ([`serve::views`]).
 //! - [`query`]: DataFusion SQL over the views and the `queries/` views,

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod contract;
+mod dashboard;
 mod faults;
 mod harness;
 mod history;

@@ -194,7 +194,7 @@ fn tally_json(server: &NatsServer, data: &Path, query: &str) -> Vec<Value> {
     serde_json::from_slice(&run_expect(c, 0).stdout).unwrap()
 }
 
-fn add_user(users: &Path, name: &str, password: &str, scope: &[&str]) {
+pub fn add_user(users: &Path, name: &str, password: &str, scope: &[&str]) {
     let mut c = Command::new(bin());
     c.args(["users", "add", name])
         .args(scope)
@@ -206,7 +206,7 @@ fn add_user(users: &Path, name: &str, password: &str, scope: &[&str]) {
 
 /// 20 generated tenants over 3 months, plus tenant `tbig` with one usage
 /// event of 29 integer digits (more than `rust_decimal` holds), in views.
-fn saas(server: &NatsServer, dir: &Path) -> PathBuf {
+pub fn saas(server: &NatsServer, dir: &Path) -> PathBuf {
     let data = dir.join("data");
     let file = generated(dir, 20, 3, 5);
     let mut p = tally(server, &data);

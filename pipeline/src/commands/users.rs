@@ -5,59 +5,71 @@
 //! only its SCRAM-SHA-256 verifier is written.
 
 use std::io::BufRead;
+use std::path::Path;
 
-use crate::cli::{CliError, UsersAction};
-use crate::serve::accounts::{self, Accounts, PASSWORD_ENV};
+use crate::serve::accounts::{self, Accounts, AccountsError, PASSWORD_ENV};
 
-pub fn users(action: &UsersAction) -> Result<(), CliError> {
-    match action {
-        UsersAction::Add {
-            name,
-            tenants,
-            all_tenants,
-            users,
-        } => {
-            if !all_tenants && tenants.is_empty() {
-                return Err(CliError::Usage(
-                    "say what the account sees: --tenant T (repeatable) or --all-tenants".into(),
-                ));
-            }
-            let password = read_password()?;
-            accounts::add(users, name, &password, tenants.clone(), *all_tenants)?;
-            let sees = if *all_tenants {
-                "all tenants".to_owned()
-            } else {
-                format!("tenants {}", tenants.join(", "))
-            };
-            println!("account {name} ({sees}) saved in {}", users.display());
-            Ok(())
-        }
-        UsersAction::Remove { name, users } => {
-            accounts::remove(users, name)?;
-            println!("account {name} removed from {}", users.display());
-            Ok(())
-        }
-        UsersAction::List { users } => {
-            let accounts = Accounts::load(users)?;
-            if accounts.users.is_empty() {
-                println!(
-                    "no accounts in {}; add one with `tally users add NAME --all-tenants`",
-                    users.display()
-                );
-            }
-            for (name, a) in &accounts.users {
-                if a.all_tenants {
-                    println!("{name}\tall tenants");
-                } else {
-                    println!("{name}\ttenants: {}", a.tenants.join(", "));
-                }
-            }
-            Ok(())
-        }
+#[derive(Debug, thiserror::Error)]
+pub enum UsersError {
+    #[error(transparent)]
+    Accounts(#[from] AccountsError),
+    /// Reject: the account would see nothing.
+    #[error("say what the account sees: --tenant T (repeatable) or --all-tenants")]
+    NoScope,
+    /// Reject: no password was given.
+    #[error("no password: set {PASSWORD_ENV} or give it as one line on stdin")]
+    NoPassword,
+    #[error("cannot read the password from stdin: {0}")]
+    Stdin(std::io::Error),
+}
+
+impl UsersError {
+    /// Whether the command was used wrongly (exit 2) rather than failed.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, UsersError::NoScope | UsersError::NoPassword)
     }
 }
 
-fn read_password() -> Result<String, CliError> {
+/// Creates or replaces `name`; returns what it sees, for the message.
+pub fn add(
+    users: &Path,
+    name: &str,
+    tenants: &[String],
+    all_tenants: bool,
+) -> Result<String, UsersError> {
+    if !all_tenants && tenants.is_empty() {
+        return Err(UsersError::NoScope);
+    }
+    let password = read_password()?;
+    accounts::add(users, name, &password, tenants.to_vec(), all_tenants)?;
+    Ok(if all_tenants {
+        "all tenants".to_owned()
+    } else {
+        format!("tenants {}", tenants.join(", "))
+    })
+}
+
+pub fn remove(users: &Path, name: &str) -> Result<(), UsersError> {
+    Ok(accounts::remove(users, name)?)
+}
+
+/// One line per account: its name and what it sees.
+pub fn list(users: &Path) -> Result<Vec<String>, UsersError> {
+    let accounts = Accounts::load(users)?;
+    Ok(accounts
+        .users
+        .iter()
+        .map(|(name, a)| {
+            if a.all_tenants {
+                format!("{name}\tall tenants")
+            } else {
+                format!("{name}\ttenants: {}", a.tenants.join(", "))
+            }
+        })
+        .collect())
+}
+
+fn read_password() -> Result<String, UsersError> {
     if let Ok(p) = std::env::var(PASSWORD_ENV)
         && !p.is_empty()
     {
@@ -70,15 +82,10 @@ fn read_password() -> Result<String, CliError> {
     std::io::stdin()
         .lock()
         .read_line(&mut line)
-        .map_err(|source| CliError::Input {
-            what: "the password from stdin".into(),
-            source,
-        })?;
+        .map_err(UsersError::Stdin)?;
     let password = line.trim_end_matches(['\n', '\r']).to_owned();
     if password.is_empty() {
-        return Err(CliError::Usage(format!(
-            "no password: set {PASSWORD_ENV} or give it as one line on stdin"
-        )));
+        return Err(UsersError::NoPassword);
     }
     Ok(password)
 }

@@ -124,6 +124,12 @@ pub struct InFlight {
     pub last_msg: Option<async_nats::Message>,
     pub client: async_nats::Client,
     pub last_seq: u64,
+    /// What the checkpoint says once the batch is durable, for the run's
+    /// metrics: its counts, the stream sequences it covers and when it was
+    /// handed to the writer.
+    pub checkpoint: Option<Box<crate::store::checkpoint::Checkpoint>>,
+    pub messages: u64,
+    pub dispatched: Instant,
 }
 
 /// Waits for the batch in flight (if any) to be durable, then acks it.
@@ -149,6 +155,9 @@ pub async fn settle(
     }
     summary.batches += 1;
     summary.last_seq = f.last_seq;
+    if let (Some(m), Some(cp)) = (&opts.metrics, &f.checkpoint) {
+        m.durable(cp, f.messages, f.dispatched.elapsed());
+    }
     if let Some(pos) = &opts.position {
         pos.store(f.last_seq, Ordering::Relaxed);
     }

@@ -14,6 +14,7 @@
 //! (making one batch durable, then acking it), [`signal`] (SIGINT/SIGTERM).
 
 pub mod commit;
+pub mod metrics;
 pub mod processor;
 pub mod restore;
 pub mod session;
@@ -172,6 +173,8 @@ pub struct RunOptions {
     pub stop_at: Option<u64>,
     /// The last processed sequence, for a progress display.
     pub position: Option<Arc<AtomicU64>>,
+    /// Counters for `--metrics-listen`, updated once per durable batch.
+    pub metrics: Option<Arc<metrics::RunMetrics>>,
 }
 
 impl RunOptions {
@@ -194,6 +197,7 @@ impl RunOptions {
             split_at: None,
             stop_at: None,
             position: None,
+            metrics: None,
         }
     }
 }

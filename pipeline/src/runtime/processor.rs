@@ -198,6 +198,11 @@ impl Processor {
         self.measured(a.into_iter().chain(b), true);
     }
 
+    /// Events held in the dedup horizon now.
+    pub fn dedup_len(&self) -> usize {
+        self.dedup.len()
+    }
+
     /// Makes room in the dedup horizon for `messages` more events (the
     /// stream's backlog), so that it does not grow step by step.
     pub fn reserve_dedup(&mut self, messages: u64) {

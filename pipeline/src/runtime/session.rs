@@ -552,6 +552,16 @@ impl<'o> Session<'o> {
         ack: Option<async_nats::Message>,
         stop: &tokio::sync::watch::Receiver<bool>,
     ) {
+        let (checkpoint, messages) = match &self.opts.metrics {
+            Some(m) => {
+                m.dedup_entries(self.p.dedup_len());
+                (
+                    Some(Box::new(out.checkpoint.clone())),
+                    (out.checkpoint.last_seq + 1).saturating_sub(out.first),
+                )
+            }
+            None => (None, 0),
+        };
         let task = tokio::spawn(commit(
             self.js.clone(),
             self.data_dir.clone(),
@@ -564,6 +574,9 @@ impl<'o> Session<'o> {
             last_msg: ack,
             client: self.client.clone(),
             last_seq: self.p.checkpoint.last_seq,
+            checkpoint,
+            messages,
+            dispatched: Instant::now(),
         });
     }
 

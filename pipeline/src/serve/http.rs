@@ -1,6 +1,7 @@
-//! The HTTP listener of `tally serve` (axum): `/healthz`, open to all, and
+//! The HTTP listener of `tally serve` (axum): `/healthz`, open to all,
 //! `/metrics` (Prometheus text), behind HTTP Basic with an account that
-//! sees all tenants, since the pipeline's counts cover every tenant.
+//! sees all tenants, since the pipeline's counts cover every tenant, and
+//! the pages of [`super::dashboard`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,15 +21,15 @@ use crate::store::checkpoint::Checkpoint;
 /// How long `/healthz` and `/metrics` wait for NATS.
 const NATS_WAIT: Duration = Duration::from_secs(2);
 
-struct Http {
-    shared: Arc<Shared>,
+pub struct Http {
+    pub shared: Arc<Shared>,
     /// Connected on first use and kept (async-nats reconnects by itself).
     nats: tokio::sync::Mutex<Option<async_nats::Client>>,
 }
 
 /// The stream's last sequence and the time of its last message (µs), if
 /// NATS answers in time.
-async fn stream_state(http: &Http) -> Result<(u64, i64), String> {
+pub async fn stream_state(http: &Http) -> Result<(u64, i64), String> {
     let shared = &http.shared;
     let mut nats = http.nats.lock().await;
     if nats.is_none() {
@@ -124,6 +125,11 @@ async fn healthz(State(http): State<Arc<Http>>) -> Response {
     }
 }
 
+/// The account of a request's Basic credentials, if the password is right.
+pub fn account_of(http: &Http, headers: &HeaderMap) -> Option<super::accounts::Account> {
+    basic_account(&http.shared, headers)
+}
+
 /// The account of a Basic `Authorization` header, if the password is right.
 fn basic_account(shared: &Shared, headers: &HeaderMap) -> Option<super::accounts::Account> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -134,7 +140,7 @@ fn basic_account(shared: &Shared, headers: &HeaderMap) -> Option<super::accounts
     shared.login(user, password)
 }
 
-fn unauthorized() -> Response {
+pub fn unauthorized() -> Response {
     (
         StatusCode::UNAUTHORIZED,
         [(
@@ -183,6 +189,11 @@ pub async fn serve(
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/", get(super::dashboard::index))
+        .route("/tenants/{tenant}", get(super::dashboard::tenant_page))
+        .route("/api/dashboard", get(super::dashboard::dashboard_json))
+        .route("/api/tenants/{tenant}", get(super::dashboard::tenant_json))
+        .route("/static/{name}", get(super::dashboard::asset))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(stopped)

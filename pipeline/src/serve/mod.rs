@@ -2,13 +2,15 @@
 //!
 //! Three listeners share one [`Shared`]: the Postgres wire protocol
 //! ([`pg`]), Arrow Flight SQL ([`flight`]) and HTTP for health and metrics
-//! ([`http`]). Every query goes through [`views::Views`], which answers
+//! ([`http`], with the dashboard and tenant pages of [`dashboard`]). Every
+//! query goes through [`views::Views`], which answers
 //! from exactly one checkpoint for the account's tenant scope, and through
 //! the same read-only guard as `tally sql`. Accounts come from the users
 //! file ([`accounts`]); logins use SCRAM-SHA-256 on pgwire ([`scram`]) and
 //! the password over TLS (or loopback) for Flight and HTTP Basic.
 
 pub mod accounts;
+pub mod dashboard;
 pub mod flight;
 pub mod http;
 pub mod metrics;

@@ -1,14 +1,19 @@
 //! The views as `tally serve` answers from them: one query session per
-//! account scope and checkpoint, shared by every connection of that scope
-//! until the checkpoint moves.
+//! account scope and checkpoint, shared by every connection of that scope.
 //!
 //! Opening a session (reading the checkpoint, listing view files,
-//! registering the views, `pg_catalog`) takes milliseconds; a query that
-//! reuses one costs a `stat` of `checkpoint.json`. A session is keyed by
-//! the file's identity (inode, size, modification time), which changes at
-//! every commit and at a replay's switch of directories. A file compacted
-//! away under a cached session fails the query as gone; it is then run
-//! once more on a freshly opened session (the consistency rule of
+//! registering the views, `pg_catalog`) takes milliseconds to tens of
+//! milliseconds; a query that reuses one costs a `stat` of
+//! `checkpoint.json`. A session is keyed by that file's identity (inode,
+//! size, modification time), which changes at every commit and at a
+//! replay's switch of directories. When it has changed, the query is
+//! answered from the session it has (a whole checkpoint, only older) while
+//! one task opens the new one in the background: under a `tally run`
+//! committing every few hundred milliseconds, queries never queue behind
+//! opens. Sessions only move forward, so a client never sees a smaller
+//! checkpoint than before. A file compacted away (or switched away by a
+//! replay) under a cached session fails the query as gone; it is then run
+//! once more on a session opened there and then (the consistency rule of
 //! `serve.md`), so an answer always covers exactly one checkpoint.
 
 use std::collections::HashMap;
@@ -53,15 +58,27 @@ fn stamp(data_dir: &Path) -> Option<Stamp> {
     })
 }
 
+#[derive(Clone)]
 pub struct Views {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     data_dir: PathBuf,
     queries_dir: Option<PathBuf>,
     memory_limit: ByteSize,
     /// One memory pool for every query of the server.
     runtime: Arc<RuntimeEnv>,
-    /// Held while a session opens, so that many connections arriving after
-    /// a commit open it once.
-    cache: tokio::sync::Mutex<HashMap<Scope, Arc<Snapshot>>>,
+    cache: std::sync::Mutex<HashMap<Scope, Entry>>,
+    /// Held while a session opens on a query's path (nothing cached, or
+    /// a file gone), so that many connections open it once.
+    opening: tokio::sync::Mutex<()>,
+}
+
+struct Entry {
+    snapshot: Arc<Snapshot>,
+    /// A background open of a newer session is under way.
+    refreshing: bool,
 }
 
 impl Views {
@@ -71,57 +88,121 @@ impl Views {
         memory_limit: ByteSize,
     ) -> Result<Views, QueryError> {
         Ok(Views {
-            data_dir,
-            queries_dir,
-            memory_limit,
-            runtime: query::memory::runtime_env(memory_limit)?,
-            cache: tokio::sync::Mutex::new(HashMap::new()),
+            inner: Arc::new(Inner {
+                data_dir,
+                queries_dir,
+                memory_limit,
+                runtime: query::memory::runtime_env(memory_limit)?,
+                cache: std::sync::Mutex::new(HashMap::new()),
+                opening: tokio::sync::Mutex::new(()),
+            }),
         })
     }
 
     pub fn data_dir(&self) -> &Path {
-        &self.data_dir
+        &self.inner.data_dir
     }
 
     pub fn memory_limit(&self) -> ByteSize {
-        self.memory_limit
+        self.inner.memory_limit
     }
 
-    /// The latest checkpoint as `scope` sees it.
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<Scope, Entry>> {
+        match self.inner.cache.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The session `scope` answers from now: the cached one (refreshed in
+    /// the background if the checkpoint moved), or one opened now.
     pub async fn current(&self, scope: &Scope) -> Result<Arc<Snapshot>, QueryError> {
-        let now = stamp(&self.data_dir);
-        let mut cache = self.cache.lock().await;
-        if let Some(s) = cache.get(scope)
-            && Some(s.stamp) == now
-        {
-            return Ok(Arc::clone(s));
+        if let Some(s) = self.cached(scope) {
+            return Ok(s);
+        }
+        let _opening = self.inner.opening.lock().await;
+        if let Some(s) = self.cached(scope) {
+            return Ok(s);
         }
         let snapshot = Arc::new(self.open(scope).await?);
-        cache.insert(scope.clone(), Arc::clone(&snapshot));
+        self.install(scope, &snapshot);
         Ok(snapshot)
     }
 
-    /// Drops the cached session of `scope` if it is `stale` (its files
-    /// moved under it).
-    async fn forget(&self, scope: &Scope, stale: &Arc<Snapshot>) {
-        let mut cache = self.cache.lock().await;
-        if cache.get(scope).is_some_and(|s| Arc::ptr_eq(s, stale)) {
-            cache.remove(scope);
+    /// The cached session of `scope`, starting a background refresh if the
+    /// checkpoint moved since it was opened.
+    fn cached(&self, scope: &Scope) -> Option<Arc<Snapshot>> {
+        let now = stamp(self.data_dir());
+        let mut cache = self.cache();
+        let entry = cache.get_mut(scope)?;
+        if Some(entry.snapshot.stamp) != now && !entry.refreshing {
+            entry.refreshing = true;
+            let (views, scope) = (self.clone(), scope.clone());
+            tokio::spawn(async move {
+                let opened = views.open(&scope).await;
+                match opened {
+                    Ok(s) => views.install(&scope, &Arc::new(s)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot open the newer checkpoint yet");
+                        if let Some(entry) = views.cache().get_mut(&scope) {
+                            entry.refreshing = false;
+                        }
+                    }
+                }
+            });
+        }
+        Some(Arc::clone(&entry.snapshot))
+    }
+
+    /// Caches `snapshot` for `scope` unless a newer one is cached.
+    fn install(&self, scope: &Scope, snapshot: &Arc<Snapshot>) {
+        let mut cache = self.cache();
+        let newer = cache
+            .get(scope)
+            .is_some_and(|e| e.snapshot.checkpoint_seq > snapshot.checkpoint_seq);
+        if !newer {
+            cache.insert(
+                scope.clone(),
+                Entry {
+                    snapshot: Arc::clone(snapshot),
+                    refreshing: false,
+                },
+            );
+        } else if let Some(e) = cache.get_mut(scope) {
+            e.refreshing = false;
         }
     }
 
+    /// Opens a session now and caches it for `scope`: the query's files
+    /// moved under the one it had (compaction, a replay's switch), and a
+    /// session opened in the background may predate that move too.
+    async fn reopen(&self, scope: &Scope) -> Result<(), QueryError> {
+        let _opening = self.inner.opening.lock().await;
+        let snapshot = Arc::new(self.open(scope).await?);
+        self.cache().insert(
+            scope.clone(),
+            Entry {
+                snapshot,
+                refreshing: false,
+            },
+        );
+        Ok(())
+    }
+
     async fn open(&self, scope: &Scope) -> Result<Snapshot, QueryError> {
+        let inner = &self.inner;
         // The stamp is taken before the checkpoint is read: if a commit
         // lands in between, the next query sees a new stamp and reopens.
-        let before = stamp(&self.data_dir).ok_or_else(|| QueryError::NoViews {
-            dir: self.data_dir.clone(),
+        let before = stamp(&inner.data_dir).ok_or_else(|| QueryError::NoViews {
+            dir: inner.data_dir.clone(),
         })?;
         let opts = QueryOptions {
-            queries_dir: self.queries_dir.clone(),
-            memory_limit: self.memory_limit,
+            queries_dir: inner.queries_dir.clone(),
+            memory_limit: inner.memory_limit,
             scope: scope.clone(),
         };
-        let session = Session::open_with(&self.data_dir, &opts, Arc::clone(&self.runtime)).await?;
+        let session =
+            Session::open_with(&inner.data_dir, &opts, Arc::clone(&inner.runtime)).await?;
         setup_pg_catalog(&session.ctx, query::CATALOG, EmptyContextProvider).map_err(|e| {
             QueryError::Register {
                 view: "pg_catalog".into(),
@@ -152,10 +233,10 @@ impl Views {
         loop {
             let snapshot = self.current(scope).await?;
             let plan = bind(query::plan_statement(&snapshot.ctx, statement.clone()).await?)?;
-            match query::execute_plan(&snapshot.ctx, plan.clone(), self.memory_limit).await {
+            match query::execute_plan(&snapshot.ctx, plan.clone(), self.memory_limit()).await {
                 Err(QueryError::FileGone { .. }) if !retried => {
                     retried = true;
-                    self.forget(scope, &snapshot).await;
+                    self.reopen(scope).await?;
                 }
                 Err(e) => return Err(e),
                 Ok(batches) => {
@@ -166,6 +247,49 @@ impl Views {
                     });
                 }
             }
+        }
+    }
+}
+
+impl Views {
+    /// Runs several queries (SQL text) on one checkpoint, for one page:
+    /// their rows, in order, and the checkpoint.
+    pub async fn run_many(
+        &self,
+        scope: &Scope,
+        sqls: &[String],
+    ) -> Result<(Vec<Vec<RecordBatch>>, u64), QueryError> {
+        let parser =
+            datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser::new();
+        let mut statements = Vec::with_capacity(sqls.len());
+        for sql in sqls {
+            let mut parsed = parser.parse(sql).map_err(|e| {
+                QueryError::Execute(datafusion::error::DataFusionError::Plan(e.to_string()))
+            })?;
+            if parsed.len() != 1 {
+                return Err(QueryError::Execute(
+                    datafusion::error::DataFusionError::Plan("one statement per query".into()),
+                ));
+            }
+            statements.push(parsed.remove(0));
+        }
+        let mut retried = false;
+        'again: loop {
+            let snapshot = self.current(scope).await?;
+            let mut out = Vec::with_capacity(statements.len());
+            for statement in &statements {
+                let plan = query::plan_statement(&snapshot.ctx, statement.clone()).await?;
+                match query::execute_plan(&snapshot.ctx, plan, self.memory_limit()).await {
+                    Err(QueryError::FileGone { .. }) if !retried => {
+                        retried = true;
+                        self.reopen(scope).await?;
+                        continue 'again;
+                    }
+                    Err(e) => return Err(e),
+                    Ok(batches) => out.push(batches),
+                }
+            }
+            return Ok((out, snapshot.checkpoint_seq));
         }
     }
 }

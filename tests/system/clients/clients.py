@@ -101,10 +101,17 @@ def flight_run(spec):
 
 
 def http_run(spec):
+    import base64
+    import urllib.parse
     import urllib.request
 
+    url = urllib.parse.urlsplit(spec["url"])
+    req = urllib.request.Request(url._replace(netloc=url.hostname + (f":{url.port}" if url.port else "")).geturl())
+    if url.username:
+        token = base64.b64encode(f"{url.username}:{url.password}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
     try:
-        resp = urllib.request.urlopen(spec["url"], timeout=10)
+        resp = urllib.request.urlopen(req, timeout=10)
         return {"status": resp.status, "body": resp.read().decode()}
     except urllib.error.HTTPError as e:
         return {"status": e.code, "body": e.read().decode()}

@@ -1,0 +1,210 @@
+// Tally's dashboard and tenant pages. Every number comes from /api/...,
+// which runs the same SQL views as `tally sql` for the logged-in account;
+// this file only lays numbers out (money in major units, months as
+// months) and never computes a metric itself.
+"use strict";
+
+const page = document.body.dataset.page;
+const app = document.getElementById("app");
+
+function esc(s) {
+  return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+function money(cents, currency) {
+  if (cents === null || cents === undefined) return "–";
+  try {
+    return new Intl.NumberFormat("en-US", { style: "currency", currency }).format(Number(cents) / 100);
+  } catch (_) {
+    return (Number(cents) / 100).toFixed(2) + " " + currency;
+  }
+}
+function num(v, digits) {
+  if (v === null || v === undefined) return "–";
+  return Number(v).toLocaleString("en-US", { maximumFractionDigits: digits ?? 2 });
+}
+function pct(v) {
+  return v === null || v === undefined ? "–" : (Number(v) * 100).toFixed(1) + "%";
+}
+function month(m) {
+  if (!m) return "–";
+  const [y, mo] = String(m).split("-");
+  return new Date(Date.UTC(+y, +mo - 1, 1)).toLocaleString("en-US", { month: "short", year: "numeric", timeZone: "UTC" });
+}
+// A table cell that carries its raw value, so a test can compare it with `tally sql`.
+function cell(key, raw, shown, cls) {
+  return `<td data-cell="${esc(key)}" data-raw="${esc(raw === null || raw === undefined ? "" : raw)}"${cls ? ` class="${cls}"` : ""}>${esc(shown)}</td>`;
+}
+function table(headers, rows) {
+  return `<div class="scroll"><table><thead><tr>${headers.map((h, i) => `<th${i === 0 ? ' class="text"' : ""}>${esc(h)}</th>`).join("")}</tr></thead><tbody>${rows.join("") || `<tr><td colspan="${headers.length}" class="text">none</td></tr>`}</tbody></table></div>`;
+}
+function chart(id, option) {
+  const el = document.getElementById(id);
+  if (!el || typeof echarts === "undefined") return;
+  const c = echarts.init(el, null, { renderer: "svg" });
+  c.setOption(Object.assign({ animation: false, tooltip: { trigger: "axis" }, grid: { left: 60, right: 20, top: 30, bottom: 40 } }, option));
+  window.addEventListener("resize", () => c.resize());
+}
+function kpi(label, key, raw, shown) {
+  return `<div class="card kpi"><div class="label">${esc(label)}</div><div class="value" data-cell="${esc(key)}" data-raw="${esc(raw ?? "")}">${esc(shown)}</div></div>`;
+}
+async function get(url) {
+  // location.origin, not a relative URL: a page opened as http://user:pw@host/
+  // has a base URL with credentials, which fetch refuses.
+  const r = await fetch(location.origin + url, { credentials: "same-origin" });
+  if (!r.ok) throw new Error(`${url}: ${r.status} ${await r.text()}`);
+  return r.json();
+}
+function fail(e) {
+  app.innerHTML = `<div class="error">Cannot load the numbers: ${esc(e.message)}</div>`;
+}
+function stamp(d) {
+  document.getElementById("meta").innerHTML =
+    `checkpoint <b data-cell="checkpoint_seq" data-raw="${esc(d.checkpoint_seq)}">${esc(d.checkpoint_seq)}</b> · stream clock ${esc(d.stream_clock ?? "–")}`;
+}
+
+function dashboard(d) {
+  stamp(d);
+  const currencies = [...new Set(d.mrr_waterfall.map((r) => r.currency))].sort();
+  let html = "";
+  for (const cur of currencies) {
+    const wf = d.mrr_waterfall.filter((r) => r.currency === cur);
+    const ch = d.churn.filter((r) => r.currency === cur);
+    const lt = d.ltv.filter((r) => r.currency === cur);
+    const rv = d.revenue_by_month.filter((r) => r.currency === cur);
+    const last = wf[wf.length - 1] || {};
+    const lastCh = ch[ch.length - 1] || {};
+    const lastLt = lt[lt.length - 1] || {};
+    const k = (col) => `mrr_waterfall|${last.month}|${cur}|${col}`;
+    html += `<h2>${esc(cur)}</h2><div class="kpis">
+      ${kpi(`MRR, ${month(last.month)}`, k("mrr_end"), last.mrr_end, money(last.mrr_end, cur))}
+      ${kpi("Net new MRR", k("net_new_mrr"), last.net_new_mrr, money(last.net_new_mrr, cur))}
+      ${kpi("Paying tenants", k("paying_tenants"), last.paying_tenants, num(last.paying_tenants, 0))}
+      ${kpi("Logo churn", `churn|${lastCh.month}|${cur}|logo_churn_rate`, lastCh.logo_churn_rate, pct(lastCh.logo_churn_rate))}
+      ${kpi("Net MRR churn", `churn|${lastCh.month}|${cur}|net_mrr_churn_rate`, lastCh.net_mrr_churn_rate, pct(lastCh.net_mrr_churn_rate))}
+      ${kpi("NRR", `churn|${lastCh.month}|${cur}|nrr`, lastCh.nrr, pct(lastCh.nrr))}
+      ${kpi("ARPA", `ltv|${lastLt.month}|${cur}|arpa`, lastLt.arpa, money(lastLt.arpa, cur))}
+      ${kpi("LTV", `ltv|${lastLt.month}|${cur}|ltv`, lastLt.ltv, money(lastLt.ltv, cur))}
+    </div>
+    <div class="grid" style="margin-top:1rem">
+      <div class="card"><h3>MRR waterfall</h3><div class="chart" id="wf-${cur}"></div></div>
+      <div class="card"><h3>Logo churn, net MRR churn and NRR</h3><div class="chart" id="churn-${cur}"></div></div>
+      <div class="card"><h3>Collected revenue (net of refunds)</h3><div class="chart" id="rev-${cur}"></div></div>
+      <div class="card"><h3>ARPA and LTV</h3><div class="chart" id="ltv-${cur}"></div></div>
+    </div>
+    <div class="card" style="margin-top:1rem"><h3>MRR movements by month</h3>${table(
+      ["Month", "Start", "New", "Expansion", "Reactivation", "Contraction", "Churned", "End", "Paying"],
+      wf.map((r) => {
+        const c = (col, cls) => cell(`mrr_waterfall|${r.month}|${cur}|${col}`, r[col], money(r[col], cur), cls);
+        return `<tr><td class="text">${esc(month(r.month))}</td>${c("mrr_start")}${c("new_mrr", "pos")}${c("expansion_mrr", "pos")}${c("reactivation_mrr", "pos")}${c("contraction_mrr", "neg")}${c("churned_mrr", "neg")}${c("mrr_end")}${cell(`mrr_waterfall|${r.month}|${cur}|paying_tenants`, r.paying_tenants, num(r.paying_tenants, 0))}</tr>`;
+      }))}</div>`;
+  }
+  html += `<div class="grid" style="margin-top:1rem">
+    <div class="card"><h3>Top tenants by MRR</h3>${table(["Tenant", "Plan", "MRR", "Revenue to date"],
+      d.top_tenants.map((r) => `<tr><td class="text"><a href="/tenants/${encodeURIComponent(r.tenant)}">${esc(r.name || r.tenant)}</a></td><td>${esc(r.plan)}</td>${cell(`top_tenants|${r.tenant}|mrr`, r.mrr, money(r.mrr, r.currency))}${cell(`top_tenants|${r.tenant}|revenue_to_date`, r.revenue_to_date, money(r.revenue_to_date, r.currency))}</tr>`))}</div>
+    <div class="card"><h3>Over quota this month</h3>${table(["Tenant", "Metric", "Used", "Included", "Overage"],
+      d.over_quota.map((r) => `<tr><td class="text"><a href="/tenants/${encodeURIComponent(r.tenant)}">${esc(r.tenant)}</a></td><td>${esc(r.metric)}</td>${cell(`over_quota|${r.tenant}|${r.metric}|used`, r.used, num(r.used))}${cell(`over_quota|${r.tenant}|${r.metric}|included`, r.included, num(r.included))}${cell(`over_quota|${r.tenant}|${r.metric}|overage_amount`, r.overage_amount, money(r.overage_amount, r.currency), "neg")}</tr>`))}</div>
+    <div class="card"><h3>Pipeline</h3>${pipeline(d.pipeline)}</div>
+  </div>`;
+  app.innerHTML = html;
+  for (const cur of currencies) {
+    const wf = d.mrr_waterfall.filter((r) => r.currency === cur);
+    const months = wf.map((r) => month(r.month));
+    const m = (v) => (v === null || v === undefined ? null : Number(v) / 100);
+    const bar = (name, col, sign) => ({ name, type: "bar", stack: "moves", data: wf.map((r) => (m(r[col]) === null ? null : sign * m(r[col]))) });
+    chart(`wf-${cur}`, {
+      legend: { top: 0 }, xAxis: { type: "category", data: months }, yAxis: { type: "value" },
+      series: [bar("New", "new_mrr", 1), bar("Expansion", "expansion_mrr", 1), bar("Reactivation", "reactivation_mrr", 1),
+        bar("Contraction", "contraction_mrr", -1), bar("Churned", "churned_mrr", -1),
+        { name: "MRR", type: "line", data: wf.map((r) => m(r.mrr_end)) }],
+    });
+    const ch = d.churn.filter((r) => r.currency === cur);
+    const p = (v) => (v === null || v === undefined ? null : Number(v) * 100);
+    chart(`churn-${cur}`, {
+      legend: { top: 0 }, xAxis: { type: "category", data: ch.map((r) => month(r.month)) }, yAxis: { type: "value", axisLabel: { formatter: "{value}%" } },
+      series: [{ name: "Logo churn", type: "line", data: ch.map((r) => p(r.logo_churn_rate)) },
+        { name: "Net MRR churn", type: "line", data: ch.map((r) => p(r.net_mrr_churn_rate)) },
+        { name: "NRR", type: "line", data: ch.map((r) => p(r.nrr)) }],
+    });
+    const rv = d.revenue_by_month.filter((r) => r.currency === cur);
+    chart(`rev-${cur}`, { xAxis: { type: "category", data: rv.map((r) => month(r.month)) }, yAxis: { type: "value" },
+      series: [{ name: "Net revenue", type: "bar", data: rv.map((r) => m(r.net)) }, { name: "Refunded", type: "bar", data: rv.map((r) => m(r.refunded)) }] });
+    const lt = d.ltv.filter((r) => r.currency === cur);
+    chart(`ltv-${cur}`, { legend: { top: 0 }, xAxis: { type: "category", data: lt.map((r) => month(r.month)) }, yAxis: { type: "value" },
+      series: [{ name: "ARPA", type: "line", data: lt.map((r) => m(r.arpa)) }, { name: "LTV", type: "line", data: lt.map((r) => m(r.ltv)) }] });
+  }
+}
+
+function pipeline(p) {
+  if (!p) return "";
+  const dl = Object.entries(p.dead_lettered || {});
+  const rows = [
+    `<tr><td class="text">Checkpoint</td>${cell("pipeline|checkpoint_seq", p.checkpoint_seq, num(p.checkpoint_seq, 0))}</tr>`,
+    `<tr><td class="text">Stream last sequence</td>${cell("pipeline|stream_last_seq", p.stream_last_seq, p.stream_last_seq === null ? "unknown (NATS)" : num(p.stream_last_seq, 0))}</tr>`,
+    `<tr><td class="text">Lag (messages)</td>${cell("pipeline|lag", p.lag, p.lag === null ? "–" : num(p.lag, 0), p.lag > 0 ? "bad" : "ok")}</tr>`,
+    `<tr><td class="text">Stream clock</td>${cell("pipeline|stream_clock", p.stream_clock, p.stream_clock ?? "–")}</tr>`,
+    `<tr><td class="text">Accepted</td>${cell("pipeline|accepted", p.accepted, num(p.accepted, 0))}</tr>`,
+    `<tr><td class="text">Duplicates dropped</td>${cell("pipeline|duplicate", p.duplicate, num(p.duplicate, 0))}</tr>`,
+    ...dl.map(([reason, n]) => `<tr><td class="text">Dead-lettered: ${esc(reason)}</td>${cell(`pipeline|dead_lettered|${reason}`, n, num(n, 0), "bad")}</tr>`),
+    `<tr><td class="text">Recorded gaps</td>${cell("pipeline|gaps", p.gaps.length, p.gaps.length ? p.gaps.map((g) => `${g.first_seq}–${g.last_seq}`).join(", ") : "none", p.gaps.length ? "bad" : "ok")}</tr>`,
+  ];
+  if (p.stream_error) rows.push(`<tr><td class="text bad" colspan="2">${esc(p.stream_error)}</td></tr>`);
+  return table(["", "Value"], rows);
+}
+
+function tenantPage(d) {
+  stamp(d);
+  const t = d.tenant || {};
+  const cur = t.currency || (d.overages[0] || {}).currency || "USD";
+  const periods = [...new Set(d.overages.map((r) => r.period))].sort();
+  const current = periods[periods.length - 1];
+  const metrics = [...new Set(d.usage.map((r) => r.metric))].sort();
+  let html = `<h2>${esc(t.name || d.tenant_id)} <span class="meta">(${esc(d.tenant_id)})</span></h2>
+    <div class="kpis">
+      ${kpi("Plan", "tenants|plan", t.plan, `${t.plan ?? "–"} (${t.billing_cycle ?? "–"})`)}
+      ${kpi("Status", "tenants|status", t.status, t.status ?? "–")}
+      ${kpi("MRR", "tenants|mrr", t.mrr, money(t.mrr, cur))}
+      ${kpi("Revenue to date", "tenants|revenue_to_date", t.revenue_to_date, money(t.revenue_to_date, cur))}
+    </div>
+    <div class="card" style="margin-top:1rem"><h3>Usage</h3>
+      <div class="tabs" id="gran">${["hour", "day", "month"].map((g) => `<button data-g="${g}" aria-pressed="${g === "day"}">${g}</button>`).join(" ")}</div>
+      <div class="grid">${metrics.map((m) => `<div><h3>${esc(m)}</h3><div class="chart" id="u-${esc(m)}"></div></div>`).join("")}</div>
+    </div>
+    <div class="grid" style="margin-top:1rem">
+    <div class="card"><h3>This period (${esc(month(current))}): usage against the plan</h3>${table(["Metric", "Used", "Included", "Used %", "Overage", "Amount", "Threshold reached"],
+      d.overages.filter((r) => r.period === current).map((r) => `<tr><td class="text">${esc(r.metric)}</td>${cell(`overages|${r.period}|${r.metric}|used`, r.used, num(r.used))}${cell(`overages|${r.period}|${r.metric}|included`, r.included, r.included === null ? "unlimited" : num(r.included))}${cell(`overages|${r.period}|${r.metric}|pct_used`, r.pct_used, r.pct_used === null ? "–" : num(r.pct_used, 1) + "%")}${cell(`overages|${r.period}|${r.metric}|overage_quantity`, r.overage_quantity, num(r.overage_quantity))}${cell(`overages|${r.period}|${r.metric}|overage_amount`, r.overage_amount, money(r.overage_amount, r.currency), r.overage_amount > 0 ? "neg" : "")}${cell(`overages|${r.period}|${r.metric}|threshold`, r.threshold, r.threshold === null ? "–" : r.threshold + "%")}</tr>`))}</div>
+    <div class="card"><h3>Alerts: thresholds reached</h3>${table(["Period", "Metric", "Threshold", "Used %"],
+      d.overages.filter((r) => r.threshold !== null).map((r) => `<tr><td class="text">${esc(month(r.period))}</td><td>${esc(r.metric)}</td>${cell(`alerts|${r.period}|${r.metric}|threshold`, r.threshold, r.threshold + "%", "bad")}${cell(`alerts|${r.period}|${r.metric}|pct_used`, r.pct_used, num(r.pct_used, 1) + "%")}</tr>`))}</div>
+    <div class="card"><h3>Subscription timeline</h3>${table(["Time", "Event", "Details"],
+      d.timeline.map((r) => `<tr><td class="text">${esc(r.time)}</td><td>${esc(r.type)}</td><td class="text">${esc(r.data)}</td></tr>`))}</div>
+    <div class="card"><h3>Invoices and refunds</h3>${table(["Time", "Event", "Details"],
+      d.invoices.map((r) => `<tr><td class="text">${esc(r.time)}</td><td>${esc(r.type)}</td><td class="text">${esc(r.data)}</td></tr>`))}</div>
+    <div class="card"><h3>Revenue by month</h3>${table(["Month", "Paid", "Refunded", "Net"],
+      d.revenue.map((r) => `<tr><td class="text">${esc(month(r.month))}</td>${cell(`revenue|${r.month}|paid`, r.paid, money(r.paid, r.currency))}${cell(`revenue|${r.month}|refunded`, r.refunded, money(r.refunded, r.currency))}${cell(`revenue|${r.month}|net`, r.net, money(r.net, r.currency))}</tr>`))}</div>
+    </div>`;
+  app.innerHTML = html;
+  const draw = (g) => {
+    for (const m of metrics) {
+      const rows = d.usage.filter((r) => r.metric === m && r.granularity === g);
+      const series = [{ name: "used", type: "bar", data: rows.map((r) => [r.window_start, Number(r.sum ?? r.max ?? 0)]) }];
+      if (g === "month") {
+        const lim = d.overages.filter((r) => r.metric === m && r.included !== null).map((r) => [r.period + "T00:00:00Z", Number(r.included)]);
+        if (lim.length) series.push({ name: "included", type: "line", step: "end", data: lim, lineStyle: { type: "dashed" } });
+      }
+      chart(`u-${m}`, { legend: { top: 0 }, xAxis: { type: "time" }, yAxis: { type: "value" }, series });
+    }
+  };
+  draw("day");
+  for (const b of document.querySelectorAll("#gran button")) {
+    b.addEventListener("click", () => {
+      for (const o of document.querySelectorAll("#gran button")) o.setAttribute("aria-pressed", String(o === b));
+      for (const m of metrics) { const el = document.getElementById(`u-${m}`); if (el && echarts.getInstanceByDom(el)) echarts.getInstanceByDom(el).dispose(); }
+      draw(b.dataset.g);
+    });
+  }
+}
+
+if (page === "dashboard") {
+  get("/api/dashboard").then(dashboard).catch(fail);
+} else if (page === "tenant") {
+  get(`/api/tenants/${encodeURIComponent(document.body.dataset.tenant)}`).then(tenantPage).catch(fail);
+}
