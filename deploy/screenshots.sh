@@ -11,7 +11,7 @@ months="${2:-12}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tally-target}"
 . deploy/install-nats-server.sh
 . deploy/install-clients.sh
-cargo build --quiet --bin tally
+if [ -z "${TALLY_BIN:-}" ]; then cargo build --quiet --bin tally; fi
 tally="${TALLY_BIN:-$CARGO_TARGET_DIR/debug/tally}"
 work="$(mktemp -d "${TMPDIR:-/tmp}/tally-shots.XXXXXX")"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
