@@ -775,6 +775,7 @@ fn bad_input_gets_a_clear_answer_and_harms_no_one() {
         answer.contains("28000") && answer.contains("no user name"),
         "{answer}"
     );
+    // `raw` stays open: the refused session must not hold a slot anyway.
 
     // A client that vanishes mid-query.
     let mut vanishing = Command::new("psql")
@@ -827,7 +828,31 @@ fn bad_input_gets_a_clear_answer_and_harms_no_one() {
     assert_eq!(sqlstate(&steps[5]), "42P01");
     assert!(steps[6].get("error").is_none(), "{}", steps[6]);
 
-    // More connections than allowed: the fifth is refused, clearly.
+    // More connections than allowed: the fifth is refused, clearly. First
+    // the vanished client's session must end (its query runs on until the
+    // timeout), leaving the held one.
+    let metrics = json!({"url": format!("http://127.0.0.1:{}/metrics", serve.http), "user": "ops", "password": "ops-pw"});
+    let open_now = || {
+        client("prometheus", &metrics)["samples"]["tally_serve_open_connections{protocol=pgwire}"]
+            .as_f64()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while open_now() != Some(1.0) {
+        if Instant::now() > deadline {
+            let ss = Command::new("ss").args(["-tnpa"]).output().unwrap();
+            panic!(
+                "sessions did not end: {:?}\n{}\n{}",
+                open_now(),
+                String::from_utf8_lossy(&ss.stdout)
+                    .lines()
+                    .filter(|l| l.contains(&format!(":{}", serve.pg)))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                serve.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let mut idle: Vec<Child> = (0..3)
         .map(|_| {
             Command::new("psql")
@@ -840,7 +865,21 @@ fn bad_input_gets_a_clear_answer_and_harms_no_one() {
                 .unwrap()
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Until the server counts all four (logins take a while on a loaded
+    // machine), then a fifth.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let open = open_now();
+        if open == Some(4.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the idle sessions never all connected: {open:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
     let refused = loop {
         let (code, _, err) = psql(&dsn, &["-c", "SELECT 1"], dir.path());
         if code != 0 {

@@ -264,13 +264,10 @@ async fn stream_last(l: &Listener) -> Option<u64> {
             .ok()?;
         *nats = Some(c);
     }
-    let js = async_nats::jetstream::new(nats.as_ref()?.clone());
-    tokio::time::timeout(wait, async {
-        let mut s = js.get_stream(&l.stream).await.ok()?;
-        s.info().await.ok().map(|i| i.state.last_sequence)
-    })
-    .await
-    .ok()?
+    crate::source::jetstream::last_position(nats.as_ref()?, &l.stream, wait)
+        .await
+        .ok()
+        .map(|(seq, _)| seq)
 }
 
 /// Serves `GET /metrics` on `listener` (no login: bind it where only the

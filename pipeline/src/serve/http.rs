@@ -51,25 +51,7 @@ pub async fn stream_state(http: &Http) -> Result<(u64, i64), String> {
     let Some(client) = nats.as_ref() else {
         return Err("not connected to NATS".into());
     };
-    let js = async_nats::jetstream::new(client.clone());
-    let info = tokio::time::timeout(NATS_WAIT, async {
-        let mut stream = js
-            .get_stream(&shared.stream)
-            .await
-            .map_err(|e| e.to_string())?;
-        stream.info().await.cloned().map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|_| {
-        format!(
-            "NATS at {} did not answer within {} s",
-            shared.nats_url,
-            NATS_WAIT.as_secs()
-        )
-    })?
-    .map_err(|e| format!("cannot read stream {}: {e}", shared.stream))?;
-    let last_us = info.state.last_timestamp.timestamp_micros();
-    Ok((info.state.last_sequence, last_us))
+    crate::source::jetstream::last_position(client, &shared.stream, NATS_WAIT).await
 }
 
 async fn healthz(State(http): State<Arc<Http>>) -> Response {

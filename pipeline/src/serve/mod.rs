@@ -45,6 +45,13 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// `--stale-after` default, seconds: `/healthz` fails when the checkpoint
 /// is older than this behind the stream's last message.
 pub const DEFAULT_STALE_AFTER_SECS: u64 = 300;
+/// How long a pgwire connection may take to log in (Postgres's
+/// `authentication_timeout`); a connection still without a login then is
+/// closed.
+pub const AUTHENTICATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a FATAL error has to reach the client before its connection
+/// is closed.
+const FATAL_FLUSH: Duration = Duration::from_millis(200);
 /// How long running queries may finish after SIGINT/SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -346,8 +353,34 @@ async fn accept_pg(
                 let _ = pgwire::tokio::process_socket(socket, tls, refuse).await;
                 return;
             };
-            let handlers = pg::Handlers(Arc::new(pg::Connection::new(Arc::clone(&shared))));
-            if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
+            let conn = Arc::new(pg::Connection::new(Arc::clone(&shared)));
+            let session =
+                pgwire::tokio::process_socket(socket, tls, pg::Handlers(Arc::clone(&conn)));
+            tokio::pin!(session);
+            let login_by = tokio::time::sleep(AUTHENTICATION_TIMEOUT);
+            tokio::pin!(login_by);
+            let mut waiting_login = true;
+            // The session ends when the client leaves, after a FATAL error
+            // (even if the client keeps its socket open), or when it has
+            // not logged in within the limit: it never holds a slot idly.
+            let ended = loop {
+                tokio::select! {
+                    r = &mut session => break Some(r),
+                    _ = conn.ended.notified() => {
+                        // Let the error reach the client first.
+                        let _ = tokio::time::timeout(FATAL_FLUSH, &mut session).await;
+                        break None;
+                    }
+                    _ = &mut login_by, if waiting_login => {
+                        if !conn.logged_in() {
+                            tracing::debug!(%peer, "pgwire connection closed: no login within the limit");
+                            break None;
+                        }
+                        waiting_login = false;
+                    }
+                }
+            };
+            if let Some(Err(e)) = ended {
                 tracing::debug!(%peer, error = %e, "pgwire connection ended with an error");
             }
         });

@@ -381,6 +381,9 @@ fn scope_of(shared: &Shared, login: &Login) -> PgWireResult<Scope> {
 pub struct Connection {
     shared: Arc<Shared>,
     login: Login,
+    /// Notified when a FATAL error goes to the client: the session is over
+    /// even if the client keeps its socket open.
+    pub ended: Arc<tokio::sync::Notify>,
     /// Open cursors: the rows still to fetch.
     cursors: tokio::sync::Mutex<std::collections::HashMap<String, Cursor>>,
     auth: tokio::sync::Mutex<AuthState>,
@@ -423,6 +426,11 @@ enum AuthState {
 }
 
 impl Connection {
+    /// Whether SCRAM has succeeded on this connection.
+    pub fn logged_in(&self) -> bool {
+        login_user(&self.login).is_some()
+    }
+
     pub fn new(shared: Arc<Shared>) -> Connection {
         let login: Login = Arc::new(Mutex::new(None));
         Connection {
@@ -433,6 +441,7 @@ impl Connection {
             }),
             shared,
             login,
+            ended: Arc::new(tokio::sync::Notify::new()),
             cursors: tokio::sync::Mutex::new(std::collections::HashMap::new()),
             auth: tokio::sync::Mutex::new(AuthState::Initial),
         }
@@ -456,15 +465,24 @@ impl PgWireServerHandlers for Handlers {
     }
 
     fn error_handler(&self) -> Arc<impl ErrorHandler> {
-        Arc::new(LogErrors)
+        Arc::new(LogErrors {
+            ended: Arc::clone(&self.0.ended),
+        })
     }
 }
 
-struct LogErrors;
+struct LogErrors {
+    ended: Arc<tokio::sync::Notify>,
+}
 
 impl ErrorHandler for LogErrors {
     fn on_error<C: ClientInfo>(&self, client: &C, error: &mut PgWireError) {
         tracing::debug!(peer = %client.socket_addr(), error = %error, "pgwire error sent");
+        if let PgWireError::UserError(info) = error
+            && info.severity == "FATAL"
+        {
+            self.ended.notify_one();
+        }
     }
 }
 

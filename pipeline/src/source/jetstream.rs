@@ -108,6 +108,28 @@ pub fn max_ack_pending(batch_size: usize) -> i64 {
 
 /// Connects with a clear message when the server is not there. The client
 /// reconnects by itself after a connection loss; callers retry operations.
+/// The last sequence of `stream` and its last message's publish time (µs
+/// since the epoch), waiting at most `wait`; for health and metrics, so the
+/// error is text for people.
+pub async fn last_position(
+    client: &async_nats::Client,
+    stream: &str,
+    wait: Duration,
+) -> Result<(u64, i64), String> {
+    let js = jetstream::new(client.clone());
+    let info = tokio::time::timeout(wait, async {
+        let mut s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+        s.info().await.cloned().map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|_| format!("NATS did not answer within {} s", wait.as_secs()))?
+    .map_err(|e| format!("cannot read stream {stream}: {e}"))?;
+    Ok((
+        info.state.last_sequence,
+        info.state.last_timestamp.timestamp_micros(),
+    ))
+}
+
 pub async fn connect(url: &str) -> Result<async_nats::Client, SourceError> {
     async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
