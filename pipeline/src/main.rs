@@ -20,10 +20,14 @@ fn main() -> ExitCode {
     } else {
         builder.init();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if matches!(cli.command, tally::cli::Command::Serve { .. }) {
+        // `tally serve` parses, plans and runs queries on its workers:
+        // they get the stacks of `tally sql`'s query thread.
+        builder.thread_stack_size(tally::query::QUERY_STACK_BYTES);
+    }
+    let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tally: cannot start the async runtime: {e}");

@@ -650,6 +650,14 @@ fn a_tenant_account_sees_its_own_world_and_cannot_escape_it() {
             {"sql": "SELECT * FROM read_parquet('x.parquet')"},
             {"sql": "CREATE VIEW leak AS SELECT 1"},
             {"sql": "SELECT reltuples FROM pg_catalog.pg_class WHERE relname = 'usage'"},
+            // Nothing the query says is evaluated on another tenant's row:
+            // not a cast that would fail naming its value, not a division
+            // by zero as an oracle, not a count from the files' metadata.
+            {"sql": "SELECT count(*) FROM events WHERE CAST(tenant AS INT) = 0 OR tenant = 't0003'"},
+            {"sql": "SELECT count(*) FROM usage WHERE CASE WHEN tenant = 't0005' THEN 1 / 0 ELSE 1 END = 1"},
+            {"sql": "SELECT count(*) FROM events"},
+            {"sql": "EXPLAIN ANALYZE SELECT * FROM usage"},
+            {"sql": "EXPLAIN SELECT * FROM usage"},
         ]),
     );
     assert_eq!(rows(&steps[0]), vec![vec![Some("t0003".into())]]);
@@ -670,6 +678,21 @@ fn a_tenant_account_sees_its_own_world_and_cannot_escape_it() {
         vec![vec![Some("0.0".into())]],
         "no row counts leak"
     );
+    let cast = steps[11]["error"]["message"].as_str().unwrap_or_default();
+    for t in ["t0001", "t0002", "t0004", "t0005", "t0012"] {
+        assert!(!cast.contains(t), "an error names tenant {t}: {cast}");
+    }
+    let usage_rows = rows(&scoped[1]).len().to_string();
+    assert_eq!(
+        rows(&steps[12]),
+        vec![vec![Some(usage_rows)]],
+        "{}",
+        steps[12]
+    );
+    let events_rows = rows(&scoped[0]).len().to_string();
+    assert_eq!(rows(&steps[13]), vec![vec![Some(events_rows)]]);
+    assert_eq!(sqlstate(&steps[14]), "42501");
+    assert_eq!(sqlstate(&steps[15]), "42501");
 
     // Two tenants see both; Flight SQL scopes the same way.
     let two = psycopg(

@@ -86,10 +86,10 @@ function dashboard(d) {
       ${kpi("LTV", `ltv|${lastLt.month}|${cur}|ltv`, lastLt.ltv, money(lastLt.ltv, cur))}
     </div>
     <div class="grid" style="margin-top:1rem">
-      <div class="card"><h3>MRR waterfall</h3><div class="chart" id="wf-${cur}"></div></div>
-      <div class="card"><h3>Logo churn, net MRR churn and NRR</h3><div class="chart" id="churn-${cur}"></div></div>
-      <div class="card"><h3>Collected revenue (net of refunds)</h3><div class="chart" id="rev-${cur}"></div></div>
-      <div class="card"><h3>ARPA and LTV</h3><div class="chart" id="ltv-${cur}"></div></div>
+      <div class="card"><h3>MRR waterfall</h3><div class="chart" id="wf-${esc(cur)}"></div></div>
+      <div class="card"><h3>Logo churn, net MRR churn and NRR</h3><div class="chart" id="churn-${esc(cur)}"></div></div>
+      <div class="card"><h3>Collected revenue (net of refunds)</h3><div class="chart" id="rev-${esc(cur)}"></div></div>
+      <div class="card"><h3>ARPA and LTV</h3><div class="chart" id="ltv-${esc(cur)}"></div></div>
     </div>
     <div class="card" style="margin-top:1rem"><h3>MRR movements by month</h3>${table(
       ["Month", "Start", "New", "Expansion", "Reactivation", "Contraction", "Churned", "End", "Paying"],

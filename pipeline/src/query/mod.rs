@@ -20,6 +20,7 @@
 
 pub mod format;
 pub mod memory;
+pub mod scope;
 pub mod table;
 pub mod view_name;
 pub mod views;
@@ -30,20 +31,16 @@ use std::sync::Arc;
 use arrow::array::{RecordBatch, TimestampMicrosecondArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::TableProvider;
-use datafusion::catalog::view::ViewTable;
 use datafusion::common::tree_node::{TreeNodeRecursion, TreeNodeVisitor};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
-use datafusion::datasource::provider_as_source;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::{SessionConfig, SessionContext};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::LogicalPlan;
-use datafusion::logical_expr::LogicalPlanBuilder;
-use datafusion::prelude::{col, lit};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Visit, Visitor};
 use datafusion::sql::sqlparser::parser::ParserError;
@@ -169,10 +166,10 @@ pub struct QueryOptions {
 
 /// The world a session sees. A scoped session's stored views (and their
 /// hidden version tables) hold only the rows of its tenants: each is
-/// registered as a plan over the checkpoint's files with a `tenant IN (...)`
-/// filter, and the unfiltered files are not registered under any name, so
-/// no SQL can reach another tenant's rows; the `queries/` views are then
-/// computed over the scoped views.
+/// registered as a [`scope::ScopedTable`] over the checkpoint's files, and
+/// the unfiltered files are not registered under any name, so no SQL can
+/// reach another tenant's rows, or evaluate anything on them; the
+/// `queries/` views are then computed over the scoped views.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub enum Scope {
     #[default]
@@ -509,21 +506,17 @@ fn register_files(
     Ok(())
 }
 
-/// `table` as `scope` sees it: itself for all tenants, else a view whose
-/// plan reads it directly (not by name) and keeps the scope's tenants.
+/// `table` as `scope` sees it: itself for all tenants, else only the rows
+/// of the scope's tenants (see [`scope`]).
 fn scoped(
-    name: &str,
+    _name: &str,
     table: Arc<dyn TableProvider>,
     scope: &Scope,
 ) -> Result<Arc<dyn TableProvider>, DataFusionError> {
-    let Scope::Tenants(tenants) = scope else {
-        return Ok(table);
-    };
-    let keep = col("tenant").in_list(tenants.iter().map(|t| lit(t.as_str())).collect(), false);
-    let plan = LogicalPlanBuilder::scan(name, provider_as_source(table), None)?
-        .filter(keep)?
-        .build()?;
-    Ok(Arc::new(ViewTable::new(plan, None)))
+    Ok(match scope {
+        Scope::AllTenants => table,
+        Scope::Tenants(tenants) => Arc::new(scope::ScopedTable::new(table, tenants)),
+    })
 }
 
 /// Finds the first plan node that would change something.

@@ -51,12 +51,16 @@ use crate::query::{QueryError, Scope};
 pub const CATALOG: &str = "tally";
 pub const SCHEMA: &str = "public";
 
+/// Bearer tokens kept at most.
+const MAX_TOKENS: usize = 10_000;
+
 type DoGetStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send>>;
 
 pub struct TallyFlight {
     shared: Arc<Shared>,
-    /// Bearer token -> user, for the life of the server.
-    tokens: Mutex<HashMap<String, String>>,
+    /// Bearer token -> (user, the verifier the login matched): a token
+    /// stops working when the account is removed or its password changes.
+    tokens: Mutex<HashMap<String, (String, String)>>,
     sql_info: SqlInfoData,
 }
 
@@ -109,11 +113,19 @@ impl TallyFlight {
                 )
             })?;
         let user = if let Some(token) = header.strip_prefix("Bearer ") {
-            self.tokens
+            let (user, verifier) = self
+                .tokens
                 .lock()
                 .ok()
                 .and_then(|t| t.get(token.trim()).cloned())
-                .ok_or_else(|| Status::unauthenticated("unknown or expired token: log in again"))?
+                .ok_or_else(|| Status::unauthenticated("unknown or expired token: log in again"))?;
+            let current = self.shared.accounts.account(&user).map(|a| a.verifier);
+            if current.as_deref() != Some(verifier.as_str()) {
+                return Err(Status::unauthenticated(format!(
+                    "account {user} was removed or its password changed: log in again"
+                )));
+            }
+            user
         } else if let Some(basic) = header.strip_prefix("Basic ") {
             let (user, password) = decode_basic(basic)?;
             self.shared
@@ -133,6 +145,13 @@ impl TallyFlight {
     }
 
     async fn statement(&self, sql: &str) -> Result<Statement, Status> {
+        if sql.len() > super::MAX_QUERY_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "the query is {} bytes; at most {} are accepted (SQLSTATE 54000)",
+                sql.len(),
+                super::MAX_QUERY_BYTES
+            )));
+        }
         let mut statements =
             datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser::new()
                 .parse(sql)
@@ -157,9 +176,7 @@ impl TallyFlight {
             .current(scope)
             .await
             .map_err(|e| status_of(&e))?;
-        let plan = crate::query::plan_statement(&snapshot.ctx, statement)
-            .await
-            .map_err(|e| status_of(&e))?;
+        let plan = snapshot.plan(statement).await.map_err(|e| status_of(&e))?;
         Ok(plan.schema().as_arrow().clone())
     }
 
@@ -297,16 +314,20 @@ impl FlightSqlService for TallyFlight {
                 )
             })?;
         let (user, password) = decode_basic(header)?;
-        if self.shared.login(&user, &password).is_none() {
+        let Some(account) = self.shared.login(&user, &password) else {
             return Err(Status::unauthenticated(format!(
                 "password authentication failed for user \"{user}\""
             )));
-        }
+        };
         let mut raw = [0u8; 32];
         getrandom::fill(&mut raw).map_err(|e| Status::internal(e.to_string()))?;
         let token = B64.encode(raw);
         if let Ok(mut t) = self.tokens.lock() {
-            t.insert(token.clone(), user);
+            // Bounded: past the cap, every client logs in again.
+            if t.len() >= MAX_TOKENS {
+                t.clear();
+            }
+            t.insert(token.clone(), (user, account.verifier));
         }
         let out = futures::stream::iter(vec![Ok(HandshakeResponse {
             protocol_version: 0,

@@ -45,13 +45,18 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// `--stale-after` default, seconds: `/healthz` fails when the checkpoint
 /// is older than this behind the stream's last message.
 pub const DEFAULT_STALE_AFTER_SECS: u64 = 300;
-/// How long a pgwire connection may take to log in (Postgres's
-/// `authentication_timeout`); a connection still without a login then is
-/// closed.
-pub const AUTHENTICATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a pgwire connection may take to log in (Postgres allows 60 s;
+/// a quarter of that keeps silent connections from holding the slots of
+/// `--max-connections`); a connection still without a login then is closed.
+pub const AUTHENTICATION_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a FATAL error has to reach the client before its connection
 /// is closed.
 const FATAL_FLUSH: Duration = Duration::from_millis(200);
+/// The longest query text accepted. Deeper nesting than
+/// [`crate::query::MAX_EXPR_DEPTH`] is refused after parsing; this bound
+/// keeps what is parsed (and cloned and dropped, recursively) within the
+/// large query-thread stacks.
+pub const MAX_QUERY_BYTES: usize = 256 * 1024;
 /// How long running queries may finish after SIGINT/SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -155,6 +160,9 @@ impl Shared {
         let account = self.accounts.account(user);
         let key = (user.to_owned(), Sha256::digest(password.as_bytes()).into());
         let Some(account) = account else {
+            // As long as a known user's check, so timing tells nothing.
+            let _ =
+                accounts::Verifier::new(password, &self.secret[..16], accounts::SCRAM_ITERATIONS);
             tracing::warn!(user = %user, "login refused: unknown user or wrong password");
             return None;
         };
@@ -215,8 +223,8 @@ pub async fn serve(
     let bind = async |listen: Listen, what: &'static str, flag: &'static str| match listen {
         Listen::Off => Ok(None),
         Listen::On(addr) => {
-            if tls.is_none() && !addr.ip().is_loopback() && what != "HTTP" {
-                tracing::warn!(%addr, listener = what, "listening beyond loopback without TLS: passwords and rows cross the network in the clear; give --tls-cert and --tls-key");
+            if !addr.ip().is_loopback() && (tls.is_none() || what == "HTTP") {
+                tracing::warn!(%addr, listener = what, "listening beyond loopback without TLS: passwords and rows cross the network in the clear (pgwire and Flight take --tls-cert/--tls-key; put HTTP behind a TLS proxy)");
             }
             TcpListener::bind(addr)
                 .await

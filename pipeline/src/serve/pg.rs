@@ -657,6 +657,16 @@ pub fn known_client_rewrites(sql: &str) -> std::borrow::Cow<'_, str> {
 
 impl Parser {
     fn parse_all(&self, sql: &str) -> PgWireResult<Vec<Statement>> {
+        if sql.len() > super::MAX_QUERY_BYTES {
+            return Err(user_error(
+                "54000",
+                format!(
+                    "the query is {} bytes; at most {} are accepted: split it or use IN lists instead of long chains",
+                    sql.len(),
+                    super::MAX_QUERY_BYTES
+                ),
+            ));
+        }
         let sql = known_client_rewrites(sql);
         self.sql
             .parse(&sql)
@@ -697,7 +707,8 @@ impl QueryParser for Parser {
                     .current(&scope)
                     .await
                     .map_err(|e| query_error(&e))?;
-                let plan = crate::query::plan_statement(&snapshot.ctx, (**s).clone())
+                let plan = snapshot
+                    .plan((**s).clone())
                     .await
                     .map_err(|e| query_error(&e))?;
                 let params = param_types(&plan)?;
@@ -714,7 +725,8 @@ impl QueryParser for Parser {
                     .current(&scope)
                     .await
                     .map_err(|e| query_error(&e))?;
-                let plan = crate::query::plan_statement(&snapshot.ctx, (**query).clone())
+                let plan = snapshot
+                    .plan((**query).clone())
                     .await
                     .map_err(|e| query_error(&e))?;
                 (param_types(&plan)?, None)
@@ -788,6 +800,8 @@ impl Connection {
         C::PortalStore: PortalStore,
         F: Fn(LogicalPlan) -> Result<LogicalPlan, QueryError>,
     {
+        // A removed account's session ends at its next statement, whatever it is.
+        scope_of(&self.shared, &self.login)?;
         match kind {
             Kind::Empty => Ok(Response::EmptyQuery),
             Kind::Set => Ok(Response::Execution(Tag::new("SET"))),

@@ -37,6 +37,23 @@ pub struct Snapshot {
     pub ctx: SessionContext,
     pub checkpoint_seq: u64,
     stamp: Stamp,
+    /// A tenant scope: `EXPLAIN` is refused, since its plans and metrics
+    /// describe whole files (rows and row groups of every tenant).
+    scoped: bool,
+}
+
+impl Snapshot {
+    /// Plans `statement` read-only on this session.
+    pub async fn plan(&self, statement: Statement) -> Result<LogicalPlan, QueryError> {
+        if self.scoped && matches!(statement, Statement::Explain { .. }) {
+            return Err(QueryError::ReadOnly {
+                refused:
+                    "EXPLAIN for an account scoped to tenants (plans describe every tenant's files)"
+                        .into(),
+            });
+        }
+        query::plan_statement(&self.ctx, statement).await
+    }
 }
 
 /// Identity of `checkpoint.json` at a moment.
@@ -214,6 +231,7 @@ impl Views {
             ctx: session.ctx,
             checkpoint_seq: session.checkpoint_seq,
             stamp: before,
+            scoped: *scope != Scope::AllTenants,
         })
     }
 
@@ -229,13 +247,13 @@ impl Views {
     where
         F: Fn(LogicalPlan) -> Result<LogicalPlan, QueryError>,
     {
-        let mut retried = false;
+        let mut retries = 0;
         loop {
             let snapshot = self.current(scope).await?;
-            let plan = bind(query::plan_statement(&snapshot.ctx, statement.clone()).await?)?;
+            let plan = bind(snapshot.plan(statement.clone()).await?)?;
             match query::execute_plan(&snapshot.ctx, plan.clone(), self.memory_limit()).await {
-                Err(QueryError::FileGone { .. }) if !retried => {
-                    retried = true;
+                Err(QueryError::FileGone { .. }) if retries < GONE_RETRIES => {
+                    retries += 1;
                     self.reopen(scope).await?;
                 }
                 Err(e) => return Err(e),
@@ -273,15 +291,15 @@ impl Views {
             }
             statements.push(parsed.remove(0));
         }
-        let mut retried = false;
+        let mut retries = 0;
         'again: loop {
             let snapshot = self.current(scope).await?;
             let mut out = Vec::with_capacity(statements.len());
             for statement in &statements {
-                let plan = query::plan_statement(&snapshot.ctx, statement.clone()).await?;
+                let plan = snapshot.plan(statement.clone()).await?;
                 match query::execute_plan(&snapshot.ctx, plan, self.memory_limit()).await {
-                    Err(QueryError::FileGone { .. }) if !retried => {
-                        retried = true;
+                    Err(QueryError::FileGone { .. }) if retries < GONE_RETRIES => {
+                        retries += 1;
                         self.reopen(scope).await?;
                         continue 'again;
                     }
@@ -293,6 +311,13 @@ impl Views {
         }
     }
 }
+
+/// How many times a query whose files vanished under it runs again on a
+/// freshly opened session. Once is nearly always enough; a compaction can
+/// still remove a file between a fresh listing and its read, and three
+/// such races in a row do not happen while compaction runs every few
+/// seconds.
+const GONE_RETRIES: usize = 3;
 
 /// The rows of one query and the checkpoint they cover.
 pub struct Answer {
