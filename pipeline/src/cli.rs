@@ -25,7 +25,7 @@ use crate::source::jetstream::{self as js, SourceConfig, SourceError, connect};
     about = "SaaS events from NATS JetStream to billing-grade SQL views"
 )]
 pub struct Cli {
-    /// NATS server URL.
+    /// NATS server URL, or a comma-separated list of a cluster's servers.
     #[arg(
         long,
         global = true,
@@ -63,6 +63,9 @@ pub struct Cli {
     /// Retention of the event stream when Tally creates it: at most this many bytes (e.g. 10G); default unlimited.
     #[arg(long, global = true, env = "TALLY_STREAM_MAX_BYTES", value_parser = parse_bytes)]
     pub stream_max_bytes: Option<i64>,
+    /// Replicas of the streams Tally creates, on a JetStream cluster (e.g. 3); an existing stream keeps its own.
+    #[arg(long, global = true, env = "TALLY_STREAM_REPLICAS", default_value_t = js::DEFAULT_REPLICAS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=5))]
+    pub replicas: usize,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, global = true, env = "TALLY_LOG", default_value = "text", value_parser = ["text", "json"])]
     pub log: String,
@@ -424,6 +427,7 @@ fn source_config(cli: &Cli, consumer: Option<&str>, dlq: Option<&str>) -> Source
         dlq_stream: dlq.map_or(d.dlq_stream, str::to_owned),
         max_age: cli.stream_max_age,
         max_bytes: cli.stream_max_bytes,
+        replicas: cli.replicas,
     }
 }
 

@@ -100,6 +100,17 @@ impl NatsServer {
         self.spawn_on(false);
     }
 
+    /// Servers started elsewhere (a cluster: `url` lists its nodes), for
+    /// the helpers that only need the URL.
+    pub fn external(url: &str) -> NatsServer {
+        NatsServer {
+            child: None,
+            port: 0,
+            url: url.to_owned(),
+            store: tempfile::tempdir().unwrap(),
+        }
+    }
+
     /// Stops the server (the store stays).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -4,6 +4,7 @@
 // Integration-test crate: panicking on a broken fixture is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cluster;
 mod contract;
 mod dashboard;
 mod faults;

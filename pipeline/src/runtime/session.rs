@@ -119,12 +119,14 @@ impl<'o> Session<'o> {
             &js,
             &opts.source.dlq_stream,
             &format!("{}.>", dlq::SUBJECT_PREFIX),
+            opts.source.replicas,
         )
         .await?;
         js_source::ensure_output_stream(
             &js,
             alerts::STREAM,
             &format!("{}.>", alerts::SUBJECT_PREFIX),
+            opts.source.replicas,
         )
         .await?;
         let (created, stream_last) =

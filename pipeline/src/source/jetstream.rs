@@ -24,7 +24,13 @@ pub struct SourceConfig {
     /// most bytes the stream holds (the oldest go first). `None`: unlimited.
     pub max_age: Option<Duration>,
     pub max_bytes: Option<i64>,
+    /// Replicas of the streams Tally creates (event, dead-letter, alert
+    /// streams) on a JetStream cluster; an existing stream keeps its own.
+    pub replicas: usize,
 }
+
+/// `--replicas` default: one copy, as a single server has.
+pub const DEFAULT_REPLICAS: usize = 1;
 
 /// The NATS server a new user runs locally (`--nats`).
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -47,6 +53,7 @@ impl Default for SourceConfig {
             dlq_stream: DEFAULT_DLQ_STREAM.into(),
             max_age: None,
             max_bytes: None,
+            replicas: DEFAULT_REPLICAS,
         }
     }
 }
@@ -60,6 +67,11 @@ pub enum SourceError {
         url: String,
         source: async_nats::ConnectError,
     },
+    /// Fatal: `--nats` is not a list of server URLs.
+    #[error(
+        "--nats / TALLY_NATS_URL {url:?} is not a server URL or a comma-separated list of them ({cause}); write e.g. nats://10.0.0.1:4222,nats://10.0.0.2:4222"
+    )]
+    Address { url: String, cause: String },
     #[error(
         "cannot create or open stream {stream}: {cause} — is JetStream enabled on the server (nats-server -js)?"
     )]
@@ -131,11 +143,23 @@ pub async fn last_position(
 }
 
 pub async fn connect(url: &str) -> Result<async_nats::Client, SourceError> {
+    // `--nats` may list several servers of a cluster, comma-separated; the
+    // client picks one and fails over to the others.
+    let addrs = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| u.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| SourceError::Address {
+            url: url.to_owned(),
+            cause: e.to_string(),
+        })?;
     async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .name("tally")
-        .connect(url)
+        .connect(addrs.as_slice())
         .await
         .map_err(|source| SourceError::Connect {
             url: url.to_owned(),
@@ -157,6 +181,7 @@ pub async fn ensure_event_stream(
             storage: stream::StorageType::File,
             max_age: cfg.max_age.unwrap_or_default(),
             max_bytes: cfg.max_bytes.unwrap_or(-1),
+            num_replicas: cfg.replicas,
             ..Default::default()
         })
         .await
@@ -191,12 +216,14 @@ pub async fn ensure_output_stream(
     js: &jetstream::Context,
     name: &str,
     subjects: &str,
+    replicas: usize,
 ) -> Result<i64, SourceError> {
     let mut s = js
         .get_or_create_stream(stream::Config {
             name: name.to_owned(),
             subjects: vec![subjects.to_owned()],
             storage: stream::StorageType::File,
+            num_replicas: replicas,
             duplicate_window: Duration::from_secs(3600),
             ..Default::default()
         })

@@ -1,0 +1,245 @@
+//! A 3-node JetStream cluster of the pinned nats-server on loopback ports,
+//! each node with its own store: `--nats` with every node's URL,
+//! `--replicas 3` streams, and the stream leader killed with -9 during a
+//! run and restarted. The views equal those of an undisturbed run over the
+//! same stream.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{generated, run_expect};
+use crate::metrics::{all_views, assert_same_views};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Node {
+    name: String,
+    port: u16,
+    cluster_port: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+/// Three nats-server processes, killed on drop.
+pub struct Cluster {
+    nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+    pub url: String,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes: Vec<Node> = (0..3)
+            .map(|i| Node {
+                name: format!("n{i}"),
+                port: free_port(),
+                cluster_port: free_port(),
+                store: dir.path().join(format!("n{i}")),
+                child: None,
+            })
+            .collect();
+        let routes: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.cluster_port))
+            .collect();
+        let url = nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for n in &mut nodes {
+            spawn(n, &routes);
+        }
+        Cluster {
+            nodes,
+            _dir: dir,
+            url,
+        }
+    }
+
+    pub fn kill(&mut self, name: &str) {
+        let n = self.nodes.iter_mut().find(|n| n.name == name).unwrap();
+        let mut c = n.child.take().unwrap();
+        c.kill().unwrap(); // SIGKILL
+        c.wait().unwrap();
+    }
+
+    pub fn restart(&mut self, name: &str) {
+        let routes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.cluster_port))
+            .collect();
+        let n = self.nodes.iter_mut().find(|n| n.name == name).unwrap();
+        spawn(n, &routes);
+    }
+}
+
+fn spawn(n: &mut Node, routes: &[String]) {
+    let bin = std::env::var_os("NATS_SERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("nats-server"));
+    let child = Command::new(bin)
+        .args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &n.port.to_string(),
+            "-n",
+            &n.name,
+        ])
+        .args(["--cluster_name", "tally-test"])
+        .args(["--cluster", &format!("nats://127.0.0.1:{}", n.cluster_port)])
+        .args(["--routes", &routes.join(",")])
+        .arg("-sd")
+        .arg(&n.store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    n.child = Some(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", n.port)).is_err() {
+        assert!(Instant::now() < deadline, "node {} did not listen", n.name);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn tally(cluster: &Cluster, data: &std::path::Path) -> Command {
+    let mut c = Command::new(crate::harness::bin());
+    c.env("TALLY_NATS_URL", &cluster.url)
+        .env("TALLY_DATA_DIR", data)
+        .env("TALLY_STREAM_REPLICAS", "3")
+        .env("RUST_LOG", "warn")
+        .env_remove("TALLY_QUERIES_DIR");
+    c
+}
+
+fn checkpoint(data: &std::path::Path) -> u64 {
+    std::fs::read_to_string(data.join("checkpoint.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["last_seq"].as_u64())
+        .unwrap_or(0)
+}
+
+/// The stream's leader, and its last sequence.
+fn leader(cluster: &Cluster) -> (String, u64) {
+    crate::harness::rt().block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let addrs: Vec<async_nats::ServerAddr> =
+                cluster.url.split(',').map(|u| u.parse().unwrap()).collect();
+            if let Ok(client) = async_nats::connect(addrs.as_slice()).await {
+                let js = async_nats::jetstream::new(client);
+                if let Ok(mut s) = js.get_stream("TALLY_EVENTS").await
+                    && let Ok(info) = s.info().await
+                    && let Some(l) = info.cluster.as_ref().and_then(|c| c.leader.clone())
+                {
+                    assert_eq!(info.config.num_replicas, 3, "the stream is not R3");
+                    return (l, info.state.last_sequence);
+                }
+            }
+            assert!(Instant::now() < deadline, "no stream leader");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+#[test]
+fn the_stream_leader_killed_mid_run_changes_no_row() {
+    let mut cluster = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = generated(dir.path(), 30, 3, 11);
+    // The cluster elects its JetStream meta leader first: publish (which
+    // creates the R3 stream) until it can.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut p = tally(&cluster, &dir.path().join("clean"));
+        p.arg("publish")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if p.status().unwrap().success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster never took the events"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (first_leader, last) = leader(&cluster);
+
+    // A run in small batches; the leader dies under it, and comes back.
+    let data = dir.path().join("failover");
+    let mut run = tally(&cluster, &data);
+    run.args(["run", "--batch-size", "200"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut run = run.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while checkpoint(&data) == 0 {
+        assert!(Instant::now() < deadline, "the run never committed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cluster.kill(&first_leader);
+    let at_kill = checkpoint(&data);
+    assert!(
+        at_kill < last,
+        "the run finished before the leader died: make the stream larger"
+    );
+    let (new_leader, _) = leader(&cluster);
+    assert_ne!(new_leader, first_leader);
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.restart(&first_leader);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while checkpoint(&data) < last {
+        assert!(run.try_wait().unwrap().is_none(), "the run stopped");
+        assert!(
+            Instant::now() < deadline,
+            "the run stalled at {}",
+            checkpoint(&data)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    run.kill().unwrap();
+    run.wait().unwrap();
+
+    // An undisturbed run over the same stream.
+    let clean = dir.path().join("clean");
+    let mut c = tally(&cluster, &clean);
+    c.args(["run", "--until-idle"]);
+    run_expect(c, 0);
+
+    let views = |d: &std::path::Path| {
+        let server = crate::harness::NatsServer::external(&cluster.url);
+        all_views(&server, d)
+    };
+    assert_same_views(
+        &views(&clean),
+        &views(&data),
+        "after the stream leader was killed",
+    );
+}
