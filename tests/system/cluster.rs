@@ -4,21 +4,13 @@
 //! run and restarted. The views equal those of an undisturbed run over the
 //! same stream.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{generated, run_expect};
+use crate::harness::{free_port, generated, run_expect};
 use crate::metrics::{all_views, assert_same_views};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Node {
     name: String,

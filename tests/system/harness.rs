@@ -24,7 +24,8 @@ fn server_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("nats-server"))
 }
 
-fn free_port() -> u16 {
+/// A port nobody listens on now (it may be taken before it is used).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -12,16 +12,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::harness::{
-    NatsServer, api_calls, bin, generated, publish_lines, run_expect, tally, until_idle,
+    NatsServer, api_calls, bin, free_port, generated, publish_lines, run_expect, tally, until_idle,
 };
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A running `tally serve`, killed on drop.
 pub struct Serve {

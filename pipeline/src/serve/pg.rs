@@ -656,6 +656,21 @@ pub fn known_client_rewrites(sql: &str) -> std::borrow::Cow<'_, str> {
 }
 
 impl Parser {
+    /// Plans `statement` on the checkpoint current now, for the account.
+    async fn plan_now(&self, statement: &Statement) -> PgWireResult<LogicalPlan> {
+        let scope = scope_of(&self.shared, &self.login)?;
+        let snapshot = self
+            .shared
+            .views
+            .current(&scope)
+            .await
+            .map_err(|e| query_error(&e))?;
+        snapshot
+            .plan(statement.clone())
+            .await
+            .map_err(|e| query_error(&e))
+    }
+
     fn parse_all(&self, sql: &str) -> PgWireResult<Vec<Statement>> {
         if sql.len() > super::MAX_QUERY_BYTES {
             return Err(user_error(
@@ -700,37 +715,14 @@ impl QueryParser for Parser {
         let kind = classify(statement);
         let (params, schema) = match &kind {
             Kind::Query(s) | Kind::Copy { query: s, .. } => {
-                let scope = scope_of(&self.shared, &self.login)?;
-                let snapshot = self
-                    .shared
-                    .views
-                    .current(&scope)
-                    .await
-                    .map_err(|e| query_error(&e))?;
-                let plan = snapshot
-                    .plan((**s).clone())
-                    .await
-                    .map_err(|e| query_error(&e))?;
+                let plan = self.plan_now(s).await?;
                 let params = param_types(&plan)?;
                 let schema =
                     matches!(kind, Kind::Query(_)).then(|| Arc::clone(plan.schema().inner()));
                 (params, schema)
             }
             Kind::Show(name) => (vec![], Some(show_schema(name))),
-            Kind::Declare { query, .. } => {
-                let scope = scope_of(&self.shared, &self.login)?;
-                let snapshot = self
-                    .shared
-                    .views
-                    .current(&scope)
-                    .await
-                    .map_err(|e| query_error(&e))?;
-                let plan = snapshot
-                    .plan((**query).clone())
-                    .await
-                    .map_err(|e| query_error(&e))?;
-                (param_types(&plan)?, None)
-            }
+            Kind::Declare { query, .. } => (param_types(&self.plan_now(query).await?)?, None),
             _ => (vec![], None),
         };
         Ok(Some(Arc::new(Prepared {
