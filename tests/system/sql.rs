@@ -391,14 +391,14 @@ fn a_query_over_the_memory_limit_fails_with_a_clear_error() {
     assert!(err.contains("512M"), "{err}");
 }
 
-/// Peak resident memory of a running process, in KiB.
-fn peak_rss_kib(child: &Child) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+/// Peak resident memory of a running process, in KiB; `None` once it has
+/// exited (a zombie's status has no memory lines).
+fn peak_rss_kib(child: &Child) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 #[test]
@@ -418,7 +418,7 @@ fn publish_does_not_buffer_a_line_over_the_limit() {
     let chunk = vec![0u8; 1 << 20];
     stdin.write_all(&chunk).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let before = peak_rss_kib(&child);
+    let before = peak_rss_kib(&child).unwrap();
     let mut written = chunk.len();
     while written < 20_000_000 {
         let n = chunk.len().min(20_000_000 - written);
@@ -426,7 +426,7 @@ fn publish_does_not_buffer_a_line_over_the_limit() {
         written += n;
     }
     // All but a pipe's and a read buffer's worth has been read by now.
-    let after = peak_rss_kib(&child);
+    let after = peak_rss_kib(&child).unwrap();
     drop(stdin);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
@@ -495,7 +495,7 @@ fn publish_stops_on_input_without_line_ends() {
     let mut child = p.spawn().unwrap();
     let started = Instant::now();
     while child.try_wait().unwrap().is_none() {
-        let rss = peak_rss_kib(&child);
+        let rss = peak_rss_kib(&child).unwrap_or(0);
         if rss > 512 * 1024 || started.elapsed() > Duration::from_secs(120) {
             let _ = child.kill();
             let _ = child.wait();
