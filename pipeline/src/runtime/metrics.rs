@@ -249,25 +249,7 @@ fn peak_rss() -> Option<u64> {
 struct Listener {
     metrics: Arc<RunMetrics>,
     data_dir: PathBuf,
-    nats_url: String,
-    stream: String,
-    nats: tokio::sync::Mutex<Option<async_nats::Client>>,
-}
-
-async fn stream_last(l: &Listener) -> Option<u64> {
-    let wait = Duration::from_secs(2);
-    let mut nats = l.nats.lock().await;
-    if nats.is_none() {
-        let c = tokio::time::timeout(wait, crate::source::jetstream::connect(&l.nats_url))
-            .await
-            .ok()?
-            .ok()?;
-        *nats = Some(c);
-    }
-    crate::source::jetstream::last_position(nats.as_ref()?, &l.stream, wait)
-        .await
-        .ok()
-        .map(|(seq, _)| seq)
+    stream: crate::source::jetstream::StreamWatch,
 }
 
 /// Serves `GET /metrics` on `listener` (no login: bind it where only the
@@ -284,16 +266,19 @@ pub async fn serve(
     let state = Arc::new(Listener {
         metrics,
         data_dir,
-        nats_url,
-        stream,
-        nats: tokio::sync::Mutex::new(None),
+        stream: crate::source::jetstream::StreamWatch::new(&nats_url, &stream),
     });
     let app = axum::Router::new()
         .route(
             "/metrics",
             get(
                 |axum::extract::State(l): axum::extract::State<Arc<Listener>>| async move {
-                    let last = stream_last(&l).await;
+                    let last = l
+                        .stream
+                        .last_position(Duration::from_secs(2))
+                        .await
+                        .ok()
+                        .map(|(seq, _)| seq);
                     let dir = l.data_dir.clone();
                     let bytes = tokio::task::spawn_blocking(move || view_bytes(&dir))
                         .await

@@ -23,35 +23,14 @@ const NATS_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Http {
     pub shared: Arc<Shared>,
-    /// Connected on first use and kept (async-nats reconnects by itself).
-    nats: tokio::sync::Mutex<Option<async_nats::Client>>,
+    /// Where the stream's last sequence comes from.
+    stream: crate::source::jetstream::StreamWatch,
 }
 
 /// The stream's last sequence and the time of its last message (µs), if
 /// NATS answers in time.
 pub async fn stream_state(http: &Http) -> Result<(u64, i64), String> {
-    let shared = &http.shared;
-    let mut nats = http.nats.lock().await;
-    if nats.is_none() {
-        let c = tokio::time::timeout(
-            NATS_WAIT,
-            crate::source::jetstream::connect(&shared.nats_url),
-        )
-        .await
-        .map_err(|_| {
-            format!(
-                "NATS at {} did not answer within {} s",
-                shared.nats_url,
-                NATS_WAIT.as_secs()
-            )
-        })?
-        .map_err(|e| e.to_string())?;
-        *nats = Some(c);
-    }
-    let Some(client) = nats.as_ref() else {
-        return Err("not connected to NATS".into());
-    };
-    crate::source::jetstream::last_position(client, &shared.stream, NATS_WAIT).await
+    http.stream.last_position(NATS_WAIT).await
 }
 
 async fn healthz(State(http): State<Arc<Http>>) -> Response {
@@ -165,8 +144,8 @@ pub async fn serve(
     stopped: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let state = Arc::new(Http {
+        stream: crate::source::jetstream::StreamWatch::new(&shared.nats_url, &shared.stream),
         shared,
-        nats: tokio::sync::Mutex::new(None),
     });
     let app = Router::new()
         .route("/healthz", get(healthz))

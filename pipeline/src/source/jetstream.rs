@@ -142,6 +142,48 @@ pub async fn last_position(
     ))
 }
 
+/// A stream watched for its position by health checks and metrics: the
+/// connection is made on first use and kept (the client reconnects by
+/// itself), so a scrape costs one request, and a NATS that is down costs
+/// each caller at most `wait`.
+pub struct StreamWatch {
+    url: String,
+    stream: String,
+    client: tokio::sync::Mutex<Option<async_nats::Client>>,
+}
+
+impl StreamWatch {
+    pub fn new(url: &str, stream: &str) -> StreamWatch {
+        StreamWatch {
+            url: url.to_owned(),
+            stream: stream.to_owned(),
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The stream's last sequence and its last message's publish time (µs).
+    pub async fn last_position(&self, wait: Duration) -> Result<(u64, i64), String> {
+        let mut client = self.client.lock().await;
+        if client.is_none() {
+            let c = tokio::time::timeout(wait, connect(&self.url))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "NATS at {} did not answer within {} s",
+                        self.url,
+                        wait.as_secs()
+                    )
+                })?
+                .map_err(|e| e.to_string())?;
+            *client = Some(c);
+        }
+        let Some(c) = client.as_ref() else {
+            return Err("not connected to NATS".into());
+        };
+        last_position(c, &self.stream, wait).await
+    }
+}
+
 pub async fn connect(url: &str) -> Result<async_nats::Client, SourceError> {
     // `--nats` may list several servers of a cluster, comma-separated; the
     // client picks one and fails over to the others.
