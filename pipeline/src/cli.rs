@@ -33,7 +33,7 @@ pub struct Cli {
         default_value = js::DEFAULT_NATS_URL
     )]
     pub nats: String,
-    /// Data directory: views, checkpoint, settings.
+    /// Data location: a directory, or s3://BUCKET/PREFIX (credentials, region and endpoint from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP): views, checkpoint, settings.
     #[arg(
         long,
         global = true,
@@ -104,6 +104,9 @@ pub enum Command {
         /// Serve Prometheus metrics of the pipeline at http://ADDR/metrics (off by default; no login, so bind it where only your scraper reaches).
         #[arg(long, env = "TALLY_METRICS_LISTEN")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// If another run holds the data location, wait and take over when it stops (a lock file locally; a lease in object storage, taken over once unrenewed for 15 s) instead of failing.
+        #[arg(long, env = "TALLY_STANDBY")]
+        standby: bool,
     },
     /// Rebuild every view from stream sequence 1 into a fresh directory, then
     /// switch the data directory to it atomically (a live `tally run` on it is
@@ -444,6 +447,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             dlq_stream,
             summary_json,
             metrics_listen,
+            standby,
         } => {
             if *batch_size == 0 {
                 return Err(CliError::Usage("--batch-size must be at least 1".into()));
@@ -471,6 +475,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 .unwrap_or_else(|| crate::store::DataDir::new(&cli.data).consumer_name());
             let opts = RunOptions {
                 metrics,
+                standby: *standby,
                 until_idle: *until_idle,
                 accept_gap: *accept_gap,
                 batch_size: *batch_size,

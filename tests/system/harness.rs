@@ -327,3 +327,359 @@ pub fn unique_events(path: &std::path::Path) -> usize {
     }
     keys.len()
 }
+
+/// Test credentials of every [`SeaweedS3`]: `weed mini` makes its first
+/// identity (an admin) from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`.
+pub const S3_ACCESS_KEY: &str = "tally-test";
+pub const S3_SECRET_KEY: &str = "tally-test-secret";
+pub const S3_REGION: &str = "us-east-1";
+
+/// Every listener one `weed mini` opens, each set explicitly: its defaults
+/// are fixed ports (9333, 8888, 8333, ...), so parallel tests would clash.
+/// The admin server cannot be turned off (`-admin.ui=false` only hides the
+/// UI) and its gRPC port is always `admin + 10000`: mini's built-in
+/// maintenance worker dials the admin there whatever `-admin.port.grpc` says.
+#[derive(Clone, Copy, Debug)]
+struct WeedPorts {
+    s3: u16,
+    s3_grpc: u16,
+    master: u16,
+    master_grpc: u16,
+    volume: u16,
+    volume_grpc: u16,
+    filer: u16,
+    filer_grpc: u16,
+    admin: u16,
+    /// Never bound (`-webdav=false`), but mini still insists it is free.
+    webdav: u16,
+}
+
+impl WeedPorts {
+    fn pick() -> WeedPorts {
+        // The admin port first: its +10000 twin must be free too.
+        let admin = loop {
+            let p = free_port();
+            if p <= u16::MAX - 10000 && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+                break p;
+            }
+        };
+        let mut taken = vec![admin, admin + 10000];
+        let mut next = || loop {
+            let p = free_port();
+            if !taken.contains(&p) {
+                taken.push(p);
+                break p;
+            }
+        };
+        WeedPorts {
+            s3: next(),
+            s3_grpc: next(),
+            master: next(),
+            master_grpc: next(),
+            volume: next(),
+            volume_grpc: next(),
+            filer: next(),
+            filer_grpc: next(),
+            admin,
+            webdav: next(),
+        }
+    }
+
+    fn admin_grpc(&self) -> u16 {
+        self.admin + 10000
+    }
+
+    /// The gRPC services mini also serves on `/tmp/seaweedfs-NAME-grpc-PORT.sock`
+    /// (a path it does not let us change, left behind when it is killed).
+    fn grpc_sockets(&self) -> [PathBuf; 5] {
+        [
+            ("master", self.master_grpc),
+            ("volume", self.volume_grpc),
+            ("filer", self.filer_grpc),
+            ("s3", self.s3_grpc),
+            ("admin", self.admin_grpc()),
+        ]
+        .map(|(name, port)| PathBuf::from(format!("/tmp/seaweedfs-{name}-grpc-{port}.sock")))
+    }
+}
+
+fn weed_binary() -> PathBuf {
+    std::env::var_os("WEED_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!(
+                "WEED_BIN is not set: the S3 tests need SeaweedFS; run `. deploy/install-seaweedfs.sh` \
+                 (tests/run.sh does) to install the pinned `weed` and export WEED_BIN"
+            )
+        })
+}
+
+/// A running SeaweedFS S3 server (`weed mini`: master, volume, filer and
+/// S3 gateway in one process), owned by one test: on free ports, with a
+/// temporary store, killed on drop. Signature V4 is enforced with the fixed
+/// [`S3_ACCESS_KEY`] / [`S3_SECRET_KEY`]; conditional puts (`If-None-Match: *`,
+/// `If-Match: ETAG`) are honoured; a PUT into a missing bucket is refused
+/// (404 NoSuchBucket) rather than creating it.
+pub struct SeaweedS3 {
+    child: Option<Child>,
+    ports: WeedPorts,
+    /// `data/` (the store), `logs/` (weed's own log files), `weed.log`
+    /// (its stdout and stderr, appended across restarts) and its sockets.
+    dir: tempfile::TempDir,
+}
+
+impl SeaweedS3 {
+    /// Starts a server and waits until it answers a signed ListBuckets.
+    pub fn start() -> SeaweedS3 {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        let mut s = SeaweedS3 {
+            child: None,
+            ports: WeedPorts::pick(),
+            dir,
+        };
+        s.spawn_on(false);
+        s
+    }
+
+    /// The S3 endpoint, `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.s3)
+    }
+
+    /// The environment a child `tally` needs to reach this server through
+    /// the standard `AWS_*` variables (`cmd.envs(s3.envs())`).
+    pub fn envs(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY.to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY.to_owned()),
+            ("AWS_REGION", S3_REGION.to_owned()),
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// Creates a bucket (names: 3-63 characters, lower case, digits, `-`);
+    /// panics unless the server says 200 (an existing bucket is a 409).
+    pub fn create_bucket(&self, name: &str) {
+        let (code, body) = self.request("PUT", &format!("/{name}"));
+        assert_eq!(
+            code,
+            200,
+            "creating bucket {name} on {} failed: HTTP {code}\n{body}",
+            self.endpoint()
+        );
+    }
+
+    /// Whether the bucket exists (a signed ListObjectsV2: 200 or 404).
+    pub fn bucket_exists(&self, name: &str) -> bool {
+        match self.request("GET", &format!("/{name}?list-type=2&max-keys=1")) {
+            (200, _) => true,
+            (404, _) => false,
+            (code, body) => panic!(
+                "listing bucket {name} on {} failed: HTTP {code}\n{body}",
+                self.endpoint()
+            ),
+        }
+    }
+
+    /// Stops the server (kill, as a crash would; the store stays).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and store.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn_on(true);
+    }
+
+    /// A request signed with SigV4 by curl (>= 7.75), as (HTTP status,
+    /// body); status 0 when nothing answered. GET, PUT or DELETE without a
+    /// body (curl's HEAD needs `--head`, not `-X HEAD`).
+    fn request(&self, method: &str, path_and_query: &str) -> (u16, String) {
+        let out = Command::new("curl")
+            // -q first: ignore any ~/.curlrc.
+            .args(["-q", "-sS", "--noproxy", "*", "--max-time", "5", "-X", method])
+            .args(["-w", "\n%{http_code}", "--aws-sigv4"])
+            .arg(format!("aws:amz:{S3_REGION}:s3"))
+            .arg("--user")
+            .arg(format!("{S3_ACCESS_KEY}:{S3_SECRET_KEY}"))
+            .arg(format!("{}{path_and_query}", self.endpoint()))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run curl ({e}); the SeaweedFS harness signs its requests with curl >= 7.75 (--aws-sigv4)")
+            });
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// `weed.log` from byte `from` on, at most its last 16 kB.
+    fn log_since(&self, from: u64) -> String {
+        let bytes = std::fs::read(self.dir.path().join("weed.log")).unwrap_or_default();
+        let from = usize::try_from(from)
+            .unwrap_or(0)
+            .max(bytes.len().saturating_sub(16_000))
+            .min(bytes.len());
+        String::from_utf8_lossy(&bytes[from..]).into_owned()
+    }
+
+    /// Starts `weed mini` and waits until S3 answers a signed ListBuckets
+    /// with 200 (about 1 s alone, 2-3 s with several starting at once).
+    /// A port picked by `free_port` can be taken before weed binds it: weed
+    /// then exits (the HTTP ports) or quietly moves the listener elsewhere
+    /// and says "is not available" (the gRPC ports); either way a fresh start
+    /// picks other ports (unless `keep_ports`, for restarts, which retry the
+    /// same ones).
+    fn spawn_on(&mut self, keep_ports: bool) {
+        let bin = weed_binary();
+        let log_path = self.dir.path().join("weed.log");
+        let mut failure = String::new();
+        for attempt in 0..5u64 {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(100 * attempt));
+                if !keep_ports {
+                    self.ports = WeedPorts::pick();
+                }
+            }
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .unwrap();
+            let from = log.metadata().unwrap().len();
+            let p = self.ports;
+            let d = self.dir.path().display().to_string();
+            let mut child = Command::new(&bin)
+                .arg(format!("-logdir={d}/logs"))
+                .arg("mini")
+                .arg(format!("-dir={d}/data"))
+                .args([
+                    "-ip=127.0.0.1",
+                    "-ip.bind=127.0.0.1",
+                    "-master.telemetry=false",
+                    "-admin.ui=false",
+                    "-webdav=false",
+                    "-s3.port.iceberg=0",
+                    "-s3.port.lance=0",
+                    "-s3.autoCreateBucket=false",
+                    "-master.volumeSizeLimitMB=64",
+                ])
+                .arg(format!("-s3.port={}", p.s3))
+                .arg(format!("-s3.port.grpc={}", p.s3_grpc))
+                .arg(format!("-master.port={}", p.master))
+                .arg(format!("-master.port.grpc={}", p.master_grpc))
+                .arg(format!("-volume.port={}", p.volume))
+                .arg(format!("-volume.port.grpc={}", p.volume_grpc))
+                .arg(format!("-filer.port={}", p.filer))
+                .arg(format!("-filer.port.grpc={}", p.filer_grpc))
+                .arg(format!("-admin.port={}", p.admin))
+                .arg(format!("-admin.port.grpc={}", p.admin_grpc()))
+                .arg(format!("-webdav.port={}", p.webdav))
+                .arg(format!("-filer.localSocket={d}/filer.sock"))
+                .arg(format!("-s3.localSocket={d}/s3.sock"))
+                .env("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+                .env("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+                .env_remove("S3_BUCKET")
+                .env_remove("S3_TABLE_BUCKET")
+                .current_dir(self.dir.path())
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot start {} ({e}); run `. deploy/install-seaweedfs.sh` to install SeaweedFS",
+                        bin.display()
+                    )
+                });
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let exited = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break Some(status);
+                }
+                if TcpStream::connect(("127.0.0.1", p.s3)).is_ok()
+                    && self.request("GET", "/").0 == 200
+                {
+                    break child.try_wait().unwrap();
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "SeaweedFS ({} mini) did not answer a signed ListBuckets on {} within 30 s\n--- {} ---\n{}",
+                        bin.display(),
+                        self.endpoint(),
+                        log_path.display(),
+                        self.log_since(from)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            match exited {
+                Some(status) => failure = format!("weed exited with {status}"),
+                None if self.log_since(from).contains("is not available") => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    failure = "one of its ports was taken".to_owned();
+                }
+                None => {
+                    self.child = Some(child);
+                    return;
+                }
+            }
+            failure = format!(
+                "{failure}\n--- {} ---\n{}",
+                log_path.display(),
+                self.log_since(from)
+            );
+        }
+        let which = if keep_ports {
+            "its ports"
+        } else {
+            "free ports"
+        };
+        panic!(
+            "SeaweedFS ({} mini) could not start on {which} after 5 attempts: {failure}",
+            bin.display()
+        );
+    }
+}
+
+impl Drop for SeaweedS3 {
+    fn drop(&mut self) {
+        self.stop();
+        // Remove the gRPC sockets weed left in /tmp, unless something
+        // listens there (another server that has since got that port).
+        for socket in self.ports.grpc_sockets() {
+            if std::os::unix::net::UnixStream::connect(&socket).is_err() {
+                let _ = std::fs::remove_file(&socket);
+            }
+        }
+    }
+}
+
+/// The SeaweedFS harness itself: up, a bucket, killed, and back with it.
+#[test]
+fn seaweed_s3_keeps_buckets_across_restarts() {
+    let mut s3 = SeaweedS3::start();
+    assert!(!s3.bucket_exists("tally-harness"));
+    s3.create_bucket("tally-harness");
+    assert!(s3.bucket_exists("tally-harness"));
+    assert!(
+        s3.envs()
+            .contains(&("AWS_ENDPOINT_URL".to_owned(), s3.endpoint()))
+    );
+    s3.stop();
+    s3.restart();
+    assert!(s3.bucket_exists("tally-harness"));
+}

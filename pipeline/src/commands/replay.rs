@@ -47,12 +47,16 @@ use crate::runtime::{ArchiveSource, RunOptions, RunSummary, RuntimeError, run_wi
 use crate::source::jetstream as js_source;
 use crate::store::checkpoint::Checkpoint;
 use crate::store::handoff::{self, DONE, PAUSED, REQUEST};
+use crate::store::remote::lease::{self, Lease};
+use crate::store::remote::{self, Location, RemoteError, working};
 use crate::store::{DataDir, DataDirLock, SETTINGS_FILE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
     #[error(
         "stream {stream} no longer holds sequences {first}..={last}, and the events archive of {data} does not have them either: a replay would build views from less history than the live ones, so it stops here and the live views are untouched. Run `tally replay --accept-gap` to rebuild without them and record the gap"
     )]
@@ -152,6 +156,130 @@ pub fn fresh_dir(data: &Path) -> PathBuf {
 
 /// `tally replay`.
 pub async fn replay(
+    opts: &ReplayOptions,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<ReplayReport, ReplayError> {
+    match Location::parse(&opts.run.data_dir)? {
+        Some(loc) => replay_remote(opts, loc, stop).await,
+        None => replay_local(opts, stop).await,
+    }
+}
+
+/// `tally replay` on an `s3://` location: the live location's checkpoint,
+/// settings and `events` archive are copied into a scratch directory, the
+/// views are rebuilt next to it as for a local directory, and the result
+/// is published as the location's new commit: directly if no run holds
+/// the lease (the replay takes it meanwhile), else through the hand-off
+/// with the live run (see [`crate::store::handoff`]).
+async fn replay_remote(
+    opts: &ReplayOptions,
+    loc: Location,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<ReplayReport, ReplayError> {
+    loc.probe().await?;
+    let scratch = tempfile::Builder::new()
+        .prefix("tally-replay-")
+        .tempdir()
+        .map_err(io("create", &std::env::temp_dir()))?;
+    let snap = scratch.path().join("live");
+    working::snapshot(&loc, &snap, Some(&[crate::operator::events::VIEW])).await?;
+    let fresh = opts
+        .into
+        .clone()
+        .unwrap_or_else(|| scratch.path().join("fresh"));
+    let mut local = opts.clone();
+    local.run.data_dir = snap;
+    local.into = Some(fresh.clone());
+    let report = replay_local(&local, stop).await?;
+    if opts.into.is_some() || report.summary.last_seq < report.target {
+        return Ok(ReplayReport {
+            dir: fresh,
+            ..report
+        });
+    }
+    let handed_off = switch_remote(&loc, &fresh, opts.handoff_timeout).await?;
+    Ok(ReplayReport {
+        dir: opts.run.data_dir.clone(),
+        switched: true,
+        live_run_handed_off: handed_off,
+        ..report
+    })
+}
+
+/// Publishes the rebuilt views of `fresh` as `loc`'s commit. Returns
+/// whether a live run was handed off.
+async fn switch_remote(
+    loc: &Location,
+    fresh: &Path,
+    timeout: Duration,
+) -> Result<bool, ReplayError> {
+    let (_never, quiet) = tokio::sync::watch::channel(false);
+    let me = remote::new_token();
+    let started = Instant::now();
+    let mut asked = false;
+    loop {
+        match Lease::acquire(loc, &me, false, quiet.clone()).await {
+            Ok(Some(lease)) => {
+                if asked {
+                    loc.delete(working::HANDOFF_REQUEST).await?;
+                }
+                let manifest = working::publish(loc, fresh).await?;
+                working::collect_unnamed(loc, &manifest).await;
+                lease.release().await;
+                info!(data = %loc.url, "switched to the replayed views");
+                return Ok(false);
+            }
+            Ok(None) => {}
+            Err(RemoteError::Held { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if !asked {
+            loc.put(
+                working::HANDOFF_REQUEST,
+                bytes::Bytes::from_static(b"replay"),
+                object_store::PutMode::Overwrite,
+            )
+            .await?;
+            info!(data = %loc.url, "a live tally run holds the location; asking it to pause between batches");
+            asked = true;
+        }
+        // Wait for the live run to pause, or to go away (then the lease
+        // is free and the loop takes it).
+        loop {
+            if loc.head(working::HANDOFF_PAUSED).await?.is_some() {
+                working::publish(loc, fresh).await?;
+                loc.put(
+                    working::HANDOFF_DONE,
+                    bytes::Bytes::from_static(b"done"),
+                    object_store::PutMode::Overwrite,
+                )
+                .await?;
+                loc.delete(working::HANDOFF_REQUEST).await?;
+                let taken = Instant::now();
+                while loc.head(working::HANDOFF_DONE).await?.is_some() && taken.elapsed() < timeout
+                {
+                    tokio::time::sleep(handoff::POLL).await;
+                }
+                info!(data = %loc.url, "switched to the replayed views; the live run resumed on them");
+                return Ok(true);
+            }
+            if loc.head(lease::LEASE).await?.is_none() {
+                break;
+            }
+            if started.elapsed() > timeout {
+                loc.delete(working::HANDOFF_REQUEST).await?;
+                return Err(ReplayError::NoAnswer {
+                    path: PathBuf::from(&loc.url),
+                    fresh: fresh.to_path_buf(),
+                    secs: timeout.as_secs(),
+                });
+            }
+            tokio::time::sleep(handoff::POLL).await;
+        }
+    }
+}
+
+async fn replay_local(
     opts: &ReplayOptions,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<ReplayReport, ReplayError> {

@@ -12,7 +12,7 @@ use async_nats::jetstream;
 use serde::Serialize;
 
 use crate::source::jetstream::{self as js_source, SourceConfig, SourceError};
-use crate::store::checkpoint::{Checkpoint, CheckpointError, Counts, Gap};
+use crate::store::checkpoint::{CheckpointError, Counts, Gap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -89,7 +89,7 @@ pub struct Report {
 /// missing: the status then holds what the other says, and `problems` why
 /// the rest is empty. A checkpoint that cannot be read is an error.
 pub async fn status(data_dir: &Path, cfg: &SourceConfig) -> Result<Report, StatusError> {
-    let cp = Checkpoint::load(data_dir)?;
+    let cp = crate::store::read_checkpoint(data_dir).await?;
     let mut problems = Vec::new();
     if cp.is_none() {
         problems.push(StatusError::NoCheckpoint {

@@ -49,6 +49,7 @@ use crate::config::Settings;
 use crate::operator::{self, Storage};
 use crate::store::checkpoint::{Checkpoint, CheckpointError};
 use crate::store::parquet::{ViewDir, ViewFilesError};
+use crate::store::remote::{Location, Manifest};
 
 pub use format::{OutputFormat, write_batches};
 pub use memory::{ByteSize, default_memory_limit};
@@ -246,12 +247,55 @@ impl Session {
         opts: &QueryOptions,
         runtime: Arc<RuntimeEnv>,
     ) -> Result<Session, QueryError> {
+        if let Some(loc) = Location::parse(data_dir).map_err(CheckpointError::from)? {
+            let (manifest, _) = loc
+                .manifest()
+                .await
+                .map_err(CheckpointError::from)?
+                .ok_or_else(|| QueryError::NoViews {
+                    dir: data_dir.to_path_buf(),
+                })?;
+            let url = datafusion::execution::object_store::ObjectStoreUrl::parse(format!(
+                "s3://{}",
+                loc.bucket
+            ))
+            .map_err(|cause| QueryError::Register {
+                view: "(object store)".into(),
+                cause,
+            })?;
+            runtime.register_object_store(url.as_ref(), Arc::clone(&loc.store));
+            let files = Files::Remote(&loc, &manifest);
+            return match open_at(&files, &manifest.checkpoint, opts, Arc::clone(&runtime)).await {
+                Ok((ctx, replaced)) => Ok(Session {
+                    ctx,
+                    checkpoint_seq: manifest.checkpoint.last_seq,
+                    replaced,
+                    data_dir: data_dir.to_path_buf(),
+                    opts: opts.clone(),
+                    runtime,
+                }),
+                // A manifest names every object exactly: nothing can extend
+                // beyond it.
+                Err(OpenError::Moved(m)) => Err(QueryError::Unsettled {
+                    path: m.path,
+                    checkpoint_seq: manifest.checkpoint.last_seq,
+                }),
+                Err(OpenError::Failed(e)) => Err(e),
+            };
+        }
         let mut moved = None;
         for _ in 0..OPEN_ATTEMPTS {
             let checkpoint = Checkpoint::load(data_dir)?.ok_or_else(|| QueryError::NoViews {
                 dir: data_dir.to_path_buf(),
             })?;
-            match open_at(data_dir, &checkpoint, opts, Arc::clone(&runtime)).await {
+            match open_at(
+                &Files::Local(data_dir),
+                &checkpoint,
+                opts,
+                Arc::clone(&runtime),
+            )
+            .await
+            {
                 Ok((ctx, replaced)) => {
                     return Ok(Session {
                         ctx,
@@ -289,8 +333,16 @@ impl Session {
     }
 }
 
+/// Where a session finds the files of a checkpoint.
+enum Files<'a> {
+    /// A data directory: its listing, as of the checkpoint.
+    Local(&'a Path),
+    /// An object-storage location: the objects its manifest names.
+    Remote(&'a Location, &'a Manifest),
+}
+
 async fn open_at(
-    data_dir: &Path,
+    data_dir: &Files<'_>,
     checkpoint: &Checkpoint,
     opts: &QueryOptions,
     runtime: Arc<RuntimeEnv>,
@@ -458,13 +510,30 @@ fn register_gaps(ctx: &SessionContext, cp: &Checkpoint) -> Result<(), QueryError
 /// table `name`, holding only the rows `scope` sees.
 fn register_files(
     ctx: &SessionContext,
-    data_dir: &Path,
+    files: &Files<'_>,
     upto: u64,
     view: &str,
     name: &str,
     schema: SchemaRef,
     scope: &Scope,
 ) -> Result<(), OpenError> {
+    let data_dir = match files {
+        Files::Local(dir) => *dir,
+        Files::Remote(loc, manifest) => {
+            let objects: Vec<table::FileRef> = manifest
+                .files
+                .get(view)
+                .into_iter()
+                .flatten()
+                .map(|f| table::FileRef::Remote {
+                    url: loc.object_url(&f.key),
+                    store: Arc::clone(&loc.store),
+                    path: loc.path(&f.key),
+                })
+                .collect();
+            return register_refs(ctx, objects, view, name, schema, scope);
+        }
+    };
     let listed = ViewDir::new(data_dir, view).files()?;
     if let Some(f) = listed
         .iter()
@@ -476,7 +545,30 @@ fn register_files(
             path: f.path.clone(),
         }));
     }
-    let files: Vec<_> = listed.into_iter().filter(|f| f.last_seq <= upto).collect();
+    let files: Vec<table::FileRef> = listed
+        .into_iter()
+        .filter(|f| f.last_seq <= upto)
+        .map(|f| {
+            let path = std::path::absolute(&f.path).unwrap_or_else(|_| f.path.clone());
+            table::FileRef::Local {
+                url: path.to_string_lossy().into_owned(),
+                path,
+            }
+        })
+        .collect();
+    register_refs(ctx, files, view, name, schema, scope)
+}
+
+/// Registers exactly `files` as table `name`, holding only the rows
+/// `scope` sees.
+fn register_refs(
+    ctx: &SessionContext,
+    files: Vec<table::FileRef>,
+    view: &str,
+    name: &str,
+    schema: SchemaRef,
+    scope: &Scope,
+) -> Result<(), OpenError> {
     let reg = |cause| QueryError::Register {
         view: view.to_owned(),
         cause,
@@ -488,11 +580,8 @@ fn register_files(
         return Ok(());
     }
     let mut urls = Vec::with_capacity(files.len());
-    let mut paths = Vec::with_capacity(files.len());
     for f in &files {
-        let path = std::path::absolute(&f.path).unwrap_or_else(|_| f.path.clone());
-        urls.push(ListingTableUrl::parse(path.to_string_lossy().as_ref()).map_err(reg)?);
-        paths.push(path);
+        urls.push(ListingTableUrl::parse(f.url()).map_err(reg)?);
     }
     let options =
         ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
@@ -500,7 +589,7 @@ fn register_files(
         .with_listing_options(options)
         .with_schema(schema);
     let table = ListingTable::try_new(config).map_err(reg)?;
-    let table = Arc::new(table::CheckpointFiles::new(table, paths));
+    let table = Arc::new(table::CheckpointFiles::new(table, files));
     ctx.register_table(name, scoped(name, table, scope).map_err(reg)?)
         .map_err(reg)?;
     Ok(())
@@ -930,7 +1019,13 @@ mod tests {
         let stale = Checkpoint::load(dir.path()).unwrap().unwrap();
         let runtime = memory::runtime_env(opts().memory_limit).unwrap();
         assert!(matches!(
-            open_at(dir.path(), &stale, &opts(), Arc::clone(&runtime)).await,
+            open_at(
+                &Files::Local(dir.path()),
+                &stale,
+                &opts(),
+                Arc::clone(&runtime)
+            )
+            .await,
             Err(OpenError::Moved(_))
         ));
         let mut newer = stale.clone();

@@ -8,7 +8,8 @@
 //! the listing table has planned its scan, every file is checked to still
 //! exist; a missing one is an object-store `NotFound`, which
 //! [`super::Session::query`] answers by reopening on the newer checkpoint.
-//! A file removed after that check fails its read with `NotFound` too.
+//! A file removed after that check fails its read with `NotFound` too. The
+//! same holds for the objects of an `s3://` location (a HEAD each).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,34 +21,71 @@ use datafusion::datasource::listing::ListingTable;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+/// One file of a checkpoint.
+#[derive(Debug, Clone)]
+pub enum FileRef {
+    Local {
+        url: String,
+        path: PathBuf,
+    },
+    Remote {
+        url: String,
+        store: Arc<dyn ObjectStore>,
+        path: ObjPath,
+    },
+}
+
+impl FileRef {
+    /// The URL DataFusion reads it by.
+    pub fn url(&self) -> &str {
+        match self {
+            FileRef::Local { url, .. } | FileRef::Remote { url, .. } => url,
+        }
+    }
+
+    /// `NotFound` if the file is gone.
+    async fn check(&self) -> Result<()> {
+        let gone = |path: String, source: Box<dyn std::error::Error + Send + Sync>| {
+            DataFusionError::ObjectStore(Box::new(object_store::Error::NotFound { path, source }))
+        };
+        match self {
+            FileRef::Local { path, .. } => match std::fs::metadata(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Err(gone(path.display().to_string(), Box::new(e)))
+                }
+                _ => Ok(()),
+            },
+            FileRef::Remote { store, path, .. } => match store.head(path).await {
+                Err(object_store::Error::NotFound { path, source }) => Err(gone(path, source)),
+                Err(e) => Err(DataFusionError::ObjectStore(Box::new(e))),
+                Ok(_) => Ok(()),
+            },
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct CheckpointFiles {
     inner: ListingTable,
-    files: Vec<PathBuf>,
+    files: Vec<FileRef>,
 }
 
 impl CheckpointFiles {
-    pub fn new(inner: ListingTable, files: Vec<PathBuf>) -> CheckpointFiles {
+    pub fn new(inner: ListingTable, files: Vec<FileRef>) -> CheckpointFiles {
         CheckpointFiles { inner, files }
     }
 
     /// Fails with `NotFound` if a file of the checkpoint is gone. A name
     /// stands for one range of the stream and is not reused for other rows
-    /// (a replay switch can bring back a name, with the same range's rows),
-    /// so a file present now was there when the listing table looked it up.
-    fn check_files(&self) -> Result<()> {
+    /// (a replay switch can bring back a name, with the same range's rows;
+    /// an object's name carries its writer), so a file present now was
+    /// there when the listing table looked it up.
+    async fn check_files(&self) -> Result<()> {
         for f in &self.files {
-            if let Err(e) = std::fs::metadata(f)
-                && e.kind() == std::io::ErrorKind::NotFound
-            {
-                return Err(DataFusionError::ObjectStore(Box::new(
-                    datafusion::object_store::Error::NotFound {
-                        path: f.display().to_string(),
-                        source: Box::new(e),
-                    },
-                )));
-            }
+            f.check().await?;
         }
         Ok(())
     }
@@ -75,7 +113,7 @@ impl TableProvider for CheckpointFiles {
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let plan = self.inner.scan(state, projection, filters, limit).await?;
-        self.check_files()?;
+        self.check_files().await?;
         Ok(plan)
     }
 
@@ -85,7 +123,7 @@ impl TableProvider for CheckpointFiles {
         args: ScanArgs<'a>,
     ) -> Result<ScanResult> {
         let result = self.inner.scan_with_args(state, args).await?;
-        self.check_files()?;
+        self.check_files().await?;
         Ok(result)
     }
 

@@ -75,6 +75,7 @@ pub async fn commit(
         .await;
         match attempt {
             Ok(writing) => return Ok((Instant::now(), writing)),
+            Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
                 warn!(first, last, error = %e, retry_in_ms = delay.as_millis() as u64, "batch not yet durable; keeping it unacknowledged and retrying");
                 tokio::select! {

@@ -160,6 +160,9 @@ pub struct RunOptions {
     pub serve_handoff: bool,
     /// How long to wait, paused, for the replay to switch directories.
     pub handoff_timeout: Duration,
+    /// Wait while another run holds the data location, and take over when
+    /// it stops (`--standby`).
+    pub standby: bool,
     /// Go on past sequences the stream no longer holds, recording the gap
     /// in the checkpoint (`--accept-gap`), instead of stopping.
     pub accept_gap: bool,
@@ -192,6 +195,7 @@ impl RunOptions {
             live: true,
             acked: true,
             serve_handoff: true,
+            standby: false,
             accept_gap: false,
             archive: None,
             split_at: None,
@@ -234,6 +238,18 @@ pub struct RunSummary {
 }
 
 /// `tally run`.
+impl RuntimeError {
+    /// Whether retrying cannot help: the run stops at once (wrong
+    /// credentials, a missing bucket, another run took the location over).
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            RuntimeError::Checkpoint(CheckpointError::Remote(e))
+            | RuntimeError::DataDir(DataDirError::Remote(e)) => e.is_fatal(),
+            _ => false,
+        }
+    }
+}
+
 pub async fn run(
     opts: &RunOptions,
     stop: tokio::sync::watch::Receiver<bool>,

@@ -50,9 +50,23 @@ pub async fn run_with_lock(
     lock: &mut Option<DataDirLock>,
 ) -> Result<RunSummary, RuntimeError> {
     let started = Instant::now();
-    let mut session = Session::open(opts, lock).await?;
-    session.consume(stop, lock).await?;
-    session.finish(started).await
+    let Some((data_dir, taken)) =
+        DataDir::attach(&opts.data_dir, opts.standby, stop.clone()).await?
+    else {
+        // Stopped while standing by: nothing was taken, nothing to do.
+        return Ok(RunSummary::default());
+    };
+    *lock = Some(taken);
+    let result = async {
+        let mut session = Session::open(opts, data_dir.clone()).await?;
+        session.consume(stop, lock).await?;
+        session.finish(started).await
+    }
+    .await;
+    if let Some(copy) = data_dir.remote() {
+        copy.release().await;
+    }
+    result
 }
 
 /// Why the batch loop of one consumer ended.
@@ -105,12 +119,7 @@ struct Session<'o> {
 impl<'o> Session<'o> {
     /// Locks the data directory, connects, makes sure the streams exist,
     /// and loads the state the checkpoint describes.
-    async fn open(
-        opts: &'o RunOptions,
-        lock: &mut Option<DataDirLock>,
-    ) -> Result<Session<'o>, RuntimeError> {
-        let data_dir = DataDir::new(&opts.data_dir);
-        *lock = Some(data_dir.lock()?);
+    async fn open(opts: &'o RunOptions, data_dir: DataDir) -> Result<Session<'o>, RuntimeError> {
         let settings = Settings::load(data_dir.settings_path(opts.config.as_deref()).as_deref())?;
         let client = js_source::connect(&opts.source.nats_url).await?;
         let js = jetstream::new(client.clone());

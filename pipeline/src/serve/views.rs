@@ -30,7 +30,8 @@ use datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContex
 use datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog;
 
 use crate::query::{self, ByteSize, QueryError, QueryOptions, Scope, Session};
-use crate::store::checkpoint::Checkpoint;
+use crate::store::checkpoint::{Checkpoint, CheckpointError};
+use crate::store::remote::{Location, MANIFEST};
 
 /// One checkpoint of the views, as one scope sees them.
 pub struct Snapshot {
@@ -56,18 +57,25 @@ impl Snapshot {
     }
 }
 
-/// Identity of `checkpoint.json` at a moment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i128,
+/// Identity of the checkpoint at a moment: `checkpoint.json`'s file of a
+/// data directory, or the manifest's ETag of an `s3://` location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stamp {
+    Local {
+        dev: u64,
+        ino: u64,
+        size: u64,
+        mtime_ns: i128,
+    },
+    Remote(String),
 }
 
-fn stamp(data_dir: &Path) -> Option<Stamp> {
+async fn stamp(data_dir: &Path, remote: Option<&Location>) -> Option<Stamp> {
+    if let Some(loc) = remote {
+        return loc.head(MANIFEST).await.ok().flatten().map(Stamp::Remote);
+    }
     let m = std::fs::metadata(Checkpoint::path(data_dir)).ok()?;
-    Some(Stamp {
+    Some(Stamp::Local {
         dev: m.dev(),
         ino: m.ino(),
         size: m.size(),
@@ -82,6 +90,9 @@ pub struct Views {
 
 struct Inner {
     data_dir: PathBuf,
+    /// The object-storage location `data_dir` names, if it is one (one
+    /// client, and so one connection pool, for the server's life).
+    remote: Option<Location>,
     queries_dir: Option<PathBuf>,
     memory_limit: ByteSize,
     /// One memory pool for every query of the server.
@@ -104,8 +115,11 @@ impl Views {
         queries_dir: Option<PathBuf>,
         memory_limit: ByteSize,
     ) -> Result<Views, QueryError> {
+        let remote = Location::parse(&data_dir)
+            .map_err(|e| QueryError::Checkpoint(CheckpointError::Remote(e)))?;
         Ok(Views {
             inner: Arc::new(Inner {
+                remote,
                 data_dir,
                 queries_dir,
                 memory_limit,
@@ -134,11 +148,12 @@ impl Views {
     /// The session `scope` answers from now: the cached one (refreshed in
     /// the background if the checkpoint moved), or one opened now.
     pub async fn current(&self, scope: &Scope) -> Result<Arc<Snapshot>, QueryError> {
-        if let Some(s) = self.cached(scope) {
+        let now = stamp(&self.inner.data_dir, self.inner.remote.as_ref()).await;
+        if let Some(s) = self.cached(scope, now.clone()) {
             return Ok(s);
         }
         let _opening = self.inner.opening.lock().await;
-        if let Some(s) = self.cached(scope) {
+        if let Some(s) = self.cached(scope, now) {
             return Ok(s);
         }
         let snapshot = Arc::new(self.open(scope).await?);
@@ -148,11 +163,10 @@ impl Views {
 
     /// The cached session of `scope`, starting a background refresh if the
     /// checkpoint moved since it was opened.
-    fn cached(&self, scope: &Scope) -> Option<Arc<Snapshot>> {
-        let now = stamp(self.data_dir());
+    fn cached(&self, scope: &Scope, now: Option<Stamp>) -> Option<Arc<Snapshot>> {
         let mut cache = self.cache();
         let entry = cache.get_mut(scope)?;
-        if Some(entry.snapshot.stamp) != now && !entry.refreshing {
+        if Some(&entry.snapshot.stamp) != now.as_ref() && !entry.refreshing {
             entry.refreshing = true;
             let (views, scope) = (self.clone(), scope.clone());
             tokio::spawn(async move {
@@ -210,9 +224,11 @@ impl Views {
         let inner = &self.inner;
         // The stamp is taken before the checkpoint is read: if a commit
         // lands in between, the next query sees a new stamp and reopens.
-        let before = stamp(&inner.data_dir).ok_or_else(|| QueryError::NoViews {
-            dir: inner.data_dir.clone(),
-        })?;
+        let before = stamp(&inner.data_dir, inner.remote.as_ref())
+            .await
+            .ok_or_else(|| QueryError::NoViews {
+                dir: inner.data_dir.clone(),
+            })?;
         let opts = QueryOptions {
             queries_dir: inner.queries_dir.clone(),
             memory_limit: inner.memory_limit,

@@ -41,6 +41,9 @@ pub enum CheckpointError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The checkpoint of an object-storage location.
+    #[error(transparent)]
+    Remote(#[from] super::remote::RemoteError),
 }
 
 /// Outcome counters, cumulative over the stream prefix processed.

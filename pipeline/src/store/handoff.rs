@@ -11,6 +11,11 @@
 //!
 //! If the replay withdraws [`REQUEST`] (or the time-out passes), the live
 //! run resumes on the same views.
+//!
+//! On an `s3://` location the same steps go through objects under
+//! `handoff/` (see [`super::remote::working`]): the replay publishes its
+//! manifest (conditional on the paused run's last one) instead of
+//! exchanging directories, and the live run copies the new views in.
 
 use std::time::{Duration, Instant};
 
@@ -30,7 +35,10 @@ pub const POLL: Duration = Duration::from_millis(20);
 
 /// Whether a replay asks for the directory (the live side, between batches).
 pub fn requested(dir: &DataDir) -> bool {
-    dir.path().join(REQUEST).exists()
+    match dir.remote() {
+        Some(copy) => copy.handoff_requested(),
+        None => dir.path().join(REQUEST).exists(),
+    }
 }
 
 /// The live side: pause (the last batch is durable and acked), wait for the
@@ -42,6 +50,9 @@ pub async fn serve(
     lock: &mut Option<DataDirLock>,
     timeout: Duration,
 ) -> Result<bool, DataDirError> {
+    if let Some(copy) = dir.remote() {
+        return Ok(copy.serve_handoff(last_seq, timeout).await?);
+    }
     let paused = dir.path().join(PAUSED);
     std::fs::write(&paused, last_seq.to_string()).map_err(|source| DataDirError::Write {
         path: paused.clone(),

@@ -1,5 +1,9 @@
 //! The data location: everything a run leaves behind, behind one seam.
 //!
+//! A data location is a local directory or an `s3://bucket/prefix` in
+//! object storage ([`remote`]); a run on the latter works on a temporary
+//! local working copy that every commit pushes to the store, so the rest
+//! of this module (and everything above it) sees a directory either way.
 //! A data directory holds the view files ([`parquet`]), the checkpoint
 //! that commits them ([`checkpoint`]), the settings file, the lock that
 //! keeps one run per directory, and the hand-off files through which a
@@ -13,8 +17,11 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod handoff;
 pub mod parquet;
+pub mod remote;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use checkpoint::{Checkpoint, CheckpointError};
 use parquet::ViewDir;
@@ -40,12 +47,26 @@ pub enum DataDirError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Remote(#[from] remote::RemoteError),
 }
 
-/// A data directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How often a `--standby` run tries a local directory's lock.
+const STANDBY_POLL: Duration = Duration::from_millis(250);
+
+/// A data directory: a local one, or the working copy of an object-storage
+/// location.
+#[derive(Debug, Clone)]
 pub struct DataDir {
     root: PathBuf,
+    /// The object-storage location this directory is the working copy of.
+    remote: Option<Arc<remote::WorkingCopy>>,
+}
+
+impl PartialEq for DataDir {
+    fn eq(&self, other: &DataDir) -> bool {
+        self.root == other.root
+    }
 }
 
 /// Holds a data directory's lock until dropped.
@@ -55,7 +76,56 @@ pub struct DataDirLock {
 
 impl DataDir {
     pub fn new(root: impl Into<PathBuf>) -> DataDir {
-        DataDir { root: root.into() }
+        DataDir {
+            root: root.into(),
+            remote: None,
+        }
+    }
+
+    /// Opens the data location `--data` names for a run and takes it: the
+    /// lock of a local directory, the lease of an `s3://` location (whose
+    /// committed views are then copied into a local working copy). With
+    /// `standby`, waits while another run holds it. `None` if `stop` fired
+    /// while waiting.
+    pub async fn attach(
+        location: &Path,
+        standby: bool,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Option<(DataDir, DataDirLock)>, DataDirError> {
+        if let Some(loc) = remote::Location::parse(location)? {
+            let Some(copy) = remote::WorkingCopy::attach(loc, standby, stop).await? else {
+                return Ok(None);
+            };
+            let dir = DataDir {
+                root: copy.root().to_path_buf(),
+                remote: Some(Arc::new(copy)),
+            };
+            let lock = dir.lock()?;
+            return Ok(Some((dir, lock)));
+        }
+        let dir = DataDir::new(location);
+        let mut announced = false;
+        loop {
+            match dir.lock() {
+                Ok(lock) => return Ok(Some((dir, lock))),
+                Err(DataDirError::Locked { .. }) if standby => {
+                    if !announced {
+                        tracing::info!(data = %location.display(), "another run holds the data directory; standing by");
+                        announced = true;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(STANDBY_POLL) => {}
+                        _ = stop.changed() => return Ok(None),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The object-storage location this directory is the working copy of.
+    pub fn remote(&self) -> Option<&Arc<remote::WorkingCopy>> {
+        self.remote.as_ref()
     }
 
     pub fn path(&self) -> &Path {
@@ -67,7 +137,12 @@ impl DataDir {
     /// consumer of its own, so two runs on two directories never split one
     /// consumer's messages between them.
     pub fn consumer_name(&self) -> String {
-        let path = std::path::absolute(&self.root).unwrap_or_else(|_| self.root.clone());
+        // An `s3://` URL names the same location from any directory.
+        let path = if remote::is_remote(&self.root) {
+            self.root.clone()
+        } else {
+            std::path::absolute(&self.root).unwrap_or_else(|_| self.root.clone())
+        };
         format!(
             "tally-{:016x}",
             xxhash_rust::xxh3::xxh3_64(path.as_os_str().as_encoded_bytes())
@@ -84,9 +159,17 @@ impl DataDir {
         Checkpoint::load(&self.root)
     }
 
-    /// Commits `cp`: from now on the views are those it covers.
+    /// Commits `cp`: from now on the views are those it covers. A working
+    /// copy's commit is pushed to the object store before this returns.
     pub fn commit(&self, cp: &Checkpoint) -> Result<(), CheckpointError> {
-        cp.save(&self.root)
+        cp.save(&self.root)?;
+        if let Some(copy) = &self.remote {
+            // Called from blocking threads and from the run's start-up;
+            // either way this thread may wait for the push.
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::block_in_place(|| handle.block_on(copy.push(cp)))?;
+        }
+        Ok(())
     }
 
     /// The settings file in effect: `explicit` (`--config`), else the
@@ -120,5 +203,14 @@ impl DataDir {
                 path: self.root.clone(),
             }),
         }
+    }
+}
+
+/// The last committed checkpoint of the location `--data` names (a local
+/// directory or an `s3://` location), for readers.
+pub async fn read_checkpoint(location: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
+    match remote::Location::parse(location)? {
+        Some(loc) => Ok(loc.manifest().await?.map(|(m, _)| m.checkpoint)),
+        None => Checkpoint::load(location),
     }
 }

@@ -110,6 +110,11 @@ impl ViewDir {
         }
     }
 
+    /// Where the file covering `first..=last` is (or goes).
+    pub fn file_path(&self, first: u64, last: u64) -> PathBuf {
+        self.dir.join(file_name(first, last))
+    }
+
     pub fn create(&self) -> Result<(), ViewFilesError> {
         std::fs::create_dir_all(&self.dir).map_err(|source| ViewFilesError::CreateDir {
             path: self.dir.clone(),
