@@ -23,10 +23,10 @@ fn size() -> (u32, u32) {
 }
 
 /// A deterministic pseudo-random sequence (the kill instants), so a failure reproduces.
-struct Lcg(u64);
+pub(crate) struct Lcg(pub(crate) u64);
 
 impl Lcg {
-    fn next(&mut self, below: u64) -> u64 {
+    pub(crate) fn next(&mut self, below: u64) -> u64 {
         self.0 = self
             .0
             .wrapping_mul(6364136223846793005)
@@ -65,7 +65,7 @@ fn sigterm(child: &mut Child) {
     );
 }
 
-fn last_seq(server: &NatsServer, data: &Path) -> u64 {
+pub(crate) fn last_seq(server: &NatsServer, data: &Path) -> u64 {
     status_json(server, data)["status"]["stream_last_seq"]
         .as_u64()
         .unwrap()
@@ -124,14 +124,14 @@ fn republish_five_percent(server: &NatsServer, dir: &Path, file: &Path) -> usize
     picked.len()
 }
 
-struct Stream {
-    server: NatsServer,
-    dir: tempfile::TempDir,
-    clean: Vec<(String, String)>,
+pub(crate) struct Stream {
+    pub(crate) server: NatsServer,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) clean: Vec<(String, String)>,
 }
 
 /// Publishes the SaaS with 5% duplicates and computes the clean run's views.
-fn stream() -> Stream {
+pub(crate) fn stream() -> Stream {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let (tenants, months) = size();

@@ -11,6 +11,7 @@ mod faults;
 mod harness;
 mod history;
 mod metrics;
+mod objectstore;
 mod probes;
 mod serve;
 mod sql;

@@ -248,13 +248,13 @@ impl Session {
         runtime: Arc<RuntimeEnv>,
     ) -> Result<Session, QueryError> {
         if let Some(loc) = Location::parse(data_dir).map_err(CheckpointError::from)? {
-            let (manifest, _) = loc
-                .manifest()
-                .await
-                .map_err(CheckpointError::from)?
-                .ok_or_else(|| QueryError::NoViews {
+            let Some((manifest, _)) = loc.manifest().await.map_err(CheckpointError::from)? else {
+                // A missing bucket reads as no manifest too: say which it is.
+                loc.probe().await.map_err(CheckpointError::from)?;
+                return Err(QueryError::NoViews {
                     dir: data_dir.to_path_buf(),
-                })?;
+                });
+            };
             let url = datafusion::execution::object_store::ObjectStoreUrl::parse(format!(
                 "s3://{}",
                 loc.bucket

@@ -29,7 +29,7 @@ use crate::sink::dlq::DlqTarget;
 use crate::sink::{alerts, dlq};
 use crate::source::jetstream as js_source;
 use crate::store::parquet::read_parquet;
-use crate::store::{DataDir, DataDirLock, handoff};
+use crate::store::{DataDir, DataDirError, DataDirLock, handoff};
 
 /// Idle ticks in a row with messages owed to us before the consumer is
 /// recreated from the checkpoint.
@@ -289,6 +289,9 @@ impl<'o> Session<'o> {
         let mut deliveries = js_source::Deliveries::default();
         let mut stalled_ticks = 0u32;
         loop {
+            if let Some(copy) = self.data_dir.remote() {
+                copy.check_lease().map_err(DataDirError::from)?;
+            }
             if opts.serve_handoff && handoff::requested(&self.data_dir) {
                 self.settle().await?;
                 if handoff::serve(

@@ -172,6 +172,11 @@ impl Lease {
         }
     }
 
+    /// The flag [`Lease::lost`] reads, for a holder to watch.
+    pub fn lost_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.lost)
+    }
+
     /// Whether another run has taken the lease.
     pub fn lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)

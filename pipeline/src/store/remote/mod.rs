@@ -263,6 +263,35 @@ impl Location {
 
     /// Sorts a failed request: fatal (refused, no bucket) or retry.
     fn fail(&self, action: &'static str, key: &str, source: object_store::Error) -> RemoteError {
+        // Some requests (listing) reach us as `Generic` whatever the HTTP
+        // status; the S3 error code in the answer still says what it was.
+        if let object_store::Error::Generic { .. } = &source {
+            match s3_error_code(&source).as_deref() {
+                Some("NoSuchBucket") => {
+                    return RemoteError::NoBucket {
+                        bucket: self.bucket.clone(),
+                        url: self.url.clone(),
+                    };
+                }
+                Some(
+                    "AccessDenied"
+                    | "SignatureDoesNotMatch"
+                    | "InvalidAccessKeyId"
+                    | "InvalidToken"
+                    | "ExpiredToken"
+                    | "AllAccessDisabled",
+                ) => {
+                    return RemoteError::Denied {
+                        action,
+                        bucket: self.bucket.clone(),
+                        prefix: self.prefix.clone(),
+                        key: key.to_owned(),
+                        cause: source,
+                    };
+                }
+                _ => {}
+            }
+        }
         match source {
             object_store::Error::PermissionDenied { .. }
             | object_store::Error::Unauthenticated { .. } => RemoteError::Denied {
@@ -457,6 +486,15 @@ impl Location {
     }
 }
 
+/// The S3 error code (`<Code>NoSuchBucket</Code>`) of a failed request's
+/// answer, if the error carries one: the protocol's own classification.
+fn s3_error_code(e: &object_store::Error) -> Option<String> {
+    let text = e.to_string();
+    let start = text.find("<Code>")? + "<Code>".len();
+    let len = text[start..].find("</Code>")?;
+    Some(text[start..start + len].to_owned())
+}
+
 /// The key of a view object written by `writer`.
 pub fn view_key(view: &str, first: u64, last: u64, writer: &str) -> String {
     format!("views/{view}/seq-{first:020}-{last:020}-{writer}.parquet")
@@ -507,6 +545,21 @@ mod tests {
             Location::parse(Path::new("s3://b/a/../c")),
             Err(RemoteError::Url { .. })
         ));
+    }
+
+    #[test]
+    fn reads_the_s3_error_code_of_an_answer() {
+        let e = object_store::Error::Generic {
+            store: "S3",
+            source: "403 Forbidden: <?xml?><Error><Code>SignatureDoesNotMatch</Code></Error>"
+                .into(),
+        };
+        assert_eq!(s3_error_code(&e).as_deref(), Some("SignatureDoesNotMatch"));
+        let plain = object_store::Error::Generic {
+            store: "S3",
+            source: "connection refused".into(),
+        };
+        assert_eq!(s3_error_code(&plain), None);
     }
 
     #[test]

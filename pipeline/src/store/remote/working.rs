@@ -57,6 +57,8 @@ pub struct WorkingCopy {
     writer: String,
     pushed: tokio::sync::Mutex<Pushed>,
     lease: tokio::sync::Mutex<Option<Lease>>,
+    /// Set when another run took the lease over.
+    lease_lost: Arc<AtomicBool>,
     /// Set by the background watch on [`HANDOFF_REQUEST`].
     handoff_requested: Arc<AtomicBool>,
     watcher: tokio::task::JoinHandle<()>,
@@ -114,6 +116,7 @@ impl WorkingCopy {
             loc,
             dir,
             writer,
+            lease_lost: lease.lost_flag(),
             pushed: tokio::sync::Mutex::new(Pushed::default()),
             lease: tokio::sync::Mutex::new(Some(lease)),
             handoff_requested: flag,
@@ -196,13 +199,7 @@ impl WorkingCopy {
 
     /// Commits the working directory's state at `cp` to the store.
     pub async fn push(&self, cp: &Checkpoint) -> Result<(), RemoteError> {
-        if let Some(lease) = self.lease.lock().await.as_ref()
-            && lease.lost()
-        {
-            return Err(RemoteError::Superseded {
-                url: self.loc.url.clone(),
-            });
-        }
+        self.check_lease()?;
         let mut pushed = self.pushed.lock().await;
         let started = Instant::now();
         let root = views_root(self.root());
@@ -312,6 +309,17 @@ impl WorkingCopy {
             ms = started.elapsed().as_millis() as u64,
             "checkpoint pushed to the object store"
         );
+        Ok(())
+    }
+
+    /// Fails once another run has taken the lease over: this run must stop
+    /// (its commits would be refused anyway).
+    pub fn check_lease(&self) -> Result<(), RemoteError> {
+        if self.lease_lost.load(Ordering::SeqCst) {
+            return Err(RemoteError::Superseded {
+                url: self.loc.url.clone(),
+            });
+        }
         Ok(())
     }
 
