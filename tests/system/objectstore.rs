@@ -216,6 +216,53 @@ fn faults_on_object_storage_leave_every_view_equal_to_a_clean_local_run() {
     c.args(["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&run_expect(c, 0).stdout).unwrap();
     assert_eq!(v["status"]["checkpoint_seq"].as_u64(), Some(last), "{v}");
+
+    // 6. `tally serve` answers from the location like `tally sql`.
+    let users = s.dir.path().join("users.toml");
+    crate::serve::add_user(&users, "analyst", "pw-analyst", &["--all-tenants"]);
+    let (pg, http) = (crate::harness::free_port(), crate::harness::free_port());
+    let mut c = tally(server, &s3, &data);
+    c.arg("serve")
+        .args(["--pg-listen", &format!("127.0.0.1:{pg}")])
+        .args(["--flight-listen", "off"])
+        .args(["--http-listen", &format!("127.0.0.1:{http}")])
+        .arg("--users")
+        .arg(&users)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut serve = c.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", pg)).is_err() {
+        assert!(Instant::now() < deadline, "tally serve did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={pg} user=analyst password=pw-analyst dbname=tally sslmode=disable"
+        ))
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "SELECT (SELECT count(*) FROM events), checkpoint_seq FROM _tally_clock",
+        ])
+        .output()
+        .expect("psql (Debian postgresql-client): run deploy/install-clients.sh");
+    let events = s.clean[0].1.lines().count() - 1;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{events}|{last}"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let health = Command::new("curl")
+        .args(["-s", &format!("http://127.0.0.1:{http}/healthz")])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&health.stdout).trim(), "ok");
+    serve.kill().unwrap();
+    serve.wait().unwrap();
 }
 
 #[test]
@@ -233,7 +280,7 @@ fn a_standby_takes_over_and_a_paused_former_holder_cannot_commit() {
     };
     let unused = dir.path().join("unused");
     publish_file(&server, &unused, &part(1, 0..third));
-    let mut s3 = SeaweedS3::start();
+    let s3 = SeaweedS3::start();
     s3.create_bucket(BUCKET);
     let data = format!("s3://{BUCKET}/ha");
 

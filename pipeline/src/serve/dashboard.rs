@@ -20,7 +20,6 @@ use serde_json::{Map, Value, json};
 
 use super::http::{Http, account_of, stream_state, unauthorized};
 use crate::query::{QueryError, Scope};
-use crate::store::checkpoint::Checkpoint;
 
 const ECHARTS: &[u8] = include_bytes!("../../assets/echarts/echarts.min.js");
 const ECHARTS_LICENSE: &[u8] = include_bytes!("../../assets/echarts/LICENSE");
@@ -195,9 +194,7 @@ pub async fn dashboard_json(State(http): State<Arc<Http>>, headers: HeaderMap) -
     };
     let clock = v["clock"][0]["stream_clock"].clone();
     v["stream_clock"] = clock.clone();
-    let checkpoint = Checkpoint::load(http.shared.views.data_dir())
-        .ok()
-        .flatten();
+    let checkpoint = http.shared.views.checkpoint().await.ok().flatten();
     let stream = stream_state(&http).await;
     let checkpoint_seq = v["checkpoint_seq"].as_u64().unwrap_or(0);
     let (last, stream_error) = match stream {

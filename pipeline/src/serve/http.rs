@@ -16,7 +16,6 @@ use tokio::net::TcpListener;
 
 use super::{ServeError, Shared};
 use crate::query::Scope;
-use crate::store::checkpoint::Checkpoint;
 
 /// How long `/healthz` and `/metrics` wait for NATS.
 const NATS_WAIT: Duration = Duration::from_secs(2);
@@ -42,7 +41,7 @@ async fn healthz(State(http): State<Arc<Http>>) -> Response {
         )
             .into_response();
     }
-    let checkpoint = match Checkpoint::load(shared.views.data_dir()) {
+    let checkpoint = match shared.views.checkpoint().await {
         Ok(Some(c)) => c,
         Ok(None) => {
             return (StatusCode::SERVICE_UNAVAILABLE, "no checkpoint yet\n").into_response();
@@ -125,7 +124,7 @@ async fn metrics(State(http): State<Arc<Http>>, headers: HeaderMap) -> Response 
         )
             .into_response();
     }
-    let checkpoint = Checkpoint::load(shared.views.data_dir()).ok().flatten();
+    let checkpoint = shared.views.checkpoint().await.ok().flatten();
     let last_seq = stream_state(&http).await.ok().map(|(s, _)| s);
     (
         [(

@@ -134,6 +134,14 @@ impl Views {
         &self.inner.data_dir
     }
 
+    /// The latest committed checkpoint of the data location.
+    pub async fn checkpoint(&self) -> Result<Option<Checkpoint>, CheckpointError> {
+        match &self.inner.remote {
+            Some(loc) => Ok(loc.manifest().await?.map(|(m, _)| m.checkpoint)),
+            None => Checkpoint::load(&self.inner.data_dir),
+        }
+    }
+
     pub fn memory_limit(&self) -> ByteSize {
         self.inner.memory_limit
     }

@@ -102,9 +102,12 @@ impl Lease {
                 None => put(loc, &me, PutMode::Create).await,
                 Some((bytes, version)) => {
                     let other: Option<LeaseRecord> = serde_json::from_slice(&bytes).ok();
+                    // Our own pid in a lease we do not hold is an earlier
+                    // incarnation of this process's slot (a restarted
+                    // container is pid 1 again): gone too.
                     let dead_here = other
                         .as_ref()
-                        .is_some_and(|o| o.host == me.host && !alive(o.pid));
+                        .is_some_and(|o| o.host == me.host && (o.pid == me.pid || !alive(o.pid)));
                     if !dead_here {
                         let who = other
                             .as_ref()

@@ -71,7 +71,7 @@ pub enum RemoteError {
     )]
     Client {
         url: String,
-        cause: object_store::Error,
+        cause: Box<object_store::Error>,
     },
     /// Fatal: the bucket is not there.
     #[error(
@@ -87,7 +87,7 @@ pub enum RemoteError {
         bucket: String,
         prefix: String,
         key: String,
-        cause: object_store::Error,
+        cause: Box<object_store::Error>,
     },
     /// Retry: the store is unreachable, throttles or fails (after the
     /// client's own retries).
@@ -98,7 +98,7 @@ pub enum RemoteError {
         action: &'static str,
         bucket: String,
         key: String,
-        cause: object_store::Error,
+        cause: Box<object_store::Error>,
     },
     /// Fatal: another run committed to this location since this one last did.
     #[error(
@@ -237,7 +237,7 @@ impl Location {
             .build()
             .map_err(|cause| RemoteError::Client {
                 url: url.clone(),
-                cause,
+                cause: Box::new(cause),
             })?;
         Ok(Some(Location {
             url,
@@ -286,7 +286,7 @@ impl Location {
                         bucket: self.bucket.clone(),
                         prefix: self.prefix.clone(),
                         key: key.to_owned(),
-                        cause: source,
+                        cause: Box::new(source),
                     };
                 }
                 _ => {}
@@ -299,7 +299,7 @@ impl Location {
                 bucket: self.bucket.clone(),
                 prefix: self.prefix.clone(),
                 key: key.to_owned(),
-                cause: source,
+                cause: Box::new(source),
             },
             object_store::Error::NotFound { .. } => RemoteError::NoBucket {
                 bucket: self.bucket.clone(),
@@ -313,7 +313,7 @@ impl Location {
                 action,
                 bucket: self.bucket.clone(),
                 key: key.to_owned(),
-                cause: source,
+                cause: Box::new(source),
             },
         }
     }
@@ -436,10 +436,10 @@ impl Location {
             action: "encode",
             bucket: self.bucket.clone(),
             key: MANIFEST.to_owned(),
-            cause: object_store::Error::Generic {
+            cause: Box::new(object_store::Error::Generic {
                 store: "tally",
                 source: Box::new(e),
-            },
+            }),
         })?;
         let mode = match after {
             Some(v) => PutMode::Update(v.clone()),
@@ -470,10 +470,10 @@ impl Location {
                 action: "read",
                 bucket: self.bucket.clone(),
                 key: key.to_owned(),
-                cause: object_store::Error::NotFound {
+                cause: Box::new(object_store::Error::NotFound {
                     path: key.to_owned(),
                     source: "named by the checkpoint but missing".into(),
-                },
+                }),
             });
         };
         tokio::fs::write(to, &bytes)
