@@ -34,7 +34,9 @@
 //! - [`store`]: the data location behind one seam ([`store::DataDir`]):
 //!   view files ([`store::parquet`]), the checkpoint that commits them
 //!   ([`store::checkpoint`]), the lock, the replay hand-off
-//!   ([`store::handoff`]), atomic file writes ([`store::atomic`]).
+//!   ([`store::handoff`]), atomic file writes ([`store::atomic`]); and
+//!   `s3://` locations ([`store::remote`]: the manifest written with
+//!   conditional puts, the lease, the run's working copy).
 //! - [`state`]: the processor's in-memory state that is not a view: the
 //!   dedup horizon.
 //! - [`config`]: settings that change results (TOML, `deny_unknown_fields`).

@@ -314,6 +314,7 @@ fn a_standby_takes_over_and_a_paused_former_holder_cannot_commit() {
     };
     wait_committed(&s3, &data, part2_end - 1, &mut standby);
     let took = paused_at.elapsed();
+    eprintln!("the standby took over {took:?} after the holder was paused");
     assert!(took < Duration::from_secs(30), "took over after {took:?}");
     assert_ne!(manifest(&s3, &data).unwrap()["writer"], holder_writer);
 
