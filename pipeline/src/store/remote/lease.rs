@@ -104,10 +104,12 @@ impl Lease {
                     let other: Option<LeaseRecord> = serde_json::from_slice(&bytes).ok();
                     // Our own pid in a lease we do not hold is an earlier
                     // incarnation of this process's slot (a restarted
-                    // container is pid 1 again): gone too.
-                    let dead_here = other
-                        .as_ref()
-                        .is_some_and(|o| o.host == me.host && (o.pid == me.pid || !alive(o.pid)));
+                    // container is pid 1 again): gone too. Our own token
+                    // is a create whose answer was lost and retried.
+                    let dead_here = other.as_ref().is_some_and(|o| {
+                        o.holder == me.holder
+                            || (o.host == me.host && (o.pid == me.pid || !alive(o.pid)))
+                    });
                     if !dead_here {
                         let who = other
                             .as_ref()

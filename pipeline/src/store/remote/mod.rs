@@ -321,13 +321,7 @@ impl Location {
     /// Lists the prefix once: a missing bucket or refused credentials show
     /// here, before anything else is tried.
     pub async fn probe(&self) -> Result<(), RemoteError> {
-        let prefix = self.path(MANIFEST);
-        let parent = prefix.parts().count() > 1;
-        let at = if parent {
-            Some(ObjPath::from(self.prefix.as_str()))
-        } else {
-            None
-        };
+        let at = (!self.prefix.is_empty()).then(|| ObjPath::from(self.prefix.as_str()));
         self.store
             .list_with_delimiter(at.as_ref())
             .await
