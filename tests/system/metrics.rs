@@ -19,7 +19,11 @@ fn fixtures_dir() -> PathBuf {
 pub fn sorted_csv(server: &NatsServer, data: &Path, query: &str) -> String {
     let mut c = tally(server, data);
     c.args(["sql", query, "--format", "csv"]);
-    let out = String::from_utf8(run_expect(c, 0).stdout).unwrap();
+    sort_csv(&String::from_utf8(run_expect(c, 0).stdout).unwrap())
+}
+
+/// CSV with its header first and its rows sorted.
+pub fn sort_csv(out: &str) -> String {
     let mut lines: Vec<&str> = out.lines().collect();
     if lines.len() > 1 {
         lines[1..].sort_unstable();
@@ -42,13 +46,19 @@ pub fn query_views() -> Vec<String> {
 /// Every stored view and every `queries/` view as sorted CSV, by name: what
 /// two runs over the same stream must agree on row for row.
 pub fn all_views(server: &NatsServer, data: &Path) -> Vec<(String, String)> {
+    views_by(|query| sorted_csv(server, data, query))
+}
+
+/// Every stored and `queries/` view, by name, as `sorted` answers
+/// `SELECT * FROM <view>` (sorted CSV).
+pub fn views_by(sorted: impl Fn(&str) -> String) -> Vec<(String, String)> {
     let stored = ["events", "usage", "overages", "mrr", "revenue", "tenants"];
     stored
         .iter()
         .map(|v| v.to_string())
         .chain(query_views())
         .map(|v| {
-            let text = sorted_csv(server, data, &format!("SELECT * FROM {v}"));
+            let text = sorted(&format!("SELECT * FROM {v}"));
             (v, text)
         })
         .collect()

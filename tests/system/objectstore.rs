@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::faults::{Lcg, last_seq, stream};
 use crate::harness::{NatsServer, SeaweedS3, bin, generated, run_expect};
-use crate::metrics::{all_views, assert_same_views, publish_file, query_views};
+use crate::metrics::{all_views, assert_same_views, publish_file, sort_csv, views_by};
 
 const BUCKET: &str = "tally-views";
 
@@ -29,22 +29,11 @@ fn tally(server: &NatsServer, s3: &SeaweedS3, data: &str) -> Command {
 
 /// Every view of an `s3://` location, as [`all_views`] gives a directory's.
 fn views(server: &NatsServer, s3: &SeaweedS3, data: &str) -> Vec<(String, String)> {
-    let stored = ["events", "usage", "overages", "mrr", "revenue", "tenants"];
-    stored
-        .iter()
-        .map(|v| v.to_string())
-        .chain(query_views())
-        .map(|v| {
-            let mut c = tally(server, s3, data);
-            c.args(["sql", &format!("SELECT * FROM {v}"), "--format", "csv"]);
-            let out = String::from_utf8(run_expect(c, 0).stdout).unwrap();
-            let mut lines: Vec<&str> = out.lines().collect();
-            if lines.len() > 1 {
-                lines[1..].sort_unstable();
-            }
-            (v, lines.join("\n") + "\n")
-        })
-        .collect()
+    views_by(|query| {
+        let mut c = tally(server, s3, data);
+        c.args(["sql", query, "--format", "csv"]);
+        sort_csv(&String::from_utf8(run_expect(c, 0).stdout).unwrap())
+    })
 }
 
 /// The location's manifest (its `checkpoint.json`), read straight from S3.

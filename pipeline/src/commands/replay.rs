@@ -224,7 +224,7 @@ async fn switch_remote(
                     loc.delete(working::HANDOFF_REQUEST).await?;
                 }
                 let manifest = working::publish(loc, fresh).await?;
-                working::collect_unnamed(loc, &manifest).await;
+                working::collect_unnamed(loc, &manifest.files).await;
                 lease.release().await;
                 info!(data = %loc.url, "switched to the replayed views");
                 return Ok(false);

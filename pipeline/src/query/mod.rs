@@ -247,7 +247,20 @@ impl Session {
         opts: &QueryOptions,
         runtime: Arc<RuntimeEnv>,
     ) -> Result<Session, QueryError> {
-        if let Some(loc) = Location::parse(data_dir).map_err(CheckpointError::from)? {
+        let remote = Location::parse(data_dir).map_err(CheckpointError::from)?;
+        Session::open_in(data_dir, remote.as_ref(), opts, runtime).await
+    }
+
+    /// [`Session::open_with`] with the `s3://` location `data_dir` names
+    /// already parsed (`tally serve` keeps one client, and its connections,
+    /// for its life).
+    pub async fn open_in(
+        data_dir: &Path,
+        remote: Option<&Location>,
+        opts: &QueryOptions,
+        runtime: Arc<RuntimeEnv>,
+    ) -> Result<Session, QueryError> {
+        if let Some(loc) = remote {
             let Some((manifest, _)) = loc.manifest().await.map_err(CheckpointError::from)? else {
                 // A missing bucket reads as no manifest too: say which it is.
                 loc.probe().await.map_err(CheckpointError::from)?;
@@ -264,7 +277,7 @@ impl Session {
                 cause,
             })?;
             runtime.register_object_store(url.as_ref(), Arc::clone(&loc.store));
-            let files = Files::Remote(&loc, &manifest);
+            let files = Files::Remote(loc, &manifest);
             return match open_at(&files, &manifest.checkpoint, opts, Arc::clone(&runtime)).await {
                 Ok((ctx, replaced)) => Ok(Session {
                     ctx,

@@ -136,10 +136,7 @@ impl Views {
 
     /// The latest committed checkpoint of the data location.
     pub async fn checkpoint(&self) -> Result<Option<Checkpoint>, CheckpointError> {
-        match &self.inner.remote {
-            Some(loc) => Ok(loc.manifest().await?.map(|(m, _)| m.checkpoint)),
-            None => Checkpoint::load(&self.inner.data_dir),
-        }
+        crate::store::checkpoint_in(&self.inner.data_dir, self.inner.remote.as_ref()).await
     }
 
     pub fn memory_limit(&self) -> ByteSize {
@@ -242,8 +239,13 @@ impl Views {
             memory_limit: inner.memory_limit,
             scope: scope.clone(),
         };
-        let session =
-            Session::open_with(&inner.data_dir, &opts, Arc::clone(&inner.runtime)).await?;
+        let session = Session::open_in(
+            &inner.data_dir,
+            inner.remote.as_ref(),
+            &opts,
+            Arc::clone(&inner.runtime),
+        )
+        .await?;
         setup_pg_catalog(&session.ctx, query::CATALOG, EmptyContextProvider).map_err(|e| {
             QueryError::Register {
                 view: "pg_catalog".into(),

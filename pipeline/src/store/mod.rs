@@ -209,7 +209,17 @@ impl DataDir {
 /// The last committed checkpoint of the location `--data` names (a local
 /// directory or an `s3://` location), for readers.
 pub async fn read_checkpoint(location: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
-    match remote::Location::parse(location)? {
+    let remote = remote::Location::parse(location)?;
+    checkpoint_in(location, remote.as_ref()).await
+}
+
+/// [`read_checkpoint`] with the `s3://` location `location` names already
+/// parsed (`None`: a local directory).
+pub async fn checkpoint_in(
+    location: &Path,
+    remote: Option<&remote::Location>,
+) -> Result<Option<Checkpoint>, CheckpointError> {
+    match remote {
         Some(loc) => Ok(loc.manifest().await?.map(|(m, _)| m.checkpoint)),
         None => Checkpoint::load(location),
     }

@@ -29,7 +29,7 @@ use super::{
     Location, MANIFEST, Manifest, ManifestFile, RemoteError, SETTINGS, new_token, view_key,
 };
 use crate::store::checkpoint::Checkpoint;
-use crate::store::parquet::{ViewDir, views_root};
+use crate::store::parquet::{ViewDir, ViewFile, views_root};
 
 /// Objects moved at once when a working copy is pulled or pushed.
 const PARALLEL: usize = 8;
@@ -172,29 +172,11 @@ impl WorkingCopy {
     /// died before committing them, and what compaction replaced. Only the
     /// lease holder does it, right after it has fenced the manifest.
     async fn collect_garbage(&self) {
-        let named: HashSet<String> = {
-            let pushed = self.pushed.lock().await;
-            pushed
-                .named
-                .values()
-                .flatten()
-                .map(|f| f.key.clone())
-                .collect()
-        };
-        let keys = match self.loc.list("views").await {
-            Ok(k) => k,
-            Err(e) => {
-                warn!(url = %self.loc.url, error = %e, "cannot list the location to collect unreferenced objects; the next start tries again");
-                return;
-            }
-        };
-        let garbage: Vec<String> = keys.into_iter().filter(|k| !named.contains(k)).collect();
-        if garbage.is_empty() {
-            return;
+        let named = self.pushed.lock().await.named.clone();
+        let n = collect_unnamed(&self.loc, &named).await;
+        if n > 0 {
+            info!(url = %self.loc.url, objects = n, "collected objects no checkpoint names");
         }
-        let n = garbage.len();
-        delete_all(&self.loc, garbage).await;
-        info!(url = %self.loc.url, objects = n, "collected objects no checkpoint names");
     }
 
     /// Commits the working directory's state at `cp` to the store.
@@ -202,48 +184,19 @@ impl WorkingCopy {
         self.check_lease()?;
         let mut pushed = self.pushed.lock().await;
         let started = Instant::now();
-        let root = views_root(self.root());
         let mut wanted: Vec<(String, PathBuf, ManifestFile)> = Vec::new();
-        let mut views: Vec<String> = match std::fs::read_dir(&root) {
-            Ok(entries) => entries
-                .flatten()
-                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-                .collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(source) => {
-                return Err(RemoteError::Local {
-                    action: "list",
-                    path: root,
-                    source,
-                });
-            }
-        };
-        views.sort();
-        for view in &views {
-            let dir = ViewDir {
-                dir: root.join(view),
+        for (view, f) in committed_files(self.root(), cp.last_seq)? {
+            let key = match pushed.uploaded.get(&f.path) {
+                Some((bytes, key)) if *bytes == f.bytes => key.clone(),
+                _ => view_key(&view, f.first_seq, f.last_seq, &self.writer),
             };
-            let files = dir.files().map_err(|e| RemoteError::Local {
-                action: "list",
-                path: dir.dir.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            for f in files.into_iter().filter(|f| f.last_seq <= cp.last_seq) {
-                let key = match pushed.uploaded.get(&f.path) {
-                    Some((bytes, key)) if *bytes == f.bytes => key.clone(),
-                    _ => view_key(view, f.first_seq, f.last_seq, &self.writer),
-                };
-                wanted.push((
-                    view.clone(),
-                    f.path,
-                    ManifestFile {
-                        key,
-                        first_seq: f.first_seq,
-                        last_seq: f.last_seq,
-                        bytes: f.bytes,
-                    },
-                ));
-            }
+            let m = ManifestFile {
+                key,
+                first_seq: f.first_seq,
+                last_seq: f.last_seq,
+                bytes: f.bytes,
+            };
+            wanted.push((view, f.path, m));
         }
         let uploads: Vec<(PathBuf, ManifestFile)> = wanted
             .iter()
@@ -257,15 +210,7 @@ impl WorkingCopy {
             .collect();
         let uploaded_bytes: u64 = uploads.iter().map(|(_, f)| f.bytes).sum();
         let n_uploads = uploads.len();
-        let loc = &self.loc;
-        futures::stream::iter(
-            uploads
-                .iter()
-                .map(|(path, f)| async move { loc.upload(path, &f.key).await }),
-        )
-        .buffer_unordered(PARALLEL)
-        .try_collect::<Vec<u64>>()
-        .await?;
+        upload_all(&self.loc, &uploads).await?;
         for (path, f) in uploads {
             pushed.uploaded.insert(path, (f.bytes, f.key));
         }
@@ -475,43 +420,17 @@ pub async fn publish(loc: &Location, from: &Path) -> Result<Manifest, RemoteErro
     let writer = new_token();
     let mut uploads = Vec::new();
     let mut files: BTreeMap<String, Vec<ManifestFile>> = BTreeMap::new();
-    let root = views_root(from);
-    let mut views: Vec<String> = std::fs::read_dir(&root)
-        .map_err(|source| RemoteError::Local {
-            action: "list",
-            path: root.clone(),
-            source,
-        })?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-        .collect();
-    views.sort();
-    for view in &views {
-        let dir = ViewDir::new(from, view);
-        let listed = dir.files().map_err(|e| RemoteError::Local {
-            action: "list",
-            path: dir.dir.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        for f in listed.into_iter().filter(|f| f.last_seq <= cp.last_seq) {
-            let m = ManifestFile {
-                key: view_key(view, f.first_seq, f.last_seq, &writer),
-                first_seq: f.first_seq,
-                last_seq: f.last_seq,
-                bytes: f.bytes,
-            };
-            uploads.push((f.path, m.key.clone()));
-            files.entry(view.clone()).or_default().push(m);
-        }
+    for (view, f) in committed_files(from, cp.last_seq)? {
+        let m = ManifestFile {
+            key: view_key(&view, f.first_seq, f.last_seq, &writer),
+            first_seq: f.first_seq,
+            last_seq: f.last_seq,
+            bytes: f.bytes,
+        };
+        files.entry(view).or_default().push(m.clone());
+        uploads.push((f.path, m));
     }
-    futures::stream::iter(
-        uploads
-            .iter()
-            .map(|(path, key)| async move { loc.upload(path, key).await }),
-    )
-    .buffer_unordered(PARALLEL)
-    .try_collect::<Vec<u64>>()
-    .await?;
+    upload_all(loc, &uploads).await?;
     let manifest = Manifest {
         checkpoint: cp,
         writer,
@@ -535,25 +454,78 @@ pub async fn delete_all(loc: &Location, keys: Vec<String>) {
     }
 }
 
-/// Deletes every object no manifest of `loc` names (after a publish by a
-/// replay that held the lease).
-pub async fn collect_unnamed(loc: &Location, manifest: &Manifest) {
-    let named: HashSet<&str> = manifest
-        .files
-        .values()
-        .flatten()
-        .map(|f| f.key.as_str())
-        .collect();
+/// Deletes every view object of `loc` that `named` (a manifest's files)
+/// does not name; returns how many. Only whoever may commit calls it: the
+/// lease holder right after it fenced the manifest, or a replay holding
+/// the lease after it published.
+pub async fn collect_unnamed(loc: &Location, named: &BTreeMap<String, Vec<ManifestFile>>) -> usize {
+    let named: HashSet<&str> = named.values().flatten().map(|f| f.key.as_str()).collect();
     match loc.list("views").await {
         Ok(keys) => {
-            let garbage = keys
+            let garbage: Vec<String> = keys
                 .into_iter()
                 .filter(|k| !named.contains(k.as_str()))
                 .collect();
+            let n = garbage.len();
             delete_all(loc, garbage).await;
+            n
         }
         Err(e) => {
-            warn!(url = %loc.url, error = %e, "cannot list the location to collect unreferenced objects; the next run does")
+            warn!(url = %loc.url, error = %e, "cannot list the location to collect unreferenced objects; the next run does");
+            0
         }
     }
+}
+
+/// The files of every view of the local directory `root` that a
+/// checkpoint at `upto` commits, by view (views in name order).
+fn committed_files(root: &Path, upto: u64) -> Result<Vec<(String, ViewFile)>, RemoteError> {
+    let views_dir = views_root(root);
+    let mut views: Vec<String> = match std::fs::read_dir(&views_dir) {
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => {
+            return Err(RemoteError::Local {
+                action: "list",
+                path: views_dir,
+                source,
+            });
+        }
+    };
+    views.sort();
+    let mut out = Vec::new();
+    for view in views {
+        let dir = ViewDir::new(root, &view);
+        let files = dir.files().map_err(|e| RemoteError::Local {
+            action: "list",
+            path: dir.dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        out.extend(
+            files
+                .into_iter()
+                .filter(|f| f.last_seq <= upto)
+                .map(|f| (view.clone(), f)),
+        );
+    }
+    Ok(out)
+}
+
+/// Uploads each local file as its manifest entry's key, [`PARALLEL`] at once.
+async fn upload_all(
+    loc: &Location,
+    uploads: &[(PathBuf, ManifestFile)],
+) -> Result<(), RemoteError> {
+    futures::stream::iter(
+        uploads
+            .iter()
+            .map(|(path, f)| async move { loc.upload(path, &f.key).await }),
+    )
+    .buffer_unordered(PARALLEL)
+    .try_collect::<Vec<u64>>()
+    .await?;
+    Ok(())
 }
