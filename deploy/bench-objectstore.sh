@@ -58,7 +58,7 @@ measure() { # label events-file
   echo "$label: $n messages; run local ${tl}s s3 ${ts}s; replay local ${rl}s s3 ${rs}s; views ${views} bytes"
   # Per batch: the push's own time, from its debug line.
   RUST_LOG=tally::store::remote=debug "$TALLY" --data "s3://bench/$label-batches" run --until-idle 2>&1 \
-    | { grep -o 'ms=[0-9]*' || true; } | cut -d= -f2 | awk -v l="$label" '{s+=$1; n++} END {if (n) printf "%s: %d pushes, %.1f ms each on average\n", l, n, s/n}'
+    | sed 's/\x1b\[[0-9;]*m//g' | { grep -o ' ms=[0-9]*' || true; } | cut -d= -f2 | awk -v l="$label" '{s+=$1; n++} END {if (n) printf "%s: %d pushes, %.1f ms each on average\n", l, n, s/n}'
   kill -9 "${pids[-1]}"; unset 'pids[-1]'; sleep 0.5
 }
 
@@ -70,8 +70,8 @@ measure many "$work/many.jsonl"
 # R3 on a 3-node cluster against R1 on one server, the same events.
 routes="nats-route://127.0.0.1:18441,nats-route://127.0.0.1:18442,nats-route://127.0.0.1:18443"
 for i in 1 2 3; do start_nats "c$i" "1843$((i + 1))" --cluster_name bench --cluster "nats://127.0.0.1:1844$i" --routes "$routes"; done
-sleep 3
 export TALLY_NATS_URL=nats://127.0.0.1:18432,nats://127.0.0.1:18433,nats://127.0.0.1:18434
-"$TALLY" --replicas 3 publish "$work/small.jsonl" >/dev/null
+# The cluster elects its JetStream meta leader first.
+for _ in $(seq 60); do "$TALLY" --replicas 3 publish "$work/small.jsonl" >/dev/null 2>&1 && break; sleep 1; done
 t3=$(seconds "$TALLY" --replicas 3 --data "$work/r3" run --until-idle)
 echo "small on an R3 cluster: run ${t3}s"

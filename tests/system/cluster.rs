@@ -235,3 +235,53 @@ fn the_stream_leader_killed_mid_run_changes_no_row() {
         "after the stream leader was killed",
     );
 }
+
+/// A replicated stream refuses a message whose `Nats-Msg-Id` is still being
+/// stored (JetStream error 10158) instead of answering "duplicate": `tally
+/// publish` publishes it again until the stream says duplicate, so a file
+/// with repeated events publishes in one go on a cluster as on one server.
+#[test]
+fn publish_to_a_replicated_stream_counts_copies_in_flight_as_duplicates() {
+    let cluster = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = generated(dir.path(), 5, 1, 3);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text.lines().take(300).collect();
+    // The stream exists (and has a leader) once a first line is taken.
+    let first = dir.path().join("first.jsonl");
+    std::fs::write(&first, format!("{}\n", lines[0])).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut p = tally(&cluster, &dir.path().join("data"));
+        p.arg("publish")
+            .arg(&first)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if p.status().unwrap().success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cluster never took an event");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Every other event twice in a row: the second copy arrives while the
+    // first is still being replicated.
+    let doubled: Vec<&str> = lines[1..].iter().flat_map(|l| [*l, *l]).collect();
+    let path = dir.path().join("doubled.jsonl");
+    std::fs::write(&path, doubled.join("\n") + "\n").unwrap();
+    let mut p = tally(&cluster, &dir.path().join("data"));
+    p.arg("publish").arg(&path);
+    let out = run_expect(p, 0);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("published {}", doubled.len())),
+        "{said}"
+    );
+    // At least every second copy (the generator repeats some events too).
+    let duplicates: usize = said
+        .split("(of which JetStream duplicates ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(duplicates >= lines.len() - 1, "{said}");
+}

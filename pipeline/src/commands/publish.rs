@@ -16,6 +16,7 @@ use async_nats::jetstream::{self, context::PublishAckFuture};
 use bytes::Bytes;
 
 use crate::event::{self, DlqReason, Limits, subject_for, validate_payload};
+use crate::sink::nats::ack_or_republish;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -202,7 +203,7 @@ pub async fn publish<R: BufRead>(
 ) -> Result<PublishReport, PublishError> {
     let limits = Limits::default();
     let mut report = PublishReport::default();
-    let mut pending: VecDeque<(u64, String, PublishAckFuture)> = VecDeque::new();
+    let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut lines = Lines::new(input, limits.max_bytes, MAX_UNENDED_LINE);
     loop {
         let line = match lines.next_line() {
@@ -265,36 +266,63 @@ pub async fn publish<R: BufRead>(
         if let Some(id) = &msg_id {
             headers.insert("Nats-Msg-Id", id.as_str());
         }
+        let payload = Bytes::copy_from_slice(line);
         let ack = js
-            .publish_with_headers(subject.clone(), headers, Bytes::copy_from_slice(line))
+            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
             .await
             .map_err(|e| PublishError::Publish {
                 line: line_no,
                 subject: subject.clone(),
                 cause: e.to_string(),
             })?;
-        pending.push_back((line_no, subject, ack));
+        pending.push_back(Pending {
+            line: line_no,
+            subject,
+            headers,
+            payload,
+            ack,
+        });
         while pending.len() >= opts.window.clamp(1, MAX_WINDOW) {
             if let Some(p) = pending.pop_front() {
-                settle(p, &mut report).await?;
+                settle(js, p, &mut report).await?;
             }
         }
     }
     while let Some(p) = pending.pop_front() {
-        settle(p, &mut report).await?;
+        settle(js, p, &mut report).await?;
     }
     Ok(report)
 }
 
+/// A published line awaiting its acknowledgement, kept whole so that it can
+/// be published again (see [`ack_or_republish`]).
+struct Pending {
+    line: u64,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+    ack: PublishAckFuture,
+}
+
 async fn settle(
-    (line, subject, ack): (u64, String, PublishAckFuture),
+    js: &jetstream::Context,
+    p: Pending,
     report: &mut PublishReport,
 ) -> Result<(), PublishError> {
-    let ack = ack.await.map_err(|e| PublishError::Ack {
+    let Pending {
         line,
         subject,
-        cause: e.to_string(),
-    })?;
+        headers,
+        payload,
+        ack,
+    } = p;
+    let ack = ack_or_republish(js, ack, &subject, &headers, &payload)
+        .await
+        .map_err(|e| PublishError::Ack {
+            line,
+            subject,
+            cause: e.to_string(),
+        })?;
     report.published += 1;
     if ack.duplicate {
         report.duplicates += 1;
