@@ -33,6 +33,26 @@ pub struct Cli {
         default_value = js::DEFAULT_NATS_URL
     )]
     pub nats: String,
+    /// NATS user, for a server with accounts (password from TALLY_NATS_PASSWORD).
+    #[arg(long, global = true, env = "TALLY_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password of --nats-user (prefer the environment variable: a flag shows in `ps`).
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
+    pub nats_password: Option<String>,
+    /// NATS credentials file (JWT and seed, from `nsc`), for a server with decentralized accounts.
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_NATS_CREDS",
+        conflicts_with = "nats_user"
+    )]
+    pub nats_creds: Option<PathBuf>,
     /// Data location: a directory, or s3://BUCKET/PREFIX (credentials, region and endpoint from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP): views, checkpoint, settings.
     #[arg(
         long,
@@ -436,6 +456,14 @@ fn source_config(cli: &Cli, consumer: Option<&str>, dlq: Option<&str>) -> Source
 
 /// Runs the parsed command.
 pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
+    js::set_auth(match (&cli.nats_user, &cli.nats_creds) {
+        (Some(user), _) => js::NatsAuth::UserPassword {
+            user: user.clone(),
+            password: cli.nats_password.clone().unwrap_or_default(),
+        },
+        (None, Some(path)) => js::NatsAuth::Credentials(path.clone()),
+        (None, None) => js::NatsAuth::None,
+    });
     match &cli.command {
         Command::Run {
             until_idle,

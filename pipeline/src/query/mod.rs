@@ -13,12 +13,17 @@
 //! a statement (`SET`, transactions, `PREPARE`); DataFusion's URL tables are
 //! off, so nothing outside the views can be read or written. `SHOW` and
 //! `DESCRIBE` plan to queries over `information_schema`, which is on.
-//! Queries run under a memory pool (`--memory-limit`). Deeply nested
-//! expressions are refused past [`MAX_EXPR_DEPTH`]; below it, DataFusion's
-//! recursion protection and the large stacks of [`on_query_threads`] keep
-//! its recursive planner within bounds.
+//! Queries run under a memory pool (`--memory-limit`), their results
+//! included; every function call is bounded ([`bounded`]); statements too
+//! deep or too large to plan quickly are refused before planning
+//! ([`guard`]). Below those limits, DataFusion's recursion protection and
+//! the large stacks of [`on_query_threads`] and [`isolated`] keep its
+//! recursive planner within bounds, and [`isolated`] keeps one query's
+//! planning, panics and timeout away from every other.
 
+pub mod bounded;
 pub mod format;
+pub mod guard;
 pub mod memory;
 pub mod scope;
 pub mod table;
@@ -31,7 +36,6 @@ use std::sync::Arc;
 use arrow::array::{RecordBatch, TimestampMicrosecondArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::TableProvider;
-use datafusion::common::tree_node::{TreeNodeRecursion, TreeNodeVisitor};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
@@ -42,7 +46,6 @@ use datafusion::execution::context::{SessionConfig, SessionContext};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::parser::Statement as DFStatement;
-use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Visit, Visitor};
 use datafusion::sql::sqlparser::parser::ParserError;
 
 use crate::config::Settings;
@@ -52,6 +55,7 @@ use crate::store::parquet::{ViewDir, ViewFilesError};
 use crate::store::remote::{Location, Manifest};
 
 pub use format::{OutputFormat, write_batches};
+pub use guard::MAX_EXPR_DEPTH;
 pub use memory::{ByteSize, default_memory_limit};
 pub use views::Replaced;
 
@@ -59,13 +63,6 @@ pub use views::Replaced;
 /// [`Session::open`]): each retry follows a newer checkpoint, and two
 /// commits of `tally run` during one listing are already rare.
 const OPEN_ATTEMPTS: usize = 3;
-
-/// The deepest expression nesting a query may have (SQLite's default
-/// `SQLITE_MAX_EXPR_DEPTH`). Parts of DataFusion's planner recurse once per
-/// level without stack protection and take time quadratic in the depth, so
-/// `1+1+...+1` with 5,000 terms would take minutes to plan, or overflow
-/// the stack and abort the process. Refusing it takes a millisecond.
-pub const MAX_EXPR_DEPTH: usize = 1000;
 
 /// Stack of the thread that parses and plans a query: enough for
 /// [`MAX_EXPR_DEPTH`] levels of DataFusion's unprotected recursion (several
@@ -134,6 +131,22 @@ pub enum QueryError {
         "the query's expressions nest more than {MAX_EXPR_DEPTH} levels deep (a chain of {MAX_EXPR_DEPTH} operators, such as `a OR b OR ...`, is that deep); shorten it, e.g. `x IN (a, b, c)` instead of `x = a OR x = b OR x = c`, or split it"
     )]
     ExpressionTooDeep,
+    #[error(
+        "the query is too large to plan: {why}; split it into several queries, or use IN lists and joins over fewer views"
+    )]
+    PlanTooLarge { why: String },
+    #[error(
+        "the query went over its budget: {0}; narrow it (smaller counts and lengths, filter first, LIMIT)"
+    )]
+    OverBudget(bounded::TooLarge),
+    #[error(
+        "the query ran longer than --query-timeout ({secs} s, planning included); narrow it (filter, LIMIT) or raise the timeout"
+    )]
+    Timeout { secs: u64 },
+    #[error(
+        "the query failed inside the query engine ({what}); only this query was affected: run it again or simplify it, and report it with the query if it keeps failing"
+    )]
+    Panicked { what: String },
     #[error("cannot start the query thread: {0}")]
     Thread(std::io::Error),
     #[error(
@@ -365,9 +378,12 @@ async fn open_at(
         .with_information_schema(true)
         .with_default_catalog_and_schema(CATALOG, "public");
     let ctx = SessionContext::new_with_config_rt(config, runtime);
+    // Before any view is defined: a view holds the functions it calls.
+    bounded::bound_functions(&ctx);
     let settings = &checkpoint.settings;
     register_clock(&ctx, checkpoint, settings)?;
-    register_gaps(&ctx, checkpoint)?;
+    let scoped = opts.scope != Scope::AllTenants;
+    register_gaps(&ctx, checkpoint, scoped)?;
     // What each operator stores, taken before any await: operators are not
     // `Sync`, and a session opens inside `Send` futures (`tally serve`).
     let stores: Vec<(&'static str, Storage, SchemaRef)> = operator::registry(settings)
@@ -379,6 +395,18 @@ async fn open_at(
         stored.push(view);
         let upto = checkpoint.last_seq;
         match storage {
+            Storage::Append if scoped && view == "events" => {
+                register_files(
+                    &ctx,
+                    data_dir,
+                    upto,
+                    view,
+                    SCOPED_EVENTS,
+                    Arc::clone(&schema),
+                    &opts.scope,
+                )?;
+                tenant_positions(&ctx, &schema).await?;
+            }
             Storage::Append => register_files(
                 &ctx,
                 data_dir,
@@ -421,12 +449,89 @@ async fn open_at(
                     view: view.to_owned(),
                     cause,
                 })?;
+                if scoped {
+                    // `_seq` is a stream position: the view keeps its
+                    // table, the account does not see it.
+                    deregister(&ctx, &versions)?;
+                }
             }
         }
+    }
+    if scoped {
+        scoped_clock(&ctx).await?;
     }
     let (sql_views, replaced) = views::view_sql(opts.queries_dir.as_deref(), &stored)?;
     views::register(&ctx, &sql_views).await?;
     Ok((ctx, replaced))
+}
+
+/// Where a tenant account's `events` rows are registered before
+/// [`tenant_positions`] turns their stream sequences into positions; the
+/// name is removed once the view is defined.
+const SCOPED_EVENTS: &str = "_tally_scoped_events";
+
+/// Defines, for a tenant account, `events` with `stream_seq` replaced by
+/// the event's position among the account's own events (1, 2, 3, ...).
+///
+/// Stream sequences count every tenant's messages: the gap between two of
+/// a tenant's sequences, or a checkpoint's sequence minus the tenant's
+/// count, is the platform's volume. A position counts only the account's
+/// own events, grows with each of them and never changes once given, so
+/// `WHERE stream_seq > $last` still returns exactly what is new since a
+/// position was read (`_tally_clock.checkpoint_seq` is the account's last
+/// position; see [`scoped_clock`]).
+async fn tenant_positions(ctx: &SessionContext, schema: &Schema) -> Result<(), OpenError> {
+    let columns: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            if f.name() == "stream_seq" {
+                "row_number() OVER (ORDER BY stream_seq) AS stream_seq".to_owned()
+            } else {
+                format!("\"{}\"", f.name())
+            }
+        })
+        .collect();
+    let sql = format!(
+        "CREATE VIEW events AS SELECT {} FROM {SCOPED_EVENTS}",
+        columns.join(", ")
+    );
+    ctx.sql(&sql).await.map_err(|cause| QueryError::Register {
+        view: "events".to_owned(),
+        cause,
+    })?;
+    deregister(ctx, SCOPED_EVENTS)
+}
+
+/// `_tally_clock` for a tenant account: its `checkpoint_seq` is the
+/// account's last event position (see [`tenant_positions`]), not the
+/// stream's.
+async fn scoped_clock(ctx: &SessionContext) -> Result<(), OpenError> {
+    let reg = |cause| QueryError::Register {
+        view: CLOCK_TABLE.to_owned(),
+        cause,
+    };
+    let base = "_tally_scoped_clock";
+    let clock = ctx
+        .deregister_table(CLOCK_TABLE)
+        .map_err(reg)?
+        .ok_or_else(|| reg(DataFusionError::Internal("no clock table".into())))?;
+    ctx.register_table(base, clock).map_err(reg)?;
+    let sql = format!(
+        "CREATE VIEW {CLOCK_TABLE} AS SELECT stream_clock, final_before, \
+         (SELECT CAST(count(*) AS BIGINT UNSIGNED) FROM events) AS checkpoint_seq FROM {base}"
+    );
+    ctx.sql(&sql).await.map_err(reg)?;
+    deregister(ctx, base)
+}
+
+fn deregister(ctx: &SessionContext, name: &str) -> Result<(), OpenError> {
+    ctx.deregister_table(name)
+        .map_err(|cause| QueryError::Register {
+            view: name.to_owned(),
+            cause,
+        })?;
+    Ok(())
 }
 
 /// The catalog the views are in: `tally.public.usage`, the database that
@@ -479,14 +584,23 @@ fn register_clock(
 /// that the views are incomplete before it bills from them.
 pub const GAPS_TABLE: &str = "_tally_gaps";
 
-fn register_gaps(ctx: &SessionContext, cp: &Checkpoint) -> Result<(), QueryError> {
+/// For a tenant account (`scoped`) the sequences and the number of
+/// messages are NULL: they count every tenant's messages.
+fn register_gaps(ctx: &SessionContext, cp: &Checkpoint, scoped: bool) -> Result<(), QueryError> {
     let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     let schema = Arc::new(Schema::new(vec![
-        Field::new("first_seq", DataType::UInt64, false),
-        Field::new("last_seq", DataType::UInt64, false),
-        Field::new("messages", DataType::UInt64, false),
+        Field::new("first_seq", DataType::UInt64, scoped),
+        Field::new("last_seq", DataType::UInt64, scoped),
+        Field::new("messages", DataType::UInt64, scoped),
         Field::new("stream_clock", ts, true),
     ]));
+    let seqs = |f: &dyn Fn(&crate::store::checkpoint::Gap) -> u64| -> arrow::array::ArrayRef {
+        if scoped {
+            Arc::new(UInt64Array::from(vec![None; cp.gaps.len()]))
+        } else {
+            Arc::new(UInt64Array::from_iter_values(cp.gaps.iter().map(f)))
+        }
+    };
     let reg = |cause| QueryError::Register {
         view: GAPS_TABLE.to_owned(),
         cause,
@@ -495,15 +609,9 @@ fn register_gaps(ctx: &SessionContext, cp: &Checkpoint) -> Result<(), QueryError
     let batch = RecordBatch::try_new(
         Arc::clone(&schema),
         vec![
-            Arc::new(UInt64Array::from_iter_values(
-                gaps.iter().map(|g| g.first_seq),
-            )),
-            Arc::new(UInt64Array::from_iter_values(
-                gaps.iter().map(|g| g.last_seq),
-            )),
-            Arc::new(UInt64Array::from_iter_values(
-                gaps.iter().map(|g| g.messages),
-            )),
+            seqs(&|g| g.first_seq),
+            seqs(&|g| g.last_seq),
+            seqs(&|g| g.messages),
             Arc::new(
                 TimestampMicrosecondArray::from(
                     gaps.iter().map(|g| g.stream_clock_us).collect::<Vec<_>>(),
@@ -621,138 +729,54 @@ fn scoped(
     })
 }
 
-/// Finds the first plan node that would change something.
-struct ReadOnlyGuard {
-    refused: Option<String>,
-}
-
-impl<'n> TreeNodeVisitor<'n> for ReadOnlyGuard {
-    type Node = LogicalPlan;
-
-    fn f_down(&mut self, node: &'n LogicalPlan) -> datafusion::error::Result<TreeNodeRecursion> {
-        self.refused = match node {
-            LogicalPlan::Ddl(ddl) => Some(format!("DDL ({})", ddl.name())),
-            LogicalPlan::Dml(dml) => Some(format!("DML ({})", dml.op)),
-            LogicalPlan::Copy(_) => Some("COPY".to_owned()),
-            LogicalPlan::Statement(s) => Some(format!("the statement {}", s.name())),
-            _ => None,
-        };
-        Ok(if self.refused.is_some() {
-            TreeNodeRecursion::Stop
-        } else {
-            TreeNodeRecursion::Continue
-        })
-    }
-}
-
-/// Counts how deep expressions nest, and stops past [`MAX_EXPR_DEPTH`].
-/// sqlparser's walk is itself stack-protected (`recursive`).
-#[derive(Default)]
-struct DepthGuard {
-    depth: usize,
-}
-
-impl Visitor for DepthGuard {
-    type Break = ();
-
-    fn pre_visit_expr(&mut self, _: &SqlExpr) -> std::ops::ControlFlow<()> {
-        self.depth += 1;
-        if self.depth > MAX_EXPR_DEPTH {
-            std::ops::ControlFlow::Break(())
-        } else {
-            std::ops::ControlFlow::Continue(())
-        }
-    }
-
-    fn post_visit_expr(&mut self, _: &SqlExpr) -> std::ops::ControlFlow<()> {
-        self.depth -= 1;
-        std::ops::ControlFlow::Continue(())
-    }
-}
-
-/// Refuses what the plan-level guard cannot see in time: DataFusion's own
-/// statements that write or set (they would be planned first), and
-/// expressions nested deeper than [`MAX_EXPR_DEPTH`].
-fn check_statement(stmt: &DFStatement) -> Result<(), QueryError> {
-    let refused = |what: &str| {
-        Err(QueryError::ReadOnly {
-            refused: what.to_owned(),
-        })
-    };
-    match stmt {
-        DFStatement::Statement(s) => {
-            use datafusion::sql::sqlparser::ast::Statement as S;
-            // Only reads get as far as the planner: a write can fail to
-            // plan for reasons of its own, and must be refused as a write.
-            let reads = matches!(
-                **s,
-                S::Query(_)
-                    | S::Explain { .. }
-                    | S::ExplainTable { .. }
-                    | S::ShowTables { .. }
-                    | S::ShowColumns { .. }
-                    | S::ShowVariable { .. }
-                    | S::ShowFunctions { .. }
-                    | S::ShowViews { .. }
-                    | S::ShowSchemas { .. }
-                    | S::ShowDatabases { .. }
-                    | S::ShowCatalogs { .. }
-                    | S::ShowCreate { .. }
-            );
-            if !reads {
-                let text = s.to_string();
-                let verb: Vec<&str> = text.split_whitespace().take(2).collect();
-                return refused(&verb.join(" "));
-            }
-            if s.visit(&mut DepthGuard::default()).is_break() {
-                return Err(QueryError::ExpressionTooDeep);
-            }
-            Ok(())
-        }
-        DFStatement::Explain(e) => check_statement(&e.statement),
-        DFStatement::CreateExternalTable(_) => refused("DDL (CREATE EXTERNAL TABLE)"),
-        DFStatement::CopyTo(_) => refused("COPY"),
-        DFStatement::Reset(_) => refused("the statement RESET"),
-    }
-}
-
 /// Plans one parsed statement, refusing what [`plan_read_only`] refuses.
 pub async fn plan_statement(
     ctx: &SessionContext,
     statement: datafusion::sql::sqlparser::ast::Statement,
 ) -> Result<LogicalPlan, QueryError> {
     let statement = DFStatement::Statement(Box::new(statement));
-    check_statement(&statement)?;
+    guard::check_statement(&statement)?;
     let plan = ctx
         .state()
         .statement_to_plan(statement)
         .await
         .map_err(|e| classify(e, 0))?;
-    refuse_writes(&plan)?;
+    guard::check_plan(&plan)?;
     Ok(plan)
 }
 
-fn refuse_writes(plan: &LogicalPlan) -> Result<(), QueryError> {
-    let mut guard = ReadOnlyGuard { refused: None };
-    plan.visit_with_subqueries(&mut guard)
-        .map_err(QueryError::Execute)?;
-    match guard.refused {
-        Some(refused) => Err(QueryError::ReadOnly { refused }),
-        None => Ok(()),
-    }
-}
-
-/// Executes a plan from [`plan_statement`] and collects its rows.
+/// Executes a plan from [`plan_statement`] and collects its rows. The
+/// rows collected count against the memory pool while they are
+/// collected, so that one result larger than `--memory-limit` is refused
+/// (53200) instead of taking the process's memory.
 pub async fn execute_plan(
     ctx: &SessionContext,
     plan: LogicalPlan,
     memory_limit: ByteSize,
 ) -> Result<Vec<RecordBatch>, QueryError> {
-    let df = ctx
-        .execute_logical_plan(plan)
+    use datafusion::execution::memory_pool::MemoryConsumer;
+    use futures::StreamExt;
+    let fail = |e| classify(e, memory_limit.0);
+    let state = ctx.state();
+    let optimized = state.optimize(&plan).map_err(fail)?;
+    guard::check_optimized(&optimized)?;
+    let physical = state
+        .query_planner()
+        .create_physical_plan(&optimized, &state)
         .await
-        .map_err(|e| classify(e, memory_limit.0))?;
-    df.collect().await.map_err(|e| classify(e, memory_limit.0))
+        .map_err(fail)?;
+    let mut stream =
+        datafusion::physical_plan::execute_stream(physical, ctx.task_ctx()).map_err(fail)?;
+    let reservation = MemoryConsumer::new("query result").register(&ctx.runtime_env().memory_pool);
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(fail)?;
+        reservation
+            .try_grow(batch.get_array_memory_size())
+            .map_err(fail)?;
+        batches.push(batch);
+    }
+    Ok(batches)
 }
 
 /// Parses and plans `sql`, refusing plans that write, define or set
@@ -764,12 +788,12 @@ async fn plan_read_only(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, 
     let statement = state
         .sql_to_statement(sql, &dialect)
         .map_err(|e| classify(e, 0))?;
-    check_statement(&statement)?;
+    guard::check_statement(&statement)?;
     let plan = state
         .statement_to_plan(statement)
         .await
         .map_err(|e| classify(e, 0))?;
-    refuse_writes(&plan)?;
+    guard::check_plan(&plan)?;
     Ok(plan)
 }
 
@@ -782,6 +806,86 @@ pub async fn run(
 ) -> Result<Vec<RecordBatch>, QueryError> {
     let plan = plan_read_only(ctx, sql).await?;
     execute_plan(ctx, plan, memory_limit).await
+}
+
+/// The runtime every isolated query executes on (see [`isolated`]): its
+/// workers run the operators of every query of the process, never the
+/// listeners, health checks or metrics of `tally serve`.
+static QUERY_RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+
+fn query_runtime() -> Result<tokio::runtime::Handle, QueryError> {
+    if let Some(rt) = QUERY_RUNTIME.get() {
+        return Ok(rt.handle().clone());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("tally-query-worker")
+        .thread_stack_size(QUERY_WORKER_STACK_BYTES)
+        .enable_all()
+        .build()
+        .map_err(QueryError::Thread)?;
+    // Two first queries at once: one runtime wins, the other is dropped.
+    let _ = QUERY_RUNTIME.set(rt);
+    QUERY_RUNTIME
+        .get()
+        .map(|rt| rt.handle().clone())
+        .ok_or(QueryError::ThreadLost)
+}
+
+/// Runs `work` (planning and executing one query) where it can neither
+/// stall nor end anything else: on a thread of its own with
+/// [`QUERY_STACK_BYTES`] of stack, so that planning, which is synchronous
+/// and can take seconds, blocks no runtime; its operators on the shared
+/// query runtime; and a panic inside it answers this query only. After
+/// `timeout` the caller gets [`QueryError::Timeout`] and the work is
+/// dropped at its next await (planning finishes first; the limits of
+/// [`guard`] keep that short).
+pub async fn isolated<F, Fut, T>(timeout: std::time::Duration, work: F) -> Result<T, QueryError>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, QueryError>>,
+    T: Send + 'static,
+{
+    use futures::FutureExt;
+    let handle = query_runtime()?;
+    let (mut tx, rx) = tokio::sync::oneshot::channel::<Result<T, QueryError>>();
+    std::thread::Builder::new()
+        .name("tally-query".into())
+        .stack_size(QUERY_STACK_BYTES)
+        .spawn(move || {
+            let out = handle.block_on(async {
+                let work = std::panic::AssertUnwindSafe(async move { work().await }).catch_unwind();
+                tokio::select! {
+                    out = work => Some(out),
+                    () = tx.closed() => None,
+                }
+            });
+            let out = match out {
+                None => return,
+                Some(Ok(out)) => out,
+                Some(Err(panic)) => Err(QueryError::Panicked {
+                    what: panic_message(panic.as_ref()),
+                }),
+            };
+            let _ = tx.send(out);
+        })
+        .map_err(QueryError::Thread)?;
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(_)) => Err(QueryError::ThreadLost),
+        Err(_) => Err(QueryError::Timeout {
+            secs: timeout.as_secs(),
+        }),
+    }
+}
+
+/// What a panic said, for the error the query gets.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned());
+    text.chars().take(200).collect()
 }
 
 /// Runs `work` (opening a session, running queries) on a runtime of its
@@ -821,11 +925,18 @@ fn chain(e: &DataFusionError) -> impl Iterator<Item = &(dyn std::error::Error + 
 }
 
 /// Sorts a DataFusion failure into what the user can act on.
-fn classify(e: DataFusionError, memory_limit: u64) -> QueryError {
+pub(crate) fn classify(e: DataFusionError, memory_limit: u64) -> QueryError {
     let mut file_gone = false;
     let mut memory = false;
     let mut too_deep = false;
+    let mut too_large = None;
     for cause in chain(&e) {
+        if let Some(t) = cause.downcast_ref::<bounded::TooLarge>() {
+            too_large.get_or_insert_with(|| bounded::TooLarge {
+                function: t.function.clone(),
+                what: t.what.clone(),
+            });
+        }
         let df = cause.downcast_ref::<DataFusionError>().or_else(|| {
             cause
                 .downcast_ref::<Arc<DataFusionError>>()
@@ -845,7 +956,9 @@ fn classify(e: DataFusionError, memory_limit: u64) -> QueryError {
             file_gone |= io.kind() == std::io::ErrorKind::NotFound;
         }
     }
-    if memory {
+    if let Some(t) = too_large {
+        QueryError::OverBudget(t)
+    } else if memory {
         QueryError::MemoryLimit {
             limit: memory_limit,
             cause: e,

@@ -86,6 +86,12 @@ impl Account {
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Accounts {
+    /// 32 random bytes (base64), written by the first `tally users add`:
+    /// the made-up SCRAM salt of an unknown user name is derived from it,
+    /// so it stays the same for the life of the file (across restarts of
+    /// `tally serve`), as a real user's salt does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
     #[serde(default)]
     pub users: BTreeMap<String, Account>,
 }
@@ -117,6 +123,25 @@ impl Accounts {
             })?;
         }
         Ok(accounts)
+    }
+
+    /// The secret that unknown user names' made-up salts are derived from:
+    /// the file's own, or, for a file written before it had one, a hash of
+    /// its verifiers (as secret as they are, and stable while the accounts
+    /// stay as they are; the next `tally users add` writes a real one).
+    pub fn mock_salt_secret(&self) -> [u8; 32] {
+        if let Some(bytes) = self.secret.as_deref().and_then(|s| B64.decode(s).ok()) {
+            return Sha256::digest(&bytes).into();
+        }
+        let mut h = Sha256::new();
+        h.update(b"tally mock salt\0");
+        for (name, account) in &self.users {
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(account.verifier.as_bytes());
+            h.update([0]);
+        }
+        h.finalize().into()
     }
 
     /// Writes the file readable by its owner only, atomically.
@@ -182,6 +207,11 @@ pub fn add(
     }
     let mut salt = [0u8; 16];
     getrandom::fill(&mut salt).map_err(|e| AccountsError::Random(e.to_string()))?;
+    if accounts.secret.is_none() {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).map_err(|e| AccountsError::Random(e.to_string()))?;
+        accounts.secret = Some(B64.encode(secret));
+    }
     let account = Account {
         verifier: Verifier::new(password, &salt, SCRAM_ITERATIONS).to_string(),
         all_tenants,
@@ -308,6 +338,10 @@ impl std::fmt::Display for Verifier {
 pub struct AccountsFile {
     path: PathBuf,
     current: Mutex<(Option<Stamp>, Arc<Accounts>)>,
+    /// Bumped at every reread: a stream of rows in progress (a suspended
+    /// portal, a Flight stream) compares one number per row instead of
+    /// reading the file, and looks its account up again when it moved.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl AccountsFile {
@@ -318,6 +352,7 @@ impl AccountsFile {
         Ok(AccountsFile {
             path: path.to_path_buf(),
             current: Mutex::new((stamp, Arc::new(accounts))),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -339,6 +374,8 @@ impl AccountsFile {
                 Ok(accounts) => {
                     tracing::info!(path = %self.path.display(), accounts = accounts.users.len(), "users file reread");
                     current.1 = Arc::new(accounts);
+                    self.generation
+                        .fetch_add(1, std::sync::atomic::Ordering::Release);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "users file changed but cannot be used; keeping the accounts read before")
@@ -351,6 +388,52 @@ impl AccountsFile {
     /// The account `name`, if it exists now.
     pub fn account(&self, name: &str) -> Option<Account> {
         self.get().users.get(name).cloned()
+    }
+
+    /// How many times the file was reread (see [`AccountsFile::get`], which
+    /// `tally serve` also calls every [`WATCH_PERIOD`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// How often `tally serve` looks at the users file even when no query
+/// comes, so that rows already on their way (a suspended portal, a Flight
+/// stream) stop at most this long after an account was narrowed.
+pub const WATCH_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// What one stream of rows may still show: the account and the scope its
+/// rows were computed for. [`ScopeCheck::still_allowed`] is true while the
+/// account exists with that very scope.
+pub struct ScopeCheck {
+    file: Arc<AccountsFile>,
+    user: String,
+    scope: Scope,
+    seen: u64,
+}
+
+impl ScopeCheck {
+    pub fn new(file: Arc<AccountsFile>, user: String, scope: Scope) -> ScopeCheck {
+        let seen = file.generation();
+        ScopeCheck {
+            file,
+            user,
+            scope,
+            seen,
+        }
+    }
+
+    /// Whether the rows computed for the scope may still go out: one atomic
+    /// read while the users file is unchanged.
+    pub fn still_allowed(&mut self) -> bool {
+        let now = self.file.generation();
+        if now == self.seen {
+            return true;
+        }
+        self.seen = now;
+        self.file
+            .account(&self.user)
+            .is_some_and(|a| a.scope() == self.scope)
     }
 }
 
@@ -421,6 +504,24 @@ mod tests {
             Err(AccountsError::Unknown { .. })
         ));
         assert_eq!(Accounts::load(&path).unwrap().users.len(), 1);
+    }
+
+    #[test]
+    fn unknown_names_get_the_same_made_up_salt_for_the_life_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.toml");
+        add(&path, "a", "pw", vec![], true).unwrap();
+        let first = Accounts::load(&path).unwrap().mock_salt_secret();
+        // Another account added or removed: the file's secret stays.
+        add(&path, "b", "pw2", vec!["t1".into()], false).unwrap();
+        remove(&path, "a").unwrap();
+        assert_eq!(Accounts::load(&path).unwrap().mock_salt_secret(), first);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("secret = "), "{text}");
+        // Another file has another secret.
+        let other = dir.path().join("other.toml");
+        add(&other, "a", "pw", vec![], true).unwrap();
+        assert_ne!(Accounts::load(&other).unwrap().mock_salt_secret(), first);
     }
 
     #[test]

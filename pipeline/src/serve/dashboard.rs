@@ -140,7 +140,11 @@ async fn run(http: &Http, scope: &Scope, queries: &[(&str, String)]) -> Result<V
     for ((name, _), batches) in queries.iter().zip(answers) {
         out.insert((*name).to_owned(), rows_json(&batches)?);
     }
-    out.insert("checkpoint_seq".into(), json!(checkpoint_seq));
+    // A tenant account's position is its own (`_tally_clock`), never the
+    // stream's sequence, which counts every tenant's messages.
+    if *scope == Scope::AllTenants {
+        out.insert("checkpoint_seq".into(), json!(checkpoint_seq));
+    }
     Ok(Value::Object(out))
 }
 
@@ -268,7 +272,8 @@ pub async fn tenant_json(
         ),
         (
             "clock",
-            "SELECT CAST(stream_clock AS VARCHAR) AS stream_clock FROM _tally_clock".to_owned(),
+            "SELECT CAST(stream_clock AS VARCHAR) AS stream_clock, checkpoint_seq FROM _tally_clock"
+                .to_owned(),
         ),
     ];
     let mut v = match run(&http, &scope, &queries).await {
@@ -282,6 +287,7 @@ pub async fn tenant_json(
     v["tenant"] = v["tenants"][0].clone();
     v["tenant_id"] = json!(tenant);
     v["stream_clock"] = v["clock"][0]["stream_clock"].clone();
+    v["checkpoint_seq"] = v["clock"][0]["checkpoint_seq"].clone();
     Json(v).into_response()
 }
 

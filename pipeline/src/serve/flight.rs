@@ -42,6 +42,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Shared;
+use super::accounts::ScopeCheck;
 use super::metrics::Protocol;
 use super::pg::sqlstate;
 use super::views::Answer;
@@ -68,12 +69,16 @@ fn status_of(e: &QueryError) -> Status {
     let message = format!("{e} (SQLSTATE {})", sqlstate(e));
     match e {
         QueryError::ReadOnly { .. } => Status::permission_denied(message),
-        QueryError::MemoryLimit { .. } => Status::resource_exhausted(message),
+        QueryError::MemoryLimit { .. } | QueryError::OverBudget(_) => {
+            Status::resource_exhausted(message)
+        }
+        QueryError::Timeout { .. } => Status::deadline_exceeded(message),
         QueryError::FileGone { .. } | QueryError::Unsettled { .. } => Status::aborted(message),
         QueryError::NoViews { .. } => Status::failed_precondition(message),
-        QueryError::Execute(_) | QueryError::TooDeep { .. } | QueryError::ExpressionTooDeep => {
-            Status::invalid_argument(message)
-        }
+        QueryError::Execute(_)
+        | QueryError::TooDeep { .. }
+        | QueryError::ExpressionTooDeep
+        | QueryError::PlanTooLarge { .. } => Status::invalid_argument(message),
         _ => Status::internal(message),
     }
 }
@@ -103,6 +108,11 @@ impl TallyFlight {
 
     /// The account scope of a call: its bearer token, or Basic credentials.
     fn scope<T>(&self, req: &Request<T>) -> Result<Scope, Status> {
+        self.caller(req).map(|(_, scope)| scope)
+    }
+
+    /// The account of a call and its scope.
+    fn caller<T>(&self, req: &Request<T>) -> Result<(String, Scope), Status> {
         let header = req
             .metadata()
             .get("authorization")
@@ -137,11 +147,13 @@ impl TallyFlight {
                 "authorization must be Basic or Bearer",
             ));
         };
-        self.shared
+        let scope = self
+            .shared
             .accounts
             .account(&user)
             .map(|a| a.scope())
-            .ok_or_else(|| Status::unauthenticated(format!("account {user} was removed")))
+            .ok_or_else(|| Status::unauthenticated(format!("account {user} was removed")))?;
+        Ok((user, scope))
     }
 
     async fn statement(&self, sql: &str) -> Result<Statement, Status> {
@@ -170,13 +182,12 @@ impl TallyFlight {
     /// checkpoint.
     async fn plan_schema(&self, scope: &Scope, sql: &str) -> Result<Schema, Status> {
         let statement = self.statement(sql).await?;
-        let snapshot = self
+        let plan = self
             .shared
             .views
-            .current(scope)
+            .plan(scope, &statement)
             .await
             .map_err(|e| status_of(&e))?;
-        let plan = snapshot.plan(statement).await.map_err(|e| status_of(&e))?;
         Ok(plan.schema().as_arrow().clone())
     }
 
@@ -185,34 +196,43 @@ impl TallyFlight {
         let metrics = &self.shared.metrics;
         let _running = metrics.running();
         let started = Instant::now();
-        let timeout = self.shared.query_timeout;
-        let result =
-            tokio::time::timeout(timeout, self.shared.views.run(scope, &statement, Ok)).await;
+        let result = self.shared.views.run(scope, &statement, Ok).await;
         metrics.observe(Protocol::Flight, started.elapsed());
         match result {
-            Ok(Ok(a)) => {
+            Ok(a) => {
                 metrics.served(Protocol::Flight);
                 Ok(a)
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 metrics.failed(Protocol::Flight);
                 Err(status_of(&e))
-            }
-            Err(_) => {
-                metrics.failed(Protocol::Flight);
-                Err(Status::deadline_exceeded(format!(
-                    "the query ran longer than --query-timeout ({} s); narrow it or raise the timeout",
-                    timeout.as_secs()
-                )))
             }
         }
     }
 
-    fn stream(answer: Answer) -> Response<DoGetStream> {
-        let batches = answer.batches.into_iter().map(Ok);
+    /// The answer as a Flight stream that stops, with an error, at the
+    /// first batch after the account lost the scope it was computed for.
+    fn stream(&self, user: String, scope: Scope, answer: Answer) -> Response<DoGetStream> {
+        let mut check = ScopeCheck::new(Arc::clone(&self.shared.accounts), user, scope);
+        let mut allowed = true;
+        let batches = futures::stream::iter(answer.batches.into_iter().map_while(move |batch| {
+            if !allowed {
+                return None;
+            }
+            allowed = check.still_allowed();
+            Some(if allowed {
+                Ok(batch)
+            } else {
+                Err(arrow_flight::error::FlightError::Tonic(Box::new(
+                    Status::permission_denied(
+                        "the account's tenants changed since these rows were computed; run the query again",
+                    ),
+                )))
+            })
+        }));
         let stream = FlightDataEncoderBuilder::new()
             .with_schema(answer.schema)
-            .build(futures::stream::iter(batches))
+            .build(batches)
             .map_err(Status::from);
         Response::new(Box::pin(stream))
     }
@@ -363,10 +383,11 @@ impl FlightSqlService for TallyFlight {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        let scope = self.scope(&request)?;
+        let (user, scope) = self.caller(&request)?;
         let sql = String::from_utf8(ticket.statement_handle.to_vec())
             .map_err(|_| Status::invalid_argument("the ticket is not a query"))?;
-        Ok(TallyFlight::stream(self.run(&scope, &sql).await?))
+        let answer = self.run(&scope, &sql).await?;
+        Ok(self.stream(user, scope, answer))
     }
 
     async fn do_action_create_prepared_statement(
@@ -409,10 +430,11 @@ impl FlightSqlService for TallyFlight {
         cmd: CommandPreparedStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        let scope = self.scope(&request)?;
+        let (user, scope) = self.caller(&request)?;
         let sql = String::from_utf8(cmd.prepared_statement_handle.to_vec())
             .map_err(|_| Status::invalid_argument("the handle is not a query"))?;
-        Ok(TallyFlight::stream(self.run(&scope, &sql).await?))
+        let answer = self.run(&scope, &sql).await?;
+        Ok(self.stream(user, scope, answer))
     }
 
     async fn get_flight_info_catalogs(

@@ -71,8 +71,7 @@ async fn healthz(State(http): State<Arc<Http>>) -> Response {
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!(
-                        "stale: the checkpoint (sequence {}) is {} s behind the stream's last message (sequence {last_seq}); more than --stale-after {} s. Is `tally run` running?\n",
-                        checkpoint.last_seq,
+                        "stale: the checkpoint is {} s behind the stream's last message; more than --stale-after {} s. Is `tally run` running? (/metrics, for an all-tenant account, has the sequences)\n",
                         behind_us / 1_000_000,
                         shared.stale_after.as_secs()
                     ),

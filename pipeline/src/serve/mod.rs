@@ -139,11 +139,12 @@ pub enum ServeError {
 /// What every listener shares.
 pub struct Shared {
     pub views: views::Views,
-    pub accounts: AccountsFile,
+    pub accounts: Arc<AccountsFile>,
     pub metrics: Metrics,
     pub query_timeout: Duration,
     pub stale_after: Duration,
-    /// Per-server secret: salts for unknown users' made-up SCRAM exchanges.
+    /// Per-process secret: the password HTTP and Flight check an unknown
+    /// user against, so that a refusal costs what a real check costs.
     pub secret: [u8; 32],
     pub nats_url: String,
     pub stream: String,
@@ -194,7 +195,7 @@ pub async fn serve(
     if opts.pg == Listen::Off && opts.flight == Listen::Off && opts.http == Listen::Off {
         return Err(ServeError::NothingToServe);
     }
-    let accounts = AccountsFile::open(&opts.users_file)?;
+    let accounts = Arc::new(AccountsFile::open(&opts.users_file)?);
     if accounts.get().users.is_empty() {
         tracing::warn!(path = %opts.users_file.display(), "no accounts in the users file: nobody can log in; add one with `tally users add NAME --all-tenants`");
     }
@@ -209,6 +210,7 @@ pub async fn serve(
             opts.data_dir.clone(),
             opts.queries_dir.clone(),
             opts.memory_limit,
+            opts.query_timeout,
         )?,
         accounts,
         metrics: Metrics::default(),
@@ -243,6 +245,15 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    // Rows already on their way (suspended portals, Flight streams) see a
+    // narrowed or removed account within one period, even with no query.
+    let watched = Arc::clone(&shared.accounts);
+    tasks.spawn(async move {
+        loop {
+            tokio::time::sleep(accounts::WATCH_PERIOD).await;
+            watched.get();
+        }
+    });
     if let Some(l) = pg_listener {
         tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = tls.is_some(), "serving the Postgres wire protocol (database tally)");
         let acceptor = tls

@@ -50,6 +50,7 @@ use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use pgwire::types::format::FormatOptions;
 
 use super::Shared;
+use super::accounts::ScopeCheck;
 use super::metrics::Protocol;
 use super::numeric::Numeric;
 use super::scram::{Exchange, ScramError};
@@ -147,6 +148,15 @@ pub fn register_functions(ctx: &datafusion::execution::context::SessionContext) 
     ));
 }
 
+/// The account's tenants changed (or it was removed) while rows computed
+/// for its former scope were still to be sent.
+fn scope_changed() -> PgWireError {
+    user_error(
+        "42501",
+        "the account's tenants changed since these rows were computed; run the query (or DECLARE the cursor) again",
+    )
+}
+
 fn user_error(code: &str, message: impl Into<String>) -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new(
         "ERROR".into(),
@@ -168,8 +178,11 @@ pub fn sqlstate(e: &QueryError) -> &'static str {
     use datafusion::error::DataFusionError as D;
     match e {
         QueryError::ReadOnly { .. } => "42501",
-        QueryError::TooDeep { .. } | QueryError::ExpressionTooDeep => "54001",
-        QueryError::MemoryLimit { .. } => "53200",
+        QueryError::TooDeep { .. }
+        | QueryError::ExpressionTooDeep
+        | QueryError::PlanTooLarge { .. } => "54001",
+        QueryError::MemoryLimit { .. } | QueryError::OverBudget(_) => "53200",
+        QueryError::Timeout { .. } => "57014",
         QueryError::Execute(d) => match d.find_root() {
             D::SQL(..) => "42601",
             D::SchemaError(s, _) => match **s {
@@ -394,6 +407,9 @@ pub struct Connection {
 struct Cursor {
     schema: SchemaRef,
     batches: std::collections::VecDeque<RecordBatch>,
+    /// The scope its rows were computed for: a fetch after the account
+    /// changed is refused (the rows may hold tenants it no longer sees).
+    scope: Scope,
 }
 
 impl Cursor {
@@ -567,9 +583,14 @@ impl StartupHandler for Connection {
                         let mut nonce = [0u8; 18];
                         getrandom::fill(&mut nonce)
                             .map_err(|e| fatal("XX000", format!("no random nonce: {e}")))?;
-                        let (exchange, server_first) =
-                            Exchange::start(text, verifier, &user, &self.shared.secret, &nonce)
-                                .map_err(|e| scram_failed(&user, client.socket_addr(), e))?;
+                        let (exchange, server_first) = Exchange::start(
+                            text,
+                            verifier,
+                            &user,
+                            &self.shared.accounts.get().mock_salt_secret(),
+                            &nonce,
+                        )
+                        .map_err(|e| scram_failed(&user, client.socket_addr(), e))?;
                         *state = AuthState::Waiting(Box::new(exchange));
                         client
                             .send(PgWireBackendMessage::Authentication(
@@ -659,14 +680,9 @@ impl Parser {
     /// Plans `statement` on the checkpoint current now, for the account.
     async fn plan_now(&self, statement: &Statement) -> PgWireResult<LogicalPlan> {
         let scope = scope_of(&self.shared, &self.login)?;
-        let snapshot = self
-            .shared
+        self.shared
             .views
-            .current(&scope)
-            .await
-            .map_err(|e| query_error(&e))?;
-        snapshot
-            .plan(statement.clone())
+            .plan(&scope, statement)
             .await
             .map_err(|e| query_error(&e))
     }
@@ -790,10 +806,10 @@ impl Connection {
     where
         C: ClientInfo + ClientPortalStore,
         C::PortalStore: PortalStore,
-        F: Fn(LogicalPlan) -> Result<LogicalPlan, QueryError>,
+        F: Fn(LogicalPlan) -> Result<LogicalPlan, QueryError> + Send + 'static,
     {
         // A removed account's session ends at its next statement, whatever it is.
-        scope_of(&self.shared, &self.login)?;
+        let scope = scope_of(&self.shared, &self.login)?;
         match kind {
             Kind::Empty => Ok(Response::EmptyQuery),
             Kind::Set => Ok(Response::Execution(Tag::new("SET"))),
@@ -825,7 +841,7 @@ impl Connection {
                 )))
             }
             Kind::Query(statement) => {
-                let answer = self.run(statement, bind).await?;
+                let answer = self.run(&scope, statement, bind).await?;
                 let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
                 let fields = Arc::new(arrow_schema_to_pg_fields(
                     &answer.schema,
@@ -835,11 +851,11 @@ impl Connection {
                 let rows = encode_rows(&fields, &answer.batches)?;
                 Ok(Response::Query(QueryResponse::new(
                     fields,
-                    stream::iter(rows.into_iter().map(Ok)),
+                    self.checked_rows(scope, rows),
                 )))
             }
             Kind::Declare { name, query } => {
-                let answer = self.run(query, bind).await?;
+                let answer = self.run(&scope, query, bind).await?;
                 // A cursor is a portal too: drivers describe it by name
                 // (psycopg's server-side cursors do) before fetching.
                 if let Some(store) = client
@@ -867,6 +883,7 @@ impl Connection {
                 let cursor = Cursor {
                     schema: answer.schema,
                     batches: answer.batches.into(),
+                    scope,
                 };
                 self.cursors.lock().await.insert(name.clone(), cursor);
                 Ok(Response::Execution(Tag::new("DECLARE CURSOR")))
@@ -876,6 +893,10 @@ impl Connection {
                 let cursor = cursors.get_mut(name).ok_or_else(|| {
                     user_error("34000", format!("cursor \"{name}\" does not exist"))
                 })?;
+                if cursor.scope != scope {
+                    cursors.remove(name);
+                    return Err(scope_changed());
+                }
                 let batches = cursor.take(*count);
                 let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
                 let fields = Arc::new(arrow_schema_to_pg_fields(
@@ -884,8 +905,7 @@ impl Connection {
                     Some(options),
                 )?);
                 let rows = encode_rows(&fields, &batches)?;
-                let mut response =
-                    QueryResponse::new(fields, stream::iter(rows.into_iter().map(Ok)));
+                let mut response = QueryResponse::new(fields, self.checked_rows(scope, rows));
                 response.set_command_tag("FETCH");
                 Ok(Response::Query(response))
             }
@@ -921,7 +941,7 @@ impl Connection {
                 header,
                 delimiter,
             } => {
-                let answer = self.run(query, bind).await?;
+                let answer = self.run(&scope, query, bind).await?;
                 let lines = copy_lines(&answer, *csv, *header, *delimiter)
                     .map_err(|e| user_error("22000", e))?;
                 let columns = answer.schema.fields().len();
@@ -934,36 +954,47 @@ impl Connection {
         }
     }
 
-    async fn run<F>(&self, statement: &Statement, bind: F) -> PgWireResult<Answer>
+    /// Rows for the client that stop, with an error, at the first one
+    /// after the account lost the scope they were computed for: a
+    /// suspended portal hands out its rows over several Execute messages.
+    fn checked_rows(
+        &self,
+        scope: Scope,
+        rows: Vec<DataRow>,
+    ) -> impl futures::Stream<Item = PgWireResult<DataRow>> + Send + use<> {
+        let user = login_user(&self.login).unwrap_or_default();
+        let mut check = ScopeCheck::new(Arc::clone(&self.shared.accounts), user, scope);
+        let mut allowed = true;
+        stream::iter(rows.into_iter().map_while(move |row| {
+            if !allowed {
+                return None;
+            }
+            allowed = check.still_allowed();
+            Some(if allowed {
+                Ok(row)
+            } else {
+                Err(scope_changed())
+            })
+        }))
+    }
+
+    async fn run<F>(&self, scope: &Scope, statement: &Statement, bind: F) -> PgWireResult<Answer>
     where
-        F: Fn(LogicalPlan) -> Result<LogicalPlan, QueryError>,
+        F: Fn(LogicalPlan) -> Result<LogicalPlan, QueryError> + Send + 'static,
     {
-        let scope = scope_of(&self.shared, &self.login)?;
         let started = Instant::now();
         let metrics = &self.shared.metrics;
         let _running = metrics.running();
-        let timeout = self.shared.query_timeout;
-        let result =
-            tokio::time::timeout(timeout, self.shared.views.run(&scope, statement, bind)).await;
+        let result = self.shared.views.run(scope, statement, bind).await;
         metrics.observe(Protocol::Pg, started.elapsed());
         match result {
-            Ok(Ok(answer)) => {
+            Ok(answer) => {
                 metrics.served(Protocol::Pg);
                 Ok(answer)
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 metrics.failed(Protocol::Pg);
                 Err(query_error(&e))
-            }
-            Err(_) => {
-                metrics.failed(Protocol::Pg);
-                Err(user_error(
-                    "57014",
-                    format!(
-                        "canceling statement due to statement timeout: the query ran longer than --query-timeout ({} s); narrow it (filter, LIMIT) or raise the timeout",
-                        timeout.as_secs()
-                    ),
-                ))
             }
         }
     }

@@ -95,6 +95,8 @@ struct Inner {
     remote: Option<Location>,
     queries_dir: Option<PathBuf>,
     memory_limit: ByteSize,
+    /// How long one query may take, planning included (`--query-timeout`).
+    query_timeout: std::time::Duration,
     /// One memory pool for every query of the server.
     runtime: Arc<RuntimeEnv>,
     cache: std::sync::Mutex<HashMap<Scope, Entry>>,
@@ -114,6 +116,7 @@ impl Views {
         data_dir: PathBuf,
         queries_dir: Option<PathBuf>,
         memory_limit: ByteSize,
+        query_timeout: std::time::Duration,
     ) -> Result<Views, QueryError> {
         let remote = Location::parse(&data_dir)
             .map_err(|e| QueryError::Checkpoint(CheckpointError::Remote(e)))?;
@@ -123,6 +126,7 @@ impl Views {
                 data_dir,
                 queries_dir,
                 memory_limit,
+                query_timeout,
                 runtime: query::memory::runtime_env(memory_limit)?,
                 cache: std::sync::Mutex::new(HashMap::new()),
                 opening: tokio::sync::Mutex::new(()),
@@ -253,6 +257,7 @@ impl Views {
             }
         })?;
         super::pg::register_functions(&session.ctx);
+        query::bounded::bound_functions(&session.ctx);
         Ok(Snapshot {
             ctx: session.ctx,
             checkpoint_seq: session.checkpoint_seq,
@@ -261,10 +266,41 @@ impl Views {
         })
     }
 
-    /// Plans `statement` on the latest checkpoint and runs it; a file gone
-    /// under it sends it once more to a freshly opened session. `plan`
-    /// turns the statement into a plan (parameters bound).
+    /// Plans `statement` for `scope` on the latest checkpoint, isolated
+    /// and within the query timeout like a query (see [`query::isolated`]).
+    pub async fn plan(
+        &self,
+        scope: &Scope,
+        statement: &Statement,
+    ) -> Result<LogicalPlan, QueryError> {
+        let (views, scope, statement) = (self.clone(), scope.clone(), statement.clone());
+        query::isolated(self.inner.query_timeout, move || async move {
+            views.current(&scope).await?.plan(statement).await
+        })
+        .await
+    }
+
+    /// Plans `statement` on the latest checkpoint and runs it, isolated
+    /// and within the query timeout (see [`query::isolated`]); a file gone
+    /// under it sends it once more to a freshly opened session. `bind`
+    /// turns the plan into the one to run (parameters bound).
     pub async fn run<F>(
+        &self,
+        scope: &Scope,
+        statement: &Statement,
+        bind: F,
+    ) -> Result<Answer, QueryError>
+    where
+        F: Fn(LogicalPlan) -> Result<LogicalPlan, QueryError> + Send + 'static,
+    {
+        let (views, scope, statement) = (self.clone(), scope.clone(), statement.clone());
+        query::isolated(self.inner.query_timeout, move || async move {
+            views.run_here(&scope, &statement, bind).await
+        })
+        .await
+    }
+
+    async fn run_here<F>(
         &self,
         scope: &Scope,
         statement: &Statement,
@@ -299,6 +335,18 @@ impl Views {
     /// Runs several queries (SQL text) on one checkpoint, for one page:
     /// their rows, in order, and the checkpoint.
     pub async fn run_many(
+        &self,
+        scope: &Scope,
+        sqls: &[String],
+    ) -> Result<(Vec<Vec<RecordBatch>>, u64), QueryError> {
+        let (views, scope, sqls) = (self.clone(), scope.clone(), sqls.to_vec());
+        query::isolated(self.inner.query_timeout, move || async move {
+            views.run_many_here(&scope, &sqls).await
+        })
+        .await
+    }
+
+    async fn run_many_here(
         &self,
         scope: &Scope,
         sqls: &[String],

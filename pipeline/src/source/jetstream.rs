@@ -67,6 +67,15 @@ pub enum SourceError {
         url: String,
         source: async_nats::ConnectError,
     },
+    /// Fatal: the credentials file cannot be read.
+    #[error(
+        "cannot read the NATS credentials file {}: {cause}; fix --nats-creds / TALLY_NATS_CREDS (a .creds file from `nsc`)",
+        path.display()
+    )]
+    Credentials {
+        path: std::path::PathBuf,
+        cause: std::io::Error,
+    },
     /// Fatal: `--nats` is not a list of server URLs.
     #[error(
         "--nats / TALLY_NATS_URL {url:?} is not a server URL or a comma-separated list of them ({cause}); write e.g. nats://10.0.0.1:4222,nats://10.0.0.2:4222"
@@ -184,6 +193,28 @@ impl StreamWatch {
     }
 }
 
+/// How Tally logs in to NATS: nothing (a server without accounts), a user
+/// and password, or a credentials file (JWT and NKey seed, from `nsc`).
+/// One per process, set by the command line before any connection
+/// ([`set_auth`]).
+#[derive(Debug, Clone, Default)]
+pub enum NatsAuth {
+    #[default]
+    None,
+    UserPassword {
+        user: String,
+        password: String,
+    },
+    Credentials(std::path::PathBuf),
+}
+
+static AUTH: std::sync::OnceLock<NatsAuth> = std::sync::OnceLock::new();
+
+/// Sets the login of every later [`connect`]; the first call wins.
+pub fn set_auth(auth: NatsAuth) {
+    let _ = AUTH.set(auth);
+}
+
 pub async fn connect(url: &str) -> Result<async_nats::Client, SourceError> {
     // `--nats` may list several servers of a cluster, comma-separated; the
     // client picks one and fails over to the others.
@@ -197,7 +228,17 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, SourceError> {
             url: url.to_owned(),
             cause: e.to_string(),
         })?;
-    async_nats::ConnectOptions::new()
+    let options = match AUTH.get().cloned().unwrap_or_default() {
+        NatsAuth::None => async_nats::ConnectOptions::new(),
+        NatsAuth::UserPassword { user, password } => {
+            async_nats::ConnectOptions::new().user_and_password(user, password)
+        }
+        NatsAuth::Credentials(path) => async_nats::ConnectOptions::new()
+            .credentials_file(&path)
+            .await
+            .map_err(|cause| SourceError::Credentials { path, cause })?,
+    };
+    options
         .connection_timeout(Duration::from_secs(5))
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .name("tally")
