@@ -86,6 +86,9 @@ pub struct Cli {
     /// Replicas of the streams Tally creates, on a JetStream cluster (e.g. 3); an existing stream keeps its own.
     #[arg(long, global = true, env = "TALLY_STREAM_REPLICAS", default_value_t = js::DEFAULT_REPLICAS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=5))]
     pub replicas: usize,
+    /// JetStream's duplicate window on the event stream Tally creates: `off` when producers are untrusted (one could send another's Nats-Msg-Id first and have the real message dropped; Tally still counts every event once). See README, "Untrusted producers".
+    #[arg(long, global = true, env = "TALLY_STREAM_DEDUP", default_value = "on", value_parser = ["on", "off"])]
+    pub stream_dedup: String,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, global = true, env = "TALLY_LOG", default_value = "text", value_parser = ["text", "json"])]
     pub log: String,
@@ -451,6 +454,7 @@ fn source_config(cli: &Cli, consumer: Option<&str>, dlq: Option<&str>) -> Source
         max_age: cli.stream_max_age,
         max_bytes: cli.stream_max_bytes,
         replicas: cli.replicas,
+        dedup: cli.stream_dedup == "on",
     }
 }
 
@@ -653,8 +657,23 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             let client = connect(&cli.nats).await?;
             let js = async_nats::jetstream::new(client);
             // A producer's first publish on a fresh server should just work.
-            crate::source::jetstream::ensure_event_stream(&js, &source_config(&cli, None, None))
-                .await?;
+            // A producer whose account has no JetStream of its own (one
+            // account per tenant, see deploy/nats-tenants) cannot create or
+            // inspect the stream: it publishes, and the acks say whether
+            // the stream took each message.
+            match crate::source::jetstream::ensure_event_stream(
+                &js,
+                &source_config(&cli, None, None),
+            )
+            .await
+            {
+                Err(SourceError::Stream { stream, cause }) => {
+                    tracing::debug!(%stream, %cause, "cannot set up the event stream from this account; publishing to it as it is");
+                }
+                other => {
+                    other?;
+                }
+            }
             let opts = PublishOptions {
                 prefix: cli.subject_prefix.clone(),
                 allow_invalid: *allow_invalid,

@@ -16,6 +16,8 @@ pub struct NatsServer {
     pub port: u16,
     pub url: String,
     store: tempfile::TempDir,
+    /// A configuration file (`-c`), for accounts and users.
+    config: Option<PathBuf>,
 }
 
 fn server_binary() -> PathBuf {
@@ -42,6 +44,23 @@ impl NatsServer {
             port,
             url: format!("nats://127.0.0.1:{port}"),
             store,
+            config: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// A server with the configuration file `config` (its port and store
+    /// are still this harness's).
+    pub fn start_with_config(config: &Path) -> NatsServer {
+        let store = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut s = NatsServer {
+            child: None,
+            port,
+            url: format!("nats://127.0.0.1:{port}"),
+            store,
+            config: Some(config.to_path_buf()),
         };
         s.spawn();
         s
@@ -58,7 +77,11 @@ impl NatsServer {
                 self.port = free_port();
                 self.url = format!("nats://127.0.0.1:{}", self.port);
             }
-            let mut child = Command::new(&bin)
+            let mut cmd = Command::new(&bin);
+            if let Some(config) = &self.config {
+                cmd.arg("-c").arg(config);
+            }
+            let mut child = cmd
                 .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
                 .arg(self.store.path())
                 .stdout(Stdio::null())
@@ -109,6 +132,7 @@ impl NatsServer {
             port: 0,
             url: url.to_owned(),
             store: tempfile::tempdir().unwrap(),
+            config: None,
         }
     }
 

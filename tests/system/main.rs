@@ -10,9 +10,11 @@ mod dashboard;
 mod faults;
 mod harness;
 mod history;
+mod hostile;
 mod metrics;
 mod objectstore;
 mod probes;
+mod producers;
 mod serve;
 mod sql;
 

@@ -259,3 +259,100 @@ fn each_expr(
     .map(|_| ())
     .map_err(|e| super::classify(e, 0))
 }
+
+/// The deepest nesting of parentheses and brackets a statement's text may
+/// have. The Postgres-dialect parser of `tally serve` takes time
+/// exponential in the nesting of function calls (18 levels of
+/// `make_array(` take over a second, 40 would take days, on a thread that
+/// cannot be stopped), so the nesting is counted on the text first.
+pub const MAX_NESTING: usize = 16;
+
+/// Refuses a statement text nested deeper than [`MAX_NESTING`]. Strings,
+/// quoted identifiers and comments do not count.
+pub fn check_text(sql: &str) -> Result<(), QueryError> {
+    let b = sql.as_bytes();
+    let (mut i, mut depth) = (0usize, 0usize);
+    while i < b.len() {
+        match b[i] {
+            q @ (b'\'' | b'"') => {
+                i += 1;
+                while i < b.len() {
+                    if b[i] == q {
+                        // A doubled quote is one quote inside the string.
+                        if b.get(i + 1) == Some(&q) {
+                            i += 1;
+                        } else {
+                            break;
+                        }
+                    }
+                    i += 1;
+                }
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'(' | b'[' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(QueryError::PlanTooLarge {
+                        why: format!(
+                            "its parentheses and brackets nest more than {MAX_NESTING} deep"
+                        ),
+                    });
+                }
+            }
+            b')' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_counted_outside_strings_and_comments() {
+        let deep = |d: usize| format!("SELECT {}1{}", "make_array(".repeat(d), ")".repeat(d));
+        assert!(check_text(&deep(MAX_NESTING)).is_ok());
+        assert!(matches!(
+            check_text(&deep(MAX_NESTING + 1)),
+            Err(QueryError::PlanTooLarge { .. })
+        ));
+        let quoted = format!(
+            "SELECT '{}' AS \"{}\" -- {}\n/* {} */",
+            "(".repeat(50),
+            "[".repeat(50),
+            "(".repeat(50),
+            "(".repeat(50)
+        );
+        assert!(check_text(&quoted).is_ok());
+        assert!(check_text("SELECT 'it''s ((((((((((((((((((('").is_ok());
+    }
+
+    #[test]
+    fn the_postgres_parser_is_quick_at_the_limit() {
+        let sql = format!(
+            "SELECT {}1{}",
+            "make_array(".repeat(MAX_NESTING),
+            ")".repeat(MAX_NESTING)
+        );
+        let parser =
+            datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser::new();
+        let started = std::time::Instant::now();
+        let _ = parser.parse(&sql);
+        // Debug build; a release build is several times faster.
+        assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    }
+}

@@ -164,6 +164,7 @@ impl TallyFlight {
                 super::MAX_QUERY_BYTES
             )));
         }
+        crate::query::guard::check_text(sql).map_err(|e| status_of(&e))?;
         let mut statements =
             datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser::new()
                 .parse(sql)

@@ -698,6 +698,7 @@ impl Parser {
                 ),
             ));
         }
+        crate::query::guard::check_text(sql).map_err(|e| query_error(&e))?;
         let sql = known_client_rewrites(sql);
         self.sql
             .parse(&sql)

@@ -27,6 +27,12 @@ pub struct SourceConfig {
     /// Replicas of the streams Tally creates (event, dead-letter, alert
     /// streams) on a JetStream cluster; an existing stream keeps its own.
     pub replicas: usize,
+    /// Whether JetStream drops a message whose `Nats-Msg-Id` it stored
+    /// within its duplicate window, when Tally creates the event stream.
+    /// Off for untrusted producers: the window is stream-wide, so one
+    /// producer could send another's future id first and have the real
+    /// message dropped. Tally counts every event once either way.
+    pub dedup: bool,
 }
 
 /// `--replicas` default: one copy, as a single server has.
@@ -54,6 +60,7 @@ impl Default for SourceConfig {
             max_age: None,
             max_bytes: None,
             replicas: DEFAULT_REPLICAS,
+            dedup: true,
         }
     }
 }
@@ -257,16 +264,40 @@ pub async fn ensure_event_stream(
     cfg: &SourceConfig,
 ) -> Result<stream::Stream, SourceError> {
     let wanted = format!("{}.>", cfg.subject_prefix);
-    let mut s = js
-        .get_or_create_stream(stream::Config {
-            name: cfg.stream.clone(),
-            subjects: vec![wanted.clone()],
+    let mut config = stream::Config {
+        name: cfg.stream.clone(),
+        subjects: vec![wanted.clone()],
+        storage: stream::StorageType::File,
+        max_age: cfg.max_age.unwrap_or_default(),
+        max_bytes: cfg.max_bytes.unwrap_or(-1),
+        num_replicas: cfg.replicas,
+        ..Default::default()
+    };
+    if !cfg.dedup {
+        // JetStream takes a duplicate window of 0 as "off" only on a
+        // stream with sources (elsewhere as its 2-minute default): the
+        // event stream sources an empty stream that no one writes to.
+        let placeholder = format!("{}_NODEDUP", cfg.stream);
+        js.get_or_create_stream(stream::Config {
+            name: placeholder.clone(),
+            subjects: vec![format!("_tally.nodedup.{}", cfg.stream)],
             storage: stream::StorageType::File,
-            max_age: cfg.max_age.unwrap_or_default(),
-            max_bytes: cfg.max_bytes.unwrap_or(-1),
             num_replicas: cfg.replicas,
             ..Default::default()
         })
+        .await
+        .map_err(|e| SourceError::Stream {
+            stream: placeholder.clone(),
+            cause: e.to_string(),
+        })?;
+        config.duplicate_window = Duration::ZERO;
+        config.sources = Some(vec![stream::Source {
+            name: placeholder,
+            ..Default::default()
+        }]);
+    }
+    let mut s = js
+        .get_or_create_stream(config)
         .await
         .map_err(|e| SourceError::Stream {
             stream: cfg.stream.clone(),

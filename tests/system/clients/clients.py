@@ -1,7 +1,8 @@
 """Real clients of `tally serve`, driven by the system tests (tests/system/serve.rs).
 
 Usage: python clients.py KIND < spec.json > result.json, where KIND is
-psycopg, loop, adbc, flight, http or prometheus. Every value comes back as text (None for
+psycopg, loop, adbc, flight, http, prometheus, narrowed, scram_salt or
+fuzz. Every value comes back as text (None for
 NULL) so the Rust side compares exact digits; errors come back as data
 (SQLSTATE or gRPC status and message), never as a crash of this script.
 """
@@ -138,8 +139,148 @@ def prometheus_run(spec):
     return {"status": 200, "samples": samples}
 
 
+def narrowed_run(spec):
+    """Declares a cursor on an all-tenant session, fetches some rows, runs
+    `between` (a command that narrows the account), waits, and fetches the
+    rest: the rows before, and the rest or its error."""
+    import subprocess
+    import time
+
+    import psycopg
+
+    conn = psycopg.connect(spec["dsn"], autocommit=False)
+    cur = conn.cursor()
+    cur.execute(spec["declare"])
+    cur.execute("FETCH 2 FROM c")
+    first = [[None if v is None else str(v) for v in r] for r in cur.fetchall()]
+    subprocess.run(spec["between"], check=True, env=spec.get("env"), capture_output=True)
+    time.sleep(spec.get("wait", 0.5))
+    out = {"first": first}
+    try:
+        cur.execute("FETCH ALL FROM c")
+        out["after"] = [[None if v is None else str(v) for v in r] for r in cur.fetchall()]
+    except psycopg.Error as e:
+        out["error"] = {"sqlstate": e.sqlstate, "message": str(e)}
+    conn.close()
+    return out
+
+
+def scram_salt_run(spec):
+    """The salt and iteration count the server's SCRAM first message gives
+    `user`, read off the wire (no password needed)."""
+    import base64
+    import os
+    import socket
+    import struct
+
+    sock = socket.create_connection((spec["host"], spec["port"]), timeout=10)
+    params = b"user\0" + spec["user"].encode() + b"\0database\0tally\0\0"
+    sock.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+
+    def message():
+        head = b""
+        while len(head) < 5:
+            head += sock.recv(5 - len(head))
+        kind, length = head[:1], struct.unpack("!i", head[1:])[0]
+        body = b""
+        while len(body) < length - 4:
+            body += sock.recv(length - 4 - len(body))
+        return kind, body
+
+    kind, body = message()
+    if kind != b"R" or struct.unpack("!i", body[:4])[0] != 10:
+        return {"error": f"expected SASL, got {kind} {body[:8]!r}"}
+    nonce = base64.b64encode(os.urandom(18)).decode()
+    first = f"n,,n=,r={nonce}".encode()
+    mech = b"SCRAM-SHA-256\0"
+    payload = mech + struct.pack("!i", len(first)) + first
+    sock.sendall(b"p" + struct.pack("!i", 4 + len(payload)) + payload)
+    kind, body = message()
+    if kind != b"R" or struct.unpack("!i", body[:4])[0] != 11:
+        return {"error": f"expected SASL continue, got {kind} {body[:40]!r}"}
+    fields = dict(f.split("=", 1) for f in body[4:].decode().split(","))
+    sock.close()
+    return {"salt": fields["s"], "iterations": fields["i"]}
+
+
+def fuzz_run(spec):
+    """Calls every function the server lists with extreme arguments, one
+    statement at a time, and checks after every `check_every` statements
+    that the server still answers. Returns the number of statements, the
+    SQLSTATEs they got, and the first connection failure if any."""
+    import time
+
+    import psycopg
+
+    def connect():
+        return psycopg.connect(spec["dsn"], autocommit=True, connect_timeout=10)
+
+    conn = connect()
+    functions = conn.execute(
+        "SELECT DISTINCT routine_name, function_type FROM information_schema.routines ORDER BY 1"
+    ).fetchall()
+    extremes = spec["extremes"]
+    normal = spec["normal"]
+    statements = []
+    for name, kind in functions:
+        if name in spec.get("skip", []):
+            continue
+        quoted = '"' + name.replace('"', '""') + '"'
+        for arity in range(0, spec["max_arity"] + 1):
+            tuples = [[normal] * arity] if arity else [[]]
+            for pos in range(arity):
+                for e in extremes:
+                    args = [normal] * arity
+                    args[pos] = e
+                    tuples.append(args)
+                tuples.append([e for e in extremes[:1]] * arity)
+            for args in tuples:
+                call = f"{quoted}({', '.join(args)})"
+                kind_l = (kind or "").lower()
+                if "table" in kind_l:
+                    statements.append(f"SELECT * FROM {call} LIMIT 3")
+                elif "window" in kind_l:
+                    statements.append(f"SELECT {call} OVER (ORDER BY x) FROM (VALUES (1), (2)) t(x)")
+                else:
+                    statements.append(f"SELECT {call}")
+    deep = spec.get("deep", [])
+    statements.extend(deep)
+    states = {}
+    lost = None
+    started = time.monotonic()
+    for i, sql in enumerate(statements):
+        if time.monotonic() - started > spec["seconds"]:
+            break
+        try:
+            cur = conn.execute(sql)
+            if cur.description:
+                cur.fetchmany(3)
+            states["ok"] = states.get("ok", 0) + 1
+        except psycopg.OperationalError as e:
+            if conn.closed or conn.broken:
+                lost = {"statement": sql, "error": str(e)}
+                break
+            states[e.sqlstate or "?"] = states.get(e.sqlstate or "?", 0) + 1
+        except psycopg.Error as e:
+            states[e.sqlstate or "?"] = states.get(e.sqlstate or "?", 0) + 1
+        if i % spec["check_every"] == 0:
+            try:
+                with connect() as probe:
+                    probe.execute("SELECT 1").fetchone()
+            except psycopg.Error as e:
+                lost = {"statement": sql, "error": f"the server stopped answering: {e}"}
+                break
+    tried = sum(states.values())
+    try:
+        with connect() as probe:
+            alive = probe.execute("SELECT count(*) FROM events").fetchone()[0] is not None
+    except psycopg.Error:
+        alive = False
+    return {"functions": len(functions), "planned": len(statements), "tried": tried, "states": states, "lost": lost, "alive": alive}
+
+
 if __name__ == "__main__":
     kind = sys.argv[1]
     spec = json.load(sys.stdin)
-    result = {"psycopg": psycopg_run, "loop": loop_run, "adbc": adbc_run, "flight": flight_run, "prometheus": prometheus_run, "http": http_run}[kind](spec)
+    result = {"psycopg": psycopg_run, "loop": loop_run, "adbc": adbc_run, "flight": flight_run, "prometheus": prometheus_run, "http": http_run, "narrowed": narrowed_run, "scram_salt": scram_salt_run, "fuzz": fuzz_run}[kind](spec)
     json.dump(result, sys.stdout)

@@ -1,0 +1,382 @@
+//! `tally serve` against a hostile account: statements that would end or
+//! stall the server, a search over every function it registers under an
+//! address-space limit, what a tenant account can learn of other tenants'
+//! volume, a cursor that outlives a narrowed account, and what the SCRAM
+//! exchange tells of unknown user names.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{
+    NatsServer, api_calls, bin, generated, publish_lines, run_expect, sql, tally, until_idle,
+};
+use crate::serve::{Serve, add_user, client, psycopg, rows, sqlstate};
+
+/// The address space the server gets in these tests: room for its
+/// threads' stacks and a query's memory, far from the 16 GiB one
+/// unbounded function call asks for.
+const ADDRESS_LIMIT: u64 = 6 << 30;
+
+fn published(server: &NatsServer, dir: &Path, tenants: u32) -> std::path::PathBuf {
+    let data = dir.join("data");
+    let file = generated(dir, tenants, 3, 17);
+    let mut p = tally(server, &data);
+    p.arg("publish").arg(&file);
+    run_expect(p, 0);
+    until_idle(server, &data);
+    data
+}
+
+fn health_ms(serve: &Serve) -> (u64, u128) {
+    let started = Instant::now();
+    let out = client(
+        "http",
+        &json!({"url": format!("http://127.0.0.1:{}/healthz", serve.http)}),
+    );
+    (
+        out["status"].as_u64().unwrap(),
+        started.elapsed().as_millis(),
+    )
+}
+
+#[test]
+fn no_function_call_can_take_the_servers_memory() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = published(&server, dir.path(), 10);
+    let users = dir.path().join("users.toml");
+    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    let serve = Serve::start_limited(
+        &server,
+        &data,
+        &users,
+        &["--memory-limit", "256M"],
+        Some(ADDRESS_LIMIT),
+    );
+    let dsn = serve.dsn("ops", "ops-pw");
+    let over_budget = [
+        "SELECT array_repeat(1, 2147483647)",
+        "SELECT repeat('ab', 2147483647)",
+        "SELECT lpad('x', 2147483647)",
+        "SELECT range(0, 9000000000000000000)",
+        "SELECT array_resize(make_array(1), 2147483647, 0)",
+        "SELECT replace(repeat('a', 600000), '', repeat('b', 600000))",
+        "SELECT repeat(id, 200000) FROM events",
+        "SELECT string_agg(id, repeat(',', 100000)) FROM events",
+        "SELECT arrow_cast(1, 'FixedSizeList(2147483647, Int64)')",
+        "SELECT CAST(make_array(1) AS INT[2147483647])",
+        "SELECT array_agg(repeat(id, 100000)) FROM events",
+    ];
+    let mut steps: Vec<Value> = over_budget.iter().map(|s| json!({"sql": s})).collect();
+    steps.push(json!({"sql": "SELECT count(*) FROM events"}));
+    let out = psycopg(&dsn, Value::Array(steps));
+    for (i, q) in over_budget.iter().enumerate() {
+        let state = sqlstate(&out[i]);
+        assert!(
+            state == "53200" || (q.contains("INT[") && state.starts_with("42")),
+            "{q}: {}",
+            out[i]
+        );
+        let message = out[i]["error"]["message"].as_str().unwrap_or_default();
+        assert!(!message.is_empty(), "{q}: no message");
+    }
+    assert!(rows(&out[over_budget.len()])[0][0].is_some());
+    assert_eq!(health_ms(&serve).0, 200, "{}", serve.log());
+}
+
+#[test]
+fn planning_is_bounded_isolated_and_counts_against_the_timeout() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = published(&server, dir.path(), 10);
+    let users = dir.path().join("users.toml");
+    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    add_user(&users, "other", "other-pw", &["--tenant", "t0002"]);
+    let serve = Serve::start(&server, &data, &users, &["--query-timeout", "3"]);
+    let dsn = serve.dsn("ops", "ops-pw");
+
+    // Too large to plan quickly: refused at once with 54001.
+    let union = vec!["SELECT 1 AS a"; 3200].join(" UNION ALL ");
+    let joins = format!(
+        "SELECT count(*) FROM events e0 {}",
+        (1..70)
+            .map(|i| format!("JOIN events e{i} ON e{i}.id = e0.id"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let started = Instant::now();
+    let out = psycopg(&dsn, json!([{"sql": union}, {"sql": joins}]));
+    assert_eq!(sqlstate(&out[0]), "54001", "{}", out[0]);
+    assert_eq!(sqlstate(&out[1]), "54001", "{}", out[1]);
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Within the limits but slow to plan (a chain of 990 additions takes
+    // seconds in DataFusion's planner): the timeout covers planning, and
+    // meanwhile health and another account's query answer at once.
+    let chain = format!("SELECT {}", vec!["1"; 990].join(" + "));
+    let slow_dsn = dsn.clone();
+    let slow = std::thread::spawn(move || {
+        let started = Instant::now();
+        let out = psycopg(&slow_dsn, json!([{"sql": chain}, {"sql": chain}]));
+        (out, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, ms) = health_ms(&serve);
+    assert_eq!(status, 200);
+    assert!(ms < 1500, "/healthz took {ms} ms while a query planned");
+    let started = Instant::now();
+    let other = psycopg(
+        &serve.dsn("other", "other-pw"),
+        json!([{"sql": "SELECT count(*) FROM usage"}]),
+    );
+    assert!(rows(&other[0])[0][0].is_some());
+    let other_ms = started.elapsed().as_millis();
+    assert!(
+        other_ms < 2500,
+        "another account waited {other_ms} ms behind the planning"
+    );
+    let (out, took) = slow.join().unwrap();
+    for step in &out {
+        // Planned in time on a fast machine, or stopped by the timeout.
+        if step.get("error").is_some() {
+            assert_eq!(sqlstate(step), "57014", "{step}");
+        }
+    }
+    assert!(
+        took < Duration::from_secs(20),
+        "two statements with a 3 s timeout took {took:?}"
+    );
+}
+
+/// Every scalar, aggregate, window and table function the server lists,
+/// with extreme arguments, against a server under an address-space limit,
+/// within a time bound; the server answers afterwards.
+#[test]
+fn every_function_with_extreme_arguments_leaves_the_server_answering() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = published(&server, dir.path(), 5);
+    let users = dir.path().join("users.toml");
+    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    let serve = Serve::start_limited(
+        &server,
+        &data,
+        &users,
+        &["--memory-limit", "512M", "--query-timeout", "5"],
+        Some(ADDRESS_LIMIT),
+    );
+    let nested = format!("{}1{}", "make_array(".repeat(12), ")".repeat(12));
+    let extremes = [
+        "0",
+        "-1",
+        "2147483647",
+        "-2147483648",
+        "9223372036854775807",
+        "-9223372036854775808",
+        "NULL",
+        "''",
+        "repeat('x', 1000000)",
+        "'%'",
+        "make_array(1, 2, 3)",
+        "range(100000)",
+        nested.as_str(),
+        "1e308",
+        "DATE '9999-12-31'",
+        "TIMESTAMP '1677-09-21 00:12:44'",
+        "INTERVAL '100000 years'",
+        "'\u{1F980}'",
+    ];
+    let deep = [
+        format!("SELECT {}", vec!["1"; 999].join(" + ")),
+        format!("SELECT {}1{}", "(".repeat(5000), ")".repeat(5000)),
+        // Exponential in the Postgres-dialect parser: refused on its text.
+        format!("SELECT {}1{}", "make_array(".repeat(40), ")".repeat(40)),
+        format!("SELECT {}", vec!["'a'"; 900].join(" || ")),
+        // Table functions (information_schema lists scalar, aggregate and
+        // window functions).
+        "SELECT * FROM generate_series(1, 9223372036854775807) LIMIT 3".to_owned(),
+        "SELECT * FROM range(-9223372036854775808, 9223372036854775807, 1) LIMIT 3".to_owned(),
+        "SELECT count(*) FROM generate_series(1, 1000000000000)".to_owned(),
+        "SELECT * FROM unnest(range(100000000)) LIMIT 3".to_owned(),
+        "SELECT * FROM generate_series(TIMESTAMP '1970-01-01', TIMESTAMP '2200-01-01', INTERVAL '1 microsecond') LIMIT 3".to_owned(),
+    ];
+    let out = client(
+        "fuzz",
+        &json!({
+            "dsn": serve.dsn("ops", "ops-pw"),
+            "extremes": extremes,
+            "normal": "1",
+            "max_arity": 3,
+            "check_every": 500,
+            "seconds": 300,
+            "deep": deep,
+        }),
+    );
+    eprintln!("function search: {out}");
+    assert!(out["lost"].is_null(), "{out}\n{}", serve.log());
+    assert_eq!(out["alive"], true, "{}", serve.log());
+    assert!(out["functions"].as_u64().unwrap() > 200, "{out}");
+    assert!(out["tried"].as_u64().unwrap() > 5_000, "{out}");
+}
+
+/// Polls `sql` (one cell) until it answers `want`: a session answers from
+/// the checkpoint it has while it opens the newer one.
+fn wait_for(dsn: &str, sql: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = psycopg(dsn, json!([{"sql": sql}]));
+        if rows(&out[0])[0][0].as_deref() == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sql} never gave {want}: {out:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_tenant_account_learns_nothing_of_other_tenants_volume() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = published(&server, dir.path(), 12);
+    let users = dir.path().join("users.toml");
+    add_user(&users, "acme", "acme-pw", &["--tenant", "t0003"]);
+    let serve = Serve::start(&server, &data, &users, &[]);
+    let acme = serve.dsn("acme", "acme-pw");
+    let look = |dsn: &str| {
+        psycopg(
+            dsn,
+            json!([
+                {"sql": "SELECT checkpoint_seq - count(*) FROM events, _tally_clock GROUP BY checkpoint_seq"},
+                {"sql": "SELECT min(stream_seq), max(stream_seq), count(*), count(DISTINCT stream_seq) FROM events"},
+                {"sql": "SELECT checkpoint_seq FROM _tally_clock"},
+                {"sql": "SELECT first_seq, last_seq, messages FROM _tally_gaps"},
+                {"sql": "SELECT id FROM events ORDER BY stream_seq"},
+            ]),
+        )
+    };
+    let before = look(&acme);
+    assert_eq!(rows(&before[0]), vec![vec![Some("0".into())]]);
+    let n = rows(&before[2])[0][0].clone().unwrap();
+    assert_eq!(
+        rows(&before[1]),
+        vec![vec![
+            Some("1".into()),
+            Some(n.clone()),
+            Some(n.clone()),
+            Some(n.clone())
+        ]]
+    );
+    let page = client(
+        "http",
+        &json!({"url": format!("http://acme:acme-pw@127.0.0.1:{}/api/tenants/t0003", serve.http)}),
+    );
+    let page: Value = serde_json::from_str(page["body"].as_str().unwrap()).unwrap();
+    assert_eq!(page["checkpoint_seq"].to_string(), n, "{page}");
+
+    // Other tenants publish (moving the stream clock, which all share):
+    // nothing else the account sees moves.
+    let others: Vec<String> = (0..50)
+        .map(|i| api_calls(&format!("o{i}"), "t0005", "2026-11-20T00:00:00Z", "1"))
+        .collect();
+    publish_lines(&server, &data, &others);
+    until_idle(&server, &data);
+    wait_for(
+        &acme,
+        "SELECT CAST(stream_clock AS VARCHAR) LIKE '2026-11-20%' FROM _tally_clock",
+        "True",
+    );
+    let after = look(&acme);
+    for i in [0, 1, 2, 4] {
+        assert_eq!(rows(&after[i]), rows(&before[i]), "step {i}");
+    }
+
+    // Its own event: the next position, and "since I last looked" works.
+    publish_lines(
+        &server,
+        &data,
+        &[api_calls("mine-1", "t0003", "2026-11-20T00:00:00Z", "1")],
+    );
+    until_idle(&server, &data);
+    let n1 = (n.parse::<u64>().unwrap() + 1).to_string();
+    wait_for(&acme, "SELECT checkpoint_seq FROM _tally_clock", &n1);
+    let next = psycopg(
+        &acme,
+        json!([
+            {"sql": "SELECT checkpoint_seq FROM _tally_clock"},
+            {"sql": format!("SELECT id, stream_seq FROM events WHERE stream_seq > {n}")},
+        ]),
+    );
+    assert_eq!(rows(&next[0]), vec![vec![Some(n1.clone())]]);
+    assert_eq!(rows(&next[1]), vec![vec![Some("mine-1".into()), Some(n1)]]);
+
+    // `tally sql` (every tenant) still shows stream sequences.
+    let all = sql(
+        &server,
+        &data,
+        "SELECT (SELECT checkpoint_seq FROM _tally_clock) - (SELECT max(stream_seq) FROM events)",
+    );
+    assert_eq!(all, vec![vec!["0".to_owned()]]);
+}
+
+#[test]
+fn a_cursor_does_not_outlive_a_narrowed_account() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = published(&server, dir.path(), 8);
+    let users = dir.path().join("users.toml");
+    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    let serve = Serve::start(&server, &data, &users, &[]);
+    let out = client(
+        "narrowed",
+        &json!({
+            "dsn": serve.dsn("ops", "ops-pw"),
+            "declare": "DECLARE c CURSOR FOR SELECT tenant FROM usage ORDER BY tenant",
+            "between": [bin(), "users", "add", "ops", "--tenant", "t0003", "--users", users],
+            "env": {"TALLY_PASSWORD": "ops-pw", "PATH": std::env::var("PATH").unwrap()},
+        }),
+    );
+    assert_eq!(out["first"].as_array().unwrap().len(), 2, "{out}");
+    assert_eq!(out["error"]["sqlstate"], "42501", "{out}");
+    assert!(out.get("after").is_none(), "{out}");
+}
+
+#[test]
+fn an_unknown_users_salt_is_stable_across_restarts() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = published(&server, dir.path(), 2);
+    let users = dir.path().join("users.toml");
+    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    let salt = |serve: &Serve, user: &str| -> Value {
+        client(
+            "scram_salt",
+            &json!({"host": "127.0.0.1", "port": serve.pg, "user": user}),
+        )
+    };
+    let serve = Serve::start(&server, &data, &users, &[]);
+    let first = (
+        salt(&serve, "ghost"),
+        salt(&serve, "ops"),
+        salt(&serve, "ghost2"),
+    );
+    drop(serve);
+    let serve = Serve::start(&server, &data, &users, &[]);
+    let second = (
+        salt(&serve, "ghost"),
+        salt(&serve, "ops"),
+        salt(&serve, "ghost2"),
+    );
+    assert!(first.0["salt"].is_string(), "{first:?}");
+    assert_eq!(first.0, second.0, "an unknown name's salt changed");
+    assert_eq!(first.1, second.1, "a real user's salt changed");
+    assert_ne!(
+        first.0["salt"], first.2["salt"],
+        "two unknown names share a salt"
+    );
+    assert_eq!(first.0["iterations"], first.1["iterations"]);
+}
