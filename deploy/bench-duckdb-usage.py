@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """DuckDB building Tally's `usage` view from a data directory's `events`
 archive: the yardstick `tally replay` from the archive is measured against
-(README, Benchmark). Hour, day and month windows per (tenant, metric), with
+(docs/benchmarks.md). Hour, day and month windows per (tenant, metric), with
 events, sum, min, max and last (the quantity of the greatest event by
 (time, source, id)), quantities as exact DECIMAL(38, 9).
 

@@ -77,7 +77,7 @@ pub struct Cli {
         default_value = crate::event::DEFAULT_SUBJECT_PREFIX
     )]
     pub subject_prefix: String,
-    /// Retention of the event stream when Tally creates it: keep messages at most this long (e.g. 30d, 12h); default unlimited. Sequences the stream forgets stay in the `events` archive (see README, "History").
+    /// Retention of the event stream when Tally creates it: keep messages at most this long (e.g. 30d, 12h); default unlimited. Sequences the stream forgets stay in the `events` archive (see docs/guarantees.md, "History").
     #[arg(long, global = true, env = "TALLY_STREAM_MAX_AGE", value_parser = parse_age)]
     pub stream_max_age: Option<Duration>,
     /// Retention of the event stream when Tally creates it: at most this many bytes (e.g. 10G); default unlimited.
@@ -86,7 +86,7 @@ pub struct Cli {
     /// Replicas of the streams Tally creates, on a JetStream cluster (e.g. 3); an existing stream keeps its own.
     #[arg(long, global = true, env = "TALLY_STREAM_REPLICAS", default_value_t = js::DEFAULT_REPLICAS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=5))]
     pub replicas: usize,
-    /// JetStream's duplicate window on the event stream Tally creates: `off` when producers are untrusted (one could send another's Nats-Msg-Id first and have the real message dropped; Tally still counts every event once). See README, "Untrusted producers".
+    /// JetStream's duplicate window on the event stream Tally creates: `off` when producers are untrusted (one could send another's Nats-Msg-Id first and have the real message dropped; Tally still counts every event once). See docs/events.md, "Untrusted producers".
     #[arg(long, global = true, env = "TALLY_STREAM_DEDUP", default_value = "on", value_parser = ["on", "off"])]
     pub stream_dedup: String,
     /// Log format; the level comes from RUST_LOG (default info).
@@ -215,7 +215,7 @@ pub enum Command {
     /// Print the JSON Schema of an event type (or `envelope`); no argument lists them.
     Schema { name: Option<String> },
     /// Serve the views to psql, drivers, BI tools and Flight SQL clients:
-    /// read-only, with accounts and per-tenant scoping (see README, "Connect your tools").
+    /// read-only, with accounts and per-tenant scoping (see docs/serving.md).
     Serve {
         /// Postgres wire protocol address, or `off`.
         #[arg(long, env = "TALLY_PG_LISTEN", default_value = serve::DEFAULT_PG_LISTEN)]
@@ -371,6 +371,24 @@ pub enum CliError {
     /// was printed).
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\ntally: "))]
     StatusIncomplete(Vec<StatusError>),
+}
+
+/// The message of `e` and of each error below it, each cause said once:
+/// most errors already name their source in their own message
+/// (`cannot create data directory X: Not a directory`), and printing the
+/// chain as well would say it twice.
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let said = s.to_string();
+        if !said.is_empty() && !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = s.source();
+    }
+    text
 }
 
 impl CliError {
@@ -929,5 +947,32 @@ mod tests {
         assert_eq!(parse_bytes("512M"), Ok(512 << 20));
         assert_eq!(parse_bytes("4096"), Ok(4096));
         assert!(parse_bytes("-1").is_err() && parse_bytes("10X").is_err());
+    }
+}
+
+#[cfg(test)]
+mod error_text_tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("cannot create data directory x/views: {0}")]
+        Says(#[source] std::io::Error),
+        #[error("cannot open the views")]
+        Silent(#[source] std::io::Error),
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = || std::io::Error::from_raw_os_error(20);
+        let says = Outer::Says(io());
+        let text = error_text(&says);
+        assert_eq!(text.matches("Not a directory").count(), 1, "{text}");
+        let silent = Outer::Silent(io());
+        let text = error_text(&silent);
+        assert!(
+            text.starts_with("cannot open the views: Not a directory"),
+            "{text}"
+        );
     }
 }

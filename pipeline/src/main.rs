@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tally::cli::{Cli, dispatch};
+use tally::cli::{Cli, dispatch, error_text};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -38,7 +38,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = e.exit_code();
-            eprintln!("tally: {:#}", anyhow::Error::from(e));
+            eprintln!("tally: {}", error_text(&e));
             ExitCode::from(code)
         }
     }

@@ -92,6 +92,12 @@ fn dashboard_and_tenant_pages_show_what_tally_sql_says() {
     let (dom, console) = load(&format!("http://ops:ops-pw@{base}/"), 1280);
     assert!(console.is_empty(), "console messages: {console:?}");
     assert!(!dom.contains("class=\"error\""), "{dom}");
+    // The icon browsers ask for on every page, with or without a link to it.
+    for path in ["/favicon.ico", "/static/favicon.svg"] {
+        let icon = client("http", &json!({"url": format!("http://{base}{path}")}));
+        assert_eq!(icon["status"], 200, "{path}: {icon}");
+        assert!(icon["body"].as_str().unwrap().starts_with("<svg"), "{path}");
+    }
     let found = cells(&dom);
     assert!(
         found.len() > 50,

@@ -259,6 +259,37 @@ pub fn registry(settings: &Settings) -> Vec<Box<dyn Operator>> {
 mod tests {
     use super::*;
 
+    /// `docs/views.md` is where analysts read the views: each view has a
+    /// section there naming every column a query can see.
+    #[test]
+    fn every_column_of_every_view_is_documented() {
+        let doc = include_str!("../../../docs/views.md");
+        for op in registry(&Settings::default()) {
+            let view = op.view();
+            let start = doc
+                .find(&format!("## `{view}`"))
+                .or_else(|| doc.find(&format!("## {view}")))
+                .unwrap_or_else(|| panic!("docs/views.md has no section for {view}"));
+            let section = &doc[start..];
+            let end = section[3..].find("\n## ").map_or(section.len(), |e| e + 3);
+            let section = &section[..end];
+            let mut columns = op.storage().public_columns(&op.schema());
+            if let Storage::Versioned {
+                final_column: Some(_),
+                ..
+            } = op.storage()
+            {
+                columns.push("is_final".to_owned());
+            }
+            for c in columns {
+                assert!(
+                    section.contains(&format!("`{c}`")),
+                    "docs/views.md, section {view}: column {c} is not documented"
+                );
+            }
+        }
+    }
+
     /// The views' columns are a public contract (metrics.md).
     #[test]
     fn every_view_shows_the_columns_of_the_contract() {

@@ -25,13 +25,14 @@ const ECHARTS: &[u8] = include_bytes!("../../assets/echarts/echarts.min.js");
 const ECHARTS_LICENSE: &[u8] = include_bytes!("../../assets/echarts/LICENSE");
 const APP_JS: &[u8] = include_bytes!("../../assets/web/app.js");
 const STYLE: &[u8] = include_bytes!("../../assets/web/style.css");
+const FAVICON: &[u8] = include_bytes!("../../assets/web/favicon.svg");
 
 /// The page shell: the script fills `<main>`.
 fn shell(title: &str, body_attrs: &str) -> String {
     format!(
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title><link rel="stylesheet" href="/static/style.css"><script src="/static/echarts.min.js"></script></head>
+<title>{title}</title><link rel="icon" href="/static/favicon.svg" type="image/svg+xml"><link rel="stylesheet" href="/static/style.css"><script src="/static/echarts.min.js"></script></head>
 <body {body_attrs}><header><h1>{title}</h1><span class="meta" id="meta"></span><span class="meta"><a href="/">dashboard</a></span></header>
 <main id="app">Loading…</main><script src="/static/app.js"></script></body></html>"#
     )
@@ -60,6 +61,7 @@ pub async fn asset(UrlPath(name): UrlPath<String>) -> Response {
         "echarts-LICENSE.txt" => (ECHARTS_LICENSE, "text/plain; charset=utf-8"),
         "app.js" => (APP_JS, "text/javascript; charset=utf-8"),
         "style.css" => (STYLE, "text/css; charset=utf-8"),
+        "favicon.svg" => (FAVICON, "image/svg+xml"),
         _ => return not_found(),
     };
     (
@@ -70,6 +72,12 @@ pub async fn asset(UrlPath(name): UrlPath<String>) -> Response {
         body,
     )
         .into_response()
+}
+
+/// `/favicon.ico`, which browsers ask for whatever the page says: the
+/// same icon (browsers read an SVG served there).
+pub async fn favicon() -> Response {
+    asset(UrlPath("favicon.svg".to_owned())).await
 }
 
 /// `/`: the dashboard for accounts that see all tenants; a tenant account

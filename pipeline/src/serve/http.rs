@@ -149,6 +149,7 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/", get(super::dashboard::index))
+        .route("/favicon.ico", get(super::dashboard::favicon))
         .route("/tenants/{tenant}", get(super::dashboard::tenant_page))
         .route("/api/dashboard", get(super::dashboard::dashboard_json))
         .route("/api/tenants/{tenant}", get(super::dashboard::tenant_json))

@@ -446,7 +446,12 @@ pub async fn consumer_from(
     };
     match s.delete_consumer(&cfg.consumer).await {
         Ok(_) => {}
-        Err(e) if e.to_string().contains("not found") => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                stream::ConsumerErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+            ) => {}
         Err(e) => return Err(err(e.to_string())),
     }
     s.create_consumer(consumer::pull::Config {
