@@ -25,6 +25,19 @@ function num(v, digits) {
 function pct(v) {
   return v === null || v === undefined ? "–" : (Number(v) * 100).toFixed(1) + "%";
 }
+// Minor units as "49.00 USD": an event carries its own currency.
+function amount(v, currency) {
+  if (typeof v !== "number") return show(v);
+  return (v / 100).toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 }) + (currency ? " " + currency : "");
+}
+// A JSON value as text: "" for null, objects as JSON.
+function show(v) {
+  return v === null || v === undefined ? "" : typeof v === "object" ? JSON.stringify(v) : String(v);
+}
+// "2025-01-18T19:16:32.5Z" as "2025-01-18 19:16:32" (columns say UTC).
+function when(t) {
+  return t ? String(t).replace("T", " ").replace(/\.\d+/, "").replace(/Z$/, "") : "–";
+}
 function month(m) {
   if (!m) return "–";
   const [y, mo] = String(m).split("-");
@@ -34,18 +47,23 @@ function month(m) {
 function cell(key, raw, shown, cls) {
   return `<td data-cell="${esc(key)}" data-raw="${esc(raw === null || raw === undefined ? "" : raw)}"${cls ? ` class="${cls}"` : ""}>${esc(shown)}</td>`;
 }
-function table(headers, rows) {
-  return `<div class="scroll"><table><thead><tr>${headers.map((h, i) => `<th${i === 0 ? ' class="text"' : ""}>${esc(h)}</th>`).join("")}</tr></thead><tbody>${rows.join("") || `<tr><td colspan="${headers.length}" class="text">none</td></tr>`}</tbody></table></div>`;
+// `left`: the columns of text, aligned left (numbers align right).
+function table(headers, rows, left = [0]) {
+  return `<div class="scroll"><table><thead><tr>${headers.map((h, i) => `<th${left.includes(i) ? ' class="text"' : ""}>${esc(h)}</th>`).join("")}</tr></thead><tbody>${rows.join("") || `<tr><td colspan="${headers.length}" class="text">none</td></tr>`}</tbody></table></div>`;
 }
 function chart(id, option) {
   const el = document.getElementById(id);
   if (!el || typeof echarts === "undefined") return;
-  const c = echarts.init(el, null, { renderer: "svg" });
-  c.setOption(Object.assign({ animation: false, tooltip: { trigger: "axis" }, grid: { left: 60, right: 20, top: 30, bottom: 40 } }, option));
-  window.addEventListener("resize", () => c.resize());
+  // Drawn again (another granularity): the same instance, the option replaced.
+  let c = echarts.getInstanceByDom(el);
+  if (!c) {
+    c = echarts.init(el, null, { renderer: "svg" });
+    window.addEventListener("resize", () => c.resize());
+  }
+  c.setOption(Object.assign({ animation: false, tooltip: { trigger: "axis" }, grid: { left: 60, right: 20, top: 30, bottom: 40 } }, option), true);
 }
-function kpi(label, key, raw, shown) {
-  return `<div class="card kpi"><div class="label">${esc(label)}</div><div class="value" data-cell="${esc(key)}" data-raw="${esc(raw ?? "")}">${esc(shown)}</div></div>`;
+function kpi(label, key, raw, shown, note) {
+  return `<div class="card kpi"><div class="label">${esc(label)}</div><div class="value" data-cell="${esc(key)}" data-raw="${esc(raw ?? "")}">${esc(shown)}</div>${note ? `<div class="note">${esc(note)}</div>` : ""}</div>`;
 }
 async function get(url) {
   // location.origin, not a relative URL: a page opened as http://user:pw@host/
@@ -98,11 +116,11 @@ function dashboard(d) {
         return `<tr><td class="text">${esc(month(r.month))}</td>${c("mrr_start")}${c("new_mrr", "pos")}${c("expansion_mrr", "pos")}${c("reactivation_mrr", "pos")}${c("contraction_mrr", "neg")}${c("churned_mrr", "neg")}${c("mrr_end")}${cell(`mrr_waterfall|${r.month}|${cur}|paying_tenants`, r.paying_tenants, num(r.paying_tenants, 0))}</tr>`;
       }))}</div>`;
   }
-  html += `<div class="grid" style="margin-top:1rem">
+  html += `<div class="grid wide" style="margin-top:1rem">
     <div class="card"><h3>Top tenants by MRR</h3>${table(["Tenant", "Plan", "MRR", "Revenue to date"],
-      d.top_tenants.map((r) => `<tr><td class="text"><a href="/tenants/${encodeURIComponent(r.tenant)}">${esc(r.name || r.tenant)}</a></td><td>${esc(r.plan)}</td>${cell(`top_tenants|${r.tenant}|mrr`, r.mrr, money(r.mrr, r.currency))}${cell(`top_tenants|${r.tenant}|revenue_to_date`, r.revenue_to_date, money(r.revenue_to_date, r.currency))}</tr>`))}</div>
+      d.top_tenants.map((r) => `<tr><td class="text"><a href="/tenants/${encodeURIComponent(r.tenant)}">${esc(r.name || r.tenant)}</a></td><td class="text">${esc(r.plan)}</td>${cell(`top_tenants|${r.tenant}|mrr`, r.mrr, money(r.mrr, r.currency))}${cell(`top_tenants|${r.tenant}|revenue_to_date`, r.revenue_to_date, money(r.revenue_to_date, r.currency))}</tr>`), [0, 1])}</div>
     <div class="card"><h3>Over quota this month</h3>${table(["Tenant", "Metric", "Used", "Included", "Overage"],
-      d.over_quota.map((r) => `<tr><td class="text"><a href="/tenants/${encodeURIComponent(r.tenant)}">${esc(r.tenant)}</a></td><td>${esc(r.metric)}</td>${cell(`over_quota|${r.tenant}|${r.metric}|used`, r.used, num(r.used))}${cell(`over_quota|${r.tenant}|${r.metric}|included`, r.included, num(r.included))}${cell(`over_quota|${r.tenant}|${r.metric}|overage_amount`, r.overage_amount, money(r.overage_amount, r.currency), "neg")}</tr>`))}</div>
+      d.over_quota.map((r) => `<tr><td class="text"><a href="/tenants/${encodeURIComponent(r.tenant)}">${esc(r.tenant)}</a></td><td class="text">${esc(r.metric)}</td>${cell(`over_quota|${r.tenant}|${r.metric}|used`, r.used, num(r.used))}${cell(`over_quota|${r.tenant}|${r.metric}|included`, r.included, num(r.included))}${cell(`over_quota|${r.tenant}|${r.metric}|overage_amount`, r.overage_amount, money(r.overage_amount, r.currency), "neg")}</tr>`), [0, 1])}</div>
     <div class="card"><h3>Pipeline</h3>${pipeline(d.pipeline)}</div>
   </div>`;
   app.innerHTML = html;
@@ -151,6 +169,65 @@ function pipeline(p) {
   return table(["", "Value"], rows);
 }
 
+// An event's `data` text as an object; null when it is not a JSON object.
+function parse(text) {
+  try {
+    const v = JSON.parse(text);
+    return v && typeof v === "object" && !Array.isArray(v) ? v : null;
+  } catch (_) {
+    return null;
+  }
+}
+// The fields of `data` without a column of their own: "reason: too expensive · effective at: ...".
+function details(j, columns) {
+  return Object.entries(j)
+    .filter(([k, v]) => !columns.includes(k) && v !== null && v !== "")
+    .map(([k, v]) => `${k.replace(/_/g, " ")}: ${show(v)}`)
+    .join(" · ");
+}
+// A row of an event table: time, type, `cells(data)`, then the rest of
+// `data`; the text itself when it does not parse.
+function eventRow(r, n, cells, columns) {
+  const head = `<td class="text time" title="${esc(r.time)}">${esc(when(r.time))}</td><td class="text">${esc(r.type).replace(/\./g, ".<wbr>")}</td>`;
+  const j = parse(r.data);
+  if (!j) return `<tr>${head}<td class="text details" colspan="${n + 1}">${esc(r.data)}</td></tr>`;
+  return `<tr>${head}${cells(j)}<td class="text details">${esc(details(j, columns))}</td></tr>`;
+}
+// Money of an event, its exact minor units in data-raw.
+function priced(key, v, currency, cls) {
+  return typeof v === "number" ? cell(key, v, amount(v, currency), cls) : `<td>${esc(show(v))}</td>`;
+}
+// The Plan card. The row holds the current plan only: a cancelled tenant's
+// last plan is the last subscription.started/plan_changed of the timeline,
+// and its end that subscription's cancellation (effective_at, else time).
+function planCard(t, timeline) {
+  let terms = null;
+  let end = null;
+  for (const r of timeline) {
+    const j = parse(r.data) || {};
+    if (r.type === "subscription.started" || r.type === "subscription.plan_changed") {
+      terms = j;
+      end = null;
+    } else if (r.type === "subscription.cancelled" && terms && j.subscription_id === terms.subscription_id) {
+      end = String(j.effective_at || r.time);
+    }
+  }
+  if (t.plan) {
+    const ends = end && terms.subscription_id === t.subscription_id ? `ends ${end.slice(0, 10)}` : "";
+    return kpi("Plan", "tenants|plan", t.plan, `${t.plan} (${t.billing_cycle ?? "–"})`, ends);
+  }
+  if (terms) {
+    return kpi("Last plan", "tenants|plan", t.plan, `${show(terms.plan) || "–"} (${show(terms.billing_cycle) || "–"})`, end ? `ended ${end.slice(0, 10)}` : "ended");
+  }
+  return kpi("Plan", "tenants|plan", t.plan, "–");
+}
+// Metrics read as a level (seats in use, GB stored): their daily sum means
+// little, their highest value does. The tenant JSON has no meter
+// aggregation, so the name decides.
+function isLevel(metric) {
+  return /seat|storage|user|gb|byte|active/i.test(metric);
+}
+
 function tenantPage(d) {
   stamp(d);
   const t = d.tenant || {};
@@ -158,46 +235,61 @@ function tenantPage(d) {
   const periods = [...new Set(d.overages.map((r) => r.period))].sort();
   const current = periods[periods.length - 1];
   const metrics = [...new Set(d.usage.map((r) => r.metric))].sort();
+  const usage = metrics.length
+    ? `<div class="tabs" id="gran">${["hour", "day", "month"].map((g) => `<button data-g="${g}" aria-pressed="${g === "day"}">${g}</button>`).join(" ")}</div>
+      <div class="grid">${metrics.map((m, i) => `<div><h3>${esc(m)}</h3><div class="chart" id="u-${i}"></div><p class="caption" id="uc-${i}"></p></div>`).join("")}</div>`
+    : `<p class="empty">No usage recorded for this tenant yet.</p>`;
+  const sub = ["subscription_id", "plan", "billing_cycle", "price", "currency"];
+  const inv = ["invoice_id", "amount", "currency"];
   let html = `<h2>${esc(t.name || d.tenant_id)} <span class="meta">(${esc(d.tenant_id)})</span></h2>
     <div class="kpis">
-      ${kpi("Plan", "tenants|plan", t.plan, `${t.plan ?? "–"} (${t.billing_cycle ?? "–"})`)}
+      ${planCard(t, d.timeline)}
       ${kpi("Status", "tenants|status", t.status, t.status ?? "–")}
       ${kpi("MRR", "tenants|mrr", t.mrr, money(t.mrr, cur))}
       ${kpi("Revenue to date", "tenants|revenue_to_date", t.revenue_to_date, money(t.revenue_to_date, cur))}
     </div>
-    <div class="card" style="margin-top:1rem"><h3>Usage</h3>
-      <div class="tabs" id="gran">${["hour", "day", "month"].map((g) => `<button data-g="${g}" aria-pressed="${g === "day"}">${g}</button>`).join(" ")}</div>
-      <div class="grid">${metrics.map((m) => `<div><h3>${esc(m)}</h3><div class="chart" id="u-${esc(m)}"></div></div>`).join("")}</div>
-    </div>
-    <div class="grid" style="margin-top:1rem">
+    <div class="card" style="margin-top:1rem"><h3>Usage</h3>${usage}</div>
+    <div class="grid wide" style="margin-top:1rem">
     <div class="card"><h3>This period (${esc(month(current))}): usage against the plan</h3>${table(["Metric", "Used", "Included", "Used %", "Overage", "Amount", "Threshold reached"],
       d.overages.filter((r) => r.period === current).map((r) => `<tr><td class="text">${esc(r.metric)}</td>${cell(`overages|${r.period}|${r.metric}|used`, r.used, num(r.used))}${cell(`overages|${r.period}|${r.metric}|included`, r.included, r.included === null ? "unlimited" : num(r.included))}${cell(`overages|${r.period}|${r.metric}|pct_used`, r.pct_used, r.pct_used === null ? "–" : num(r.pct_used, 1) + "%")}${cell(`overages|${r.period}|${r.metric}|overage_quantity`, r.overage_quantity, num(r.overage_quantity))}${cell(`overages|${r.period}|${r.metric}|overage_amount`, r.overage_amount, money(r.overage_amount, r.currency), r.overage_amount > 0 ? "neg" : "")}${cell(`overages|${r.period}|${r.metric}|threshold`, r.threshold, r.threshold === null ? "–" : r.threshold + "%")}</tr>`))}</div>
     <div class="card"><h3>Alerts: thresholds reached</h3>${table(["Period", "Metric", "Threshold", "Used %"],
-      d.overages.filter((r) => r.threshold !== null).map((r) => `<tr><td class="text">${esc(month(r.period))}</td><td>${esc(r.metric)}</td>${cell(`alerts|${r.period}|${r.metric}|threshold`, r.threshold, r.threshold + "%", "bad")}${cell(`alerts|${r.period}|${r.metric}|pct_used`, r.pct_used, num(r.pct_used, 1) + "%")}</tr>`))}</div>
-    <div class="card"><h3>Subscription timeline</h3>${table(["Time", "Event", "Details"],
-      d.timeline.map((r) => `<tr><td class="text">${esc(r.time)}</td><td>${esc(r.type)}</td><td class="text">${esc(r.data)}</td></tr>`))}</div>
-    <div class="card"><h3>Invoices and refunds</h3>${table(["Time", "Event", "Details"],
-      d.invoices.map((r) => `<tr><td class="text">${esc(r.time)}</td><td>${esc(r.type)}</td><td class="text">${esc(r.data)}</td></tr>`))}</div>
+      d.overages.filter((r) => r.threshold !== null).map((r) => `<tr><td class="text">${esc(month(r.period))}</td><td class="text">${esc(r.metric)}</td>${cell(`alerts|${r.period}|${r.metric}|threshold`, r.threshold, r.threshold + "%", "bad")}${cell(`alerts|${r.period}|${r.metric}|pct_used`, r.pct_used, num(r.pct_used, 1) + "%")}</tr>`), [0, 1])}</div>
+    </div>
+    <div class="card" style="margin-top:1rem"><h3>Subscription timeline</h3>${table(["Time (UTC)", "Event", "Plan", "Cycle", "Price", "Subscription", "Details"],
+      d.timeline.map((r) => eventRow(r, 5, (j) => `<td class="text">${esc(show(j.plan))}</td><td class="text">${esc(show(j.billing_cycle))}</td>${priced(`timeline|${r.time}|${r.type}|price`, j.price, j.currency)}<td class="text">${esc(show(j.subscription_id))}</td>`, sub)), [0, 1, 2, 3, 5, 6])}</div>
+    <div class="grid wide" style="margin-top:1rem">
+    <div class="card"><h3>Invoices and refunds</h3>${table(["Time (UTC)", "Event", "Invoice", "Amount", "Details"],
+      d.invoices.map((r) => eventRow(r, 2, (j) => `<td class="text">${esc(show(j.invoice_id))}</td>${priced(`invoices|${r.time}|${r.type}|amount`, j.amount, j.currency, r.type === "invoice.refunded" ? "neg" : "")}`, inv)), [0, 1, 2, 4])}</div>
     <div class="card"><h3>Revenue by month</h3>${table(["Month", "Paid", "Refunded", "Net"],
       d.revenue.map((r) => `<tr><td class="text">${esc(month(r.month))}</td>${cell(`revenue|${r.month}|paid`, r.paid, money(r.paid, r.currency))}${cell(`revenue|${r.month}|refunded`, r.refunded, money(r.refunded, r.currency))}${cell(`revenue|${r.month}|net`, r.net, money(r.net, r.currency))}</tr>`))}</div>
     </div>`;
   app.innerHTML = html;
+  const value = (v) => (v === null || v === undefined ? null : Number(v));
   const draw = (g) => {
-    for (const m of metrics) {
+    metrics.forEach((m, i) => {
       const rows = d.usage.filter((r) => r.metric === m && r.granularity === g);
-      const series = [{ name: "used", type: "bar", data: rows.map((r) => [r.window_start, Number(r.sum ?? r.max ?? 0)]) }];
+      const level = isLevel(m);
+      const series = [level
+        ? { name: "highest (max)", type: "line", showSymbol: rows.length <= 60, data: rows.map((r) => [r.window_start, value(r.max)]) }
+        : { name: "total (sum)", type: "bar", data: rows.map((r) => [r.window_start, value(r.sum)]) }];
+      let caption = level
+        ? `Line: the highest value recorded in each ${g} (max), read as a level.`
+        : `Bars: the total recorded in each ${g} (sum).`;
       if (g === "month") {
         const lim = d.overages.filter((r) => r.metric === m && r.included !== null).map((r) => [r.period + "T00:00:00Z", Number(r.included)]);
-        if (lim.length) series.push({ name: "included", type: "line", step: "end", data: lim, lineStyle: { type: "dashed" } });
+        if (lim.length) {
+          series.push({ name: "included", type: "line", step: "end", data: lim, lineStyle: { type: "dashed" } });
+          caption += " Dashed: included in the plan.";
+        }
       }
-      chart(`u-${m}`, { legend: { top: 0 }, xAxis: { type: "time" }, yAxis: { type: "value" }, series });
-    }
+      chart(`u-${i}`, { legend: { top: 0 }, xAxis: { type: "time" }, yAxis: { type: "value" }, series });
+      document.getElementById(`uc-${i}`).textContent = caption;
+    });
   };
   draw("day");
   for (const b of document.querySelectorAll("#gran button")) {
     b.addEventListener("click", () => {
       for (const o of document.querySelectorAll("#gran button")) o.setAttribute("aria-pressed", String(o === b));
-      for (const m of metrics) { const el = document.getElementById(`u-${m}`); if (el && echarts.getInstanceByDom(el)) echarts.getInstanceByDom(el).dispose(); }
       draw(b.dataset.g);
     });
   }
