@@ -4,10 +4,12 @@
 //!
 //! Arrows point down only: a module uses the ones below it, never one above.
 //!
-//! - [`cli`]: the `tally` command line (clap); dispatches to the commands.
-//! - [`commands`]: `replay`, `status`, `publish`, `generate`, `schema`,
-//!   `bench`, `users`: one file each, on top of the runtime, the server and
-//!   the query layer.
+//! - [`cli`]: the `tally` command line (clap): parses and dispatches.
+//! - [`commands`]: `run`, `replay`, `sql`, `serve`, `status`, `publish`,
+//!   `generate`, `schema`, `bench`, `users`: one file each with its clap
+//!   arguments, on top of the runtime, the server and the query layer; the
+//!   shared flags ([`commands::Globals`]) and the command line's error
+//!   ([`commands::CommandError`]).
 //! - [`runtime`]: `tally run`, the thin async shell: [`runtime::session`]
 //!   (consume loop), [`runtime::processor`] (validation, dedup, operators:
 //!   the synchronous core), [`runtime::commit`] (durable, then checkpoint,
@@ -20,7 +22,9 @@
 //!   [`serve::scram`]) and per-tenant scoping, answering from one
 //!   checkpoint per query ([`serve::views`]).
 //! - [`query`]: DataFusion SQL over the views and the `queries/` views,
-//!   read-only, for all tenants or a tenant scope ([`query::Scope`]).
+//!   read-only, for all tenants or a tenant scope ([`query::Scope`]), with
+//!   the guards of a statement ([`query::guard`]), bounded functions
+//!   ([`query::bounded`]) and isolated execution ([`query::isolated`]).
 //! - [`operator`]: synchronous state machines, one file per view, that turn
 //!   accepted events into view rows: [`operator::events`] (the archive),
 //!   [`operator::usage`], [`operator::overages`], [`operator::mrr`],

@@ -15,14 +15,14 @@ fn main() -> ExitCode {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if cli.log == "json" {
+    if cli.globals.log == "json" {
         builder.json().init();
     } else {
         builder.init();
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    if matches!(cli.command, tally::cli::Command::Serve { .. }) {
+    if matches!(cli.command, tally::cli::Command::Serve(_)) {
         // `tally serve` parses, plans and runs queries on its workers:
         // they get the stacks of `tally sql`'s query thread.
         builder.thread_stack_size(tally::query::QUERY_STACK_BYTES);

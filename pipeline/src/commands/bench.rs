@@ -24,6 +24,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 use serde::Serialize;
 
+use super::{CommandError, Globals};
 use crate::commands::generate::{self, GenerateConfig, GenerateError};
 use crate::commands::publish::{self, PublishError, PublishOptions};
 use crate::source::jetstream::{self as js_source, SourceError};
@@ -465,4 +466,111 @@ pub fn operators_bench(events_file: &Path, prefix: &str) -> Result<OperatorsBenc
         operators,
         peak_rss_mib: peak as f64 / 1024.0,
     })
+}
+
+/// The arguments of `tally bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 50_000)]
+    pub batch_size: usize,
+    /// Scratch directory (generated events, the run's data dir).
+    #[arg(long, default_value = "./tally-bench")]
+    pub scratch: PathBuf,
+    /// Generate this many tenants (over --months) instead of --events events.
+    #[arg(long)]
+    pub tenants: Option<u32>,
+    #[arg(long, default_value_t = 12)]
+    pub months: u32,
+    /// Only the billing lifecycle: subscriptions and invoices, no usage.
+    #[arg(long)]
+    pub no_activity: bool,
+    /// Also measure `tally replay` against a raw ordered consumer.
+    #[arg(long)]
+    pub replay: bool,
+    /// Also measure validation and each operator alone (in process, one core).
+    #[arg(long)]
+    pub operators: bool,
+    /// Only that in-process measurement, over an events file (no broker).
+    #[arg(long, hide = true, value_name = "EVENTS_FILE")]
+    pub operators_only: Option<PathBuf>,
+}
+
+/// `tally bench`, from the command line.
+pub async fn command(g: &Globals, a: &BenchArgs) -> Result<(), CommandError> {
+    let BenchArgs {
+        events,
+        seed,
+        batch_size,
+        scratch,
+        tenants,
+        months,
+        no_activity,
+        replay,
+        operators,
+        operators_only,
+    } = a;
+    if let Some(file) = operators_only {
+        let o = operators_bench(file, "tally.bench")?;
+        print_operators(&o);
+        return Ok(());
+    }
+    let exe = std::env::current_exe().map_err(|source| CommandError::Input {
+        what: "own executable path".into(),
+        source,
+    })?;
+    let opts = BenchOptions {
+        nats_url: g.nats.clone(),
+        events: *events,
+        seed: *seed,
+        stream: "TALLY_BENCH".into(),
+        prefix: "tally.bench".into(),
+        scratch: scratch.clone(),
+        batch_size: *batch_size,
+        tenants: *tenants,
+        months: *months,
+        no_activity: *no_activity,
+        replay: *replay,
+        operators: *operators,
+    };
+    let r = run(&opts, &exe).await?;
+    println!("events               {}", r.events);
+    println!("publish              {:>10.0} msg/s", r.publish_per_s);
+    println!("raw consume (AckAll) {:>10.0} msg/s", r.raw_consume_per_s);
+    println!("tally run            {:>10.0} msg/s", r.tally_run_per_s);
+    println!("ratio                {:>10.3}", r.ratio);
+    println!("tally peak RSS       {:>10.1} MiB", r.tally_peak_rss_mib);
+    if let Some(rp) = &r.replay {
+        println!("raw ordered read     {:>10.0} msg/s", rp.raw_ordered_per_s);
+        println!("tally replay         {:>10.0} msg/s", rp.tally_replay_per_s);
+        println!("replay ratio         {:>10.3}", rp.ratio);
+        println!("replay peak RSS      {:>10.1} MiB", rp.peak_rss_mib);
+        println!(
+            "replay, whole cmd    {:>10.2} s (from the stream)",
+            rp.stream_wall_secs
+        );
+        println!(
+            "replay, whole cmd    {:>10.2} s (stream purged: from the archive)",
+            rp.archive_wall_secs
+        );
+        println!("archive replay       {:>10.0} seq/s", rp.archive_per_s);
+        println!("archive vs stream    {:>10.2}x", rp.archive_vs_stream);
+        println!("archive replay RSS   {:>10.1} MiB", rp.archive_peak_rss_mib);
+    }
+    if let Some(o) = &r.operators {
+        print_operators(o);
+    }
+    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+    Ok(())
+}
+
+fn print_operators(o: &OperatorsBench) {
+    println!("in process, one core, {} events:", o.events);
+    println!("  validate           {:>10.0} events/s", o.validate_per_s);
+    for (view, per_s) in &o.operators {
+        println!("  {view:<18} {per_s:>10.0} events/s");
+    }
 }

@@ -69,6 +69,8 @@
 use std::collections::BTreeMap;
 use std::io::{self, BufWriter, Write};
 
+use super::{CommandError, Globals};
+
 /// The `source` written when the configuration leaves it empty.
 pub const DEFAULT_SOURCE: &str = "tally-generate";
 
@@ -1761,6 +1763,58 @@ fn write_json_str<W: Write>(w: &mut W, s: &str) -> io::Result<()> {
     }
     w.write_all(bytes.get(start..).unwrap_or(&[]))?;
     w.write_all(b"\"")
+}
+
+/// The arguments of `tally generate`.
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    #[arg(long, default_value_t = 100)]
+    pub tenants: u32,
+    #[arg(long, default_value_t = 12)]
+    pub months: u32,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// First month, YYYY-MM.
+    #[arg(long, default_value = "2025-01")]
+    pub start: String,
+    /// Only the billing lifecycle (catalog, signups, subscriptions,
+    /// invoices): no usage or other activity. For subscription-scale tests.
+    #[arg(long)]
+    pub no_activity: bool,
+}
+
+/// `tally generate`, from the command line.
+pub async fn command(_g: &Globals, a: &GenerateArgs) -> Result<(), CommandError> {
+    let GenerateArgs {
+        tenants,
+        months,
+        seed,
+        start,
+        no_activity,
+    } = a;
+    let (start_year, start_month) =
+        parse_start(start).map_err(|e| CommandError::Usage(e.to_string()))?;
+    if *tenants == 0 || *months == 0 {
+        return Err(CommandError::Usage(
+            "--tenants and --months must be at least 1".into(),
+        ));
+    }
+    let cfg = GenerateConfig {
+        tenants: *tenants,
+        months: *months,
+        seed: *seed,
+        start_year,
+        start_month,
+        source: "tally-generate".into(),
+        activity: !*no_activity,
+    };
+    let stdout = std::io::stdout();
+    let stats = generate(&cfg, stdout.lock())?;
+    eprintln!(
+        "generated {} events ({} duplicates, {} late)",
+        stats.events, stats.duplicates, stats.late
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,13 +1,288 @@
-//! The commands behind the command line, one file each, above the runtime
-//! and the query layer: [`replay`] (rebuild and switch), [`status`],
-//! [`publish`] and [`generate`] (the producer side), [`schema`] (the
-//! contract's JSON Schemas), [`bench`] (the benchmarks). `tally run` and
-//! `tally sql` are the runtime and the query layer themselves.
+//! The commands behind the command line, one file each with its clap
+//! arguments and the function `cli` dispatches to, above the runtime, the
+//! server and the query layer: [`run`], [`replay`] (rebuild and switch),
+//! [`sql`], [`serve`], [`status`], [`publish`] and [`generate`] (the
+//! producer side), [`schema`] (the contract's JSON Schemas), [`users`]
+//! (accounts of `tally serve`), [`bench`] (the benchmarks). Here: the
+//! flags every command shares ([`Globals`]) and the one error type of the
+//! command line ([`CommandError`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::query::QueryError;
+use crate::runtime::RuntimeError;
+use crate::source::jetstream::{self as js, SourceConfig, SourceError};
+use bench::BenchError;
+use generate::GenerateError;
+use publish::PublishError;
+use status::StatusError;
 
 pub mod bench;
 pub mod generate;
 pub mod publish;
 pub mod replay;
+pub mod run;
 pub mod schema;
+pub mod serve;
+pub mod sql;
 pub mod status;
 pub mod users;
+
+/// The flags every command takes (`tally --data DIR run`, or after the
+/// command's name), each with an environment variable.
+#[derive(Debug, clap::Args)]
+pub struct Globals {
+    /// NATS server URL, or a comma-separated list of a cluster's servers.
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_NATS_URL",
+        default_value = js::DEFAULT_NATS_URL
+    )]
+    pub nats: String,
+    /// NATS user, for a server with accounts (password from TALLY_NATS_PASSWORD).
+    #[arg(long, global = true, env = "TALLY_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password of --nats-user (prefer the environment variable: a flag shows in `ps`).
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
+    pub nats_password: Option<String>,
+    /// NATS credentials file (JWT and seed, from `nsc`), for a server with decentralized accounts.
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_NATS_CREDS",
+        conflicts_with = "nats_user"
+    )]
+    pub nats_creds: Option<PathBuf>,
+    /// Data location: a directory, or s3://BUCKET/PREFIX (credentials, region and endpoint from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP): views, checkpoint, settings.
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_DATA_DIR",
+        default_value = "./tally-data"
+    )]
+    pub data: PathBuf,
+    /// JetStream stream holding the events.
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_STREAM",
+        default_value = js::DEFAULT_STREAM
+    )]
+    pub stream: String,
+    /// Subject prefix: events go to `<prefix>.<tenant>.<type>`.
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_SUBJECT_PREFIX",
+        default_value = crate::event::DEFAULT_SUBJECT_PREFIX
+    )]
+    pub subject_prefix: String,
+    /// Retention of the event stream when Tally creates it: keep messages at most this long (e.g. 30d, 12h); default unlimited. Sequences the stream forgets stay in the `events` archive (see docs/guarantees.md, "History").
+    #[arg(long, global = true, env = "TALLY_STREAM_MAX_AGE", value_parser = parse_age)]
+    pub stream_max_age: Option<Duration>,
+    /// Retention of the event stream when Tally creates it: at most this many bytes (e.g. 10G); default unlimited.
+    #[arg(long, global = true, env = "TALLY_STREAM_MAX_BYTES", value_parser = parse_bytes)]
+    pub stream_max_bytes: Option<i64>,
+    /// Replicas of the streams Tally creates, on a JetStream cluster (e.g. 3); an existing stream keeps its own.
+    #[arg(long, global = true, env = "TALLY_STREAM_REPLICAS", default_value_t = js::DEFAULT_REPLICAS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=5))]
+    pub replicas: usize,
+    /// JetStream's duplicate window on the event stream Tally creates: `off` when producers are untrusted (one could send another's Nats-Msg-Id first and have the real message dropped; Tally still counts every event once). See docs/events.md, "Untrusted producers".
+    #[arg(long, global = true, env = "TALLY_STREAM_DEDUP", default_value = "on", value_parser = ["on", "off"])]
+    pub stream_dedup: String,
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, global = true, env = "TALLY_LOG", default_value = "text", value_parser = ["text", "json"])]
+    pub log: String,
+}
+
+impl Globals {
+    /// How to log in to NATS, from `--nats-user` / `--nats-creds`.
+    pub fn nats_auth(&self) -> js::NatsAuth {
+        match (&self.nats_user, &self.nats_creds) {
+            (Some(user), _) => js::NatsAuth::UserPassword {
+                user: user.clone(),
+                password: self.nats_password.clone().unwrap_or_default(),
+            },
+            (None, Some(path)) => js::NatsAuth::Credentials(path.clone()),
+            (None, None) => js::NatsAuth::None,
+        }
+    }
+
+    pub fn source_config(&self, consumer: Option<&str>, dlq: Option<&str>) -> SourceConfig {
+        let d = SourceConfig::default();
+        SourceConfig {
+            nats_url: self.nats.clone(),
+            stream: self.stream.clone(),
+            subject_prefix: self.subject_prefix.clone(),
+            consumer: consumer.map_or(d.consumer, str::to_owned),
+            dlq_stream: dlq.map_or(d.dlq_stream, str::to_owned),
+            max_age: self.stream_max_age,
+            max_bytes: self.stream_max_bytes,
+            replicas: self.replicas,
+            dedup: self.stream_dedup == "on",
+        }
+    }
+}
+
+/// `30d`, `12h`, `90m`, `45s` as a duration.
+fn parse_age(s: &str) -> Result<Duration, String> {
+    crate::config::parse_duration_us(s)
+        .filter(|us| *us > 0)
+        .map(|us| Duration::from_micros(us.unsigned_abs()))
+        .ok_or_else(|| format!("{s:?} is not a duration; write e.g. 30d, 12h, 90m"))
+}
+
+/// `10G`, `512M`, `64K` or plain bytes.
+fn parse_bytes(s: &str) -> Result<i64, String> {
+    let t = s.trim();
+    let (digits, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1i64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        Some((i, 'T' | 't')) => (&t[..i], 1 << 40),
+        _ => (t, 1),
+    };
+    digits
+        .parse::<i64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a size; write e.g. 10G, 512M or a number of bytes"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Serve(#[from] crate::serve::ServeError),
+    #[error(transparent)]
+    Users(#[from] users::UsersError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    #[error(transparent)]
+    Status(#[from] StatusError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Bench(#[from] BenchError),
+    #[error(transparent)]
+    Replay(#[from] replay::ReplayError),
+    #[error("cannot read {what}: {source}")]
+    Input {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write output: {0}")]
+    Output(std::io::Error),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot serve metrics on {addr}: {cause}; choose another --metrics-listen address")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        cause: std::io::Error,
+    },
+    #[error(
+        "replay interrupted at stream sequence {at} of {target}; the data directory was not switched; run `tally replay` again"
+    )]
+    ReplayInterrupted { at: u64, target: u64 },
+    #[error(
+        "{invalid} of {lines} lines were invalid and not published (see above); fix them, or pass --allow-invalid to send them to the dead-letter path"
+    )]
+    InvalidLines { invalid: u64, lines: u64 },
+    #[error(
+        "{unsendable} of {lines} lines were over the {max_bytes}-byte limit and not sent, even with --allow-invalid (see above): shrink or split them"
+    )]
+    UnsendableLines {
+        unsendable: u64,
+        lines: u64,
+        max_bytes: usize,
+    },
+    /// Every problem `tally status` met, one per line (the status itself
+    /// was printed).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\ntally: "))]
+    StatusIncomplete(Vec<status::StatusError>),
+}
+
+/// The message of `e` and of each error below it, each cause said once:
+/// most errors already name their source in their own message
+/// (`cannot create data directory X: Not a directory`), and printing the
+/// chain as well would say it twice.
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let said = s.to_string();
+        if !said.is_empty() && !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = s.source();
+    }
+    text
+}
+
+impl CommandError {
+    /// 2 for bad usage, 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CommandError::Usage(_) => 2,
+            CommandError::Users(e) if e.is_usage() => 2,
+            _ => 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_flags_read_ages_and_sizes() {
+        assert_eq!(parse_age("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_age("90m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_age("0s").is_err() && parse_age("30").is_err());
+        assert_eq!(parse_bytes("10G"), Ok(10 << 30));
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("-1").is_err() && parse_bytes("10X").is_err());
+    }
+}
+
+#[cfg(test)]
+mod error_text_tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("cannot create data directory x/views: {0}")]
+        Says(#[source] std::io::Error),
+        #[error("cannot open the views")]
+        Silent(#[source] std::io::Error),
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = || std::io::Error::from_raw_os_error(20);
+        let says = Outer::Says(io());
+        let text = error_text(&says);
+        assert_eq!(text.matches("Not a directory").count(), 1, "{text}");
+        let silent = Outer::Silent(io());
+        let text = error_text(&silent);
+        assert!(
+            text.starts_with("cannot open the views: Not a directory"),
+            "{text}"
+        );
+    }
+}

@@ -10,13 +10,16 @@
 
 use std::collections::VecDeque;
 use std::io::BufRead;
+use std::io::{BufReader, Read};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use bytes::Bytes;
 
+use super::{CommandError, Globals};
 use crate::event::{self, DlqReason, Limits, subject_for, validate_payload};
 use crate::sink::nats::ack_or_republish;
+use crate::source::jetstream::{SourceError, connect};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -326,6 +329,90 @@ async fn settle(
     report.published += 1;
     if ack.duplicate {
         report.duplicates += 1;
+    }
+    Ok(())
+}
+
+/// The arguments of `tally publish`.
+#[derive(Debug, clap::Args)]
+pub struct PublishArgs {
+    /// File to read, or `-` for stdin.
+    pub file: String,
+    /// Publish invalid lines too (to exercise the dead-letter path).
+    #[arg(long)]
+    pub allow_invalid: bool,
+}
+
+/// `tally publish`, from the command line.
+pub async fn command(g: &Globals, a: &PublishArgs) -> Result<(), CommandError> {
+    let PublishArgs {
+        file,
+        allow_invalid,
+    } = a;
+    let input: Box<dyn Read> = if file == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(
+            std::fs::File::open(file).map_err(|source| CommandError::Input {
+                what: file.clone(),
+                source,
+            })?,
+        )
+    };
+    let client = connect(&g.nats).await?;
+    let js = async_nats::jetstream::new(client);
+    // A producer's first publish on a fresh server should just work.
+    // A producer whose account has no JetStream of its own (one
+    // account per tenant, see deploy/nats-tenants) cannot create or
+    // inspect the stream: it publishes, and the acks say whether
+    // the stream took each message.
+    match crate::source::jetstream::ensure_event_stream(&js, &g.source_config(None, None)).await {
+        Err(SourceError::Stream { stream, cause }) => {
+            tracing::debug!(%stream, %cause, "cannot set up the event stream from this account; publishing to it as it is");
+        }
+        other => {
+            other?;
+        }
+    }
+    let opts = PublishOptions {
+        prefix: g.subject_prefix.clone(),
+        allow_invalid: *allow_invalid,
+        window: crate::sink::nats::MAX_WINDOW,
+    };
+    let report = publish(&js, BufReader::with_capacity(1 << 20, input), &opts).await?;
+    for (line, reason, detail) in &report.problems {
+        eprintln!("line {line}: {reason}: {detail}");
+    }
+    if report.invalid as usize > report.problems.len() {
+        eprintln!(
+            "... and {} more invalid lines",
+            report.invalid as usize - report.problems.len()
+        );
+    }
+    println!(
+        "lines {}  published {}  (of which JetStream duplicates {})  invalid {}",
+        report.lines, report.published, report.duplicates, report.invalid
+    );
+    if let Some((line, bytes)) = report.unended_line {
+        return Err(PublishError::NoLineEnd {
+            line,
+            bytes,
+            max_bytes: crate::event::Limits::default().max_bytes,
+        }
+        .into());
+    }
+    if report.invalid > 0 && !allow_invalid {
+        return Err(CommandError::InvalidLines {
+            invalid: report.invalid,
+            lines: report.lines,
+        });
+    }
+    if report.unsendable > 0 {
+        return Err(CommandError::UnsendableLines {
+            unsendable: report.unsendable,
+            lines: report.lines,
+            max_bytes: crate::event::Limits::default().max_bytes,
+        });
     }
     Ok(())
 }

@@ -42,9 +42,12 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use tracing::{info, warn};
 
+use super::{CommandError, Globals};
 use crate::config::Settings;
+use crate::runtime;
 use crate::runtime::{ArchiveSource, RunOptions, RunSummary, RuntimeError, run_with_lock};
 use crate::source::jetstream as js_source;
+use crate::source::jetstream as js;
 use crate::store::checkpoint::Checkpoint;
 use crate::store::handoff::{self, DONE, PAUSED, REQUEST};
 use crate::store::remote::lease::{self, Lease};
@@ -581,4 +584,105 @@ fn progress_bar(
         }
     });
     (bar, task)
+}
+
+/// The arguments of `tally replay`.
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// Stop after this stream sequence: the views as of that position (needs --into).
+    #[arg(long)]
+    pub until_seq: Option<u64>,
+    /// Build into this new directory and do not switch.
+    #[arg(long)]
+    pub into: Option<PathBuf>,
+    /// Settings that change results (TOML); default `<data>/tally.toml` if present.
+    #[arg(long, env = "TALLY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Messages per batch.
+    #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = runtime::DEFAULT_BATCH_SIZE)]
+    pub batch_size: usize,
+    /// Dead-letter stream name (must exist; a replay counts dead letters but publishes none).
+    #[arg(long, env = "TALLY_DLQ_STREAM", default_value = js::DEFAULT_DLQ_STREAM)]
+    pub dlq_stream: String,
+    /// Go on past messages the stream no longer holds, recording each gap, instead of stopping.
+    #[arg(long)]
+    pub accept_gap: bool,
+    /// Seconds a live `tally run` has to answer the hand-off.
+    #[arg(long, default_value_t = runtime::HANDOFF_TIMEOUT_SECS)]
+    pub handoff_timeout_secs: u64,
+    /// Print a JSON summary line on stdout at exit (used by `tally bench`).
+    #[arg(long, hide = true)]
+    pub summary_json: bool,
+}
+
+/// `tally replay`, from the command line.
+pub async fn command(g: &Globals, a: &ReplayArgs) -> Result<(), CommandError> {
+    let ReplayArgs {
+        until_seq,
+        into,
+        config,
+        batch_size,
+        dlq_stream,
+        accept_gap,
+        handoff_timeout_secs,
+        summary_json,
+    } = a;
+    if *batch_size == 0 {
+        return Err(CommandError::Usage(
+            "--batch-size must be at least 1".into(),
+        ));
+    }
+    if until_seq.is_some() && into.is_none() {
+        return Err(CommandError::Usage(
+            "--until-seq builds the views as of a past position, which must not replace the live ones: name a new directory with --into DIR".into(),
+        ));
+    }
+    let opts = crate::commands::replay::ReplayOptions {
+        run: RunOptions {
+            batch_size: *batch_size,
+            accept_gap: *accept_gap,
+            handoff_timeout: Duration::from_secs(*handoff_timeout_secs),
+            ..RunOptions::live(
+                g.data.clone(),
+                g.source_config(Some("tally-replay"), Some(dlq_stream)),
+                config.clone(),
+            )
+        },
+        until_seq: *until_seq,
+        into: into.clone(),
+        handoff_timeout: Duration::from_secs(*handoff_timeout_secs),
+        progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let r = crate::commands::replay::replay(&opts, runtime::shutdown_signal()).await?;
+    if *summary_json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "messages": r.summary.messages,
+                "last_seq": r.summary.last_seq,
+                "active_secs": r.summary.active.as_secs_f64(),
+                "elapsed_secs": r.summary.elapsed.as_secs_f64(),
+            })
+        );
+    }
+    let verb = if r.switched { "switched to" } else { "built" };
+    println!(
+        "replayed {} messages (stream sequence 1..{}) in {:.1} s; {verb} {}{}",
+        r.summary.messages,
+        r.summary.last_seq,
+        r.summary.elapsed.as_secs_f64(),
+        r.dir.display(),
+        if r.live_run_handed_off {
+            " (the live tally run resumed on it)"
+        } else {
+            ""
+        }
+    );
+    if r.summary.last_seq < r.target {
+        return Err(CommandError::ReplayInterrupted {
+            at: r.summary.last_seq,
+            target: r.target,
+        });
+    }
+    Ok(())
 }

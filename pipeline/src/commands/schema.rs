@@ -2,6 +2,10 @@
 //! `tally schema` can hand producers the exact files this build validates
 //! against.
 
+use std::io::Write;
+
+use super::{CommandError, Globals};
+
 /// (file name, contents) of every schema, the envelope first.
 pub const SCHEMAS: [(&str, &str); 10] = [
     (
@@ -50,6 +54,33 @@ pub const SCHEMAS: [(&str, &str); 10] = [
 pub fn schema_for(name: &str) -> Option<&'static str> {
     let file = format!("{name}.json");
     SCHEMAS.iter().find(|(f, _)| *f == file).map(|(_, s)| *s)
+}
+
+/// The arguments of `tally schema`.
+#[derive(Debug, clap::Args)]
+pub struct SchemaArgs {
+    pub name: Option<String>,
+}
+
+/// `tally schema`, from the command line.
+pub async fn command(_g: &Globals, a: &SchemaArgs) -> Result<(), CommandError> {
+    let SchemaArgs { name } = a;
+    let mut out = std::io::stdout().lock();
+    match name {
+        None => {
+            for (file, _) in crate::commands::schema::SCHEMAS {
+                writeln!(out, "{}", file.trim_end_matches(".json"))
+                    .map_err(CommandError::Output)?;
+            }
+        }
+        Some(n) => {
+            let s = crate::commands::schema::schema_for(n).ok_or_else(|| {
+                CommandError::Usage(format!("no schema named {n:?}; `tally schema` lists them"))
+            })?;
+            out.write_all(s.as_bytes()).map_err(CommandError::Output)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

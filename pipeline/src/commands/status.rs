@@ -6,11 +6,13 @@
 //! saying what is missing, so a script never takes a partial status for a
 //! healthy one.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use async_nats::jetstream;
 use serde::Serialize;
 
+use super::{CommandError, Globals};
 use crate::source::jetstream::{self as js_source, SourceConfig, SourceError};
 use crate::store::checkpoint::{CheckpointError, Counts, Gap};
 
@@ -282,4 +284,49 @@ pub fn render(s: &Status, nats_error: Option<&str>) -> String {
         out.push_str(&format!("warning           {w}\n"));
     }
     out
+}
+
+/// The arguments of `tally status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The run's consumer name, if it was given one (default: derived from --data, as `tally run` does).
+    #[arg(long, env = "TALLY_CONSUMER")]
+    pub consumer: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `tally status`, from the command line.
+pub async fn command(g: &Globals, a: &StatusArgs) -> Result<(), CommandError> {
+    let StatusArgs { consumer, json } = a;
+    let consumer = consumer
+        .clone()
+        .unwrap_or_else(|| crate::store::DataDir::new(&g.data).consumer_name());
+    let report = status(&g.data, &g.source_config(Some(&consumer), None)).await?;
+    let nats_error = report
+        .problems
+        .iter()
+        .find(|p| p.is_nats())
+        .map(ToString::to_string);
+    let text = if *json {
+        let problems: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
+        serde_json::json!({
+            "status": report.status,
+            "nats_error": nats_error,
+            "problems": problems,
+        })
+        .to_string()
+            + "\n"
+    } else {
+        render(&report.status, nats_error.as_deref())
+    };
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .map_err(CommandError::Output)?;
+    if report.problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CommandError::StatusIncomplete(report.problems))
+    }
 }

@@ -4,6 +4,9 @@
 //! from the command line (where `ps` and shell history would keep it);
 //! only its SCRAM-SHA-256 verifier is written.
 
+use std::path::PathBuf;
+
+use clap::Subcommand;
 use std::io::BufRead;
 use std::path::Path;
 
@@ -88,4 +91,65 @@ fn read_password() -> Result<String, UsersError> {
         return Err(UsersError::NoPassword);
     }
     Ok(password)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersAction {
+    /// Create or replace an account. The password comes from TALLY_PASSWORD,
+    /// else one line on stdin; never from the command line.
+    Add {
+        name: String,
+        /// A tenant the account sees (repeat for more).
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+        /// The account sees every tenant.
+        #[arg(long, conflicts_with = "tenants")]
+        all_tenants: bool,
+        #[arg(long, env = "TALLY_USERS_FILE", default_value = crate::serve::accounts::DEFAULT_USERS_FILE)]
+        users: PathBuf,
+    },
+    /// Remove an account; its open sessions end at their next query.
+    Remove {
+        name: String,
+        #[arg(long, env = "TALLY_USERS_FILE", default_value = crate::serve::accounts::DEFAULT_USERS_FILE)]
+        users: PathBuf,
+    },
+    /// List the accounts and what they see.
+    List {
+        #[arg(long, env = "TALLY_USERS_FILE", default_value = crate::serve::accounts::DEFAULT_USERS_FILE)]
+        users: PathBuf,
+    },
+}
+
+/// `tally users`, from the command line.
+pub fn command(action: &UsersAction) -> Result<(), super::CommandError> {
+    use crate::commands::users;
+    match action {
+        UsersAction::Add {
+            name,
+            tenants,
+            all_tenants,
+            users: file,
+        } => {
+            let sees = users::add(file, name, tenants, *all_tenants)?;
+            println!("account {name} ({sees}) saved in {}", file.display());
+        }
+        UsersAction::Remove { name, users: file } => {
+            users::remove(file, name)?;
+            println!("account {name} removed from {}", file.display());
+        }
+        UsersAction::List { users: file } => {
+            let lines = users::list(file)?;
+            if lines.is_empty() {
+                println!(
+                    "no accounts in {}; add one with `tally users add NAME --all-tenants`",
+                    file.display()
+                );
+            }
+            for l in lines {
+                println!("{l}");
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,114 @@
+//! `tally run`: consume the stream and keep every view, until stopped; the
+//! runtime does the work, this file turns the command line into its
+//! options.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{CommandError, Globals};
+use crate::runtime::{self, RunOptions};
+use crate::source::jetstream as js;
+
+/// The arguments of `tally run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Exit 0 once every message is processed and durable and nothing new arrived for ~1 s.
+    #[arg(long)]
+    pub until_idle: bool,
+    /// Settings that change results (TOML); default `<data>/tally.toml` if present.
+    #[arg(long, env = "TALLY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Most messages per batch (one Parquet file per view and one checkpoint per batch; a batch is also cut after --batch-wait-ms).
+    #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = runtime::DEFAULT_BATCH_SIZE)]
+    pub batch_size: usize,
+    /// Milliseconds to wait for a batch to fill once it has started.
+    #[arg(long, env = "TALLY_BATCH_WAIT_MS", default_value_t = runtime::DEFAULT_BATCH_WAIT_MS)]
+    pub batch_wait_ms: u64,
+    /// Durable consumer name; default `tally-<hash of the --data path>`, one per data directory.
+    #[arg(long, env = "TALLY_CONSUMER")]
+    pub consumer: Option<String>,
+    /// Go on past messages the stream no longer holds (retention, a purge, a deletion), recording each gap in the checkpoint, instead of stopping.
+    #[arg(long)]
+    pub accept_gap: bool,
+    /// Dead-letter stream name.
+    #[arg(long, env = "TALLY_DLQ_STREAM", default_value = js::DEFAULT_DLQ_STREAM)]
+    pub dlq_stream: String,
+    /// Print a JSON summary line on stdout at exit (used by `tally bench`).
+    #[arg(long, hide = true)]
+    pub summary_json: bool,
+    /// Serve Prometheus metrics of the pipeline at http://ADDR/metrics (off by default; no login, so bind it where only your scraper reaches).
+    #[arg(long, env = "TALLY_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// If another run holds the data location, wait and take over when it stops (a lock file locally; a lease in object storage, taken over once unrenewed for 15 s) instead of failing.
+    #[arg(long, env = "TALLY_STANDBY")]
+    pub standby: bool,
+}
+
+/// `tally run`, from the command line.
+pub async fn command(g: &Globals, a: &RunArgs) -> Result<(), CommandError> {
+    let RunArgs {
+        until_idle,
+        config,
+        batch_size,
+        batch_wait_ms,
+        consumer,
+        accept_gap,
+        dlq_stream,
+        summary_json,
+        metrics_listen,
+        standby,
+    } = a;
+    if *batch_size == 0 {
+        return Err(CommandError::Usage(
+            "--batch-size must be at least 1".into(),
+        ));
+    }
+    let metrics = match metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|cause| CommandError::MetricsListen { addr: *addr, cause })?;
+            let m = std::sync::Arc::new(runtime::metrics::RunMetrics::default());
+            tokio::spawn(runtime::metrics::serve(
+                listener,
+                std::sync::Arc::clone(&m),
+                g.data.clone(),
+                g.nats.clone(),
+                g.stream.clone(),
+                runtime::shutdown_signal(),
+            ));
+            Some(m)
+        }
+        None => None,
+    };
+    let consumer = consumer
+        .clone()
+        .unwrap_or_else(|| crate::store::DataDir::new(&g.data).consumer_name());
+    let opts = RunOptions {
+        metrics,
+        standby: *standby,
+        until_idle: *until_idle,
+        accept_gap: *accept_gap,
+        batch_size: *batch_size,
+        batch_wait: Duration::from_millis(*batch_wait_ms),
+        ..RunOptions::live(
+            g.data.clone(),
+            g.source_config(Some(&consumer), Some(dlq_stream)),
+            config.clone(),
+        )
+    };
+    let summary = runtime::run(&opts, runtime::shutdown_signal()).await?;
+    if *summary_json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "messages": summary.messages,
+                "batches": summary.batches,
+                "last_seq": summary.last_seq,
+                "active_secs": summary.active.as_secs_f64(),
+                "elapsed_secs": summary.elapsed.as_secs_f64(),
+            })
+        );
+    }
+    Ok(())
+}
