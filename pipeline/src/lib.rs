@@ -44,6 +44,8 @@
 //! - [`state`]: the processor's in-memory state that is not a view: the
 //!   dedup horizon.
 //! - [`config`]: settings that change results (TOML, `deny_unknown_fields`).
+//! - [`generator`]: a deterministic synthetic SaaS (`tally generate`,
+//!   `tally bench`, the operators' tests), on the contract and its time.
 //! - [`event`]: the wire contract at the bottom: envelope and `data`
 //!   validation, exact decimals, RFC 3339 time, the dead-letter reasons, the
 //!   threshold alert event.
@@ -56,6 +58,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod event;
+pub mod generator;
 pub mod operator;
 pub mod query;
 pub mod runtime;

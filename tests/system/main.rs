@@ -488,6 +488,26 @@ fn unreachable_nats_says_what_to_do() {
     assert_eq!(bad.status.code(), Some(2));
 }
 
+/// A nested error says each cause once (`main` used to print the error's
+/// own message, which names its source, and then the source again).
+#[test]
+fn a_nested_error_says_its_cause_once() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.jsonl");
+    std::fs::write(&file, "").unwrap();
+    let mut c = tally(&server, &file.join("views"));
+    c.args(["run", "--until-idle"]);
+    let out = run_expect(c, 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("tally: "))
+        .unwrap_or_else(|| panic!("no error line in {err}"));
+    assert!(line.contains("events.jsonl/views"), "{line}");
+    assert_eq!(line.matches("Not a directory").count(), 1, "{line}");
+}
+
 /// Hand-computed rows of the `usage` view, including a late event that
 /// arrives after its window was written, equal event times, and rounding.
 #[test]

@@ -25,8 +25,8 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use super::{CommandError, Globals};
-use crate::commands::generate::{self, GenerateConfig, GenerateError};
 use crate::commands::publish::{self, PublishError, PublishOptions};
+use crate::generator::{self as generate, GenerateConfig, GenerateError};
 use crate::source::jetstream::{self as js_source, SourceError};
 
 #[derive(Debug, thiserror::Error)]

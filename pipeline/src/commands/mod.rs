@@ -10,11 +10,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::generator::GenerateError;
 use crate::query::QueryError;
 use crate::runtime::RuntimeError;
 use crate::source::jetstream::{self as js, SourceConfig, SourceError};
 use bench::BenchError;
-use generate::GenerateError;
 use publish::PublishError;
 use status::StatusError;
 

@@ -224,7 +224,7 @@ pub(crate) fn generated_events(
     start_year: i32,
     activity: bool,
 ) -> Vec<Event> {
-    use crate::commands::generate::{GenerateConfig, generate};
+    use crate::generator::{GenerateConfig, generate};
     let cfg = GenerateConfig {
         tenants,
         months,
