@@ -51,7 +51,7 @@ pub struct ConfigFile {
     /// Allowed lateness: a window is final once `end + lateness <= stream clock`.
     pub lateness: String,
     /// Usage window granularities: any of minute, hour, day, month.
-    pub granularities: Vec<String>,
+    pub granularities: Vec<Granularity>,
     /// Largest accepted message, bytes.
     pub max_message_bytes: usize,
 }
@@ -61,7 +61,44 @@ pub const DEFAULT_DEDUP_HORIZON_US: i64 = 32 * DAY_US;
 /// Allowed lateness before a window is final, by default.
 pub const DEFAULT_LATENESS_US: i64 = 5 * 60 * MICROS;
 /// Usage window granularities, by default.
-pub const DEFAULT_GRANULARITIES: [&str; 3] = ["hour", "day", "month"];
+pub const DEFAULT_GRANULARITIES: [Granularity; 3] =
+    [Granularity::Hour, Granularity::Day, Granularity::Month];
+
+/// A size of the usage view's windows, as the TOML names it (`"hour"`); a
+/// name that is none of them is refused when the file is read, saying which
+/// are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Granularity {
+    Minute,
+    Hour,
+    Day,
+    Month,
+}
+
+impl Granularity {
+    /// How many granularities there are (a series keeps a window of each).
+    pub const COUNT: usize = 4;
+
+    pub fn parse(s: &str) -> Option<Granularity> {
+        match s {
+            "minute" => Some(Granularity::Minute),
+            "hour" => Some(Granularity::Hour),
+            "day" => Some(Granularity::Day),
+            "month" => Some(Granularity::Month),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Granularity::Minute => "minute",
+            Granularity::Hour => "hour",
+            Granularity::Day => "day",
+            Granularity::Month => "month",
+        }
+    }
+}
 
 impl Default for ConfigFile {
     fn default() -> ConfigFile {
@@ -87,7 +124,7 @@ pub struct Settings {
     #[serde(default = "default_max_event_age_us")]
     pub max_event_age_us: i64,
     pub lateness_us: i64,
-    pub granularities: Vec<String>,
+    pub granularities: Vec<Granularity>,
     pub max_message_bytes: usize,
 }
 
@@ -99,7 +136,7 @@ impl Default for Settings {
             future_skew_us: DEFAULT_FUTURE_SKEW_US,
             max_event_age_us: DEFAULT_MAX_EVENT_AGE_US,
             lateness_us: DEFAULT_LATENESS_US,
-            granularities: DEFAULT_GRANULARITIES.map(String::from).to_vec(),
+            granularities: DEFAULT_GRANULARITIES.to_vec(),
             max_message_bytes: MAX_MESSAGE_BYTES,
         }
     }
@@ -135,16 +172,6 @@ impl Settings {
                 value: value.to_owned(),
             })
         };
-        for g in &file.granularities {
-            if !matches!(g.as_str(), "minute" | "hour" | "day" | "month") {
-                return Err(ConfigError::Parse {
-                    path: shown.to_owned(),
-                    source: Box::new(serde::de::Error::custom(format!(
-                        "granularities: {g:?} is not one of minute, hour, day, month"
-                    ))),
-                });
-            }
-        }
         Ok(Settings {
             dedup_horizon_us: dur("dedup_horizon", &file.dedup_horizon)?,
             future_skew_us: dur("future_skew", &file.future_skew)?,
@@ -171,7 +198,11 @@ impl Settings {
             self.future_skew_us,
             self.max_event_age_us,
             self.lateness_us,
-            self.granularities.join(","),
+            self.granularities
+                .iter()
+                .map(|g| g.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
             self.max_message_bytes
         )
     }
@@ -246,5 +277,21 @@ mod tests {
     #[test]
     fn unknown_keys_are_refused() {
         assert!(toml::from_str::<ConfigFile>("dedup_horizon = \"1d\"\nlatenes = \"1m\"").is_err());
+    }
+
+    #[test]
+    fn granularities_are_typed_from_the_file_on() {
+        let f: ConfigFile = toml::from_str("granularities = [\"minute\", \"day\"]").unwrap();
+        assert_eq!(f.granularities, [Granularity::Minute, Granularity::Day]);
+        let e = toml::from_str::<ConfigFile>("granularities = [\"week\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("week") && e.contains("minute"), "{e}");
+        // The checkpoint's copy keeps the names it always had.
+        let json = serde_json::to_string(&Settings::default()).unwrap();
+        assert!(
+            json.contains(r#""granularities":["hour","day","month"]"#),
+            "{json}"
+        );
     }
 }

@@ -165,11 +165,8 @@ pub struct UsageOperator {
 }
 
 impl UsageOperator {
-    pub fn new(granularities: &[String]) -> UsageOperator {
-        let mut g: Vec<Granularity> = granularities
-            .iter()
-            .filter_map(|s| Granularity::parse(s))
-            .collect();
+    pub fn new(granularities: &[Granularity]) -> UsageOperator {
+        let mut g = granularities.to_vec();
         g.sort();
         g.dedup();
         UsageOperator {
@@ -466,8 +463,8 @@ mod tests {
         )
     }
 
-    fn grans(g: &[&str]) -> Vec<String> {
-        g.iter().map(|s| s.to_string()).collect()
+    fn grans(g: &[&str]) -> Vec<Granularity> {
+        g.iter().filter_map(|s| Granularity::parse(s)).collect()
     }
 
     /// The state as sorted text rows, without the version column.

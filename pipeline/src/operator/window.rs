@@ -8,38 +8,9 @@
 
 use crate::event::time::{DAY_US, MICROS, civil_from_days, days_from_civil};
 
-/// A window size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Granularity {
-    Minute,
-    Hour,
-    Day,
-    Month,
-}
+pub use crate::config::Granularity;
 
 impl Granularity {
-    /// How many granularities there are (a series keeps a window of each).
-    pub const COUNT: usize = 4;
-
-    pub fn parse(s: &str) -> Option<Granularity> {
-        match s {
-            "minute" => Some(Granularity::Minute),
-            "hour" => Some(Granularity::Hour),
-            "day" => Some(Granularity::Day),
-            "month" => Some(Granularity::Month),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Granularity::Minute => "minute",
-            Granularity::Hour => "hour",
-            Granularity::Day => "day",
-            Granularity::Month => "month",
-        }
-    }
-
     /// `[start, end)` of the window holding `t` (µs since the epoch, UTC).
     pub fn window(self, t: i64) -> (i64, i64) {
         let fixed = |size: i64| {
