@@ -75,94 +75,119 @@ pub const QUERY_STACK_BYTES: usize = 256 << 20;
 /// expressions at most [`MAX_EXPR_DEPTH`] deep are evaluated recursively.
 pub const QUERY_WORKER_STACK_BYTES: usize = 64 << 20;
 
+/// Why a query failed, each variant saying whether to retry, reject the
+/// query (with its SQLSTATE in `tally serve`), or give up (fatal).
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
+    /// Fatal for the query (retry once `tally run` has started): no checkpoint.
     #[error(
         "no views in {} (no checkpoint.json): is --data / TALLY_DATA_DIR right? `tally run` creates them when it starts",
         dir.display()
     )]
     NoViews { dir: PathBuf },
+    /// Fatal for the query: the view files cannot be listed.
     #[error(transparent)]
     ViewFiles(#[from] ViewFilesError),
+    /// Fatal for the query: the checkpoint cannot be read.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// Retry: the data directory kept changing while it was opened.
     #[error(
         "{} extends beyond the checkpoint (stream sequence {checkpoint_seq}) after {OPEN_ATTEMPTS} fresh reads of it: the data directory keeps changing while it is opened; try again (a restarted `tally run` repairs a directory left inconsistent)",
         path.display()
     )]
     Unsettled { path: PathBuf, checkpoint_seq: u64 },
+    /// Fatal: DataFusion cannot start.
     #[error("cannot set up the query engine: {0}")]
     Runtime(DataFusionError),
+    /// Fatal for the session: a view cannot be registered.
     #[error("cannot register view {view}: {cause}")]
     Register {
         view: String,
         cause: DataFusionError,
     },
+    /// Fatal: a `queries/` file cannot be read.
     #[error("cannot read {}: {cause}; check --queries / TALLY_QUERIES_DIR", path.display())]
     ReadQuery {
         path: PathBuf,
         cause: std::io::Error,
     },
+    /// Fatal: a `queries/` file has an invalid name.
     #[error(
         "{}: a view file must be named <name>.sql, with a lower-case name of letters, digits and _ (starting with a letter); rename it",
         path.display()
     )]
     ViewName { path: PathBuf },
+    /// Fatal: a `queries/` view would hide a stored view.
     #[error(
         "{}: view {name} would hide the stored view of that name; rename the file",
         path.display()
     )]
     ShadowsStoredView { path: PathBuf, name: String },
+    /// Fatal: a `queries/` view does not plan.
     #[error("view {name} from {origin} is not valid SQL over the views: {cause}")]
     QueryView {
         name: String,
         origin: views::Origin,
         cause: DataFusionError,
     },
+    /// Reject (42501): the statement writes, defines or sets something.
     #[error(
         "refused: the views are read-only ({refused} is not allowed). Only queries over the views are: SELECT, WITH, EXPLAIN, SHOW, DESCRIBE. To load other data, use DataFusion directly"
     )]
     ReadOnly { refused: String },
+    /// Reject (54001): the parser's recursion limit.
     #[error(
         "the query nests too deeply for the SQL parser ({cause}); flatten it, e.g. `x IN (a, b, c)` instead of nested conditions"
     )]
     TooDeep { cause: DataFusionError },
+    /// Reject (54001): expressions deeper than [`MAX_EXPR_DEPTH`].
     #[error(
         "the query's expressions nest more than {MAX_EXPR_DEPTH} levels deep (a chain of {MAX_EXPR_DEPTH} operators, such as `a OR b OR ...`, is that deep); shorten it, e.g. `x IN (a, b, c)` instead of `x = a OR x = b OR x = c`, or split it"
     )]
     ExpressionTooDeep,
+    /// Reject (54001): the statement is over a size limit of [`guard`].
     #[error(
         "the query is too large to plan: {why}; split it into several queries, or use IN lists and joins over fewer views"
     )]
     PlanTooLarge { why: String },
+    /// Reject (53200): a function call over a bound of [`bounded`].
     #[error(
         "the query went over its budget: {0}; narrow it (smaller counts and lengths, filter first, LIMIT)"
     )]
     OverBudget(bounded::TooLarge),
+    /// Reject (57014): the query, planning included, ran past its time.
     #[error(
         "the query ran longer than --query-timeout ({secs} s, planning included); narrow it (filter, LIMIT) or raise the timeout"
     )]
     Timeout { secs: u64 },
+    /// Reject (XX000): a panic inside DataFusion, caught; only this query ends.
     #[error(
         "the query failed inside the query engine ({what}); only this query was affected: run it again or simplify it, and report it with the query if it keeps failing"
     )]
     Panicked { what: String },
+    /// Fatal for the query: no thread for it (the machine is out of threads).
     #[error("cannot start the query thread: {0}")]
     Thread(std::io::Error),
+    /// Fatal for the query: its thread ended without an answer (a bug).
     #[error(
         "the query thread stopped without an answer (a bug in Tally or DataFusion): run with RUST_BACKTRACE=1 and report it"
     )]
     ThreadLost,
+    /// Reject (53200): the memory pool (`--memory-limit`) refused it.
     #[error(
         "the query went over the memory limit ({limit} bytes); narrow the query (filter, aggregate, LIMIT) or raise --memory-limit / TALLY_MEMORY_LIMIT. DataFusion said: {cause}"
     )]
     MemoryLimit { limit: u64, cause: DataFusionError },
+    /// Retry (40001): files moved under the query twice; run it again.
     #[error(
         "a view file the query was reading vanished twice (compaction or a replay switch replaced it): {cause}; run the query again"
     )]
     FileGone { cause: DataFusionError },
+    /// Reject: DataFusion refused or failed the query (the SQLSTATE says why).
     #[error("query failed: {0}")]
     Execute(DataFusionError),
+    /// Fatal for the query: the output cannot be written.
     #[error("cannot write the result: {0}")]
     Output(String),
 }

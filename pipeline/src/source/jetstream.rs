@@ -65,8 +65,14 @@ impl Default for SourceConfig {
     }
 }
 
+/// The cause of a failure at the broker, kept as the error it was (an
+/// async-nats error, whose JetStream code can be matched) or the server's
+/// own words.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// Fatal at start (a run retries while it runs: the client reconnects).
     #[error(
         "cannot reach NATS at {url}: {source} — is nats-server running (with -js)? Set --nats / TALLY_NATS_URL to its address"
     )]
@@ -87,11 +93,22 @@ pub enum SourceError {
     #[error(
         "--nats / TALLY_NATS_URL {url:?} is not a server URL or a comma-separated list of them ({cause}); write e.g. nats://10.0.0.1:4222,nats://10.0.0.2:4222"
     )]
-    Address { url: String, cause: String },
+    Address {
+        url: String,
+        #[source]
+        cause: std::io::Error,
+    },
+    /// Fatal: the stream cannot be created or opened (for `tally publish`
+    /// from a producer's account, skipped: see `commands::publish`).
     #[error(
         "cannot create or open stream {stream}: {cause} — is JetStream enabled on the server (nats-server -js)?"
     )]
-    Stream { stream: String, cause: String },
+    Stream {
+        stream: String,
+        #[source]
+        cause: BoxError,
+    },
+    /// Fatal: the stream is not the event stream this configuration names.
     #[error(
         "stream {stream} exists but captures {found:?}, not {wanted}; use another --stream or --subject-prefix, or fix the stream's subjects"
     )]
@@ -100,16 +117,30 @@ pub enum SourceError {
         found: Vec<String>,
         wanted: String,
     },
+    /// Fatal: the broker did not answer a stream's state.
     #[error("cannot read the state of stream {stream}: {cause}")]
-    Info { stream: String, cause: String },
+    Info {
+        stream: String,
+        #[source]
+        cause: BoxError,
+    },
+    /// Fatal: the consumer cannot be (re)created at its start sequence.
     #[error("cannot set up consumer {consumer} on stream {stream}: {cause}")]
     Consumer {
         stream: String,
         consumer: String,
-        cause: String,
+        #[source]
+        cause: BoxError,
     },
+    /// Fatal for the run (a restart resumes from the checkpoint): pulling
+    /// failed, or the server refused the pull request.
     #[error("cannot consume from stream {stream}: {cause}")]
-    Messages { stream: String, cause: String },
+    Messages {
+        stream: String,
+        #[source]
+        cause: BoxError,
+    },
+    /// Fatal: another process deleted the consumer under this run.
     #[error(
         "the consumer of stream {stream} was deleted while this run pulled from it (by another process using the same consumer name?)"
     )]
@@ -231,9 +262,9 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, SourceError> {
         .filter(|u| !u.is_empty())
         .map(|u| u.parse::<async_nats::ServerAddr>())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| SourceError::Address {
+        .map_err(|cause| SourceError::Address {
             url: url.to_owned(),
-            cause: e.to_string(),
+            cause,
         })?;
     let options = match AUTH.get().cloned().unwrap_or_default() {
         NatsAuth::None => async_nats::ConnectOptions::new(),
@@ -288,7 +319,7 @@ pub async fn ensure_event_stream(
         .await
         .map_err(|e| SourceError::Stream {
             stream: placeholder.clone(),
-            cause: e.to_string(),
+            cause: e.into(),
         })?;
         config.duplicate_window = Duration::ZERO;
         config.sources = Some(vec![stream::Source {
@@ -301,11 +332,11 @@ pub async fn ensure_event_stream(
         .await
         .map_err(|e| SourceError::Stream {
             stream: cfg.stream.clone(),
-            cause: e.to_string(),
+            cause: e.into(),
         })?;
     let info = s.info().await.map_err(|e| SourceError::Info {
         stream: cfg.stream.clone(),
-        cause: e.to_string(),
+        cause: e.into(),
     })?;
     let covers = info
         .config
@@ -344,11 +375,11 @@ pub async fn ensure_output_stream(
         .await
         .map_err(|e| SourceError::Stream {
             stream: name.to_owned(),
-            cause: e.to_string(),
+            cause: e.into(),
         })?;
     let info = s.info().await.map_err(|e| SourceError::Info {
         stream: name.to_owned(),
-        cause: e.to_string(),
+        cause: e.into(),
     })?;
     Ok(i64::from(info.config.max_message_size))
 }
@@ -361,7 +392,7 @@ pub async fn stream_identity(
 ) -> Result<(String, u64), SourceError> {
     let info = s.info().await.map_err(|e| SourceError::Info {
         stream: name.to_owned(),
-        cause: e.to_string(),
+        cause: e.into(),
     })?;
     Ok((info.created.to_rfc3339(), info.state.last_sequence))
 }
@@ -371,7 +402,7 @@ pub async fn stream_identity(
 pub async fn bounds(s: &mut stream::Stream, name: &str) -> Result<(u64, u64), SourceError> {
     let info = s.info().await.map_err(|e| SourceError::Info {
         stream: name.to_owned(),
-        cause: e.to_string(),
+        cause: e.into(),
     })?;
     Ok((info.state.first_sequence, info.state.last_sequence))
 }
@@ -394,7 +425,7 @@ pub async fn gone_until(
         .await
         .map_err(|e| SourceError::Info {
             stream: name.to_owned(),
-            cause: e.to_string(),
+            cause: e.into(),
         })?
         .info;
     let deleted: std::collections::HashSet<u64> = info
@@ -439,7 +470,7 @@ pub async fn consumer_from(
     max_ack_pending: i64,
     acked: bool,
 ) -> Result<consumer::PullConsumer, SourceError> {
-    let err = |e: String| SourceError::Consumer {
+    let err = |e: BoxError| SourceError::Consumer {
         stream: cfg.stream.clone(),
         consumer: cfg.consumer.clone(),
         cause: e,
@@ -452,7 +483,7 @@ pub async fn consumer_from(
                 stream::ConsumerErrorKind::JetStream(j)
                     if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
             ) => {}
-        Err(e) => return Err(err(e.to_string())),
+        Err(e) => return Err(err(e.into())),
     }
     s.create_consumer(consumer::pull::Config {
         durable_name: Some(cfg.consumer.clone()),
@@ -481,7 +512,7 @@ pub async fn consumer_from(
         ..Default::default()
     })
     .await
-    .map_err(|e| err(e.to_string()))
+    .map_err(|e| err(e.into()))
 }
 
 /// Deliveries from the pull consumer, fetched over a plain subscription.
@@ -529,7 +560,7 @@ impl Pull {
                 .await
                 .map_err(|e| SourceError::Messages {
                     stream: stream.to_owned(),
-                    cause: e.to_string(),
+                    cause: e.into(),
                 })?;
         let batch = batch.clamp(1, SUBSCRIPTION_CAPACITY / 2);
         let request = format!(
@@ -548,10 +579,10 @@ impl Pull {
         })
     }
 
-    fn failed(&self, cause: impl std::fmt::Display) -> SourceError {
+    fn failed(&self, cause: impl Into<BoxError>) -> SourceError {
         SourceError::Messages {
             stream: self.stream.clone(),
-            cause: cause.to_string(),
+            cause: cause.into(),
         }
     }
 
