@@ -12,12 +12,14 @@
 //!   ([`commands::CommandError`]).
 //! - [`runtime`]: `tally run`, the thin async shell: [`runtime::session`]
 //!   (consume loop), [`runtime::processor`] (validation, dedup, operators:
-//!   the synchronous core), [`runtime::commit`] (durable, then checkpoint,
-//!   then ack), [`runtime::restore`] (state at start-up),
+//!   the synchronous core; it reads nothing itself), [`runtime::commit`]
+//!   (durable, then checkpoint, then ack), [`runtime::restore`] (state at
+//!   start-up: reads the archive and the views and hands them over),
 //!   [`runtime::metrics`] (`--metrics-listen`), [`runtime::signal`].
 //! - [`serve`]: `tally serve`: the views over the Postgres wire protocol
 //!   ([`serve::pg`]), Arrow Flight SQL ([`serve::flight`]) and HTTP
-//!   ([`serve::http`], with the pages of [`serve::dashboard`]), with
+//!   ([`serve::http`], with the pages of [`serve::dashboard`] and what both
+//!   share in [`serve::web`]; [`serve::postgres`] what clients are told), with
 //!   accounts ([`serve::accounts`],
 //!   [`serve::scram`]) and per-tenant scoping, answering from one
 //!   checkpoint per query ([`serve::views`]).

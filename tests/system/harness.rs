@@ -37,22 +37,16 @@ pub fn free_port() -> u16 {
 
 impl NatsServer {
     pub fn start() -> NatsServer {
-        let store = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut s = NatsServer {
-            child: None,
-            port,
-            url: format!("nats://127.0.0.1:{port}"),
-            store,
-            config: None,
-        };
-        s.spawn();
-        s
+        NatsServer::start_configured(None)
     }
 
     /// A server with the configuration file `config` (its port and store
     /// are still this harness's).
     pub fn start_with_config(config: &Path) -> NatsServer {
+        NatsServer::start_configured(Some(config.to_path_buf()))
+    }
+
+    fn start_configured(config: Option<PathBuf>) -> NatsServer {
         let store = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut s = NatsServer {
@@ -60,7 +54,7 @@ impl NatsServer {
             port,
             url: format!("nats://127.0.0.1:{port}"),
             store,
-            config: Some(config.to_path_buf()),
+            config,
         };
         s.spawn();
         s

@@ -4,7 +4,7 @@
 //! volume, a cursor that outlives a narrowed account, and what the SCRAM
 //! exchange tells of unknown user names.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -19,14 +19,32 @@ use crate::serve::{Serve, add_user, client, psycopg, rows, sqlstate};
 /// unbounded function call asks for.
 const ADDRESS_LIMIT: u64 = 6 << 30;
 
-fn published(server: &NatsServer, dir: &Path, tenants: u32) -> std::path::PathBuf {
-    let data = dir.join("data");
-    let file = generated(dir, tenants, 3, 17);
-    let mut p = tally(server, &data);
+/// A nats-server, `tenants` generated tenants over 3 months in views, and a
+/// users file with the all-tenant account `ops` (password `ops-pw`).
+struct World {
+    server: NatsServer,
+    data: PathBuf,
+    users: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn world(tenants: u32) -> World {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = generated(dir.path(), tenants, 3, 17);
+    let mut p = tally(&server, &data);
     p.arg("publish").arg(&file);
     run_expect(p, 0);
-    until_idle(server, &data);
-    data
+    until_idle(&server, &data);
+    let users = dir.path().join("users.toml");
+    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    World {
+        server,
+        data,
+        users,
+        _dir: dir,
+    }
 }
 
 fn health_ms(serve: &Serve) -> (u64, u128) {
@@ -43,11 +61,12 @@ fn health_ms(serve: &Serve) -> (u64, u128) {
 
 #[test]
 fn no_function_call_can_take_the_servers_memory() {
-    let server = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let data = published(&server, dir.path(), 10);
-    let users = dir.path().join("users.toml");
-    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    let World {
+        server,
+        data,
+        users,
+        _dir,
+    } = world(10);
     let serve = Serve::start_limited(
         &server,
         &data,
@@ -88,11 +107,12 @@ fn no_function_call_can_take_the_servers_memory() {
 
 #[test]
 fn planning_is_bounded_isolated_and_counts_against_the_timeout() {
-    let server = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let data = published(&server, dir.path(), 10);
-    let users = dir.path().join("users.toml");
-    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    let World {
+        server,
+        data,
+        users,
+        _dir,
+    } = world(10);
     add_user(&users, "other", "other-pw", &["--tenant", "t0002"]);
     let serve = Serve::start(&server, &data, &users, &["--query-timeout", "3"]);
     let dsn = serve.dsn("ops", "ops-pw");
@@ -155,11 +175,12 @@ fn planning_is_bounded_isolated_and_counts_against_the_timeout() {
 /// within a time bound; the server answers afterwards.
 #[test]
 fn every_function_with_extreme_arguments_leaves_the_server_answering() {
-    let server = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let data = published(&server, dir.path(), 5);
-    let users = dir.path().join("users.toml");
-    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    let World {
+        server,
+        data,
+        users,
+        _dir,
+    } = world(5);
     let serve = Serve::start_limited(
         &server,
         &data,
@@ -240,10 +261,12 @@ fn wait_for(dsn: &str, sql: &str, want: &str) {
 
 #[test]
 fn a_tenant_account_learns_nothing_of_other_tenants_volume() {
-    let server = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let data = published(&server, dir.path(), 12);
-    let users = dir.path().join("users.toml");
+    let World {
+        server,
+        data,
+        users,
+        _dir,
+    } = world(12);
     add_user(&users, "acme", "acme-pw", &["--tenant", "t0003"]);
     let serve = Serve::start(&server, &data, &users, &[]);
     let acme = serve.dsn("acme", "acme-pw");
@@ -325,11 +348,12 @@ fn a_tenant_account_learns_nothing_of_other_tenants_volume() {
 
 #[test]
 fn a_cursor_does_not_outlive_a_narrowed_account() {
-    let server = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let data = published(&server, dir.path(), 8);
-    let users = dir.path().join("users.toml");
-    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    let World {
+        server,
+        data,
+        users,
+        _dir,
+    } = world(8);
     let serve = Serve::start(&server, &data, &users, &[]);
     let out = client(
         "narrowed",
@@ -347,11 +371,12 @@ fn a_cursor_does_not_outlive_a_narrowed_account() {
 
 #[test]
 fn an_unknown_users_salt_is_stable_across_restarts() {
-    let server = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let data = published(&server, dir.path(), 2);
-    let users = dir.path().join("users.toml");
-    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    let World {
+        server,
+        data,
+        users,
+        _dir,
+    } = world(2);
     let salt = |serve: &Serve, user: &str| -> Value {
         client(
             "scram_salt",

@@ -403,48 +403,50 @@ fn check_inputs(name: &str, call: &ScalarFunctionArgs) -> Result<()> {
     }
     if name == "levenshtein" {
         let (a, b) = (args.lens(0), args.lens(1));
-        let mut total = 0u64;
-        for (x, y) in a.iter().zip(&b) {
-            let work = x.saturating_mul(*y);
-            if work > MAX_PAIR_WORK {
-                return Err(too_large(
-                    name,
-                    format!(
-                        "comparing strings of {x} and {y} bytes takes {work} steps, over the {MAX_PAIR_WORK} allowed per row"
-                    ),
-                ));
-            }
-            total = total.saturating_add(work);
-        }
-        if total > MAX_CALL_WORK {
-            return Err(too_large(
-                name,
-                format!("the call takes {total} steps, over the {MAX_CALL_WORK} allowed"),
-            ));
-        }
-        return Ok(());
+        let steps = a.iter().zip(&b).map(|(x, y)| x.saturating_mul(*y));
+        return check_costs(
+            name,
+            steps,
+            MAX_PAIR_WORK,
+            MAX_CALL_WORK,
+            "comparison steps",
+        );
     }
     let Some(per_row) = predicted(name, &args) else {
         return Ok(());
     };
+    check_costs(
+        name,
+        per_row,
+        MAX_VALUE_BYTES,
+        MAX_CALL_BYTES,
+        "bytes of result",
+    )
+}
+
+/// Refuses a call one of whose rows costs more than `per_row`, or whose
+/// rows together cost more than `per_call` (`what` names the cost).
+fn check_costs(
+    name: &str,
+    costs: impl IntoIterator<Item = u64>,
+    per_row: u64,
+    per_call: u64,
+    what: &str,
+) -> Result<()> {
     let mut total = 0u64;
-    for bytes in per_row {
-        if bytes > MAX_VALUE_BYTES {
+    for cost in costs {
+        if cost > per_row {
             return Err(too_large(
                 name,
-                format!(
-                    "one value of its result would take {bytes} bytes, over the {MAX_VALUE_BYTES} a value may"
-                ),
+                format!("one row needs {cost} {what}, over the {per_row} allowed per row"),
             ));
         }
-        total = total.saturating_add(bytes);
+        total = total.saturating_add(cost);
     }
-    if total > MAX_CALL_BYTES {
+    if total > per_call {
         return Err(too_large(
             name,
-            format!(
-                "its result would take {total} bytes, over the {MAX_CALL_BYTES} one call may make"
-            ),
+            format!("the call needs {total} {what}, over the {per_call} allowed per call"),
         ));
     }
     Ok(())

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::RuntimeError;
-use super::restore::for_each_archived;
 use crate::config::Settings;
 use crate::event::alert::Alert;
 use crate::event::{Event, Limits, validate_message};
@@ -22,7 +21,6 @@ use crate::sink::dlq::DeadLetter;
 use crate::state::dedup::{self, Dedup};
 use crate::store::DataDir;
 use crate::store::checkpoint::Checkpoint;
-use crate::store::parquet::read_parquet;
 
 /// One message as the processor sees it.
 pub struct Incoming<'a> {
@@ -56,6 +54,10 @@ pub struct Processor {
     /// which thread runs an operator depends on it, never a result.
     costs: Vec<Duration>,
     live: bool,
+    /// Operators rebuilding from the archive during a restore.
+    restoring: Vec<usize>,
+    /// Archived events folded by the current restore.
+    restored: u64,
     /// Rows written per versioned view since its last snapshot (compaction policy).
     versions_written: HashMap<&'static str, usize>,
     /// In-memory state of the checkpoint (counts, positions); saved by the shell.
@@ -71,6 +73,8 @@ impl Processor {
             operators: operator::registry(settings),
             costs: Vec::new(),
             live: true,
+            restoring: Vec::new(),
+            restored: 0,
             versions_written: HashMap::new(),
             checkpoint,
         }
@@ -279,55 +283,70 @@ impl Processor {
         Ok(out)
     }
 
-    /// Restores the state at start-up in one pass over the `events`
-    /// archive: the dedup horizon (the archive holds exactly the accepted
-    /// events, in the order they were inserted, so re-inserting them gives
-    /// the same horizon, evictions included) and the operators that rebuild
-    /// from the archive (silently). Then every versioned view folds its
-    /// stored rows back.
-    pub fn restore(&mut self, data_dir: &DataDir) -> Result<(), RuntimeError> {
-        let rebuild: Vec<usize> = (0..self.operators.len())
+    /// Starts rebuilding the state at start-up, without any I/O of its
+    /// own: the caller hands over every archived event in stream order
+    /// ([`Processor::restore_archived`]), then the stored rows of each
+    /// versioned view ([`Processor::restore_view`]), then
+    /// [`Processor::finish_restore`]. Operators that rebuild from the
+    /// archive are quiet (no alerts) until then.
+    pub fn start_restore(&mut self) {
+        self.restoring = (0..self.operators.len())
             .filter(|i| self.operators[*i].rebuilds_from_archive())
             .collect();
-        for i in &rebuild {
+        for i in &self.restoring {
             self.operators[*i].set_live(false);
         }
-        let mut replayed = 0u64;
-        for_each_archived(data_dir, |event| {
-            self.dedup.admit(
-                dedup::key(&event.tenant, &event.source, &event.id),
-                event.published_at,
-            );
-            let sub = SubEvent::from_event(event).map(Arc::new);
-            for i in &rebuild {
-                self.operators[*i].apply_with(event, sub.as_ref());
-            }
-            replayed += 1;
-        })?;
-        for i in &rebuild {
+        self.restored = 0;
+    }
+
+    /// One archived event: remembered for dedup, and folded by the
+    /// operators that rebuild from the archive.
+    pub fn restore_archived(&mut self, event: &Event) {
+        self.dedup.admit(
+            dedup::key(&event.tenant, &event.source, &event.id),
+            event.published_at,
+        );
+        let sub = SubEvent::from_event(event).map(Arc::new);
+        for i in &self.restoring {
+            self.operators[*i].apply_with(event, sub.as_ref());
+        }
+        self.restored += 1;
+    }
+
+    /// The views whose stored rows [`Processor::restore_view`] takes (the
+    /// versioned ones), once the archive is folded.
+    pub fn versioned_views(&mut self) -> Result<Vec<&'static str>, RuntimeError> {
+        for i in &self.restoring {
             let op = &mut self.operators[*i];
             op.take_rows(0)?;
             op.take_alerts();
         }
         debug!(
-            replayed,
+            replayed = self.restored,
             dedup_entries = self.dedup.len(),
             "state re-folded from the events archive"
         );
-        for op in &mut self.operators {
-            if op.storage() == Storage::Append {
-                continue;
-            }
-            for file in data_dir.view(op.view()).files()? {
-                for batch in read_parquet(&file.path)? {
-                    op.restore(&batch?)?;
-                }
-            }
-        }
-        for i in &rebuild {
-            self.operators[*i].set_live(self.live);
+        Ok(self
+            .operators
+            .iter()
+            .filter(|op| op.storage() != Storage::Append)
+            .map(|op| op.view())
+            .collect())
+    }
+
+    /// Stored rows of versioned view `view`.
+    pub fn restore_view(&mut self, view: &str, batch: &RecordBatch) -> Result<(), RuntimeError> {
+        if let Some(op) = self.operators.iter_mut().find(|op| op.view() == view) {
+            op.restore(batch)?;
         }
         Ok(())
+    }
+
+    /// Ends the restore: the rebuilt operators go back to the run's mode.
+    pub fn finish_restore(&mut self) {
+        for i in std::mem::take(&mut self.restoring) {
+            self.operators[i].set_live(self.live);
+        }
     }
 
     /// Whether alerts are published (a live run) or not (replay).

@@ -62,8 +62,24 @@ pub fn open_state(
             );
         }
     }
-    processor.restore(data_dir)?;
+    restore(&mut processor, data_dir)?;
     Ok(processor)
+}
+
+/// Rebuilds `processor`'s state from `data_dir`: the `events` archive, then
+/// the stored rows of the versioned views (the processor does no I/O).
+fn restore(processor: &mut Processor, data_dir: &DataDir) -> Result<(), RuntimeError> {
+    processor.start_restore();
+    for_each_archived(data_dir, |e| processor.restore_archived(e))?;
+    for view in processor.versioned_views()? {
+        for file in data_dir.view(view).files()? {
+            for batch in read_parquet(&file.path)? {
+                processor.restore_view(view, &batch?)?;
+            }
+        }
+    }
+    processor.finish_restore();
+    Ok(())
 }
 
 /// Calls `f` with every archived event, in stream order.

@@ -18,7 +18,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde_json::{Map, Value, json};
 
-use super::http::{Http, account_of, stream_state, unauthorized};
+use super::web::{Http, account_of, stream_state, unauthorized};
 use crate::query::{QueryError, Scope};
 
 const ECHARTS: &[u8] = include_bytes!("../../assets/echarts/echarts.min.js");

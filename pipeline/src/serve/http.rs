@@ -4,33 +4,17 @@
 //! the pages of [`super::dashboard`].
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use base64::Engine;
 use tokio::net::TcpListener;
 
+use super::web::{Http, basic_account, stream_state, unauthorized};
 use super::{ServeError, Shared};
 use crate::query::Scope;
-
-/// How long `/healthz` and `/metrics` wait for NATS.
-const NATS_WAIT: Duration = Duration::from_secs(2);
-
-pub struct Http {
-    pub shared: Arc<Shared>,
-    /// Where the stream's last sequence comes from.
-    stream: crate::source::jetstream::StreamWatch,
-}
-
-/// The stream's last sequence and the time of its last message (µs), if
-/// NATS answers in time.
-pub async fn stream_state(http: &Http) -> Result<(u64, i64), String> {
-    http.stream.last_position(NATS_WAIT).await
-}
 
 async fn healthz(State(http): State<Arc<Http>>) -> Response {
     let shared = &http.shared;
@@ -84,33 +68,6 @@ async fn healthz(State(http): State<Arc<Http>>) -> Response {
     }
 }
 
-/// The account of a request's Basic credentials, if the password is right.
-pub fn account_of(http: &Http, headers: &HeaderMap) -> Option<super::accounts::Account> {
-    basic_account(&http.shared, headers)
-}
-
-/// The account of a Basic `Authorization` header, if the password is right.
-fn basic_account(shared: &Shared, headers: &HeaderMap) -> Option<super::accounts::Account> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let encoded = value.strip_prefix("Basic ")?;
-    let decoded =
-        String::from_utf8(super::flight::LENIENT_B64.decode(encoded.trim()).ok()?).ok()?;
-    let (user, password) = decoded.split_once(':')?;
-    shared.login(user, password)
-}
-
-pub fn unauthorized() -> Response {
-    (
-        StatusCode::UNAUTHORIZED,
-        [(
-            header::WWW_AUTHENTICATE,
-            "Basic realm=\"tally\", charset=\"UTF-8\"",
-        )],
-        "log in with a tally account (HTTP Basic)\n",
-    )
-        .into_response()
-}
-
 async fn metrics(State(http): State<Arc<Http>>, headers: HeaderMap) -> Response {
     let shared = &http.shared;
     let Some(account) = basic_account(shared, &headers) else {
@@ -141,10 +98,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     stopped: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let state = Arc::new(Http {
-        stream: crate::source::jetstream::StreamWatch::new(&shared.nats_url, &shared.stream),
-        shared,
-    });
+    let state = Arc::new(Http::new(shared));
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))

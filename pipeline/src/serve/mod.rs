@@ -1,8 +1,10 @@
 //! `tally serve`: the views on the network, read-only, for accounts.
 //!
 //! Three listeners share one [`Shared`]: the Postgres wire protocol
-//! ([`pg`]), Arrow Flight SQL ([`flight`]) and HTTP for health and metrics
-//! ([`http`], with the dashboard and tenant pages of [`dashboard`]). Every
+//! ([`pg`], with what it tells clients about itself in [`postgres`]),
+//! Arrow Flight SQL ([`flight`]) and HTTP for health and metrics ([`http`],
+//! with the dashboard and tenant pages of [`dashboard`]; what both use is
+//! in [`web`]). Every
 //! query goes through [`views::Views`], which answers
 //! from exactly one checkpoint for the account's tenant scope, and through
 //! the same read-only guard as `tally sql`. Accounts come from the users
@@ -16,8 +18,10 @@ pub mod http;
 pub mod metrics;
 pub mod numeric;
 pub mod pg;
+pub mod postgres;
 pub mod scram;
 pub mod views;
+pub mod web;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

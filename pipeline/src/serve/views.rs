@@ -256,7 +256,7 @@ impl Views {
                 cause: *e,
             }
         })?;
-        super::pg::register_functions(&session.ctx);
+        super::postgres::register_functions(&session.ctx);
         query::bounded::bound_functions(&session.ctx);
         Ok(Snapshot {
             ctx: session.ctx,
