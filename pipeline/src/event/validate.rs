@@ -379,6 +379,16 @@ fn optional_str<'a>(
     }
 }
 
+/// An optional `data` field: JSON `null` is the field absent (the
+/// contract's rule for every optional field of `data`).
+fn optional_data_str<'a>(
+    raw: Option<&'a RawValue>,
+    name: &str,
+) -> Result<Option<Cow<'a, str>>, Reject> {
+    let raw = raw.filter(|r| r.get().trim() != "null");
+    optional_str(raw, name, data_err)
+}
+
 fn env_err(s: String) -> Reject {
     envelope(s)
 }
@@ -717,7 +727,7 @@ fn data_checked<'a>(
 }
 
 fn data_time(raw: Option<&RawValue>, name: &str) -> Result<Option<i64>, Reject> {
-    match optional_str(raw, &format!("data.{name}"), data_err)? {
+    match optional_data_str(raw, &format!("data.{name}"))? {
         None => Ok(None),
         Some(t) => parse_rfc3339_micros(&t).map(Some).ok_or_else(|| {
             bad_data(format!(
@@ -820,7 +830,7 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
     };
     Ok(match event_type {
         "tenant.created" => Payload::TenantCreated {
-            name: optional_str(d.name, "data.name", data_err)?.map(Cow::into_owned),
+            name: optional_data_str(d.name, "data.name")?.map(Cow::into_owned),
         },
         "catalog.plan_published" => {
             let plan = plan(&d)?;
@@ -837,7 +847,7 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
                 limits.insert(m, v);
             }
             let mut overage = BTreeMap::new();
-            if let Some(o) = d.overage {
+            if let Some(o) = d.overage.filter(|r| r.get().trim() != "null") {
                 for (m, price) in object_entries(o, "overage")? {
                     if !is_metric_name(&m) {
                         return Err(bad_data(format!(
@@ -888,7 +898,7 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
         "subscription.plan_changed" => Payload::PlanChanged(terms(&d, None)?),
         "subscription.cancelled" => Payload::SubscriptionCancelled {
             subscription_id: data_nonempty(d.subscription_id, "subscription_id")?,
-            reason: optional_str(d.reason, "data.reason", data_err)?.map(Cow::into_owned),
+            reason: optional_data_str(d.reason, "data.reason")?.map(Cow::into_owned),
             effective_at: data_time(d.effective_at, "effective_at")?,
         },
         "usage.recorded" => {
@@ -958,6 +968,47 @@ mod tests {
             e.data.as_deref(),
             Some(r#"{"metric":"api_calls","quantity":"12.5"}"#)
         );
+    }
+
+    /// An optional `data` field sent as `null` is absent.
+    #[test]
+    fn a_null_optional_data_field_is_absent() {
+        let ev = |ty: &str, data: &str| {
+            format!(
+                r#"{{"specversion":"1.0","id":"n1","source":"svc","type":"{ty}","time":"2025-12-31T23:00:00Z","tenant":"acme","data":{data}}}"#
+            )
+        };
+        let cases = [
+            ("tenant.created", r#"{"name":null}"#),
+            (
+                "subscription.started",
+                r#"{"subscription_id":"s1","plan":"pro","billing_cycle":"monthly","price":100,"currency":"USD","trial_ends_at":null}"#,
+            ),
+            (
+                "subscription.cancelled",
+                r#"{"subscription_id":"s1","reason":null,"effective_at":null}"#,
+            ),
+        ];
+        for (ty, data) in cases {
+            let e = msg(&ev(ty, data), &format!("tally.events.acme.{ty}"));
+            assert!(e.is_ok(), "{ty} {data}: {:?}", e.err().map(|r| r.detail));
+        }
+        let plan = ev(
+            "catalog.plan_published",
+            r#"{"plan":"pro","currency":"USD","limits":{"api_calls":10},"overage":null}"#,
+        )
+        .replace(r#""tenant":"acme""#, r#""tenant":"_system""#);
+        let e = msg(&plan, "tally.events._system.catalog.plan_published");
+        assert!(e.is_ok(), "{:?}", e.err().map(|r| r.detail));
+        // A required field is still required.
+        let e = msg(
+            &ev(
+                "usage.recorded",
+                r#"{"metric":"api_calls","quantity":null}"#,
+            ),
+            "tally.events.acme.usage.recorded",
+        );
+        assert_eq!(e.unwrap_err().reason, DlqReason::InvalidData);
     }
 
     #[test]
