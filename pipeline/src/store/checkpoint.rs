@@ -43,7 +43,7 @@ pub enum CheckpointError {
     },
     /// The checkpoint of an object-storage location.
     #[error(transparent)]
-    Remote(#[from] super::remote::RemoteError),
+    Remote(#[from] super::remote::error::RemoteError),
 }
 
 /// Outcome counters, cumulative over the stream prefix processed.
