@@ -22,6 +22,9 @@ pub mod tenants;
 pub mod usage;
 pub mod window;
 
+#[cfg(test)]
+pub(crate) mod testing;
+
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -182,65 +185,6 @@ pub trait Operator: Send {
     }
     /// Live runs publish alerts; restore and replay do not.
     fn set_live(&mut self, _live: bool) {}
-}
-
-/// A validated event for operator tests: the JSON envelope built from its
-/// parts and validated as `tally run` would (publish time far ahead, and no
-/// age limit, so any event time is accepted).
-#[cfg(test)]
-pub(crate) fn test_event(
-    id: &str,
-    source: &str,
-    tenant: &str,
-    ty: &str,
-    time: &str,
-    data: &str,
-) -> Event {
-    use crate::event::{Limits, validate_message};
-    let json = format!(
-        r#"{{"specversion":"1.0","id":"{id}","source":"{source}","type":"{ty}","time":"{time}","tenant":"{tenant}","data":{data}}}"#
-    );
-    validate_message(
-        json.as_bytes(),
-        &format!("tally.events.{tenant}.{ty}"),
-        "tally.events",
-        1,
-        i64::MAX / 2,
-        &Limits {
-            max_event_age_us: i64::MAX,
-            ..Limits::default()
-        },
-    )
-    .unwrap()
-}
-
-/// The events of a generated SaaS (`tally generate`), validated, for
-/// operator tests over realistic streams.
-#[cfg(test)]
-pub(crate) fn generated_events(
-    tenants: u32,
-    months: u32,
-    seed: u64,
-    start_year: i32,
-    activity: bool,
-) -> Vec<Event> {
-    use crate::generator::{GenerateConfig, generate};
-    let cfg = GenerateConfig {
-        tenants,
-        months,
-        seed,
-        start_year,
-        start_month: 1,
-        source: "g".into(),
-        activity,
-    };
-    let mut text = Vec::new();
-    generate(&cfg, &mut text).unwrap();
-    let limits = crate::event::Limits::default();
-    text.split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| crate::event::validate_payload(l, &limits).unwrap())
-        .collect()
 }
 
 /// Every operator, in one explicit list.

@@ -432,11 +432,7 @@ impl Operator for MrrOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::test_event;
-
-    fn ev(id: &str, tenant: &str, ty: &str, time: &str, data: &str) -> Event {
-        test_event(id, "s", tenant, ty, time, data)
-    }
+    use crate::operator::testing::ev;
 
     fn start(id: &str, t: &str, time: &str, sub: &str, price: i64, extra: &str) -> Event {
         ev(
@@ -599,7 +595,7 @@ mod tests {
     /// clock months only appended) against arrival orders and batchings.
     #[test]
     fn a_generated_saas_gives_the_same_rows_in_any_order_and_batching() {
-        let events = crate::operator::generated_events(60, 18, 5, 2024, false);
+        let events = crate::operator::testing::generated_events(60, 18, 5, 2024, false);
         let expected = view(&events, events.len());
         assert!(expected.len() > 200, "{} rows", expected.len());
         // A deterministic shuffle: a linear congruential walk.

@@ -653,12 +653,8 @@ impl Operator for OveragesOperator {
 mod tests {
     use super::*;
     use crate::event::time::MICROS;
-    use crate::operator::test_event;
+    use crate::operator::testing::ev;
     use std::collections::BTreeMap;
-
-    fn ev(id: &str, tenant: &str, ty: &str, time: &str, data: &str) -> Event {
-        test_event(id, "s", tenant, ty, time, data)
-    }
 
     fn plan(id: &str, time: &str, plan: &str, limits: &str, overage: &str) -> Event {
         ev(
@@ -1174,7 +1170,7 @@ mod tests {
     /// same alerts, with the same times.
     #[test]
     fn alerts_do_not_depend_on_batching() {
-        let events = crate::operator::generated_events(25, 6, 9, 2025, true);
+        let events = crate::operator::testing::generated_events(25, 6, 9, 2025, true);
         let alerts = |batch: usize| {
             let mut op = OveragesOperator::new(300 * MICROS);
             let mut out = Vec::new();

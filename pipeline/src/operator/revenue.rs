@@ -185,7 +185,7 @@ impl Operator for RevenueOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::test_event;
+    use crate::operator::testing::test_event;
 
     fn invoice(id: &str, ty: &str, time: &str, amount: i64, currency: &str) -> Event {
         test_event(

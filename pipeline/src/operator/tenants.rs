@@ -359,11 +359,7 @@ impl Operator for TenantsOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::test_event;
-
-    fn ev(id: &str, tenant: &str, ty: &str, time: &str, data: &str) -> Event {
-        test_event(id, "s", tenant, ty, time, data)
-    }
+    use crate::operator::testing::ev;
 
     /// `tenant,name,plan,status,mrr,revenue_to_date` of the rows written.
     /// The rows cut, sorted (their order in a batch carries no meaning).

@@ -449,7 +449,7 @@ pub(crate) fn captured_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::test_event;
+    use crate::operator::testing::test_event;
     use arrow::util::pretty::pretty_format_batches;
 
     fn usage(id: &str, source: &str, tenant: &str, metric: &str, time: &str, q: &str) -> Event {
