@@ -26,7 +26,9 @@ use std::any::Any;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray};
-use arrow::datatypes::{DataType, FieldRef, Int64Type, IntervalMonthDayNanoType, TimeUnit};
+use arrow::datatypes::{
+    ArrowPrimitiveType, DataType, FieldRef, Int64Type, IntervalMonthDayNanoType, TimeUnit,
+};
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::{ExprSchema, ScalarValue};
 use datafusion::error::{DataFusionError, Result};
@@ -309,28 +311,37 @@ impl Args<'_> {
         }
     }
 
+    /// Argument `i` cast through `types` in turn, per row (a literal in
+    /// every row; `None` in a row: null). `None` when the argument is
+    /// absent or does not cast.
+    fn cast_per_row<T: ArrowPrimitiveType>(
+        &self,
+        i: usize,
+        types: &[DataType],
+    ) -> Option<Vec<Option<T::Native>>> {
+        let array = match self.arg(i)? {
+            ColumnarValue::Scalar(s) => s.to_array_of_size(1).ok()?,
+            ColumnarValue::Array(a) => Arc::clone(a),
+        };
+        let cast = types
+            .iter()
+            .try_fold(array, |a, t| arrow::compute::cast(&a, t).ok())?;
+        let values = cast.as_primitive::<T>();
+        Some(
+            (0..self.rows())
+                .map(|r| {
+                    let r = if values.len() == 1 { 0 } else { r };
+                    (r < values.len() && values.is_valid(r)).then(|| values.value(r))
+                })
+                .collect(),
+        )
+    }
+
     /// Argument `i` as whole numbers per row (`None`: null, absent or not
     /// a number).
     fn ints(&self, i: usize) -> Vec<Option<i64>> {
-        let rows = self.rows();
-        let Some(arg) = self.arg(i) else {
-            return vec![None; rows];
-        };
-        let array = match arg {
-            ColumnarValue::Scalar(s) => s.to_array_of_size(1).ok(),
-            ColumnarValue::Array(a) => Some(Arc::clone(a)),
-        };
-        let ints = array.and_then(|a| arrow::compute::cast(&a, &DataType::Int64).ok());
-        let Some(ints) = ints else {
-            return vec![None; rows];
-        };
-        let ints = ints.as_primitive::<Int64Type>();
-        (0..rows)
-            .map(|r| {
-                let r = if ints.len() == 1 { 0 } else { r };
-                (r < ints.len() && ints.is_valid(r)).then(|| ints.value(r))
-            })
-            .collect()
+        self.cast_per_row::<Int64Type>(i, &[DataType::Int64])
+            .unwrap_or_else(|| vec![None; self.rows()])
     }
 
     /// Bytes of argument `i`'s value in each row: the length of a string
@@ -574,61 +585,31 @@ fn series_lengths(args: &Args<'_>) -> Vec<u64> {
     });
     if temporal {
         let micros = |i: usize| -> Vec<Option<i64>> {
-            let Some(arg) = args.arg(i) else {
-                return vec![None; rows];
-            };
-            let array = match arg {
-                ColumnarValue::Scalar(s) => s.to_array_of_size(1).ok(),
-                ColumnarValue::Array(a) => Some(Arc::clone(a)),
-            };
-            let ts = array.and_then(|a| {
-                arrow::compute::cast(&a, &DataType::Timestamp(TimeUnit::Microsecond, None))
-                    .ok()
-                    .and_then(|t| arrow::compute::cast(&t, &DataType::Int64).ok())
-            });
-            let Some(ts) = ts else {
-                return vec![None; rows];
-            };
-            let ts = ts.as_primitive::<Int64Type>();
-            (0..rows)
-                .map(|r| {
-                    let r = if ts.len() == 1 { 0 } else { r };
-                    (r < ts.len() && ts.is_valid(r)).then(|| ts.value(r))
-                })
-                .collect()
+            args.cast_per_row::<Int64Type>(
+                i,
+                &[
+                    DataType::Timestamp(TimeUnit::Microsecond, None),
+                    DataType::Int64,
+                ],
+            )
+            .unwrap_or_else(|| vec![None; rows])
         };
-        let steps: Vec<Option<i64>> = {
-            let array = match args.arg(2) {
-                Some(ColumnarValue::Scalar(s)) => s.to_array_of_size(1).ok(),
-                Some(ColumnarValue::Array(a)) => Some(Arc::clone(a)),
-                None => None,
-            };
-            let mdn = array.and_then(|a| {
-                arrow::compute::cast(
-                    &a,
-                    &DataType::Interval(arrow::datatypes::IntervalUnit::MonthDayNano),
-                )
-                .ok()
-            });
-            match mdn {
-                Some(m) => {
-                    let m = m.as_primitive::<IntervalMonthDayNanoType>();
-                    (0..rows)
-                        .map(|r| {
-                            let r = if m.len() == 1 { 0 } else { r };
-                            (r < m.len() && m.is_valid(r)).then(|| {
-                                let v = m.value(r);
-                                let day = 23 * 3_600_000_000i64;
-                                i64::from(v.months)
-                                    .saturating_mul(28 * 24 * 3_600_000_000)
-                                    .saturating_add(i64::from(v.days).saturating_mul(day))
-                                    .saturating_add(v.nanoseconds / 1000)
-                            })
-                        })
-                        .collect()
-                }
-                None => vec![Some(86_400_000_000); rows],
-            }
+        let mdn = DataType::Interval(arrow::datatypes::IntervalUnit::MonthDayNano);
+        let steps: Vec<Option<i64>> = match args.cast_per_row::<IntervalMonthDayNanoType>(2, &[mdn])
+        {
+            Some(steps) => steps
+                .into_iter()
+                .map(|v| {
+                    v.map(|v| {
+                        let day = 23 * 3_600_000_000i64;
+                        i64::from(v.months)
+                            .saturating_mul(28 * 24 * 3_600_000_000)
+                            .saturating_add(i64::from(v.days).saturating_mul(day))
+                            .saturating_add(v.nanoseconds / 1000)
+                    })
+                })
+                .collect(),
+            None => vec![Some(86_400_000_000); rows],
         };
         let (start, stop) = (micros(0), micros(1));
         return (0..rows)
