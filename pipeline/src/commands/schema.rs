@@ -7,7 +7,7 @@ use std::io::Write;
 use super::{CommandError, Globals};
 
 /// (file name, contents) of every schema, the envelope first.
-pub const SCHEMAS: [(&str, &str); 10] = [
+pub const SCHEMAS: [(&str, &str); 11] = [
     (
         "envelope.json",
         include_str!("../../../schemas/envelope.json"),
@@ -47,6 +47,10 @@ pub const SCHEMAS: [(&str, &str); 10] = [
     (
         "invoice.refunded.json",
         include_str!("../../../schemas/invoice.refunded.json"),
+    ),
+    (
+        "event.voided.json",
+        include_str!("../../../schemas/event.voided.json"),
     ),
 ];
 

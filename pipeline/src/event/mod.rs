@@ -57,7 +57,7 @@ pub struct Event {
     /// appeared, values as the producer wrote them; `None` when there are
     /// none.
     pub extensions: Option<Text>,
-    /// The typed meaning of `data` for the nine metric-driving types.
+    /// The typed meaning of `data` for the ten metric-driving types.
     pub payload: Payload,
 }
 

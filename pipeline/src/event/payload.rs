@@ -1,4 +1,4 @@
-//! Typed `data` of the nine metric-driving event types. Everything the
+//! Typed `data` of the ten metric-driving event types. Everything the
 //! operators need is here, already validated: money in minor units (`i64`),
 //! quantities in nano-units (`i128`, see [`super::decimal`]), times in µs.
 
@@ -15,6 +15,8 @@ pub enum Aggregation {
     Count,
     Max,
     Latest,
+    /// The number of distinct `unique` values (events without one do not count).
+    UniqueCount,
 }
 
 impl Aggregation {
@@ -24,10 +26,25 @@ impl Aggregation {
             "count" => Some(Aggregation::Count),
             "max" => Some(Aggregation::Max),
             "latest" => Some(Aggregation::Latest),
+            "unique_count" => Some(Aggregation::UniqueCount),
             _ => None,
         }
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Aggregation::Sum => "sum",
+            Aggregation::Count => "count",
+            Aggregation::Max => "max",
+            Aggregation::Latest => "latest",
+            Aggregation::UniqueCount => "unique_count",
+        }
+    }
 }
+
+/// A usage event's `dimensions`: (key, value) pairs, keys in ascending byte
+/// order, at most eight.
+pub type Dimensions = Vec<(super::Text, super::Text)>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -81,12 +98,15 @@ pub struct SubscriptionTerms {
     pub currency: String,
     /// Only on `started`; µs.
     pub trial_ends_at: Option<i64>,
+    /// Billing periods start at this instant (µs) shifted by whole months;
+    /// `None`: calendar months (on `plan_changed`: keep the current anchor).
+    pub billing_anchor: Option<i64>,
 }
 
 /// The typed meaning of an accepted event's `data`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
-    /// Any type outside the nine: archived and counted, moves no metric.
+    /// Any type outside the ten: archived and counted, moves no metric.
     Other,
     TenantCreated {
         name: Option<String>,
@@ -95,6 +115,8 @@ pub enum Payload {
     MeterDefined {
         metric: String,
         aggregation: Aggregation,
+        /// Dimension keys that split the metric in `usage_by_dimension`.
+        group_by: Option<Vec<String>>,
     },
     SubscriptionStarted(SubscriptionTerms),
     PlanChanged(SubscriptionTerms),
@@ -106,6 +128,10 @@ pub enum Payload {
     UsageRecorded {
         metric: super::Text,
         quantity: i128,
+        /// The value a `unique_count` meter counts once per window or period.
+        unique: Option<super::Text>,
+        /// Boxed: most usage events carry none, and the variant stays small.
+        dimensions: Option<Box<Dimensions>>,
     },
     InvoicePaid {
         invoice_id: String,
@@ -117,10 +143,20 @@ pub enum Payload {
         amount: i64,
         currency: String,
     },
+    /// A correction: voids the tenant's accepted events with this
+    /// (`source`, `id`), except voids.
+    EventVoided {
+        target_source: super::Text,
+        target_id: super::Text,
+        reason: Option<String>,
+    },
 }
 
-/// The nine metric-driving types.
-pub const METRIC_TYPES: [&str; 9] = [
+/// The type of a correction.
+pub const VOIDED_TYPE: &str = "event.voided";
+
+/// The ten metric-driving types.
+pub const METRIC_TYPES: [&str; 10] = [
     "tenant.created",
     "catalog.plan_published",
     "catalog.meter_defined",
@@ -130,6 +166,7 @@ pub const METRIC_TYPES: [&str; 9] = [
     "usage.recorded",
     "invoice.paid",
     "invoice.refunded",
+    VOIDED_TYPE,
 ];
 
 pub fn is_metric_type(event_type: &str) -> bool {

@@ -16,7 +16,8 @@ use serde_json::value::RawValue;
 
 use super::decimal::{self, QuantityError};
 use super::payload::{
-    self, Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms,
+    self, Aggregation, BillingCycle, Dimensions, OveragePrice, Payload, PlanVersion,
+    SubscriptionTerms, VOIDED_TYPE,
 };
 use super::reason::{DlqReason, Reject};
 use super::time::{DAY_US, HOUR_US, MICROS, format_micros, parse_rfc3339_micros};
@@ -257,6 +258,18 @@ struct RawData<'a> {
     unit_price: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     per: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    unique: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    dimensions: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    group_by: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    billing_anchor: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    target_source: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    target_id: Option<&'a RawValue>,
 }
 
 /// Where a message came from; `None` parts skip the checks that need them
@@ -610,11 +623,11 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
             ),
         ));
     }
-    if metric_driving && !is_catalog && tenant == "_system" {
+    if metric_driving && !is_catalog && tenant == "_system" && event_type != VOIDED_TYPE {
         return Err(Reject::new(
             DlqReason::ForbiddenTenant,
             format!(
-                "tenant \"_system\" is reserved for catalog events and cannot send `{event_type}`"
+                "tenant \"_system\" is reserved for catalog events (and their voids) and cannot send `{event_type}`"
             ),
         ));
     }
@@ -808,6 +821,7 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
         data_checked(d.metric, "metric", is_metric_name, "^[a-z][a-z0-9_]{0,63}$")
     }
     let terms = |d: &RawData<'_>, trial: Option<i64>| -> Result<SubscriptionTerms, Reject> {
+        let billing_anchor = data_time(d.billing_anchor, "billing_anchor")?;
         let subscription_id = data_nonempty(d.subscription_id, "subscription_id")?;
         let plan = plan(d)?;
         let cycle_text = data_str(d.billing_cycle, "billing_cycle")?;
@@ -826,6 +840,7 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
             price,
             currency: currency.into_owned(),
             trial_ends_at: trial,
+            billing_anchor,
         })
     };
     Ok(match event_type {
@@ -882,13 +897,14 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
             let agg_text = data_str(d.aggregation, "aggregation")?;
             let aggregation = Aggregation::parse(&agg_text).ok_or_else(|| {
                 bad_data(format!(
-                    "`data.aggregation` must be one of sum, count, max, latest; got {}",
+                    "`data.aggregation` must be one of sum, count, max, latest, unique_count; got {}",
                     shown(&agg_text)
                 ))
             })?;
             Payload::MeterDefined {
                 metric: metric.into_owned(),
                 aggregation,
+                group_by: group_by(d.group_by)?,
             }
         }
         "subscription.started" => {
@@ -904,9 +920,15 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
         "usage.recorded" => {
             let metric = metric(&d)?;
             let quantity = quantity(field(d.quantity, "quantity")?, "data.quantity")?;
+            let unique = match optional_data_str(d.unique, "data.unique")? {
+                None => None,
+                Some(u) => Some(Text::from(&*chars_within(u, "unique", 1, MAX_UNIQUE)?)),
+            };
             Payload::UsageRecorded {
                 metric: Text::from(&*metric),
                 quantity,
+                unique,
+                dimensions: dimensions(d.dimensions)?.map(Box::new),
             }
         }
         "invoice.paid" | "invoice.refunded" => {
@@ -927,8 +949,167 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
                 }
             }
         }
+        VOIDED_TYPE => Payload::EventVoided {
+            target_source: Text::from(&*chars_within(
+                data_str(d.target_source, "target_source")?,
+                "target_source",
+                1,
+                MAX_SOURCE_CHARS,
+            )?),
+            target_id: Text::from(&*chars_within(
+                data_str(d.target_id, "target_id")?,
+                "target_id",
+                1,
+                MAX_ID_CHARS,
+            )?),
+            reason: match optional_data_str(d.reason, "data.reason")? {
+                None => None,
+                Some(r) => Some(chars_within(r, "reason", 0, MAX_VOID_REASON)?.into_owned()),
+            },
+        },
         _ => Payload::Other,
     })
+}
+
+/// Most entries in a usage event's `dimensions`.
+pub const MAX_DIMENSIONS: usize = 8;
+/// Longest dimension value, in characters.
+pub const MAX_DIMENSION_VALUE: usize = 128;
+/// Longest `unique` value, in characters.
+pub const MAX_UNIQUE: usize = 256;
+/// Most keys in a meter's `group_by`.
+pub const MAX_GROUP_BY: usize = 4;
+/// Longest `reason` of a void, in characters.
+pub const MAX_VOID_REASON: usize = 1024;
+const MAX_SOURCE_CHARS: usize = 256;
+const MAX_ID_CHARS: usize = 128;
+
+/// `s` if it has `min..=max` characters (Unicode code points).
+fn chars_within<'a>(
+    s: Cow<'a, str>,
+    name: &str,
+    min: usize,
+    max: usize,
+) -> Result<Cow<'a, str>, Reject> {
+    let n = s.chars().count();
+    if n < min || n > max {
+        return Err(bad_data(format!(
+            "`data.{name}` must have {min} to {max} characters, got {n}"
+        )));
+    }
+    Ok(s)
+}
+
+/// A dimension key (or `group_by` entry): the metric name pattern.
+fn is_dimension_key(s: &str) -> bool {
+    is_metric_name(s)
+}
+
+/// `data.dimensions`: absent or null, or an object of at most eight
+/// entries with dimension keys and string values of 1..128 characters;
+/// sorted by key.
+fn dimensions(raw: Option<&RawValue>) -> Result<Option<Dimensions>, Reject> {
+    let Some(r) = raw.filter(|r| r.get().trim() != "null") else {
+        return Ok(None);
+    };
+    if !r.get().starts_with('{') {
+        return Err(bad_data(format!(
+            "`data.dimensions` must be an object, got {}",
+            kind_of(r)
+        )));
+    }
+    let entries: Vec<(Cow<'_, str>, &RawValue)> = serde_json::from_str::<Entries<'_>>(r.get())
+        .map_err(|e| bad_data(format!("`data.dimensions` is not a valid object: {e}")))?
+        .0;
+    if entries.len() > MAX_DIMENSIONS {
+        return Err(bad_data(format!(
+            "`data.dimensions` may have at most {MAX_DIMENSIONS} entries, got {}",
+            entries.len()
+        )));
+    }
+    let mut out: Dimensions = Vec::with_capacity(entries.len());
+    for (k, v) in entries {
+        if !is_dimension_key(&k) {
+            return Err(bad_data(format!(
+                "`data.dimensions` key {} must match ^[a-z][a-z0-9_]{{0,63}}$",
+                shown(&k)
+            )));
+        }
+        let value = string_of(v).ok_or_else(|| {
+            bad_data(format!(
+                "`data.dimensions.{k}` must be a string, got {}",
+                kind_of(v)
+            ))
+        })?;
+        let value = chars_within(value, &format!("dimensions.{k}"), 1, MAX_DIMENSION_VALUE)?;
+        out.push((Text::from(&*k), Text::from(&*value)));
+    }
+    out.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    if out.windows(2).any(|w| w[0].0 == w[1].0) {
+        return Err(bad_data("`data.dimensions` has a repeated key"));
+    }
+    Ok(Some(out))
+}
+
+/// A JSON object's members in order, repeats kept (so they can be refused).
+struct Entries<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Entries<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Entries<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries<'de>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(k) = map.next_key_seed(AttributeName)? {
+                    let v: &'de RawValue = map.next_value()?;
+                    out.push((k, v));
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// `data.group_by`: absent or null, or 1..4 distinct dimension keys.
+fn group_by(raw: Option<&RawValue>) -> Result<Option<Vec<String>>, Reject> {
+    let Some(r) = raw.filter(|r| r.get().trim() != "null") else {
+        return Ok(None);
+    };
+    let keys: Vec<String> = if r.get().starts_with('[') {
+        serde_json::from_str(r.get())
+            .map_err(|_| bad_data("`data.group_by` must be an array of dimension keys (strings)"))?
+    } else {
+        return Err(bad_data(format!(
+            "`data.group_by` must be an array, got {}",
+            kind_of(r)
+        )));
+    };
+    if keys.is_empty() || keys.len() > MAX_GROUP_BY {
+        return Err(bad_data(format!(
+            "`data.group_by` must have 1 to {MAX_GROUP_BY} keys, got {}",
+            keys.len()
+        )));
+    }
+    for (i, k) in keys.iter().enumerate() {
+        if !is_dimension_key(k) {
+            return Err(bad_data(format!(
+                "`data.group_by` key {} must match ^[a-z][a-z0-9_]{{0,63}}$",
+                shown(k)
+            )));
+        }
+        if keys[..i].contains(k) {
+            return Err(bad_data(format!(
+                "`data.group_by` repeats the key {}",
+                shown(k)
+            )));
+        }
+    }
+    Ok(Some(keys))
 }
 
 #[cfg(test)]
@@ -961,7 +1142,9 @@ mod tests {
             e.payload,
             Payload::UsageRecorded {
                 metric: "api_calls".into(),
-                quantity: 12_500_000_000
+                quantity: 12_500_000_000,
+                unique: None,
+                dimensions: None,
             }
         );
         assert_eq!(

@@ -1,6 +1,7 @@
 //! The catalog: plan versions (`catalog.plan_published`) and meter
 //! definitions (`catalog.meter_defined`), kept whole so that any period can
-//! resolve the version in effect for it, however late a version arrives.
+//! resolve the version in effect for it, however late a version arrives,
+//! and so that a void of one leaves the others in force.
 
 use std::collections::HashMap;
 
@@ -12,8 +13,16 @@ type OrderKey = (i64, String, String);
 pub struct Catalog {
     /// plan -> versions sorted by (`time`, `source`, `id`).
     plans: HashMap<String, Vec<(OrderKey, PlanVersion)>>,
-    /// metric -> the greatest (`time`, `source`, `id`) definition.
-    meters: HashMap<String, (OrderKey, Aggregation)>,
+    /// metric -> its definitions sorted by (`time`, `source`, `id`): the
+    /// last one is in force.
+    meters: HashMap<String, Vec<(OrderKey, Meter)>>,
+}
+
+/// A meter definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meter {
+    pub aggregation: Aggregation,
+    pub group_by: Option<Vec<String>>,
 }
 
 impl Catalog {
@@ -32,14 +41,44 @@ impl Catalog {
             Payload::MeterDefined {
                 metric,
                 aggregation,
+                group_by,
             } => {
                 let key = key();
-                let slot = self
-                    .meters
-                    .entry(metric.clone())
-                    .or_insert_with(|| (key.clone(), *aggregation));
-                if key >= slot.0 {
-                    *slot = (key, *aggregation);
+                let defs = self.meters.entry(metric.clone()).or_default();
+                let pos = defs.partition_point(|(k, _)| *k < key);
+                let meter = Meter {
+                    aggregation: *aggregation,
+                    group_by: group_by.clone(),
+                };
+                defs.insert(pos, (key, meter));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes a catalog event back out (a void of it); returns whether it
+    /// was one.
+    pub fn remove(&mut self, e: &Event) -> bool {
+        let key = || (e.time, e.source.to_string(), e.id.to_string());
+        match &e.payload {
+            Payload::PlanPublished(v) => {
+                let key = key();
+                if let Some(versions) = self.plans.get_mut(&v.plan) {
+                    versions.retain(|(k, _)| *k != key);
+                    if versions.is_empty() {
+                        self.plans.remove(&v.plan);
+                    }
+                }
+                true
+            }
+            Payload::MeterDefined { metric, .. } => {
+                let key = key();
+                if let Some(defs) = self.meters.get_mut(metric) {
+                    defs.retain(|(k, _)| *k != key);
+                    if defs.is_empty() {
+                        self.meters.remove(metric);
+                    }
                 }
                 true
             }
@@ -61,6 +100,13 @@ impl Catalog {
 
     /// The aggregation of `metric`: the latest definition over the whole stream, `sum` if none.
     pub fn aggregation(&self, metric: &str) -> Aggregation {
-        self.meters.get(metric).map(|(_, a)| *a).unwrap_or_default()
+        self.meter(metric)
+            .map(|m| m.aggregation)
+            .unwrap_or_default()
+    }
+
+    /// The definition of `metric` in force: the latest over the whole stream.
+    pub fn meter(&self, metric: &str) -> Option<&Meter> {
+        self.meters.get(metric)?.last().map(|(_, m)| m)
     }
 }

@@ -12,7 +12,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
-use super::{Operator, OperatorError};
+use super::{Ledger, Operator, OperatorError, Target};
 use crate::event::{Event, Text, payload_from_archive};
 
 pub const VIEW: &str = "events";
@@ -124,6 +124,14 @@ impl Operator for EventsArchive {
         self.dataschema.append_option(e.dataschema.as_deref());
         self.extensions.append_option(e.extensions.as_deref());
     }
+
+    /// The archive holds every accepted event, voided or not.
+    fn observe_voided(&mut self, e: &Event) {
+        self.apply(e);
+    }
+
+    /// The archive is the audit trail: a void removes nothing from it.
+    fn retract(&mut self, _void: &Event, _targets: &[Target], _ledger: &Ledger) {}
 
     fn take_rows(&mut self, _seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
         if self.rows == 0 {

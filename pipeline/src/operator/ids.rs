@@ -69,4 +69,11 @@ impl SeriesIds {
         self.ids.insert(self.scratch.as_str().into(), id);
         (id, true)
     }
+
+    /// The id of (`tenant`, `metric`) if seen (allocates: not for a hot path).
+    pub(crate) fn get(&self, tenant: &str, metric: &str) -> Option<u32> {
+        self.ids
+            .get(format!("{tenant}\u{1f}{metric}").as_str())
+            .copied()
+    }
 }

@@ -11,8 +11,10 @@
 //! the query layer shows the latest version per key.
 
 pub mod catalog;
+pub mod corrections;
 pub mod events;
 mod ids;
+pub mod ledger;
 pub mod mrr;
 pub mod overages;
 pub mod revenue;
@@ -34,7 +36,29 @@ use crate::config::Settings;
 use crate::event::Event;
 use crate::event::alert::Alert;
 pub(crate) use ids::{FixedState, Names, SeriesIds};
+pub use ledger::{Ledger, Target, Verdict};
 use subscription::SubEvent;
+
+/// One accepted message as the views see it, in stream order (the
+/// [`ledger`] decides which).
+#[derive(Debug, Clone, Copy)]
+pub enum Step<'a> {
+    /// An effective event (a void is one too: it cannot be voided), with
+    /// its subscription change if it carries one.
+    Apply {
+        event: &'a Event,
+        sub: Option<&'a Arc<SubEvent>>,
+    },
+    /// An accepted event that the voids at `by` named before it arrived:
+    /// archived and on the stream clock, in no other view.
+    Voided { event: &'a Event, by: &'a [u64] },
+    /// The void `void`, applied just before, takes these events out of
+    /// every view but the archive.
+    Retract {
+        void: &'a Event,
+        targets: &'a [Target],
+    },
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
@@ -185,6 +209,22 @@ pub trait Operator: Send {
     }
     /// Live runs publish alerts; restore and replay do not.
     fn set_live(&mut self, _live: bool) {}
+    /// Folds one step, in stream order. `ledger` has classified the whole
+    /// batch: [`Ledger::usage_after`] shows the usage history as it is
+    /// right after a given message.
+    fn step(&mut self, step: &Step<'_>, ledger: &Ledger) {
+        match *step {
+            Step::Apply { event, sub } => self.apply_with(event, sub),
+            Step::Voided { event, .. } => self.observe_voided(event),
+            Step::Retract { void, targets } => self.retract(void, targets, ledger),
+        }
+    }
+    /// An accepted event that counts in no view (it is voided): the views
+    /// that keep the stream clock still see its time.
+    fn observe_voided(&mut self, _event: &Event) {}
+    /// Takes `targets`, voided by `void`, out of the view, as if they had
+    /// never been accepted. Every operator says what that means for it.
+    fn retract(&mut self, void: &Event, targets: &[Target], ledger: &Ledger);
 }
 
 /// Every operator, in one explicit list.
@@ -196,6 +236,7 @@ pub fn registry(settings: &Settings) -> Vec<Box<dyn Operator>> {
         Box::new(mrr::MrrOperator::new()),
         Box::new(revenue::RevenueOperator::new()),
         Box::new(tenants::TenantsOperator::new()),
+        Box::new(corrections::CorrectionsOperator::new()),
     ]
 }
 
@@ -240,7 +281,7 @@ mod tests {
         let expected = [
             (
                 "usage",
-                "tenant, metric, granularity, window_start, window_end, events, sum, min, max, last",
+                "tenant, metric, granularity, window_start, window_end, events, sum, min, max, last, unique_count",
             ),
             (
                 "overages",
@@ -253,6 +294,10 @@ mod tests {
             (
                 "revenue",
                 "month, tenant, currency, paid, refunded, net, invoices_paid",
+            ),
+            (
+                "corrections",
+                "stream_seq, published_at, tenant, target_source, target_id, reason, targets, first_target_seq",
             ),
             (
                 "tenants",

@@ -34,7 +34,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use super::FixedState;
 use super::subscription::{Change, History, SubEvent};
 use super::window::{month_bounds, month_date32};
-use super::{Names, Operator, OperatorError, Storage};
+use super::{Ledger, Names, Operator, OperatorError, Storage, Target};
 use crate::event::Event;
 
 pub const VIEW: &str = "mrr";
@@ -400,6 +400,33 @@ impl Operator for MrrOperator {
                     t.currencies.push(id);
                 }
             }
+            t.dirty = true;
+        }
+    }
+
+    fn observe_voided(&mut self, e: &Event) {
+        self.clock = Some(self.clock.map_or(e.time, |c| c.max(e.time)));
+    }
+
+    fn retract(&mut self, _void: &Event, targets: &[Target], _ledger: &Ledger) {
+        for target in targets {
+            let Some(sub) = SubEvent::from_event(&target.event) else {
+                continue;
+            };
+            let Some(t) = self.tenants.get_mut(target.event.tenant.as_str()) else {
+                continue;
+            };
+            if !t.history.remove(&sub) {
+                continue;
+            }
+            let (month, _) = month_bounds(sub.effective);
+            t.from = Some(t.from.map_or(month, |f| f.min(month)));
+            t.first_start = t
+                .history
+                .events()
+                .filter(|e| matches!(e.change, Change::Started(_)))
+                .map(|e| e.effective)
+                .min();
             t.dirty = true;
         }
     }

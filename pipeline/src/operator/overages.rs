@@ -17,8 +17,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    ArrayRef, Date32Array, Date32Builder, Decimal128Builder, Float64Builder, Int32Array,
-    Int32Builder, Int64Builder, RecordBatch, StringArray, StringBuilder,
+    ArrayRef, BooleanBuilder, Date32Array, Date32Builder, Decimal128Builder, Float64Builder,
+    Int32Array, Int32Builder, Int64Builder, RecordBatch, StringArray, StringBuilder,
     TimestampMicrosecondBuilder, UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -30,7 +30,7 @@ use super::slots::{Recent, Slots};
 use super::subscription::{History, SubEvent};
 use super::usage::Agg;
 use super::window::month_bounds;
-use super::{Operator, OperatorError, SeriesIds, Storage, required_column};
+use super::{Ledger, Operator, OperatorError, SeriesIds, Storage, Target, required_column};
 use crate::event::alert::Alert;
 use crate::event::decimal::{self, ONE, PRECISION, SCALE};
 use crate::event::time::{DAY_US, format_micros};
@@ -62,6 +62,9 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         // Bit set of the thresholds (80, 90, 100) already alerted: alerts happen once, across restarts.
         Field::new("alerted", DataType::Int32, false),
         Field::new("_seq", DataType::UInt64, false),
+        // Set when voids took the period's last usage event: the row is
+        // gone (and keeps its `alerted` bits: an alert is never repeated).
+        Field::new("_deleted", DataType::Boolean, false),
     ]))
 });
 
@@ -159,6 +162,7 @@ fn aggregation_name(a: Aggregation) -> &'static str {
         Aggregation::Count => "count",
         Aggregation::Max => "max",
         Aggregation::Latest => "latest",
+        Aggregation::UniqueCount => "unique_count",
     }
 }
 
@@ -172,6 +176,8 @@ fn used(agg: &Agg, aggregation: Aggregation) -> Option<i128> {
         Aggregation::Count => Some(i128::from(agg.events).saturating_mul(ONE)),
         Aggregation::Max => Some(agg.max),
         Aggregation::Latest => Some(agg.last),
+        // Events without a `unique` do not count: 0 when none has one.
+        Aggregation::UniqueCount => Some(i128::from(agg.unique_count().unwrap_or(0)) * ONE),
     }
 }
 
@@ -465,6 +471,7 @@ impl OveragesOperator {
         let mut period_end = TimestampMicrosecondBuilder::new().with_timezone("UTC");
         let mut alerted = Int32Builder::new();
         let mut seqs = UInt64Builder::new();
+        let mut deleted = BooleanBuilder::new();
         for key in keys {
             let Some(m) = self.months.get(key) else {
                 continue;
@@ -485,6 +492,7 @@ impl OveragesOperator {
             period_end.append_value(month_bounds(key.1).1);
             alerted.append_value(m.alerted);
             seqs.append_value(seq);
+            deleted.append_value(m.agg.events == 0);
         }
         let columns: Vec<ArrayRef> = vec![
             Arc::new(tenant.finish()),
@@ -502,6 +510,7 @@ impl OveragesOperator {
             Arc::new(period_end.finish()),
             Arc::new(alerted.finish()),
             Arc::new(seqs.finish()),
+            Arc::new(deleted.finish()),
         ];
         RecordBatch::try_new(Arc::clone(&SCHEMA), columns).map_err(err)
     }
@@ -521,7 +530,7 @@ impl Operator for OveragesOperator {
             key: &["tenant", "period", "metric"],
             internal: &["period_end", "alerted"],
             final_column: Some("period_end"),
-            deleted_column: None,
+            deleted_column: Some("_deleted"),
         }
     }
 
@@ -553,7 +562,13 @@ impl Operator for OveragesOperator {
             self.reach_again(&slots);
             return;
         }
-        if let Payload::UsageRecorded { metric, quantity } = &e.payload {
+        if let Payload::UsageRecorded {
+            metric,
+            quantity,
+            unique,
+            ..
+        } = &e.payload
+        {
             let sid = self.series_id(&e.tenant, metric);
             let Some(series) = self.series.get_mut(sid) else {
                 return;
@@ -564,7 +579,7 @@ impl Operator for OveragesOperator {
                 let (s, end) = month_bounds(e.time);
                 let key = (Arc::clone(&series.tenant), s, Arc::clone(&series.metric));
                 let (slot, made) = self.months.upsert(key, || Month {
-                    agg: Agg::new(e, *quantity),
+                    agg: Agg::empty(),
                     row: None,
                     alerted: 0,
                     written: 0,
@@ -582,18 +597,95 @@ impl Operator for OveragesOperator {
                         .or_default()
                         .push(slot);
                     self.dirty.push(slot);
-                    self.reach(slot);
-                    return;
                 }
                 slot
             };
             if let Some((_, m)) = self.months.slot_mut(slot) {
-                m.agg.add(e, *quantity);
+                m.agg.add(e, *quantity, unique.as_ref());
                 if !std::mem::replace(&mut m.dirty, true) {
                     self.dirty.push(slot);
                 }
             }
             self.reach(slot);
+        }
+    }
+
+    fn observe_voided(&mut self, e: &Event) {
+        self.clock = Some(self.clock.map_or(e.time, |c| c.max(e.time)));
+    }
+
+    /// A void's targets leave the catalog, a subscription history or a
+    /// period's usage (arithmetic when it can be, else the period is
+    /// recomputed from the ledger); thresholds are decided again after it,
+    /// since `used` of a `latest` meter can rise.
+    fn retract(&mut self, void: &Event, targets: &[Target], ledger: &Ledger) {
+        let mut recompute: Vec<(u32, i64)> = Vec::new();
+        let mut touched: Vec<u32> = Vec::new();
+        let mut catalog = false;
+        for target in targets {
+            let e = &target.event;
+            if self.catalog.remove(e) {
+                catalog = true;
+                continue;
+            }
+            if let Some(sub) = SubEvent::from_event(e) {
+                let t = self.intern(&e.tenant);
+                if let Some(h) = self.subs.get_mut(&t) {
+                    h.remove(&sub);
+                }
+                let slots = self.tenant_months.get(&t).cloned().unwrap_or_default();
+                self.dirty_tenants.insert(t);
+                self.reach_again(&slots);
+                continue;
+            }
+            let Payload::UsageRecorded {
+                metric,
+                quantity,
+                unique,
+                ..
+            } = &e.payload
+            else {
+                continue;
+            };
+            let key = (
+                self.intern(&e.tenant),
+                month_bounds(e.time).0,
+                self.intern(metric),
+            );
+            let Some(slot) = self.months.slot_of(&key) else {
+                continue;
+            };
+            if !touched.contains(&slot) {
+                touched.push(slot);
+            }
+            if recompute.iter().any(|(s, _)| *s == slot) {
+                continue;
+            }
+            if let Some((_, m)) = self.months.slot_mut(slot) {
+                if !m.agg.remove(e, *quantity, unique.as_ref()) {
+                    recompute.push((slot, e.time));
+                }
+                if !std::mem::replace(&mut m.dirty, true) {
+                    self.dirty.push(slot);
+                }
+            }
+        }
+        for (slot, time) in recompute {
+            let Some((key, _)) = self.months.slot(slot) else {
+                continue;
+            };
+            let agg = Agg::of(ledger.usage_after(&key.0, &key.2, time, void.stream_seq));
+            if let Some((_, m)) = self.months.slot_mut(slot) {
+                m.agg = agg;
+            }
+        }
+        for slot in touched {
+            self.reach(slot);
+        }
+        if catalog {
+            self.dirty_all = true;
+            let slots: Vec<u32> = self.tenant_months.values().flatten().copied().collect();
+            self.reach_again(&slots);
         }
     }
 

@@ -2,20 +2,23 @@
 //! from `invoice.paid` and `invoice.refunded`, month of the event `time`.
 //!
 //! Sums commute, so arrival order cannot matter; a late invoice rewrites
-//! only its own row, written as a new version like `usage`. The state is
+//! only its own row, written as a new version like `usage`. A void
+//! subtracts what its target added; a row left with no invoice event is
+//! written as a tombstone (`_deleted`). The state is
 //! re-folded from the `events` archive at start-up.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    ArrayRef, Date32Builder, Int64Builder, RecordBatch, StringBuilder, UInt64Builder,
+    ArrayRef, BooleanBuilder, Date32Builder, Int64Builder, RecordBatch, StringBuilder,
+    UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::FixedState;
 use super::window::{month_bounds, month_date32};
-use super::{Names, Operator, OperatorError, Storage};
+use super::{Ledger, Names, Operator, OperatorError, Storage, Target};
 use crate::event::{Event, Payload};
 
 pub const VIEW: &str = "revenue";
@@ -30,6 +33,8 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("net", DataType::Int64, false),
         Field::new("invoices_paid", DataType::Int64, false),
         Field::new("_seq", DataType::UInt64, false),
+        // Set when the row's last invoice event was voided: the row is gone.
+        Field::new("_deleted", DataType::Boolean, false),
     ]))
 });
 
@@ -40,9 +45,13 @@ type Key = (i64, u32, u16);
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cash {
-    pub paid: i64,
-    pub refunded: i64,
+    /// Exact sums (i128): a void subtracts exactly what its target added;
+    /// written saturated to Int64.
+    pub paid: i128,
+    pub refunded: i128,
     pub invoices_paid: i64,
+    /// Invoice events (paid and refunded) in the row: none left, no row.
+    pub events: i64,
 }
 
 pub struct RevenueOperator {
@@ -68,6 +77,33 @@ impl RevenueOperator {
         }
     }
 
+    /// Adds (`sign` 1) or takes back (-1) an invoice event.
+    fn fold(&mut self, e: &Event, sign: i64) {
+        let (amount, currency, paid) = match &e.payload {
+            Payload::InvoicePaid {
+                amount, currency, ..
+            } => (*amount, currency, true),
+            Payload::InvoiceRefunded {
+                amount, currency, ..
+            } => (*amount, currency, false),
+            _ => return,
+        };
+        let key = (
+            month_bounds(e.time).0,
+            self.tenants.id(&e.tenant),
+            u16::try_from(self.currencies.id(currency)).unwrap_or(u16::MAX),
+        );
+        let cash = self.rows.entry(key).or_default();
+        if paid {
+            cash.paid += i128::from(amount) * i128::from(sign);
+            cash.invoices_paid += sign;
+        } else {
+            cash.refunded += i128::from(amount) * i128::from(sign);
+        }
+        cash.events += sign;
+        self.dirty.insert(key);
+    }
+
     fn rows(&self, keys: &[Key], seq: u64) -> Result<RecordBatch, OperatorError> {
         let mut month = Date32Builder::with_capacity(keys.len());
         let mut tenant = StringBuilder::new();
@@ -77,18 +113,20 @@ impl RevenueOperator {
         let mut net = Int64Builder::with_capacity(keys.len());
         let mut count = Int64Builder::with_capacity(keys.len());
         let mut seqs = UInt64Builder::with_capacity(keys.len());
+        let mut deleted = BooleanBuilder::with_capacity(keys.len());
+        let clamp = |v: i128| i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX });
         for key in keys {
-            let Some(c) = self.rows.get(key) else {
-                continue;
-            };
+            let gone = Cash::default();
+            let c = self.rows.get(key).unwrap_or(&gone);
             month.append_value(month_date32(key.0));
             tenant.append_value(self.tenants.name(key.1));
             currency.append_value(self.currencies.name(u32::from(key.2)));
-            paid.append_value(c.paid);
-            refunded.append_value(c.refunded);
-            net.append_value(c.paid.saturating_sub(c.refunded));
+            paid.append_value(clamp(c.paid));
+            refunded.append_value(clamp(c.refunded));
+            net.append_value(clamp(c.paid - c.refunded));
             count.append_value(c.invoices_paid);
             seqs.append_value(seq);
+            deleted.append_value(c.events == 0);
         }
         let columns: Vec<ArrayRef> = vec![
             Arc::new(month.finish()),
@@ -99,6 +137,7 @@ impl RevenueOperator {
             Arc::new(net.finish()),
             Arc::new(count.finish()),
             Arc::new(seqs.finish()),
+            Arc::new(deleted.finish()),
         ];
         RecordBatch::try_new(Arc::clone(&SCHEMA), columns)
             .map_err(|source| OperatorError::Arrow { view: VIEW, source })
@@ -119,7 +158,7 @@ impl Operator for RevenueOperator {
             key: &["month", "tenant", "currency"],
             internal: &[],
             final_column: None,
-            deleted_column: None,
+            deleted_column: Some("_deleted"),
         }
     }
 
@@ -128,28 +167,13 @@ impl Operator for RevenueOperator {
     }
 
     fn apply(&mut self, e: &Event) {
-        let (amount, currency, paid) = match &e.payload {
-            Payload::InvoicePaid {
-                amount, currency, ..
-            } => (*amount, currency, true),
-            Payload::InvoiceRefunded {
-                amount, currency, ..
-            } => (*amount, currency, false),
-            _ => return,
-        };
-        let key = (
-            month_bounds(e.time).0,
-            self.tenants.id(&e.tenant),
-            u16::try_from(self.currencies.id(currency)).unwrap_or(u16::MAX),
-        );
-        let cash = self.rows.entry(key).or_default();
-        if paid {
-            cash.paid = cash.paid.saturating_add(amount);
-            cash.invoices_paid += 1;
-        } else {
-            cash.refunded = cash.refunded.saturating_add(amount);
+        self.fold(e, 1);
+    }
+
+    fn retract(&mut self, _void: &Event, targets: &[Target], _ledger: &Ledger) {
+        for t in targets {
+            self.fold(&t.event, -1);
         }
-        self.dirty.insert(key);
     }
 
     fn take_rows(&mut self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
@@ -157,7 +181,9 @@ impl Operator for RevenueOperator {
             return Ok(None);
         }
         let keys: Vec<Key> = self.dirty.drain().collect();
-        self.rows(&keys, seq).map(Some)
+        let rows = self.rows(&keys, seq).map(Some);
+        self.rows.retain(|_, c| c.events != 0);
+        rows
     }
 
     fn state_rows(&self) -> usize {
@@ -215,13 +241,13 @@ mod tests {
             .unwrap()
             .to_string();
         let want = "\
-+------------+--------+----------+------+----------+------+---------------+------+
-| month      | tenant | currency | paid | refunded | net  | invoices_paid | _seq |
-+------------+--------+----------+------+----------+------+---------------+------+
-| 2025-01-01 | acme   | EUR      | 900  | 0        | 900  | 1             | 7    |
-| 2025-01-01 | acme   | USD      | 1500 | 200      | 1300 | 2             | 7    |
-| 2025-02-01 | acme   | USD      | 0    | 100      | -100 | 0             | 7    |
-+------------+--------+----------+------+----------+------+---------------+------+";
++------------+--------+----------+------+----------+------+---------------+------+----------+
+| month      | tenant | currency | paid | refunded | net  | invoices_paid | _seq | _deleted |
++------------+--------+----------+------+----------+------+---------------+------+----------+
+| 2025-01-01 | acme   | EUR      | 900  | 0        | 900  | 1             | 7    | false    |
+| 2025-01-01 | acme   | USD      | 1500 | 200      | 1300 | 2             | 7    | false    |
+| 2025-02-01 | acme   | USD      | 0    | 100      | -100 | 0             | 7    | false    |
++------------+--------+----------+------+----------+------+---------------+------+----------+";
         assert_eq!(text, want);
         assert_eq!(op.take_rows(8).unwrap().unwrap().num_rows(), 3);
         assert!(op.take_rows(9).unwrap().is_none());

@@ -45,6 +45,11 @@ impl<K: Hash + Eq + Clone, V> Slots<K, V> {
         self.chunks.get_mut(i / CHUNK)?.get_mut(i % CHUNK)
     }
 
+    /// The slot number of `k`, if it has one.
+    pub(crate) fn slot_of(&self, k: &K) -> Option<u32> {
+        self.index.get(k).copied()
+    }
+
     pub(crate) fn get(&self, k: &K) -> Option<&V> {
         self.slot(*self.index.get(k)?).map(|(_, v)| v)
     }
@@ -71,20 +76,6 @@ impl<K: Hash + Eq + Clone, V> Slots<K, V> {
                     self.len += 1;
                 }
                 (i, true)
-            }
-        }
-    }
-
-    /// Sets the value of `k`, in its slot if it has one.
-    pub(crate) fn insert(&mut self, k: K, value: V) {
-        match self.index.get(&k).copied() {
-            Some(i) => {
-                if let Some(slot) = self.slot_mut(i) {
-                    slot.1 = value;
-                }
-            }
-            None => {
-                self.upsert(k, || value);
             }
         }
     }
@@ -133,9 +124,10 @@ mod tests {
             assert_eq!(s.upsert(k, || k * 2), (k as u32, true));
         }
         assert_eq!(s.upsert(7, || 0), (7, false));
-        s.insert(7, 1);
-        s.insert(10_000, 3);
+        *s.get_mut(&7).unwrap() = 1;
+        s.upsert(10_000, || 3);
         assert_eq!(s.get(&7), Some(&1));
+        assert_eq!(s.slot_of(&7), Some(7));
         assert_eq!(s.slot(5000), Some(&(5000, 10_000)));
         assert_eq!(s.slot(10_000), Some(&(10_000, 3)));
         assert_eq!(s.len(), 10_001);

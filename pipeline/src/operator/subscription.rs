@@ -96,6 +96,29 @@ impl History {
         self.events.insert(pos, e);
     }
 
+    /// Takes out the event with `e`'s effective time, `source` and `id`
+    /// (a void of it); false if there is none.
+    pub fn remove(&mut self, e: &SubEvent) -> bool {
+        let pos = self
+            .events
+            .partition_point(|x| x.order_key() < e.order_key());
+        if self
+            .events
+            .get(pos)
+            .is_some_and(|x| x.order_key() == e.order_key())
+        {
+            self.events.remove(pos);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The events, by effective time.
+    pub fn events(&self) -> impl Iterator<Item = &SubEvent> {
+        self.events.iter().map(|e| &**e)
+    }
+
     /// Folds the events effective strictly before `t`.
     pub fn fold_before(&self, t: i64) -> FoldState<'_> {
         let mut c = self.cursor();
@@ -208,6 +231,7 @@ mod tests {
             price: 100,
             currency: "USD".into(),
             trial_ends_at: None,
+            billing_anchor: None,
         }
     }
 

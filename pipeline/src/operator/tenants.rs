@@ -10,10 +10,13 @@
 //! clock moves (its next effective subscription event or trial end), and is
 //! recomputed when the clock reaches it. Changed rows are written as new
 //! versions. The reserved `_system` tenant (the catalog's) is not a
-//! customer and has no row. The state is re-folded from the `events`
+//! customer and has no row. A void takes its targets back out: every
+//! `tenant.created` and the count of events per event time are kept, so
+//! the name, `first_seen` and `last_seen` of the effective events are
+//! found again in O(log n). The state is re-folded from the `events`
 //! archive at start-up.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -23,7 +26,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::FixedState;
 use super::subscription::{History, SubEvent};
-use super::{Operator, OperatorError, Storage, timestamp_type as ts};
+use super::{Ledger, Operator, OperatorError, Storage, Target, timestamp_type as ts};
 use crate::event::{Event, Payload, Text};
 
 pub const VIEW: &str = "tenants";
@@ -66,13 +69,17 @@ pub struct Row {
 
 #[derive(Debug, Default)]
 struct Tenant {
-    /// Latest `tenant.created` by (`time`, `source`, `id`), and its name.
-    created: Option<((i64, String, String), Option<String>)>,
-    first_seen: i64,
-    last_seen: i64,
+    /// Every effective `tenant.created` by (`time`, `source`, `id`), and
+    /// its name: the last one names the tenant.
+    created: Vec<((i64, String, String), Option<String>)>,
+    /// Effective events per event time: `first_seen` and `last_seen` are
+    /// its first and last keys.
+    times: BTreeMap<i64, u32>,
     history: History,
     /// All-time paid minus refunded, every currency (as metrics.md says).
-    revenue: i64,
+    /// Exact (i128), so that a void takes back exactly what its target
+    /// added; written saturated to Int64.
+    revenue: i128,
     row: Option<Row>,
     /// When the clock reaches this instant, the row may change.
     wake: Option<i64>,
@@ -123,17 +130,21 @@ impl TenantsOperator {
         let row = Row {
             name: t
                 .created
-                .as_ref()
+                .last()
                 .and_then(|(_, n)| n.as_deref().map(Text::from)),
-            first_seen: t.first_seen,
-            last_seen: t.last_seen,
+            first_seen: t.times.first_key_value().map_or(0, |(k, _)| *k),
+            last_seen: t.times.last_key_value().map_or(0, |(k, _)| *k),
             subscription_id: current.map(|c| Text::from(c.terms.subscription_id.as_str())),
             plan: current.map(|c| Text::from(c.terms.plan.as_str())),
             billing_cycle: current.map(|c| c.terms.billing_cycle.as_str()),
             status,
             mrr: current.map_or(0, |c| fold.mrr_at(at, &c.terms.currency)),
             currency: current.map(|c| Text::from(c.terms.currency.as_str())),
-            revenue_to_date: t.revenue,
+            revenue_to_date: i64::try_from(t.revenue).unwrap_or(if t.revenue < 0 {
+                i64::MIN
+            } else {
+                i64::MAX
+            }),
         };
         let wake = [
             t.history.next_effective_after(clock),
@@ -267,8 +278,6 @@ impl Operator for TenantsOperator {
             self.tenants.insert(
                 Arc::clone(&key),
                 Tenant {
-                    first_seen: e.time,
-                    last_seen: e.time,
                     key,
                     ..Tenant::default()
                 },
@@ -277,19 +286,15 @@ impl Operator for TenantsOperator {
         let Some(t) = self.tenants.get_mut(e.tenant.as_str()) else {
             return;
         };
-        t.first_seen = t.first_seen.min(e.time);
-        t.last_seen = t.last_seen.max(e.time);
+        *t.times.entry(e.time).or_insert(0) += 1;
         match &e.payload {
             Payload::TenantCreated { name } => {
                 let key = (e.time, e.source.to_string(), e.id.to_string());
-                if t.created.as_ref().is_none_or(|(k, _)| *k < key) {
-                    t.created = Some((key, name.clone()));
-                }
+                let pos = t.created.partition_point(|(k, _)| *k < key);
+                t.created.insert(pos, (key, name.clone()));
             }
-            Payload::InvoicePaid { amount, .. } => t.revenue = t.revenue.saturating_add(*amount),
-            Payload::InvoiceRefunded { amount, .. } => {
-                t.revenue = t.revenue.saturating_sub(*amount);
-            }
+            Payload::InvoicePaid { amount, .. } => t.revenue += i128::from(*amount),
+            Payload::InvoiceRefunded { amount, .. } => t.revenue -= i128::from(*amount),
             _ => {
                 if let Some(sub) = sub {
                     t.history.insert(Arc::clone(sub));
@@ -299,6 +304,44 @@ impl Operator for TenantsOperator {
         if !t.dirty {
             t.dirty = true;
             self.dirty.push(Arc::clone(&t.key));
+        }
+    }
+
+    fn observe_voided(&mut self, e: &Event) {
+        self.clock = Some(self.clock.map_or(e.time, |c| c.max(e.time)));
+    }
+
+    fn retract(&mut self, _void: &Event, targets: &[Target], _ledger: &Ledger) {
+        for target in targets {
+            let e = &target.event;
+            let Some(t) = self.tenants.get_mut(e.tenant.as_str()) else {
+                continue;
+            };
+            if let Some(n) = t.times.get_mut(&e.time) {
+                *n -= 1;
+                if *n == 0 {
+                    t.times.remove(&e.time);
+                }
+            }
+            match &e.payload {
+                Payload::TenantCreated { .. } => {
+                    let key = (e.time, e.source.to_string(), e.id.to_string());
+                    if let Some(pos) = t.created.iter().position(|(k, _)| *k == key) {
+                        t.created.remove(pos);
+                    }
+                }
+                Payload::InvoicePaid { amount, .. } => t.revenue -= i128::from(*amount),
+                Payload::InvoiceRefunded { amount, .. } => t.revenue += i128::from(*amount),
+                _ => {
+                    if let Some(sub) = SubEvent::from_event(e) {
+                        t.history.remove(&sub);
+                    }
+                }
+            }
+            if !t.dirty {
+                t.dirty = true;
+                self.dirty.push(Arc::clone(&t.key));
+            }
         }
     }
 

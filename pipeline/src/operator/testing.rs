@@ -64,3 +64,73 @@ pub(crate) fn generated_events(
         .map(|l| crate::event::validate_payload(l, &limits).unwrap())
         .collect()
 }
+
+/// `event.voided` of tenant `tenant` naming (`target_source`, `target_id`).
+pub(crate) fn void(
+    id: &str,
+    tenant: &str,
+    time: &str,
+    target_source: &str,
+    target_id: &str,
+) -> Event {
+    test_event(
+        id,
+        "corrections",
+        tenant,
+        "event.voided",
+        time,
+        &format!(r#"{{"target_source":"{target_source}","target_id":"{target_id}"}}"#),
+    )
+}
+
+/// Feeds one operator as the processor does: numbers the events in
+/// order, asks a ledger about each and hands the operator its steps.
+#[derive(Default)]
+pub(crate) struct Fed {
+    pub ledger: super::Ledger,
+    seq: u64,
+}
+
+impl Fed {
+    pub(crate) fn feed(&mut self, op: &mut dyn super::Operator, e: &Event) {
+        use super::{Step, Verdict};
+        use crate::event::Payload;
+        use std::hash::{Hash, Hasher};
+        let key = |t: &str, s: &str, i: &str| {
+            let mut a = std::collections::hash_map::DefaultHasher::new();
+            (t, s, i).hash(&mut a);
+            let mut b = std::collections::hash_map::DefaultHasher::new();
+            (i, s, t, 1u8).hash(&mut b);
+            (u128::from(a.finish()) << 64) | u128::from(b.finish())
+        };
+        let mut e = e.clone();
+        self.seq += 1;
+        e.stream_seq = self.seq;
+        let target = match &e.payload {
+            Payload::EventVoided {
+                target_source,
+                target_id,
+                ..
+            } => Some(key(&e.tenant, target_source, target_id)),
+            _ => None,
+        };
+        let verdict = self
+            .ledger
+            .classify(&e, key(&e.tenant, &e.source, &e.id), target);
+        let sub = super::subscription::SubEvent::from_event(&e).map(std::sync::Arc::new);
+        let apply = Step::Apply {
+            event: &e,
+            sub: sub.as_ref(),
+        };
+        match &verdict {
+            Verdict::Effective => op.step(&apply, &self.ledger),
+            Verdict::Voided { by } => op.step(&Step::Voided { event: &e, by }, &self.ledger),
+            Verdict::Void { targets } => {
+                op.step(&apply, &self.ledger);
+                if !targets.is_empty() {
+                    op.step(&Step::Retract { void: &e, targets }, &self.ledger);
+                }
+            }
+        }
+    }
+}

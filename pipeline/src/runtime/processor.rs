@@ -13,10 +13,11 @@ use tracing::debug;
 
 use super::RuntimeError;
 use crate::config::Settings;
+use crate::event::Payload;
 use crate::event::alert::Alert;
 use crate::event::{Event, Limits, validate_message};
 use crate::operator::subscription::SubEvent;
-use crate::operator::{self, Operator, OperatorError, Storage};
+use crate::operator::{self, Ledger, Operator, OperatorError, Step, Storage, Verdict};
 use crate::sink::dlq::DeadLetter;
 use crate::state::dedup::{self, Dedup};
 use crate::store::DataDir;
@@ -48,6 +49,8 @@ pub struct Processor {
     limits: Limits,
     prefix: String,
     dedup: Dedup,
+    /// Which accepted events are voided, and what a void needs to retract.
+    ledger: Ledger,
     operators: Vec<Box<dyn Operator>>,
     /// Each operator's measured cost (apply + cut rows) over recent
     /// batches, to split them into two groups of about equal work. Only
@@ -70,6 +73,7 @@ impl Processor {
             limits: settings.limits(),
             prefix: prefix.to_owned(),
             dedup: Dedup::new(settings.dedup_horizon_us),
+            ledger: Ledger::new(),
             operators: operator::registry(settings),
             costs: Vec::new(),
             live: true,
@@ -131,7 +135,8 @@ impl Processor {
                         continue;
                     }
                     cp.accept(event.time);
-                    accepted.push(event);
+                    let verdict = classify(&mut self.ledger, event, *key);
+                    accepted.push((event, verdict));
                 }
             }
         }
@@ -160,15 +165,14 @@ impl Processor {
                 continue;
             }
             cp.advance(e.stream_seq, e.published_at);
-            if !self
-                .dedup
-                .admit(dedup::key(&e.tenant, &e.source, &e.id), e.published_at)
-            {
+            let key = dedup::key(&e.tenant, &e.source, &e.id);
+            if !self.dedup.admit(key, e.published_at) {
                 cp.counts.duplicate += 1;
                 continue;
             }
             cp.accept(e.time);
-            accepted.push(e);
+            let verdict = classify(&mut self.ledger, e, key);
+            accepted.push((e, verdict));
         }
         cp.last_seq = cp.last_seq.max(through);
         let duplicates = cp.counts.duplicate - duplicates_before;
@@ -176,22 +180,28 @@ impl Processor {
         duplicates
     }
 
-    /// Applies accepted events to every operator but `skip`, in order, the
-    /// operators in two groups at once.
-    fn fold(&mut self, accepted: &[&Event], skip: Option<&'static str>) {
+    /// Applies classified accepted events to every operator but `skip`, in
+    /// order, the operators in two groups at once.
+    fn fold(&mut self, accepted: &[(&Event, Verdict)], skip: Option<&'static str>) {
         // Each subscription change is built once and shared by the operators.
         let subs: Vec<Option<Arc<SubEvent>>> = accepted
             .iter()
-            .map(|e| SubEvent::from_event(e).map(Arc::new))
+            .map(|(e, v)| match v {
+                Verdict::Voided { .. } => None,
+                _ => SubEvent::from_event(e).map(Arc::new),
+            })
             .collect();
+        let steps = steps(accepted, &subs);
+        // The ledger is read by the operators while they run on two threads.
+        let ledger = std::mem::take(&mut self.ledger);
         let (first, second) = self.groups();
         let apply = |ops: Group<'_>| -> Vec<(usize, Duration)> {
             ops.into_iter()
                 .map(|(i, op)| {
                     let started = Instant::now();
                     if skip != Some(op.view()) {
-                        for (e, sub) in accepted.iter().zip(&subs) {
-                            op.apply_with(e, sub.as_ref());
+                        for step in &steps {
+                            op.step(step, &ledger);
                         }
                     }
                     (i, started.elapsed())
@@ -199,6 +209,7 @@ impl Processor {
                 .collect()
         };
         let (a, b) = run_pair(first, second, apply, apply);
+        self.ledger = ledger;
         self.measured(a.into_iter().chain(b), true);
     }
 
@@ -302,13 +313,20 @@ impl Processor {
     /// One archived event: remembered for dedup, and folded by the
     /// operators that rebuild from the archive.
     pub fn restore_archived(&mut self, event: &Event) {
-        self.dedup.admit(
-            dedup::key(&event.tenant, &event.source, &event.id),
-            event.published_at,
-        );
-        let sub = SubEvent::from_event(event).map(Arc::new);
-        for i in &self.restoring {
-            self.operators[*i].apply_with(event, sub.as_ref());
+        let key = dedup::key(&event.tenant, &event.source, &event.id);
+        self.dedup.admit(key, event.published_at);
+        let accepted = [(event, classify(&mut self.ledger, event, key))];
+        let subs: Vec<Option<Arc<SubEvent>>> = accepted
+            .iter()
+            .map(|(e, v)| match v {
+                Verdict::Voided { .. } => None,
+                _ => SubEvent::from_event(e).map(Arc::new),
+            })
+            .collect();
+        for step in steps(&accepted, &subs) {
+            for i in &self.restoring {
+                self.operators[*i].step(&step, &self.ledger);
+            }
         }
         self.restored += 1;
     }
@@ -404,6 +422,50 @@ impl Processor {
             .map(|o| (o.view(), o.schema()))
             .collect()
     }
+}
+
+/// Asks the ledger about an accepted event with dedup key `key`.
+fn classify(ledger: &mut Ledger, e: &Event, key: u128) -> Verdict {
+    let target = match &e.payload {
+        Payload::EventVoided {
+            target_source,
+            target_id,
+            ..
+        } => Some(dedup::key(&e.tenant, target_source, target_id)),
+        _ => None,
+    };
+    ledger.classify(e, key, target)
+}
+
+/// The operators' steps for classified events (`subs`: each event's
+/// subscription change): a void is applied, then retracts its targets.
+fn steps<'a>(
+    accepted: &'a [(&'a Event, Verdict)],
+    subs: &'a [Option<Arc<SubEvent>>],
+) -> Vec<Step<'a>> {
+    let mut steps = Vec::with_capacity(accepted.len());
+    for ((event, verdict), sub) in accepted.iter().zip(subs) {
+        match verdict {
+            Verdict::Effective => steps.push(Step::Apply {
+                event,
+                sub: sub.as_ref(),
+            }),
+            Verdict::Voided { by } => steps.push(Step::Voided { event, by }),
+            Verdict::Void { targets } => {
+                steps.push(Step::Apply {
+                    event,
+                    sub: sub.as_ref(),
+                });
+                if !targets.is_empty() {
+                    steps.push(Step::Retract {
+                        void: event,
+                        targets,
+                    });
+                }
+            }
+        }
+    }
+    steps
 }
 
 /// Maps `f` over `items` in order, on two threads (one per half) when
@@ -506,6 +568,110 @@ mod tests {
             out.push('\n');
         }
         out
+    }
+
+    /// Every view's current rows (public columns, tombstones left out),
+    /// as sorted text lines per view.
+    fn current(p: &Processor, skip: &[&str]) -> String {
+        use arrow::array::{Array, BooleanArray};
+        let mut out = String::new();
+        for op in &p.operators {
+            if skip.contains(&op.view()) {
+                continue;
+            }
+            let Some(batch) = op.snapshot(0).unwrap() else {
+                continue;
+            };
+            let keep: Vec<usize> = match batch.column_by_name("_deleted") {
+                Some(d) => {
+                    let d = d.as_any().downcast_ref::<BooleanArray>().unwrap();
+                    (0..batch.num_rows()).filter(|i| !d.value(*i)).collect()
+                }
+                None => (0..batch.num_rows()).collect(),
+            };
+            let idx =
+                arrow::array::UInt32Array::from(keep.iter().map(|i| *i as u32).collect::<Vec<_>>());
+            let columns = op.storage().public_columns(&op.schema());
+            let projected: Vec<usize> = columns
+                .iter()
+                .map(|c| batch.schema().index_of(c).unwrap())
+                .collect();
+            let batch = batch.project(&projected).unwrap();
+            let batch = arrow::compute::take_record_batch(&batch, &idx).unwrap();
+            out.push_str(&text(&[(op.view(), batch)]));
+        }
+        out
+    }
+
+    /// A void event of `target` at event time `time`.
+    fn void_of(target: &Event, n: usize, time: i64) -> (String, i64, Bytes) {
+        let json = format!(
+            r#"{{"specversion":"1.0","id":"void-{n}","source":"corrections","type":"event.voided","time":"{}","tenant":"{}","data":{{"target_source":"{}","target_id":"{}","reason":"test"}}}}"#,
+            crate::event::time::format_micros(time),
+            target.tenant,
+            target.source,
+            target.id
+        );
+        let subject = subject_for("tally.events", &target.tenant, "event.voided");
+        (subject, time, Bytes::from(json))
+    }
+
+    /// The one rule of corrections: with voids (half sent before their
+    /// targets, half after, of every kind of event), every view but the
+    /// archive and `corrections` holds exactly what a run over the stream
+    /// without the voided events holds.
+    #[test]
+    fn voided_events_count_nowhere_but_the_archive() {
+        let msgs = messages();
+        let events: Vec<Event> = msgs
+            .iter()
+            .map(|(_, _, p)| validate_payload(p, &Limits::default()).unwrap())
+            .collect();
+        let max_time = events.iter().map(|e| e.time).max().unwrap();
+        let targets: Vec<usize> = (0..events.len())
+            .filter(|i| i % 7 == 3 && events[*i].time < max_time)
+            .collect();
+        let kinds: std::collections::BTreeSet<&str> = targets
+            .iter()
+            .map(|i| events[*i].event_type.as_str())
+            .collect();
+        assert!(kinds.len() >= 6, "targets of too few kinds: {kinds:?}");
+        let voids: Vec<(String, i64, Bytes)> = targets
+            .iter()
+            .enumerate()
+            .map(|(n, i)| void_of(&events[*i], n, max_time))
+            .collect();
+        let (before, after) = voids.split_at(voids.len() / 2);
+        let with_voids: Vec<_> = before.iter().chain(&msgs).chain(after).cloned().collect();
+        let without: Vec<_> = before
+            .iter()
+            .chain(
+                msgs.iter()
+                    .enumerate()
+                    .filter(|(i, _)| !targets.contains(i))
+                    .map(|(_, m)| m),
+            )
+            .chain(after)
+            .cloned()
+            .collect();
+        let settings = Settings::default();
+        let run = |stream: &[(String, i64, Bytes)]| {
+            let cp = Checkpoint::new("S", "2025-01-01T00:00:00Z", &settings);
+            let mut p = Processor::new(&settings, "tally.events", cp);
+            feed(&mut p, stream, 1);
+            p
+        };
+        let (a, b) = (run(&with_voids), run(&without));
+        let skip = [operator::events::VIEW, operator::corrections::VIEW];
+        let (x, y) = (current(&a, &skip), current(&b, &skip));
+        assert!(x.contains("usage") && x.contains("mrr"));
+        assert!(x == y, "views differ:\n{x}\n----\n{y}");
+        assert_eq!(a.ledger.voids(), voids.len() as u64);
+
+        // Every void hit exactly its one target.
+        let corrections = current(&a, &[]);
+        let section = &corrections[corrections.find("corrections\n").unwrap()..];
+        assert_eq!(section.matches("| test ").count(), voids.len());
     }
 
     /// The restore needs no data directory: handed the archive and the
