@@ -6,6 +6,7 @@
 
 mod cluster;
 mod contract;
+mod corrections;
 mod dashboard;
 mod faults;
 mod harness;

@@ -52,7 +52,16 @@ pub fn all_views(server: &NatsServer, data: &Path) -> Vec<(String, String)> {
 /// Every stored and `queries/` view, by name, as `sorted` answers
 /// `SELECT * FROM <view>` (sorted CSV).
 pub fn views_by(sorted: impl Fn(&str) -> String) -> Vec<(String, String)> {
-    let stored = ["events", "usage", "overages", "mrr", "revenue", "tenants"];
+    let stored = [
+        "events",
+        "usage",
+        "overages",
+        "mrr",
+        "revenue",
+        "tenants",
+        "corrections",
+        "restatements",
+    ];
     stored
         .iter()
         .map(|v| v.to_string())

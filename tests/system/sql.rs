@@ -244,6 +244,7 @@ fn schema_discovery_works_and_everything_else_stays_refused() {
             "min",
             "max",
             "last",
+            "unique_count",
             "is_final"
         ]
     );

@@ -349,7 +349,7 @@ async fn replay_local(
     // these settings.
     let settings = Settings::load(run.config.as_deref()).map_err(RuntimeError::from)?;
     let live = DataDir::new(&data)
-        .checkpoint()
+        .archive_checkpoint()
         .map_err(RuntimeError::from)?
         .filter(|cp| {
             cp.stream == opts.run.source.stream

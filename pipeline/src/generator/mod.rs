@@ -41,6 +41,11 @@
 //!   `billing.webhook_received`) monthly or every 12 months on the billing
 //!   anniversary, once any trial is over; about 2% of invoices are refunded,
 //!   fully or partly, days later.
+//! - Corrections: about 0.4% of `api_calls` events are voided by the
+//!   billing team (`event.voided`, actor `billing-ops`), minutes to two
+//!   days later or, for about 30% of them, written just before the event
+//!   they void; half are amendments, followed by the right quantity (a
+//!   tenth) under a new id.
 //! - Families that move no metric appear in realistic proportions:
 //!   `auth.user_logged_in`, `auth.password_reset_requested`,
 //!   `org.member_invited`, `org.member_removed`, `onboarding.step_completed`,
@@ -542,10 +547,11 @@ enum Kind {
     MemberRemoved,
     Onboarding,
     Webhook,
+    Voided,
 }
 
 impl Kind {
-    const ALL: [Kind; 15] = [
+    const ALL: [Kind; 16] = [
         Kind::MeterDefined,
         Kind::PlanPublished,
         Kind::TenantCreated,
@@ -561,6 +567,7 @@ impl Kind {
         Kind::MemberRemoved,
         Kind::Onboarding,
         Kind::Webhook,
+        Kind::Voided,
     ];
 
     fn name(self) -> &'static str {
@@ -580,6 +587,7 @@ impl Kind {
             Kind::MemberRemoved => "org.member_removed",
             Kind::Onboarding => "onboarding.step_completed",
             Kind::Webhook => "billing.webhook_received",
+            Kind::Voided => "event.voided",
         }
     }
 }
@@ -665,6 +673,11 @@ enum Body {
         event: &'static str,
         delivery: u64,
     },
+    /// A correction of the event with id counter `target` (same source).
+    Voided {
+        target: u64,
+        reason: &'static str,
+    },
 }
 
 impl Body {
@@ -685,6 +698,7 @@ impl Body {
             Body::MemberRemoved { .. } => Kind::MemberRemoved,
             Body::Onboarding { .. } => Kind::Onboarding,
             Body::Webhook { .. } => Kind::Webhook,
+            Body::Voided { .. } => Kind::Voided,
         }
     }
 }
@@ -1327,6 +1341,40 @@ impl Tenant {
     }
 
     /// Product usage and the families that move no metric, in `[from, end)`.
+    /// A correction of the api_calls event just pushed (at `t`, `milli`):
+    /// voided by the billing team, sometimes sent before the event it
+    /// voids (written just ahead of it), and half the time amended with
+    /// the right quantity under a new id.
+    fn correct(&mut self, g: &mut Gen, t: i64, milli: u64) {
+        if t >= g.range_end {
+            return;
+        }
+        let target = g.seq;
+        let num = self.num;
+        let ops = Actor::System("billing-ops");
+        let before = self.rng.chance(0.3);
+        let (time, key) = if before {
+            (t, Some(t - SEC))
+        } else {
+            let at = t + self.rng.range(MIN, 2 * DAY);
+            (at, None)
+        };
+        let reason = if self.rng.chance(0.5) {
+            "duplicate report from a retried batch"
+        } else {
+            "quantity reported 10x"
+        };
+        g.push_at(time, key, num, ops, Body::Voided { target, reason });
+        if reason == "quantity reported 10x" {
+            let body = Body::Usage {
+                metric: Metric::ApiCalls,
+                milli: (milli / 10000).max(1) * 1000,
+                string: false,
+            };
+            g.push_at(time, key, num, ops, body);
+        }
+    }
+
     fn activity(&mut self, g: &mut Gen, m: u32, from: i64, ms: i64, me: i64) {
         let num = self.num;
         let Some((plan, start, ends_at)) = self.sub.as_ref().map(|s| (s.plan, s.start, s.ends_at))
@@ -1378,6 +1426,9 @@ impl Tenant {
                 string,
             };
             g.push(t, num, Actor::ApiKey(num, key), body);
+            if self.rng.chance(0.004) {
+                self.correct(g, t, milli);
+            }
         }
 
         // storage_gb (max): periodic snapshots, growing with the tenant's age.

@@ -47,7 +47,17 @@ impl EventWriter {
         w.write_all(b",\"actortype\":")?;
         write_json_str(w, actortype)?;
         w.write_all(b",\"data\":")?;
-        write_data(w, e)?;
+        if let Body::Voided { target, reason } = e.body {
+            w.write_all(b"{\"target_source\":")?;
+            w.write_all(&self.source_json)?;
+            w.write_all(b",\"target_id\":\"")?;
+            w.write_all(&self.id_prefix)?;
+            write!(w, "{target:08}\",\"reason\":")?;
+            write_json_str(w, reason)?;
+            w.write_all(b"}")?;
+        } else {
+            write_data(w, e)?;
+        }
         w.write_all(b"}\n")
     }
 }
@@ -175,6 +185,8 @@ pub(super) fn write_data<W: Write>(w: &mut W, e: &Ev) -> io::Result<()> {
             write_json_str(w, event)?;
             write!(w, ",\"delivery_id\":\"whd_{delivery:012x}\"}}")
         }
+        // Written by [`EventWriter::write`], which knows the ids' prefix.
+        Body::Voided { .. } => w.write_all(b"{}"),
     }
 }
 

@@ -37,6 +37,11 @@ impl Names {
         id
     }
 
+    /// The id of `s`, if it has one.
+    pub(crate) fn get(&self, s: &str) -> Option<u32> {
+        self.ids.get(s).copied()
+    }
+
     pub(crate) fn name(&self, id: u32) -> &str {
         self.names
             .get(id as usize)

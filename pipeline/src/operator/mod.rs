@@ -17,6 +17,7 @@ mod ids;
 pub mod ledger;
 pub mod mrr;
 pub mod overages;
+pub mod restatements;
 pub mod revenue;
 mod slots;
 pub mod subscription;
@@ -37,6 +38,7 @@ use crate::event::Event;
 use crate::event::alert::Alert;
 pub(crate) use ids::{FixedState, Names, SeriesIds};
 pub use ledger::{Ledger, Target, Verdict};
+pub use restatements::{FinalRow, Restatement};
 use subscription::SubEvent;
 
 /// One accepted message as the views see it, in stream order (the
@@ -225,6 +227,34 @@ pub trait Operator: Send {
     /// Takes `targets`, voided by `void`, out of the view, as if they had
     /// never been accepted. Every operator says what that means for it.
     fn retract(&mut self, void: &Event, targets: &[Target], ledger: &Ledger);
+    /// The rows of this view that are final (their window, period or month
+    /// ends at or before `final_before`) and that the message whose steps
+    /// are `unit` may change, as the view shows them. The processor calls
+    /// it just before and just after applying a message that may restate
+    /// (see [`restatements`]); views that are not restated have none.
+    fn final_rows(
+        &self,
+        _unit: &[Step<'_>],
+        _final_before: i64,
+        _ledger: &Ledger,
+    ) -> Vec<FinalRow> {
+        Vec::new()
+    }
+    /// Restatements the processor decided: only `restatements` keeps them.
+    fn record_restatements(&mut self, _rows: &[Restatement]) {}
+}
+
+/// The events of a message's steps that a view folds: the applied event,
+/// or the targets a void retracts.
+pub fn unit_events<'a>(unit: &'a [Step<'a>]) -> impl Iterator<Item = &'a Event> + 'a {
+    unit.iter()
+        .flat_map(|s| -> Box<dyn Iterator<Item = &'a Event> + 'a> {
+            match *s {
+                Step::Apply { event, .. } => Box::new(std::iter::once(event)),
+                Step::Voided { .. } => Box::new(std::iter::empty()),
+                Step::Retract { targets, .. } => Box::new(targets.iter().map(|t| &t.event)),
+            }
+        })
 }
 
 /// Every operator, in one explicit list.
@@ -237,6 +267,7 @@ pub fn registry(settings: &Settings) -> Vec<Box<dyn Operator>> {
         Box::new(revenue::RevenueOperator::new()),
         Box::new(tenants::TenantsOperator::new()),
         Box::new(corrections::CorrectionsOperator::new()),
+        Box::new(restatements::RestatementsOperator::new()),
     ]
 }
 
@@ -285,7 +316,7 @@ mod tests {
             ),
             (
                 "overages",
-                "tenant, period, metric, plan, aggregation, used, included, overage_quantity, overage_amount, currency, pct_used, threshold",
+                "tenant, period, metric, plan, aggregation, used, included, overage_quantity, overage_amount, currency, pct_used, threshold, period_start, period_end",
             ),
             (
                 "mrr",
@@ -298,6 +329,10 @@ mod tests {
             (
                 "corrections",
                 "stream_seq, published_at, tenant, target_source, target_id, reason, targets, first_target_seq",
+            ),
+            (
+                "restatements",
+                "stream_seq, published_at, tenant, view, key, before, after, cause",
             ),
             (
                 "tenants",

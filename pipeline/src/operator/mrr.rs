@@ -32,9 +32,10 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::FixedState;
+use super::restatements::Json;
 use super::subscription::{Change, History, SubEvent};
 use super::window::{month_bounds, month_date32};
-use super::{Ledger, Names, Operator, OperatorError, Storage, Target};
+use super::{FinalRow, Ledger, Names, Operator, OperatorError, Step, Storage, Target, unit_events};
 use crate::event::Event;
 
 pub const VIEW: &str = "mrr";
@@ -429,6 +430,66 @@ impl Operator for MrrOperator {
                 .min();
             t.dirty = true;
         }
+    }
+
+    /// The final months of the tenants whose subscriptions the message
+    /// changes, computed from their whole history.
+    fn final_rows(&self, unit: &[Step<'_>], final_before: i64, _ledger: &Ledger) -> Vec<FinalRow> {
+        let Some(clock) = self.clock else {
+            return Vec::new();
+        };
+        let mut tenants: Vec<&str> = unit_events(unit)
+            .filter(|e| SubEvent::from_event(e).is_some())
+            .map(|e| e.tenant.as_str())
+            .collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        let mut out = Vec::new();
+        for name in tenants {
+            let Some((key, t)) = self.tenants.get_key_value(name) else {
+                continue;
+            };
+            let currencies: Vec<(u16, &str)> = t
+                .currencies
+                .iter()
+                .map(|id| (*id, self.currencies.name(u32::from(*id))))
+                .collect();
+            let (rows, _) = compute(
+                &t.history,
+                t.first_start,
+                &currencies,
+                &[],
+                i64::MIN,
+                month_bounds(clock).0,
+            );
+            for r in rows {
+                if month_bounds(r.month).1 > final_before {
+                    continue;
+                }
+                let [new, expansion, contraction, churned, reactivation] = r.amounts();
+                out.push((
+                    Arc::clone(key),
+                    Json::new()
+                        .str(
+                            "currency",
+                            Some(self.currencies.name(u32::from(r.currency))),
+                        )
+                        .date("month", Some(r.month))
+                        .finish(),
+                    Json::new()
+                        .int("mrr_start", Some(r.start))
+                        .int("mrr_end", Some(r.end))
+                        .int("new_mrr", Some(new))
+                        .int("expansion_mrr", Some(expansion))
+                        .int("contraction_mrr", Some(contraction))
+                        .int("churned_mrr", Some(churned))
+                        .int("reactivation_mrr", Some(reactivation))
+                        .str("movement", Some(r.movement.as_str()))
+                        .finish(),
+                ));
+            }
+        }
+        out
     }
 
     fn take_rows(&mut self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {

@@ -26,11 +26,15 @@ use tracing::error;
 
 use super::FixedState;
 use super::catalog::Catalog;
+use super::restatements::Json;
 use super::slots::{Recent, Slots};
 use super::subscription::{History, SubEvent};
 use super::usage::Agg;
 use super::window::month_bounds;
-use super::{Ledger, Operator, OperatorError, SeriesIds, Storage, Target, required_column};
+use super::{
+    FinalRow, Ledger, Operator, OperatorError, SeriesIds, Step, Storage, Target, required_column,
+    unit_events,
+};
 use crate::event::alert::Alert;
 use crate::event::decimal::{self, ONE, PRECISION, SCALE};
 use crate::event::time::{DAY_US, format_micros};
@@ -57,7 +61,9 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("currency", DataType::Utf8, true),
         Field::new("pct_used", DataType::Float64, true),
         Field::new("threshold", DataType::Int32, true),
-        // First instant of the next month: `is_final` = period_end + lateness <= stream clock.
+        // The billing period [period_start, period_end): `is_final` =
+        // period_end + lateness <= stream clock.
+        Field::new("period_start", ts(), false),
         Field::new("period_end", ts(), false),
         // Bit set of the thresholds (80, 90, 100) already alerted: alerts happen once, across restarts.
         Field::new("alerted", DataType::Int32, false),
@@ -468,6 +474,7 @@ impl OveragesOperator {
         let mut currency = StringBuilder::new();
         let mut pct = Float64Builder::new();
         let mut threshold = Int32Builder::new();
+        let mut period_start = TimestampMicrosecondBuilder::new().with_timezone("UTC");
         let mut period_end = TimestampMicrosecondBuilder::new().with_timezone("UTC");
         let mut alerted = Int32Builder::new();
         let mut seqs = UInt64Builder::new();
@@ -489,6 +496,7 @@ impl OveragesOperator {
             currency.append_option(r.currency.as_deref());
             pct.append_option(r.pct_used);
             threshold.append_option(r.threshold);
+            period_start.append_value(key.1);
             period_end.append_value(month_bounds(key.1).1);
             alerted.append_value(m.alerted);
             seqs.append_value(seq);
@@ -507,6 +515,7 @@ impl OveragesOperator {
             Arc::new(currency.finish()),
             Arc::new(pct.finish()),
             Arc::new(threshold.finish()),
+            Arc::new(period_start.finish()),
             Arc::new(period_end.finish()),
             Arc::new(alerted.finish()),
             Arc::new(seqs.finish()),
@@ -527,8 +536,8 @@ impl Operator for OveragesOperator {
 
     fn storage(&self) -> Storage {
         Storage::Versioned {
-            key: &["tenant", "period", "metric"],
-            internal: &["period_end", "alerted"],
+            key: &["tenant", "period_start", "metric"],
+            internal: &["alerted"],
             final_column: Some("period_end"),
             deleted_column: Some("_deleted"),
         }
@@ -687,6 +696,76 @@ impl Operator for OveragesOperator {
             let slots: Vec<u32> = self.tenant_months.values().flatten().copied().collect();
             self.reach_again(&slots);
         }
+    }
+
+    /// The final periods the message may change: its usage events'
+    /// periods, every period of a tenant whose subscriptions it changes,
+    /// every period for a catalog event.
+    fn final_rows(&self, unit: &[Step<'_>], final_before: i64, _ledger: &Ledger) -> Vec<FinalRow> {
+        let mut slots: Vec<u32> = Vec::new();
+        let mut all = false;
+        for e in unit_events(unit) {
+            match &e.payload {
+                Payload::PlanPublished(_) | Payload::MeterDefined { .. } => all = true,
+                Payload::UsageRecorded { metric, .. } => {
+                    let (Some(t), Some(m)) = (
+                        self.names.get(e.tenant.as_str()),
+                        self.names.get(metric.as_str()),
+                    ) else {
+                        continue;
+                    };
+                    let key = (Arc::clone(t), month_bounds(e.time).0, Arc::clone(m));
+                    slots.extend(self.months.slot_of(&key));
+                }
+                _ => {
+                    if SubEvent::from_event(e).is_some() {
+                        slots.extend(
+                            self.tenant_months
+                                .get(e.tenant.as_str())
+                                .into_iter()
+                                .flatten(),
+                        );
+                    }
+                }
+            }
+        }
+        if all {
+            slots = self.tenant_months.values().flatten().copied().collect();
+        }
+        slots.sort_unstable();
+        slots.dedup();
+        let mut out = Vec::new();
+        for slot in slots {
+            let Some((key, m)) = self.months.slot(slot) else {
+                continue;
+            };
+            let (start, end) = month_bounds(key.1);
+            if end > final_before || m.agg.events == 0 {
+                continue;
+            }
+            let r = self.compute(&key.0, key.1, &key.2, &m.agg);
+            out.push((
+                Arc::clone(&key.0),
+                Json::new()
+                    .str("metric", Some(&key.2))
+                    .ts("period_start", Some(start))
+                    .finish(),
+                Json::new()
+                    .date("period", Some(start))
+                    .ts("period_end", Some(end))
+                    .str("plan", r.plan.as_deref())
+                    .str("aggregation", Some(aggregation_name(r.aggregation)))
+                    .dec("used", r.used)
+                    .dec("included", r.included)
+                    .dec("overage_quantity", r.overage_quantity)
+                    .int("overage_amount", r.overage_amount)
+                    .str("currency", r.currency.as_deref())
+                    .float("pct_used", r.pct_used)
+                    .int("threshold", r.threshold.map(i64::from))
+                    .finish(),
+            ));
+        }
+        out
     }
 
     fn take_rows(&mut self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {

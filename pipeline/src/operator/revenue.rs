@@ -17,8 +17,9 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::FixedState;
+use super::restatements::Json;
 use super::window::{month_bounds, month_date32};
-use super::{Ledger, Names, Operator, OperatorError, Storage, Target};
+use super::{FinalRow, Ledger, Names, Operator, OperatorError, Step, Storage, Target, unit_events};
 use crate::event::{Event, Payload};
 
 pub const VIEW: &str = "revenue";
@@ -174,6 +175,48 @@ impl Operator for RevenueOperator {
         for t in targets {
             self.fold(&t.event, -1);
         }
+    }
+
+    fn final_rows(&self, unit: &[Step<'_>], final_before: i64, _ledger: &Ledger) -> Vec<FinalRow> {
+        let mut out = Vec::new();
+        for e in unit_events(unit) {
+            let currency = match &e.payload {
+                Payload::InvoicePaid { currency, .. }
+                | Payload::InvoiceRefunded { currency, .. } => currency,
+                _ => continue,
+            };
+            let (month, end) = month_bounds(e.time);
+            if end > final_before {
+                continue;
+            }
+            let (Some(t), Some(c)) = (self.tenants.get(&e.tenant), self.currencies.get(currency))
+            else {
+                continue;
+            };
+            let Some(cash) = self
+                .rows
+                .get(&(month, t, u16::try_from(c).unwrap_or(u16::MAX)))
+                .filter(|c| c.events > 0)
+            else {
+                continue;
+            };
+            let clamp =
+                |v: i128| i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX });
+            out.push((
+                Arc::from(e.tenant.as_str()),
+                Json::new()
+                    .str("currency", Some(currency))
+                    .date("month", Some(month))
+                    .finish(),
+                Json::new()
+                    .int("paid", Some(clamp(cash.paid)))
+                    .int("refunded", Some(clamp(cash.refunded)))
+                    .int("net", Some(clamp(cash.paid - cash.refunded)))
+                    .int("invoices_paid", Some(cash.invoices_paid))
+                    .finish(),
+            ));
+        }
+        out
     }
 
     fn take_rows(&mut self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {

@@ -33,9 +33,13 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use tracing::error;
 
 use super::ledger::UsageRecord;
+use super::restatements::Json;
 use super::slots::{Recent, Slots};
 use super::window::Granularity;
-use super::{FixedState, Ledger, Operator, OperatorError, SeriesIds, Storage, Target};
+use super::{
+    FinalRow, FixedState, Ledger, Operator, OperatorError, SeriesIds, Step, Storage, Target,
+    unit_events,
+};
 use crate::event::decimal::{self, PRECISION, SCALE};
 use crate::event::time::format_micros;
 use crate::event::{Event, Payload, Text};
@@ -499,6 +503,53 @@ impl Operator for UsageOperator {
                 w.1 = agg;
             }
         }
+    }
+
+    /// Month windows are restated (metrics.md): the final month windows of
+    /// the message's usage events.
+    fn final_rows(&self, unit: &[Step<'_>], final_before: i64, _ledger: &Ledger) -> Vec<FinalRow> {
+        let mut out = Vec::new();
+        if !self.granularities.contains(&Granularity::Month) {
+            return out;
+        }
+        for e in unit_events(unit) {
+            let Payload::UsageRecorded { metric, .. } = &e.payload else {
+                continue;
+            };
+            let (start, end) = Granularity::Month.window(e.time);
+            if end > final_before {
+                continue;
+            }
+            let Some(series) = self.series_ids.get(&e.tenant, metric) else {
+                continue;
+            };
+            let key = Key {
+                series,
+                granularity: Granularity::Month,
+                start,
+            };
+            let Some((_, agg, _)) = self.windows.get(&key).filter(|w| w.1.events > 0) else {
+                continue;
+            };
+            out.push((
+                Arc::from(e.tenant.as_str()),
+                Json::new()
+                    .str("granularity", Some("month"))
+                    .str("metric", Some(metric))
+                    .ts("window_start", Some(start))
+                    .finish(),
+                Json::new()
+                    .ts("window_end", Some(end))
+                    .int("events", Some(agg.events))
+                    .dec("sum", agg.sum())
+                    .dec("min", Some(agg.min))
+                    .dec("max", Some(agg.max))
+                    .dec("last", Some(agg.last))
+                    .int("unique_count", agg.unique_count())
+                    .finish(),
+            ));
+        }
+        out
     }
 
     fn take_rows(&mut self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {

@@ -416,21 +416,24 @@ async fn open_at(
         .map(|op| (op.view(), op.storage(), op.schema()))
         .collect();
     let mut stored = Vec::with_capacity(stores.len());
+    // For a tenant account, the views with stream positions are defined
+    // once all are registered (see `tenant_positions`).
+    let mut positioned: Vec<(&'static str, SchemaRef)> = Vec::new();
     for (view, storage, schema) in stores {
         stored.push(view);
         let upto = checkpoint.last_seq;
         match storage {
-            Storage::Append if scoped && view == "events" => {
+            Storage::Append if scoped && POSITIONED.contains(&view) => {
                 register_files(
                     &ctx,
                     data_dir,
                     upto,
                     view,
-                    SCOPED_EVENTS,
+                    &format!("{SCOPED}{view}"),
                     Arc::clone(&schema),
                     &opts.scope,
                 )?;
-                tenant_positions(&ctx, &schema).await?;
+                positioned.push((view, schema));
             }
             Storage::Append => register_files(
                 &ctx,
@@ -464,12 +467,18 @@ async fn open_at(
                 let deleted = deleted_column
                     .map(|c| format!(" AND NOT {c}"))
                     .unwrap_or_default();
-                let sql = format!(
-                    "CREATE VIEW {view} AS SELECT {columns}{is_final} FROM \
+                let latest = format!(
+                    "SELECT {columns}{is_final} FROM \
                      (SELECT *, row_number() OVER (PARTITION BY {} ORDER BY _seq DESC) AS _tally_rn FROM {versions}) \
                      WHERE _tally_rn = 1{deleted}",
                     key.join(", ")
                 );
+                let sql = if scoped && POSITIONED.contains(&view) {
+                    positioned.push((view, Arc::clone(&schema)));
+                    format!("CREATE VIEW {SCOPED}{view} AS {latest}")
+                } else {
+                    format!("CREATE VIEW {view} AS {latest}")
+                };
                 ctx.sql(&sql).await.map_err(|cause| QueryError::Register {
                     view: view.to_owned(),
                     cause,
@@ -483,6 +492,7 @@ async fn open_at(
         }
     }
     if scoped {
+        tenant_positions(&ctx, &positioned).await?;
         scoped_clock(&ctx).await?;
     }
     let (sql_views, replaced) = views::view_sql(opts.queries_dir.as_deref(), &stored)?;
@@ -490,42 +500,76 @@ async fn open_at(
     Ok((ctx, replaced))
 }
 
-/// Where a tenant account's `events` rows are registered before
-/// [`tenant_positions`] turns their stream sequences into positions; the
-/// name is removed once the view is defined.
-const SCOPED_EVENTS: &str = "_tally_scoped_events";
+/// The views whose stream sequences a tenant account sees as positions,
+/// and the prefix of the names their own rows are registered under until
+/// [`tenant_positions`] defines them (then the names are removed).
+const POSITIONED: [&str; 3] = [
+    crate::operator::events::VIEW,
+    crate::operator::restatements::VIEW,
+    crate::operator::corrections::VIEW,
+];
+const SCOPED: &str = "_tally_scoped_";
 
-/// Defines, for a tenant account, `events` with `stream_seq` replaced by
-/// the event's position among the account's own events (1, 2, 3, ...).
+/// A tenant account's positions: each stream sequence that carried one of
+/// its events or restated one of its rows, numbered 1, 2, 3, ... in
+/// stream order.
+const POSITIONS: &str = "_tally_positions";
+
+/// Defines, for a tenant account, the views with stream sequences
+/// (`events`, `restatements`, `corrections`) with each sequence replaced by
+/// its position among the account's own messages: the messages that
+/// carried its events or restated its rows (1, 2, 3, ...).
 ///
 /// Stream sequences count every tenant's messages: the gap between two of
 /// a tenant's sequences, or a checkpoint's sequence minus the tenant's
 /// count, is the platform's volume. A position counts only the account's
-/// own events, grows with each of them and never changes once given, so
+/// own messages, grows with each of them and never changes once given, so
 /// `WHERE stream_seq > $last` still returns exactly what is new since a
 /// position was read (`_tally_clock.checkpoint_seq` is the account's last
 /// position; see [`scoped_clock`]).
-async fn tenant_positions(ctx: &SessionContext, schema: &Schema) -> Result<(), OpenError> {
-    let columns: Vec<String> = schema
-        .fields()
-        .iter()
-        .map(|f| {
-            if f.name() == "stream_seq" {
-                "row_number() OVER (ORDER BY stream_seq) AS stream_seq".to_owned()
-            } else {
-                format!("\"{}\"", f.name())
-            }
-        })
-        .collect();
-    let sql = format!(
-        "CREATE VIEW events AS SELECT {} FROM {SCOPED_EVENTS}",
-        columns.join(", ")
-    );
-    ctx.sql(&sql).await.map_err(|cause| QueryError::Register {
-        view: "events".to_owned(),
-        cause,
-    })?;
-    deregister(ctx, SCOPED_EVENTS)
+async fn tenant_positions(
+    ctx: &SessionContext,
+    views: &[(&'static str, SchemaRef)],
+) -> Result<(), OpenError> {
+    let reg = |view: &str| {
+        let view = view.to_owned();
+        move |cause| QueryError::Register { view, cause }
+    };
+    let events = format!("{SCOPED}{}", crate::operator::events::VIEW);
+    let restated = format!("{SCOPED}{}", crate::operator::restatements::VIEW);
+    ctx.sql(&format!(
+        "CREATE VIEW {POSITIONS} AS SELECT seq, row_number() OVER (ORDER BY seq) AS pos FROM \
+         (SELECT stream_seq AS seq FROM {events} UNION SELECT stream_seq AS seq FROM {restated})"
+    ))
+    .await
+    .map_err(reg(POSITIONS))?;
+    for (view, schema) in views {
+        let columns: Vec<String> = schema
+            .fields()
+            .iter()
+            .map(|f| f.name())
+            .filter(|n| !n.starts_with('_'))
+            .map(|n| match n.as_str() {
+                "stream_seq" => "p.pos AS stream_seq".to_owned(),
+                "first_target_seq" => "t.pos AS first_target_seq".to_owned(),
+                _ => format!("v.\"{n}\""),
+            })
+            .collect();
+        let first_target = if *view == crate::operator::corrections::VIEW {
+            format!(" LEFT JOIN {POSITIONS} t ON v.first_target_seq = t.seq")
+        } else {
+            String::new()
+        };
+        let sql = format!(
+            "CREATE VIEW {view} AS SELECT {} FROM {SCOPED}{view} v JOIN {POSITIONS} p ON v.stream_seq = p.seq{first_target}",
+            columns.join(", ")
+        );
+        ctx.sql(&sql).await.map_err(reg(view))?;
+    }
+    for (view, _) in views {
+        deregister(ctx, &format!("{SCOPED}{view}"))?;
+    }
+    deregister(ctx, POSITIONS)
 }
 
 /// `_tally_clock` for a tenant account: its `checkpoint_seq` is the
@@ -544,7 +588,8 @@ async fn scoped_clock(ctx: &SessionContext) -> Result<(), OpenError> {
     ctx.register_table(base, clock).map_err(reg)?;
     let sql = format!(
         "CREATE VIEW {CLOCK_TABLE} AS SELECT stream_clock, final_before, \
-         (SELECT CAST(count(*) AS BIGINT UNSIGNED) FROM events) AS checkpoint_seq FROM {base}"
+         (SELECT CAST(count(DISTINCT stream_seq) AS BIGINT UNSIGNED) FROM \
+         (SELECT stream_seq FROM events UNION ALL SELECT stream_seq FROM restatements)) AS checkpoint_seq FROM {base}"
     );
     ctx.sql(&sql).await.map_err(reg)?;
     deregister(ctx, base)

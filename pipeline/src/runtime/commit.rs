@@ -14,8 +14,9 @@ use tracing::{debug, warn};
 use super::processor::ViewRows;
 use super::{RunOptions, RunSummary, RuntimeError};
 use crate::event::alert::Alert;
+use crate::operator::Restatement;
 use crate::sink::dlq::{DeadLetter, DlqTarget};
-use crate::sink::{alerts, dlq};
+use crate::sink::{alerts, dlq, restated};
 use crate::source::jetstream as js_source;
 use crate::store::DataDir;
 use crate::store::checkpoint::Checkpoint;
@@ -37,6 +38,8 @@ pub struct BatchOutput {
     pub first: u64,
     pub letters: Vec<DeadLetter>,
     pub alerts: Vec<Alert>,
+    /// Restatements to publish (a live run's).
+    pub restated: Vec<Restatement>,
     pub rows: Vec<ViewRows>,
     pub links: Vec<ViewLink>,
     /// The checkpoint covering the batch, taken when the batch was cut (the
@@ -46,7 +49,7 @@ pub struct BatchOutput {
     pub compact: Option<Vec<(&'static str, SchemaRef)>>,
 }
 
-/// Makes one batch durable: DLQ, alerts, view files, checkpoint. Retries
+/// Makes one batch durable: DLQ, alerts, restatements, view files, checkpoint. Retries
 /// with backoff until it succeeds or `stop` fires. Runs as its own task
 /// while the next batch is fetched and processed; the Parquet encoding and
 /// fsyncs run on a blocking thread.
@@ -64,6 +67,7 @@ pub async fn commit(
         let attempt: Result<Duration, RuntimeError> = async {
             dlq::publish_all(&js, &dlq_target, &out.letters).await?;
             alerts::publish_all(&js, &out.alerts).await?;
+            restated::publish_all(&js, &out.restated).await?;
             let (dir, batch) = (data_dir.clone(), Arc::clone(&out));
             tokio::task::spawn_blocking(move || {
                 let started = Instant::now();

@@ -29,6 +29,7 @@ use crate::config::ConfigError;
 use crate::operator::OperatorError;
 use crate::sink::alerts::AlertError;
 use crate::sink::dlq::DlqError;
+use crate::sink::restated::RestatedError;
 use crate::source::jetstream::{SourceConfig, SourceError};
 use crate::store::DataDirError;
 use crate::store::checkpoint::{CheckpointError, Counts, Gap};
@@ -67,6 +68,8 @@ pub enum RuntimeError {
     Dlq(#[from] DlqError),
     #[error(transparent)]
     Alert(#[from] AlertError),
+    #[error(transparent)]
+    Restated(#[from] RestatedError),
     #[error(transparent)]
     Operator(#[from] OperatorError),
     #[error(

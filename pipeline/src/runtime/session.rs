@@ -26,7 +26,7 @@ use crate::config::Settings;
 use crate::event::Event;
 use crate::operator::events;
 use crate::sink::dlq::DlqTarget;
-use crate::sink::{alerts, dlq};
+use crate::sink::{alerts, dlq, restated};
 use crate::source::jetstream as js_source;
 use crate::store::parquet::read_parquet;
 use crate::store::{DataDir, DataDirError, DataDirLock, handoff};
@@ -135,6 +135,13 @@ impl<'o> Session<'o> {
             &js,
             alerts::STREAM,
             &format!("{}.>", alerts::SUBJECT_PREFIX),
+            opts.source.replicas,
+        )
+        .await?;
+        js_source::ensure_output_stream(
+            &js,
+            restated::STREAM,
+            &format!("{}.>", restated::SUBJECT_PREFIX),
             opts.source.replicas,
         )
         .await?;
@@ -546,6 +553,7 @@ impl<'o> Session<'o> {
             first: first_seq_before + 1,
             rows: self.p.take_rows()?,
             alerts: self.p.take_alerts(),
+            restated: self.p.take_restated(),
             letters,
             links: Vec::new(),
             checkpoint: self.p.checkpoint.clone(),
@@ -693,6 +701,7 @@ impl<'o> Session<'o> {
             first,
             rows: Vec::new(),
             alerts: Vec::new(),
+            restated: Vec::new(),
             letters: Vec::new(),
             links: Vec::new(),
             checkpoint: self.p.checkpoint.clone(),
@@ -825,6 +834,7 @@ impl<'o> Session<'o> {
             first,
             rows: self.p.take_rows()?,
             alerts: self.p.take_alerts(),
+            restated: self.p.take_restated(),
             letters: Vec::new(),
             links,
             checkpoint: self.p.checkpoint.clone(),

@@ -16,7 +16,12 @@ use crate::config::Settings;
 use crate::event::DlqReason;
 
 pub const FILE_NAME: &str = "checkpoint.json";
-const VERSION: u32 = 1;
+/// Version 2: views over effective events (voids), `corrections`,
+/// `usage.unique_count`; a version-1 location is rebuilt by `tally replay`.
+const VERSION: u32 = 2;
+/// Versions whose `events` archive a replay may read: the archive's format
+/// has not changed since version 1.
+const ARCHIVE_VERSIONS: [u32; 2] = [1, 2];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -152,6 +157,19 @@ impl Checkpoint {
 
     /// Loads the checkpoint of `data_dir`; `None` if there is none yet.
     pub fn load(data_dir: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
+        Checkpoint::load_versions(data_dir, &[VERSION])
+    }
+
+    /// Loads the checkpoint of a data location whose `events` archive a
+    /// replay reads: also one an earlier version of Tally wrote.
+    pub fn load_archive(data_dir: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
+        Checkpoint::load_versions(data_dir, &ARCHIVE_VERSIONS)
+    }
+
+    fn load_versions(
+        data_dir: &Path,
+        versions: &[u32],
+    ) -> Result<Option<Checkpoint>, CheckpointError> {
         let path = Checkpoint::path(data_dir);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -163,7 +181,7 @@ impl Checkpoint {
                 path: path.clone(),
                 source,
             })?;
-        if cp.version != VERSION {
+        if !versions.contains(&cp.version) {
             return Err(CheckpointError::Version {
                 path,
                 found: cp.version,

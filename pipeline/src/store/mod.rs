@@ -159,6 +159,12 @@ impl DataDir {
         Checkpoint::load(&self.root)
     }
 
+    /// The checkpoint of a location whose `events` archive a replay reads
+    /// (also one written by an earlier version of Tally).
+    pub fn archive_checkpoint(&self) -> Result<Option<Checkpoint>, CheckpointError> {
+        Checkpoint::load_archive(&self.root)
+    }
+
     /// Commits `cp`: from now on the views are those it covers. A working
     /// copy's commit is pushed to the object store before this returns.
     pub fn commit(&self, cp: &Checkpoint) -> Result<(), CheckpointError> {
