@@ -64,6 +64,11 @@ echo "== daily api_calls of the last days (usage view)"
 "$tally" sql "SELECT window_start AS day, count(DISTINCT tenant) AS tenants, sum(sum) AS api_calls
               FROM usage WHERE granularity = 'day' AND metric = 'api_calls'
               GROUP BY window_start ORDER BY window_start DESC LIMIT 5"
+echo "== corrections: voided events (counted nowhere but the archive) and what they hit"
+"$tally" sql "SELECT tenant, target_id, reason, targets FROM corrections ORDER BY stream_seq DESC LIMIT 5"
+echo "== restatements: final numbers that changed after a billing job could have used them"
+"$tally" sql "SELECT view, cause, count(*) AS rows, count(DISTINCT tenant) AS tenants
+              FROM restatements GROUP BY view, cause ORDER BY view, cause"
 echo "== tally replay: every view rebuilt from the stream, then switched atomically"
 before="$("$tally" sql --format csv "SELECT * FROM mrr ORDER BY month, tenant, currency" | cksum)"
 "$tally" replay

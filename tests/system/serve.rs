@@ -395,7 +395,7 @@ fn serve_answers_psql_psycopg_jdbc_adbc_and_flight_as_tally_sql_does() {
     assert_eq!(rows(&steps[2]), vec![vec![Some("public".into())]]);
     assert!(rows(&steps[3]).contains(&vec![Some("mrr_waterfall".into())]));
     let columns = rows(&steps[4]);
-    assert_eq!(columns.len(), 11, "{columns:?}");
+    assert_eq!(columns.len(), 12, "{columns:?}");
     assert!(
         columns.iter().any(|c| c[0].as_deref() == Some("sum")),
         "{columns:?}"

@@ -121,6 +121,9 @@ function dashboard(d) {
       d.top_tenants.map((r) => `<tr><td class="text"><a href="/tenants/${encodeURIComponent(r.tenant)}">${esc(r.name || r.tenant)}</a></td><td class="text">${esc(r.plan)}</td>${cell(`top_tenants|${r.tenant}|mrr`, r.mrr, money(r.mrr, r.currency))}${cell(`top_tenants|${r.tenant}|revenue_to_date`, r.revenue_to_date, money(r.revenue_to_date, r.currency))}</tr>`), [0, 1])}</div>
     <div class="card"><h3>Over quota this month</h3>${table(["Tenant", "Metric", "Used", "Included", "Overage"],
       d.over_quota.map((r) => `<tr><td class="text"><a href="/tenants/${encodeURIComponent(r.tenant)}">${esc(r.tenant)}</a></td><td class="text">${esc(r.metric)}</td>${cell(`over_quota|${r.tenant}|${r.metric}|used`, r.used, num(r.used))}${cell(`over_quota|${r.tenant}|${r.metric}|included`, r.included, num(r.included))}${cell(`over_quota|${r.tenant}|${r.metric}|overage_amount`, r.overage_amount, money(r.overage_amount, r.currency), "neg")}</tr>`), [0, 1])}</div>
+    <div class="card"><h3>Corrections and restatements</h3>${table(["Final numbers restated", "Cause", "Rows", "Tenants"],
+      d.restatements.map((r) => `<tr><td class="text">${esc(r.view)}</td><td class="text">${esc(r.cause)}</td><td>${esc(show(r.rows))}</td><td>${esc(show(r.tenants))}</td></tr>`), [0, 1])}
+      <p class="caption">${esc(show((d.corrections[0] || {}).voids) || "0")} voids, ${esc(show((d.corrections[0] || {}).voided) || "0")} events voided (counted nowhere but the archive).</p></div>
     <div class="card"><h3>Pipeline</h3>${pipeline(d.pipeline)}</div>
   </div>`;
   app.innerHTML = html;
@@ -262,6 +265,12 @@ function tenantPage(d) {
       d.invoices.map((r) => eventRow(r, 2, (j) => `<td class="text">${esc(show(j.invoice_id))}</td>${priced(`invoices|${r.time}|${r.type}|amount`, j.amount, j.currency, r.type === "invoice.refunded" ? "neg" : "")}`, inv)), [0, 1, 2, 4])}</div>
     <div class="card"><h3>Revenue by month</h3>${table(["Month", "Paid", "Refunded", "Net"],
       d.revenue.map((r) => `<tr><td class="text">${esc(month(r.month))}</td>${cell(`revenue|${r.month}|paid`, r.paid, money(r.paid, r.currency))}${cell(`revenue|${r.month}|refunded`, r.refunded, money(r.refunded, r.currency))}${cell(`revenue|${r.month}|net`, r.net, money(r.net, r.currency))}</tr>`))}</div>
+    </div>
+    <div class="grid wide" style="margin-top:1rem">
+    <div class="card"><h3>Corrections: voided events</h3>${table(["Published (UTC)", "Voided event", "Reason", "Events hit"],
+      d.corrections.map((r) => `<tr><td class="text">${esc(String(r.published_at).slice(0, 19))}</td><td class="text">${esc(r.target_source)} / ${esc(r.target_id)}</td><td class="text">${esc(show(r.reason))}</td><td>${esc(show(r.targets))}</td></tr>`), [0, 1, 2])}</div>
+    <div class="card"><h3>Restatements: final numbers that changed</h3>${table(["Published (UTC)", "View", "Row", "Before", "After", "Cause"],
+      d.restatements.map((r) => `<tr><td class="text">${esc(String(r.published_at).slice(0, 19))}</td><td class="text">${esc(r.view)}</td><td class="text json">${esc(r.key)}</td><td class="text json">${esc(show(r.before) || "(none)")}</td><td class="text json">${esc(show(r.after) || "(none)")}</td><td class="text">${esc(r.cause)}</td></tr>`), [0, 1, 2, 3, 4, 5])}</div>
     </div>`;
   app.innerHTML = html;
   const value = (v) => (v === null || v === undefined ? null : Number(v));

@@ -66,6 +66,8 @@ pub struct BenchOptions {
     pub replay: bool,
     /// Also measure validation and each operator alone, in process.
     pub operators: bool,
+    /// Percent of the events to void (0: none): see [`with_voids`].
+    pub voids: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -128,6 +130,62 @@ fn scratch_err(path: &Path) -> impl Fn(std::io::Error) -> BenchError + '_ {
     }
 }
 
+/// `lines` (JSON Lines) with voids of `pct` percent of the usage events,
+/// picked uniformly (so spread over the whole history): half sent just
+/// before their target, half at a uniformly random later position.
+pub fn with_voids(lines: &[u8], pct: f64, seed: u64) -> Vec<u8> {
+    let lines: Vec<&[u8]> = lines.split_inclusive(|b| *b == b'\n').collect();
+    let mut rng = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |n: u64| {
+        rng = rng
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (rng >> 33) % n.max(1)
+    };
+    let every = (100.0 / pct).round().max(1.0) as u64;
+    // Where each void goes: before line i (its target) or after line j.
+    let mut before: Vec<Option<Vec<u8>>> = vec![None; lines.len()];
+    let mut after: Vec<Vec<Vec<u8>>> = vec![Vec::new(); lines.len()];
+    let mut n = 0u64;
+    for (i, line) in lines.iter().enumerate() {
+        if !line.windows(16).any(|w| w == b"\"usage.recorded\"") || next(every) != 0 {
+            continue;
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+            continue;
+        };
+        n += 1;
+        let void = serde_json::json!({
+            "specversion": "1.0",
+            "id": format!("bench-void-{n}"),
+            "source": "billing-ops",
+            "type": "event.voided",
+            "time": v["time"],
+            "tenant": v["tenant"],
+            "data": {"target_source": v["source"], "target_id": v["id"], "reason": "bench"},
+        });
+        let mut text = void.to_string().into_bytes();
+        text.push(b'\n');
+        if n % 2 == 0 {
+            before[i] = Some(text);
+        } else {
+            let j = i + next((lines.len() - i) as u64) as usize;
+            after[j.min(lines.len() - 1)].push(text);
+        }
+    }
+    let mut out = Vec::with_capacity(lines.iter().map(|l| l.len()).sum::<usize>() * 101 / 100);
+    for (i, line) in lines.iter().enumerate() {
+        if let Some(v) = &before[i] {
+            out.extend_from_slice(v);
+        }
+        out.extend_from_slice(line);
+        for v in &after[i] {
+            out.extend_from_slice(v);
+        }
+    }
+    out
+}
+
 /// Runs the benchmark; `tally` is the binary to run as the child.
 pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, BenchError> {
     std::fs::create_dir_all(&opts.scratch).map_err(scratch_err(&opts.scratch))?;
@@ -161,6 +219,9 @@ pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, Bench
         kept.extend_from_slice(line);
     }
     drop(all);
+    if opts.voids > 0.0 {
+        kept = with_voids(&kept, opts.voids, opts.seed);
+    }
     let events = kept.iter().filter(|b| **b == b'\n').count() as u64;
     std::fs::write(&events_file, &kept).map_err(scratch_err(&events_file))?;
     drop(kept);
@@ -497,6 +558,11 @@ pub struct BenchArgs {
     /// Only that in-process measurement, over an events file (no broker).
     #[arg(long, hide = true, value_name = "EVENTS_FILE")]
     pub operators_only: Option<PathBuf>,
+    /// Also run the ingest over the same stream with this percent of its
+    /// usage events voided (half before their targets, half after), and
+    /// report the rate against the stream without voids.
+    #[arg(long, value_name = "PERCENT")]
+    pub voids: Option<f64>,
 }
 
 /// `tally bench`, from the command line.
@@ -512,6 +578,7 @@ pub async fn command(g: &Globals, a: &BenchArgs) -> Result<(), CommandError> {
         replay,
         operators,
         operators_only,
+        voids,
     } = a;
     if let Some(file) = operators_only {
         let o = operators_bench(file, "tally.bench")?;
@@ -535,6 +602,7 @@ pub async fn command(g: &Globals, a: &BenchArgs) -> Result<(), CommandError> {
         no_activity: *no_activity,
         replay: *replay,
         operators: *operators,
+        voids: 0.0,
     };
     let r = run(&opts, &exe).await?;
     println!("events               {}", r.events);
@@ -564,6 +632,30 @@ pub async fn command(g: &Globals, a: &BenchArgs) -> Result<(), CommandError> {
         print_operators(o);
     }
     println!("{}", serde_json::to_string(&r).unwrap_or_default());
+    if let Some(pct) = voids {
+        let v = run(
+            &BenchOptions {
+                voids: *pct,
+                replay: false,
+                operators: false,
+                ..opts
+            },
+            &exe,
+        )
+        .await?;
+        println!("with {pct}% of usage voided:");
+        println!("events               {}", v.events);
+        println!("raw consume (AckAll) {:>10.0} msg/s", v.raw_consume_per_s);
+        println!("tally run            {:>10.0} msg/s", v.tally_run_per_s);
+        println!("ratio                {:>10.3}", v.ratio);
+        println!("tally peak RSS       {:>10.1} MiB", v.tally_peak_rss_mib);
+        println!(
+            "voided / plain run   {:>10.3} (rates); {:.3} (ratios to raw)",
+            v.tally_run_per_s / r.tally_run_per_s,
+            v.ratio / r.ratio
+        );
+        println!("{}", serde_json::to_string(&v).unwrap_or_default());
+    }
     Ok(())
 }
 

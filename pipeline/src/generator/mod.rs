@@ -845,6 +845,9 @@ struct Sub {
 struct Tenant {
     num: u32,
     rng: Rng,
+    /// Decides corrections: a stream of its own, so that adding them left
+    /// every other draw of the company as it was.
+    fixes: Rng,
     signup_month: u32,
     signup_at: i64,
     never_subscribes: bool,
@@ -889,6 +892,7 @@ impl Tenant {
         let mut t = Tenant {
             num,
             rng,
+            fixes: Rng::new(mix(seed ^ 0xC0_22EC_7104, u64::from(num))),
             signup_month,
             signup_at,
             never_subscribes,
@@ -1352,14 +1356,14 @@ impl Tenant {
         let target = g.seq;
         let num = self.num;
         let ops = Actor::System("billing-ops");
-        let before = self.rng.chance(0.3);
+        let before = self.fixes.chance(0.3);
         let (time, key) = if before {
             (t, Some(t - SEC))
         } else {
-            let at = t + self.rng.range(MIN, 2 * DAY);
+            let at = t + self.fixes.range(MIN, 2 * DAY);
             (at, None)
         };
-        let reason = if self.rng.chance(0.5) {
+        let reason = if self.fixes.chance(0.5) {
             "duplicate report from a retried batch"
         } else {
             "quantity reported 10x"
@@ -1426,7 +1430,7 @@ impl Tenant {
                 string,
             };
             g.push(t, num, Actor::ApiKey(num, key), body);
-            if self.rng.chance(0.004) {
+            if self.fixes.chance(0.004) {
                 self.correct(g, t, milli);
             }
         }

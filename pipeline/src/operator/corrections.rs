@@ -145,10 +145,10 @@ impl Operator for CorrectionsOperator {
                     }
                 }
             }
-            Step::Retract { void, targets } => {
+            Step::Retract { void, hits, .. } => {
                 if let Some(r) = self.rows.get_mut(&void.stream_seq) {
-                    for t in targets {
-                        r.hit(t.event.stream_seq);
+                    for seq in hits {
+                        r.hit(*seq);
                     }
                     self.dirty.insert(void.stream_seq);
                 }

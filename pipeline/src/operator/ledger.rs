@@ -71,6 +71,9 @@ enum Loc {
     Usage { bucket: u32, pos: u32 },
     /// `others[i]`.
     Other(u32),
+    /// A voided event, accepted at this sequence: a later void of the same
+    /// key counts it (`corrections.targets`) and takes nothing out.
+    Voided(u64),
 }
 
 /// A remembered event other than usage.
@@ -105,8 +108,13 @@ pub enum Verdict {
     /// Named by the voids at these sequences before it arrived: counts
     /// only in the archive (and in those voids' `corrections` rows).
     Voided { by: Vec<u64> },
-    /// A void (itself effective); these earlier accepted events stop counting.
-    Void { targets: Vec<Target> },
+    /// A void (itself effective); these earlier accepted events stop
+    /// counting (`targets`), out of all the accepted events it voids
+    /// (`hits`: their sequences, also those another void voided before).
+    Void {
+        targets: Vec<Target>,
+        hits: Vec<u64>,
+    },
 }
 
 /// See the module documentation.
@@ -153,17 +161,39 @@ impl Ledger {
                     v.insert(e.stream_seq);
                 }
             }
-            let mut locs: Vec<Loc> = self.index.remove(&target).into_iter().collect();
-            locs.extend(self.more.remove(&target).unwrap_or_default());
-            let targets = locs
-                .into_iter()
-                .filter_map(|loc| self.take(loc, e))
-                .collect();
-            return Verdict::Void { targets };
+            let mut locs: Vec<Loc> = self.index.get(&target).copied().into_iter().collect();
+            locs.extend(self.more.get(&target).into_iter().flatten().copied());
+            let mut targets = Vec::new();
+            let mut hits = Vec::with_capacity(locs.len());
+            let mut gone = Vec::with_capacity(locs.len());
+            for loc in locs {
+                match loc {
+                    Loc::Voided(seq) => {
+                        hits.push(seq);
+                        gone.push(loc);
+                    }
+                    _ => {
+                        if let Some(t) = self.take(loc, e) {
+                            hits.push(t.event.stream_seq);
+                            gone.push(Loc::Voided(t.event.stream_seq));
+                            targets.push(t);
+                        }
+                    }
+                }
+            }
+            if let Some((first, rest)) = gone.split_first() {
+                self.index.insert(target, *first);
+                if !rest.is_empty() {
+                    self.more.insert(target, rest.to_vec());
+                }
+            }
+            return Verdict::Void { targets, hits };
         }
         if let Some(first) = self.voided.get(&key) {
             let mut by = vec![*first];
             by.extend(self.voided_more.get(&key).into_iter().flatten());
+            // Remembered, so that a later void of the key counts it too.
+            self.remember(key, Loc::Voided(e.stream_seq));
             return Verdict::Voided { by };
         }
         if e.event_type == VOIDED_TYPE {
@@ -207,6 +237,11 @@ impl Ledger {
                 Loc::Other(i)
             }
         };
+        self.remember(key, loc);
+        Verdict::Effective
+    }
+
+    fn remember(&mut self, key: u128, loc: Loc) {
         match self.index.entry(key) {
             std::collections::hash_map::Entry::Occupied(_) => {
                 self.more.entry(key).or_default().push(loc);
@@ -215,7 +250,6 @@ impl Ledger {
                 v.insert(loc);
             }
         }
-        Verdict::Effective
     }
 
     /// Marks the event at `loc` voided by `void` and rebuilds it.
@@ -273,6 +307,7 @@ impl Ledger {
                     event: event(r.seq, r.time, event_type, payload),
                 })
             }
+            Loc::Voided(_) => None,
         }
     }
 
@@ -319,7 +354,7 @@ impl Ledger {
         self.voids
     }
 
-    /// Events a void could still hit.
+    /// Accepted events remembered (voided ones included).
     pub fn remembered(&self) -> usize {
         self.index.len() + self.more.values().map(Vec::len).sum::<usize>()
     }

@@ -54,11 +54,13 @@ pub enum Step<'a> {
     /// An accepted event that the voids at `by` named before it arrived:
     /// archived and on the stream clock, in no other view.
     Voided { event: &'a Event, by: &'a [u64] },
-    /// The void `void`, applied just before, takes these events out of
-    /// every view but the archive.
+    /// The void `void`, applied just before, takes `targets` out of
+    /// every view but the archive; `hits` are the sequences of all the
+    /// accepted events it voids (also those voided before).
     Retract {
         void: &'a Event,
         targets: &'a [Target],
+        hits: &'a [u64],
     },
 }
 
@@ -218,7 +220,7 @@ pub trait Operator: Send {
         match *step {
             Step::Apply { event, sub } => self.apply_with(event, sub),
             Step::Voided { event, .. } => self.observe_voided(event),
-            Step::Retract { void, targets } => self.retract(void, targets, ledger),
+            Step::Retract { void, targets, .. } => self.retract(void, targets, ledger),
         }
     }
     /// An accepted event that counts in no view (it is voided): the views

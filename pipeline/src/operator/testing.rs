@@ -125,10 +125,15 @@ impl Fed {
         match &verdict {
             Verdict::Effective => op.step(&apply, &self.ledger),
             Verdict::Voided { by } => op.step(&Step::Voided { event: &e, by }, &self.ledger),
-            Verdict::Void { targets } => {
+            Verdict::Void { targets, hits } => {
                 op.step(&apply, &self.ledger);
-                if !targets.is_empty() {
-                    op.step(&Step::Retract { void: &e, targets }, &self.ledger);
+                if !hits.is_empty() {
+                    let retract = Step::Retract {
+                        void: &e,
+                        targets,
+                        hits,
+                    };
+                    op.step(&retract, &self.ledger);
                 }
             }
         }

@@ -256,7 +256,7 @@ impl Processor {
         let final_at = |t: i64| month_bounds(t).1 <= final_before;
         let may = match (&a.verdict, &a.event.payload) {
             (Verdict::Voided { .. }, _) => false,
-            (Verdict::Void { targets }, _) => !targets.is_empty(),
+            (Verdict::Void { targets, .. }, _) => !targets.is_empty(),
             (_, Payload::PlanPublished(_) | Payload::MeterDefined { .. }) => true,
             (_, Payload::UsageRecorded { .. })
             | (_, Payload::InvoicePaid { .. })
@@ -555,15 +555,16 @@ fn steps<'a>(
                 sub: sub.as_ref(),
             }),
             Verdict::Voided { by } => steps.push(Step::Voided { event, by }),
-            Verdict::Void { targets } => {
+            Verdict::Void { targets, hits } => {
                 steps.push(Step::Apply {
                     event,
                     sub: sub.as_ref(),
                 });
-                if !targets.is_empty() {
+                if !hits.is_empty() {
                     steps.push(Step::Retract {
                         void: event,
                         targets,
+                        hits,
                     });
                 }
             }
@@ -960,6 +961,114 @@ mod tests {
         assert!(one.iter().any(|r| r.ends_with(" late_event")));
         assert_eq!(run(53), one);
         assert_eq!(run(msgs.len()), one);
+    }
+
+    /// A void flood (a producer voiding ids that never arrive) costs one
+    /// ledger entry and one `corrections` row per void, nothing else, and
+    /// no message of it restates or retracts anything.
+    #[test]
+    fn a_flood_of_voids_of_nothing_costs_one_entry_per_void() {
+        let flood: Vec<_> = (0..20_000)
+            .map(|i| {
+                msg(
+                    &format!("f{i}"),
+                    "evil",
+                    "event.voided",
+                    "2025-01-05T00:00:00Z",
+                    &format!(r#"{{"target_source":"s","target_id":"nothing-{i}"}}"#),
+                )
+            })
+            .collect();
+        let settings = Settings::default();
+        let cp = Checkpoint::new("S", "2025-01-01T00:00:00Z", &settings);
+        let mut p = Processor::new(&settings, "tally.events", cp);
+        let rows = feed_in(&mut p, &flood, 1, 5000);
+        assert_eq!(p.ledger.voids(), 20_000);
+        assert_eq!(p.ledger.remembered(), 0, "a void is never a target");
+        assert_eq!(p.ledger.voids(), 20_000);
+        let corrections = p
+            .operators
+            .iter()
+            .find(|o| o.view() == operator::corrections::VIEW)
+            .unwrap();
+        assert_eq!(corrections.state_rows(), 20_000);
+        assert!(restated(&rows).is_empty());
+    }
+
+    /// `corrections.targets` counts every accepted event a void voids, also
+    /// one another void voided first, before or after it arrived.
+    #[test]
+    fn every_void_of_an_event_counts_it() {
+        let usage = |id: &str| {
+            msg(
+                id,
+                "acme",
+                "usage.recorded",
+                "2025-01-05T00:00:00Z",
+                r#"{"metric":"m","quantity":1}"#,
+            )
+        };
+        let void = |id: &str, target: &str| {
+            msg(
+                id,
+                "acme",
+                "event.voided",
+                "2025-01-06T00:00:00Z",
+                &format!(r#"{{"target_source":"s","target_id":"{target}"}}"#),
+            )
+        };
+        let stream = vec![
+            usage("a"),
+            void("v1", "a"),
+            void("v2", "a"),
+            void("v3", "b"),
+            usage("b"),
+            void("v4", "b"),
+            void("v5", "nothing"),
+        ];
+        let settings = Settings::default();
+        let cp = Checkpoint::new("S", "2025-01-01T00:00:00Z", &settings);
+        let mut p = Processor::new(&settings, "tally.events", cp);
+        feed_in(&mut p, &stream, 1, 2);
+        let c = p
+            .operators
+            .iter()
+            .find(|o| o.view() == operator::corrections::VIEW)
+            .unwrap()
+            .snapshot(0)
+            .unwrap()
+            .unwrap();
+        let targets = c.column_by_name("targets").unwrap();
+        let targets = targets
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap();
+        let first = c.column_by_name("first_target_seq").unwrap();
+        let first = first
+            .as_any()
+            .downcast_ref::<arrow::array::UInt64Array>()
+            .unwrap();
+        let got: Vec<(i64, Option<u64>)> = (0..c.num_rows())
+            .map(|i| {
+                (
+                    targets.value(i),
+                    (!first.is_null(i)).then(|| first.value(i)),
+                )
+            })
+            .collect();
+        use arrow::array::Array;
+        assert_eq!(
+            got,
+            [
+                (1, Some(1)),
+                (1, Some(1)),
+                (1, Some(5)),
+                (1, Some(5)),
+                (0, None)
+            ]
+        );
+        // And `usage` counts neither `a` nor `b`.
+        assert!(!current(&p, &[]).contains("| m "));
     }
 
     /// The restore needs no data directory: handed the archive and the

@@ -199,6 +199,8 @@ pub async fn dashboard_json(State(http): State<Arc<Http>>, headers: HeaderMap) -
         ("over_quota", "SELECT * FROM over_quota ORDER BY overage_amount DESC NULLS LAST, tenant, metric LIMIT 25".to_owned()),
         ("clock", "SELECT CAST(stream_clock AS VARCHAR) AS stream_clock FROM _tally_clock".to_owned()),
         ("gaps", "SELECT * FROM _tally_gaps ORDER BY first_seq".to_owned()),
+        ("restatements", "SELECT view, cause, count(*) AS rows, count(DISTINCT tenant) AS tenants FROM restatements GROUP BY view, cause ORDER BY view, cause".to_owned()),
+        ("corrections", "SELECT count(*) AS voids, COALESCE(sum(targets), 0) AS voided FROM corrections".to_owned()),
     ];
     let mut v = match run(&http, &Scope::AllTenants, &queries).await {
         Ok(v) => v,
@@ -277,6 +279,18 @@ pub async fn tenant_json(
         (
             "revenue",
             format!("SELECT * FROM revenue WHERE tenant = {t} ORDER BY month, currency"),
+        ),
+        (
+            "corrections",
+            format!(
+                "SELECT CAST(published_at AS VARCHAR) AS published_at, target_source, target_id, reason, targets FROM corrections WHERE tenant = {t} ORDER BY stream_seq DESC LIMIT 50"
+            ),
+        ),
+        (
+            "restatements",
+            format!(
+                "SELECT CAST(published_at AS VARCHAR) AS published_at, view, key, before, after, cause FROM restatements WHERE tenant = {t} ORDER BY stream_seq DESC, view, key LIMIT 50"
+            ),
         ),
         (
             "clock",
