@@ -166,7 +166,7 @@ pub fn with_voids(lines: &[u8], pct: f64, seed: u64) -> Vec<u8> {
         });
         let mut text = void.to_string().into_bytes();
         text.push(b'\n');
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             before[i] = Some(text);
         } else {
             let j = i + next((lines.len() - i) as u64) as usize;
