@@ -54,12 +54,17 @@ pub struct ConfigFile {
     pub granularities: Vec<Granularity>,
     /// Largest accepted message, bytes.
     pub max_message_bytes: usize,
+    /// Distinct values of a dimension per (tenant, metric, month) accepted.
+    pub max_dimension_values: usize,
 }
 
 /// How long a (tenant, source, id) is remembered for dedup, by default.
 pub const DEFAULT_DEDUP_HORIZON_US: i64 = 32 * DAY_US;
 /// Allowed lateness before a window is final, by default.
 pub const DEFAULT_LATENESS_US: i64 = 5 * 60 * MICROS;
+/// Distinct values of a dimension per (tenant, metric, month) accepted, by
+/// default (see `crate::state::cardinality`).
+pub const DEFAULT_MAX_DIMENSION_VALUES: usize = 10_000;
 /// Usage window granularities, by default.
 pub const DEFAULT_GRANULARITIES: [Granularity; 3] =
     [Granularity::Hour, Granularity::Day, Granularity::Month];
@@ -110,6 +115,7 @@ impl Default for ConfigFile {
             lateness: duration_text(d.lateness_us),
             granularities: d.granularities,
             max_message_bytes: d.max_message_bytes,
+            max_dimension_values: d.max_dimension_values,
         }
     }
 }
@@ -126,6 +132,13 @@ pub struct Settings {
     pub lateness_us: i64,
     pub granularities: Vec<Granularity>,
     pub max_message_bytes: usize,
+    /// A checkpoint written before this setting existed holds the default.
+    #[serde(default = "default_max_dimension_values")]
+    pub max_dimension_values: usize,
+}
+
+fn default_max_dimension_values() -> usize {
+    DEFAULT_MAX_DIMENSION_VALUES
 }
 
 impl Default for Settings {
@@ -138,6 +151,7 @@ impl Default for Settings {
             lateness_us: DEFAULT_LATENESS_US,
             granularities: DEFAULT_GRANULARITIES.to_vec(),
             max_message_bytes: MAX_MESSAGE_BYTES,
+            max_dimension_values: DEFAULT_MAX_DIMENSION_VALUES,
         }
     }
 }
@@ -179,6 +193,7 @@ impl Settings {
             lateness_us: dur("lateness", &file.lateness)?,
             granularities: file.granularities.clone(),
             max_message_bytes: file.max_message_bytes,
+            max_dimension_values: file.max_dimension_values,
         })
     }
 

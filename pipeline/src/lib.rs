@@ -11,8 +11,9 @@
 //!   shared flags ([`commands::Globals`]) and the command line's error
 //!   ([`commands::CommandError`]).
 //! - [`runtime`]: `tally run`, the thin async shell: [`runtime::session`]
-//!   (consume loop), [`runtime::processor`] (validation, dedup, operators:
-//!   the synchronous core; it reads nothing itself), [`runtime::commit`]
+//!   (consume loop), [`runtime::processor`] (validation, dedup, the ledger,
+//!   operators and restatements: the synchronous core; it reads nothing
+//!   itself), [`runtime::commit`]
 //!   (durable, then checkpoint, then ack), [`runtime::restore`] (state at
 //!   start-up: reads the archive and the views and hands them over),
 //!   [`runtime::metrics`] (`--metrics-listen`), [`runtime::signal`].
@@ -30,13 +31,16 @@
 //! - [`operator`]: synchronous state machines, one file per view, that turn
 //!   accepted events into view rows: [`operator::events`] (the archive),
 //!   [`operator::usage`], [`operator::overages`], [`operator::mrr`],
-//!   [`operator::revenue`], [`operator::tenants`]; with
-//!   [`operator::window`] (UTC tumbling windows), [`operator::catalog`] and
-//!   [`operator::subscription`] (the subscription fold they share).
+//!   [`operator::revenue`], [`operator::tenants`],
+//!   [`operator::corrections`], [`operator::restatements`]; with
+//!   [`operator::ledger`] (which events are voided, and what a void needs
+//!   to take them out), [`operator::window`] (UTC tumbling windows),
+//!   [`operator::catalog`] and [`operator::subscription`] (the subscription
+//!   fold they share).
 //! - [`source`]: NATS JetStream input: the stream, the durable pull
 //!   consumer, deliveries.
-//! - [`sink`]: NATS output: dead letters, threshold alerts, the windowed
-//!   acknowledged publish they and `tally publish` share.
+//! - [`sink`]: NATS output: dead letters, threshold alerts, restatements,
+//!   the windowed acknowledged publish they and `tally publish` share.
 //! - [`store`]: the data location behind one seam ([`store::DataDir`]):
 //!   view files ([`store::parquet`]), the checkpoint that commits them
 //!   ([`store::checkpoint`]), the lock, the replay hand-off

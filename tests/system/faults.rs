@@ -175,6 +175,19 @@ fn every_fault_leaves_every_view_equal_to_a_clean_run() {
     );
     until_idle_as(&s.server, &data, "killed");
     assert_same_views(&s.clean, &all_views(&s.server, &data), "after 12 kill -9");
+    // The restatements the killed run published are those of the clean run,
+    // each once (the same deterministic ids; none extra).
+    let restated = s
+        .clean
+        .iter()
+        .find(|(v, _)| v == "restatements")
+        .map(|(_, csv)| csv.lines().count() - 1)
+        .unwrap();
+    assert!(restated > 0, "the SaaS restates nothing");
+    assert_eq!(
+        stream_count(&s.server, "TALLY_RESTATEMENTS"),
+        restated as u64
+    );
 
     // 2. nats-server stopped and restarted on the same store, mid-run.
     let data = s.data("nats-restart");
@@ -230,9 +243,13 @@ fn every_fault_leaves_every_view_equal_to_a_clean_run() {
 }
 
 fn alerts_count(server: &NatsServer) -> u64 {
+    stream_count(server, "TALLY_ALERTS")
+}
+
+fn stream_count(server: &NatsServer, stream: &str) -> u64 {
     crate::harness::rt().block_on(async {
         let js = crate::harness::js(server).await;
-        match js.get_stream("TALLY_ALERTS").await {
+        match js.get_stream(stream).await {
             Ok(mut st) => st.info().await.unwrap().state.messages,
             Err(_) => 0,
         }
@@ -247,6 +264,7 @@ fn replay_rebuilds_every_view_and_hands_a_live_run_over() {
     // A replay of a finished directory switches to identical views, with no alerts.
     let data = s.data("clean");
     let alerts = alerts_count(&s.server);
+    let restated = stream_count(&s.server, "TALLY_RESTATEMENTS");
     let mut c = tally(&s.server, &data);
     c.arg("replay");
     let out = run_expect(c, 0);
@@ -254,6 +272,11 @@ fn replay_rebuilds_every_view_and_hands_a_live_run_over() {
     assert!(text.contains("switched to"), "{text}");
     assert_same_views(&s.clean, &all_views(&s.server, &data), "after tally replay");
     assert_eq!(alerts_count(&s.server), alerts, "a replay published alerts");
+    assert_eq!(
+        stream_count(&s.server, "TALLY_RESTATEMENTS"),
+        restated,
+        "a replay published restatements"
+    );
     assert!(
         !s.data("clean.replay").exists(),
         "the replaced views were left behind"

@@ -8,6 +8,7 @@ mod cluster;
 mod contract;
 mod corrections;
 mod dashboard;
+mod dimensions;
 mod faults;
 mod harness;
 mod history;

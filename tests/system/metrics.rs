@@ -55,6 +55,7 @@ pub fn views_by(sorted: impl Fn(&str) -> String) -> Vec<(String, String)> {
     let stored = [
         "events",
         "usage",
+        "usage_by_dimension",
         "overages",
         "mrr",
         "revenue",

@@ -18,11 +18,14 @@ pub enum DlqReason {
     InvalidData,
     TimeInFuture,
     TimeTooOld,
+    /// Not a rule of one message: past the bound on distinct dimension
+    /// values (`crate::state::cardinality`), checked after the others.
+    TooManyDimensionValues,
 }
 
 impl DlqReason {
     /// Every reason, in check order.
-    pub const ALL: [DlqReason; 9] = [
+    pub const ALL: [DlqReason; 10] = [
         DlqReason::TooLarge,
         DlqReason::InvalidJson,
         DlqReason::InvalidEnvelope,
@@ -32,6 +35,7 @@ impl DlqReason {
         DlqReason::InvalidData,
         DlqReason::TimeInFuture,
         DlqReason::TimeTooOld,
+        DlqReason::TooManyDimensionValues,
     ];
 
     /// The DLQ subject token and the name used in counts.
@@ -46,6 +50,7 @@ impl DlqReason {
             DlqReason::InvalidData => "invalid_data",
             DlqReason::TimeInFuture => "time_in_future",
             DlqReason::TimeTooOld => "time_too_old",
+            DlqReason::TooManyDimensionValues => "too_many_dimension_values",
         }
     }
 

@@ -10,8 +10,9 @@
 //!
 //! # The synthetic company
 //!
-//! - At the start instant, `_system` publishes the catalog: four meters
-//!   (`api_calls` sum, `storage_gb` max, `seats` latest, `reports` count) and
+//! - At the start instant, `_system` publishes the catalog: five meters
+//!   (`api_calls` sum grouped by `region`, `storage_gb` max, `seats`
+//!   latest, `reports` count, `active_users` unique_count) and
 //!   five plans: `free` (limits, no overage prices), `starter`, `pro`,
 //!   `enterprise` (api calls unlimited) and `pro-eur` (EUR). If the run has at
 //!   least four months, `starter` is republished in month 4 with a higher
@@ -41,6 +42,10 @@
 //!   `billing.webhook_received`) monthly or every 12 months on the billing
 //!   anniversary, once any trial is over; about 2% of invoices are refunded,
 //!   fully or partly, days later.
+//! - `api_calls` events carry `dimensions` (`region`, fixed per tenant,
+//!   and `endpoint`); the meter groups them by `region`. Every login also
+//!   records `active_users` with the user as `unique` (a `unique_count`
+//!   meter: monthly active users).
 //! - Corrections: about 0.4% of `api_calls` events are voided by the
 //!   billing team (`event.voided`, actor `billing-ops`), minutes to two
 //!   days later or, for about 30% of them, written just before the event
@@ -80,6 +85,14 @@ use std::io::{BufWriter, Write};
 
 use crate::event::time;
 use writer::{EventWriter, write_json_str};
+
+/// The `dimensions` of `api_calls` events (its meter groups by `region`).
+pub(crate) const DIMENSIONS: [(&str, &str); 4] = [
+    ("eu-west", "/v1/search"),
+    ("eu-west", "/v1/ingest"),
+    ("us-east", "/v1/search"),
+    ("us-east", "/v1/export"),
+];
 
 /// The `source` written when the configuration leaves it empty.
 pub const DEFAULT_SOURCE: &str = "tally-generate";
@@ -379,14 +392,16 @@ enum Metric {
     StorageGb,
     Seats,
     Reports,
+    ActiveUsers,
 }
 
 impl Metric {
-    const ALL: [Metric; 4] = [
+    const ALL: [Metric; 5] = [
         Metric::ApiCalls,
         Metric::StorageGb,
         Metric::Seats,
         Metric::Reports,
+        Metric::ActiveUsers,
     ];
 
     fn name(self) -> &'static str {
@@ -395,6 +410,7 @@ impl Metric {
             Metric::StorageGb => "storage_gb",
             Metric::Seats => "seats",
             Metric::Reports => "reports",
+            Metric::ActiveUsers => "active_users",
         }
     }
 
@@ -404,6 +420,15 @@ impl Metric {
             Metric::StorageGb => "max",
             Metric::Seats => "latest",
             Metric::Reports => "count",
+            Metric::ActiveUsers => "unique_count",
+        }
+    }
+
+    /// The meter's `group_by`, as JSON text.
+    fn group_by(self) -> Option<&'static str> {
+        match self {
+            Metric::ApiCalls => Some(r#"["region"]"#),
+            _ => None,
         }
     }
 }
@@ -639,11 +664,15 @@ enum Body {
         reason: &'static str,
         effective: Option<i64>,
     },
-    /// `milli`: quantity in thousandths; `string`: written as a decimal string.
+    /// `milli`: quantity in thousandths; `string`: written as a decimal
+    /// string; `dims`: an index into [`DIMENSIONS`] plus one (0: none);
+    /// `user`: the `unique` user (0: none).
     Usage {
         metric: Metric,
         milli: u64,
         string: bool,
+        dims: u8,
+        user: u32,
     },
     InvoicePaid {
         inv: InvoiceId,
@@ -848,6 +877,10 @@ struct Tenant {
     /// Decides corrections: a stream of its own, so that adding them left
     /// every other draw of the company as it was.
     fixes: Rng,
+    /// Where its API calls are served from: the first index of its region
+    /// in [`DIMENSIONS`] (0 or 2); the endpoint varies per call (both drawn
+    /// apart from `rng`, for the same reason as `fixes`).
+    region: u8,
     signup_month: u32,
     signup_at: i64,
     never_subscribes: bool,
@@ -893,6 +926,7 @@ impl Tenant {
             num,
             rng,
             fixes: Rng::new(mix(seed ^ 0xC0_22EC_7104, u64::from(num))),
+            region: 2 * (mix(seed ^ 0x2E_6104, u64::from(num)) % 2) as u8,
             signup_month,
             signup_at,
             never_subscribes,
@@ -1374,6 +1408,8 @@ impl Tenant {
                 metric: Metric::ApiCalls,
                 milli: (milli / 10000).max(1) * 1000,
                 string: false,
+                dims: 1 + self.region + self.fixes.below(2) as u8,
+                user: 0,
             };
             g.push_at(time, key, num, ops, body);
         }
@@ -1428,6 +1464,8 @@ impl Tenant {
                 metric: Metric::ApiCalls,
                 milli,
                 string,
+                dims: 1 + self.region + self.fixes.below(2) as u8,
+                user: 0,
             };
             g.push(t, num, Actor::ApiKey(num, key), body);
             if self.fixes.chance(0.004) {
@@ -1447,6 +1485,8 @@ impl Tenant {
                 metric: Metric::StorageGb,
                 milli,
                 string,
+                dims: 0,
+                user: 0,
             };
             g.push(t, num, Actor::System("metering"), body);
         }
@@ -1457,6 +1497,8 @@ impl Tenant {
             metric: Metric::Seats,
             milli: n as u64 * 1000,
             string: false,
+            dims: 0,
+            user: 0,
         };
         let t = a + self.rng.range(10 * MIN, 2 * HOUR);
         g.push(t, num, Actor::System("metering"), seats(self.users.len()));
@@ -1505,6 +1547,8 @@ impl Tenant {
                 metric: Metric::Reports,
                 milli: 1000,
                 string: false,
+                dims: 0,
+                user: 0,
             };
             g.push(t, num, Actor::User(user), body);
         }
@@ -1523,6 +1567,15 @@ impl Tenant {
                 "google"
             };
             g.push(t, num, Actor::User(user), Body::Login { method });
+            // Monthly active users: a unique_count meter over logins.
+            let active = Body::Usage {
+                metric: Metric::ActiveUsers,
+                milli: 1000,
+                string: false,
+                dims: 0,
+                user,
+            };
+            g.push(t, num, Actor::System("metering"), active);
         }
         if self.rng.chance(0.25 * f) {
             let t = self.time_in(a, b, false);
@@ -1675,8 +1728,14 @@ mod tests {
             match ty {
                 "usage.recorded" => {
                     assert!(
-                        ["api_calls", "storage_gb", "seats", "reports"]
-                            .contains(&data["metric"].as_str().unwrap())
+                        [
+                            "api_calls",
+                            "storage_gb",
+                            "seats",
+                            "reports",
+                            "active_users"
+                        ]
+                        .contains(&data["metric"].as_str().unwrap())
                     );
                     assert!(is_quantity(&data["quantity"]), "{line}");
                 }
@@ -1714,7 +1773,7 @@ mod tests {
                 }
                 "catalog.meter_defined" => {
                     assert!(
-                        ["sum", "count", "max", "latest"]
+                        ["sum", "count", "max", "latest", "unique_count"]
                             .contains(&data["aggregation"].as_str().unwrap())
                     );
                 }
@@ -1764,7 +1823,7 @@ mod tests {
         }
         // Starter republished mid-stream, five plans at the start.
         assert_eq!(types["catalog.plan_published"], 6);
-        assert_eq!(types["catalog.meter_defined"], 4);
+        assert_eq!(types["catalog.meter_defined"], 5);
         assert_eq!(types["tenant.created"], 50);
         assert!(subs_started.contains("sub_t0001_1") || subs_started.len() > 40);
     }
@@ -1837,9 +1896,9 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(stats.events, 0);
         let (_, stats) = run(&cfg(0, 3, 1));
-        assert_eq!(stats.events, 9);
+        assert_eq!(stats.events, 10);
         let (_, stats) = run(&cfg(1, 1, 1));
-        assert!(stats.events > 9);
+        assert!(stats.events > 10);
         let bad = GenerateConfig {
             start_month: 13,
             ..cfg(1, 1, 1)

@@ -69,6 +69,10 @@ pub(super) fn write_data<W: Write>(w: &mut W, e: &Ev) -> io::Result<()> {
             write_json_str(w, metric.name())?;
             w.write_all(b",\"aggregation\":")?;
             write_json_str(w, metric.aggregation())?;
+            if let Some(g) = metric.group_by() {
+                w.write_all(b",\"group_by\":")?;
+                w.write_all(g.as_bytes())?;
+            }
             w.write_all(b"}")
         }
         Body::PlanPublished { plan, revision } => {
@@ -129,6 +133,8 @@ pub(super) fn write_data<W: Write>(w: &mut W, e: &Ev) -> io::Result<()> {
             metric,
             milli,
             string,
+            dims,
+            user,
         } => {
             w.write_all(b"{\"metric\":")?;
             write_json_str(w, metric.name())?;
@@ -139,6 +145,19 @@ pub(super) fn write_data<W: Write>(w: &mut W, e: &Ev) -> io::Result<()> {
             write_milli(w, milli)?;
             if string {
                 w.write_all(b"\"")?;
+            }
+            if let Some((region, endpoint)) = usize::from(dims)
+                .checked_sub(1)
+                .and_then(|i| DIMENSIONS.get(i))
+            {
+                w.write_all(b",\"dimensions\":{\"region\":")?;
+                write_json_str(w, region)?;
+                w.write_all(b",\"endpoint\":")?;
+                write_json_str(w, endpoint)?;
+                w.write_all(b"}")?;
+            }
+            if user > 0 {
+                write!(w, ",\"unique\":\"user_{user}\"")?;
             }
             w.write_all(b"}")
         }

@@ -89,6 +89,7 @@ struct OtherRecord {
 /// A (tenant, metric, month) bucket of usage records.
 #[derive(Debug)]
 struct Bucket {
+    tenant: Arc<str>,
     metric: Arc<str>,
     records: Vec<UsageRecord>,
 }
@@ -134,8 +135,8 @@ pub struct Ledger {
     /// (series, month start) -> bucket.
     bucket_ids: HashMap<(u32, i64), u32, FixedState>,
     series: super::SeriesIds,
-    /// The metric of each series.
-    metrics: Vec<Arc<str>>,
+    /// The (tenant, metric) of each series.
+    names: Vec<(Arc<str>, Arc<str>)>,
     /// Voids accepted: the memory that voids alone cost is bounded by them.
     voids: u64,
 }
@@ -314,14 +315,15 @@ impl Ledger {
     fn bucket(&mut self, tenant: &str, metric: &str, time: i64) -> u32 {
         let (series, new) = self.series.id(tenant, metric);
         if new {
-            self.metrics.push(Arc::from(metric));
+            self.names.push((Arc::from(tenant), Arc::from(metric)));
         }
         let month = month_bounds(time).0;
         let next = u32::try_from(self.buckets.len()).unwrap_or(u32::MAX);
         let id = *self.bucket_ids.entry((series, month)).or_insert(next);
         if id == next {
-            let metric = Arc::clone(&self.metrics[series as usize]);
+            let (tenant, metric) = self.names[series as usize].clone();
             self.buckets.push(Bucket {
+                tenant,
                 metric,
                 records: Vec::new(),
             });
@@ -347,6 +349,21 @@ impl Ledger {
             .into_iter()
             .flat_map(|b| b.records.iter())
             .filter(move |r| r.effective_after(seq))
+    }
+
+    /// Every tenant's usage records of `metric` that count right after the
+    /// message at `seq`, with their tenant (a meter's new `group_by`
+    /// regroups the metric's windows from them).
+    pub fn metric_usage_after<'a>(
+        &'a self,
+        metric: &'a str,
+        seq: u64,
+    ) -> impl Iterator<Item = (&'a str, &'a UsageRecord)> + 'a {
+        self.buckets
+            .iter()
+            .filter(move |b| &*b.metric == metric)
+            .flat_map(|b| b.records.iter().map(move |r| (&*b.tenant, r)))
+            .filter(move |(_, r)| r.effective_after(seq))
     }
 
     /// Accepted voids so far.

@@ -12,6 +12,7 @@
 
 pub mod catalog;
 pub mod corrections;
+pub mod dimensions;
 pub mod events;
 mod ids;
 pub mod ledger;
@@ -264,6 +265,7 @@ pub fn registry(settings: &Settings) -> Vec<Box<dyn Operator>> {
     vec![
         Box::new(events::EventsArchive::new()),
         Box::new(usage::UsageOperator::new(&settings.granularities)),
+        Box::new(dimensions::DimensionsOperator::new(&settings.granularities)),
         Box::new(overages::OveragesOperator::new(settings.lateness_us)),
         Box::new(mrr::MrrOperator::new()),
         Box::new(revenue::RevenueOperator::new()),
@@ -331,6 +333,10 @@ mod tests {
             (
                 "corrections",
                 "stream_seq, published_at, tenant, target_source, target_id, reason, targets, first_target_seq",
+            ),
+            (
+                "usage_by_dimension",
+                "tenant, metric, granularity, window_start, group, window_end, events, sum, min, max, last, unique_count",
             ),
             (
                 "restatements",

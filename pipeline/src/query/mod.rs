@@ -450,7 +450,14 @@ async fn open_at(
                 deleted_column,
                 ..
             } => {
-                let columns = storage.public_columns(&schema).join(", ");
+                // Quoted: a column may be a keyword (`usage_by_dimension.group`).
+                let quote = |c: &str| format!("\"{c}\"");
+                let columns: Vec<String> = storage
+                    .public_columns(&schema)
+                    .iter()
+                    .map(|c| quote(c))
+                    .collect();
+                let columns = columns.join(", ");
                 let versions = format!("_{view}_versions");
                 register_files(
                     &ctx,
@@ -471,7 +478,7 @@ async fn open_at(
                     "SELECT {columns}{is_final} FROM \
                      (SELECT *, row_number() OVER (PARTITION BY {} ORDER BY _seq DESC) AS _tally_rn FROM {versions}) \
                      WHERE _tally_rn = 1{deleted}",
-                    key.join(", ")
+                    key.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ")
                 );
                 let sql = if scoped && POSITIONED.contains(&view) {
                     positioned.push((view, Arc::clone(&schema)));

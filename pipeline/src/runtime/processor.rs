@@ -21,6 +21,7 @@ use crate::operator::subscription::SubEvent;
 use crate::operator::window::month_bounds;
 use crate::operator::{self, FinalRow, Ledger, Operator, OperatorError, Step, Storage, Verdict};
 use crate::sink::dlq::DeadLetter;
+use crate::state::cardinality::DimensionGuard;
 use crate::state::dedup::{self, Dedup};
 use crate::store::DataDir;
 use crate::store::checkpoint::Checkpoint;
@@ -53,6 +54,8 @@ pub struct Processor {
     dedup: Dedup,
     /// Which accepted events are voided, and what a void needs to retract.
     ledger: Ledger,
+    /// The bound on distinct dimension values.
+    dimensions: DimensionGuard,
     operators: Vec<Box<dyn Operator>>,
     /// Each operator's measured cost (apply + cut rows) over recent
     /// batches, to split them into two groups of about equal work. Only
@@ -80,6 +83,7 @@ impl Processor {
             prefix: prefix.to_owned(),
             dedup: Dedup::new(settings.dedup_horizon_us),
             ledger: Ledger::new(),
+            dimensions: DimensionGuard::new(settings.max_dimension_values),
             operators: operator::registry(settings),
             costs: Vec::new(),
             live: true,
@@ -138,10 +142,21 @@ impl Processor {
                     });
                 }
                 Ok((event, key)) => {
+                    if let Err(reject) = self.dimensions.check(event) {
+                        cp.counts.dead_letter(reject.reason);
+                        letters.push(DeadLetter {
+                            stream_seq: m.stream_seq,
+                            subject: m.subject.to_owned(),
+                            payload: m.payload.clone(),
+                            reject,
+                        });
+                        continue;
+                    }
                     if !self.dedup.admit(*key, m.published_at) {
                         cp.counts.duplicate += 1;
                         continue;
                     }
+                    self.dimensions.record(event);
                     let clock = cp.stream_clock_us;
                     cp.accept(event.time);
                     let verdict = classify(&mut self.ledger, event, *key);
@@ -183,6 +198,7 @@ impl Processor {
                 cp.counts.duplicate += 1;
                 continue;
             }
+            self.dimensions.record(e);
             let clock = cp.stream_clock_us;
             cp.accept(e.time);
             let verdict = classify(&mut self.ledger, e, key);
@@ -403,6 +419,7 @@ impl Processor {
     pub fn restore_archived(&mut self, event: &Event) {
         let key = dedup::key(&event.tenant, &event.source, &event.id);
         self.dedup.admit(key, event.published_at);
+        self.dimensions.record(event);
         let accepted = [Accepted {
             event,
             verdict: classify(&mut self.ledger, event, key),

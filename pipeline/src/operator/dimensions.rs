@@ -1,0 +1,563 @@
+//! The `usage_by_dimension` view: the `usage` windows of a metric split by
+//! the dimensions its meter groups by.
+//!
+//! For each metric whose latest `catalog.meter_defined` among the effective
+//! events (by `time`, `source`, `id`) has a `group_by`: one row per
+//! (`tenant`, `metric`, `granularity`, `window_start`, `group`), where
+//! `group` is the JSON object text of the event's values for exactly the
+//! `group_by` keys (keys in ascending byte order, a missing dimension as
+//! `null`, no whitespace). Columns as in `usage`; summed over `group`,
+//! `events` and `sum` equal the `usage` row of the same window.
+//!
+//! A meter definition that changes a metric's `group_by` (a new one, or a
+//! void of one) regroups every window of the metric: the old rows are
+//! written as tombstones and the new ones rebuilt from the ledger's usage
+//! records (see [`super::ledger`]), which hold every effective usage
+//! event's dimensions. Voids take their targets out as in `usage`. The
+//! state is re-folded from the `events` archive at start-up.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Decimal128Builder, Int64Builder, RecordBatch, StringBuilder,
+    TimestampMicrosecondBuilder, UInt64Builder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+
+use super::catalog::Catalog;
+use super::ledger::UsageRecord;
+use super::usage::Agg;
+use super::window::Granularity;
+use super::{FixedState, Ledger, Names, Operator, OperatorError, SeriesIds, Step, Storage, Target};
+use super::{decimal_type as dec, timestamp_type as ts};
+use crate::event::decimal::{PRECISION, SCALE};
+use crate::event::payload::Dimensions;
+use crate::event::{Event, Payload};
+
+pub const VIEW: &str = "usage_by_dimension";
+
+static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("tenant", DataType::Utf8, false),
+        Field::new("metric", DataType::Utf8, false),
+        Field::new("granularity", DataType::Utf8, false),
+        Field::new("window_start", ts(), false),
+        Field::new("group", DataType::Utf8, false),
+        Field::new("window_end", ts(), false),
+        Field::new("events", DataType::Int64, false),
+        Field::new("sum", dec(), true),
+        Field::new("min", dec(), false),
+        Field::new("max", dec(), false),
+        Field::new("last", dec(), false),
+        Field::new("unique_count", DataType::Int64, true),
+        Field::new("_seq", DataType::UInt64, false),
+        // Set when the window's group lost its last event (a void, or a
+        // regrouping): the row is gone.
+        Field::new("_deleted", DataType::Boolean, false),
+    ]))
+});
+
+/// A window of one group: small ids, not strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Key {
+    series: u32,
+    granularity: Granularity,
+    start: i64,
+    group: u32,
+}
+
+/// The `usage_by_dimension` operator.
+pub struct DimensionsOperator {
+    granularities: Vec<Granularity>,
+    /// The meters' definitions (`group_by`), kept whole so a void of one
+    /// leaves the one before in force.
+    catalog: Catalog,
+    windows: HashMap<Key, (i64, Agg), FixedState>,
+    dirty: HashSet<Key, FixedState>,
+    series: Vec<(Arc<str>, Arc<str>)>,
+    series_ids: SeriesIds,
+    /// Group texts.
+    groups: Names,
+}
+
+/// The `group` text of an event's `dimensions` for the keys `group_by`.
+pub fn group_text(group_by: &[String], dims: Option<&Dimensions>) -> String {
+    let mut keys: Vec<&String> = group_by.iter().collect();
+    keys.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    keys.dedup();
+    let mut out = String::from("{");
+    for (i, k) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&json_str(k));
+        out.push(':');
+        let value = dims.and_then(|d| d.iter().find(|(dk, _)| dk.as_str() == k.as_str()));
+        match value {
+            Some((_, v)) => out.push_str(&json_str(v)),
+            None => out.push_str("null"),
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// A JSON string: `"`, `\` and U+0000-U+001F escaped, the rest as UTF-8.
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+impl DimensionsOperator {
+    pub fn new(granularities: &[Granularity]) -> DimensionsOperator {
+        let mut g = granularities.to_vec();
+        g.sort();
+        g.dedup();
+        DimensionsOperator {
+            granularities: g,
+            catalog: Catalog::default(),
+            windows: HashMap::with_hasher(FixedState),
+            dirty: HashSet::with_hasher(FixedState),
+            series: Vec::new(),
+            series_ids: SeriesIds::default(),
+            groups: Names::default(),
+        }
+    }
+
+    fn series_id(&mut self, tenant: &str, metric: &str) -> u32 {
+        let (id, new) = self.series_ids.id(tenant, metric);
+        if new {
+            self.series.push((Arc::from(tenant), Arc::from(metric)));
+        }
+        id
+    }
+
+    fn group_by(&self, metric: &str) -> Option<Vec<String>> {
+        self.catalog.meter(metric).and_then(|m| m.group_by.clone())
+    }
+
+    /// Adds one usage record of (`tenant`, `metric`) in group `group` to
+    /// its windows.
+    fn add(&mut self, tenant: &str, metric: &str, group: &str, r: &UsageRecord) {
+        let series = self.series_id(tenant, metric);
+        let group = self.groups.id(group);
+        let unique = r.extra.as_ref().and_then(|x| x.unique.as_ref());
+        for gi in 0..self.granularities.len() {
+            let g = self.granularities[gi];
+            let (start, end) = g.window(r.time);
+            let key = Key {
+                series,
+                granularity: g,
+                start,
+                group,
+            };
+            let w = self
+                .windows
+                .entry(key)
+                .or_insert_with(|| (end, Agg::empty()));
+            w.1.add_record(r, unique);
+            self.dirty.insert(key);
+        }
+    }
+
+    /// The metric's `group_by` may have changed: every window of the
+    /// metric is written again from the ledger as it is after `seq`.
+    fn regroup(&mut self, metric: &str, before: Option<Vec<String>>, ledger: &Ledger, seq: u64) {
+        let now = self.group_by(metric);
+        if now == before {
+            return;
+        }
+        let mut gone = Vec::new();
+        for (k, w) in self.windows.iter_mut() {
+            if self
+                .series
+                .get(k.series as usize)
+                .is_some_and(|(_, m)| &**m == metric)
+            {
+                w.1 = Agg::empty();
+                gone.push(*k);
+            }
+        }
+        self.dirty.extend(gone);
+        let Some(group_by) = now else {
+            return;
+        };
+        let records: Vec<(String, String, UsageRecord)> = ledger
+            .metric_usage_after(metric, seq)
+            .map(|(t, r)| {
+                let dims = r.extra.as_ref().and_then(|x| x.dimensions.as_deref());
+                (t.to_owned(), group_text(&group_by, dims), r.clone())
+            })
+            .collect();
+        for (tenant, group, r) in records {
+            self.add(&tenant, metric, &group, &r);
+        }
+    }
+
+    fn rows(&self, keys: &[Key], seq: u64) -> Result<RecordBatch, OperatorError> {
+        let err = |source| OperatorError::Arrow { view: VIEW, source };
+        let decb = || Decimal128Builder::new().with_precision_and_scale(PRECISION, SCALE as i8);
+        let mut tenant = StringBuilder::new();
+        let mut metric = StringBuilder::new();
+        let mut gran = StringBuilder::new();
+        let mut start = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+        let mut group = StringBuilder::new();
+        let mut end = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+        let mut events = Int64Builder::new();
+        let (mut sum, mut min, mut max, mut last) = (
+            decb().map_err(err)?,
+            decb().map_err(err)?,
+            decb().map_err(err)?,
+            decb().map_err(err)?,
+        );
+        let mut unique = Int64Builder::new();
+        let mut seqs = UInt64Builder::new();
+        let mut deleted = BooleanBuilder::new();
+        for k in keys {
+            let (Some((t, m)), Some((e, a))) =
+                (self.series.get(k.series as usize), self.windows.get(k))
+            else {
+                continue;
+            };
+            tenant.append_value(t);
+            metric.append_value(m);
+            gran.append_value(k.granularity.as_str());
+            start.append_value(k.start);
+            group.append_value(self.groups.name(k.group));
+            end.append_value(*e);
+            events.append_value(a.events);
+            sum.append_option(a.sum());
+            min.append_value(a.min);
+            max.append_value(a.max);
+            last.append_value(a.last);
+            unique.append_option(a.unique_count());
+            seqs.append_value(seq);
+            deleted.append_value(a.events == 0);
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(tenant.finish()),
+            Arc::new(metric.finish()),
+            Arc::new(gran.finish()),
+            Arc::new(start.finish()),
+            Arc::new(group.finish()),
+            Arc::new(end.finish()),
+            Arc::new(events.finish()),
+            Arc::new(sum.finish()),
+            Arc::new(min.finish()),
+            Arc::new(max.finish()),
+            Arc::new(last.finish()),
+            Arc::new(unique.finish()),
+            Arc::new(seqs.finish()),
+            Arc::new(deleted.finish()),
+        ];
+        RecordBatch::try_new(Arc::clone(&SCHEMA), columns).map_err(err)
+    }
+
+    /// Sort key of a window for snapshots.
+    fn order(&self, k: &Key) -> (&str, &str, Granularity, i64, &str) {
+        let (t, m) = self
+            .series
+            .get(k.series as usize)
+            .map(|(t, m)| (&**t, &**m))
+            .unwrap_or_default();
+        (t, m, k.granularity, k.start, self.groups.name(k.group))
+    }
+}
+
+impl Operator for DimensionsOperator {
+    fn view(&self) -> &'static str {
+        VIEW
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&SCHEMA)
+    }
+
+    fn storage(&self) -> Storage {
+        Storage::Versioned {
+            key: &["tenant", "metric", "granularity", "window_start", "group"],
+            internal: &[],
+            final_column: Some("window_end"),
+            deleted_column: Some("_deleted"),
+        }
+    }
+
+    fn rebuilds_from_archive(&self) -> bool {
+        true
+    }
+
+    fn step(&mut self, step: &Step<'_>, ledger: &Ledger) {
+        match *step {
+            Step::Apply { event, .. } => self.apply_from(event, ledger),
+            Step::Voided { .. } => {}
+            Step::Retract { void, targets, .. } => self.retract(void, targets, ledger),
+        }
+    }
+
+    fn apply(&mut self, e: &Event) {
+        // Without a ledger a new `group_by` cannot regroup: only
+        // `step` is used by the processor.
+        self.apply_from(e, &Ledger::new());
+    }
+
+    fn retract(&mut self, void: &Event, targets: &[Target], ledger: &Ledger) {
+        let mut recompute: Vec<(Key, String, String, i64)> = Vec::new();
+        for target in targets {
+            let e = &target.event;
+            if let Payload::MeterDefined { metric, .. } = &e.payload {
+                let before = self.group_by(metric);
+                self.catalog.remove(e);
+                self.regroup(metric, before, ledger, void.stream_seq);
+                continue;
+            }
+            let Payload::UsageRecorded {
+                metric,
+                quantity,
+                unique,
+                dimensions,
+            } = &e.payload
+            else {
+                continue;
+            };
+            let Some(group_by) = self.group_by(metric) else {
+                continue;
+            };
+            let group = group_text(&group_by, dimensions.as_deref());
+            let (Some(series), Some(gid)) = (
+                self.series_ids.get(&e.tenant, metric),
+                self.groups.get(&group),
+            ) else {
+                continue;
+            };
+            for g in self.granularities.clone() {
+                let (start, _) = g.window(e.time);
+                let key = Key {
+                    series,
+                    granularity: g,
+                    start,
+                    group: gid,
+                };
+                if recompute.iter().any(|(k, ..)| *k == key) {
+                    continue;
+                }
+                let Some(w) = self.windows.get_mut(&key) else {
+                    continue;
+                };
+                if !w.1.remove(e, *quantity, unique.as_ref()) {
+                    recompute.push((key, e.tenant.to_string(), group.clone(), e.time));
+                }
+                self.dirty.insert(key);
+            }
+        }
+        for (key, tenant, group, time) in recompute {
+            let Some((_, metric)) = self.series.get(key.series as usize).cloned() else {
+                continue;
+            };
+            let Some(group_by) = self.group_by(&metric) else {
+                continue;
+            };
+            let (start, end) = key.granularity.window(time);
+            let agg = Agg::of(
+                ledger
+                    .usage_after(&tenant, &metric, time, void.stream_seq)
+                    .filter(|r| r.time >= start && r.time < end)
+                    .filter(|r| {
+                        let dims = r.extra.as_ref().and_then(|x| x.dimensions.as_deref());
+                        group_text(&group_by, dims) == group
+                    }),
+            );
+            if let Some(w) = self.windows.get_mut(&key) {
+                w.1 = agg;
+            }
+        }
+    }
+
+    fn take_rows(&mut self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
+        if self.dirty.is_empty() {
+            return Ok(None);
+        }
+        let keys: Vec<Key> = self.dirty.drain().collect();
+        let rows = self.rows(&keys, seq).map(Some);
+        // A tombstone is written once; the state forgets the window.
+        self.windows.retain(|_, w| w.1.events > 0);
+        rows
+    }
+
+    fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
+        let mut keys: Vec<Key> = self
+            .windows
+            .iter()
+            .filter(|(_, w)| w.1.events > 0)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.sort_by(|a, b| self.order(a).cmp(&self.order(b)));
+        self.rows(&keys, seq).map(Some)
+    }
+
+    fn state_rows(&self) -> usize {
+        self.windows.len()
+    }
+}
+
+impl DimensionsOperator {
+    fn apply_from(&mut self, e: &Event, ledger: &Ledger) {
+        match &e.payload {
+            Payload::MeterDefined { metric, .. } => {
+                let before = self.group_by(metric);
+                self.catalog.apply(e);
+                self.regroup(metric, before, ledger, e.stream_seq);
+            }
+            Payload::UsageRecorded {
+                metric,
+                quantity,
+                unique,
+                dimensions,
+            } => {
+                // Borrowed, not cloned: this runs for every usage event.
+                let Some(group_by) = self
+                    .catalog
+                    .meter(metric)
+                    .and_then(|m| m.group_by.as_deref())
+                else {
+                    return;
+                };
+                let group = group_text(group_by, dimensions.as_deref());
+                let record = UsageRecord {
+                    seq: e.stream_seq,
+                    voided_at: u64::MAX,
+                    time: e.time,
+                    quantity: *quantity,
+                    source: e.source.clone(),
+                    id: e.id.clone(),
+                    extra: unique.as_ref().map(|u| {
+                        Box::new(super::ledger::UsageExtra {
+                            unique: Some(u.clone()),
+                            dimensions: None,
+                        })
+                    }),
+                };
+                self.add(&e.tenant, metric, &group, &record);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Text;
+    use crate::operator::testing::{Fed, ev, void};
+
+    /// (granularity, group, events, sum) of every month row, sorted.
+    fn months(op: &DimensionsOperator) -> Vec<(String, i64, String)> {
+        let mut out: Vec<(String, i64, String)> = op
+            .windows
+            .iter()
+            .filter(|(k, w)| k.granularity == Granularity::Month && w.1.events > 0)
+            .map(|(k, w)| {
+                (
+                    op.groups.name(k.group).to_owned(),
+                    w.1.events,
+                    crate::event::decimal::to_string(w.1.sum().unwrap()),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn groups_follow_the_latest_meter_and_voids() {
+        let meter = |id: &str, time: &str, by: &str| {
+            ev(
+                id,
+                "_system",
+                "catalog.meter_defined",
+                time,
+                &format!(r#"{{"metric":"tokens","aggregation":"sum","group_by":{by}}}"#),
+            )
+        };
+        let usage = |id: &str, q: u32, dims: &str| {
+            ev(
+                id,
+                "acme",
+                "usage.recorded",
+                "2025-01-05T10:00:00Z",
+                &format!(r#"{{"metric":"tokens","quantity":{q},"dimensions":{dims}}}"#),
+            )
+        };
+        let mut fed = Fed::default();
+        let mut op = DimensionsOperator::new(&[Granularity::Hour, Granularity::Month]);
+        // Usage before any meter: no rows until a group_by arrives.
+        fed.feed(&mut op, &usage("u1", 10, r#"{"region":"eu","model":"a"}"#));
+        assert!(months(&op).is_empty());
+        fed.feed(
+            &mut op,
+            &meter("m1", "2025-01-01T00:00:00Z", r#"["region"]"#),
+        );
+        fed.feed(&mut op, &usage("u2", 5, r#"{"region":"us"}"#));
+        fed.feed(&mut op, &usage("u3", 1, "{}"));
+        assert_eq!(
+            months(&op),
+            [
+                (r#"{"region":"eu"}"#.to_owned(), 1, "10".to_owned()),
+                (r#"{"region":"us"}"#.to_owned(), 1, "5".to_owned()),
+                (r#"{"region":null}"#.to_owned(), 1, "1".to_owned()),
+            ]
+        );
+        // A later definition regroups the whole history.
+        fed.feed(
+            &mut op,
+            &meter("m2", "2025-01-02T00:00:00Z", r#"["model"]"#),
+        );
+        assert_eq!(
+            months(&op),
+            [
+                (r#"{"model":"a"}"#.to_owned(), 1, "10".to_owned()),
+                (r#"{"model":null}"#.to_owned(), 2, "6".to_owned()),
+            ]
+        );
+        // An older one changes nothing; a void of the newer brings the older back.
+        fed.feed(&mut op, &meter("m0", "2024-12-01T00:00:00Z", "null"));
+        assert_eq!(months(&op).len(), 2);
+        fed.feed(
+            &mut op,
+            &void("v1", "_system", "2025-01-06T00:00:00Z", "s", "m2"),
+        );
+        assert_eq!(months(&op).len(), 3);
+        // A void of usage takes it out of its group.
+        fed.feed(
+            &mut op,
+            &void("v2", "acme", "2025-01-06T00:00:00Z", "s", "u2"),
+        );
+        assert_eq!(
+            months(&op),
+            [
+                (r#"{"region":"eu"}"#.to_owned(), 1, "10".to_owned()),
+                (r#"{"region":null}"#.to_owned(), 1, "1".to_owned()),
+            ]
+        );
+        let rows = op.take_rows(9).unwrap().unwrap();
+        assert!(rows.num_rows() >= 4, "tombstones are written too");
+    }
+
+    #[test]
+    fn group_texts_are_canonical() {
+        let dims: Dimensions = vec![
+            (Text::from("model"), Text::from("gpt-5")),
+            (Text::from("region"), Text::from("eu \"west\"")),
+            (Text::from("tier"), Text::from("東京")),
+        ];
+        let by = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            group_text(&by(&["region", "model", "zone"]), Some(&dims)),
+            r#"{"model":"gpt-5","region":"eu \"west\"","zone":null}"#
+        );
+        assert_eq!(
+            group_text(&by(&["tier"]), Some(&dims)),
+            r#"{"tier":"東京"}"#
+        );
+        assert_eq!(group_text(&by(&["model"]), None), r#"{"model":null}"#);
+    }
+}
