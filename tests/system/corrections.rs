@@ -138,6 +138,14 @@ fn voids_of_every_kind_leave_the_views_of_the_effective_stream_and_restate_final
         void("v_inv", "acme", "2025-03-01T00:00:00Z", "i1"),
         // A re-sent voided event is a duplicate.
         usage("u2", "acme", "2025-01-06T00:00:00Z", 5000),
+        // A back-dated cancellation, effective in a final month.
+        event(
+            "x1",
+            "acme",
+            "subscription.cancelled",
+            "2025-03-02T00:00:00Z",
+            r#"{"subscription_id":"sub_a","effective_at":"2025-02-01T00:00:00Z"}"#,
+        ),
     ];
     let voided = ["u3", "u2", "p2", "sb1", "i1"];
     let id_of = |line: &str| -> String {
@@ -213,6 +221,7 @@ fn voids_of_every_kind_leave_the_views_of_the_effective_stream_and_restate_final
         "usage,acme,late_event,false,false",
         "revenue,acme,void,false,true",
         "mrr,beta,void,false,true",
+        "mrr,acme,late_event,false,false",
     ] {
         assert!(lines.iter().any(|l| l == want), "no {want} in {lines:#?}");
     }

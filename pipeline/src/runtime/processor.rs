@@ -294,6 +294,18 @@ impl Processor {
         if steps.is_empty() {
             return;
         }
+        if steps.len() < SEQUENTIAL_STEPS {
+            // A few steps (a message folded alone, between restatements):
+            // not worth a second thread.
+            for op in &mut self.operators {
+                if skip != Some(op.view()) {
+                    for step in steps {
+                        op.step(step, ledger);
+                    }
+                }
+            }
+            return;
+        }
         let (first, second) = self.groups();
         let apply = |ops: Group<'_>| -> Vec<(usize, Duration)> {
             ops.into_iter()
@@ -545,6 +557,9 @@ fn classify(ledger: &mut Ledger, e: &Event, key: u128) -> Verdict {
     };
     ledger.classify(e, key, target)
 }
+
+/// Below this many steps the operators fold on this thread alone.
+const SEQUENTIAL_STEPS: usize = 256;
 
 /// An accepted event as the fold sees it.
 struct Accepted<'a> {
