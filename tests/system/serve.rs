@@ -483,6 +483,7 @@ fn serve_answers_psql_psycopg_jdbc_adbc_and_flight_as_tally_sql_does() {
         "min: decimal128(38, 9) not null",
         "max: decimal128(38, 9) not null",
         "last: decimal128(38, 9) not null",
+        "unique_count: int64",
         "is_final: bool not null",
     ]);
     assert_eq!(adbc["steps"][0]["schema"], usage_schema);

@@ -47,8 +47,8 @@
 //!   records `active_users` with the user as `unique` (a `unique_count`
 //!   meter: monthly active users).
 //! - Corrections: about 0.4% of `api_calls` events are voided by the
-//!   billing team (`event.voided`, actor `billing-ops`), minutes to two
-//!   days later or, for about 30% of them, written just before the event
+//!   billing team (`event.voided`, actor `billing-ops`), minutes to three
+//!   weeks later or, for about 30% of them, written just before the event
 //!   they void; half are amendments, followed by the right quantity (a
 //!   tenth) under a new id.
 //! - Families that move no metric appear in realistic proportions:
@@ -1394,7 +1394,9 @@ impl Tenant {
         let (time, key) = if before {
             (t, Some(t - SEC))
         } else {
-            let at = t + self.fixes.range(MIN, 2 * DAY);
+            // Minutes to weeks later: a correction after the invoice
+            // restates a month that was already final.
+            let at = t + self.fixes.range(MIN, 21 * DAY);
             (at, None)
         };
         let reason = if self.fixes.chance(0.5) {
