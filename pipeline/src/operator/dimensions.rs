@@ -33,7 +33,7 @@ use super::{FixedState, Ledger, Names, Operator, OperatorError, SeriesIds, Step,
 use super::{decimal_type as dec, timestamp_type as ts};
 use crate::event::decimal::{PRECISION, SCALE};
 use crate::event::payload::Dimensions;
-use crate::event::{Event, Payload};
+use crate::event::{Event, Payload, Text};
 
 pub const VIEW: &str = "usage_by_dimension";
 
@@ -65,6 +65,16 @@ struct Key {
     granularity: Granularity,
     start: i64,
     group: u32,
+}
+
+/// What a window needs of one usage event.
+#[derive(Clone, Copy)]
+struct Use<'a> {
+    time: i64,
+    source: &'a Text,
+    id: &'a Text,
+    quantity: i128,
+    unique: Option<&'a Text>,
 }
 
 /// The `usage_by_dimension` operator.
@@ -136,15 +146,14 @@ impl DimensionsOperator {
         self.catalog.meter(metric).and_then(|m| m.group_by.clone())
     }
 
-    /// Adds one usage record of (`tenant`, `metric`) in group `group` to
+    /// Adds one usage event of (`tenant`, `metric`) in group `group` to
     /// its windows.
-    fn add(&mut self, tenant: &str, metric: &str, group: &str, r: &UsageRecord) {
+    fn add(&mut self, tenant: &str, metric: &str, group: &str, u: Use<'_>) {
         let series = self.series_id(tenant, metric);
         let group = self.groups.id(group);
-        let unique = r.extra.as_ref().and_then(|x| x.unique.as_ref());
         for gi in 0..self.granularities.len() {
             let g = self.granularities[gi];
-            let (start, end) = g.window(r.time);
+            let (start, end) = g.window(u.time);
             let key = Key {
                 series,
                 granularity: g,
@@ -155,7 +164,7 @@ impl DimensionsOperator {
                 .windows
                 .entry(key)
                 .or_insert_with(|| (end, Agg::empty()));
-            w.1.add_record(r, unique);
+            w.1.add_parts(u.time, u.source, u.id, u.quantity, u.unique);
             self.dirty.insert(key);
         }
     }
@@ -190,7 +199,15 @@ impl DimensionsOperator {
             })
             .collect();
         for (tenant, group, r) in records {
-            self.add(&tenant, metric, &group, &r);
+            let unique = r.extra.as_ref().and_then(|x| x.unique.as_ref());
+            let u = Use {
+                time: r.time,
+                source: &r.source,
+                id: &r.id,
+                quantity: r.quantity,
+                unique,
+            };
+            self.add(&tenant, metric, &group, u);
         }
     }
 
@@ -422,21 +439,14 @@ impl DimensionsOperator {
                     return;
                 };
                 let group = group_text(group_by, dimensions.as_deref());
-                let record = UsageRecord {
-                    seq: e.stream_seq,
-                    voided_at: u64::MAX,
+                let u = Use {
                     time: e.time,
+                    source: &e.source,
+                    id: &e.id,
                     quantity: *quantity,
-                    source: e.source.clone(),
-                    id: e.id.clone(),
-                    extra: unique.as_ref().map(|u| {
-                        Box::new(super::ledger::UsageExtra {
-                            unique: Some(u.clone()),
-                            dimensions: None,
-                        })
-                    }),
+                    unique: unique.as_ref(),
                 };
-                self.add(&e.tenant, metric, &group, &record);
+                self.add(&e.tenant, metric, &group, u);
             }
             _ => {}
         }
@@ -446,7 +456,7 @@ impl DimensionsOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Text;
+
     use crate::operator::testing::{Fed, ev, void};
 
     /// (granularity, group, events, sum) of every month row, sorted.

@@ -78,6 +78,12 @@ pub enum OperatorError {
     Restore { view: &'static str, detail: String },
 }
 
+/// An exact money sum (i128, so a void takes back exactly what its target
+/// added) as the Int64 column shows it: saturated.
+pub fn saturating_i64(v: i128) -> i64 {
+    i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
+}
+
 /// Arrow type of every timestamp column: µs, UTC.
 pub fn timestamp_type() -> arrow::datatypes::DataType {
     arrow::datatypes::DataType::Timestamp(

@@ -19,7 +19,10 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use super::FixedState;
 use super::restatements::Json;
 use super::window::{month_bounds, month_date32};
-use super::{FinalRow, Ledger, Names, Operator, OperatorError, Step, Storage, Target, unit_events};
+use super::{
+    FinalRow, Ledger, Names, Operator, OperatorError, Step, Storage, Target, saturating_i64,
+    unit_events,
+};
 use crate::event::{Event, Payload};
 
 pub const VIEW: &str = "revenue";
@@ -115,16 +118,15 @@ impl RevenueOperator {
         let mut count = Int64Builder::with_capacity(keys.len());
         let mut seqs = UInt64Builder::with_capacity(keys.len());
         let mut deleted = BooleanBuilder::with_capacity(keys.len());
-        let clamp = |v: i128| i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX });
         for key in keys {
             let gone = Cash::default();
             let c = self.rows.get(key).unwrap_or(&gone);
             month.append_value(month_date32(key.0));
             tenant.append_value(self.tenants.name(key.1));
             currency.append_value(self.currencies.name(u32::from(key.2)));
-            paid.append_value(clamp(c.paid));
-            refunded.append_value(clamp(c.refunded));
-            net.append_value(clamp(c.paid - c.refunded));
+            paid.append_value(saturating_i64(c.paid));
+            refunded.append_value(saturating_i64(c.refunded));
+            net.append_value(saturating_i64(c.paid - c.refunded));
             count.append_value(c.invoices_paid);
             seqs.append_value(seq);
             deleted.append_value(c.events == 0);
@@ -200,8 +202,6 @@ impl Operator for RevenueOperator {
             else {
                 continue;
             };
-            let clamp =
-                |v: i128| i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX });
             out.push((
                 Arc::from(e.tenant.as_str()),
                 Json::new()
@@ -209,9 +209,9 @@ impl Operator for RevenueOperator {
                     .date("month", Some(month))
                     .finish(),
                 Json::new()
-                    .int("paid", Some(clamp(cash.paid)))
-                    .int("refunded", Some(clamp(cash.refunded)))
-                    .int("net", Some(clamp(cash.paid - cash.refunded)))
+                    .int("paid", Some(saturating_i64(cash.paid)))
+                    .int("refunded", Some(saturating_i64(cash.refunded)))
+                    .int("net", Some(saturating_i64(cash.paid - cash.refunded)))
                     .int("invoices_paid", Some(cash.invoices_paid))
                     .finish(),
             ));

@@ -140,11 +140,7 @@ impl TenantsOperator {
             status,
             mrr: current.map_or(0, |c| fold.mrr_at(at, &c.terms.currency)),
             currency: current.map(|c| Text::from(c.terms.currency.as_str())),
-            revenue_to_date: i64::try_from(t.revenue).unwrap_or(if t.revenue < 0 {
-                i64::MIN
-            } else {
-                i64::MAX
-            }),
+            revenue_to_date: super::saturating_i64(t.revenue),
         };
         let wake = [
             t.history.next_effective_after(clock),

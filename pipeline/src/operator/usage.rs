@@ -144,11 +144,6 @@ impl Agg {
         self.add_parts(e.time, &e.source, &e.id, q, unique)
     }
 
-    /// Folds one usage record (a regrouping, a recompute).
-    pub fn add_record(&mut self, r: &UsageRecord, unique: Option<&Text>) -> bool {
-        self.add_parts(r.time, &r.source, &r.id, r.quantity, unique)
-    }
-
     /// Takes one event back out when that is arithmetic; false (and no
     /// change) when the aggregate must be recomputed from the window's
     /// remaining events: the event held the `min`, `max` or `last`, was
@@ -173,7 +168,8 @@ impl Agg {
         true
     }
 
-    fn add_parts(
+    /// [`Agg::add`] from an event's parts (a regrouping, a recompute).
+    pub fn add_parts(
         &mut self,
         time: i64,
         source: &Text,

@@ -218,14 +218,7 @@ impl Processor {
     /// order, the operators in two groups at once; around each message that
     /// may change a final row, alone, to decide its restatements.
     fn fold(&mut self, accepted: &[Accepted<'_>], skip: Option<&'static str>) {
-        // Each subscription change is built once and shared by the operators.
-        let subs: Vec<Option<Arc<SubEvent>>> = accepted
-            .iter()
-            .map(|a| match a.verdict {
-                Verdict::Voided { .. } => None,
-                _ => SubEvent::from_event(a.event).map(Arc::new),
-            })
-            .collect();
+        let subs = subscription_changes(accepted);
         let (steps, units) = steps(accepted, &subs);
         // The ledger is read by the operators while they run on two threads.
         let ledger = std::mem::take(&mut self.ledger);
@@ -437,13 +430,7 @@ impl Processor {
             verdict: classify(&mut self.ledger, event, key),
             clock: None,
         }];
-        let subs: Vec<Option<Arc<SubEvent>>> = accepted
-            .iter()
-            .map(|a| match a.verdict {
-                Verdict::Voided { .. } => None,
-                _ => SubEvent::from_event(a.event).map(Arc::new),
-            })
-            .collect();
+        let subs = subscription_changes(&accepted);
         for step in steps(&accepted, &subs).0 {
             for i in &self.restoring {
                 self.operators[*i].step(&step, &self.ledger);
@@ -567,6 +554,18 @@ struct Accepted<'a> {
     verdict: Verdict,
     /// The stream clock before it: finality for restatements.
     clock: Option<i64>,
+}
+
+/// Each effective event's subscription change, built once and shared by
+/// the operators.
+fn subscription_changes(accepted: &[Accepted<'_>]) -> Vec<Option<Arc<SubEvent>>> {
+    accepted
+        .iter()
+        .map(|a| match a.verdict {
+            Verdict::Voided { .. } => None,
+            _ => SubEvent::from_event(a.event).map(Arc::new),
+        })
+        .collect()
 }
 
 /// The operators' steps for classified events (`subs`: each event's
@@ -751,6 +750,15 @@ mod tests {
         out
     }
 
+    /// The operator of `view`.
+    fn operator_of<'a>(p: &'a Processor, view: &str) -> &'a dyn Operator {
+        p.operators
+            .iter()
+            .find(|o| o.view() == view)
+            .map(|o| &**o)
+            .unwrap()
+    }
+
     /// A void event of `target` at event time `time`.
     fn void_of(target: &Event, n: usize, time: i64) -> (String, i64, Bytes) {
         let json = format!(
@@ -833,11 +841,7 @@ mod tests {
         assert_eq!(a.ledger.voids(), voids as u64);
 
         // Each of the test's voids hit exactly its one target.
-        let corrections = a
-            .operators
-            .iter()
-            .find(|o| o.view() == operator::corrections::VIEW)
-            .unwrap()
+        let corrections = operator_of(&a, operator::corrections::VIEW)
             .snapshot(0)
             .unwrap()
             .unwrap();
@@ -1018,11 +1022,7 @@ mod tests {
         assert_eq!(p.ledger.voids(), 20_000);
         assert_eq!(p.ledger.remembered(), 0, "a void is never a target");
         assert_eq!(p.ledger.voids(), 20_000);
-        let corrections = p
-            .operators
-            .iter()
-            .find(|o| o.view() == operator::corrections::VIEW)
-            .unwrap();
+        let corrections = operator_of(&p, operator::corrections::VIEW);
         assert_eq!(corrections.state_rows(), 20_000);
         assert!(restated(&rows).is_empty());
     }
@@ -1062,11 +1062,7 @@ mod tests {
         let cp = Checkpoint::new("S", "2025-01-01T00:00:00Z", &settings);
         let mut p = Processor::new(&settings, "tally.events", cp);
         feed_in(&mut p, &stream, 1, 2);
-        let c = p
-            .operators
-            .iter()
-            .find(|o| o.view() == operator::corrections::VIEW)
-            .unwrap()
+        let c = operator_of(&p, operator::corrections::VIEW)
             .snapshot(0)
             .unwrap()
             .unwrap();
