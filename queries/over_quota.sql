@@ -1,9 +1,11 @@
--- over_quota: tenants over a plan limit in the month holding the stream
--- clock ("this month" in stream time, never the wall clock), with what the
--- overage will bill so far.
+-- over_quota: tenants over a plan limit in the billing period holding the
+-- stream clock ("this period" in stream time, never the wall clock; a
+-- calendar month, or the anniversary period of an anchored subscription),
+-- with what the overage will bill so far.
 SELECT
     o.tenant,
-    o.period,
+    o.period_start,
+    o.period_end,
     o.metric,
     o.plan,
     o.used,
@@ -14,5 +16,6 @@ SELECT
     o.pct_used
 FROM overages o
 CROSS JOIN _tally_clock k
-WHERE o.period = CAST(date_trunc('month', k.stream_clock) AS DATE)
+WHERE o.period_start <= k.stream_clock
+    AND k.stream_clock < o.period_end
     AND o.overage_quantity > 0

@@ -4,6 +4,7 @@
 // Integration-test crate: panicking on a broken fixture is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod anchors;
 mod cluster;
 mod contract;
 mod corrections;
@@ -630,6 +631,7 @@ fn overages_view_and_threshold_alerts() {
             let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
             assert_eq!(v["type"], "usage.threshold_crossed");
             assert_eq!(v["data"]["period"], "2026-01-01");
+            assert_eq!(v["data"]["period_start"], "2026-01-01T00:00:00Z");
             assert_eq!(v["data"]["metric"], "api_calls");
             assert_eq!(v["data"]["included"], "1000");
             thresholds.push(v["data"]["threshold"].as_i64().unwrap());

@@ -9,8 +9,11 @@ use super::time::format_micros;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Alert {
     pub tenant: String,
-    /// `YYYY-MM-DD`, the first day of the period.
+    /// `YYYY-MM-DD`, the UTC date of `period_start`.
     pub period: String,
+    /// The first instant of the billing period (µs, UTC): with anchored
+    /// periods, what tells two rows of one day apart.
+    pub period_start: i64,
     pub metric: String,
     pub threshold: i32,
     pub used: String,
@@ -24,7 +27,10 @@ impl Alert {
     pub fn id(&self) -> String {
         format!(
             "threshold:{}:{}:{}:{}",
-            self.tenant, self.period, self.metric, self.threshold
+            self.tenant,
+            format_micros(self.period_start),
+            self.metric,
+            self.threshold
         )
     }
 
@@ -39,6 +45,7 @@ impl Alert {
             "tenant": self.tenant,
             "data": {
                 "period": self.period,
+                "period_start": format_micros(self.period_start),
                 "metric": self.metric,
                 "threshold": self.threshold,
                 "used": self.used,

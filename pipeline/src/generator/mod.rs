@@ -25,6 +25,12 @@
 //!   price, some negotiated prices with an exact half cent per month, such as
 //!   28986 / 12 = 2415.5), about 30% of paid plans begin with a 14-day trial
 //!   and a quarter of those cancel when it ends.
+//! - Even-numbered tenants bill on their anniversary: their
+//!   `subscription.started` carries a `billing_anchor` (the start, or the
+//!   trial's end), so their `overages` periods run from that instant
+//!   shifted by months, anchors on the 29th to 31st included; switching
+//!   to yearly billing restarts the cycle (a `plan_changed` with a new
+//!   anchor). Odd-numbered tenants bill by calendar month.
 //! - Every month an active subscription may be upgraded (much likelier when
 //!   its usage runs over the plan limits) or downgraded, switch to yearly
 //!   billing, or be cancelled (with a `reason`, sometimes `effective_at` the
@@ -652,12 +658,15 @@ enum Body {
         yearly: bool,
         price: i64,
         trial_end: Option<i64>,
+        /// `billing_anchor`: `None` bills by calendar month.
+        anchor: Option<i64>,
     },
     PlanChanged {
         sub: u32,
         plan: Plan,
         yearly: bool,
         price: i64,
+        anchor: Option<i64>,
     },
     Cancelled {
         sub: u32,
@@ -869,6 +878,9 @@ struct Sub {
     next_invoice: i64,
     anchor_day: u32,
     anchor_secs: i64,
+    /// Billed from a `billing_anchor` (anniversary billing), not by
+    /// calendar month.
+    anchored: bool,
 }
 
 struct Tenant {
@@ -1112,6 +1124,9 @@ impl Tenant {
         };
         let trial_end = (allow_trial && self.rng.chance(trial_p)).then_some(t + 14 * DAY);
         let actor = Actor::User(self.admin());
+        // Even tenants bill on the anniversary of their start (or of their
+        // trial's end), as Stripe's default billing cycle anchor does.
+        let anchored = self.num % 2 == 0;
         g.push(
             t,
             self.num,
@@ -1122,6 +1137,7 @@ impl Tenant {
                 yearly,
                 price,
                 trial_end,
+                anchor: anchored.then_some(trial_end.unwrap_or(t)),
             },
         );
         if price > 0 {
@@ -1141,6 +1157,7 @@ impl Tenant {
             next_invoice: first_invoice,
             anchor_day: day.min(28),
             anchor_secs: first_invoice.rem_euclid(DAY),
+            anchored,
         };
         self.util_api = self.draw_util();
         let (lo, spread) = plan.team();
@@ -1158,6 +1175,7 @@ impl Tenant {
                 plan: up,
                 yearly,
                 price,
+                anchor: None,
             };
             if r < 0.01 {
                 let ct = t + self.rng.range(2 * MIN, 15 * MIN) / SEC * SEC;
@@ -1258,11 +1276,15 @@ impl Tenant {
         let t = self.time_in(ms + HOUR, me - HOUR, false);
         let price = self.price(new_plan, new_yearly);
         let sub = self.sub_id();
+        // Switching an anniversary-billed subscription to yearly billing
+        // restarts its cycle at the change (a new anchor).
+        let anchored = self.sub.as_ref().is_some_and(|s| s.anchored);
         let body = Body::PlanChanged {
             sub,
             plan: new_plan,
             yearly: new_yearly,
             price,
+            anchor: (anchored && new_yearly && !yearly).then_some(t),
         };
         g.push(t, self.num, Actor::User(self.admin()), body);
         if price > 0 {
@@ -1691,6 +1713,7 @@ mod tests {
         let mut prev_time = i64::MIN;
         let mut out_of_order = 0u64;
         let mut subs_started: HashSet<String> = HashSet::new();
+        let mut anchors = 0;
         for line in text.lines() {
             lines += 1;
             let v: serde_json::Value =
@@ -1750,6 +1773,10 @@ mod tests {
                     assert!(["USD", "EUR"].contains(&data["currency"].as_str().unwrap()));
                     if let Some(te) = data.get("trial_ends_at") {
                         assert!(parse_time(te.as_str().unwrap()).is_some());
+                    }
+                    if let Some(a) = data.get("billing_anchor") {
+                        assert!(parse_time(a.as_str().unwrap()).is_some());
+                        anchors += 1;
                     }
                     if ty == "subscription.started" {
                         subs_started.insert(data["subscription_id"].as_str().unwrap().to_owned());
@@ -1828,6 +1855,7 @@ mod tests {
         assert_eq!(types["catalog.meter_defined"], 5);
         assert_eq!(types["tenant.created"], 50);
         assert!(subs_started.contains("sub_t0001_1") || subs_started.len() > 40);
+        assert!(anchors > 20, "anniversary billing: {anchors} anchors");
     }
 
     #[test]

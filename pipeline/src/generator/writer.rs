@@ -97,12 +97,14 @@ pub(super) fn write_data<W: Write>(w: &mut W, e: &Ev) -> io::Result<()> {
             yearly,
             price,
             trial_end,
+            anchor,
         } => {
             write_sub_terms(w, e.tenant, sub, plan, yearly, price)?;
             if let Some(te) = trial_end {
                 w.write_all(b",\"trial_ends_at\":")?;
                 write_time(w, te)?;
             }
+            write_anchor(w, anchor)?;
             w.write_all(b"}")
         }
         Body::PlanChanged {
@@ -110,8 +112,10 @@ pub(super) fn write_data<W: Write>(w: &mut W, e: &Ev) -> io::Result<()> {
             plan,
             yearly,
             price,
+            anchor,
         } => {
             write_sub_terms(w, e.tenant, sub, plan, yearly, price)?;
+            write_anchor(w, anchor)?;
             w.write_all(b"}")
         }
         Body::Cancelled {
@@ -225,6 +229,16 @@ pub(super) fn write_sub_terms<W: Write>(
     write_json_str(w, if yearly { "yearly" } else { "monthly" })?;
     write!(w, ",\"price\":{price},\"currency\":")?;
     write_json_str(w, plan.currency())
+}
+
+fn write_anchor<W: Write>(w: &mut W, anchor: Option<i64>) -> io::Result<()> {
+    match anchor {
+        Some(a) => {
+            w.write_all(b",\"billing_anchor\":")?;
+            write_time(w, a)
+        }
+        None => Ok(()),
+    }
 }
 
 pub(super) fn write_sub_id<W: Write>(w: &mut W, tenant: u32, sub: u32) -> io::Result<()> {

@@ -10,6 +10,7 @@
 //! arrive; those write a new *version* of each changed row per batch, and
 //! the query layer shows the latest version per key.
 
+pub mod billing_period;
 pub mod catalog;
 pub mod corrections;
 pub mod dimensions;

@@ -1,8 +1,12 @@
-//! The `overages` view: usage against the plan, per billing period
-//! (calendar month, UTC), and the threshold alerts.
+//! The `overages` view: usage against the plan, per billing period, and
+//! the threshold alerts.
 //!
-//! One row per (`tenant`, `period`, `metric`) with at least one
-//! `usage.recorded` in the month. A row depends on the month's usage, the
+//! One row per (`tenant`, `period_start`, `metric`) with at least one
+//! effective `usage.recorded` in the period. A tenant's billing periods
+//! are calendar months until a subscription brings a `billing_anchor`
+//! (see [`super::billing_period`]); when its anchors change, the usage
+//! events whose period changed move between rows, read back from the
+//! [`Ledger`]. A row depends on the month's usage, the
 //! tenant's subscription fold (shared with the MRR views, see
 //! [`super::subscription`]) and the catalog, so each is kept whole and a
 //! row is recomputed when any of its inputs changes: a usage event marks
@@ -17,14 +21,15 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    ArrayRef, BooleanBuilder, Date32Array, Date32Builder, Decimal128Builder, Float64Builder,
-    Int32Array, Int32Builder, Int64Builder, RecordBatch, StringArray, StringBuilder,
+    ArrayRef, BooleanBuilder, Date32Builder, Decimal128Builder, Float64Builder, Int32Array,
+    Int32Builder, Int64Builder, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
     TimestampMicrosecondBuilder, UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use tracing::error;
 
 use super::FixedState;
+use super::billing_period::{Located, Timeline};
 use super::catalog::Catalog;
 use super::restatements::Json;
 use super::slots::{Recent, Slots};
@@ -92,9 +97,12 @@ pub struct Row {
 
 type Key = (Arc<str>, i64, Arc<str>);
 
+/// One row's state: a billing period of a (tenant, metric).
 #[derive(Debug, Clone)]
 struct Month {
     agg: Agg,
+    /// `period_end`; the key holds `period_start`.
+    end: i64,
     row: Option<Row>,
     /// Bit set of the thresholds (80, 90, 100, bits 0-2) reached so far:
     /// each is decided once, at the message that reaches it.
@@ -146,6 +154,9 @@ pub struct OveragesOperator {
     /// Each tenant's month slots, to decide its thresholds again when its
     /// subscriptions change.
     tenant_months: HashMap<Arc<str>, Vec<u32>, FixedState>,
+    /// Anchor timelines of the tenants that ever had a billing anchor;
+    /// every other tenant bills by calendar month.
+    timelines: HashMap<Arc<str>, Timeline, FixedState>,
     /// Largest accepted event time seen: the stream clock.
     clock: Option<i64>,
     /// Alerts are published only by a live run, never during restore or replay.
@@ -216,6 +227,23 @@ fn date_text(start_us: i64) -> String {
         .to_owned()
 }
 
+/// The billing period `t` belongs to under `timeline`; calendar months
+/// without one.
+fn locate(timeline: Option<&Timeline>, t: i64) -> Located {
+    match timeline {
+        Some(tl) => tl.locate(t),
+        None => {
+            let (start, end) = month_bounds(t);
+            Located {
+                start,
+                end,
+                valid_from: start,
+                valid_to: end,
+            }
+        }
+    }
+}
+
 impl OveragesOperator {
     pub fn new(lateness_us: i64) -> OveragesOperator {
         OveragesOperator {
@@ -229,6 +257,7 @@ impl OveragesOperator {
             dirty_tenants: BTreeSet::new(),
             dirty_all: false,
             tenant_months: HashMap::with_hasher(FixedState),
+            timelines: HashMap::with_hasher(FixedState),
             clock: None,
             live: true,
             alerts: Vec::new(),
@@ -259,9 +288,13 @@ impl OveragesOperator {
         a
     }
 
-    /// The plan of `tenant` for the month starting `s`, and its catalog version.
-    fn plan(&self, tenant: &str, s: i64) -> (Option<String>, Option<&PlanVersion>) {
-        let (_, e) = month_bounds(s);
+    /// The billing period of `tenant` that `t` belongs to.
+    fn locate(&self, tenant: &str, t: i64) -> Located {
+        locate(self.timelines.get(tenant), t)
+    }
+
+    /// The plan of `tenant` for the period [`s`, `e`), and its catalog version.
+    fn plan(&self, tenant: &str, s: i64, e: i64) -> (Option<String>, Option<&PlanVersion>) {
         let fold = self
             .subs
             .get(tenant)
@@ -278,17 +311,17 @@ impl OveragesOperator {
         (plan, version)
     }
 
-    fn limit(&self, tenant: &str, s: i64, metric: &str) -> Limit {
-        let (_, version) = self.plan(tenant, s);
+    fn limit(&self, tenant: &str, s: i64, e: i64, metric: &str) -> Limit {
+        let (_, version) = self.plan(tenant, s, e);
         Limit {
             aggregation: self.catalog.aggregation(metric),
             included: version.and_then(|v| v.limits.get(metric)).copied(),
         }
     }
 
-    /// The row of (`tenant`, month starting `s`, `metric`) with usage `agg`.
-    pub fn compute(&self, tenant: &str, s: i64, metric: &str, agg: &Agg) -> Row {
-        let (plan, version) = self.plan(tenant, s);
+    /// The row of (`tenant`, period [`s`, `e`), `metric`) with usage `agg`.
+    pub fn compute(&self, tenant: &str, s: i64, e: i64, metric: &str, agg: &Agg) -> Row {
+        let (plan, version) = self.plan(tenant, s, e);
         let aggregation = self.catalog.aggregation(metric);
         let used = used(agg, aggregation);
         let included = version.and_then(|v| v.limits.get(metric)).copied();
@@ -338,11 +371,10 @@ impl OveragesOperator {
         let limit = match cached {
             Some(l) => l,
             None => {
-                let Some((k, _)) = self.months.slot(slot) else {
+                let Some((k, m)) = self.months.slot(slot) else {
                     return;
                 };
-                let k = k.clone();
-                self.limit(&k.0, k.1, &k.2)
+                self.limit(&k.0, k.1, m.end, &k.2)
             }
         };
         let Some((key, m)) = self.months.slot_mut(slot) else {
@@ -367,10 +399,9 @@ impl OveragesOperator {
         if !std::mem::replace(&mut m.dirty, true) {
             self.dirty.push(slot);
         }
-        let (_, end) = month_bounds(key.1);
         let open = self
             .clock
-            .is_none_or(|c| end.saturating_add(self.lateness_us) > c);
+            .is_none_or(|c| m.end.saturating_add(self.lateness_us) > c);
         if !(self.live && open) {
             return;
         }
@@ -379,6 +410,7 @@ impl OveragesOperator {
                 self.alerts.push(Alert {
                     tenant: key.0.to_string(),
                     period: date_text(key.1),
+                    period_start: key.1,
                     metric: key.2.to_string(),
                     threshold: *t,
                     used: decimal::to_string(used),
@@ -398,6 +430,218 @@ impl OveragesOperator {
             }
             self.reach(slot);
         }
+    }
+
+    /// Folds one effective event; `ledger` (with the event's stream
+    /// sequence) lets a change of anchors move usage between periods.
+    fn fold(&mut self, e: &Event, sub: Option<&Arc<SubEvent>>, ledger: Option<&Ledger>) {
+        self.clock = Some(self.clock.map_or(e.time, |c| c.max(e.time)));
+        if self.catalog.apply(e) {
+            self.dirty_all = true;
+            let slots: Vec<u32> = self.tenant_months.values().flatten().copied().collect();
+            self.reach_again(&slots);
+            return;
+        }
+        if let Some(sub) = sub {
+            let t = self.intern(&e.tenant);
+            self.subs
+                .entry(Arc::clone(&t))
+                .or_default()
+                .insert(Arc::clone(sub));
+            self.subscriptions_changed(&t, ledger.map(|l| (l, e.stream_seq)));
+            return;
+        }
+        if let Payload::UsageRecorded {
+            metric,
+            quantity,
+            unique,
+            ..
+        } = &e.payload
+        {
+            let sid = self.series_id(&e.tenant, metric);
+            let Some(series) = self.series.get(sid) else {
+                return;
+            };
+            let slot = match series.recent.slot_at(e.time) {
+                Some(slot) => slot,
+                None => {
+                    let (tenant, metric) = (Arc::clone(&series.tenant), Arc::clone(&series.metric));
+                    let at = locate(self.timelines.get(&tenant), e.time);
+                    let slot = self.month_slot(&tenant, at.start, at.end, &metric);
+                    if let Some(series) = self.series.get_mut(sid) {
+                        series.recent = Recent {
+                            start: at.valid_from,
+                            end: at.valid_to,
+                            slot,
+                        };
+                    }
+                    slot
+                }
+            };
+            if let Some((_, m)) = self.months.slot_mut(slot) {
+                m.agg.add(e, *quantity, unique.as_ref());
+                if !std::mem::replace(&mut m.dirty, true) {
+                    self.dirty.push(slot);
+                }
+            }
+            self.reach(slot);
+        }
+    }
+
+    /// The slot of row (`tenant`, `start`, `metric`), made (empty, ending
+    /// at `end`) if there is none.
+    fn month_slot(&mut self, tenant: &Arc<str>, start: i64, end: i64, metric: &Arc<str>) -> u32 {
+        let key = (Arc::clone(tenant), start, Arc::clone(metric));
+        let (slot, made) = self.months.upsert(key, || Month {
+            agg: Agg::empty(),
+            end,
+            row: None,
+            alerted: 0,
+            written: 0,
+            limit: None,
+            dirty: true,
+        });
+        if made {
+            self.tenant_months
+                .entry(Arc::clone(tenant))
+                .or_default()
+                .push(slot);
+            self.dirty.push(slot);
+        }
+        slot
+    }
+
+    /// `tenant`'s subscription history changed: its rows are recomputed,
+    /// and if its anchors changed, the usage whose billing period changed
+    /// moves (read from `ledger` as it is right after the message at the
+    /// given sequence) and every row's `period_end` is decided again.
+    fn subscriptions_changed(&mut self, tenant: &Arc<str>, ledger: Option<(&Ledger, u64)>) {
+        let new = self.subs.get(tenant).map(Timeline::of).unwrap_or_default();
+        let old = self.timelines.get(tenant).cloned().unwrap_or_default();
+        if let Some(from) = old.first_difference(&new) {
+            if new.is_calendar() {
+                self.timelines.remove(tenant);
+            } else {
+                self.timelines.insert(Arc::clone(tenant), new);
+            }
+            let slots = self.tenant_months.get(tenant).cloned().unwrap_or_default();
+            for slot in &slots {
+                if let Some((key, _)) = self.months.slot(*slot)
+                    && let Some(sid) = self.series_ids.get(&key.0, &key.2)
+                    && let Some(series) = self.series.get_mut(sid as usize)
+                {
+                    series.recent = Recent::NONE;
+                }
+            }
+            if let Some((ledger, seq)) = ledger {
+                self.move_usage(tenant, &old, from, ledger, seq, &slots);
+            }
+            let slots = self.tenant_months.get(tenant).cloned().unwrap_or_default();
+            for slot in slots {
+                let Some((key, _)) = self.months.slot(slot) else {
+                    continue;
+                };
+                let end = self
+                    .timelines
+                    .get(tenant)
+                    .map_or_else(|| month_bounds(key.1).1, |tl| tl.row_end(key.1));
+                if let Some((_, m)) = self.months.slot_mut(slot)
+                    && end != i64::MIN
+                    && end != m.end
+                {
+                    m.end = end;
+                    // The period changed: the row is written again.
+                    m.row = None;
+                    if !std::mem::replace(&mut m.dirty, true) {
+                        self.dirty.push(slot);
+                    }
+                }
+            }
+        }
+        let slots = self.tenant_months.get(tenant).cloned().unwrap_or_default();
+        self.dirty_tenants.insert(Arc::clone(tenant));
+        self.reach_again(&slots);
+    }
+
+    /// Moves `tenant`'s usage at or after `from` whose period under the
+    /// old timeline differs from its period now: each row that loses or
+    /// gains an event is recomputed from the ledger. The events are found
+    /// through the rows (`slots`) that held them, which all end after
+    /// `from`.
+    fn move_usage(
+        &mut self,
+        tenant: &Arc<str>,
+        old: &Timeline,
+        from: i64,
+        ledger: &Ledger,
+        seq: u64,
+        slots: &[u32],
+    ) {
+        let mut months: BTreeSet<(Arc<str>, i64)> = BTreeSet::new();
+        for slot in slots {
+            let Some((key, m)) = self.months.slot(*slot) else {
+                continue;
+            };
+            if m.end <= from {
+                continue;
+            }
+            let mut month = month_bounds(key.1.max(from)).0;
+            while month < m.end {
+                months.insert((Arc::clone(&key.2), month));
+                month = month_bounds(month).1;
+            }
+        }
+        let now = self.timelines.get(tenant);
+        let mut rows: BTreeSet<(Arc<str>, i64)> = BTreeSet::new();
+        for (metric, month) in &months {
+            for r in ledger.usage_after(tenant, metric, *month, seq) {
+                if r.time < from {
+                    continue;
+                }
+                let (was, is) = (locate(Some(old), r.time), locate(now, r.time));
+                if was.start != is.start {
+                    rows.insert((Arc::clone(metric), was.start));
+                    rows.insert((Arc::clone(metric), is.start));
+                }
+            }
+        }
+        for (metric, start) in rows {
+            let agg = Agg::of(self.period_usage(ledger, tenant, &metric, start, seq));
+            let key = (Arc::clone(tenant), start, Arc::clone(&metric));
+            let slot = match self.months.slot_of(&key) {
+                Some(slot) => slot,
+                None if agg.events == 0 => continue,
+                None => {
+                    let end = self.locate(tenant, start).end;
+                    self.month_slot(tenant, start, end, &metric)
+                }
+            };
+            if let Some((_, m)) = self.months.slot_mut(slot) {
+                m.agg = agg;
+                if !std::mem::replace(&mut m.dirty, true) {
+                    self.dirty.push(slot);
+                }
+            }
+        }
+    }
+
+    /// The effective usage records of row (`tenant`, `start`, `metric`)
+    /// right after the message at `seq`. A period is at most 31 days: its
+    /// records are in the calendar month of `start` or the next.
+    fn period_usage<'a>(
+        &'a self,
+        ledger: &'a Ledger,
+        tenant: &'a str,
+        metric: &'a str,
+        start: i64,
+        seq: u64,
+    ) -> impl Iterator<Item = &'a crate::operator::ledger::UsageRecord> + 'a {
+        let next = month_bounds(start).1;
+        let tl = self.timelines.get(tenant);
+        ledger
+            .usage_after(tenant, metric, start, seq)
+            .chain(ledger.usage_after(tenant, metric, next, seq))
+            .filter(move |r| r.time >= start && locate(tl, r.time).start == start)
     }
 
     /// Alerts decided since the last call.
@@ -431,7 +675,7 @@ impl OveragesOperator {
             let Some(month) = self.months.get(&key) else {
                 continue;
             };
-            let row = self.compute(&key.0, key.1, &key.2, &month.agg);
+            let row = self.compute(&key.0, key.1, month.end, &key.2, &month.agg);
             if month.row.as_ref() == Some(&row) && month.written == month.alerted {
                 continue;
             }
@@ -497,7 +741,7 @@ impl OveragesOperator {
             pct.append_option(r.pct_used);
             threshold.append_option(r.threshold);
             period_start.append_value(key.1);
-            period_end.append_value(month_bounds(key.1).1);
+            period_end.append_value(m.end);
             alerted.append_value(m.alerted);
             seqs.append_value(seq);
             deleted.append_value(m.agg.events == 0);
@@ -552,70 +796,18 @@ impl Operator for OveragesOperator {
         self.apply_with(e, sub.as_ref());
     }
 
+    /// Without a ledger, a subscription event that moves the tenant's
+    /// anchors cannot move usage already folded: the processor folds
+    /// through [`Operator::step`].
     fn apply_with(&mut self, e: &Event, sub: Option<&Arc<SubEvent>>) {
-        self.clock = Some(self.clock.map_or(e.time, |c| c.max(e.time)));
-        if self.catalog.apply(e) {
-            self.dirty_all = true;
-            let slots: Vec<u32> = self.tenant_months.values().flatten().copied().collect();
-            self.reach_again(&slots);
-            return;
-        }
-        if let Some(sub) = sub {
-            let t = self.intern(&e.tenant);
-            self.subs
-                .entry(Arc::clone(&t))
-                .or_default()
-                .insert(Arc::clone(sub));
-            let slots = self.tenant_months.get(&t).cloned().unwrap_or_default();
-            self.dirty_tenants.insert(t);
-            self.reach_again(&slots);
-            return;
-        }
-        if let Payload::UsageRecorded {
-            metric,
-            quantity,
-            unique,
-            ..
-        } = &e.payload
-        {
-            let sid = self.series_id(&e.tenant, metric);
-            let Some(series) = self.series.get_mut(sid) else {
-                return;
-            };
-            let slot = if let Some(slot) = series.recent.slot_at(e.time) {
-                slot
-            } else {
-                let (s, end) = month_bounds(e.time);
-                let key = (Arc::clone(&series.tenant), s, Arc::clone(&series.metric));
-                let (slot, made) = self.months.upsert(key, || Month {
-                    agg: Agg::empty(),
-                    row: None,
-                    alerted: 0,
-                    written: 0,
-                    limit: None,
-                    dirty: true,
-                });
-                series.recent = Recent {
-                    start: s,
-                    end,
-                    slot,
-                };
-                if made {
-                    self.tenant_months
-                        .entry(Arc::clone(&series.tenant))
-                        .or_default()
-                        .push(slot);
-                    self.dirty.push(slot);
-                }
-                slot
-            };
-            if let Some((_, m)) = self.months.slot_mut(slot) {
-                m.agg.add(e, *quantity, unique.as_ref());
-                if !std::mem::replace(&mut m.dirty, true) {
-                    self.dirty.push(slot);
-                }
-            }
-            self.reach(slot);
+        self.fold(e, sub, None);
+    }
+
+    fn step(&mut self, step: &Step<'_>, ledger: &Ledger) {
+        match *step {
+            Step::Apply { event, sub } => self.fold(event, sub, Some(ledger)),
+            Step::Voided { event, .. } => self.observe_voided(event),
+            Step::Retract { void, targets, .. } => self.retract(void, targets, ledger),
         }
     }
 
@@ -628,7 +820,7 @@ impl Operator for OveragesOperator {
     /// recomputed from the ledger); thresholds are decided again after it,
     /// since `used` of a `latest` meter can rise.
     fn retract(&mut self, void: &Event, targets: &[Target], ledger: &Ledger) {
-        let mut recompute: Vec<(u32, i64)> = Vec::new();
+        let mut recompute: Vec<u32> = Vec::new();
         let mut touched: Vec<u32> = Vec::new();
         let mut catalog = false;
         for target in targets {
@@ -642,9 +834,7 @@ impl Operator for OveragesOperator {
                 if let Some(h) = self.subs.get_mut(&t) {
                     h.remove(&sub);
                 }
-                let slots = self.tenant_months.get(&t).cloned().unwrap_or_default();
-                self.dirty_tenants.insert(t);
-                self.reach_again(&slots);
+                self.subscriptions_changed(&t, Some((ledger, void.stream_seq)));
                 continue;
             }
             let Payload::UsageRecorded {
@@ -658,7 +848,7 @@ impl Operator for OveragesOperator {
             };
             let key = (
                 self.intern(&e.tenant),
-                month_bounds(e.time).0,
+                self.locate(&e.tenant, e.time).start,
                 self.intern(metric),
             );
             let Some(slot) = self.months.slot_of(&key) else {
@@ -667,23 +857,23 @@ impl Operator for OveragesOperator {
             if !touched.contains(&slot) {
                 touched.push(slot);
             }
-            if recompute.iter().any(|(s, _)| *s == slot) {
+            if recompute.contains(&slot) {
                 continue;
             }
             if let Some((_, m)) = self.months.slot_mut(slot) {
                 if !m.agg.remove(e, *quantity, unique.as_ref()) {
-                    recompute.push((slot, e.time));
+                    recompute.push(slot);
                 }
                 if !std::mem::replace(&mut m.dirty, true) {
                     self.dirty.push(slot);
                 }
             }
         }
-        for (slot, time) in recompute {
+        for slot in recompute {
             let Some((key, _)) = self.months.slot(slot) else {
                 continue;
             };
-            let agg = Agg::of(ledger.usage_after(&key.0, &key.2, time, void.stream_seq));
+            let agg = Agg::of(self.period_usage(ledger, &key.0, &key.2, key.1, void.stream_seq));
             if let Some((_, m)) = self.months.slot_mut(slot) {
                 m.agg = agg;
             }
@@ -714,7 +904,7 @@ impl Operator for OveragesOperator {
                     ) else {
                         continue;
                     };
-                    let key = (Arc::clone(t), month_bounds(e.time).0, Arc::clone(m));
+                    let key = (Arc::clone(t), self.locate(t, e.time).start, Arc::clone(m));
                     slots.extend(self.months.slot_of(&key));
                 }
                 _ => {
@@ -739,11 +929,11 @@ impl Operator for OveragesOperator {
             let Some((key, m)) = self.months.slot(slot) else {
                 continue;
             };
-            let (start, end) = month_bounds(key.1);
+            let (start, end) = (key.1, m.end);
             if end > final_before || m.agg.events == 0 {
                 continue;
             }
-            let r = self.compute(&key.0, key.1, &key.2, &m.agg);
+            let r = self.compute(&key.0, start, end, &key.2, &m.agg);
             out.push((
                 Arc::clone(&key.0),
                 Json::new()
@@ -803,13 +993,13 @@ impl Operator for OveragesOperator {
     /// re-folded from the archive.
     fn restore(&mut self, b: &RecordBatch) -> Result<(), OperatorError> {
         let tenant = required_column::<StringArray>(b, VIEW, "tenant")?;
-        let period = required_column::<Date32Array>(b, VIEW, "period")?;
+        let start = required_column::<TimestampMicrosecondArray>(b, VIEW, "period_start")?;
         let metric = required_column::<StringArray>(b, VIEW, "metric")?;
         let alerted = required_column::<Int32Array>(b, VIEW, "alerted")?;
         for i in 0..b.num_rows() {
             let key = (
                 self.intern(tenant.value(i)),
-                i64::from(period.value(i)) * DAY_US,
+                start.value(i),
                 self.intern(metric.value(i)),
             );
             if let Some(m) = self.months.get_mut(&key) {
@@ -1302,7 +1492,10 @@ mod tests {
             alerts.iter().map(|a| a.threshold).collect::<Vec<_>>(),
             vec![90, 100]
         );
-        assert_eq!(alerts[1].id(), "threshold:acme:2026-01-01:api_calls:100");
+        assert_eq!(
+            alerts[1].id(),
+            "threshold:acme:2026-01-01T00:00:00Z:api_calls:100"
+        );
         assert!(alerts[1].to_json().contains(r#""used":"1050""#));
         op.apply(&use_(
             "u3",
@@ -1409,5 +1602,268 @@ mod tests {
             }
             assert_eq!(run(&shuffled).1, expected);
         }
+    }
+
+    /// A subscription with `billing_anchor`.
+    fn anchored(
+        id: &str,
+        tenant: &str,
+        ty: &str,
+        time: &str,
+        sub: &str,
+        plan: &str,
+        anchor: &str,
+    ) -> Event {
+        let anchor = if anchor.is_empty() {
+            String::new()
+        } else {
+            format!(r#","billing_anchor":"{anchor}""#)
+        };
+        ev(
+            id,
+            tenant,
+            ty,
+            time,
+            &format!(
+                r#"{{"subscription_id":"{sub}","plan":"{plan}","billing_cycle":"monthly","price":1000,"currency":"USD"{anchor}}}"#
+            ),
+        )
+    }
+
+    /// Folds through a ledger as the processor does; the non-empty rows
+    /// by (tenant, period_start, metric) -> (period_end, plan, used).
+    fn fed(events: &[Event]) -> BTreeMap<(String, String, String), (String, Option<String>, i128)> {
+        let mut op = OveragesOperator::new(300 * MICROS);
+        let mut fed = crate::operator::testing::Fed::default();
+        for e in events {
+            fed.feed(&mut op, e);
+        }
+        op.take_rows(1).unwrap();
+        op.months
+            .entries()
+            .filter(|(_, m)| m.agg.events > 0)
+            .map(|(k, m)| {
+                let r = m.row.clone().unwrap();
+                (
+                    (k.0.to_string(), format_micros(k.1), k.2.to_string()),
+                    (format_micros(m.end), r.plan, r.used.unwrap() / ONE),
+                )
+            })
+            .collect()
+    }
+
+    fn row(
+        start: &str,
+        end: &str,
+        used: i128,
+    ) -> ((String, String, String), (String, Option<String>, i128)) {
+        (
+            ("acme".into(), start.into(), "api_calls".into()),
+            (end.into(), Some("starter".into()), used),
+        )
+    }
+
+    #[test]
+    fn anchored_periods_bill_from_the_anchor_whatever_the_arrival() {
+        let mut e = base();
+        e[1] = anchored(
+            "s1",
+            "acme",
+            "subscription.started",
+            "2026-01-01T00:00:00Z",
+            "sub1",
+            "starter",
+            "2026-01-31T10:00:00Z",
+        );
+        for (i, t) in [
+            "2026-01-31T09:59:59Z",
+            "2026-01-31T10:00:00Z",
+            "2026-02-28T09:00:00Z",
+            "2026-02-28T10:00:00Z",
+            "2026-03-31T09:00:00Z",
+        ]
+        .iter()
+        .enumerate()
+        {
+            e.push(use_(&format!("u{i}"), "acme", t, "api_calls", "1"));
+        }
+        let expected: BTreeMap<_, _> = [
+            row("2025-12-31T10:00:00Z", "2026-01-31T10:00:00Z", 1),
+            row("2026-01-31T10:00:00Z", "2026-02-28T10:00:00Z", 2),
+            row("2026-02-28T10:00:00Z", "2026-03-31T10:00:00Z", 2),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(fed(&e), expected);
+        // The anchor arriving after the usage moves it out of the calendar months.
+        let mut late = e.clone();
+        let start = late.remove(1);
+        late.push(start);
+        assert_eq!(fed(&late), expected);
+        // Voiding the anchored start takes the tenant back to calendar months.
+        let mut voided = e.clone();
+        voided.push(crate::operator::testing::void(
+            "v1",
+            "acme",
+            "2026-04-01T00:00:00Z",
+            "s",
+            "s1",
+        ));
+        let calendar = fed(&voided);
+        assert_eq!(
+            calendar.keys().map(|k| k.1.as_str()).collect::<Vec<_>>(),
+            [
+                "2026-01-01T00:00:00Z",
+                "2026-02-01T00:00:00Z",
+                "2026-03-01T00:00:00Z"
+            ]
+        );
+        assert!(
+            calendar.values().all(|v| v.1.is_none()),
+            "no subscription left: no plan"
+        );
+    }
+
+    #[test]
+    fn a_new_anchor_starts_a_series_that_overlaps_the_old_one() {
+        let mut e = base();
+        e[1] = anchored(
+            "s1",
+            "acme",
+            "subscription.started",
+            "2026-01-15T00:00:00Z",
+            "sub1",
+            "starter",
+            "2026-01-15T00:00:00Z",
+        );
+        e.push(anchored(
+            "pc",
+            "acme",
+            "subscription.plan_changed",
+            "2026-02-20T00:00:00Z",
+            "sub1",
+            "starter",
+            "2026-02-20T00:00:00Z",
+        ));
+        // Cancelled: the last anchor keeps holding.
+        e.push(ev(
+            "c1",
+            "acme",
+            "subscription.cancelled",
+            "2026-03-01T00:00:00Z",
+            r#"{"subscription_id":"sub1"}"#,
+        ));
+        for (i, t) in [
+            "2026-02-19T00:00:00Z",
+            "2026-02-21T00:00:00Z",
+            "2026-03-25T00:00:00Z",
+        ]
+        .iter()
+        .enumerate()
+        {
+            e.push(use_(&format!("u{i}"), "acme", t, "api_calls", "5"));
+        }
+        let got = fed(&e);
+        let mut want: BTreeMap<_, _> = [
+            row("2026-02-15T00:00:00Z", "2026-03-15T00:00:00Z", 5),
+            row("2026-02-20T00:00:00Z", "2026-03-20T00:00:00Z", 5),
+        ]
+        .into_iter()
+        .collect();
+        // After the cancellation on 1 March, the 20th's series goes on with no plan.
+        want.insert(
+            (
+                "acme".into(),
+                "2026-03-20T00:00:00Z".into(),
+                "api_calls".into(),
+            ),
+            ("2026-04-20T00:00:00Z".into(), None, 5),
+        );
+        assert_eq!(got, want);
+        // Every arrival order gives the same rows.
+        let mut seed = 11u64;
+        for _ in 0..30 {
+            let mut shuffled = e.clone();
+            for i in (1..shuffled.len()).rev() {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                shuffled.swap(i, (seed >> 33) as usize % (i + 1));
+            }
+            assert_eq!(fed(&shuffled), want);
+        }
+    }
+
+    #[test]
+    fn two_series_starting_together_are_one_row_with_the_later_end() {
+        let mut e = base();
+        e[1] = anchored(
+            "s1",
+            "acme",
+            "subscription.started",
+            "2026-01-01T00:00:00Z",
+            "sub1",
+            "starter",
+            "2026-01-31T00:00:00Z",
+        );
+        e.push(anchored(
+            "pc",
+            "acme",
+            "subscription.plan_changed",
+            "2026-03-05T00:00:00Z",
+            "sub1",
+            "starter",
+            "2026-01-30T00:00:00Z",
+        ));
+        e.push(use_("u1", "acme", "2026-03-01T00:00:00Z", "api_calls", "1"));
+        e.push(use_("u2", "acme", "2026-03-10T00:00:00Z", "api_calls", "2"));
+        e.push(use_("u3", "acme", "2026-03-30T00:00:00Z", "api_calls", "4"));
+        let want: BTreeMap<_, _> = [
+            row("2026-02-28T00:00:00Z", "2026-03-31T00:00:00Z", 3),
+            row("2026-03-30T00:00:00Z", "2026-04-30T00:00:00Z", 4),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(fed(&e), want);
+        let mut late = e.clone();
+        let change = late.remove(2);
+        late.push(change);
+        assert_eq!(fed(&late), want);
+    }
+
+    #[test]
+    fn alerts_are_keyed_by_period_start() {
+        let mut e = base();
+        e[1] = anchored(
+            "s1",
+            "acme",
+            "subscription.started",
+            "2026-01-01T00:00:00Z",
+            "sub1",
+            "starter",
+            "2026-01-15T08:30:00Z",
+        );
+        e.push(use_(
+            "u1",
+            "acme",
+            "2026-01-20T00:00:00Z",
+            "api_calls",
+            "900",
+        ));
+        let mut op = OveragesOperator::new(300 * MICROS);
+        let mut fed = crate::operator::testing::Fed::default();
+        for x in &e {
+            fed.feed(&mut op, x);
+        }
+        op.take_rows(1).unwrap();
+        let alerts = op.take_alerts();
+        assert_eq!(
+            alerts.iter().map(Alert::id).collect::<Vec<_>>(),
+            [
+                "threshold:acme:2026-01-15T08:30:00Z:api_calls:80",
+                "threshold:acme:2026-01-15T08:30:00Z:api_calls:90"
+            ]
+        );
+        assert_eq!(alerts[0].period, "2026-01-15");
     }
 }

@@ -60,12 +60,15 @@ impl SubEvent {
 }
 
 /// A subscription as the fold sees it: the terms of its last change,
-/// borrowed from the history (folding copies nothing), and its trial end,
-/// which a change keeps.
+/// borrowed from the history (folding copies nothing), its trial end,
+/// which a change keeps, and its billing anchor, which a change replaces
+/// only when it carries one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Current<'a> {
     pub terms: &'a SubscriptionTerms,
     pub trial_ends_at: Option<i64>,
+    /// `None`: calendar months.
+    pub anchor: Option<i64>,
 }
 
 /// What the fold says at an instant.
@@ -136,6 +139,38 @@ impl History {
         }
     }
 
+    /// Where the billing anchor changes, in time order: each `(from,
+    /// anchor)` holds for the instants at or after `from` up to the next
+    /// one; before the first, calendar months. The anchor of an instant is
+    /// the current subscription's, or with none current the last
+    /// cancelled one's (metrics.md, "billing period of an instant").
+    pub fn anchor_changes(&self) -> Vec<(i64, Option<i64>)> {
+        let mut out: Vec<(i64, Option<i64>)> = Vec::new();
+        let mut c = self.cursor();
+        let mut i = 0;
+        while let Some(e) = self.events.get(i) {
+            let at = e.effective;
+            // Every event effective at `at` applies to `at` itself.
+            c.advance_to(at.saturating_add(1));
+            if c.pos <= i {
+                // Effective at the last representable instant: it applies to
+                // no instant a view can hold.
+                break;
+            }
+            i = c.pos;
+            let anchor = match (&c.state.current, &c.state.last_cancel) {
+                (Some(cur), _) => cur.anchor,
+                (None, Some((cancelled, _))) => cancelled.anchor,
+                (None, None) => None,
+            };
+            let before = out.last().map_or(None, |(_, a)| *a);
+            if anchor != before {
+                out.push((at, anchor));
+            }
+        }
+        out
+    }
+
     /// The first effective time strictly after `t`, if any.
     pub fn next_effective_after(&self, t: i64) -> Option<i64> {
         let i = self.events.partition_point(|e| e.effective <= t);
@@ -164,14 +199,17 @@ impl<'a> Cursor<'a> {
                     s.current = Some(Current {
                         terms,
                         trial_ends_at: terms.trial_ends_at,
+                        anchor: terms.billing_anchor,
                     });
                 }
                 Change::PlanChanged(terms) => {
                     if let Some(cur) = &mut s.current
                         && cur.terms.subscription_id == terms.subscription_id
                     {
-                        // A change keeps the trial end of the subscription it changes.
+                        // A change keeps the trial end of the subscription it
+                        // changes, and its anchor unless it brings one.
                         cur.terms = terms;
+                        cur.anchor = terms.billing_anchor.or(cur.anchor);
                     }
                 }
                 Change::Cancelled { subscription_id } => {

@@ -2,7 +2,7 @@
 //! batch by batch, on two cores. No I/O in any decision and no clock in any
 //! result: the same messages in the same order give the same state.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,6 +66,11 @@ pub struct Processor {
     lateness_us: i64,
     /// Restatements to publish (a live run's).
     restated: Vec<Restatement>,
+    /// Tenants that ever sent a `billing_anchor`: their billing periods
+    /// need not end with calendar months, so any of their messages older
+    /// than the lateness may restate (a superset is safe: it only folds
+    /// more messages alone).
+    anchored: HashSet<Arc<str>>,
     /// Operators rebuilding from the archive during a restore.
     restoring: Vec<usize>,
     /// Archived events folded by the current restore.
@@ -89,6 +94,7 @@ impl Processor {
             live: true,
             lateness_us: settings.lateness_us,
             restated: Vec::new(),
+            anchored: HashSet::new(),
             restoring: Vec::new(),
             restored: 0,
             versions_written: HashMap::new(),
@@ -225,6 +231,7 @@ impl Processor {
         let mut restated = Vec::new();
         let mut done = 0;
         for (a, unit) in accepted.iter().zip(&units) {
+            self.note_anchor(a.event);
             let Some(final_before) = self.may_restate(a) else {
                 continue;
             };
@@ -262,7 +269,16 @@ impl Processor {
     fn may_restate(&self, a: &Accepted<'_>) -> Option<i64> {
         let clock = a.clock?;
         let final_before = clock.saturating_sub(self.lateness_us);
-        let final_at = |t: i64| month_bounds(t).1 <= final_before;
+        // The earliest a period holding `t` can end: the calendar month's
+        // end, or just after `t` for a tenant with anchored periods.
+        let anchored = self.anchored.contains(a.event.tenant.as_str());
+        let final_at = |t: i64| {
+            if anchored {
+                t < final_before
+            } else {
+                month_bounds(t).1 <= final_before
+            }
+        };
         let may = match (&a.verdict, &a.event.payload) {
             (Verdict::Voided { .. }, _) => false,
             (Verdict::Void { targets, .. }, _) => !targets.is_empty(),
@@ -279,6 +295,16 @@ impl Processor {
             _ => false,
         };
         may.then_some(final_before)
+    }
+
+    /// Remembers a tenant whose subscription carries a billing anchor.
+    fn note_anchor(&mut self, e: &Event) {
+        if let Payload::SubscriptionStarted(t) | Payload::PlanChanged(t) = &e.payload
+            && t.billing_anchor.is_some()
+            && !self.anchored.contains(e.tenant.as_str())
+        {
+            self.anchored.insert(Arc::from(e.tenant.as_str()));
+        }
     }
 
     /// Applies `steps` to every operator but `skip`, in order, the
@@ -425,6 +451,7 @@ impl Processor {
         let key = dedup::key(&event.tenant, &event.source, &event.id);
         self.dedup.admit(key, event.published_at);
         self.dimensions.record(event);
+        self.note_anchor(event);
         let accepted = [Accepted {
             event,
             verdict: classify(&mut self.ledger, event, key),

@@ -1,0 +1,202 @@
+//! A tenant's billing periods: which anchor holds at each instant, and the
+//! billing period (an `overages` row's [`period_start`, `period_end`)) an
+//! instant belongs to.
+//!
+//! The anchor of an instant comes from the tenant's subscription fold
+//! ([`History::anchor_changes`]). Each anchor starts its own series of
+//! periods ([`billing_period`]); a period of a series is *in use* when it
+//! holds an instant at which its anchor holds. Two series can overlap in
+//! time (each of their periods is its own row), and two periods in use
+//! with the same start are one row whose end is the later one
+//! (metrics.md). Tenants that never had an anchor are calendar months
+//! throughout and keep no timeline.
+
+use super::subscription::History;
+use super::window::billing_period;
+
+/// Where an instant's usage goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Located {
+    /// The row's key: its period's start.
+    pub start: i64,
+    /// The row's `period_end`: the latest end among the periods in use
+    /// that start at `start`.
+    pub end: i64,
+    /// Every instant of [`valid_from`, `valid_to`) is located the same way
+    /// (the same anchor, the same period): a cache of the last location.
+    pub valid_from: i64,
+    pub valid_to: i64,
+}
+
+/// A tenant's anchor changes: `(from, anchor)`, sorted, each holding from
+/// `from` (inclusive) to the next; before the first, calendar months.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Timeline {
+    changes: Vec<(i64, Option<i64>)>,
+}
+
+impl Timeline {
+    pub fn of(history: &History) -> Timeline {
+        Timeline {
+            changes: history.anchor_changes(),
+        }
+    }
+
+    /// Calendar months at every instant.
+    pub fn is_calendar(&self) -> bool {
+        self.changes.iter().all(|(_, a)| a.is_none())
+    }
+
+    /// The segment holding `t`: its anchor and [from, to).
+    fn segment(&self, t: i64) -> (Option<i64>, i64, i64) {
+        let i = self.changes.partition_point(|(from, _)| *from <= t);
+        let (from, anchor) = match i.checked_sub(1).and_then(|j| self.changes.get(j)) {
+            Some((from, anchor)) => (*from, *anchor),
+            None => (i64::MIN, None),
+        };
+        let to = self.changes.get(i).map_or(i64::MAX, |(f, _)| *f);
+        (anchor, from, to)
+    }
+
+    /// Every segment: (anchor, from, to).
+    fn segments(&self) -> impl Iterator<Item = (Option<i64>, i64, i64)> + '_ {
+        let first = (
+            None,
+            i64::MIN,
+            self.changes.first().map_or(i64::MAX, |c| c.0),
+        );
+        std::iter::once(first).chain(self.changes.iter().enumerate().map(|(i, (from, a))| {
+            let to = self.changes.get(i + 1).map_or(i64::MAX, |c| c.0);
+            (*a, *from, to)
+        }))
+    }
+
+    /// The billing period `t` belongs to.
+    pub fn locate(&self, t: i64) -> Located {
+        let (anchor, from, to) = self.segment(t);
+        let (start, end) = billing_period(anchor, t);
+        Located {
+            start,
+            end: self.row_end(start).max(end),
+            valid_from: start.max(from),
+            valid_to: end.min(to),
+        }
+    }
+
+    /// The end of the row starting at `start`: the latest end among the
+    /// periods in use that start there (`i64::MIN` if none does).
+    pub fn row_end(&self, start: i64) -> i64 {
+        let mut end = i64::MIN;
+        for (anchor, from, to) in self.segments() {
+            if from == to {
+                continue;
+            }
+            let (s, e) = billing_period(anchor, start);
+            // In use: it holds an instant of its anchor's segment.
+            if s == start && s < to && e > from {
+                end = end.max(e);
+            }
+        }
+        end
+    }
+
+    /// The first instant whose anchor differs between the two timelines;
+    /// `None` when they agree everywhere.
+    pub fn first_difference(&self, other: &Timeline) -> Option<i64> {
+        let mut points: Vec<i64> = std::iter::once(i64::MIN)
+            .chain(self.changes.iter().map(|c| c.0))
+            .chain(other.changes.iter().map(|c| c.0))
+            .collect();
+        points.sort_unstable();
+        points.dedup();
+        points
+            .into_iter()
+            .find(|p| self.segment(*p).0 != other.segment(*p).0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::time::{format_micros, parse_rfc3339_micros as t};
+
+    fn timeline(changes: &[(&str, Option<&str>)]) -> Timeline {
+        Timeline {
+            changes: changes
+                .iter()
+                .map(|(from, a)| (t(from).unwrap(), a.map(|a| t(a).unwrap())))
+                .collect(),
+        }
+    }
+
+    fn located(tl: &Timeline, at: &str) -> (String, String) {
+        let l = tl.locate(t(at).unwrap());
+        assert!(l.valid_from <= t(at).unwrap() && t(at).unwrap() < l.valid_to);
+        (format_micros(l.start), format_micros(l.end))
+    }
+
+    #[test]
+    fn calendar_before_the_first_anchor_and_series_overlap_after_a_change() {
+        let tl = timeline(&[
+            ("2026-01-15T10:00:00Z", Some("2026-01-15T10:00:00Z")),
+            ("2026-02-20T00:00:00Z", Some("2026-02-20T00:00:00Z")),
+        ]);
+        assert_eq!(
+            located(&tl, "2026-01-10T00:00:00Z"),
+            ("2026-01-01T00:00:00Z".into(), "2026-02-01T00:00:00Z".into())
+        );
+        assert_eq!(
+            located(&tl, "2026-02-19T23:00:00Z"),
+            ("2026-02-15T10:00:00Z".into(), "2026-03-15T10:00:00Z".into())
+        );
+        // The new series' period starts at the change and overlaps the old one.
+        assert_eq!(
+            located(&tl, "2026-02-20T00:00:00Z"),
+            ("2026-02-20T00:00:00Z".into(), "2026-03-20T00:00:00Z".into())
+        );
+    }
+
+    #[test]
+    fn periods_of_two_series_with_one_start_are_one_row_with_the_later_end() {
+        // Anchored on the 31st until 5 March, then on the 30th: both put
+        // 28 February as a start, ending 31 and 30 March.
+        let tl = timeline(&[
+            ("2026-01-01T00:00:00Z", Some("2026-01-31T00:00:00Z")),
+            ("2026-03-05T00:00:00Z", Some("2026-01-30T00:00:00Z")),
+        ]);
+        let early = located(&tl, "2026-03-01T00:00:00Z");
+        let late = located(&tl, "2026-03-10T00:00:00Z");
+        assert_eq!(early, late);
+        assert_eq!(
+            late,
+            ("2026-02-28T00:00:00Z".into(), "2026-03-31T00:00:00Z".into())
+        );
+        // The 30th series goes on from its own period end.
+        assert_eq!(
+            located(&tl, "2026-03-30T00:00:00Z"),
+            ("2026-03-30T00:00:00Z".into(), "2026-04-30T00:00:00Z".into())
+        );
+        // The cache of a location never crosses an anchor change.
+        let l = tl.locate(t("2026-03-01T00:00:00Z").unwrap());
+        assert_eq!(l.valid_to, t("2026-03-05T00:00:00Z").unwrap());
+    }
+
+    #[test]
+    fn first_difference_finds_where_the_anchor_changes() {
+        let a = timeline(&[("2026-01-15T00:00:00Z", Some("2026-01-15T00:00:00Z"))]);
+        let b = timeline(&[
+            ("2026-01-15T00:00:00Z", Some("2026-01-15T00:00:00Z")),
+            ("2026-03-01T00:00:00Z", None),
+        ]);
+        assert_eq!(a.first_difference(&a.clone()), None);
+        assert_eq!(
+            a.first_difference(&b),
+            Some(t("2026-03-01T00:00:00Z").unwrap())
+        );
+        assert_eq!(
+            Timeline::default().first_difference(&a),
+            Some(t("2026-01-15T00:00:00Z").unwrap())
+        );
+        assert!(Timeline::default().is_calendar() && !a.is_calendar());
+    }
+}
