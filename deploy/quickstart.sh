@@ -57,9 +57,16 @@ echo "== churn and LTV of the last months (queries/churn.sql, queries/ltv.sql)"
 echo "== top tenants by MRR (queries/top_tenants.sql over the tenants view)"
 "$tally" sql "SELECT rank, tenant, name, plan, billing_cycle, mrr, currency FROM top_tenants
               WHERE currency = 'USD' ORDER BY rank LIMIT 5"
-echo "== over quota this month (queries/over_quota.sql over the overages view)"
+echo "== over quota this billing period (queries/over_quota.sql over the overages view)"
 "$tally" sql "SELECT tenant, metric, plan, used, included, overage_amount, currency
               FROM over_quota ORDER BY overage_amount DESC NULLS LAST, tenant LIMIT 8"
+echo "== open invoices: anniversary-billed tenants' periods (queries/invoice_preview.sql)"
+"$tally" sql "SELECT tenant, period_start, period_end, metric, aggregation, used, included
+              FROM invoice_preview WHERE period_start <> date_trunc('month', period_start)
+              ORDER BY tenant, metric LIMIT 6"
+echo "== api_calls by region, per month (queries/usage_by_region.sql over usage_by_dimension)"
+"$tally" sql "SELECT \"group\", window_start, events, total, tenants FROM usage_by_region
+              ORDER BY window_start DESC, \"group\" LIMIT 6"
 echo "== daily api_calls of the last days (usage view)"
 "$tally" sql "SELECT window_start AS day, count(DISTINCT tenant) AS tenants, sum(sum) AS api_calls
               FROM usage WHERE granularity = 'day' AND metric = 'api_calls'

@@ -160,10 +160,13 @@ fn dashboard_and_tenant_pages_show_what_tally_sql_says() {
     let (dom, console) = load(&format!("http://acme:acme-pw@{base}/tenants/t0003"), 1280);
     assert!(console.is_empty(), "console messages: {console:?}");
     assert!(!dom.contains("class=\"error\""), "{dom}");
+    // Usage by dimension: a stacked chart per grouped metric, drawn.
+    assert!(dom.contains("api_calls by region"), "{dom}");
+    assert!(dom.contains("This billing period: "), "{dom}");
     let overages = tally_json(
         &server,
         &data,
-        "SELECT CAST(period AS VARCHAR) AS p, metric, used, included, pct_used, overage_quantity, overage_amount, threshold FROM overages WHERE tenant = 't0003'",
+        "SELECT CAST(period_start AS VARCHAR) AS p, metric, used, included, pct_used, overage_quantity, overage_amount, threshold FROM overages WHERE tenant = 't0003'",
     );
     let revenue = tally_json(
         &server,

@@ -38,6 +38,34 @@ function show(v) {
 function when(t) {
   return t ? String(t).replace("T", " ").replace(/\.\d+/, "").replace(/Z$/, "") : "–";
 }
+// A billing period [start, end) as "Aug 2, 2025 08:03 – Sep 2, 2025 08:03"
+// (times shown only when not midnight), UTC.
+function period(start, end) {
+  if (!start) return "–";
+  const f = (t) => {
+    const d = new Date(String(t).replace(" ", "T").replace(/(Z|[+-]00:?00)?$/, "Z"));
+    const day = d.toLocaleString("en-US", { month: "short", day: "numeric", year: "numeric", timeZone: "UTC" });
+    const hm = d.toISOString().slice(11, 16);
+    return hm === "00:00" ? day : `${day} ${hm}`;
+  };
+  return end ? `${f(start)} – ${f(end)} (UTC)` : f(start);
+}
+// A `usage_by_dimension` group ({"region":"eu-west"}) as "region=eu-west".
+function groupLabel(g) {
+  try {
+    const o = JSON.parse(g);
+    return Object.entries(o).map(([k, v]) => `${k}=${v === null ? "(none)" : v}`).join(", ") || "(all)";
+  } catch (_) {
+    return String(g);
+  }
+}
+function groupKeys(g) {
+  try {
+    return Object.keys(JSON.parse(g)).join(", ");
+  } catch (_) {
+    return "group";
+  }
+}
 function month(m) {
   if (!m) return "–";
   const [y, mo] = String(m).split("-");
@@ -235,12 +263,19 @@ function tenantPage(d) {
   stamp(d);
   const t = d.tenant || {};
   const cur = t.currency || (d.overages[0] || {}).currency || "USD";
-  const periods = [...new Set(d.overages.map((r) => r.period))].sort();
-  const current = periods[periods.length - 1];
+  // The open billing period (holding the stream clock), as the invoice
+  // will show it; with no usage in it yet, the latest period.
+  const starts = [...new Set(d.overages.map((r) => r.period_start))].sort();
+  const current = (d.open_period[0] || {}).period_start || starts[starts.length - 1];
+  const open = d.overages.filter((r) => r.period_start === current);
+  const ends = (open[0] || {}).period_end;
+  const planned = open.find((r) => r.plan !== null);
   const metrics = [...new Set(d.usage.map((r) => r.metric))].sort();
+  const grouped = [...new Set(d.by_dimension.map((r) => r.metric))].sort();
   const usage = metrics.length
     ? `<div class="tabs" id="gran">${["hour", "day", "month"].map((g) => `<button data-g="${g}" aria-pressed="${g === "day"}">${g}</button>`).join(" ")}</div>
-      <div class="grid">${metrics.map((m, i) => `<div><h3>${esc(m)}</h3><div class="chart" id="u-${i}"></div><p class="caption" id="uc-${i}"></p></div>`).join("")}</div>`
+      <div class="grid">${metrics.map((m, i) => `<div><h3>${esc(m)}</h3><div class="chart" id="u-${i}"></div><p class="caption" id="uc-${i}"></p></div>`).join("")}
+      ${grouped.map((m, i) => `<div><h3>${esc(m)} by ${esc(groupKeys(d.by_dimension.find((r) => r.metric === m).group))}</h3><div class="chart" id="g-${i}"></div><p class="caption" id="gc-${i}"></p></div>`).join("")}</div>`
     : `<p class="empty">No usage recorded for this tenant yet.</p>`;
   const sub = ["subscription_id", "plan", "billing_cycle", "price", "currency"];
   const inv = ["invoice_id", "amount", "currency"];
@@ -253,10 +288,10 @@ function tenantPage(d) {
     </div>
     <div class="card" style="margin-top:1rem"><h3>Usage</h3>${usage}</div>
     <div class="grid wide" style="margin-top:1rem">
-    <div class="card"><h3>This period (${esc(month(current))}): usage against the plan</h3>${table(["Metric", "Used", "Included", "Used %", "Overage", "Amount", "Threshold reached"],
-      d.overages.filter((r) => r.period === current).map((r) => `<tr><td class="text">${esc(r.metric)}</td>${cell(`overages|${r.period}|${r.metric}|used`, r.used, num(r.used))}${cell(`overages|${r.period}|${r.metric}|included`, r.included, r.included === null ? "unlimited" : num(r.included))}${cell(`overages|${r.period}|${r.metric}|pct_used`, r.pct_used, r.pct_used === null ? "–" : num(r.pct_used, 1) + "%")}${cell(`overages|${r.period}|${r.metric}|overage_quantity`, r.overage_quantity, num(r.overage_quantity))}${cell(`overages|${r.period}|${r.metric}|overage_amount`, r.overage_amount, money(r.overage_amount, r.currency), r.overage_amount > 0 ? "neg" : "")}${cell(`overages|${r.period}|${r.metric}|threshold`, r.threshold, r.threshold === null ? "–" : r.threshold + "%")}</tr>`))}</div>
+    <div class="card"><h3>This billing period: ${esc(period(current, ends))}${planned ? ` on ${esc(planned.plan)}` : ""}</h3>${table(["Metric", "Used", "Included", "Used %", "Overage", "Amount", "Threshold reached"],
+      open.map((r) => `<tr><td class="text">${esc(r.metric)}</td>${cell(`overages|${r.period_start}|${r.metric}|used`, r.used, num(r.used))}${cell(`overages|${r.period_start}|${r.metric}|included`, r.included, r.included === null ? "unlimited" : num(r.included))}${cell(`overages|${r.period_start}|${r.metric}|pct_used`, r.pct_used, r.pct_used === null ? "–" : num(r.pct_used, 1) + "%")}${cell(`overages|${r.period_start}|${r.metric}|overage_quantity`, r.overage_quantity, num(r.overage_quantity))}${cell(`overages|${r.period_start}|${r.metric}|overage_amount`, r.overage_amount, money(r.overage_amount, r.currency), r.overage_amount > 0 ? "neg" : "")}${cell(`overages|${r.period_start}|${r.metric}|threshold`, r.threshold, r.threshold === null ? "–" : r.threshold + "%")}</tr>`))}</div>
     <div class="card"><h3>Alerts: thresholds reached</h3>${table(["Period", "Metric", "Threshold", "Used %"],
-      d.overages.filter((r) => r.threshold !== null).map((r) => `<tr><td class="text">${esc(month(r.period))}</td><td class="text">${esc(r.metric)}</td>${cell(`alerts|${r.period}|${r.metric}|threshold`, r.threshold, r.threshold + "%", "bad")}${cell(`alerts|${r.period}|${r.metric}|pct_used`, r.pct_used, num(r.pct_used, 1) + "%")}</tr>`), [0, 1])}</div>
+      d.overages.filter((r) => r.threshold !== null).map((r) => `<tr><td class="text">${esc(period(r.period_start, r.period_end))}</td><td class="text">${esc(r.metric)}</td>${cell(`alerts|${r.period_start}|${r.metric}|threshold`, r.threshold, r.threshold + "%", "bad")}${cell(`alerts|${r.period_start}|${r.metric}|pct_used`, r.pct_used, num(r.pct_used, 1) + "%")}</tr>`), [0, 1])}</div>
     </div>
     <div class="card" style="margin-top:1rem"><h3>Subscription timeline</h3>${table(["Time (UTC)", "Event", "Plan", "Cycle", "Price", "Subscription", "Details"],
       d.timeline.map((r) => eventRow(r, 5, (j) => `<td class="text">${esc(show(j.plan))}</td><td class="text">${esc(show(j.billing_cycle))}</td>${priced(`timeline|${r.time}|${r.type}|price`, j.price, j.currency)}<td class="text">${esc(show(j.subscription_id))}</td>`, sub)), [0, 1, 2, 3, 5, 6])}</div>
@@ -285,7 +320,7 @@ function tenantPage(d) {
         ? `Line: the highest value recorded in each ${g} (max), read as a level.`
         : `Bars: the total recorded in each ${g} (sum).`;
       if (g === "month") {
-        const lim = d.overages.filter((r) => r.metric === m && r.included !== null).map((r) => [r.period + "T00:00:00Z", Number(r.included)]);
+        const lim = d.overages.filter((r) => r.metric === m && r.included !== null).map((r) => [r.period_start, Number(r.included)]);
         if (lim.length) {
           series.push({ name: "included", type: "line", step: "end", data: lim, lineStyle: { type: "dashed" } });
           caption += " Dashed: included in the plan.";
@@ -293,6 +328,19 @@ function tenantPage(d) {
       }
       chart(`u-${i}`, { legend: { top: 0 }, xAxis: { type: "time" }, yAxis: { type: "value" }, series });
       document.getElementById(`uc-${i}`).textContent = caption;
+    });
+    grouped.forEach((m, i) => {
+      const rows = d.by_dimension.filter((r) => r.metric === m && r.granularity === g);
+      const level = isLevel(m);
+      const groups = [...new Set(rows.map((r) => r.group))].sort();
+      const series = groups.map((gr) => ({
+        name: groupLabel(gr),
+        type: "bar",
+        stack: "total",
+        data: rows.filter((r) => r.group === gr).map((r) => [r.window_start, value(level ? r.max : r.sum)]),
+      }));
+      chart(`g-${i}`, { legend: { top: 0 }, tooltip: { trigger: "axis" }, xAxis: { type: "time" }, yAxis: { type: "value" }, series });
+      document.getElementById(`gc-${i}`).textContent = `Stacked bars: the ${level ? "highest value (max)" : "total (sum)"} in each ${g}, one colour per group of the meter's group_by.`;
     });
   };
   draw("day");

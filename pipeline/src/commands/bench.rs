@@ -12,7 +12,13 @@
 //! - **Operators** (`--operators`): in process, on one core, no broker:
 //!   validation alone, then each operator alone, in events/s.
 //! - **Shape** (`--tenants N --months M [--no-activity]`): the generated SaaS
-//!   instead of `--events`, e.g. 100k tenants' subscription history.
+//!   instead of `--events`, e.g. 100k tenants' subscription history; or
+//!   (`--usage-month`) `--events` usage events of `--tenants` tenants in
+//!   one month, each with `dimensions` and a `unique` out of `--uniques`
+//!   distinct values.
+//! - **Fields** (`--without unique|dimensions`): the ingest again over the
+//!   same stream with that field taken out of every usage event: rates and
+//!   peak RSS, with against without.
 //!
 //! Ratios, not absolute rates, are comparable across machines.
 
@@ -68,6 +74,111 @@ pub struct BenchOptions {
     pub operators: bool,
     /// Percent of the events to void (0: none): see [`with_voids`].
     pub voids: f64,
+    /// A [`usage_month`] stream with this many distinct `unique` values
+    /// instead of the generated SaaS.
+    pub usage_month: Option<u64>,
+    /// Take this field out of every usage event.
+    pub without: Option<UsageField>,
+}
+
+/// An optional field of `usage.recorded` that `--without` takes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UsageField {
+    Unique,
+    Dimensions,
+}
+
+impl UsageField {
+    fn name(self) -> &'static str {
+        match self {
+            UsageField::Unique => "unique",
+            UsageField::Dimensions => "dimensions",
+        }
+    }
+}
+
+/// Regions and endpoints of [`usage_month`]'s dimensions.
+const REGIONS: [&str; 4] = ["us-east", "us-west", "eu-west", "ap-south"];
+const ENDPOINTS: [&str; 8] = [
+    "/v1/chat",
+    "/v1/embed",
+    "/v1/search",
+    "/v1/files",
+    "/v1/users",
+    "/v1/batch",
+    "/v1/audio",
+    "/v1/image",
+];
+
+/// A usage-only stream: `events` `api_calls` events of `tenants` tenants
+/// (round robin) spread evenly over January 2024 in time order, after the
+/// meter (grouped by `region`). Each carries `dimensions` (`region`,
+/// `endpoint`) and a `unique` user out of `uniques` distinct values
+/// (every value appears once `events` >= `uniques`), unless `without`
+/// takes one out.
+pub fn usage_month(
+    tenants: u32,
+    events: u64,
+    uniques: u64,
+    without: Option<UsageField>,
+) -> Vec<u8> {
+    use std::io::Write;
+    const START_US: i64 = 1_704_067_200_000_000; // 2024-01-01T00:00:00Z
+    const MONTH_US: i64 = 31 * 86_400_000_000;
+    let step = MONTH_US / i64::try_from(events.max(1)).unwrap_or(i64::MAX);
+    let mut out = Vec::with_capacity(usize::try_from(events).unwrap_or(0) * 260);
+    let _ = writeln!(
+        out,
+        r#"{{"specversion":"1.0","id":"meter-api","source":"tally-bench","type":"catalog.meter_defined","time":"2024-01-01T00:00:00Z","tenant":"_system","data":{{"metric":"api_calls","aggregation":"sum","group_by":["region"]}}}}"#
+    );
+    let tenants = u64::from(tenants.max(1));
+    for i in 0..events {
+        let t = i % tenants + 1;
+        let time = START_US + step * i64::try_from(i).unwrap_or(0);
+        let q = 1 + (i * 7919) % 100;
+        let _ = write!(
+            out,
+            r#"{{"specversion":"1.0","id":"u{i}","source":"tally-bench","type":"usage.recorded","time":"{}","tenant":"t{t:05}","data":{{"metric":"api_calls","quantity":{q}"#,
+            crate::event::time::format_micros(time)
+        );
+        if without != Some(UsageField::Dimensions) {
+            let region = REGIONS[usize::try_from(t % 4).unwrap_or(0)];
+            let endpoint = ENDPOINTS[usize::try_from(i % 8).unwrap_or(0)];
+            let _ = write!(
+                out,
+                r#","dimensions":{{"region":"{region}","endpoint":"{endpoint}"}}"#
+            );
+        }
+        if without != Some(UsageField::Unique) {
+            // 2654435761 is prime, so i -> i * 2654435761 mod uniques
+            // visits every value.
+            let _ = write!(
+                out,
+                r#","unique":"user-{}""#,
+                (i.wrapping_mul(2_654_435_761)) % uniques.max(1)
+            );
+        }
+        out.extend_from_slice(b"}}\n");
+    }
+    out
+}
+
+/// `lines` with `field` taken out of every `usage.recorded` event.
+pub fn without_field(lines: &[u8], field: UsageField) -> Vec<u8> {
+    let mut out = Vec::with_capacity(lines.len());
+    for line in lines.split_inclusive(|b| *b == b'\n') {
+        if line.windows(16).any(|w| w == b"\"usage.recorded\"")
+            && let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(line)
+            && let Some(data) = v.get_mut("data").and_then(|d| d.as_object_mut())
+            && data.remove(field.name()).is_some()
+        {
+            out.extend_from_slice(v.to_string().as_bytes());
+            out.push(b'\n');
+        } else {
+            out.extend_from_slice(line);
+        }
+    }
+    out
 }
 
 #[derive(Debug, Serialize)]
@@ -208,17 +319,29 @@ pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, Bench
         source: "tally-bench".into(),
         activity: !opts.no_activity,
     };
-    let mut all = Vec::new();
-    generate::generate(&cfg, &mut all)?;
-    let limit = match opts.tenants {
-        Some(_) => usize::MAX,
-        None => usize::try_from(opts.events).unwrap_or(usize::MAX),
+    let mut kept = if let Some(uniques) = opts.usage_month {
+        usage_month(
+            opts.tenants.unwrap_or(10_000),
+            opts.events,
+            uniques,
+            opts.without,
+        )
+    } else {
+        let mut all = Vec::new();
+        generate::generate(&cfg, &mut all)?;
+        let limit = match opts.tenants {
+            Some(_) => usize::MAX,
+            None => usize::try_from(opts.events).unwrap_or(usize::MAX),
+        };
+        let mut kept = Vec::with_capacity(all.len());
+        for line in all.split_inclusive(|b| *b == b'\n').take(limit) {
+            kept.extend_from_slice(line);
+        }
+        match opts.without {
+            Some(field) => without_field(&kept, field),
+            None => kept,
+        }
     };
-    let mut kept = Vec::with_capacity(all.len());
-    for line in all.split_inclusive(|b| *b == b'\n').take(limit) {
-        kept.extend_from_slice(line);
-    }
-    drop(all);
     if opts.voids > 0.0 {
         kept = with_voids(&kept, opts.voids, opts.seed);
     }
@@ -563,6 +686,18 @@ pub struct BenchArgs {
     /// report the rate against the stream without voids.
     #[arg(long, value_name = "PERCENT")]
     pub voids: Option<f64>,
+    /// A usage-only stream instead of the generated SaaS: --events
+    /// `api_calls` events of --tenants tenants (default 10,000) in one
+    /// month, each with `dimensions` and a `unique` out of --uniques values.
+    #[arg(long)]
+    pub usage_month: bool,
+    /// Distinct `unique` values of --usage-month.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub uniques: u64,
+    /// Also run the ingest over the same stream with this field taken out
+    /// of every usage event, and report rates and peak RSS against it.
+    #[arg(long, value_enum)]
+    pub without: Option<UsageField>,
 }
 
 /// `tally bench`, from the command line.
@@ -579,6 +714,9 @@ pub async fn command(g: &Globals, a: &BenchArgs) -> Result<(), CommandError> {
         operators,
         operators_only,
         voids,
+        usage_month,
+        uniques,
+        without,
     } = a;
     if let Some(file) = operators_only {
         let o = operators_bench(file, "tally.bench")?;
@@ -603,6 +741,8 @@ pub async fn command(g: &Globals, a: &BenchArgs) -> Result<(), CommandError> {
         replay: *replay,
         operators: *operators,
         voids: 0.0,
+        usage_month: usage_month.then_some(*uniques),
+        without: None,
     };
     let r = run(&opts, &exe).await?;
     println!("events               {}", r.events);
@@ -632,6 +772,31 @@ pub async fn command(g: &Globals, a: &BenchArgs) -> Result<(), CommandError> {
         print_operators(o);
     }
     println!("{}", serde_json::to_string(&r).unwrap_or_default());
+    if let Some(field) = without {
+        let w = run(
+            &BenchOptions {
+                without: Some(*field),
+                replay: false,
+                operators: false,
+                ..opts.clone()
+            },
+            &exe,
+        )
+        .await?;
+        println!("without `{}`:", field.name());
+        println!("events               {}", w.events);
+        println!("raw consume (AckAll) {:>10.0} msg/s", w.raw_consume_per_s);
+        println!("tally run            {:>10.0} msg/s", w.tally_run_per_s);
+        println!("ratio                {:>10.3}", w.ratio);
+        println!("tally peak RSS       {:>10.1} MiB", w.tally_peak_rss_mib);
+        println!(
+            "with / without       {:>10.3} (rates); {:.3} (ratios to raw); {:.3} (peak RSS)",
+            r.tally_run_per_s / w.tally_run_per_s,
+            r.ratio / w.ratio,
+            r.tally_peak_rss_mib / w.tally_peak_rss_mib
+        );
+        println!("{}", serde_json::to_string(&w).unwrap_or_default());
+    }
     if let Some(pct) = voids {
         let v = run(
             &BenchOptions {
@@ -664,5 +829,63 @@ fn print_operators(o: &OperatorsBench) {
     println!("  validate           {:>10.0} events/s", o.validate_per_s);
     for (view, per_s) in &o.operators {
         println!("  {view:<18} {per_s:>10.0} events/s");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn validated(lines: &[u8]) -> Vec<crate::event::Event> {
+        let limits = crate::event::Limits::default();
+        lines
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| crate::event::validate_payload(l, &limits).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn usage_month_is_valid_and_has_every_unique_value() {
+        let events = validated(&usage_month(7, 500, 300, None));
+        assert_eq!(events.len(), 501, "the meter and the usage");
+        let mut uniques = HashSet::new();
+        let mut tenants = HashSet::new();
+        for e in &events[1..] {
+            let crate::event::Payload::UsageRecorded {
+                unique, dimensions, ..
+            } = &e.payload
+            else {
+                panic!("not usage: {e:?}");
+            };
+            assert!(dimensions.is_some());
+            uniques.insert(unique.clone().unwrap().to_string());
+            tenants.insert(e.tenant.to_string());
+        }
+        assert_eq!((uniques.len(), tenants.len()), (300, 7));
+        assert!(events.windows(2).all(|w| w[0].time <= w[1].time));
+    }
+
+    #[test]
+    fn without_takes_the_field_out_of_usage_events_only() {
+        let with = usage_month(3, 20, 10, None);
+        for field in [UsageField::Unique, UsageField::Dimensions] {
+            let stripped = without_field(&with, field);
+            assert_eq!(
+                validated(&stripped).len(),
+                validated(&usage_month(3, 20, 10, Some(field))).len()
+            );
+            for e in validated(&stripped).iter().skip(1) {
+                let crate::event::Payload::UsageRecorded {
+                    unique, dimensions, ..
+                } = &e.payload
+                else {
+                    panic!()
+                };
+                assert_eq!(unique.is_none(), field == UsageField::Unique);
+                assert_eq!(dimensions.is_none(), field == UsageField::Dimensions);
+            }
+        }
     }
 }

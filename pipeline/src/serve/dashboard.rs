@@ -261,7 +261,20 @@ pub async fn tenant_json(
         (
             "overages",
             format!(
-                "SELECT CAST(period AS VARCHAR) AS period, metric, plan, aggregation, used, included, overage_quantity, overage_amount, currency, pct_used, threshold, is_final FROM overages WHERE tenant = {t} ORDER BY period, metric"
+                "SELECT CAST(period AS VARCHAR) AS period, CAST(period_start AS VARCHAR) AS period_start, CAST(period_end AS VARCHAR) AS period_end, metric, plan, aggregation, used, included, overage_quantity, overage_amount, currency, pct_used, threshold, is_final FROM overages WHERE tenant = {t} ORDER BY period_start, metric"
+            ),
+        ),
+        (
+            // The open billing period: the one holding the stream clock.
+            "open_period",
+            format!(
+                "SELECT CAST(o.period_start AS VARCHAR) AS period_start, CAST(o.period_end AS VARCHAR) AS period_end, o.metric FROM overages o CROSS JOIN _tally_clock k WHERE o.tenant = {t} AND o.period_start <= k.stream_clock AND k.stream_clock < o.period_end ORDER BY o.metric"
+            ),
+        ),
+        (
+            "by_dimension",
+            format!(
+                "SELECT metric, \"group\", granularity, CAST(window_start AS VARCHAR) AS window_start, \"sum\", \"max\" FROM usage_by_dimension WHERE tenant = {t} ORDER BY metric, granularity, window_start, \"group\""
             ),
         ),
         (
