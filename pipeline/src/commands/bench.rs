@@ -652,6 +652,62 @@ pub fn operators_bench(events_file: &Path, prefix: &str) -> Result<OperatorsBenc
     })
 }
 
+/// The synchronous core in process, on both cores, with no broker and no
+/// storage: `Processor::process_batch` (validation, dedup, the ledger,
+/// every operator, restatements) over batches of `batch` messages, and
+/// each batch's rows cut (`take_rows`) but not written. Returns (events,
+/// events/s).
+pub fn processor_bench(
+    events_file: &Path,
+    prefix: &str,
+    batch: usize,
+) -> Result<(u64, f64), BenchError> {
+    use crate::runtime::processor::{Incoming, Processor};
+    let text = std::fs::read(events_file).map_err(scratch_err(events_file))?;
+    let lines: Vec<bytes::Bytes> = text
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(bytes::Bytes::copy_from_slice)
+        .collect();
+    let subjects: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_slice(l).unwrap_or_default();
+            crate::event::subject_for(
+                prefix,
+                v["tenant"].as_str().unwrap_or_default(),
+                v["type"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let settings = crate::config::Settings {
+        max_event_age_us: i64::MAX,
+        ..crate::config::Settings::default()
+    };
+    let checkpoint = crate::store::checkpoint::Checkpoint::new("BENCH", "", &settings);
+    let mut p = Processor::new(&settings, prefix, checkpoint);
+    p.set_live(false);
+    let started = Instant::now();
+    for (c, chunk) in lines.chunks(batch.max(1)).enumerate() {
+        let first = c * batch.max(1);
+        let msgs: Vec<Incoming<'_>> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, payload)| Incoming {
+                stream_seq: (first + i) as u64 + 1,
+                published_at: i64::MAX / 2,
+                subject: subjects.get(first + i).map_or("", String::as_str),
+                payload,
+            })
+            .collect();
+        p.process_batch(&msgs);
+        p.take_rows()
+            .map_err(|e| BenchError::Child(e.to_string()))?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok((lines.len() as u64, lines.len() as f64 / secs))
+}
+
 /// The arguments of `tally bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -681,6 +737,10 @@ pub struct BenchArgs {
     /// Only that in-process measurement, over an events file (no broker).
     #[arg(long, hide = true, value_name = "EVENTS_FILE")]
     pub operators_only: Option<PathBuf>,
+    /// Only the synchronous core (validation, dedup, ledger, operators),
+    /// in process on both cores, over an events file (no broker, no storage).
+    #[arg(long, hide = true, value_name = "EVENTS_FILE")]
+    pub processor_only: Option<PathBuf>,
     /// Also run the ingest over the same stream with this percent of its
     /// usage events voided (half before their targets, half after), and
     /// report the rate against the stream without voids.
@@ -713,6 +773,7 @@ pub async fn command(g: &Globals, a: &BenchArgs) -> Result<(), CommandError> {
         replay,
         operators,
         operators_only,
+        processor_only,
         voids,
         usage_month,
         uniques,
@@ -721,6 +782,12 @@ pub async fn command(g: &Globals, a: &BenchArgs) -> Result<(), CommandError> {
     if let Some(file) = operators_only {
         let o = operators_bench(file, "tally.bench")?;
         print_operators(&o);
+        return Ok(());
+    }
+    if let Some(file) = processor_only {
+        let (n, per_s) = processor_bench(file, "tally.bench", *batch_size)?;
+        println!("in process, both cores, no broker, no storage, {n} messages:");
+        println!("  processor          {per_s:>10.0} messages/s");
         return Ok(());
     }
     let exe = std::env::current_exe().map_err(|source| CommandError::Input {

@@ -1041,7 +1041,14 @@ fn dimensions(raw: Option<&RawValue>) -> Result<Option<Dimensions>, Reject> {
                 kind_of(v)
             ))
         })?;
-        let value = chars_within(value, &format!("dimensions.{k}"), 1, MAX_DIMENSION_VALUE)?;
+        // Counted here, not through `chars_within`: its name would be
+        // formatted for every entry of every usage event.
+        let n = value.chars().count();
+        if !(1..=MAX_DIMENSION_VALUE).contains(&n) {
+            return Err(bad_data(format!(
+                "`data.dimensions.{k}` must have 1 to {MAX_DIMENSION_VALUE} characters, got {n}"
+            )));
+        }
         out.push((Text::from(&*k), Text::from(&*value)));
     }
     out.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));

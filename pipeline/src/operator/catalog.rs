@@ -22,6 +22,7 @@ pub struct Catalog {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meter {
     pub aggregation: Aggregation,
+    /// Sorted by bytes.
     pub group_by: Option<Vec<String>>,
 }
 
@@ -48,7 +49,12 @@ impl Catalog {
                 let pos = defs.partition_point(|(k, _)| *k < key);
                 let meter = Meter {
                     aggregation: *aggregation,
-                    group_by: group_by.clone(),
+                    // In byte order, as `group` texts list them.
+                    group_by: group_by.clone().map(|mut keys| {
+                        keys.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+                        keys.dedup();
+                        keys
+                    }),
                 };
                 defs.insert(pos, (key, meter));
                 true

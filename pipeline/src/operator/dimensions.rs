@@ -16,7 +16,7 @@
 //! event's dimensions. Voids take their targets out as in `usage`. The
 //! state is re-folded from the `events` archive at start-up.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -83,39 +83,81 @@ pub struct DimensionsOperator {
     /// The meters' definitions (`group_by`), kept whole so a void of one
     /// leaves the one before in force.
     catalog: Catalog,
-    windows: HashMap<Key, (i64, Agg), FixedState>,
-    dirty: HashSet<Key, FixedState>,
+    /// Window -> (end, aggregate, changed since the last `take_rows`).
+    windows: HashMap<Key, (i64, Agg, bool), FixedState>,
+    /// The windows changed since the last `take_rows`, each once (the
+    /// flag above): no set to hash into for every event.
+    dirty: Vec<Key>,
     series: Vec<(Arc<str>, Arc<str>)>,
     series_ids: SeriesIds,
     /// Group texts.
     groups: Names,
+    /// Reused for each usage event's group text.
+    scratch: String,
 }
 
 /// The `group` text of an event's `dimensions` for the keys `group_by`.
 pub fn group_text(group_by: &[String], dims: Option<&Dimensions>) -> String {
-    let mut keys: Vec<&String> = group_by.iter().collect();
-    keys.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-    keys.dedup();
-    let mut out = String::from("{");
-    for (i, k) in keys.iter().enumerate() {
+    let mut out = String::new();
+    write_group_text(&mut out, group_by, dims);
+    out
+}
+
+/// [`group_text`] into `out` (cleared first), allocating nothing once
+/// `out` is large enough: it runs for every usage event of a grouped
+/// metric. `group_by` keys in byte order are written in that order; any
+/// other order is sorted first.
+fn write_group_text(out: &mut String, group_by: &[String], dims: Option<&Dimensions>) {
+    out.clear();
+    out.push('{');
+    let sorted = group_by
+        .windows(2)
+        .all(|w| w[0].as_bytes() < w[1].as_bytes());
+    let mut owned: Vec<&String>;
+    let keys: &mut dyn Iterator<Item = &String> = if sorted {
+        &mut group_by.iter()
+    } else {
+        owned = group_by.iter().collect();
+        owned.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        owned.dedup();
+        &mut owned.into_iter()
+    };
+    for (i, k) in keys.enumerate() {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&json_str(k));
+        push_json_str(out, k);
         out.push(':');
         let value = dims.and_then(|d| d.iter().find(|(dk, _)| dk.as_str() == k.as_str()));
         match value {
-            Some((_, v)) => out.push_str(&json_str(v)),
+            Some((_, v)) => push_json_str(out, v),
             None => out.push_str("null"),
         }
     }
     out.push('}');
-    out
 }
 
-/// A JSON string: `"`, `\` and U+0000-U+001F escaped, the rest as UTF-8.
-fn json_str(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+/// Appends `s` as a JSON string: `"`, `\\` and U+0000-U+001F escaped
+/// (as serde_json writes them), the rest as UTF-8.
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => {
+                use std::fmt::Write;
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 impl DimensionsOperator {
@@ -127,10 +169,11 @@ impl DimensionsOperator {
             granularities: g,
             catalog: Catalog::default(),
             windows: HashMap::with_hasher(FixedState),
-            dirty: HashSet::with_hasher(FixedState),
+            dirty: Vec::new(),
             series: Vec::new(),
             series_ids: SeriesIds::default(),
             groups: Names::default(),
+            scratch: String::new(),
         }
     }
 
@@ -163,9 +206,11 @@ impl DimensionsOperator {
             let w = self
                 .windows
                 .entry(key)
-                .or_insert_with(|| (end, Agg::empty()));
+                .or_insert_with(|| (end, Agg::empty(), false));
             w.1.add_parts(u.time, u.source, u.id, u.quantity, u.unique);
-            self.dirty.insert(key);
+            if !std::mem::replace(&mut w.2, true) {
+                self.dirty.push(key);
+            }
         }
     }
 
@@ -184,7 +229,9 @@ impl DimensionsOperator {
                 .is_some_and(|(_, m)| &**m == metric)
             {
                 w.1 = Agg::empty();
-                gone.push(*k);
+                if !std::mem::replace(&mut w.2, true) {
+                    gone.push(*k);
+                }
             }
         }
         self.dirty.extend(gone);
@@ -231,7 +278,7 @@ impl DimensionsOperator {
         let mut seqs = UInt64Builder::new();
         let mut deleted = BooleanBuilder::new();
         for k in keys {
-            let (Some((t, m)), Some((e, a))) =
+            let (Some((t, m)), Some((e, a, _))) =
                 (self.series.get(k.series as usize), self.windows.get(k))
             else {
                 continue;
@@ -363,7 +410,9 @@ impl Operator for DimensionsOperator {
                 if !w.1.remove(e, *quantity, unique.as_ref()) {
                     recompute.push((key, e.tenant.to_string(), group.clone(), e.time));
                 }
-                self.dirty.insert(key);
+                if !std::mem::replace(&mut w.2, true) {
+                    self.dirty.push(key);
+                }
             }
         }
         for (key, tenant, group, time) in recompute {
@@ -393,10 +442,19 @@ impl Operator for DimensionsOperator {
         if self.dirty.is_empty() {
             return Ok(None);
         }
-        let keys: Vec<Key> = self.dirty.drain().collect();
+        let keys: Vec<Key> = std::mem::take(&mut self.dirty);
         let rows = self.rows(&keys, seq).map(Some);
-        // A tombstone is written once; the state forgets the window.
-        self.windows.retain(|_, w| w.1.events > 0);
+        // A tombstone is written once; the state forgets the window. Only
+        // the windows just written can have become empty.
+        for k in &keys {
+            match self.windows.get_mut(k) {
+                Some(w) if w.1.events == 0 => {
+                    self.windows.remove(k);
+                }
+                Some(w) => w.2 = false,
+                None => {}
+            }
+        }
         rows
     }
 
@@ -438,7 +496,8 @@ impl DimensionsOperator {
                 else {
                     return;
                 };
-                let group = group_text(group_by, dimensions.as_deref());
+                let mut group = std::mem::take(&mut self.scratch);
+                write_group_text(&mut group, group_by, dimensions.as_deref());
                 let u = Use {
                     time: e.time,
                     source: &e.source,
@@ -447,6 +506,7 @@ impl DimensionsOperator {
                     unique: unique.as_ref(),
                 };
                 self.add(&e.tenant, metric, &group, u);
+                self.scratch = group;
             }
             _ => {}
         }
@@ -569,5 +629,22 @@ mod tests {
             r#"{"tier":"東京"}"#
         );
         assert_eq!(group_text(&by(&["model"]), None), r#"{"model":null}"#);
+    }
+
+    #[test]
+    fn group_texts_escape_as_serde_json_does() {
+        for s in [
+            "plain",
+            "q\"uote",
+            "back\\slash",
+            "nl\n\r\t",
+            "\u{1}\u{8}\u{c}\u{1f}",
+            "東京 🚀",
+            "\u{7f}",
+        ] {
+            let mut out = String::new();
+            push_json_str(&mut out, s);
+            assert_eq!(out, serde_json::to_string(s).unwrap());
+        }
     }
 }

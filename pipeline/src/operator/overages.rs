@@ -650,26 +650,30 @@ impl OveragesOperator {
     }
 
     fn recompute(&mut self) -> Vec<Key> {
-        let mut keys: BTreeSet<Key> = BTreeSet::new();
-        for i in std::mem::take(&mut self.dirty) {
-            if let Some((k, m)) = self.months.slot_mut(i) {
+        // Slots, sorted and deduplicated as numbers: the keys' strings are
+        // compared only to order the rows written.
+        let mut slots: Vec<u32> = std::mem::take(&mut self.dirty);
+        for i in &slots {
+            if let Some((_, m)) = self.months.slot_mut(*i) {
                 m.dirty = false;
-                keys.insert(k.clone());
             }
         }
         if self.dirty_all {
-            keys.extend(self.months.entries().map(|(k, _)| k.clone()));
+            slots = (0..u32::try_from(self.months.len()).unwrap_or(u32::MAX)).collect();
         } else {
             for t in std::mem::take(&mut self.dirty_tenants) {
-                for slot in self.tenant_months.get(&t).into_iter().flatten() {
-                    if let Some((k, _)) = self.months.slot(*slot) {
-                        keys.insert(k.clone());
-                    }
-                }
+                slots.extend(self.tenant_months.get(&t).into_iter().flatten());
             }
         }
         self.dirty_all = false;
         self.dirty_tenants.clear();
+        slots.sort_unstable();
+        slots.dedup();
+        let mut keys: Vec<Key> = slots
+            .iter()
+            .filter_map(|i| self.months.slot(*i).map(|(k, _)| k.clone()))
+            .collect();
+        keys.sort_unstable();
         let mut changed = Vec::new();
         for key in keys {
             let Some(month) = self.months.get(&key) else {

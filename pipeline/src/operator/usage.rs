@@ -79,8 +79,88 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 const OVERFLOWED: i128 = i128::MIN;
 
 /// Distinct `unique` values of a window or period, each with the number
-/// of its events that carry it (so a void can take one back out).
-pub type Uniques = HashMap<Text, u32, FixedState>;
+/// of its events that carry it (so a void can take one back out). Most
+/// hour windows see a single value: it is kept without a map (a map per
+/// window would cost an allocation and a hash per event and about four
+/// times the memory).
+#[derive(Debug, Clone)]
+pub enum Uniques {
+    One(Text, u32),
+    Many(HashMap<Text, u32, FixedState>),
+}
+
+impl Uniques {
+    fn len(&self) -> usize {
+        match self {
+            Uniques::One(..) => 1,
+            Uniques::Many(m) => m.len(),
+        }
+    }
+
+    fn count_of(&self, u: &Text) -> u32 {
+        match self {
+            Uniques::One(v, n) => {
+                if v == u {
+                    *n
+                } else {
+                    0
+                }
+            }
+            Uniques::Many(m) => m.get(u).copied().unwrap_or(0),
+        }
+    }
+
+    fn add(&mut self, u: &Text) {
+        match self {
+            Uniques::One(v, n) if v == u => *n += 1,
+            Uniques::One(v, n) => {
+                let mut m = HashMap::with_capacity_and_hasher(4, FixedState);
+                m.insert(std::mem::take(v), *n);
+                m.insert(u.clone(), 1);
+                *self = Uniques::Many(m);
+            }
+            Uniques::Many(m) => match m.get_mut(u) {
+                Some(n) => *n += 1,
+                None => {
+                    m.insert(u.clone(), 1);
+                }
+            },
+        }
+    }
+
+    /// Takes one event's `u` out; true when no value is left.
+    fn remove(&mut self, u: &Text) -> bool {
+        match self {
+            Uniques::One(v, n) if v == u => {
+                *n -= 1;
+                *n == 0
+            }
+            Uniques::One(..) => false,
+            Uniques::Many(m) => {
+                if let Some(n) = m.get_mut(u) {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.remove(u);
+                    }
+                }
+                m.is_empty()
+            }
+        }
+    }
+}
+
+/// The same values with the same counts, however they are held.
+impl PartialEq for Uniques {
+    fn eq(&self, other: &Uniques) -> bool {
+        let all = |a: &Uniques, b: &Uniques| match a {
+            Uniques::One(v, n) => b.count_of(v) == *n,
+            Uniques::Many(m) => m.iter().all(|(v, n)| b.count_of(v) == *n),
+        };
+        self.len() == other.len() && all(self, other)
+    }
+}
+
+impl Eq for Uniques {}
 
 /// Exact aggregate of one window.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,7 +212,7 @@ impl Agg {
     pub fn unique_count(&self) -> Option<i64> {
         self.uniques
             .as_ref()
-            .filter(|u| !u.is_empty())
+            .filter(|u| u.len() > 0)
             .map(|u| i64::try_from(u.len()).unwrap_or(i64::MAX))
     }
 
@@ -158,12 +238,10 @@ impl Agg {
         self.events -= 1;
         self.sum -= q;
         if let (Some(u), Some(set)) = (unique, self.uniques.as_mut())
-            && let Some(n) = set.get_mut(u)
+            && set.remove(u)
         {
-            *n -= 1;
-            if *n == 0 {
-                set.remove(u);
-            }
+            // No event left carries one: as if none ever had.
+            self.uniques = None;
         }
         true
     }
@@ -178,12 +256,9 @@ impl Agg {
         unique: Option<&Text>,
     ) -> bool {
         if let Some(u) = unique {
-            let set = self.uniques.get_or_insert_with(Default::default);
-            match set.get_mut(u) {
-                Some(n) => *n += 1,
-                None => {
-                    set.insert(u.clone(), 1);
-                }
+            match self.uniques.as_mut() {
+                Some(set) => set.add(u),
+                None => self.uniques = Some(Box::new(Uniques::One(u.clone(), 1))),
             }
         }
         if self.events == 0 {

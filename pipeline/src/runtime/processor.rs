@@ -148,21 +148,26 @@ impl Processor {
                     });
                 }
                 Ok((event, key)) => {
-                    if let Err(reject) = self.dimensions.check(event) {
-                        cp.counts.dead_letter(reject.reason);
-                        letters.push(DeadLetter {
-                            stream_seq: m.stream_seq,
-                            subject: m.subject.to_owned(),
-                            payload: m.payload.clone(),
-                            reject,
-                        });
-                        continue;
-                    }
+                    let values = match self.dimensions.check(event) {
+                        Ok(values) => values,
+                        Err(reject) => {
+                            cp.counts.dead_letter(reject.reason);
+                            letters.push(DeadLetter {
+                                stream_seq: m.stream_seq,
+                                subject: m.subject.to_owned(),
+                                payload: m.payload.clone(),
+                                reject,
+                            });
+                            continue;
+                        }
+                    };
                     if !self.dedup.admit(*key, m.published_at) {
                         cp.counts.duplicate += 1;
                         continue;
                     }
-                    self.dimensions.record(event);
+                    if let Some(values) = &values {
+                        self.dimensions.record_values(values);
+                    }
                     let clock = cp.stream_clock_us;
                     cp.accept(event.time);
                     let verdict = classify(&mut self.ledger, event, *key);

@@ -14,18 +14,55 @@
 //! start-up like the dedup horizon.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::event::time::{DAY_US, civil_from_days};
+use crate::event::validate::MAX_DIMENSIONS;
 use crate::event::{DlqReason, Event, Payload, Reject};
+
+/// The keys and values here are xxh3 hashes already: hashing them again
+/// would only cost time.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Hashes<V> = HashMap<u64, V, BuildHasherDefault<Prehashed>>;
 
 /// See the module documentation.
 #[derive(Debug)]
 pub struct DimensionGuard {
     max: usize,
     /// Hash of (tenant, metric, key, month) -> hashes of its values.
-    seen: HashMap<u64, HashSet<u64>>,
+    seen: Hashes<HashSet<u64, BuildHasherDefault<Prehashed>>>,
+}
+
+/// An event's dimensions as the guard counts them: (slot, value) hashes,
+/// computed once for the check and the record.
+#[derive(Debug, Clone, Copy)]
+pub struct Values {
+    len: usize,
+    pairs: [(u64, u64); MAX_DIMENSIONS],
+}
+
+impl Values {
+    fn iter(&self) -> impl Iterator<Item = &(u64, u64)> {
+        self.pairs.iter().take(self.len)
+    }
 }
 
 /// (year, month) of the instant `t` (µs).
@@ -34,69 +71,131 @@ fn month_of(t: i64) -> (i64, i64) {
     (y, m)
 }
 
-fn slot(e: &Event, metric: &str, key: &str) -> u64 {
+/// The (slot, value) hashes of a usage event's dimensions; `None` for an
+/// event without any. A slot is (tenant, metric, key, month of the time).
+fn values(e: &Event) -> Option<Values> {
+    let Payload::UsageRecorded {
+        metric,
+        dimensions: Some(dims),
+        ..
+    } = &e.payload
+    else {
+        return None;
+    };
     let (y, m) = month_of(e.time);
-    let mut buf = Vec::with_capacity(e.tenant.len() + metric.len() + key.len() + 16);
-    for part in [e.tenant.as_bytes(), metric.as_bytes(), key.as_bytes()] {
-        buf.extend_from_slice(part);
-        buf.push(0xFF);
+    let mut buf = [0u8; 16];
+    buf[..8].copy_from_slice(&y.to_le_bytes());
+    buf[8..].copy_from_slice(&m.to_le_bytes());
+    let series = xxh3_64_with_seed(
+        &buf,
+        xxh3_64_with_seed(metric.as_bytes(), xxh3_64(e.tenant.as_bytes())),
+    );
+    let mut out = Values {
+        len: 0,
+        pairs: [(0, 0); MAX_DIMENSIONS],
+    };
+    for ((k, v), slot) in dims.iter().zip(out.pairs.iter_mut()) {
+        *slot = (
+            xxh3_64_with_seed(k.as_bytes(), series),
+            xxh3_64(v.as_bytes()),
+        );
+        out.len += 1;
     }
-    buf.extend_from_slice(&y.to_le_bytes());
-    buf.extend_from_slice(&m.to_le_bytes());
-    xxh3_64(&buf)
+    Some(out)
 }
 
 impl DimensionGuard {
     pub fn new(max: usize) -> DimensionGuard {
         DimensionGuard {
             max,
-            seen: HashMap::new(),
+            seen: Hashes::default(),
         }
     }
 
-    /// Refuses `e` if one of its dimension values would be past the bound.
-    pub fn check(&self, e: &Event) -> Result<(), Reject> {
-        let Payload::UsageRecorded {
-            metric,
-            dimensions: Some(dims),
-            ..
-        } = &e.payload
-        else {
-            return Ok(());
+    /// Refuses `e` if one of its dimension values would be past the bound;
+    /// else what [`DimensionGuard::record_values`] counts if it is accepted.
+    pub fn check(&self, e: &Event) -> Result<Option<Values>, Reject> {
+        let Some(vals) = values(e) else {
+            return Ok(None);
         };
-        for (k, v) in dims.iter() {
-            let Some(values) = self.seen.get(&slot(e, metric, k)) else {
+        for (i, (slot, value)) in vals.iter().enumerate() {
+            let Some(seen) = self.seen.get(slot) else {
                 continue;
             };
-            if values.len() >= self.max && !values.contains(&xxh3_64(v.as_bytes())) {
+            if seen.len() >= self.max && !seen.contains(value) {
                 let (y, m) = month_of(e.time);
+                let (metric, key) = match &e.payload {
+                    Payload::UsageRecorded {
+                        metric,
+                        dimensions: Some(dims),
+                        ..
+                    } => (metric.as_str(), dims.get(i).map_or("", |(k, _)| k.as_str())),
+                    _ => ("", ""),
+                };
                 return Err(Reject::new(
                     DlqReason::TooManyDimensionValues,
                     format!(
-                        "tenant {} already has {} distinct values of dimension `{k}` for metric `{metric}` in {y:04}-{m:02} (setting max_dimension_values); put identifiers such as request ids in `unique` or leave them out of `dimensions`",
+                        "tenant {} already has {} distinct values of dimension `{key}` for metric `{metric}` in {y:04}-{m:02} (setting max_dimension_values); put identifiers such as request ids in `unique` or leave them out of `dimensions`",
                         e.tenant, self.max
                     ),
                 ));
             }
         }
-        Ok(())
+        Ok(Some(vals))
     }
 
-    /// Counts the values of an accepted event.
-    pub fn record(&mut self, e: &Event) {
-        let Payload::UsageRecorded {
-            metric,
-            dimensions: Some(dims),
-            ..
-        } = &e.payload
-        else {
-            return;
-        };
-        for (k, v) in dims.iter() {
-            self.seen
-                .entry(slot(e, metric, k))
-                .or_default()
-                .insert(xxh3_64(v.as_bytes()));
+    /// Counts the values of an accepted event, as [`DimensionGuard::check`]
+    /// computed them.
+    pub fn record_values(&mut self, vals: &Values) {
+        for (slot, value) in vals.iter() {
+            self.seen.entry(*slot).or_default().insert(*value);
         }
+    }
+
+    /// Counts the values of an accepted event (one read back from the
+    /// archive).
+    pub fn record(&mut self, e: &Event) {
+        if let Some(vals) = values(e) {
+            self.record_values(&vals);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operator::testing::ev;
+
+    fn usage(id: &str, time: &str, region: &str) -> Event {
+        ev(
+            id,
+            "acme",
+            "usage.recorded",
+            time,
+            &format!(
+                r#"{{"metric":"calls","quantity":1,"dimensions":{{"region":"{region}","model":"m"}}}}"#
+            ),
+        )
+    }
+
+    #[test]
+    fn bounds_distinct_values_per_key_and_month() {
+        let mut g = DimensionGuard::new(2);
+        for (i, r) in ["a", "b", "a"].iter().enumerate() {
+            let v = g
+                .check(&usage(&format!("u{i}"), "2026-01-05T00:00:00Z", r))
+                .unwrap();
+            g.record_values(&v.unwrap());
+        }
+        let err = g
+            .check(&usage("u9", "2026-01-06T00:00:00Z", "c"))
+            .unwrap_err();
+        assert_eq!(err.reason, DlqReason::TooManyDimensionValues);
+        assert!(err.detail.contains("dimension `region`"), "{}", err.detail);
+        // A value already seen, another month, another key's values: fine.
+        assert!(g.check(&usage("u10", "2026-01-07T00:00:00Z", "b")).is_ok());
+        assert!(g.check(&usage("u11", "2026-02-01T00:00:00Z", "c")).is_ok());
+        // Not recorded: checking alone counts nothing.
+        assert!(g.check(&usage("u12", "2026-01-07T00:00:00Z", "b")).is_ok());
     }
 }
