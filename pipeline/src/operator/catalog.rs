@@ -104,6 +104,14 @@ impl Catalog {
             .map(|(_, v)| v)
     }
 
+    /// Whether some meter definition kept has a `group_by` (if none
+    /// does, no metric is grouped: asked for every usage event).
+    pub fn any_grouped(&self) -> bool {
+        self.meters
+            .values()
+            .any(|defs| defs.iter().any(|(_, m)| m.group_by.is_some()))
+    }
+
     /// The aggregation of `metric`: the latest definition over the whole stream, `sum` if none.
     pub fn aggregation(&self, metric: &str) -> Aggregation {
         self.meter(metric)

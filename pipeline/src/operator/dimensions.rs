@@ -94,6 +94,9 @@ pub struct DimensionsOperator {
     groups: Names,
     /// Reused for each usage event's group text.
     scratch: String,
+    /// Some meter has a `group_by` ([`Catalog::any_grouped`], kept as the
+    /// catalog changes): without one a usage event needs no lookup.
+    grouped: bool,
 }
 
 /// The `group` text of an event's `dimensions` for the keys `group_by`.
@@ -174,6 +177,7 @@ impl DimensionsOperator {
             series_ids: SeriesIds::default(),
             groups: Names::default(),
             scratch: String::new(),
+            grouped: false,
         }
     }
 
@@ -371,6 +375,7 @@ impl Operator for DimensionsOperator {
             if let Payload::MeterDefined { metric, .. } = &e.payload {
                 let before = self.group_by(metric);
                 self.catalog.remove(e);
+                self.grouped = self.catalog.any_grouped();
                 self.regroup(metric, before, ledger, void.stream_seq);
                 continue;
             }
@@ -480,6 +485,7 @@ impl DimensionsOperator {
             Payload::MeterDefined { metric, .. } => {
                 let before = self.group_by(metric);
                 self.catalog.apply(e);
+                self.grouped = self.catalog.any_grouped();
                 self.regroup(metric, before, ledger, e.stream_seq);
             }
             Payload::UsageRecorded {
@@ -488,6 +494,9 @@ impl DimensionsOperator {
                 unique,
                 dimensions,
             } => {
+                if !self.grouped {
+                    return;
+                }
                 // Borrowed, not cloned: this runs for every usage event.
                 let Some(group_by) = self
                     .catalog

@@ -36,6 +36,10 @@ use super::window::month_bounds;
 use crate::event::payload::{Payload, VOIDED_TYPE};
 use crate::event::{Event, Text};
 
+/// Most entries [`Ledger::reserve`] makes room for at once (16M: about
+/// 512 MiB of index), so a huge backlog does not allocate it all up front.
+const MAX_RESERVE: usize = 1 << 24;
+
 /// A usage event as a void may need it back.
 #[derive(Debug, Clone)]
 pub struct UsageRecord {
@@ -364,6 +368,13 @@ impl Ledger {
             .filter(move |b| &*b.metric == metric)
             .flat_map(|b| b.records.iter().map(move |r| (&*b.tenant, r)))
             .filter(move |(_, r)| r.effective_after(seq))
+    }
+
+    /// Makes room for `events` more remembered events (at most
+    /// [`MAX_RESERVE`]): a run that knows how many messages it will read
+    /// spares the index its rehashes as it grows.
+    pub fn reserve(&mut self, events: usize) {
+        self.index.reserve(events.min(MAX_RESERVE));
     }
 
     /// Accepted voids so far.

@@ -67,14 +67,72 @@ pub struct Row {
     pub revenue_to_date: i64,
 }
 
+/// A tenant's effective events per event time. Events mostly come in
+/// time order: those are appended to a sorted vector (no allocation per
+/// event, 16 bytes per distinct time); an event older than the newest
+/// goes to a tree, so a stream in any order stays O(log n) per event.
+#[derive(Debug, Default)]
+struct Times {
+    in_order: Vec<(i64, u32)>,
+    earlier: BTreeMap<i64, u32>,
+}
+
+impl Times {
+    fn add(&mut self, t: i64) {
+        match self.in_order.last_mut() {
+            Some((last, n)) if *last == t => *n += 1,
+            Some((last, _)) if *last > t => {
+                match self.in_order.binary_search_by_key(&t, |(k, _)| *k) {
+                    Ok(i) => {
+                        if let Some((_, n)) = self.in_order.get_mut(i) {
+                            *n += 1;
+                        }
+                    }
+                    Err(_) => *self.earlier.entry(t).or_insert(0) += 1,
+                }
+            }
+            _ => self.in_order.push((t, 1)),
+        }
+    }
+
+    /// Takes one event at `t` out (a void).
+    fn remove(&mut self, t: i64) {
+        if let Ok(i) = self.in_order.binary_search_by_key(&t, |(k, _)| *k)
+            && let Some((_, n)) = self.in_order.get_mut(i)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.in_order.remove(i);
+            }
+        } else if let Some(n) = self.earlier.get_mut(&t) {
+            *n -= 1;
+            if *n == 0 {
+                self.earlier.remove(&t);
+            }
+        }
+    }
+
+    fn first(&self) -> Option<i64> {
+        let a = self.in_order.first().map(|(k, _)| *k);
+        let b = self.earlier.first_key_value().map(|(k, _)| *k);
+        a.into_iter().chain(b).min()
+    }
+
+    fn last(&self) -> Option<i64> {
+        let a = self.in_order.last().map(|(k, _)| *k);
+        let b = self.earlier.last_key_value().map(|(k, _)| *k);
+        a.into_iter().chain(b).max()
+    }
+}
+
 #[derive(Debug, Default)]
 struct Tenant {
     /// Every effective `tenant.created` by (`time`, `source`, `id`), and
     /// its name: the last one names the tenant.
     created: Vec<((i64, String, String), Option<String>)>,
     /// Effective events per event time: `first_seen` and `last_seen` are
-    /// its first and last keys.
-    times: BTreeMap<i64, u32>,
+    /// its first and last.
+    times: Times,
     history: History,
     /// All-time paid minus refunded, every currency (as metrics.md says).
     /// Exact (i128), so that a void takes back exactly what its target
@@ -132,8 +190,8 @@ impl TenantsOperator {
                 .created
                 .last()
                 .and_then(|(_, n)| n.as_deref().map(Text::from)),
-            first_seen: t.times.first_key_value().map_or(0, |(k, _)| *k),
-            last_seen: t.times.last_key_value().map_or(0, |(k, _)| *k),
+            first_seen: t.times.first().unwrap_or(0),
+            last_seen: t.times.last().unwrap_or(0),
             subscription_id: current.map(|c| Text::from(c.terms.subscription_id.as_str())),
             plan: current.map(|c| Text::from(c.terms.plan.as_str())),
             billing_cycle: current.map(|c| c.terms.billing_cycle.as_str()),
@@ -282,7 +340,7 @@ impl Operator for TenantsOperator {
         let Some(t) = self.tenants.get_mut(e.tenant.as_str()) else {
             return;
         };
-        *t.times.entry(e.time).or_insert(0) += 1;
+        t.times.add(e.time);
         match &e.payload {
             Payload::TenantCreated { name } => {
                 let key = (e.time, e.source.to_string(), e.id.to_string());
@@ -313,12 +371,7 @@ impl Operator for TenantsOperator {
             let Some(t) = self.tenants.get_mut(e.tenant.as_str()) else {
                 continue;
             };
-            if let Some(n) = t.times.get_mut(&e.time) {
-                *n -= 1;
-                if *n == 0 {
-                    t.times.remove(&e.time);
-                }
-            }
+            t.times.remove(e.time);
             match &e.payload {
                 Payload::TenantCreated { .. } => {
                     let key = (e.time, e.source.to_string(), e.id.to_string());
@@ -503,4 +556,23 @@ mod tests {
             ["acme,Acme,,cancelled,0,700", "other,,,none,0,0"]
         );
     }
+
+    #[test]
+    fn times_keep_first_and_last_in_any_order_and_through_removals() {
+        let mut t = Times::default();
+        for x in [10, 12, 12, 11, 9, 12, 30, 9] {
+            t.add(x);
+        }
+        assert_eq!((t.first(), t.last()), (Some(9), Some(30)));
+        t.remove(9);
+        assert_eq!(t.first(), Some(9), "two events at 9");
+        t.remove(9);
+        t.remove(30);
+        assert_eq!((t.first(), t.last()), (Some(10), Some(12)));
+        for x in [10, 11, 12, 12, 12] {
+            t.remove(x);
+        }
+        assert_eq!((t.first(), t.last()), (None, None));
+    }
+
 }

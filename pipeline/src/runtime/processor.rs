@@ -361,8 +361,9 @@ impl Processor {
     /// Makes room in the dedup horizon for `messages` more events (the
     /// stream's backlog), so that it does not grow step by step.
     pub fn reserve_dedup(&mut self, messages: u64) {
-        self.dedup
-            .reserve(usize::try_from(messages).unwrap_or(usize::MAX));
+        let n = usize::try_from(messages).unwrap_or(usize::MAX);
+        self.dedup.reserve(n);
+        self.ledger.reserve(n);
     }
 
     /// The operators in two groups of about equal measured cost, for
