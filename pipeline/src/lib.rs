@@ -30,13 +30,15 @@
 //!   ([`query::bounded`]) and isolated execution ([`query::isolated`]).
 //! - [`operator`]: synchronous state machines, one file per view, that turn
 //!   accepted events into view rows: [`operator::events`] (the archive),
-//!   [`operator::usage`], [`operator::overages`], [`operator::mrr`],
-//!   [`operator::revenue`], [`operator::tenants`],
-//!   [`operator::corrections`], [`operator::restatements`]; with
-//!   [`operator::ledger`] (which events are voided, and what a void needs
-//!   to take them out), [`operator::window`] (UTC tumbling windows),
-//!   [`operator::catalog`] and [`operator::subscription`] (the subscription
-//!   fold they share).
+//!   [`operator::usage`], [`operator::dimensions`] (`usage_by_dimension`),
+//!   [`operator::overages`], [`operator::mrr`], [`operator::revenue`],
+//!   [`operator::tenants`], [`operator::corrections`],
+//!   [`operator::restatements`]; with [`operator::ledger`] (which events
+//!   are voided, and what a void needs to take them out),
+//!   [`operator::window`] (UTC tumbling windows and anchored periods),
+//!   [`operator::billing_period`] (a tenant's anchors and the billing
+//!   period of an instant), [`operator::catalog`] and
+//!   [`operator::subscription`] (the subscription fold they share).
 //! - [`source`]: NATS JetStream input: the stream, the durable pull
 //!   consumer, deliveries.
 //! - [`sink`]: NATS output: dead letters, threshold alerts, restatements,

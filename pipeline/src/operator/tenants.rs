@@ -574,5 +574,4 @@ mod tests {
         }
         assert_eq!((t.first(), t.last()), (None, None));
     }
-
 }

@@ -164,18 +164,13 @@ impl DimensionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::testing::ev;
 
+    /// A validated usage event (as `tally run` would accept it).
     fn usage(id: &str, time: &str, region: &str) -> Event {
-        ev(
-            id,
-            "acme",
-            "usage.recorded",
-            time,
-            &format!(
-                r#"{{"metric":"calls","quantity":1,"dimensions":{{"region":"{region}","model":"m"}}}}"#
-            ),
-        )
+        let line = format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"s","type":"usage.recorded","time":"{time}","tenant":"acme","data":{{"metric":"calls","quantity":1,"dimensions":{{"region":"{region}","model":"m"}}}}}}"#
+        );
+        crate::event::validate_payload(line.as_bytes(), &crate::event::Limits::default()).unwrap()
     }
 
     #[test]
