@@ -1126,7 +1126,7 @@ impl Tenant {
         let actor = Actor::User(self.admin());
         // Even tenants bill on the anniversary of their start (or of their
         // trial's end), as Stripe's default billing cycle anchor does.
-        let anchored = self.num % 2 == 0;
+        let anchored = self.num.is_multiple_of(2);
         g.push(
             t,
             self.num,

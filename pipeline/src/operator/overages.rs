@@ -1634,9 +1634,14 @@ mod tests {
         )
     }
 
+    /// (tenant, period_start, metric) of a row, as text.
+    type RowKey = (String, String, String);
+    /// (period_end, plan, used) of a row.
+    type RowSeen = (String, Option<String>, i128);
+
     /// Folds through a ledger as the processor does; the non-empty rows
     /// by (tenant, period_start, metric) -> (period_end, plan, used).
-    fn fed(events: &[Event]) -> BTreeMap<(String, String, String), (String, Option<String>, i128)> {
+    fn fed(events: &[Event]) -> BTreeMap<RowKey, RowSeen> {
         let mut op = OveragesOperator::new(300 * MICROS);
         let mut fed = crate::operator::testing::Fed::default();
         for e in events {
@@ -1656,11 +1661,7 @@ mod tests {
             .collect()
     }
 
-    fn row(
-        start: &str,
-        end: &str,
-        used: i128,
-    ) -> ((String, String, String), (String, Option<String>, i128)) {
+    fn row(start: &str, end: &str, used: i128) -> (RowKey, RowSeen) {
         (
             ("acme".into(), start.into(), "api_calls".into()),
             (end.into(), Some("starter".into()), used),

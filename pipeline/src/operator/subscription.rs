@@ -163,7 +163,7 @@ impl History {
                 (None, Some((cancelled, _))) => cancelled.anchor,
                 (None, None) => None,
             };
-            let before = out.last().map_or(None, |(_, a)| *a);
+            let before = out.last().and_then(|(_, a)| *a);
             if anchor != before {
                 out.push((at, anchor));
             }
