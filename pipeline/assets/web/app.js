@@ -312,11 +312,18 @@ function tenantPage(d) {
   const draw = (g) => {
     metrics.forEach((m, i) => {
       const rows = d.usage.filter((r) => r.metric === m && r.granularity === g);
-      const level = isLevel(m);
-      const series = [level
+      // A unique_count meter (monthly active users): what it bills is the
+      // distinct values, not the quantities.
+      const distinct = d.overages.some((r) => r.metric === m && r.aggregation === "unique_count");
+      const level = !distinct && isLevel(m);
+      const series = [distinct
+        ? { name: "distinct (unique_count)", type: "bar", data: rows.map((r) => [r.window_start, value(r.unique_count)]) }
+        : level
         ? { name: "highest (max)", type: "line", showSymbol: rows.length <= 60, data: rows.map((r) => [r.window_start, value(r.max)]) }
         : { name: "total (sum)", type: "bar", data: rows.map((r) => [r.window_start, value(r.sum)]) }];
-      let caption = level
+      let caption = distinct
+        ? `Bars: the distinct unique values (such as users) seen in each ${g} (unique_count).`
+        : level
         ? `Line: the highest value recorded in each ${g} (max), read as a level.`
         : `Bars: the total recorded in each ${g} (sum).`;
       if (g === "month") {

@@ -255,7 +255,7 @@ pub async fn tenant_json(
         (
             "usage",
             format!(
-                "SELECT metric, granularity, CAST(window_start AS VARCHAR) AS window_start, events, sum, max, last FROM usage WHERE tenant = {t} ORDER BY metric, granularity, window_start"
+                "SELECT metric, granularity, CAST(window_start AS VARCHAR) AS window_start, events, sum, max, last, unique_count FROM usage WHERE tenant = {t} ORDER BY metric, granularity, window_start"
             ),
         ),
         (
