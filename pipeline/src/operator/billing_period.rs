@@ -4,12 +4,12 @@
 //!
 //! The anchor of an instant comes from the tenant's subscription fold
 //! ([`History::anchor_changes`]). Each anchor starts its own series of
-//! periods ([`billing_period`]); a period of a series is *in use* when it
-//! holds an instant at which its anchor holds. Two series can overlap in
-//! time (each of their periods is its own row), and two periods in use
-//! with the same start are one row whose end is the later one
-//! (metrics.md). Tenants that never had an anchor are calendar months
-//! throughout and keep no timeline.
+//! periods ([`billing_period`]), and an instant belongs to the period of
+//! the anchor that holds at it. Two series can overlap in time (each of
+//! their periods is its own row); two periods of two series with the same
+//! start are one row whose end is the later of its events' periods' ends
+//! (metrics.md; `overages` keeps that). Tenants that never had an anchor
+//! are calendar months throughout and keep no timeline.
 
 use super::subscription::History;
 use super::window::billing_period;
@@ -19,8 +19,8 @@ use super::window::billing_period;
 pub struct Located {
     /// The row's key: its period's start.
     pub start: i64,
-    /// The row's `period_end`: the latest end among the periods in use
-    /// that start at `start`.
+    /// The end of the instant's own period (a row merging two series'
+    /// periods ends at the latest of them).
     pub end: i64,
     /// Every instant of [`valid_from`, `valid_to`) is located the same way
     /// (the same anchor, the same period): a cache of the last location.
@@ -58,46 +58,16 @@ impl Timeline {
         (anchor, from, to)
     }
 
-    /// Every segment: (anchor, from, to).
-    fn segments(&self) -> impl Iterator<Item = (Option<i64>, i64, i64)> + '_ {
-        let first = (
-            None,
-            i64::MIN,
-            self.changes.first().map_or(i64::MAX, |c| c.0),
-        );
-        std::iter::once(first).chain(self.changes.iter().enumerate().map(|(i, (from, a))| {
-            let to = self.changes.get(i + 1).map_or(i64::MAX, |c| c.0);
-            (*a, *from, to)
-        }))
-    }
-
     /// The billing period `t` belongs to.
     pub fn locate(&self, t: i64) -> Located {
         let (anchor, from, to) = self.segment(t);
         let (start, end) = billing_period(anchor, t);
         Located {
             start,
-            end: self.row_end(start).max(end),
+            end,
             valid_from: start.max(from),
             valid_to: end.min(to),
         }
-    }
-
-    /// The end of the row starting at `start`: the latest end among the
-    /// periods in use that start there (`i64::MIN` if none does).
-    pub fn row_end(&self, start: i64) -> i64 {
-        let mut end = i64::MIN;
-        for (anchor, from, to) in self.segments() {
-            if from == to {
-                continue;
-            }
-            let (s, e) = billing_period(anchor, start);
-            // In use: it holds an instant of its anchor's segment.
-            if s == start && s < to && e > from {
-                end = end.max(e);
-            }
-        }
-        end
     }
 
     /// The first instant whose anchor differs between the two timelines;
@@ -157,19 +127,21 @@ mod tests {
     }
 
     #[test]
-    fn periods_of_two_series_with_one_start_are_one_row_with_the_later_end() {
+    fn two_series_can_share_a_start_with_their_own_ends() {
         // Anchored on the 31st until 5 March, then on the 30th: both put
-        // 28 February as a start, ending 31 and 30 March.
+        // 28 February as a start, ending 31 and 30 March (`overages`
+        // merges them into one row ending at the later).
         let tl = timeline(&[
             ("2026-01-01T00:00:00Z", Some("2026-01-31T00:00:00Z")),
             ("2026-03-05T00:00:00Z", Some("2026-01-30T00:00:00Z")),
         ]);
-        let early = located(&tl, "2026-03-01T00:00:00Z");
-        let late = located(&tl, "2026-03-10T00:00:00Z");
-        assert_eq!(early, late);
         assert_eq!(
-            late,
+            located(&tl, "2026-03-01T00:00:00Z"),
             ("2026-02-28T00:00:00Z".into(), "2026-03-31T00:00:00Z".into())
+        );
+        assert_eq!(
+            located(&tl, "2026-03-10T00:00:00Z"),
+            ("2026-02-28T00:00:00Z".into(), "2026-03-30T00:00:00Z".into())
         );
         // The 30th series goes on from its own period end.
         assert_eq!(

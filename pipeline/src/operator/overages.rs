@@ -101,8 +101,13 @@ type Key = (Arc<str>, i64, Arc<str>);
 #[derive(Debug, Clone)]
 struct Month {
     agg: Agg,
-    /// `period_end`; the key holds `period_start`.
+    /// `period_end`: the latest of `ends` (kept when the row empties, for
+    /// its tombstone); the key holds `period_start`.
     end: i64,
+    /// The ends of its effective events' own periods, with how many events
+    /// have each: one value, unless periods of two series with this start
+    /// were merged into the row.
+    ends: Vec<(i64, u32)>,
     row: Option<Row>,
     /// Bit set of the thresholds (80, 90, 100, bits 0-2) reached so far:
     /// each is decided once, at the message that reaches it.
@@ -114,6 +119,46 @@ struct Month {
     limit: Option<Limit>,
     /// Changed since the last `take_rows` (its slot is in `dirty`).
     dirty: bool,
+}
+
+impl Month {
+    /// Counts one more event whose own period ends at `end`; true when
+    /// the row's `period_end` moved.
+    fn add_end(&mut self, end: i64) -> bool {
+        match self.ends.iter_mut().find(|(e, _)| *e == end) {
+            Some((_, n)) => *n += 1,
+            None => self.ends.push((end, 1)),
+        }
+        self.settle_end()
+    }
+
+    /// Takes one such event out; true when `period_end` moved.
+    fn remove_end(&mut self, end: i64) -> bool {
+        if let Some(i) = self.ends.iter().position(|(e, _)| *e == end)
+            && let Some((_, n)) = self.ends.get_mut(i)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.ends.remove(i);
+            }
+        }
+        self.settle_end()
+    }
+
+    /// `end` from `ends`; true when it moved (the row is then written
+    /// again and its limit decided again: the plan is folded before it).
+    fn settle_end(&mut self) -> bool {
+        let Some(end) = self.ends.iter().map(|(e, _)| *e).max() else {
+            return false;
+        };
+        if end == self.end {
+            return false;
+        }
+        self.end = end;
+        self.row = None;
+        self.limit = None;
+        true
+    }
 }
 
 /// What a month's threshold depends on besides its usage.
@@ -131,11 +176,14 @@ const ALL_REACHED: i32 = (1 << THRESHOLDS.len()) - 1;
 /// months are a list of slots.
 type Months = Slots<Key, Month>;
 
-/// A (tenant, metric) pair and the month its last usage event fell in.
+/// A (tenant, metric) pair and the period its last usage event fell in.
 struct Series {
     tenant: Arc<str>,
     metric: Arc<str>,
     recent: Recent,
+    /// The end of that event's own period: the same for every instant
+    /// `recent` covers.
+    recent_end: i64,
 }
 
 pub struct OveragesOperator {
@@ -273,6 +321,7 @@ impl OveragesOperator {
                 tenant: self.intern(tenant),
                 metric: self.intern(metric),
                 recent: Recent::NONE,
+                recent_end: 0,
             };
             self.series.push(series);
         }
@@ -462,8 +511,8 @@ impl OveragesOperator {
             let Some(series) = self.series.get(sid) else {
                 return;
             };
-            let slot = match series.recent.slot_at(e.time) {
-                Some(slot) => slot,
+            let (slot, own_end) = match series.recent.slot_at(e.time) {
+                Some(slot) => (slot, series.recent_end),
                 None => {
                     let (tenant, metric) = (Arc::clone(&series.tenant), Arc::clone(&series.metric));
                     let at = locate(self.timelines.get(&tenant), e.time);
@@ -474,12 +523,14 @@ impl OveragesOperator {
                             end: at.valid_to,
                             slot,
                         };
+                        series.recent_end = at.end;
                     }
-                    slot
+                    (slot, at.end)
                 }
             };
             if let Some((_, m)) = self.months.slot_mut(slot) {
                 m.agg.add(e, *quantity, unique.as_ref());
+                m.add_end(own_end);
                 if !std::mem::replace(&mut m.dirty, true) {
                     self.dirty.push(slot);
                 }
@@ -495,6 +546,7 @@ impl OveragesOperator {
         let (slot, made) = self.months.upsert(key, || Month {
             agg: Agg::empty(),
             end,
+            ends: Vec::new(),
             row: None,
             alerted: 0,
             written: 0,
@@ -535,27 +587,6 @@ impl OveragesOperator {
             }
             if let Some((ledger, seq)) = ledger {
                 self.move_usage(tenant, &old, from, ledger, seq, &slots);
-            }
-            let slots = self.tenant_months.get(tenant).cloned().unwrap_or_default();
-            for slot in slots {
-                let Some((key, _)) = self.months.slot(slot) else {
-                    continue;
-                };
-                let end = self
-                    .timelines
-                    .get(tenant)
-                    .map_or_else(|| month_bounds(key.1).1, |tl| tl.row_end(key.1));
-                if let Some((_, m)) = self.months.slot_mut(slot)
-                    && end != i64::MIN
-                    && end != m.end
-                {
-                    m.end = end;
-                    // The period changed: the row is written again.
-                    m.row = None;
-                    if !std::mem::replace(&mut m.dirty, true) {
-                        self.dirty.push(slot);
-                    }
-                }
             }
         }
         let slots = self.tenant_months.get(tenant).cloned().unwrap_or_default();
@@ -599,30 +630,59 @@ impl OveragesOperator {
                     continue;
                 }
                 let (was, is) = (locate(Some(old), r.time), locate(now, r.time));
-                if was.start != is.start {
+                // Another row, or the same start in another series (its
+                // own end changed).
+                if (was.start, was.end) != (is.start, is.end) {
                     rows.insert((Arc::clone(metric), was.start));
                     rows.insert((Arc::clone(metric), is.start));
                 }
             }
         }
         for (metric, start) in rows {
-            let agg = Agg::of(self.period_usage(ledger, tenant, &metric, start, seq));
+            let (agg, ends) = self.period_state(ledger, tenant, &metric, start, seq);
             let key = (Arc::clone(tenant), start, Arc::clone(&metric));
             let slot = match self.months.slot_of(&key) {
                 Some(slot) => slot,
                 None if agg.events == 0 => continue,
                 None => {
-                    let end = self.locate(tenant, start).end;
+                    let end = ends.iter().map(|(e, _)| *e).max().unwrap_or(start);
                     self.month_slot(tenant, start, end, &metric)
                 }
             };
             if let Some((_, m)) = self.months.slot_mut(slot) {
                 m.agg = agg;
+                m.ends = ends;
+                m.settle_end();
                 if !std::mem::replace(&mut m.dirty, true) {
                     self.dirty.push(slot);
                 }
             }
         }
+    }
+
+    /// The aggregate and the own period ends of row (`tenant`, `start`,
+    /// `metric`) right after the message at `seq`, from the ledger.
+    fn period_state(
+        &self,
+        ledger: &Ledger,
+        tenant: &str,
+        metric: &str,
+        start: i64,
+        seq: u64,
+    ) -> (Agg, Vec<(i64, u32)>) {
+        let tl = self.timelines.get(tenant);
+        let mut ends: Vec<(i64, u32)> = Vec::new();
+        let agg = Agg::of(
+            self.period_usage(ledger, tenant, metric, start, seq)
+                .inspect(|r| {
+                    let end = locate(tl, r.time).end;
+                    match ends.iter_mut().find(|(e, _)| *e == end) {
+                        Some((_, n)) => *n += 1,
+                        None => ends.push((end, 1)),
+                    }
+                }),
+        );
+        (agg, ends)
     }
 
     /// The effective usage records of row (`tenant`, `start`, `metric`)
@@ -850,11 +910,8 @@ impl Operator for OveragesOperator {
             else {
                 continue;
             };
-            let key = (
-                self.intern(&e.tenant),
-                self.locate(&e.tenant, e.time).start,
-                self.intern(metric),
-            );
+            let at = self.locate(&e.tenant, e.time);
+            let key = (self.intern(&e.tenant), at.start, self.intern(metric));
             let Some(slot) = self.months.slot_of(&key) else {
                 continue;
             };
@@ -865,7 +922,9 @@ impl Operator for OveragesOperator {
                 continue;
             }
             if let Some((_, m)) = self.months.slot_mut(slot) {
-                if !m.agg.remove(e, *quantity, unique.as_ref()) {
+                if m.agg.remove(e, *quantity, unique.as_ref()) {
+                    m.remove_end(at.end);
+                } else {
                     recompute.push(slot);
                 }
                 if !std::mem::replace(&mut m.dirty, true) {
@@ -877,9 +936,11 @@ impl Operator for OveragesOperator {
             let Some((key, _)) = self.months.slot(slot) else {
                 continue;
             };
-            let agg = Agg::of(self.period_usage(ledger, &key.0, &key.2, key.1, void.stream_seq));
+            let (agg, ends) = self.period_state(ledger, &key.0, &key.2, key.1, void.stream_seq);
             if let Some((_, m)) = self.months.slot_mut(slot) {
                 m.agg = agg;
+                m.ends = ends;
+                m.settle_end();
             }
         }
         for slot in touched {
@@ -1834,6 +1895,24 @@ mod tests {
         let change = late.remove(2);
         late.push(change);
         assert_eq!(fed(&late), want);
+        // The row's end is its events' latest: with the 31st series' event
+        // voided, only the 30th's period is left.
+        let mut voided = e.clone();
+        voided.push(crate::operator::testing::void(
+            "v1",
+            "acme",
+            "2026-04-01T00:00:00Z",
+            "s",
+            "u1",
+        ));
+        assert_eq!(
+            fed(&voided)[&(
+                "acme".into(),
+                "2026-02-28T00:00:00Z".into(),
+                "api_calls".into()
+            )],
+            ("2026-03-30T00:00:00Z".into(), Some("starter".into()), 2)
+        );
     }
 
     #[test]
