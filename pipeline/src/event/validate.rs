@@ -1018,6 +1018,9 @@ fn dimensions(raw: Option<&RawValue>) -> Result<Option<Dimensions>, Reject> {
             kind_of(r)
         )));
     }
+    if let Some(plain) = plain_dimensions(r.get()) {
+        return Ok(Some(plain));
+    }
     let entries: Vec<(Cow<'_, str>, &RawValue)> = serde_json::from_str::<Entries<'_>>(r.get())
         .map_err(|e| bad_data(format!("`data.dimensions` is not a valid object: {e}")))?
         .0;
@@ -1056,6 +1059,87 @@ fn dimensions(raw: Option<&RawValue>) -> Result<Option<Dimensions>, Reject> {
         return Err(bad_data("`data.dimensions` has a repeated key"));
     }
     Ok(Some(out))
+}
+
+/// `dimensions` as producers usually write them: an object of string
+/// members with no escapes, read here without serde (it runs for every
+/// usage event). `None` when it is anything else or breaks a rule: the
+/// full reading in [`dimensions`] then decides, its errors included, so
+/// this gives only what that would give.
+fn plain_dimensions(t: &str) -> Option<Dimensions> {
+    if t.contains('\\') {
+        return None;
+    }
+    let b = t.as_bytes();
+    let mut i = 0;
+    let skip_ws = |i: &mut usize| {
+        while b
+            .get(*i)
+            .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+        {
+            *i += 1;
+        }
+    };
+    // A string without escapes at `i`: its text, `i` past its closing quote.
+    let string = |i: &mut usize| -> Option<&str> {
+        if b.get(*i) != Some(&b'"') {
+            return None;
+        }
+        let start = *i + 1;
+        let len = b.get(start..)?.iter().position(|c| *c == b'"')?;
+        *i = start + len + 1;
+        t.get(start..start + len)
+    };
+    skip_ws(&mut i);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    skip_ws(&mut i);
+    let mut out: Dimensions = Vec::new();
+    if b.get(i) == Some(&b'}') {
+        i += 1;
+    } else {
+        loop {
+            let key = string(&mut i)?;
+            skip_ws(&mut i);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            i += 1;
+            skip_ws(&mut i);
+            let value = string(&mut i)?;
+            let n = value.chars().count();
+            if !is_dimension_key(key)
+                || !(1..=MAX_DIMENSION_VALUE).contains(&n)
+                || out.len() == MAX_DIMENSIONS
+            {
+                return None;
+            }
+            out.push((Text::from(key), Text::from(value)));
+            skip_ws(&mut i);
+            match b.get(i) {
+                Some(b',') => {
+                    i += 1;
+                    skip_ws(&mut i);
+                }
+                Some(b'}') => {
+                    i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    skip_ws(&mut i);
+    if i != b.len() {
+        return None;
+    }
+    out.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    if out.windows(2).any(|w| w[0].0 == w[1].0) {
+        return None;
+    }
+    Some(out)
 }
 
 /// A JSON object's members in order, repeats kept (so they can be refused).
@@ -1122,6 +1206,60 @@ fn group_by(raw: Option<&RawValue>) -> Result<Option<Vec<String>>, Reject> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_dimensions_read_what_the_full_reading_reads_and_nothing_else() {
+        let pairs = |v: &[(&str, &str)]| -> Dimensions {
+            let mut d: Dimensions = v
+                .iter()
+                .map(|(k, v)| (Text::from(*k), Text::from(*v)))
+                .collect();
+            d.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            d
+        };
+        assert_eq!(plain_dimensions("{}"), Some(Vec::new()));
+        assert_eq!(
+            plain_dimensions(r#"{"region":"eu","model":"gpt-5"}"#),
+            Some(pairs(&[("model", "gpt-5"), ("region", "eu")]))
+        );
+        assert_eq!(
+            plain_dimensions(" { \"a\" : \"東京\" ,\n\"b_2\":\"x y\" } "),
+            Some(pairs(&[("a", "東京"), ("b_2", "x y")]))
+        );
+        // Anything else is left to the full reading, which refuses or
+        // unescapes it.
+        for t in [
+            r#"{"a":"x","a":"y"}"#,
+            r#"{"A":"x"}"#,
+            r#"{"a":""}"#,
+            r#"{"a":1}"#,
+            r#"{"a":"x\"y"}"#,
+            r#"{"a":{"b":"c"}}"#,
+            r#"{"a":"x",}"#,
+            r#"{"a":"x"} x"#,
+            r#"{"a":"x""#,
+            r#"{"a","x"}"#,
+        ] {
+            assert_eq!(plain_dimensions(t), None, "{t}");
+        }
+        let long = format!(r#"{{"a":"{}"}}"#, "é".repeat(MAX_DIMENSION_VALUE + 1));
+        assert_eq!(plain_dimensions(&long), None);
+        let ok = format!(r#"{{"a":"{}"}}"#, "é".repeat(MAX_DIMENSION_VALUE));
+        assert!(plain_dimensions(&ok).is_some());
+        let nine = (0..9)
+            .map(|i| format!(r#""k{i}":"v""#))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert_eq!(plain_dimensions(&format!("{{{nine}}}")), None);
+        let eight = (0..8)
+            .map(|i| format!(r#""k{i}":"v""#))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert_eq!(
+            plain_dimensions(&format!("{{{eight}}}")).map(|d| d.len()),
+            Some(8)
+        );
+    }
 
     fn msg(json: &str, subject: &str) -> Result<Event, Reject> {
         validate_message(
