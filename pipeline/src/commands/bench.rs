@@ -590,14 +590,19 @@ async fn child(
 
 /// Validation, then each operator alone over the same events, on this
 /// thread: the CPU cost of the hot path without the broker.
-pub fn operators_bench(events_file: &Path, prefix: &str) -> Result<OperatorsBench, BenchError> {
+/// The non-empty lines of an events file, and the subject a producer
+/// would publish each to (computed here, outside any timing).
+fn lines_and_subjects(
+    events_file: &Path,
+    prefix: &str,
+) -> Result<(Vec<bytes::Bytes>, Vec<String>), BenchError> {
     let text = std::fs::read(events_file).map_err(scratch_err(events_file))?;
-    let lines: Vec<&[u8]> = text
+    let lines: Vec<bytes::Bytes> = text
         .split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
+        .map(bytes::Bytes::copy_from_slice)
         .collect();
-    // Subjects as a producer would set them (not timed).
-    let subjects: Vec<String> = lines
+    let subjects = lines
         .iter()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_slice(l).unwrap_or_default();
@@ -608,6 +613,11 @@ pub fn operators_bench(events_file: &Path, prefix: &str) -> Result<OperatorsBenc
             )
         })
         .collect();
+    Ok((lines, subjects))
+}
+
+pub fn operators_bench(events_file: &Path, prefix: &str) -> Result<OperatorsBench, BenchError> {
+    let (lines, subjects) = lines_and_subjects(events_file, prefix)?;
     // Publish time far ahead, so nothing is "in the future" here, and no
     // age limit, so nothing is too old either.
     let limits = crate::event::Limits {
@@ -663,23 +673,7 @@ pub fn processor_bench(
     batch: usize,
 ) -> Result<(u64, f64), BenchError> {
     use crate::runtime::processor::{Incoming, Processor};
-    let text = std::fs::read(events_file).map_err(scratch_err(events_file))?;
-    let lines: Vec<bytes::Bytes> = text
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(bytes::Bytes::copy_from_slice)
-        .collect();
-    let subjects: Vec<String> = lines
-        .iter()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_slice(l).unwrap_or_default();
-            crate::event::subject_for(
-                prefix,
-                v["tenant"].as_str().unwrap_or_default(),
-                v["type"].as_str().unwrap_or_default(),
-            )
-        })
-        .collect();
+    let (lines, subjects) = lines_and_subjects(events_file, prefix)?;
     let settings = crate::config::Settings {
         max_event_age_us: i64::MAX,
         ..crate::config::Settings::default()

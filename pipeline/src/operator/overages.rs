@@ -125,10 +125,7 @@ impl Month {
     /// Counts one more event whose own period ends at `end`; true when
     /// the row's `period_end` moved.
     fn add_end(&mut self, end: i64) -> bool {
-        match self.ends.iter_mut().find(|(e, _)| *e == end) {
-            Some((_, n)) => *n += 1,
-            None => self.ends.push((end, 1)),
-        }
+        count_end(&mut self.ends, end);
         self.settle_end()
     }
 
@@ -158,6 +155,15 @@ impl Month {
         self.row = None;
         self.limit = None;
         true
+    }
+}
+
+/// Counts one more event whose own period ends at `end` in a row's
+/// `ends`.
+fn count_end(ends: &mut Vec<(i64, u32)>, end: i64) {
+    match ends.iter_mut().find(|(e, _)| *e == end) {
+        Some((_, n)) => *n += 1,
+        None => ends.push((end, 1)),
     }
 }
 
@@ -674,13 +680,7 @@ impl OveragesOperator {
         let mut ends: Vec<(i64, u32)> = Vec::new();
         let agg = Agg::of(
             self.period_usage(ledger, tenant, metric, start, seq)
-                .inspect(|r| {
-                    let end = locate(tl, r.time).end;
-                    match ends.iter_mut().find(|(e, _)| *e == end) {
-                        Some((_, n)) => *n += 1,
-                        None => ends.push((end, 1)),
-                    }
-                }),
+                .inspect(|r| count_end(&mut ends, locate(tl, r.time).end)),
         );
         (agg, ends)
     }
