@@ -67,11 +67,17 @@ def main():
     ap.add_argument("--months", type=int, default=12)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--only-queries", action="store_true",
+                    help="measure the point queries and the full scan only (skip transfer and ingest under load)")
     ap.add_argument("--tally", default=os.environ.get("TALLY_BIN", os.path.expanduser("~/.cache/tally-target/fast/tally")))
+    ap.add_argument("--work", help="keep the generated stream and views in this directory; "
+                    "when its views already exist, measure them again without ingesting")
     args = ap.parse_args()
     tally = args.tally
     nats_bin = os.environ.get("NATS_SERVER_BIN", "nats-server")
-    work = tempfile.mkdtemp(prefix="tally-bench-serve.")
+    work = args.work or tempfile.mkdtemp(prefix="tally-bench-serve.")
+    os.makedirs(work, exist_ok=True)
+    reuse = os.path.exists(f"{work}/data/checkpoint.json")
     nport = free_port()
     nats = subprocess.Popen([nats_bin, "-js", "-a", "127.0.0.1", "-p", str(nport), "-sd", f"{work}/js"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -81,23 +87,26 @@ def main():
         env = dict(os.environ, TALLY_NATS_URL=f"nats://127.0.0.1:{nport}", RUST_LOG="warn")
         data = f"{work}/data"
         env["TALLY_DATA_DIR"] = data
-        log(f"generating {args.tenants} tenants x {args.months} months")
-        with open(f"{work}/events.jsonl", "wb") as f:
-            subprocess.run([tally, "generate", "--tenants", str(args.tenants), "--months", str(args.months), "--seed", "3"],
-                           stdout=f, check=True)
-        log("publishing")
-        subprocess.run([tally, "publish", f"{work}/events.jsonl"], env=env, check=True, stdout=subprocess.DEVNULL)
-        log("ingesting (no clients)")
-        t0 = time.monotonic()
-        subprocess.run([tally, "run", "--until-idle"], env=env, check=True)
-        ingest_alone = time.monotonic() - t0
+        ingest_alone = None
+        if not reuse:
+            log(f"generating {args.tenants} tenants x {args.months} months")
+            with open(f"{work}/events.jsonl", "wb") as f:
+                subprocess.run([tally, "generate", "--tenants", str(args.tenants), "--months", str(args.months), "--seed", "3"],
+                               stdout=f, check=True)
+            log("publishing")
+            subprocess.run([tally, "publish", f"{work}/events.jsonl"], env=env, check=True, stdout=subprocess.DEVNULL)
+            log("ingesting (no clients)")
+            t0 = time.monotonic()
+            subprocess.run([tally, "run", "--until-idle"], env=env, check=True)
+            ingest_alone = time.monotonic() - t0
         events = int(subprocess.run([tally, "sql", "SELECT checkpoint_seq FROM _tally_clock", "--format", "csv"],
                                     env=env, check=True, capture_output=True, text=True).stdout.split()[1])
         usage_rows = int(subprocess.run([tally, "sql", "SELECT count(*) FROM usage", "--format", "csv"],
                                         env=env, check=True, capture_output=True, text=True).stdout.split()[1])
         users = f"{work}/users.toml"
-        subprocess.run([tally, "users", "add", "bench", "--all-tenants", "--users", users],
-                       env=dict(env, TALLY_PASSWORD="bench-pw"), check=True, stdout=subprocess.DEVNULL)
+        if not os.path.exists(users):
+            subprocess.run([tally, "users", "add", "bench", "--all-tenants", "--users", users],
+                           env=dict(env, TALLY_PASSWORD="bench-pw"), check=True, stdout=subprocess.DEVNULL)
         pg, fl, http = free_port(), free_port(), free_port()
 
         def serve(on):
@@ -112,14 +121,33 @@ def main():
         dsn = f"host=127.0.0.1 port={pg} dbname=tally user=bench password=bench-pw"
         tenants = [f"t{i:04d}" for i in range(1, args.tenants + 1)]
         one = "SELECT metric, window_start, sum FROM usage WHERE tenant = %s AND granularity = 'month' ORDER BY metric, window_start"
+        # One tenant's daily usage of one month: the shape of a usage page.
+        daily = ("SELECT metric, window_start, sum FROM usage WHERE tenant = %s AND granularity = 'day' "
+                 "AND window_start >= %s::timestamptz AND window_start < %s::timestamptz ORDER BY metric, window_start")
+        span = subprocess.run([tally, "sql", "SELECT min(window_start), max(window_start) FROM usage WHERE granularity = 'month'",
+                               "--format", "csv"], env=env, check=True, capture_output=True, text=True).stdout.split()[1]
+        first, last = [x[:7] for x in span.split(",")]
+        months = []
+        y, m = int(first[:4]), int(first[5:7])
+        while f"{y:04d}-{m:02d}" <= last:
+            months.append((y, m))
+            y, m = (y + 1, 1) if m == 12 else (y, m + 1)
 
-        def one_client(seconds, out, errors, stop_at=None):
+        def params(sql):
+            tenant = random.choice(tenants)
+            if sql is one:
+                return (tenant,)
+            y, m = random.choice(months)
+            ny, nm = (y + 1, 1) if m == 12 else (y, m + 1)
+            return (tenant, f"{y:04d}-{m:02d}-01T00:00:00Z", f"{ny:04d}-{nm:02d}-01T00:00:00Z")
+
+        def one_client(seconds, out, errors, stop_at=None, sql=one):
             with psycopg.connect(dsn, autocommit=True) as c:
                 end = time.monotonic() + seconds
                 while time.monotonic() < end and not (stop_at and stop_at.is_set()):
                     t = time.monotonic()
                     try:
-                        c.execute(one, (random.choice(tenants),), prepare=True).fetchall()
+                        c.execute(sql, params(sql), prepare=True).fetchall()
                         out.append((time.monotonic() - t) * 1000)
                     except psycopg.Error:
                         errors.append(1)
@@ -141,6 +169,31 @@ def main():
         result[f"one_tenant_month_{args.clients}_clients"] = {
             "p50_ms": pct(latn, 50), "p99_ms": pct(latn, 99), "queries": len(latn),
             "qps": len(latn) / args.seconds, "errors": len(errn)}
+        log("1 client, one tenant's daily usage of a month")
+        one_client(1, [], [], sql=daily)
+        latd, errd = [], []
+        one_client(args.seconds / 2, latd, errd, sql=daily)
+        result["one_tenant_days_of_month_1_client"] = {
+            "p50_ms": pct(latd, 50), "p99_ms": pct(latd, 99), "queries": len(latd), "errors": len(errd)}
+        log(f"{args.clients} clients, one tenant's daily usage of a month")
+        latdn, errdn = [], []
+        threads = [threading.Thread(target=one_client, args=(args.seconds, latdn, errdn, None, daily))
+                   for _ in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        result[f"one_tenant_days_of_month_{args.clients}_clients"] = {
+            "p50_ms": pct(latdn, 50), "p99_ms": pct(latdn, 99), "queries": len(latdn),
+            "qps": len(latdn) / args.seconds, "errors": len(errdn)}
+        log("full scan of usage")
+        scan = []
+        with psycopg.connect(dsn, autocommit=True) as c:
+            for _ in range(5):
+                t = time.monotonic()
+                c.execute("SELECT granularity, count(*), sum(sum) FROM usage GROUP BY granularity").fetchall()
+                scan.append((time.monotonic() - t) * 1000)
+        result["usage_full_scan"] = {"p50_ms": pct(scan, 50), "min_ms": min(scan)}
         log("mrr_waterfall")
         wf = []
         with psycopg.connect(dsn, autocommit=True) as c:
@@ -149,6 +202,9 @@ def main():
                 rows = c.execute("SELECT * FROM mrr_waterfall ORDER BY currency, month").fetchall()
                 wf.append((time.monotonic() - t) * 1000)
         result["mrr_waterfall"] = {"p50_ms": pct(wf, 50), "p99_ms": pct(wf, 99), "rows": len(rows)}
+        if args.only_queries or reuse:
+            print(json.dumps(result, indent=2))
+            return
 
         log("usage over Flight SQL vs tally sql --format parquet")
         import adbc_driver_flightsql.dbapi as adbc

@@ -459,10 +459,45 @@ async fn open_at(
                     .collect();
                 let columns = columns.join(", ");
                 let versions = format!("_{view}_versions");
-                register_files(
+                let refs = checkpoint_refs(data_dir, upto, view)?;
+                // A snapshot first (each key once, nothing older counts):
+                // its rows are taken as they are, and versions are resolved
+                // only against the files after it.
+                let layout = match refs.first() {
+                    Some(first) if first.unique_keys().await => {
+                        if refs.len() == 1 {
+                            Layout::Snapshot
+                        } else {
+                            Layout::SnapshotAndNewer
+                        }
+                    }
+                    _ => Layout::Versions,
+                };
+                let base = format!("_{view}_snapshot");
+                let newer = format!("_{view}_newer");
+                if layout != Layout::Versions {
+                    register_refs(
+                        &ctx,
+                        refs[..1].to_vec(),
+                        view,
+                        &base,
+                        Arc::clone(&schema),
+                        &opts.scope,
+                    )?;
+                }
+                if layout == Layout::SnapshotAndNewer {
+                    register_refs(
+                        &ctx,
+                        refs[1..].to_vec(),
+                        view,
+                        &newer,
+                        Arc::clone(&schema),
+                        &opts.scope,
+                    )?;
+                }
+                register_refs(
                     &ctx,
-                    data_dir,
-                    upto,
+                    refs,
                     view,
                     &versions,
                     Arc::clone(&schema),
@@ -472,14 +507,10 @@ async fn open_at(
                     .map(|c| format!(", COALESCE({c} <= (SELECT final_before FROM {CLOCK_TABLE}), false) AS is_final"))
                     .unwrap_or_default();
                 let deleted = deleted_column
-                    .map(|c| format!(" AND NOT {c}"))
+                    .map(|c| format!(" WHERE NOT {c}"))
                     .unwrap_or_default();
-                let latest = format!(
-                    "SELECT {columns}{is_final} FROM \
-                     (SELECT *, row_number() OVER (PARTITION BY {} ORDER BY _seq DESC) AS _tally_rn FROM {versions}) \
-                     WHERE _tally_rn = 1{deleted}",
-                    key.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ")
-                );
+                let current = current_rows(layout, key, &schema, &versions, &base, &newer);
+                let latest = format!("SELECT {columns}{is_final} FROM ({current}){deleted}");
                 let sql = if scoped && POSITIONED.contains(&view) {
                     positioned.push((view, Arc::clone(&schema)));
                     format!("CREATE VIEW {SCOPED}{view} AS {latest}")
@@ -492,8 +523,14 @@ async fn open_at(
                 })?;
                 if scoped {
                     // `_seq` is a stream position: the view keeps its
-                    // table, the account does not see it.
+                    // tables, the account does not see them.
                     deregister(&ctx, &versions)?;
+                    if layout != Layout::Versions {
+                        deregister(&ctx, &base)?;
+                    }
+                    if layout == Layout::SnapshotAndNewer {
+                        deregister(&ctx, &newer)?;
+                    }
                 }
             }
         }
@@ -505,6 +542,77 @@ async fn open_at(
     let (sql_views, replaced) = views::view_sql(opts.queries_dir.as_deref(), &stored)?;
     views::register(&ctx, &sql_views).await?;
     Ok((ctx, replaced))
+}
+
+/// How a versioned view's files resolve into its current rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Any files: the latest version of each key over all of them.
+    Versions,
+    /// One snapshot: its rows.
+    Snapshot,
+    /// A snapshot, then newer files: the snapshot's rows whose key no newer
+    /// file has, and the latest version of each key of the newer files.
+    SnapshotAndNewer,
+}
+
+/// The SQL of a versioned view's current rows (every stored column,
+/// deleted rows included) under `layout`.
+///
+/// Resolving versions over the whole table sorts it by key: seconds for a
+/// few million rows, whatever the query asks. A snapshot needs none, and
+/// the files after it hold fewer versions than the snapshot has rows (the
+/// writer snapshots again once they would hold more), so only they are
+/// sorted, and the snapshot's rows meet them in a hash anti-join. Keys
+/// compare with `IS NOT DISTINCT FROM` when one may be NULL, as the
+/// window's partitions do.
+fn current_rows(
+    layout: Layout,
+    key: &[&str],
+    schema: &SchemaRef,
+    versions: &str,
+    base: &str,
+    newer: &str,
+) -> String {
+    let quote = |c: &str| format!("\"{c}\"");
+    let all = schema
+        .fields()
+        .iter()
+        .map(|f| quote(f.name()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let partition = key.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+    let latest_of = |table: &str| {
+        format!(
+            "SELECT {all} FROM \
+             (SELECT *, row_number() OVER (PARTITION BY {partition} ORDER BY _seq DESC) AS _tally_rn FROM {table}) \
+             WHERE _tally_rn = 1"
+        )
+    };
+    match layout {
+        Layout::Versions => latest_of(versions),
+        Layout::Snapshot => format!("SELECT {all} FROM {base}"),
+        Layout::SnapshotAndNewer => {
+            let nullable = key
+                .iter()
+                .any(|k| schema.field_with_name(k).map_or(true, |f| f.is_nullable()));
+            let eq = if nullable {
+                "IS NOT DISTINCT FROM"
+            } else {
+                "="
+            };
+            let same_key = key
+                .iter()
+                .map(|k| format!("n.{} {eq} s.{}", quote(k), quote(k)))
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            format!(
+                "SELECT {all} FROM {base} s WHERE NOT EXISTS (SELECT 1 FROM {newer} n WHERE {same_key}) \
+                 UNION ALL {}",
+                latest_of(newer)
+            )
+        }
+    }
 }
 
 /// The views whose stream sequences a tenant account sees as positions,
@@ -715,10 +823,21 @@ fn register_files(
     schema: SchemaRef,
     scope: &Scope,
 ) -> Result<(), OpenError> {
+    let refs = checkpoint_refs(files, upto, view)?;
+    register_refs(ctx, refs, view, name, schema, scope)
+}
+
+/// The files of `view` that the checkpoint at `upto` covers, in stream
+/// order.
+fn checkpoint_refs(
+    files: &Files<'_>,
+    upto: u64,
+    view: &str,
+) -> Result<Vec<table::FileRef>, OpenError> {
     let data_dir = match files {
         Files::Local(dir) => *dir,
         Files::Remote(loc, manifest) => {
-            let objects: Vec<table::FileRef> = manifest
+            return Ok(manifest
                 .files
                 .get(view)
                 .into_iter()
@@ -728,8 +847,7 @@ fn register_files(
                     store: Arc::clone(&loc.store),
                     path: loc.path(&f.key),
                 })
-                .collect();
-            return register_refs(ctx, objects, view, name, schema, scope);
+                .collect());
         }
     };
     let listed = ViewDir::new(data_dir, view).files()?;
@@ -743,7 +861,7 @@ fn register_files(
             path: f.path.clone(),
         }));
     }
-    let files: Vec<table::FileRef> = listed
+    Ok(listed
         .into_iter()
         .filter(|f| f.last_seq <= upto)
         .map(|f| {
@@ -753,8 +871,7 @@ fn register_files(
                 path,
             }
         })
-        .collect();
-    register_refs(ctx, files, view, name, schema, scope)
+        .collect())
 }
 
 /// Registers exactly `files` as table `name`, holding only the rows
@@ -1053,6 +1170,7 @@ pub(crate) fn classify(e: DataFusionError, memory_limit: u64) -> QueryError {
 mod tests {
     use super::*;
     use crate::store::parquet::views_root;
+    use arrow::datatypes::Field;
 
     fn opts() -> QueryOptions {
         QueryOptions {
@@ -1113,6 +1231,144 @@ mod tests {
             .unwrap()
             .value(0) as u64
     }
+
+    /// `usage` rows of one metric, window and granularity: (tenant, events,
+    /// `_seq`, deleted).
+    fn usage_rows(rows: &[(&str, i64, u64, bool)]) -> (SchemaRef, RecordBatch) {
+        let op = operator::registry(&Settings::default())
+            .into_iter()
+            .find(|o| o.view() == "usage")
+            .unwrap();
+        let schema = op.schema();
+        let n = rows.len();
+        let int = |f: &Field, v: Vec<i64>| {
+            arrow::compute::cast(&arrow::array::Int64Array::from(v), f.data_type()).unwrap()
+        };
+        let columns: Vec<arrow::array::ArrayRef> = schema
+            .fields()
+            .iter()
+            .map(|f| -> arrow::array::ArrayRef {
+                match f.name().as_str() {
+                    "tenant" => Arc::new(arrow::array::StringArray::from_iter_values(
+                        rows.iter().map(|r| r.0),
+                    )),
+                    "events" => int(f, rows.iter().map(|r| r.1).collect()),
+                    "_seq" => Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.2))),
+                    "_deleted" => Arc::new(arrow::array::BooleanArray::from_iter(
+                        rows.iter().map(|r| Some(r.3)),
+                    )),
+                    _ if f.data_type() == &DataType::Utf8 => Arc::new(
+                        arrow::array::StringArray::from_iter_values(std::iter::repeat_n("x", n)),
+                    ),
+                    _ if f.is_nullable() => arrow::array::new_null_array(f.data_type(), n),
+                    _ => int(f, vec![0; n]),
+                }
+            })
+            .collect();
+        let batch = RecordBatch::try_new(Arc::clone(&schema), columns).unwrap();
+        (schema, batch)
+    }
+
+    /// (tenant, events) of `sql`'s rows.
+    async fn tenant_events(s: &mut Session, sql: &str) -> Vec<(String, i64)> {
+        let rows = s.query(sql).await.unwrap();
+        let mut out = Vec::new();
+        for b in &rows {
+            let t = arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
+            let t = t
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .unwrap();
+            let e = arrow::compute::cast(b.column(1), &DataType::Int64).unwrap();
+            let e = e
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .unwrap();
+            for i in 0..b.num_rows() {
+                out.push((t.value(i).to_owned(), e.value(i)));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_and_newer_versions_give_the_latest_rows() {
+        let dir = data_dir(10);
+        let at = |seq: u64| {
+            let mut cp = Checkpoint::load(dir.path()).unwrap().unwrap();
+            cp.last_seq = seq;
+            cp.save(dir.path()).unwrap();
+        };
+        let usage = ViewDir::new(dir.path(), "usage");
+        usage.create().unwrap();
+        let (schema, snap) = usage_rows(&[
+            ("a", 1, 10, false),
+            ("b", 1, 10, false),
+            ("c", 1, 10, false),
+        ]);
+        usage.replace_with(10, &schema, &snap).unwrap();
+        let want_snapshot = vec![("a".into(), 1), ("b".into(), 1), ("c".into(), 1)];
+        let all = "SELECT tenant, events FROM usage ORDER BY tenant";
+        let mut s = Session::open(dir.path(), &opts()).await.unwrap();
+        assert_eq!(tenant_events(&mut s, all).await, want_snapshot);
+        // Newer files: b twice, c deleted, d new then updated; the second
+        // file holds two versions of d (as a merged file would).
+        let (_, f2) = usage_rows(&[("b", 2, 20, false), ("d", 1, 20, false)]);
+        usage.write(11, 20, &schema, &[f2]).unwrap();
+        let (_, f3) = usage_rows(&[
+            ("b", 3, 30, false),
+            ("c", 1, 30, true),
+            ("d", 5, 25, false),
+            ("d", 2, 30, false),
+        ]);
+        usage.write(21, 30, &schema, &[f3]).unwrap();
+        at(30);
+        let mut s = Session::open(dir.path(), &opts()).await.unwrap();
+        let want = vec![("a".into(), 1), ("b".into(), 3), ("d".into(), 2)];
+        assert_eq!(tenant_events(&mut s, all).await, want);
+        // The same as resolving versions over every file.
+        let resolved = "SELECT tenant, events FROM (SELECT *, row_number() OVER \
+             (PARTITION BY tenant, metric, granularity, window_start ORDER BY _seq DESC) AS rn \
+             FROM _usage_versions) WHERE rn = 1 AND NOT _deleted ORDER BY tenant";
+        assert_eq!(tenant_events(&mut s, resolved).await, want);
+        for (tenant, events) in [
+            ("a", vec![1]),
+            ("b", vec![3]),
+            ("c", vec![]),
+            ("d", vec![2]),
+        ] {
+            let sql = format!("SELECT tenant, events FROM usage WHERE tenant = '{tenant}'");
+            let got: Vec<i64> = tenant_events(&mut s, &sql)
+                .await
+                .into_iter()
+                .map(|r| r.1)
+                .collect();
+            assert_eq!(got, events, "{tenant}");
+        }
+        // Compaction merges the newer files, never the snapshot with them.
+        for i in 0..COMPACT_TEST_FILES {
+            let seq = 31 + i;
+            let (_, f) = usage_rows(&[("e", i as i64, seq, false)]);
+            usage.write(seq, seq, &schema, &[f]).unwrap();
+        }
+        let upto = 30 + COMPACT_TEST_FILES;
+        at(upto);
+        assert!(usage.compact(&schema, upto).unwrap() > 0);
+        let files = usage.files().unwrap();
+        assert_eq!(
+            (files[0].first_seq, files[0].last_seq),
+            (1, 10),
+            "{files:?}"
+        );
+        assert_eq!(files.len(), 2, "{files:?}");
+        let mut s = Session::open(dir.path(), &opts()).await.unwrap();
+        let mut want = want;
+        want.push(("e".into(), COMPACT_TEST_FILES as i64 - 1));
+        assert_eq!(tenant_events(&mut s, all).await, want);
+    }
+
+    /// Enough single-row files to trigger a compaction.
+    const COMPACT_TEST_FILES: u64 = 40;
 
     #[tokio::test]
     async fn writes_settings_and_file_reads_are_refused() {

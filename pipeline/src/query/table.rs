@@ -46,6 +46,52 @@ impl FileRef {
         }
     }
 
+    /// Whether the file is a snapshot holding each key once
+    /// ([`crate::store::parquet::UNIQUE_KEYS`]). Reads its footer; a file
+    /// that cannot be read is taken as not marked (the scan then says why).
+    pub async fn unique_keys(&self) -> bool {
+        use parquet::errors::ParquetError;
+        use parquet::file::metadata::ParquetMetaDataReader;
+        let marked = |mut r: ParquetMetaDataReader| {
+            r.finish()
+                .is_ok_and(|m| crate::store::parquet::has_unique_keys(&m))
+        };
+        match self {
+            FileRef::Local { path, .. } => {
+                let mut reader = ParquetMetaDataReader::new();
+                std::fs::File::open(path).is_ok_and(|f| reader.try_parse(&f).is_ok())
+                    && marked(reader)
+            }
+            FileRef::Remote { store, path, .. } => {
+                // The footer is usually within the last 64 KiB: one request,
+                // and a second when it is longer.
+                let mut want = 64 << 10;
+                for _ in 0..2 {
+                    let options = object_store::GetOptions {
+                        range: Some(object_store::GetRange::Suffix(want)),
+                        ..Default::default()
+                    };
+                    let Ok(got) = store.get_opts(path, options).await else {
+                        return false;
+                    };
+                    let size = got.meta.size;
+                    let Ok(bytes) = got.bytes().await else {
+                        return false;
+                    };
+                    let mut reader = ParquetMetaDataReader::new();
+                    match reader.try_parse_sized(&bytes, size) {
+                        Ok(()) => return marked(reader),
+                        Err(ParquetError::NeedMoreData(needed)) => {
+                            want = u64::try_from(needed).unwrap_or(u64::MAX);
+                        }
+                        Err(_) => return false,
+                    }
+                }
+                false
+            }
+        }
+    }
+
     /// `NotFound` if the file is gone.
     async fn check(&self) -> Result<()> {
         let gone = |path: String, source: Box<dyn std::error::Error + Send + Sync>| {

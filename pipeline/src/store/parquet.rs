@@ -248,11 +248,16 @@ impl ViewDir {
             .into_iter()
             .filter(|f| f.last_seq <= upto)
             .collect();
-        let small: Vec<&ViewFile> = files
-            .iter()
-            .filter(|f| f.bytes < COMPACT_MAX_FILE_BYTES)
-            .collect();
-        if small.len() < COMPACT_TRIGGER {
+        // A snapshot stays as it is, however small: merged with newer
+        // versions it would no longer hold each key once.
+        let snapshot = files
+            .first()
+            .filter(|f| is_snapshot(f))
+            .map(|f| f.path.clone());
+        let mergeable =
+            |f: &ViewFile| f.bytes < COMPACT_MAX_FILE_BYTES && Some(&f.path) != snapshot.as_ref();
+        let small = files.iter().filter(|f| mergeable(f)).count();
+        if small < COMPACT_TRIGGER {
             return Ok(0);
         }
         // Merge the maximal runs of adjacent small files (a large file in
@@ -261,7 +266,7 @@ impl ViewDir {
         let mut run: Vec<&ViewFile> = Vec::new();
         let mut runs = Vec::new();
         for f in &files {
-            if f.bytes < COMPACT_MAX_FILE_BYTES {
+            if mergeable(f) {
                 run.push(f);
             } else if !run.is_empty() {
                 runs.push(std::mem::take(&mut run));
@@ -277,7 +282,7 @@ impl ViewDir {
             // the events archive decodes to several hundred MB).
             let path = self.dir.join(file_name(first, last));
             if !copy_row_groups(&path, &run)? {
-                write_parquet_with(&path, schema, |write| {
+                write_parquet_with(&path, schema, false, |write| {
                     for f in &run {
                         for batch in read_parquet(&f.path)? {
                             let batch = conform(batch?, schema).map_err(|source| {
@@ -308,19 +313,26 @@ impl ViewDir {
     }
 }
 
+/// Whether `f` is a snapshot ([`UNIQUE_KEYS`]): only a file covering the
+/// stream from its start can be one, so only such a file's footer is read.
+fn is_snapshot(f: &ViewFile) -> bool {
+    f.first_seq == 1
+        && File::open(&f.path).is_ok_and(|file| {
+            parquet::file::metadata::ParquetMetaDataReader::new()
+                .parse_and_finish(&file)
+                .is_ok_and(|m| has_unique_keys(&m))
+        })
+}
+
 impl ViewDir {
-    /// Are there enough small files at or below `upto` to compact?
-    pub fn needs_compaction(&self, upto: u64) -> Result<bool, ViewFilesError> {
-        let small = self
-            .files()?
-            .iter()
-            .filter(|f| f.last_seq <= upto && f.bytes < COMPACT_MAX_FILE_BYTES)
-            .count();
-        Ok(small >= COMPACT_TRIGGER)
+    /// The files at or below `upto`.
+    pub fn files_upto(&self, upto: u64) -> Result<usize, ViewFilesError> {
+        Ok(self.files()?.iter().filter(|f| f.last_seq <= upto).count())
     }
 
-    /// Writes `batch` as the file covering `1..=upto` and deletes the files
-    /// it covers. A crash in between leaves covered files that readers
+    /// Writes `batch`, a snapshot of the state (each key once, in key
+    /// order), as the file covering `1..=upto`, marked [`UNIQUE_KEYS`], and
+    /// deletes the files it covers. A crash in between leaves covered files that readers
     /// ignore and recovery removes.
     pub fn replace_with(
         &self,
@@ -333,8 +345,8 @@ impl ViewDir {
             .into_iter()
             .filter(|f| f.last_seq <= upto)
             .collect();
-        self.write(1, upto, schema, std::slice::from_ref(batch))?;
         let keep = self.dir.join(file_name(1, upto));
+        write_parquet_with(&keep, schema, true, |write| write(batch))?;
         let mut removed = 0;
         for f in old.iter().filter(|f| f.path != keep) {
             std::fs::remove_file(&f.path).map_err(|source| ViewFilesError::Io {
@@ -412,9 +424,16 @@ fn copy_row_groups(path: &Path, files: &[&ViewFile]) -> Result<bool, ViewFilesEr
         return Ok(false);
     }
     let root = first.file_metadata().schema_descr().root_schema_ptr();
+    // A merged file holds several files' versions: never a snapshot's mark.
+    let metadata = first.file_metadata().key_value_metadata().map(|kv| {
+        kv.iter()
+            .filter(|e| e.key != UNIQUE_KEYS)
+            .cloned()
+            .collect::<Vec<_>>()
+    });
     let props = Arc::new(
         WriterProperties::builder()
-            .set_key_value_metadata(first.file_metadata().key_value_metadata().cloned())
+            .set_key_value_metadata(metadata)
             .build(),
     );
     atomically(path, |tmp, file| {
@@ -470,18 +489,43 @@ pub fn write_parquet(
     schema: &SchemaRef,
     batches: &[RecordBatch],
 ) -> Result<(), ViewFilesError> {
-    write_parquet_with(path, schema, |write| batches.iter().try_for_each(write))
+    write_parquet_with(path, schema, false, |write| {
+        batches.iter().try_for_each(write)
+    })
 }
 
-/// [`write_parquet`] with the batches handed over one at a time by `fill`.
+/// The key-value metadata entry saying that a versioned view's file holds
+/// each key at most once and nothing older than it counts: a snapshot of
+/// the state covering the stream from its start ([`ViewDir::replace_with`]).
+/// Readers then take its rows as they are and resolve versions only
+/// against the newer files (`query`), instead of over the whole table.
+pub const UNIQUE_KEYS: &str = "tally.unique_keys";
+
+/// Whether a file's metadata carries [`UNIQUE_KEYS`].
+pub fn has_unique_keys(meta: &parquet::file::metadata::ParquetMetaData) -> bool {
+    meta.file_metadata().key_value_metadata().is_some_and(|kv| {
+        kv.iter()
+            .any(|e| e.key == UNIQUE_KEYS && e.value.as_deref() == Some("true"))
+    })
+}
+
+/// [`write_parquet`] with the batches handed over one at a time by `fill`,
+/// marked with [`UNIQUE_KEYS`] when `unique_keys`.
 fn write_parquet_with(
     path: &Path,
     schema: &SchemaRef,
+    unique_keys: bool,
     fill: impl FnOnce(
         &mut dyn FnMut(&RecordBatch) -> Result<(), ViewFilesError>,
     ) -> Result<(), ViewFilesError>,
 ) -> Result<(), ViewFilesError> {
     let mut props = WriterProperties::builder().set_compression(Compression::SNAPPY);
+    if unique_keys {
+        props = props.set_key_value_metadata(Some(vec![parquet::file::metadata::KeyValue::new(
+            UNIQUE_KEYS.to_owned(),
+            "true".to_owned(),
+        )]));
+    }
     // Unique-per-row text gains nothing from a dictionary and costs an
     // intern per value on the hot path.
     for column in ["id", "data", "subject", "last_id"] {
