@@ -521,16 +521,19 @@ async fn open_at(
                     view: view.to_owned(),
                     cause,
                 })?;
+                // The view keeps the tables it reads; the snapshot and the
+                // newer files are a layout of `_{view}_versions`, not
+                // tables of their own.
+                if layout != Layout::Versions {
+                    deregister(&ctx, &base)?;
+                }
+                if layout == Layout::SnapshotAndNewer {
+                    deregister(&ctx, &newer)?;
+                }
                 if scoped {
-                    // `_seq` is a stream position: the view keeps its
-                    // tables, the account does not see them.
+                    // `_seq` is a stream position: the account does not
+                    // see the versions.
                     deregister(&ctx, &versions)?;
-                    if layout != Layout::Versions {
-                        deregister(&ctx, &base)?;
-                    }
-                    if layout == Layout::SnapshotAndNewer {
-                        deregister(&ctx, &newer)?;
-                    }
                 }
             }
         }

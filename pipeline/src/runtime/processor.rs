@@ -525,13 +525,12 @@ impl Processor {
     }
 
     /// Compacts every view's files once there are many small ones: appended
-    /// views merge their files; a versioned view in more than one file
-    /// writes a snapshot of its state covering the whole prefix, once the
-    /// versions it wrote since the last are a [`SNAPSHOT_SHARE`]th of its
-    /// rows. Readers take a snapshot's rows as they are (no resolving of
-    /// versions, files sorted by key: a tenant's rows are a few pages), so
-    /// a run that ends leaves its views quick to query. Call only right
-    /// after a checkpoint.
+    /// views merge their files; a versioned view writes a snapshot of its
+    /// state covering the whole prefix once it wrote as many versions as
+    /// it has rows (each written version costs at most one snapshot row).
+    /// Readers take a snapshot's rows as they are (no resolving of
+    /// versions; sorted by key, a tenant's rows are a few pages). Call only
+    /// right after a checkpoint.
     pub fn compact(&mut self, data_dir: &DataDir) -> Result<(), RuntimeError> {
         let upto = self.checkpoint.last_seq;
         for op in &self.operators {
@@ -545,8 +544,8 @@ impl Processor {
                 }
                 Storage::Versioned { .. } => {
                     let written = self.versions_written.get(op.view()).copied().unwrap_or(0);
-                    if written.saturating_mul(SNAPSHOT_SHARE) >= op.state_rows()
-                        && dir.files_upto(upto)? > 1
+                    if written >= op.state_rows()
+                        && dir.needs_compaction(upto)?
                         && let Some(snapshot) = op.snapshot(upto)?
                     {
                         let replaced = dir.replace_with(upto, &op.schema(), &snapshot)?;
@@ -569,11 +568,6 @@ impl Processor {
             .collect()
     }
 }
-
-/// A versioned view snapshots at the end of a run once it wrote versions
-/// for at least 1/`SNAPSHOT_SHARE` of its rows since its last snapshot:
-/// each written version costs at most this many snapshot rows.
-const SNAPSHOT_SHARE: usize = 4;
 
 /// Asks the ledger about an accepted event with dedup key `key`.
 fn classify(ledger: &mut Ledger, e: &Event, key: u128) -> Verdict {

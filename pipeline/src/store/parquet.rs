@@ -325,9 +325,14 @@ fn is_snapshot(f: &ViewFile) -> bool {
 }
 
 impl ViewDir {
-    /// The files at or below `upto`.
-    pub fn files_upto(&self, upto: u64) -> Result<usize, ViewFilesError> {
-        Ok(self.files()?.iter().filter(|f| f.last_seq <= upto).count())
+    /// Are there enough small files at or below `upto` to compact?
+    pub fn needs_compaction(&self, upto: u64) -> Result<bool, ViewFilesError> {
+        let small = self
+            .files()?
+            .iter()
+            .filter(|f| f.last_seq <= upto && f.bytes < COMPACT_MAX_FILE_BYTES)
+            .count();
+        Ok(small >= COMPACT_TRIGGER)
     }
 
     /// Writes `batch`, a snapshot of the state (each key once, in key
