@@ -152,40 +152,30 @@ def main():
                     except psycopg.Error:
                         errors.append(1)
 
+        def measure(sql, name, what):
+            """`sql` from 1 client, then from --clients at once: latencies and rates."""
+            log(f"1 client, {what}")
+            one_client(1, [], [], sql=sql)  # warms the session and page caches
+            lat1, err1 = [], []
+            one_client(args.seconds / 2, lat1, err1, sql=sql)
+            result[f"{name}_1_client"] = {
+                "p50_ms": pct(lat1, 50), "p99_ms": pct(lat1, 99), "queries": len(lat1), "errors": len(err1)}
+            log(f"{args.clients} clients, {what}")
+            latn, errn = [], []
+            threads = [threading.Thread(target=one_client, args=(args.seconds, latn, errn, None, sql))
+                       for _ in range(args.clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            result[f"{name}_{args.clients}_clients"] = {
+                "p50_ms": pct(latn, 50), "p99_ms": pct(latn, 99), "queries": len(latn),
+                "qps": len(latn) / args.seconds, "errors": len(errn)}
+
         result = {"tenants": args.tenants, "months": args.months, "events": events, "usage_rows": usage_rows}
-        # Warm the session cache and the page cache.
-        one_client(2, [], [])
-        lat1, err1 = [], []
-        log("1 client, one tenant's monthly usage")
-        one_client(args.seconds / 2, lat1, err1)
-        result["one_tenant_month_1_client"] = {"p50_ms": pct(lat1, 50), "p99_ms": pct(lat1, 99), "queries": len(lat1), "errors": len(err1)}
-        log(f"{args.clients} clients")
-        latn, errn = [], []
-        threads = [threading.Thread(target=one_client, args=(args.seconds, latn, errn)) for _ in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        result[f"one_tenant_month_{args.clients}_clients"] = {
-            "p50_ms": pct(latn, 50), "p99_ms": pct(latn, 99), "queries": len(latn),
-            "qps": len(latn) / args.seconds, "errors": len(errn)}
-        log("1 client, one tenant's daily usage of a month")
-        one_client(1, [], [], sql=daily)
-        latd, errd = [], []
-        one_client(args.seconds / 2, latd, errd, sql=daily)
-        result["one_tenant_days_of_month_1_client"] = {
-            "p50_ms": pct(latd, 50), "p99_ms": pct(latd, 99), "queries": len(latd), "errors": len(errd)}
-        log(f"{args.clients} clients, one tenant's daily usage of a month")
-        latdn, errdn = [], []
-        threads = [threading.Thread(target=one_client, args=(args.seconds, latdn, errdn, None, daily))
-                   for _ in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        result[f"one_tenant_days_of_month_{args.clients}_clients"] = {
-            "p50_ms": pct(latdn, 50), "p99_ms": pct(latdn, 99), "queries": len(latdn),
-            "qps": len(latdn) / args.seconds, "errors": len(errdn)}
+        one_client(1, [], [])  # the first session after start-up opens the views
+        measure(one, "one_tenant_month", "one tenant's monthly usage")
+        measure(daily, "one_tenant_days_of_month", "one tenant's daily usage of a month")
         log("full scan of usage")
         scan = []
         with psycopg.connect(dsn, autocommit=True) as c:

@@ -5,7 +5,9 @@
 //! a void that takes a tenant back to calendar months; the same rows after
 //! `tally replay`.
 
-use crate::harness::{NatsServer, event, publish_lines, run_expect, sql, tally, until_idle};
+use crate::harness::{
+    NatsServer, api_calls, event, publish_lines, run_expect, sql, tally, until_idle,
+};
 
 fn started(id: &str, tenant: &str, time: &str, anchor: &str) -> String {
     event(
@@ -16,16 +18,6 @@ fn started(id: &str, tenant: &str, time: &str, anchor: &str) -> String {
         &format!(
             r#"{{"subscription_id":"sub-{tenant}","plan":"pro","billing_cycle":"monthly","price":1000,"currency":"USD","billing_anchor":"{anchor}"}}"#
         ),
-    )
-}
-
-fn calls(id: &str, tenant: &str, time: &str, q: u32) -> String {
-    event(
-        id,
-        tenant,
-        "usage.recorded",
-        time,
-        &format!(r#"{{"metric":"api_calls","quantity":{q}}}"#),
     )
 }
 
@@ -62,20 +54,20 @@ fn overages_follow_billing_anchors() {
             // Started before its anchor: the periods before it are whole
             // months back from the anchor.
             started("s1", "d31", "2026-01-10T00:00:00Z", "2026-01-31T10:00:00Z"),
-            calls("a1", "d31", "2026-01-20T00:00:00Z", 1),
-            calls("a2", "d31", "2026-02-28T09:59:59Z", 2),
-            calls("a3", "d31", "2026-02-28T10:00:00Z", 4),
-            calls("a4", "d31", "2026-03-31T09:00:00Z", 8),
-            calls("a5", "d31", "2026-04-30T10:00:00Z", 16),
+            api_calls("a1", "d31", "2026-01-20T00:00:00Z", "1"),
+            api_calls("a2", "d31", "2026-02-28T09:59:59Z", "2"),
+            api_calls("a3", "d31", "2026-02-28T10:00:00Z", "4"),
+            api_calls("a4", "d31", "2026-03-31T09:00:00Z", "8"),
+            api_calls("a5", "d31", "2026-04-30T10:00:00Z", "16"),
             started("s2", "leap", "2024-02-29T00:00:00Z", "2024-02-29T00:00:00Z"),
-            calls("b1", "leap", "2024-03-28T23:00:00Z", 1),
-            calls("b2", "leap", "2025-02-28T12:00:00Z", 2),
+            api_calls("b1", "leap", "2024-03-28T23:00:00Z", "1"),
+            api_calls("b2", "leap", "2025-02-28T12:00:00Z", "2"),
             started("s3", "chg", "2026-01-15T00:00:00Z", "2026-01-15T00:00:00Z"),
-            calls("c1", "chg", "2026-02-19T00:00:00Z", 5),
-            calls("c2", "chg", "2026-02-21T00:00:00Z", 5),
-            calls("c3", "chg", "2026-03-25T00:00:00Z", 5),
+            api_calls("c1", "chg", "2026-02-19T00:00:00Z", "5"),
+            api_calls("c2", "chg", "2026-02-21T00:00:00Z", "5"),
+            api_calls("c3", "chg", "2026-03-25T00:00:00Z", "5"),
             // Sets the stream clock past every period above.
-            calls("z1", "clock", "2026-05-20T00:00:00Z", 1),
+            api_calls("z1", "clock", "2026-05-20T00:00:00Z", "1"),
         ],
     );
     until_idle(&server, &data);

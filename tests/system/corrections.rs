@@ -5,7 +5,7 @@
 //! void, published once each to `TALLY_RESTATEMENTS`, none by a replay.
 
 use crate::harness::{
-    NatsServer, event, js, publish_lines, rt, run_expect, sql, tally, until_idle,
+    NatsServer, api_calls, event, js, publish_lines, rt, run_expect, sql, tally, until_idle,
 };
 use crate::metrics::{query_views, sorted_csv};
 
@@ -16,16 +16,6 @@ fn void(id: &str, tenant: &str, time: &str, target_id: &str) -> String {
         "event.voided",
         time,
         &format!(r#"{{"target_source":"test","target_id":"{target_id}","reason":"fix"}}"#),
-    )
-}
-
-fn usage(id: &str, tenant: &str, time: &str, q: u32) -> String {
-    event(
-        id,
-        tenant,
-        "usage.recorded",
-        time,
-        &format!(r#"{{"metric":"api_calls","quantity":{q}}}"#),
     )
 }
 
@@ -108,9 +98,9 @@ fn voids_of_every_kind_leave_the_views_of_the_effective_stream_and_restate_final
         ),
         start("s1", "acme", "sub_a"),
         start("sb1", "beta", "sub_b"),
-        usage("u1", "acme", "2025-01-05T00:00:00Z", 100),
-        usage("u2", "acme", "2025-01-06T00:00:00Z", 5000),
-        usage("b1", "beta", "2025-01-08T00:00:00Z", 7),
+        api_calls("u1", "acme", "2025-01-05T00:00:00Z", "100"),
+        api_calls("u2", "acme", "2025-01-06T00:00:00Z", "5000"),
+        api_calls("b1", "beta", "2025-01-08T00:00:00Z", "7"),
         event(
             "i1",
             "acme",
@@ -121,13 +111,13 @@ fn voids_of_every_kind_leave_the_views_of_the_effective_stream_and_restate_final
         // Before its target.
         void("v_before", "acme", "2025-03-01T00:00:00Z", "u3"),
         // The clock moves to March: January and February are final.
-        usage("u9", "acme", "2025-03-10T00:00:00Z", 1),
+        api_calls("u9", "acme", "2025-03-10T00:00:00Z", "1"),
     ];
     let later = vec![
-        usage("u3", "acme", "2025-01-07T00:00:00Z", 300),
+        api_calls("u3", "acme", "2025-01-07T00:00:00Z", "300"),
         // An amendment: void the wrong event, send the right one with a new id.
         void("v_after", "acme", "2025-03-01T00:00:00Z", "u2"),
-        usage("u2b", "acme", "2025-01-06T00:00:00Z", 500),
+        api_calls("u2b", "acme", "2025-01-06T00:00:00Z", "500"),
         // Of a void, of another tenant's event, of nothing: no change.
         void("v_void", "acme", "2025-03-01T00:00:00Z", "v_after"),
         void("v_other", "beta", "2025-03-01T00:00:00Z", "u1"),
@@ -137,7 +127,7 @@ fn voids_of_every_kind_leave_the_views_of_the_effective_stream_and_restate_final
         void("v_sub", "beta", "2025-03-01T00:00:00Z", "sb1"),
         void("v_inv", "acme", "2025-03-01T00:00:00Z", "i1"),
         // A re-sent voided event is a duplicate.
-        usage("u2", "acme", "2025-01-06T00:00:00Z", 5000),
+        api_calls("u2", "acme", "2025-01-06T00:00:00Z", "5000"),
         // A back-dated cancellation, effective in a final month.
         event(
             "x1",

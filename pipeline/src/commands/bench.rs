@@ -298,6 +298,18 @@ pub fn with_voids(lines: &[u8], pct: f64, seed: u64) -> Vec<u8> {
 }
 
 /// Runs the benchmark; `tally` is the binary to run as the child.
+/// The ingest figures of one `run`, the publish rate with `publish`.
+fn print_ingest(r: &BenchReport, publish: bool) {
+    println!("events               {}", r.events);
+    if publish {
+        println!("publish              {:>10.0} msg/s", r.publish_per_s);
+    }
+    println!("raw consume (AckAll) {:>10.0} msg/s", r.raw_consume_per_s);
+    println!("tally run            {:>10.0} msg/s", r.tally_run_per_s);
+    println!("ratio                {:>10.3}", r.ratio);
+    println!("tally peak RSS       {:>10.1} MiB", r.tally_peak_rss_mib);
+}
+
 pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, BenchError> {
     std::fs::create_dir_all(&opts.scratch).map_err(scratch_err(&opts.scratch))?;
     // 1. Generate: ~80 events per tenant-month, 12 months; or the shape asked for.
@@ -806,12 +818,7 @@ pub async fn command(g: &Globals, a: &BenchArgs) -> Result<(), CommandError> {
         without: None,
     };
     let r = run(&opts, &exe).await?;
-    println!("events               {}", r.events);
-    println!("publish              {:>10.0} msg/s", r.publish_per_s);
-    println!("raw consume (AckAll) {:>10.0} msg/s", r.raw_consume_per_s);
-    println!("tally run            {:>10.0} msg/s", r.tally_run_per_s);
-    println!("ratio                {:>10.3}", r.ratio);
-    println!("tally peak RSS       {:>10.1} MiB", r.tally_peak_rss_mib);
+    print_ingest(&r, true);
     if let Some(rp) = &r.replay {
         println!("raw ordered read     {:>10.0} msg/s", rp.raw_ordered_per_s);
         println!("tally replay         {:>10.0} msg/s", rp.tally_replay_per_s);
@@ -845,11 +852,7 @@ pub async fn command(g: &Globals, a: &BenchArgs) -> Result<(), CommandError> {
         )
         .await?;
         println!("without `{}`:", field.name());
-        println!("events               {}", w.events);
-        println!("raw consume (AckAll) {:>10.0} msg/s", w.raw_consume_per_s);
-        println!("tally run            {:>10.0} msg/s", w.tally_run_per_s);
-        println!("ratio                {:>10.3}", w.ratio);
-        println!("tally peak RSS       {:>10.1} MiB", w.tally_peak_rss_mib);
+        print_ingest(&w, false);
         println!(
             "with / without       {:>10.3} (rates); {:.3} (ratios to raw); {:.3} (peak RSS)",
             r.tally_run_per_s / w.tally_run_per_s,
@@ -870,11 +873,7 @@ pub async fn command(g: &Globals, a: &BenchArgs) -> Result<(), CommandError> {
         )
         .await?;
         println!("with {pct}% of usage voided:");
-        println!("events               {}", v.events);
-        println!("raw consume (AckAll) {:>10.0} msg/s", v.raw_consume_per_s);
-        println!("tally run            {:>10.0} msg/s", v.tally_run_per_s);
-        println!("ratio                {:>10.3}", v.ratio);
-        println!("tally peak RSS       {:>10.1} MiB", v.tally_peak_rss_mib);
+        print_ingest(&v, false);
         println!(
             "voided / plain run   {:>10.3} (rates); {:.3} (ratios to raw)",
             v.tally_run_per_s / r.tally_run_per_s,

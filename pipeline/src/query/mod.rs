@@ -563,12 +563,10 @@ enum Layout {
 /// deleted rows included) under `layout`.
 ///
 /// Resolving versions over the whole table sorts it by key: seconds for a
-/// few million rows, whatever the query asks. A snapshot needs none, and
-/// the files after it hold fewer versions than the snapshot has rows (the
-/// writer snapshots again once they would hold more), so only they are
-/// sorted, and the snapshot's rows meet them in a hash anti-join. Keys
-/// compare with `IS NOT DISTINCT FROM` when one may be NULL, as the
-/// window's partitions do.
+/// few million rows, whatever the query asks. A snapshot needs none: only
+/// the files after it are sorted, and the snapshot's rows meet them in a
+/// hash anti-join. Keys compare with `IS NOT DISTINCT FROM` when one may
+/// be NULL, as the window's partitions do.
 fn current_rows(
     layout: Layout,
     key: &[&str],

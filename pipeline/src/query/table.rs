@@ -52,16 +52,8 @@ impl FileRef {
     pub async fn unique_keys(&self) -> bool {
         use parquet::errors::ParquetError;
         use parquet::file::metadata::ParquetMetaDataReader;
-        let marked = |mut r: ParquetMetaDataReader| {
-            r.finish()
-                .is_ok_and(|m| crate::store::parquet::has_unique_keys(&m))
-        };
         match self {
-            FileRef::Local { path, .. } => {
-                let mut reader = ParquetMetaDataReader::new();
-                std::fs::File::open(path).is_ok_and(|f| reader.try_parse(&f).is_ok())
-                    && marked(reader)
-            }
+            FileRef::Local { path, .. } => crate::store::parquet::has_unique_keys_file(path),
             FileRef::Remote { store, path, .. } => {
                 // The footer is usually within the last 64 KiB: one request,
                 // and a second when it is longer.
@@ -80,7 +72,11 @@ impl FileRef {
                     };
                     let mut reader = ParquetMetaDataReader::new();
                     match reader.try_parse_sized(&bytes, size) {
-                        Ok(()) => return marked(reader),
+                        Ok(()) => {
+                            return reader
+                                .finish()
+                                .is_ok_and(|m| crate::store::parquet::has_unique_keys(&m));
+                        }
                         Err(ParquetError::NeedMoreData(needed)) => {
                             want = u64::try_from(needed).unwrap_or(u64::MAX);
                         }

@@ -137,47 +137,39 @@ impl Processor {
                 continue;
             }
             cp.advance(m.stream_seq, m.published_at);
-            match result {
+            // Refused by validation, or past a tenant's dimension bound.
+            let checked = result
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|(event, key)| Ok((event, key, self.dimensions.check(event)?)));
+            let (event, key, values) = match checked {
+                Ok(checked) => checked,
                 Err(reject) => {
                     cp.counts.dead_letter(reject.reason);
                     letters.push(DeadLetter {
                         stream_seq: m.stream_seq,
                         subject: m.subject.to_owned(),
                         payload: m.payload.clone(),
-                        reject: reject.clone(),
+                        reject,
                     });
+                    continue;
                 }
-                Ok((event, key)) => {
-                    let values = match self.dimensions.check(event) {
-                        Ok(values) => values,
-                        Err(reject) => {
-                            cp.counts.dead_letter(reject.reason);
-                            letters.push(DeadLetter {
-                                stream_seq: m.stream_seq,
-                                subject: m.subject.to_owned(),
-                                payload: m.payload.clone(),
-                                reject,
-                            });
-                            continue;
-                        }
-                    };
-                    if !self.dedup.admit(*key, m.published_at) {
-                        cp.counts.duplicate += 1;
-                        continue;
-                    }
-                    if let Some(values) = &values {
-                        self.dimensions.record_values(values);
-                    }
-                    let clock = cp.stream_clock_us;
-                    cp.accept(event.time);
-                    let verdict = classify(&mut self.ledger, event, *key);
-                    accepted.push(Accepted {
-                        event,
-                        verdict,
-                        clock,
-                    });
-                }
+            };
+            if !self.dedup.admit(*key, m.published_at) {
+                cp.counts.duplicate += 1;
+                continue;
             }
+            if let Some(values) = &values {
+                self.dimensions.record_values(values);
+            }
+            let clock = cp.stream_clock_us;
+            cp.accept(event.time);
+            let verdict = classify(&mut self.ledger, event, *key);
+            accepted.push(Accepted {
+                event,
+                verdict,
+                clock,
+            });
         }
         self.fold(&accepted, None);
         letters

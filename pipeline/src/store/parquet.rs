@@ -248,16 +248,20 @@ impl ViewDir {
             .into_iter()
             .filter(|f| f.last_seq <= upto)
             .collect();
+        let small = |f: &&ViewFile| f.bytes < COMPACT_MAX_FILE_BYTES;
+        if files.iter().filter(small).count() < COMPACT_TRIGGER {
+            return Ok(0);
+        }
         // A snapshot stays as it is, however small: merged with newer
-        // versions it would no longer hold each key once.
+        // versions it would no longer hold each key once. Only a small
+        // file covering the stream from its start can be one, so only its
+        // footer is read, and only once a compaction is due.
         let snapshot = files
             .first()
-            .filter(|f| is_snapshot(f))
+            .filter(|f| small(f) && f.first_seq == 1 && has_unique_keys_file(&f.path))
             .map(|f| f.path.clone());
-        let mergeable =
-            |f: &ViewFile| f.bytes < COMPACT_MAX_FILE_BYTES && Some(&f.path) != snapshot.as_ref();
-        let small = files.iter().filter(|f| mergeable(f)).count();
-        if small < COMPACT_TRIGGER {
+        let mergeable = |f: &ViewFile| small(&f) && Some(&f.path) != snapshot.as_ref();
+        if files.iter().filter(|f| mergeable(f)).count() < COMPACT_TRIGGER {
             return Ok(0);
         }
         // Merge the maximal runs of adjacent small files (a large file in
@@ -313,15 +317,14 @@ impl ViewDir {
     }
 }
 
-/// Whether `f` is a snapshot ([`UNIQUE_KEYS`]): only a file covering the
-/// stream from its start can be one, so only such a file's footer is read.
-fn is_snapshot(f: &ViewFile) -> bool {
-    f.first_seq == 1
-        && File::open(&f.path).is_ok_and(|file| {
-            parquet::file::metadata::ParquetMetaDataReader::new()
-                .parse_and_finish(&file)
-                .is_ok_and(|m| has_unique_keys(&m))
-        })
+/// Whether the file at `path` carries [`UNIQUE_KEYS`] (reads its footer);
+/// false for a file that cannot be read.
+pub fn has_unique_keys_file(path: &Path) -> bool {
+    File::open(path).is_ok_and(|file| {
+        parquet::file::metadata::ParquetMetaDataReader::new()
+            .parse_and_finish(&file)
+            .is_ok_and(|m| has_unique_keys(&m))
+    })
 }
 
 impl ViewDir {
@@ -337,8 +340,8 @@ impl ViewDir {
 
     /// Writes `batch`, a snapshot of the state (each key once, in key
     /// order), as the file covering `1..=upto`, marked [`UNIQUE_KEYS`], and
-    /// deletes the files it covers. A crash in between leaves covered files that readers
-    /// ignore and recovery removes.
+    /// deletes the files it covers. A crash in between leaves covered files
+    /// that readers ignore and recovery removes.
     pub fn replace_with(
         &self,
         upto: u64,
