@@ -70,18 +70,25 @@ impl Timeline {
         }
     }
 
-    /// The first instant whose anchor differs between the two timelines;
-    /// `None` when they agree everywhere.
-    pub fn first_difference(&self, other: &Timeline) -> Option<i64> {
+    /// [`from`, `until`): from the first instant whose anchor differs
+    /// between the two timelines to the first after which they agree
+    /// again for good (`i64::MAX` if they never do); `None` when they
+    /// agree everywhere. An instant outside it has the same anchor, and
+    /// so the same billing period, under both.
+    pub fn differing_span(&self, other: &Timeline) -> Option<(i64, i64)> {
         let mut points: Vec<i64> = std::iter::once(i64::MIN)
             .chain(self.changes.iter().map(|c| c.0))
             .chain(other.changes.iter().map(|c| c.0))
             .collect();
         points.sort_unstable();
         points.dedup();
-        points
-            .into_iter()
-            .find(|p| self.segment(*p).0 != other.segment(*p).0)
+        // Both anchors are constant from one point to the next.
+        let differs = |p: &i64| self.segment(*p).0 != other.segment(*p).0;
+        let first = points.iter().position(differs)?;
+        let last = points.iter().rposition(differs).unwrap_or(first);
+        let from = points.get(first).copied().unwrap_or(i64::MIN);
+        let until = points.get(last + 1).copied().unwrap_or(i64::MAX);
+        Some((from, until))
     }
 }
 
@@ -154,19 +161,48 @@ mod tests {
     }
 
     #[test]
+    fn the_differing_span_ends_where_the_timelines_agree_again() {
+        let old = timeline(&[
+            ("2025-01-01T00:00:00Z", Some("2025-01-05T00:00:00Z")),
+            ("2025-05-01T00:00:00Z", Some("2025-01-20T00:00:00Z")),
+        ]);
+        let new = timeline(&[
+            ("2025-01-01T00:00:00Z", Some("2025-01-05T00:00:00Z")),
+            ("2025-03-01T00:00:00Z", Some("2025-01-09T00:00:00Z")),
+            ("2025-05-01T00:00:00Z", Some("2025-01-20T00:00:00Z")),
+        ]);
+        assert_eq!(
+            old.differing_span(&new),
+            Some((
+                t("2025-03-01T00:00:00Z").unwrap(),
+                t("2025-05-01T00:00:00Z").unwrap()
+            ))
+        );
+        // A change nothing later overrides differs to the end of time.
+        let last = timeline(&[
+            ("2025-01-01T00:00:00Z", Some("2025-01-05T00:00:00Z")),
+            ("2025-06-01T00:00:00Z", Some("2025-01-09T00:00:00Z")),
+        ]);
+        let (from, until) = old.differing_span(&last).unwrap();
+        assert_eq!(from, t("2025-05-01T00:00:00Z").unwrap());
+        assert_eq!(until, i64::MAX);
+        assert_eq!(old.differing_span(&old), None);
+    }
+
+    #[test]
     fn first_difference_finds_where_the_anchor_changes() {
         let a = timeline(&[("2026-01-15T00:00:00Z", Some("2026-01-15T00:00:00Z"))]);
         let b = timeline(&[
             ("2026-01-15T00:00:00Z", Some("2026-01-15T00:00:00Z")),
             ("2026-03-01T00:00:00Z", None),
         ]);
-        assert_eq!(a.first_difference(&a.clone()), None);
+        assert_eq!(a.differing_span(&a.clone()), None);
         assert_eq!(
-            a.first_difference(&b),
+            a.differing_span(&b).map(|s| s.0),
             Some(t("2026-03-01T00:00:00Z").unwrap())
         );
         assert_eq!(
-            Timeline::default().first_difference(&a),
+            Timeline::default().differing_span(&a).map(|s| s.0),
             Some(t("2026-01-15T00:00:00Z").unwrap())
         );
         assert!(Timeline::default().is_calendar() && !a.is_calendar());

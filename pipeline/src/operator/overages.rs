@@ -33,7 +33,7 @@ use super::billing_period::{Located, Timeline};
 use super::catalog::Catalog;
 use super::restatements::Json;
 use super::slots::{Recent, Slots};
-use super::subscription::{History, SubEvent};
+use super::subscription::{Cursor, FoldState, History, SubEvent};
 use super::usage::Agg;
 use super::window::month_bounds;
 use super::{
@@ -281,6 +281,68 @@ fn date_text(start_us: i64) -> String {
         .to_owned()
 }
 
+/// [`locate`] over instants that mostly fall in the period of the one
+/// before: the last answer holds for its whole valid range, so only the
+/// first instant of each range pays for the calendar arithmetic.
+struct Locator<'a> {
+    timeline: Option<&'a Timeline>,
+    last: Option<Located>,
+}
+
+impl<'a> Locator<'a> {
+    fn new(timeline: Option<&'a Timeline>) -> Locator<'a> {
+        Locator {
+            timeline,
+            last: None,
+        }
+    }
+
+    fn at(&mut self, t: i64) -> Located {
+        match self.last {
+            Some(l) if l.valid_from <= t && t < l.valid_to => l,
+            _ => {
+                let l = locate(self.timeline, t);
+                self.last = Some(l);
+                l
+            }
+        }
+    }
+}
+
+/// Tenants' subscriptions folded at a sequence of instants: one cursor per
+/// tenant, moved forward while the instants grow, started again when the
+/// tenant changes or an instant goes back.
+struct Folds<'a> {
+    subs: &'a HashMap<Arc<str>, History>,
+    tenant: Option<&'a str>,
+    cursor: Option<Cursor<'a>>,
+    at: i64,
+}
+
+impl<'a> Folds<'a> {
+    fn new(subs: &'a HashMap<Arc<str>, History>) -> Folds<'a> {
+        Folds {
+            subs,
+            tenant: None,
+            cursor: None,
+            at: i64::MIN,
+        }
+    }
+
+    /// `tenant`'s subscriptions folded strictly before `t`.
+    fn at(&mut self, tenant: &'a str, t: i64) -> FoldState<'a> {
+        if self.tenant != Some(tenant) || t < self.at {
+            self.tenant = Some(tenant);
+            self.cursor = self.subs.get(tenant).map(History::cursor);
+        }
+        self.at = t;
+        match &mut self.cursor {
+            Some(c) => *c.advance_to(t),
+            None => FoldState::default(),
+        }
+    }
+}
+
 /// The billing period `t` belongs to under `timeline`; calendar months
 /// without one.
 fn locate(timeline: Option<&Timeline>, t: i64) -> Located {
@@ -355,6 +417,16 @@ impl OveragesOperator {
             .get(tenant)
             .map(|h| h.fold_before(e))
             .unwrap_or_default();
+        self.plan_with(&fold, s, e)
+    }
+
+    /// [`Self::plan`] from the tenant's subscriptions folded to `e`.
+    fn plan_with(
+        &self,
+        fold: &FoldState<'_>,
+        s: i64,
+        e: i64,
+    ) -> (Option<String>, Option<&PlanVersion>) {
         let plan = match (&fold.current, &fold.last_cancel) {
             (Some(cur), _) => Some(cur.terms.plan.clone()),
             (None, Some((cancelled, at))) if *at >= s => Some(cancelled.terms.plan.clone()),
@@ -376,7 +448,17 @@ impl OveragesOperator {
 
     /// The row of (`tenant`, period [`s`, `e`), `metric`) with usage `agg`.
     pub fn compute(&self, tenant: &str, s: i64, e: i64, metric: &str, agg: &Agg) -> Row {
-        let (plan, version) = self.plan(tenant, s, e);
+        let fold = self
+            .subs
+            .get(tenant)
+            .map(|h| h.fold_before(e))
+            .unwrap_or_default();
+        self.compute_with(&fold, s, e, metric, agg)
+    }
+
+    /// [`Self::compute`] from the tenant's subscriptions folded to `e`.
+    fn compute_with(&self, fold: &FoldState<'_>, s: i64, e: i64, metric: &str, agg: &Agg) -> Row {
+        let (plan, version) = self.plan_with(fold, s, e);
         let aggregation = self.catalog.aggregation(metric);
         let used = used(agg, aggregation);
         let included = version.and_then(|v| v.limits.get(metric)).copied();
@@ -576,7 +658,7 @@ impl OveragesOperator {
     fn subscriptions_changed(&mut self, tenant: &Arc<str>, ledger: Option<(&Ledger, u64)>) {
         let new = self.subs.get(tenant).map(Timeline::of).unwrap_or_default();
         let old = self.timelines.get(tenant).cloned().unwrap_or_default();
-        if let Some(from) = old.first_difference(&new) {
+        if let Some((from, until)) = old.differing_span(&new) {
             if new.is_calendar() {
                 self.timelines.remove(tenant);
             } else {
@@ -592,7 +674,7 @@ impl OveragesOperator {
                 }
             }
             if let Some((ledger, seq)) = ledger {
-                self.move_usage(tenant, &old, from, ledger, seq, &slots);
+                self.move_usage(tenant, &old, (from, until), ledger, seq, &slots);
             }
         }
         let slots = self.tenant_months.get(tenant).cloned().unwrap_or_default();
@@ -600,16 +682,17 @@ impl OveragesOperator {
         self.reach_again(&slots);
     }
 
-    /// Moves `tenant`'s usage at or after `from` whose period under the
-    /// old timeline differs from its period now: each row that loses or
-    /// gains an event is recomputed from the ledger. The events are found
-    /// through the rows (`slots`) that held them, which all end after
-    /// `from`.
+    /// Moves `tenant`'s usage in [`from`, `until`) (where the old timeline
+    /// and the new one differ; outside it every instant keeps its period)
+    /// whose period under the old timeline differs from its period now:
+    /// each row that loses or gains an event is recomputed from the
+    /// ledger. The events are found through the rows (`slots`) that held
+    /// them, which all end after `from`.
     fn move_usage(
         &mut self,
         tenant: &Arc<str>,
         old: &Timeline,
-        from: i64,
+        (from, until): (i64, i64),
         ledger: &Ledger,
         seq: u64,
         slots: &[u32],
@@ -623,19 +706,22 @@ impl OveragesOperator {
                 continue;
             }
             let mut month = month_bounds(key.1.max(from)).0;
-            while month < m.end {
+            while month < m.end && month < until {
                 months.insert((Arc::clone(&key.2), month));
                 month = month_bounds(month).1;
             }
         }
-        let now = self.timelines.get(tenant);
+        let (mut was_at, mut is_at) = (
+            Locator::new(Some(old)),
+            Locator::new(self.timelines.get(tenant)),
+        );
         let mut rows: BTreeSet<(Arc<str>, i64)> = BTreeSet::new();
         for (metric, month) in &months {
             for r in ledger.usage_after(tenant, metric, *month, seq) {
-                if r.time < from {
+                if r.time < from || r.time >= until {
                     continue;
                 }
-                let (was, is) = (locate(Some(old), r.time), locate(now, r.time));
+                let (was, is) = (was_at.at(r.time), is_at.at(r.time));
                 // Another row, or the same start in another series (its
                 // own end changed).
                 if (was.start, was.end) != (is.start, is.end) {
@@ -676,11 +762,11 @@ impl OveragesOperator {
         start: i64,
         seq: u64,
     ) -> (Agg, Vec<(i64, u32)>) {
-        let tl = self.timelines.get(tenant);
+        let mut at = Locator::new(self.timelines.get(tenant));
         let mut ends: Vec<(i64, u32)> = Vec::new();
         let agg = Agg::of(
             self.period_usage(ledger, tenant, metric, start, seq)
-                .inspect(|r| count_end(&mut ends, locate(tl, r.time).end)),
+                .inspect(|r| count_end(&mut ends, at.at(r.time).end)),
         );
         (agg, ends)
     }
@@ -697,11 +783,11 @@ impl OveragesOperator {
         seq: u64,
     ) -> impl Iterator<Item = &'a crate::operator::ledger::UsageRecord> + 'a {
         let next = month_bounds(start).1;
-        let tl = self.timelines.get(tenant);
+        let mut at = Locator::new(self.timelines.get(tenant));
         ledger
             .usage_after(tenant, metric, start, seq)
             .chain(ledger.usage_after(tenant, metric, next, seq))
-            .filter(move |r| r.time >= start && locate(tl, r.time).start == start)
+            .filter(move |r| r.time >= start && at.at(r.time).start == start)
     }
 
     /// Alerts decided since the last call.
@@ -734,12 +820,12 @@ impl OveragesOperator {
             .filter_map(|i| self.months.slot(*i).map(|(k, _)| k.clone()))
             .collect();
         keys.sort_unstable();
+        let computed = self.compute_rows(&keys);
         let mut changed = Vec::new();
-        for key in keys {
-            let Some(month) = self.months.get(&key) else {
+        for (key, row) in keys.into_iter().zip(computed) {
+            let (Some(month), Some(row)) = (self.months.get(&key), row) else {
                 continue;
             };
-            let row = self.compute(&key.0, key.1, month.end, &key.2, &month.agg);
             if month.row.as_ref() == Some(&row) && month.written == month.alerted {
                 continue;
             }
@@ -763,6 +849,32 @@ impl OveragesOperator {
             changed.push(key);
         }
         changed
+    }
+
+    /// The rows of `keys` (`None` for a key without a month), the plan of
+    /// each folded by tenant and increasing period end: one pass over a
+    /// tenant's subscriptions for all its rows, not one per row, so a
+    /// tenant with many subscription events and many periods costs their
+    /// sum, not their product.
+    fn compute_rows(&self, keys: &[Key]) -> Vec<Option<Row>> {
+        let mut order: Vec<(usize, &Key, i64)> = keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| self.months.get(k).map(|m| (i, k, m.end)))
+            .collect();
+        order.sort_unstable_by(|a, b| (&a.1.0, a.2).cmp(&(&b.1.0, b.2)));
+        let mut rows: Vec<Option<Row>> = vec![None; keys.len()];
+        let mut folds = Folds::new(&self.subs);
+        for (i, key, end) in order {
+            let Some(month) = self.months.get(key) else {
+                continue;
+            };
+            let fold = folds.at(&key.0, end);
+            if let Some(row) = rows.get_mut(i) {
+                *row = Some(self.compute_with(&fold, key.1, end, &key.2, &month.agg));
+            }
+        }
+        rows
     }
 
     fn rows(&self, keys: &[Key], seq: u64) -> Result<RecordBatch, OperatorError> {
@@ -989,16 +1101,20 @@ impl Operator for OveragesOperator {
         }
         slots.sort_unstable();
         slots.dedup();
+        // By tenant and period end: one pass over a tenant's subscriptions.
+        let mut rows: Vec<(&Key, &Month)> = slots
+            .into_iter()
+            .filter_map(|slot| self.months.slot(slot))
+            .map(|(k, m)| (k, m))
+            .filter(|(_, m)| m.end <= final_before && m.agg.events != 0)
+            .collect();
+        rows.sort_unstable_by(|a, b| (&a.0.0, a.1.end).cmp(&(&b.0.0, b.1.end)));
+        let mut folds = Folds::new(&self.subs);
         let mut out = Vec::new();
-        for slot in slots {
-            let Some((key, m)) = self.months.slot(slot) else {
-                continue;
-            };
+        for (key, m) in rows {
             let (start, end) = (key.1, m.end);
-            if end > final_before || m.agg.events == 0 {
-                continue;
-            }
-            let r = self.compute(&key.0, start, end, &key.2, &m.agg);
+            let fold = folds.at(&key.0, end);
+            let r = self.compute_with(&fold, start, end, &key.2, &m.agg);
             out.push((
                 Arc::clone(&key.0),
                 Json::new()

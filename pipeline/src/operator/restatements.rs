@@ -20,6 +20,7 @@
 //! `YYYY-MM-DD`, timestamps RFC 3339 UTC with six fractional digits,
 //! decimals as strings with nine fractional digits.
 
+use std::fmt::Write as _;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -130,9 +131,16 @@ pub fn diff(
 }
 
 /// A canonical JSON object text (see the module documentation).
+///
+/// The values are written one after another into one buffer and put in
+/// key order at [`Json::finish`]: a row's text costs two allocations, not
+/// one per column (the processor builds two per final row a message may
+/// change).
 #[derive(Default)]
 pub struct Json {
-    fields: Vec<(&'static str, String)>,
+    buf: String,
+    /// Each field's name and its value's range in `buf`.
+    fields: Vec<(&'static str, usize, usize)>,
 }
 
 impl Json {
@@ -140,71 +148,84 @@ impl Json {
         Json::default()
     }
 
-    fn raw(mut self, name: &'static str, value: String) -> Json {
-        self.fields.push((name, value));
+    /// Adds field `name`, its value written by `write` (or `null`).
+    fn field<T>(
+        mut self,
+        name: &'static str,
+        v: Option<T>,
+        write: impl FnOnce(&mut String, T),
+    ) -> Json {
+        let from = self.buf.len();
+        match v {
+            Some(v) => write(&mut self.buf, v),
+            None => self.buf.push_str("null"),
+        }
+        self.fields.push((name, from, self.buf.len()));
         self
     }
 
     pub fn str(self, name: &'static str, v: Option<&str>) -> Json {
-        let text = v.map_or_else(
-            || "null".to_owned(),
-            |s| serde_json::to_string(s).unwrap_or_else(|_| "null".to_owned()),
-        );
-        self.raw(name, text)
+        self.field(name, v, |buf, s| match serde_json::to_string(s) {
+            Ok(text) => buf.push_str(&text),
+            Err(_) => buf.push_str("null"),
+        })
     }
 
     pub fn int(self, name: &'static str, v: Option<i64>) -> Json {
-        self.raw(name, v.map_or_else(|| "null".to_owned(), |v| v.to_string()))
+        self.field(name, v, |buf, v| {
+            let _ = write!(buf, "{v}");
+        })
     }
 
     pub fn float(self, name: &'static str, v: Option<f64>) -> Json {
         let text = v
             .filter(|f| f.is_finite())
-            .and_then(|f| serde_json::to_string(&f).ok())
-            .unwrap_or_else(|| "null".to_owned());
-        self.raw(name, text)
+            .and_then(|f| serde_json::to_string(&f).ok());
+        self.field(name, text, |buf, t| buf.push_str(&t))
     }
 
     /// A Decimal128(38, 9) value (nano-units) as a string with nine
     /// fractional digits.
     pub fn dec(self, name: &'static str, v: Option<i128>) -> Json {
-        self.raw(
-            name,
-            v.map_or_else(|| "null".to_owned(), |v| format!("\"{}\"", decimal_text(v))),
-        )
+        self.field(name, v, |buf, v| {
+            buf.push('"');
+            push_decimal(buf, v);
+            buf.push('"');
+        })
     }
 
     /// A timestamp (µs) as RFC 3339 UTC with six fractional digits.
     pub fn ts(self, name: &'static str, v: Option<i64>) -> Json {
-        self.raw(
-            name,
-            v.map_or_else(
-                || "null".to_owned(),
-                |v| format!("\"{}\"", timestamp_text(v)),
-            ),
-        )
+        self.field(name, v, |buf, v| {
+            buf.push('"');
+            push_timestamp(buf, v);
+            buf.push('"');
+        })
     }
 
     /// A date (the day holding the instant `v`, µs) as `YYYY-MM-DD`.
     pub fn date(self, name: &'static str, v: Option<i64>) -> Json {
-        self.raw(
-            name,
-            v.map_or_else(|| "null".to_owned(), |v| format!("\"{}\"", date_text(v))),
-        )
+        self.field(name, v, |buf, v| {
+            buf.push('"');
+            push_date(buf, v);
+            buf.push('"');
+        })
     }
 
     pub fn finish(mut self) -> String {
         self.fields
             .sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-        let mut out = String::from("{");
-        for (i, (k, v)) in self.fields.iter().enumerate() {
+        let names: usize = self.fields.iter().map(|f| f.0.len() + 4).sum();
+        let mut out = String::with_capacity(self.buf.len() + names + 2);
+        out.push('{');
+        for (i, (k, from, to)) in self.fields.iter().enumerate() {
             if i > 0 {
                 out.push(',');
             }
             out.push('"');
             out.push_str(k);
             out.push_str("\":");
-            out.push_str(v);
+            out.push_str(self.buf.get(*from..*to).unwrap_or("null"));
         }
         out.push('}');
         out
@@ -213,31 +234,72 @@ impl Json {
 
 /// Nano-units as a decimal with nine fractional digits, no exponent.
 pub fn decimal_text(v: i128) -> String {
-    let scale = 10i128.pow(SCALE);
-    let sign = if v < 0 { "-" } else { "" };
+    let mut out = String::new();
+    push_decimal(&mut out, v);
+    out
+}
+
+fn push_decimal(out: &mut String, v: i128) {
+    let scale = 10u128.pow(SCALE);
     let a = v.unsigned_abs();
-    let s = scale.unsigned_abs();
-    format!("{sign}{}.{:09}", a / s, a % s)
+    if v < 0 {
+        out.push('-');
+    }
+    let _ = write!(out, "{}.", a / scale);
+    push_digits(out, (a % scale) as u64, 9);
+}
+
+/// `v` in exactly `width` decimal digits, zero-padded (`v` < 10^`width`).
+fn push_digits(out: &mut String, v: u64, width: u32) {
+    let mut p = 10u64.pow(width.saturating_sub(1));
+    while p > 0 {
+        let d = (v / p % 10) as u8;
+        out.push(char::from(b'0' + d));
+        p /= 10;
+    }
 }
 
 /// `YYYY-MM-DD` of the day holding `t` (µs, UTC).
 pub fn date_text(t: i64) -> String {
+    let mut out = String::with_capacity(10);
+    push_date(&mut out, t);
+    out
+}
+
+fn push_date(out: &mut String, t: i64) {
     let (y, m, d) = civil_from_days(t.div_euclid(DAY_US));
-    format!("{y:04}-{m:02}-{d:02}")
+    match u64::try_from(y) {
+        Ok(y) if y <= 9999 => push_digits(out, y, 4),
+        _ => {
+            let _ = write!(out, "{y:04}");
+        }
+    }
+    out.push('-');
+    push_digits(out, m.unsigned_abs(), 2);
+    out.push('-');
+    push_digits(out, d.unsigned_abs(), 2);
 }
 
 /// RFC 3339 UTC with six fractional digits and `Z`.
 pub fn timestamp_text(t: i64) -> String {
-    let rem = t.rem_euclid(DAY_US);
+    let mut out = String::with_capacity(27);
+    push_timestamp(&mut out, t);
+    out
+}
+
+fn push_timestamp(out: &mut String, t: i64) {
+    let rem = t.rem_euclid(DAY_US).unsigned_abs();
     let secs = rem / 1_000_000;
-    format!(
-        "{}T{:02}:{:02}:{:02}.{:06}Z",
-        date_text(t),
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60,
-        rem % 1_000_000
-    )
+    push_date(out, t);
+    out.push('T');
+    push_digits(out, secs / 3600, 2);
+    out.push(':');
+    push_digits(out, secs / 60 % 60, 2);
+    out.push(':');
+    push_digits(out, secs % 60, 2);
+    out.push('.');
+    push_digits(out, rem % 1_000_000, 6);
+    out.push('Z');
 }
 
 /// The `restatements` operator: stores what the processor decided.
@@ -312,6 +374,47 @@ impl Operator for RestatementsOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_timestamps_and_decimals_are_written_digit_by_digit_as_formatted() {
+        let formatted = |t: i64| {
+            let (y, m, d) = civil_from_days(t.div_euclid(DAY_US));
+            let rem = t.rem_euclid(DAY_US);
+            let secs = rem / 1_000_000;
+            format!(
+                "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+                secs / 3600,
+                secs / 60 % 60,
+                secs % 60,
+                rem % 1_000_000
+            )
+        };
+        for t in [
+            0,
+            1,
+            -1,
+            1_735_689_599_999_999,
+            1_767_225_600_123_456,
+            -62_135_596_800_000_000,
+            253_402_300_799_999_999,
+            -86_400_000_000 * 800_000,
+        ] {
+            assert_eq!(timestamp_text(t), formatted(t), "{t}");
+            assert_eq!(
+                date_text(t),
+                formatted(t)[..formatted(t).find('T').unwrap_or(0)]
+            );
+        }
+        assert_eq!(decimal_text(0), "0.000000000");
+        assert_eq!(decimal_text(-1), "-0.000000001");
+        assert_eq!(decimal_text(12_500_000_000), "12.500000000");
+        assert_eq!(
+            decimal_text(i128::MIN),
+            "-170141183460469231731687303715.884105728"
+        );
+        let j = Json::new().int("b", None).dec("a", Some(-1)).finish();
+        assert_eq!(j, r#"{"a":"-0.000000001","b":null}"#);
+    }
 
     #[test]
     fn texts_are_canonical() {
