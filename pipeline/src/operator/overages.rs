@@ -314,7 +314,7 @@ impl<'a> Locator<'a> {
 /// tenant changes or an instant goes back.
 struct Folds<'a> {
     subs: &'a HashMap<Arc<str>, History>,
-    tenant: Option<&'a str>,
+    tenant: Option<Arc<str>>,
     cursor: Option<Cursor<'a>>,
     at: i64,
 }
@@ -330,9 +330,9 @@ impl<'a> Folds<'a> {
     }
 
     /// `tenant`'s subscriptions folded strictly before `t`.
-    fn at(&mut self, tenant: &'a str, t: i64) -> FoldState<'a> {
-        if self.tenant != Some(tenant) || t < self.at {
-            self.tenant = Some(tenant);
+    fn at(&mut self, tenant: &Arc<str>, t: i64) -> FoldState<'a> {
+        if self.tenant.as_ref() != Some(tenant) || t < self.at {
+            self.tenant = Some(Arc::clone(tenant));
             self.cursor = self.subs.get(tenant).map(History::cursor);
         }
         self.at = t;
@@ -820,12 +820,16 @@ impl OveragesOperator {
             .filter_map(|i| self.months.slot(*i).map(|(k, _)| k.clone()))
             .collect();
         keys.sort_unstable();
-        let computed = self.compute_rows(&keys);
         let mut changed = Vec::new();
-        for (key, row) in keys.into_iter().zip(computed) {
-            let (Some(month), Some(row)) = (self.months.get(&key), row) else {
+        // In key order a tenant's period ends mostly grow: one pass over its
+        // subscriptions serves all its rows.
+        let mut folds = Folds::new(&self.subs);
+        for key in keys {
+            let Some(month) = self.months.get(&key) else {
                 continue;
             };
+            let fold = folds.at(&key.0, month.end);
+            let row = self.compute_with(&fold, key.1, month.end, &key.2, &month.agg);
             if month.row.as_ref() == Some(&row) && month.written == month.alerted {
                 continue;
             }
@@ -849,32 +853,6 @@ impl OveragesOperator {
             changed.push(key);
         }
         changed
-    }
-
-    /// The rows of `keys` (`None` for a key without a month), the plan of
-    /// each folded by tenant and increasing period end: one pass over a
-    /// tenant's subscriptions for all its rows, not one per row, so a
-    /// tenant with many subscription events and many periods costs their
-    /// sum, not their product.
-    fn compute_rows(&self, keys: &[Key]) -> Vec<Option<Row>> {
-        let mut order: Vec<(usize, &Key, i64)> = keys
-            .iter()
-            .enumerate()
-            .filter_map(|(i, k)| self.months.get(k).map(|m| (i, k, m.end)))
-            .collect();
-        order.sort_unstable_by(|a, b| (&a.1.0, a.2).cmp(&(&b.1.0, b.2)));
-        let mut rows: Vec<Option<Row>> = vec![None; keys.len()];
-        let mut folds = Folds::new(&self.subs);
-        for (i, key, end) in order {
-            let Some(month) = self.months.get(key) else {
-                continue;
-            };
-            let fold = folds.at(&key.0, end);
-            if let Some(row) = rows.get_mut(i) {
-                *row = Some(self.compute_with(&fold, key.1, end, &key.2, &month.agg));
-            }
-        }
-        rows
     }
 
     fn rows(&self, keys: &[Key], seq: u64) -> Result<RecordBatch, OperatorError> {
