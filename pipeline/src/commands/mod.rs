@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::event::partition::{MAX_PARTITIONS, Partition};
 use crate::generator::GenerateError;
 use crate::query::QueryError;
 use crate::runtime::RuntimeError;
@@ -284,5 +285,65 @@ mod error_text_tests {
             text.starts_with("cannot open the views: Not a directory"),
             "{text}"
         );
+    }
+}
+
+/// `--partitions N --partition K`: a worker of a partitioned deployment.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PartitionArgs {
+    /// Partitions of a partitioned deployment, fixed when its data location is created: each worker folds one partition (the tenants whose FNV-1a hash mod N is its number, and the catalog), readers see the union. Needs --partition.
+    #[arg(long, env = "TALLY_PARTITIONS", requires = "partition")]
+    pub partitions: Option<u32>,
+    /// The partition this worker folds, 0 to N-1 (with --partitions).
+    #[arg(long, env = "TALLY_PARTITION", requires = "partitions")]
+    pub partition: Option<u32>,
+}
+
+impl PartitionArgs {
+    /// The partition asked for, and where its views live: the location
+    /// itself without partitions, else the partition's own location under
+    /// it (the location's count is claimed or checked first). A location
+    /// that is partitioned refuses a run without them.
+    pub async fn resolve(
+        &self,
+        data: &std::path::Path,
+    ) -> Result<(Option<Partition>, PathBuf), CommandError> {
+        use crate::store;
+        let (count, index) = match (self.partitions, self.partition) {
+            (Some(count), Some(index)) => (count, index),
+            (None, None) => {
+                return match store::partitions(data).await.map_err(RuntimeError::from)? {
+                    Some(found) => Err(RuntimeError::from(store::DataDirError::Partitioned {
+                        path: data.to_path_buf(),
+                        found,
+                    })
+                    .into()),
+                    None => Ok((None, data.to_path_buf())),
+                };
+            }
+            _ => {
+                return Err(CommandError::Usage(
+                    "--partitions and --partition go together: give both, or neither".into(),
+                ));
+            }
+        };
+        if count == 0 || count > MAX_PARTITIONS {
+            return Err(CommandError::Usage(format!(
+                "--partitions {count} is out of range; give 1 to {MAX_PARTITIONS}"
+            )));
+        }
+        if index >= count {
+            return Err(CommandError::Usage(format!(
+                "--partition {index} is out of range: with --partitions {count} the partitions are 0 to {}",
+                count - 1
+            )));
+        }
+        store::claim_partitions(data, count)
+            .await
+            .map_err(RuntimeError::from)?;
+        Ok((
+            Some(Partition { index, count }),
+            store::partition_location(data, index),
+        ))
     }
 }

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{CommandError, Globals};
+use super::{CommandError, Globals, PartitionArgs};
 use crate::runtime::{self, RunOptions};
 use crate::source::jetstream as js;
 
@@ -42,6 +42,8 @@ pub struct RunArgs {
     /// If another run holds the data location, wait and take over when it stops (a lock file locally; a lease in object storage, taken over once unrenewed for 15 s) instead of failing.
     #[arg(long, env = "TALLY_STANDBY")]
     pub standby: bool,
+    #[command(flatten)]
+    pub partitions: PartitionArgs,
 }
 
 /// `tally run`, from the command line.
@@ -57,7 +59,15 @@ pub async fn command(g: &Globals, a: &RunArgs) -> Result<(), CommandError> {
         summary_json,
         metrics_listen,
         standby,
+        partitions,
     } = a;
+    let (partition, data) = partitions.resolve(&g.data).await?;
+    // A partition's worker reads the settings file at the deployment's root.
+    let config = config.clone().or_else(|| {
+        partition
+            .map(|_| g.data.join(crate::store::SETTINGS_FILE))
+            .filter(|p| p.exists())
+    });
     if *batch_size == 0 {
         return Err(CommandError::Usage(
             "--batch-size must be at least 1".into(),
@@ -72,7 +82,7 @@ pub async fn command(g: &Globals, a: &RunArgs) -> Result<(), CommandError> {
             tokio::spawn(runtime::metrics::serve(
                 listener,
                 std::sync::Arc::clone(&m),
-                g.data.clone(),
+                data.clone(),
                 g.nats.clone(),
                 g.stream.clone(),
                 runtime::shutdown_signal(),
@@ -83,8 +93,9 @@ pub async fn command(g: &Globals, a: &RunArgs) -> Result<(), CommandError> {
     };
     let consumer = consumer
         .clone()
-        .unwrap_or_else(|| crate::store::DataDir::new(&g.data).consumer_name());
+        .unwrap_or_else(|| crate::store::DataDir::new(&data).consumer_name());
     let opts = RunOptions {
+        partition,
         metrics,
         standby: *standby,
         until_idle: *until_idle,
@@ -92,9 +103,9 @@ pub async fn command(g: &Globals, a: &RunArgs) -> Result<(), CommandError> {
         batch_size: *batch_size,
         batch_wait: Duration::from_millis(*batch_wait_ms),
         ..RunOptions::live(
-            g.data.clone(),
+            data,
             g.source_config(Some(&consumer), Some(dlq_stream)),
-            config.clone(),
+            config,
         )
     };
     let summary = runtime::run(&opts, runtime::shutdown_signal()).await?;

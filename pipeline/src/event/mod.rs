@@ -8,6 +8,7 @@
 
 pub mod alert;
 pub mod decimal;
+pub mod partition;
 pub mod payload;
 pub mod reason;
 pub mod time;

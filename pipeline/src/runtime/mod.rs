@@ -26,6 +26,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use crate::config::ConfigError;
+use crate::event::partition::Partition;
 use crate::operator::OperatorError;
 use crate::sink::alerts::AlertError;
 use crate::sink::dlq::DlqError;
@@ -72,6 +73,17 @@ pub enum RuntimeError {
     Restated(#[from] RestatedError),
     #[error(transparent)]
     Operator(#[from] OperatorError),
+    /// Fatal: the directory folds another part of the stream.
+    #[error(
+        "data directory {path} holds the views of {}, not of {}; give the --partitions and --partition it was built with, or another --data",
+        describe_partition(found),
+        describe_partition(wanted)
+    )]
+    OtherPartition {
+        path: PathBuf,
+        found: Option<Partition>,
+        wanted: Option<Partition>,
+    },
     #[error(
         "data directory {path} was built from stream {found} (created {found_created}), not {wanted} (created {wanted_created}); use a fresh --data, or `tally replay` to rebuild from this stream"
     )]
@@ -140,10 +152,21 @@ pub enum RuntimeError {
     },
 }
 
+/// A partition as an error message names it.
+fn describe_partition(p: &Option<Partition>) -> String {
+    match p {
+        Some(p) => format!("partition {p}"),
+        None => "the whole stream (no partitions)".to_owned(),
+    }
+}
+
 /// How `tally run` behaves (runtime knobs, not results).
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub data_dir: PathBuf,
+    /// The partition of a partitioned deployment this run folds (its
+    /// `data_dir` is that partition's); `None`: the whole stream.
+    pub partition: Option<Partition>,
     pub source: SourceConfig,
     pub config: Option<PathBuf>,
     /// Exit once the stream is drained and quiet for `idle`.
@@ -187,6 +210,7 @@ impl RunOptions {
     /// `tally run`'s behaviour with the given knobs.
     pub fn live(data_dir: PathBuf, source: SourceConfig, config: Option<PathBuf>) -> RunOptions {
         RunOptions {
+            partition: None,
             data_dir,
             source,
             config,

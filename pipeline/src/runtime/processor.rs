@@ -15,6 +15,7 @@ use super::RuntimeError;
 use crate::config::Settings;
 use crate::event::Payload;
 use crate::event::alert::Alert;
+use crate::event::partition::Owner;
 use crate::event::{Event, Limits, validate_message};
 use crate::operator::restatements::{self, Restatement};
 use crate::operator::subscription::SubEvent;
@@ -111,9 +112,15 @@ impl Processor {
     /// event in order) run in two groups at once.
     pub fn process_batch(&mut self, msgs: &[Incoming<'_>]) -> Vec<DeadLetter> {
         let (prefix, limits) = (self.prefix.as_str(), &self.limits);
-        // The dedup key is hashed here too, on both halves.
+        let partition = self.checkpoint.partition;
+        // The dedup key is hashed here too, on both halves. Another
+        // partition's message is passed over from its subject alone.
         let validate = |m: &Incoming<'_>| {
-            validate_message(
+            let owner = partition.map_or(Owner::Own, |p| p.owner(m.subject, prefix));
+            if owner == Owner::Other {
+                return None;
+            }
+            let checked = validate_message(
                 m.payload,
                 m.subject,
                 prefix,
@@ -124,7 +131,8 @@ impl Processor {
             .map(|event| {
                 let key = dedup::key(&event.tenant, &event.source, &event.id);
                 (event, key)
-            })
+            });
+            Some((owner, checked))
         };
         let results = on_two_cores(msgs, validate);
         let cp = &mut self.checkpoint;
@@ -137,6 +145,9 @@ impl Processor {
                 continue;
             }
             cp.advance(m.stream_seq, m.published_at);
+            let Some((owner, result)) = result else {
+                continue;
+            };
             // Refused by validation, or past a tenant's dimension bound.
             let checked = result
                 .as_ref()
@@ -144,6 +155,12 @@ impl Processor {
                 .and_then(|(event, key)| Ok((event, key, self.dimensions.check(event)?)));
             let (event, key, values) = match checked {
                 Ok(checked) => checked,
+                // A refused catalog message is partition 0's to report.
+                Err(_)
+                    if *owner == Owner::Shared && !partition.is_none_or(|p| p.reports_shared()) =>
+                {
+                    continue;
+                }
                 Err(reject) => {
                     cp.counts.dead_letter(reject.reason);
                     letters.push(DeadLetter {

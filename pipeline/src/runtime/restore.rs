@@ -8,29 +8,39 @@ use super::RuntimeError;
 use super::processor::Processor;
 use crate::config::Settings;
 use crate::event::Event;
+use crate::event::partition::Partition;
 use crate::operator;
 use crate::store::DataDir;
 use crate::store::checkpoint::Checkpoint;
 use crate::store::parquet::read_parquet;
 
-/// Loads or starts the checkpoint, checks it belongs to this stream and
-/// these settings, and brings the view directories back to it.
+/// Loads or starts the checkpoint, checks it belongs to this stream, these
+/// settings and this partition (`None`: the whole stream), and brings the view directories back to it.
 pub fn open_state(
     data_dir: &DataDir,
     settings: &Settings,
     stream: &str,
     stream_created: &str,
     prefix: &str,
+    partition: Option<Partition>,
 ) -> Result<Processor, RuntimeError> {
     let checkpoint = match data_dir.checkpoint()? {
         None => {
             // A new data directory has views from the start (empty ones),
             // so readers can tell it from a mistyped path.
-            let cp = Checkpoint::new(stream, stream_created, settings);
+            let mut cp = Checkpoint::new(stream, stream_created, settings);
+            cp.partition = partition;
             data_dir.commit(&cp)?;
             cp
         }
         Some(cp) => {
+            if cp.partition != partition {
+                return Err(RuntimeError::OtherPartition {
+                    path: data_dir.path().to_path_buf(),
+                    found: cp.partition,
+                    wanted: partition,
+                });
+            }
             if cp.stream != stream || cp.stream_created != stream_created {
                 return Err(RuntimeError::OtherStream {
                     path: data_dir.path().to_path_buf(),

@@ -153,6 +153,7 @@ impl<'o> Session<'o> {
             &opts.source.stream,
             &created,
             &opts.source.subject_prefix,
+            opts.partition,
         )?;
         p.set_live(opts.live);
         p.reserve_dedup(stream_last.saturating_sub(p.checkpoint.last_seq));
@@ -315,6 +316,7 @@ impl<'o> Session<'o> {
                         &opts.source.stream,
                         &self.created,
                         &opts.source.subject_prefix,
+                        opts.partition,
                     )?;
                     self.p.set_live(opts.live);
                     info!(

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Settings;
 use crate::event::DlqReason;
+use crate::event::partition::Partition;
 
 pub const FILE_NAME: &str = "checkpoint.json";
 /// Version 2: views over effective events (voids), `corrections`,
@@ -107,6 +108,10 @@ pub struct Checkpoint {
     /// Sequences passed over, in stream order.
     #[serde(default)]
     pub gaps: Vec<Gap>,
+    /// The partition of a partitioned deployment these views fold; `None`:
+    /// the whole stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<Partition>,
 }
 
 impl Checkpoint {
@@ -121,6 +126,7 @@ impl Checkpoint {
             settings: settings.clone(),
             counts: Counts::default(),
             gaps: Vec::new(),
+            partition: None,
         }
     }
 

@@ -49,6 +49,149 @@ pub enum DataDirError {
     },
     #[error(transparent)]
     Remote(#[from] remote::RemoteError),
+    /// Fatal: the location is partitioned in another count.
+    #[error(
+        "data location {path} is partitioned into {found} partitions, not {wanted}; give --partitions {found} (the count is fixed when a location is created), or another --data"
+    )]
+    PartitionCount {
+        path: PathBuf,
+        found: u32,
+        wanted: u32,
+    },
+    /// Fatal: a partitioned run on a location of the whole stream.
+    #[error(
+        "data location {path} holds views of the whole stream, not partitions; run without --partitions, or give another --data"
+    )]
+    NotPartitioned { path: PathBuf },
+    /// Fatal: an unpartitioned run on a partitioned location.
+    #[error(
+        "data location {path} is partitioned into {found} partitions; run each worker with --partitions {found} --partition K, or give another --data"
+    )]
+    Partitioned { path: PathBuf, found: u32 },
+    /// Fatal: the partitions file cannot be read.
+    #[error(
+        "{path} is not a partitions file ({cause}); it says how many partitions the location has: restore it as {{\"partitions\": N}}"
+    )]
+    PartitionsFile { path: PathBuf, cause: String },
+}
+
+/// The file at a partitioned location's root (an object in object
+/// storage) that fixes its partition count.
+pub const PARTITIONS_FILE: &str = "partitions.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartitionsFile {
+    partitions: u32,
+}
+
+/// Where partition `index` of a partitioned location keeps its views: a
+/// data location of its own, under the location's root.
+pub fn partition_location(location: &Path, index: u32) -> PathBuf {
+    location.join(format!("partition-{index}"))
+}
+
+/// The partition count of the location `--data` names; `None`: not
+/// partitioned (or nothing there yet).
+pub async fn partitions(location: &Path) -> Result<Option<u32>, DataDirError> {
+    let bytes = match remote::Location::parse(location)? {
+        Some(loc) => loc.get(PARTITIONS_FILE).await?.map(|(b, _)| b.to_vec()),
+        None => match std::fs::read(location.join(PARTITIONS_FILE)) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(DataDirError::PartitionsFile {
+                    path: location.join(PARTITIONS_FILE),
+                    cause: e.to_string(),
+                });
+            }
+        },
+    };
+    let Some(bytes) = bytes else {
+        return Ok(None);
+    };
+    match serde_json::from_slice::<PartitionsFile>(&bytes) {
+        Ok(f) if f.partitions >= 1 => Ok(Some(f.partitions)),
+        Ok(_) => Err(DataDirError::PartitionsFile {
+            path: location.join(PARTITIONS_FILE),
+            cause: "0 partitions".into(),
+        }),
+        Err(e) => Err(DataDirError::PartitionsFile {
+            path: location.join(PARTITIONS_FILE),
+            cause: e.to_string(),
+        }),
+    }
+}
+
+/// Marks the location `--data` names as partitioned into `count` (the
+/// first worker to start does; a conditional create, so two racing ones
+/// agree), or checks the mark: another count, or views of the whole
+/// stream at its root, are refused.
+pub async fn claim_partitions(location: &Path, count: u32) -> Result<(), DataDirError> {
+    if let Some(found) = partitions(location).await? {
+        return if found == count {
+            Ok(())
+        } else {
+            Err(DataDirError::PartitionCount {
+                path: location.to_path_buf(),
+                found,
+                wanted: count,
+            })
+        };
+    }
+    let not_partitioned = || DataDirError::NotPartitioned {
+        path: location.to_path_buf(),
+    };
+    let bytes = serde_json::to_vec(&PartitionsFile { partitions: count }).unwrap_or_default();
+    match remote::Location::parse(location)? {
+        Some(loc) => {
+            if loc.manifest().await?.is_some() {
+                return Err(not_partitioned());
+            }
+            match loc
+                .put(PARTITIONS_FILE, bytes.into(), object_store::PutMode::Create)
+                .await
+            {
+                Ok(_) | Err(remote::RemoteError::Superseded { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        None => {
+            if location.join(checkpoint::FILE_NAME).exists() {
+                return Err(not_partitioned());
+            }
+            std::fs::create_dir_all(location).map_err(|source| DataDirError::Create {
+                path: location.to_path_buf(),
+                source,
+            })?;
+            let path = location.join(PARTITIONS_FILE);
+            // Written aside, then linked into place: the first link wins,
+            // and a reader never sees half a file.
+            let tmp = location.join(format!(".{PARTITIONS_FILE}.{}", std::process::id()));
+            let write = |source| DataDirError::Write {
+                path: path.clone(),
+                source,
+            };
+            std::fs::write(&tmp, &bytes).map_err(write)?;
+            let linked = std::fs::hard_link(&tmp, &path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(write(e)),
+            }
+        }
+    }
+    // Whoever won the race, the count now at the location decides.
+    match partitions(location).await? {
+        Some(found) if found == count => Ok(()),
+        Some(found) => Err(DataDirError::PartitionCount {
+            path: location.to_path_buf(),
+            found,
+            wanted: count,
+        }),
+        None => Err(not_partitioned()),
+    }
 }
 
 /// How often a `--standby` run tries a local directory's lock.
