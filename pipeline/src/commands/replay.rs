@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use tracing::{info, warn};
 
-use super::{CommandError, Globals};
+use super::{CommandError, Globals, PartitionArgs};
 use crate::config::Settings;
 use crate::runtime;
 use crate::runtime::{ArchiveSource, RunOptions, RunSummary, RuntimeError, run_with_lock};
@@ -613,6 +613,9 @@ pub struct ReplayArgs {
     /// Print a JSON summary line on stdout at exit (used by `tally bench`).
     #[arg(long, hide = true)]
     pub summary_json: bool,
+    /// Rebuild one partition of a partitioned location.
+    #[command(flatten)]
+    pub partitions: PartitionArgs,
 }
 
 /// `tally replay`, from the command line.
@@ -626,7 +629,20 @@ pub async fn command(g: &Globals, a: &ReplayArgs) -> Result<(), CommandError> {
         accept_gap,
         handoff_timeout_secs,
         summary_json,
+        partitions,
     } = a;
+    let (partition, data) = partitions.resolve(&g.data).await?;
+    // A partition's replay reads the settings file at the deployment's
+    // root, and has a consumer of its own (partitions replay side by side).
+    let config = config.clone().or_else(|| {
+        partition
+            .map(|_| g.data.join(crate::store::SETTINGS_FILE))
+            .filter(|p| p.exists())
+    });
+    let consumer = match partition {
+        Some(p) => format!("tally-replay-p{}", p.index),
+        None => "tally-replay".to_owned(),
+    };
     if *batch_size == 0 {
         return Err(CommandError::Usage(
             "--batch-size must be at least 1".into(),
@@ -642,10 +658,11 @@ pub async fn command(g: &Globals, a: &ReplayArgs) -> Result<(), CommandError> {
             batch_size: *batch_size,
             accept_gap: *accept_gap,
             handoff_timeout: Duration::from_secs(*handoff_timeout_secs),
+            partition,
             ..RunOptions::live(
-                g.data.clone(),
-                g.source_config(Some("tally-replay"), Some(dlq_stream)),
-                config.clone(),
+                data,
+                g.source_config(Some(&consumer), Some(dlq_stream)),
+                config,
             )
         },
         until_seq: *until_seq,

@@ -299,6 +299,62 @@ pub struct StatusArgs {
 
 /// `tally status`, from the command line.
 pub async fn command(g: &Globals, a: &StatusArgs) -> Result<(), CommandError> {
+    let partitions = crate::store::partitions(&g.data)
+        .await
+        .map_err(crate::runtime::RuntimeError::from)?;
+    match partitions {
+        Some(count) => partitioned(g, a, count).await,
+        None => whole(g, a).await,
+    }
+}
+
+/// The status of each partition of a location partitioned into `count`,
+/// one after another (JSON: `{"partitions": [...]}`), each with the
+/// consumer its worker derives from its location.
+async fn partitioned(g: &Globals, a: &StatusArgs, count: u32) -> Result<(), CommandError> {
+    let mut text = String::new();
+    let mut all_problems = Vec::new();
+    let mut json = Vec::new();
+    for k in 0..count {
+        let dir = crate::store::partition_location(&g.data, k);
+        let consumer = crate::store::DataDir::new(&dir).consumer_name();
+        let report = status(&dir, &g.source_config(Some(&consumer), None)).await?;
+        let nats_error = report
+            .problems
+            .iter()
+            .find(|p| p.is_nats())
+            .map(ToString::to_string);
+        if a.json {
+            let problems: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
+            json.push(serde_json::json!({
+                "partition": k,
+                "partitions": count,
+                "status": report.status,
+                "nats_error": nats_error,
+                "problems": problems,
+            }));
+        } else {
+            text.push_str(&format!("partition         {k} of {count}\n"));
+            text.push_str(&render(&report.status, nats_error.as_deref()));
+            text.push('\n');
+        }
+        all_problems.extend(report.problems);
+    }
+    if a.json {
+        text = serde_json::json!({ "partitions": json }).to_string() + "\n";
+    }
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .map_err(CommandError::Output)?;
+    if all_problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CommandError::StatusIncomplete(all_problems))
+    }
+}
+
+/// The status of a location of the whole stream.
+async fn whole(g: &Globals, a: &StatusArgs) -> Result<(), CommandError> {
     let StatusArgs { consumer, json } = a;
     let consumer = consumer
         .clone()

@@ -48,7 +48,6 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::parser::ParserError;
 
-use crate::config::Settings;
 use crate::operator::{self, Storage};
 use crate::store::checkpoint::{Checkpoint, CheckpointError};
 use crate::store::parquet::{ViewDir, ViewFilesError};
@@ -88,6 +87,20 @@ pub enum QueryError {
     /// Fatal for the query: the view files cannot be listed.
     #[error(transparent)]
     ViewFiles(#[from] ViewFilesError),
+    /// Fatal for the query: the location's partitions cannot be told.
+    #[error(transparent)]
+    Location(#[from] crate::store::DataDirError),
+    /// Fatal for the query (retry once the worker has started): a
+    /// partition of a partitioned location has no views yet.
+    #[error(
+        "partition {index} of {} has no views yet (no checkpoint): start its worker, `tally run --partitions {count} --partition {index}`",
+        dir.display()
+    )]
+    NoPartition {
+        dir: PathBuf,
+        index: u32,
+        count: u32,
+    },
     /// Fatal for the query: the checkpoint cannot be read.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
@@ -298,6 +311,9 @@ impl Session {
         opts: &QueryOptions,
         runtime: Arc<RuntimeEnv>,
     ) -> Result<Session, QueryError> {
+        if let Some(count) = crate::store::partitions(data_dir).await? {
+            return Session::open_partitions(data_dir, count, remote, opts, runtime).await;
+        }
         if let Some(loc) = remote {
             let Some((manifest, _)) = loc.manifest().await.map_err(CheckpointError::from)? else {
                 // A missing bucket reads as no manifest too: say which it is.
@@ -368,6 +384,96 @@ impl Session {
         })
     }
 
+    /// [`Session::open_in`] on a location partitioned into `count`: every
+    /// partition's checkpoint is read once, and the views are their union
+    /// (see [`open_partitioned`]).
+    async fn open_partitions(
+        data_dir: &Path,
+        count: u32,
+        remote: Option<&Location>,
+        opts: &QueryOptions,
+        runtime: Arc<RuntimeEnv>,
+    ) -> Result<Session, QueryError> {
+        if let Some(loc) = remote {
+            let url = datafusion::execution::object_store::ObjectStoreUrl::parse(format!(
+                "s3://{}",
+                loc.bucket
+            ))
+            .map_err(|cause| QueryError::Register {
+                view: "(object store)".into(),
+                cause,
+            })?;
+            runtime.register_object_store(url.as_ref(), Arc::clone(&loc.store));
+        }
+        let dirs: Vec<PathBuf> = (0..count)
+            .map(|k| crate::store::partition_location(data_dir, k))
+            .collect();
+        let mut locations = Vec::with_capacity(dirs.len());
+        for dir in &dirs {
+            locations.push(Location::parse(dir).map_err(CheckpointError::from)?);
+        }
+        let no_partition = |index: u32| QueryError::NoPartition {
+            dir: data_dir.to_path_buf(),
+            index,
+            count,
+        };
+        let mut moved = None;
+        for _ in 0..OPEN_ATTEMPTS {
+            let mut manifests = Vec::with_capacity(dirs.len());
+            let mut checkpoints = Vec::with_capacity(dirs.len());
+            for (k, (dir, loc)) in (0..count).zip(dirs.iter().zip(&locations)) {
+                match loc {
+                    Some(loc) => {
+                        let (m, _) = loc
+                            .manifest()
+                            .await
+                            .map_err(CheckpointError::from)?
+                            .ok_or_else(|| no_partition(k))?;
+                        checkpoints.push(m.checkpoint.clone());
+                        manifests.push(Some(m));
+                    }
+                    None => {
+                        checkpoints.push(Checkpoint::load(dir)?.ok_or_else(|| no_partition(k))?);
+                        manifests.push(None);
+                    }
+                }
+            }
+            let parts: Vec<(Files<'_>, Checkpoint)> = dirs
+                .iter()
+                .zip(&locations)
+                .zip(&manifests)
+                .zip(checkpoints)
+                .map(|(((dir, loc), manifest), cp)| {
+                    let files = match (loc, manifest) {
+                        (Some(loc), Some(m)) => Files::Remote(loc, m),
+                        _ => Files::Local(dir),
+                    };
+                    (files, cp)
+                })
+                .collect();
+            let checkpoint_seq = parts.iter().map(|(_, cp)| cp.last_seq).min().unwrap_or(0);
+            match open_partitioned(&parts, opts, Arc::clone(&runtime)).await {
+                Ok((ctx, replaced)) => {
+                    return Ok(Session {
+                        ctx,
+                        checkpoint_seq,
+                        replaced,
+                        data_dir: data_dir.to_path_buf(),
+                        opts: opts.clone(),
+                        runtime,
+                    });
+                }
+                Err(OpenError::Moved(m)) => moved = Some((m.path, checkpoint_seq)),
+                Err(OpenError::Failed(e)) => return Err(e),
+            }
+        }
+        let (path, checkpoint_seq) = moved.unwrap_or_default();
+        Err(QueryError::Unsettled {
+            path,
+            checkpoint_seq,
+        })
+    }
+
     /// Runs one read-only statement and collects its rows. If a file the
     /// plan lists vanished before it was read (compaction merged it, or
     /// `tally replay` switched the directory), the session is opened again
@@ -398,6 +504,27 @@ async fn open_at(
     opts: &QueryOptions,
     runtime: Arc<RuntimeEnv>,
 ) -> Result<(SessionContext, Vec<Replaced>), OpenError> {
+    let ctx = new_context(runtime);
+    let scoped = opts.scope != Scope::AllTenants;
+    register_clock(&ctx, checkpoint, CLOCK_TABLE)?;
+    register_gaps(&ctx, checkpoint, scoped, GAPS_TABLE)?;
+    let names = Names {
+        prefix: String::new(),
+        clock: CLOCK_TABLE.to_owned(),
+        positions: scoped,
+    };
+    let (stored, positioned) = register_views(&ctx, data_dir, checkpoint, opts, &names).await?;
+    if scoped {
+        tenant_positions(&ctx, &positioned).await?;
+        scoped_clock(&ctx).await?;
+    }
+    let (sql_views, replaced) = views::view_sql(opts.queries_dir.as_deref(), &stored)?;
+    views::register(&ctx, &sql_views).await?;
+    Ok((ctx, replaced))
+}
+
+/// A session context with the functions the views may call.
+fn new_context(runtime: Arc<RuntimeEnv>) -> SessionContext {
     // The catalog is named like the database clients connect to.
     let config = SessionConfig::new()
         .with_information_schema(true)
@@ -405,10 +532,36 @@ async fn open_at(
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     // Before any view is defined: a view holds the functions it calls.
     bounded::bound_functions(&ctx);
+    ctx
+}
+
+/// The names one checkpoint's views are registered under.
+struct Names {
+    /// Before every table's name: "" for a location of the whole stream,
+    /// `_p<k>_` for partition k of a partitioned one.
+    prefix: String,
+    /// The clock table `is_final` reads.
+    clock: String,
+    /// Register the views with stream sequences under [`SCOPED`] names,
+    /// for [`tenant_positions`] to define.
+    positions: bool,
+}
+
+/// Registers the views of one checkpoint (the rows of `files` it covers)
+/// under `names`: every stored view, and the `_<view>_versions` table of
+/// each versioned one for all-tenant sessions. Returns the stored views
+/// and, with `names.positions`, the views whose sequences become positions.
+async fn register_views(
+    ctx: &SessionContext,
+    data_dir: &Files<'_>,
+    checkpoint: &Checkpoint,
+    opts: &QueryOptions,
+    names: &Names,
+) -> Result<(Vec<&'static str>, Vec<(&'static str, SchemaRef)>), OpenError> {
     let settings = &checkpoint.settings;
-    register_clock(&ctx, checkpoint, settings)?;
     let scoped = opts.scope != Scope::AllTenants;
-    register_gaps(&ctx, checkpoint, scoped)?;
+    let prefix = names.prefix.as_str();
+    let clock = names.clock.as_str();
     // What each operator stores, taken before any await: operators are not
     // `Sync`, and a session opens inside `Send` futures (`tally serve`).
     let stores: Vec<(&'static str, Storage, SchemaRef)> = operator::registry(settings)
@@ -422,25 +575,19 @@ async fn open_at(
     for (view, storage, schema) in stores {
         stored.push(view);
         let upto = checkpoint.last_seq;
+        let name = if names.positions && POSITIONED.contains(&view) {
+            positioned.push((view, Arc::clone(&schema)));
+            format!("{SCOPED}{view}")
+        } else {
+            format!("{prefix}{view}")
+        };
         match storage {
-            Storage::Append if scoped && POSITIONED.contains(&view) => {
-                register_files(
-                    &ctx,
-                    data_dir,
-                    upto,
-                    view,
-                    &format!("{SCOPED}{view}"),
-                    Arc::clone(&schema),
-                    &opts.scope,
-                )?;
-                positioned.push((view, schema));
-            }
             Storage::Append => register_files(
-                &ctx,
+                ctx,
                 data_dir,
                 upto,
                 view,
-                view,
+                &name,
                 Arc::clone(&schema),
                 &opts.scope,
             )?,
@@ -458,7 +605,7 @@ async fn open_at(
                     .map(|c| quote(c))
                     .collect();
                 let columns = columns.join(", ");
-                let versions = format!("_{view}_versions");
+                let versions = format!("_{prefix}{view}_versions");
                 let refs = checkpoint_refs(data_dir, upto, view)?;
                 // A snapshot first (each key once, nothing older counts):
                 // its rows are taken as they are, and versions are resolved
@@ -473,11 +620,11 @@ async fn open_at(
                     }
                     _ => Layout::Versions,
                 };
-                let base = format!("_{view}_snapshot");
-                let newer = format!("_{view}_newer");
+                let base = format!("_{prefix}{view}_snapshot");
+                let newer = format!("_{prefix}{view}_newer");
                 if layout != Layout::Versions {
                     register_refs(
-                        &ctx,
+                        ctx,
                         refs[..1].to_vec(),
                         view,
                         &base,
@@ -487,7 +634,7 @@ async fn open_at(
                 }
                 if layout == Layout::SnapshotAndNewer {
                     register_refs(
-                        &ctx,
+                        ctx,
                         refs[1..].to_vec(),
                         view,
                         &newer,
@@ -495,28 +642,16 @@ async fn open_at(
                         &opts.scope,
                     )?;
                 }
-                register_refs(
-                    &ctx,
-                    refs,
-                    view,
-                    &versions,
-                    Arc::clone(&schema),
-                    &opts.scope,
-                )?;
+                register_refs(ctx, refs, view, &versions, Arc::clone(&schema), &opts.scope)?;
                 let is_final = final_column
-                    .map(|c| format!(", COALESCE({c} <= (SELECT final_before FROM {CLOCK_TABLE}), false) AS is_final"))
+                    .map(|c| format!(", COALESCE({c} <= (SELECT final_before FROM {clock}), false) AS is_final"))
                     .unwrap_or_default();
                 let deleted = deleted_column
                     .map(|c| format!(" WHERE NOT {c}"))
                     .unwrap_or_default();
                 let current = current_rows(layout, key, &schema, &versions, &base, &newer);
                 let latest = format!("SELECT {columns}{is_final} FROM ({current}){deleted}");
-                let sql = if scoped && POSITIONED.contains(&view) {
-                    positioned.push((view, Arc::clone(&schema)));
-                    format!("CREATE VIEW {SCOPED}{view} AS {latest}")
-                } else {
-                    format!("CREATE VIEW {view} AS {latest}")
-                };
+                let sql = format!("CREATE VIEW {name} AS {latest}");
                 ctx.sql(&sql).await.map_err(|cause| QueryError::Register {
                     view: view.to_owned(),
                     cause,
@@ -525,16 +660,156 @@ async fn open_at(
                 // newer files are a layout of `_{view}_versions`, not
                 // tables of their own.
                 if layout != Layout::Versions {
-                    deregister(&ctx, &base)?;
+                    deregister(ctx, &base)?;
                 }
                 if layout == Layout::SnapshotAndNewer {
-                    deregister(&ctx, &newer)?;
+                    deregister(ctx, &newer)?;
                 }
                 if scoped {
                     // `_seq` is a stream position: the account does not
                     // see the versions.
-                    deregister(&ctx, &versions)?;
+                    deregister(ctx, &versions)?;
                 }
+            }
+        }
+    }
+    Ok((stored, positioned))
+}
+
+/// Opens a partitioned location's partitions, each at its own checkpoint
+/// (`parts[k]` is partition k), as one set of views: each stored view is
+/// the union of the partitions' rows, every partition's `is_final` by its
+/// own clock. The catalog's rows (tenant `_system`), which every partition
+/// keeps, are taken from partition 0 only. `_tally_clock` is the
+/// deployment's frontier (the least clock and checkpoint of the
+/// partitions the session sees) and `_tally_partitions` has a row per
+/// partition; `_tally_gaps` is every partition's gaps.
+async fn open_partitioned(
+    parts: &[(Files<'_>, Checkpoint)],
+    opts: &QueryOptions,
+    runtime: Arc<RuntimeEnv>,
+) -> Result<(SessionContext, Vec<Replaced>), OpenError> {
+    let ctx = new_context(runtime);
+    let scoped = opts.scope != Scope::AllTenants;
+    let count = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+    // A tenant account sees the partitions of its tenants only: another
+    // partition's clock is other tenants' time.
+    let seen: Vec<usize> = (0..parts.len())
+        .filter(|k| match &opts.scope {
+            Scope::AllTenants => true,
+            Scope::Tenants(ts) => ts.iter().any(|t| {
+                usize::try_from(crate::event::partition::partition_of(t, count)) == Ok(*k)
+            }),
+        })
+        .collect();
+    let mut stored: Vec<&'static str> = Vec::new();
+    let mut schemas: Vec<(&'static str, SchemaRef, bool)> = Vec::new();
+    for (k, (files, cp)) in parts.iter().enumerate() {
+        let prefix = format!("_p{k}_");
+        let clock = format!("{prefix}tally_clock");
+        register_clock(&ctx, cp, &clock)?;
+        register_gaps(&ctx, cp, scoped, &format!("{prefix}tally_gaps"))?;
+        let names = Names {
+            prefix,
+            clock,
+            positions: false,
+        };
+        let (views, _) = register_views(&ctx, files, cp, opts, &names).await?;
+        if stored.is_empty() {
+            stored = views;
+            let registry = operator::registry(&cp.settings);
+            schemas = registry
+                .iter()
+                .map(|op| {
+                    let versioned = matches!(op.storage(), Storage::Versioned { .. });
+                    (op.view(), op.schema(), versioned)
+                })
+                .collect();
+        }
+    }
+    let reg = |view: &str| {
+        let view = view.to_owned();
+        move |cause| QueryError::Register { view, cause }
+    };
+    let union = |table: &dyn Fn(usize) -> String, has_tenant: bool, partitions: &[usize]| {
+        partitions
+            .iter()
+            .map(|k| {
+                let only_own = if has_tenant && *k != 0 {
+                    format!(
+                        " WHERE tenant <> '{}'",
+                        crate::event::partition::SYSTEM_TENANT
+                    )
+                } else {
+                    String::new()
+                };
+                format!("SELECT * FROM {}{only_own}", table(*k))
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
+    };
+    let all: Vec<usize> = (0..parts.len()).collect();
+    let mut positioned = Vec::new();
+    for (view, schema, versioned) in &schemas {
+        let has_tenant = schema.field_with_name("tenant").is_ok();
+        let name = if scoped && POSITIONED.contains(view) {
+            positioned.push((*view, Arc::clone(schema)));
+            format!("{SCOPED}{view}")
+        } else {
+            (*view).to_owned()
+        };
+        let sql = format!(
+            "CREATE VIEW {name} AS {}",
+            union(&|k| format!("_p{k}_{view}"), has_tenant, &all)
+        );
+        ctx.sql(&sql).await.map_err(reg(view))?;
+        if *versioned && !scoped {
+            let sql = format!(
+                "CREATE VIEW _{view}_versions AS {}",
+                union(&|k| format!("__p{k}_{view}_versions"), has_tenant, &all)
+            );
+            ctx.sql(&sql).await.map_err(reg(view))?;
+        }
+    }
+    let rows: Vec<String> = seen
+        .iter()
+        .map(|k| {
+            format!(
+                "SELECT CAST({k} AS INT) AS partition, CAST({count} AS INT) AS partitions, stream_clock, final_before, checkpoint_seq FROM _p{k}_tally_clock"
+            )
+        })
+        .collect();
+    ctx.sql(&format!(
+        "CREATE VIEW {PARTITIONS_TABLE} AS {}",
+        rows.join(" UNION ALL ")
+    ))
+    .await
+    .map_err(reg(PARTITIONS_TABLE))?;
+    ctx.sql(&format!(
+        "CREATE VIEW {CLOCK_TABLE} AS SELECT min(stream_clock) AS stream_clock, \
+         min(final_before) AS final_before, min(checkpoint_seq) AS checkpoint_seq FROM {PARTITIONS_TABLE}"
+    ))
+    .await
+    .map_err(reg(CLOCK_TABLE))?;
+    let gaps: Vec<String> = seen
+        .iter()
+        .map(|k| format!("SELECT CAST({k} AS INT) AS partition, * FROM _p{k}_tally_gaps"))
+        .collect();
+    ctx.sql(&format!(
+        "CREATE VIEW {GAPS_TABLE} AS {}",
+        gaps.join(" UNION ALL ")
+    ))
+    .await
+    .map_err(reg(GAPS_TABLE))?;
+    // The partitions' own tables are read through the union only.
+    for k in 0..parts.len() {
+        for name in [format!("_p{k}_tally_clock"), format!("_p{k}_tally_gaps")] {
+            deregister(&ctx, &name)?;
+        }
+        for (view, _, versioned) in &schemas {
+            deregister(&ctx, &format!("_p{k}_{view}"))?;
+            if *versioned && !scoped {
+                deregister(&ctx, &format!("__p{k}_{view}_versions"))?;
             }
         }
     }
@@ -546,6 +821,10 @@ async fn open_at(
     views::register(&ctx, &sql_views).await?;
     Ok((ctx, replaced))
 }
+
+/// The system table of a partitioned location: a row per partition (that
+/// the session sees) with its clock and checkpoint.
+pub const PARTITIONS_TABLE: &str = "_tally_partitions";
 
 /// How a versioned view's files resolve into its current rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -729,11 +1008,8 @@ pub const CATALOG: &str = "tally";
 /// finality bound (`stream clock - lateness`): `is_final` = `end <= final_before`.
 pub const CLOCK_TABLE: &str = "_tally_clock";
 
-fn register_clock(
-    ctx: &SessionContext,
-    cp: &Checkpoint,
-    settings: &Settings,
-) -> Result<(), QueryError> {
+fn register_clock(ctx: &SessionContext, cp: &Checkpoint, name: &str) -> Result<(), QueryError> {
+    let settings = &cp.settings;
     let ts = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     let schema = Arc::new(Schema::new(vec![
         Field::new("stream_clock", ts(), true),
@@ -742,7 +1018,7 @@ fn register_clock(
     ]));
     let clock = cp.stream_clock_us;
     let reg = |cause| QueryError::Register {
-        view: CLOCK_TABLE.to_owned(),
+        view: name.to_owned(),
         cause,
     };
     let batch = RecordBatch::try_new(
@@ -760,8 +1036,7 @@ fn register_clock(
     )
     .map_err(|e| reg(e.into()))?;
     let table = MemTable::try_new(schema, vec![vec![batch]]).map_err(reg)?;
-    ctx.register_table(CLOCK_TABLE, Arc::new(table))
-        .map_err(reg)?;
+    ctx.register_table(name, Arc::new(table)).map_err(reg)?;
     Ok(())
 }
 
@@ -772,7 +1047,12 @@ pub const GAPS_TABLE: &str = "_tally_gaps";
 
 /// For a tenant account (`scoped`) the sequences and the number of
 /// messages are NULL: they count every tenant's messages.
-fn register_gaps(ctx: &SessionContext, cp: &Checkpoint, scoped: bool) -> Result<(), QueryError> {
+fn register_gaps(
+    ctx: &SessionContext,
+    cp: &Checkpoint,
+    scoped: bool,
+    name: &str,
+) -> Result<(), QueryError> {
     let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     let schema = Arc::new(Schema::new(vec![
         Field::new("first_seq", DataType::UInt64, scoped),
@@ -788,7 +1068,7 @@ fn register_gaps(ctx: &SessionContext, cp: &Checkpoint, scoped: bool) -> Result<
         }
     };
     let reg = |cause| QueryError::Register {
-        view: GAPS_TABLE.to_owned(),
+        view: name.to_owned(),
         cause,
     };
     let gaps = &cp.gaps;
@@ -808,8 +1088,7 @@ fn register_gaps(ctx: &SessionContext, cp: &Checkpoint, scoped: bool) -> Result<
     )
     .map_err(|e| reg(e.into()))?;
     let table = MemTable::try_new(schema, vec![vec![batch]]).map_err(reg)?;
-    ctx.register_table(GAPS_TABLE, Arc::new(table))
-        .map_err(reg)?;
+    ctx.register_table(name, Arc::new(table)).map_err(reg)?;
     Ok(())
 }
 
@@ -1170,6 +1449,7 @@ pub(crate) fn classify(e: DataFusionError, memory_limit: u64) -> QueryError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
     use crate::store::parquet::views_root;
     use arrow::datatypes::Field;
 

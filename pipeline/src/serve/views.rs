@@ -68,9 +68,29 @@ enum Stamp {
         mtime_ns: i128,
     },
     Remote(String),
+    /// A partitioned location: each partition's.
+    Partitions(Vec<Option<Stamp>>),
 }
 
 async fn stamp(data_dir: &Path, remote: Option<&Location>) -> Option<Stamp> {
+    match own_stamp(data_dir, remote).await {
+        Some(s) => Some(s),
+        // No checkpoint at the root: a partitioned location, or nothing yet.
+        None => {
+            let count = crate::store::partitions(data_dir).await.ok().flatten()?;
+            let mut stamps = Vec::new();
+            for k in 0..count {
+                let dir = crate::store::partition_location(data_dir, k);
+                let loc = Location::parse(&dir).ok().flatten();
+                stamps.push(own_stamp(&dir, loc.as_ref()).await);
+            }
+            Some(Stamp::Partitions(stamps))
+        }
+    }
+}
+
+/// The stamp of the checkpoint of one data location.
+async fn own_stamp(data_dir: &Path, remote: Option<&Location>) -> Option<Stamp> {
     if let Some(loc) = remote {
         return loc.head(MANIFEST).await.ok().flatten().map(Stamp::Remote);
     }
