@@ -16,6 +16,7 @@ mod history;
 mod hostile;
 mod metrics;
 mod objectstore;
+mod partitions;
 mod probes;
 mod producers;
 mod serve;

@@ -1,0 +1,252 @@
+//! Partitioned deployments: N workers over one stream, each folding its
+//! tenants (and the catalog) into its own partition of one data location,
+//! read as one set of views.
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream::stream;
+
+use crate::harness::{NatsServer, generated, js, rt, run_expect, sql, tally, wait_for_checkpoint};
+use crate::metrics::{all_views, assert_same_views, sorted_csv};
+
+fn worker(server: &NatsServer, data: &Path, n: u32, k: u32, until_idle: bool) -> Child {
+    let mut c = tally(server, data);
+    c.args([
+        "run",
+        "--partitions",
+        &n.to_string(),
+        "--partition",
+        &k.to_string(),
+        "--batch-size",
+        "200",
+    ]);
+    if until_idle {
+        c.arg("--until-idle");
+    }
+    c.stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_ok(child: Child) {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "worker failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The tenants a partition's own location holds.
+fn tenants_of(server: &NatsServer, partition: &Path) -> Vec<String> {
+    let mut t: Vec<String> = sql(server, partition, "SELECT tenant FROM tenants")
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+    t.sort();
+    t
+}
+
+#[test]
+fn three_partitions_with_kill_9s_read_as_one_run_over_the_whole_stream() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = generated(dir.path(), 40, 3, 7);
+    let whole = dir.path().join("whole");
+    let mut p = tally(&server, &whole);
+    p.args(["publish", file.to_str().unwrap()]);
+    run_expect(p, 0);
+    let mut c = tally(&server, &whole);
+    c.args(["run", "--until-idle"]);
+    run_expect(c, 0);
+
+    // Three workers side by side; partition 1 is killed twice mid-stream.
+    let parted = dir.path().join("parted");
+    let workers: Vec<Child> = [0, 2]
+        .iter()
+        .map(|k| worker(&server, &parted, 3, *k, true))
+        .collect();
+    let p1 = parted.join("partition-1");
+    let mut beyond = 0;
+    for _ in 0..2 {
+        let mut child = worker(&server, &parted, 3, 1, false);
+        beyond = wait_for_checkpoint(&p1, beyond + 1000, &mut child);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    wait_ok(worker(&server, &parted, 3, 1, true));
+    for w in workers {
+        wait_ok(w);
+    }
+
+    // Every view of the union is the whole run's, row for row.
+    assert_same_views(
+        &all_views(&server, &whole),
+        &all_views(&server, &parted),
+        "three partitions against one run",
+    );
+    // Each tenant is in exactly one partition, the one its FNV-1a hash names.
+    let mut seen: Vec<String> = Vec::new();
+    for k in 0..3 {
+        let own = tenants_of(&server, &parted.join(format!("partition-{k}")));
+        assert!(!own.is_empty(), "partition {k} folded no tenant");
+        seen.extend(own);
+    }
+    seen.sort();
+    let all = tenants_of(&server, &whole);
+    assert_eq!(seen, all, "each tenant once, in one partition");
+
+    // The hash is the one NATS's partition transform computes: a stream
+    // that maps `pc.<tenant>` to `pcp.{{partition(3,1)}}.<tenant>` puts
+    // each tenant where Tally did.
+    rt().block_on(async {
+        let js = js(&server).await;
+        js.create_stream(stream::Config {
+            name: "PARTCHECK".into(),
+            subjects: vec!["pc.*".into()],
+            subject_transform: Some(stream::SubjectTransform {
+                source: "pc.*".into(),
+                destination: "pcp.{{partition(3,1)}}.{{wildcard(1)}}".into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        for t in &all {
+            js.publish(format!("pc.{t}"), "x".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        let s = js.get_stream("PARTCHECK").await.unwrap();
+        for (i, t) in all.iter().enumerate() {
+            let m = s.get_raw_message(i as u64 + 1).await.unwrap();
+            let tokens: Vec<&str> = m.subject.split('.').collect();
+            let k = tokens[1];
+            assert_eq!(tokens[2], t);
+            let own = tenants_of(&server, &parted.join(format!("partition-{k}")));
+            assert!(
+                own.contains(t),
+                "NATS puts {t} in partition {k}, Tally did not"
+            );
+        }
+    });
+
+    // The clock tables: one row per partition, the frontier their least.
+    let parts = sorted_csv(
+        &server,
+        &parted,
+        "SELECT partition, partitions, checkpoint_seq FROM _tally_partitions",
+    );
+    let last = sql(&server, &whole, "SELECT checkpoint_seq FROM _tally_clock")[0][0].clone();
+    assert_eq!(
+        parts,
+        format!("partition,partitions,checkpoint_seq\n0,3,{last}\n1,3,{last}\n2,3,{last}\n")
+    );
+    let frontier = sql(
+        &server,
+        &parted,
+        "SELECT k.stream_clock = (SELECT min(stream_clock) FROM _tally_partitions) FROM _tally_clock k",
+    );
+    assert_eq!(frontier, vec![vec!["true".to_owned()]]);
+
+    // `tally status` reports each partition; a replay of one partition
+    // leaves the union as it was.
+    let mut st = tally(&server, &parted);
+    st.args(["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&run_expect(st, 0).stdout).unwrap();
+    let reported = status["partitions"].as_array().unwrap();
+    assert_eq!(reported.len(), 3);
+    for r in reported {
+        assert_eq!(r["status"]["lag"], 0, "{r}");
+    }
+    let mut replay = tally(&server, &parted);
+    replay.args(["replay", "--partitions", "3", "--partition", "2"]);
+    run_expect(replay, 0);
+    assert_same_views(
+        &all_views(&server, &whole),
+        &all_views(&server, &parted),
+        "after replaying partition 2",
+    );
+}
+
+#[test]
+fn partition_mistakes_are_refused_with_what_to_do() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let parted = dir.path().join("parted");
+    let whole = dir.path().join("whole");
+    // Exit 2: a mistake in the command line; 1: in what it meets.
+    let refused = |data: &Path, args: &[&str], code: i32, says: &str| {
+        let mut c = tally(&server, data);
+        c.args(["run", "--until-idle"]).args(args);
+        let out = run_expect(c, code);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(err.contains(says), "{args:?}: {err}");
+    };
+    let ok = |data: &Path, args: &[&str]| {
+        let mut c = tally(&server, data);
+        c.args(["run", "--until-idle"]).args(args);
+        run_expect(c, 0);
+    };
+    ok(&parted, &["--partitions", "2", "--partition", "0"]);
+    refused(
+        &parted,
+        &["--partitions", "3", "--partition", "0"],
+        1,
+        "partitioned into 2 partitions, not 3",
+    );
+    refused(&parted, &[], 1, "--partitions 2 --partition K");
+    refused(
+        &parted,
+        &["--partitions", "2", "--partition", "2"],
+        2,
+        "the partitions are 0 to 1",
+    );
+    refused(&parted, &["--partition", "1"], 2, "--partitions");
+    ok(&whole, &[]);
+    refused(
+        &whole,
+        &["--partitions", "2", "--partition", "0"],
+        1,
+        "holds views of the whole stream",
+    );
+    // Two workers claiming one partition: the second is refused while the
+    // first holds it.
+    let mut first = worker(&server, &parted, 2, 1, false);
+    let lock_holder = parted.join("partition-1").join("checkpoint.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !lock_holder.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker 1 never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    refused(
+        &parted,
+        &["--partitions", "2", "--partition", "1"],
+        1,
+        "another tally process is using",
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // A reader of a partition no worker started says which to start.
+    let mut q = tally(&server, &parted);
+    q.args(["sql", "SELECT count(*) FROM usage"]);
+    run_expect(q, 0);
+    let three = dir.path().join("three");
+    ok(&three, &["--partitions", "3", "--partition", "0"]);
+    let mut q = tally(&server, &three);
+    q.args(["sql", "SELECT count(*) FROM usage"]);
+    let out = run_expect(q, 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("partition 1 of") && err.contains("--partitions 3 --partition 1"),
+        "{err}"
+    );
+}
