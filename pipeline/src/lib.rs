@@ -56,7 +56,8 @@
 //!   `tally bench`, the operators' tests), on the contract and its time.
 //! - [`event`]: the wire contract at the bottom: envelope and `data`
 //!   validation, exact decimals, RFC 3339 time, the dead-letter reasons, the
-//!   threshold alert event.
+//!   threshold alert event, the partition a subject belongs to
+//!   ([`event::partition`]).
 //!
 //! Time in pipeline logic comes only from event time and JetStream publish
 //! time, never the wall clock (clippy's `disallowed-methods` enforces it), so
