@@ -421,3 +421,37 @@ fn refused_credentials_and_a_missing_bucket_stop_with_what_to_do() {
     // Nothing was written to the local disk but temporary files.
     assert!(!Path::new("s3:").exists());
 }
+
+#[test]
+fn partitions_in_object_storage_read_as_one_run_even_with_a_worker_killed() {
+    let s = stream();
+    let server = &s.server;
+    let last = last_seq(server, &s.dir.path().join("clean"));
+    let s3 = SeaweedS3::start();
+    s3.create_bucket(BUCKET);
+    let data = format!("s3://{BUCKET}/parted");
+    let part = |k: u32| ["--partitions", "2", "--partition", if k == 0 { "0" } else { "1" }];
+    // Partition 1 is killed once mid-stream and started again; the lease of
+    // a dead process on this host is taken over at once.
+    let mut p1 = spawn_run(server, &s3, &data, &part(1));
+    wait_committed(&s3, &format!("{data}/partition-1"), last / 3, &mut p1);
+    p1.kill().unwrap(); // SIGKILL
+    p1.wait().unwrap();
+    for k in [0, 1] {
+        let mut c = tally(server, &s3, &data);
+        c.args(["run", "--until-idle"]).args(part(k));
+        run_expect(c, 0);
+    }
+    let (code, body) = s3.request("GET", &format!("/{BUCKET}/parted/partitions.json"));
+    assert_eq!((code, body.trim()), (200, r#"{"partitions":2}"#));
+    assert_same_views(&s.clean, &views(server, &s3, &data), "two partitions on S3");
+    // Another count on the same location is refused.
+    let mut c = tally(server, &s3, &data);
+    c.args(["run", "--until-idle", "--partitions", "3", "--partition", "0"]);
+    let out = run_expect(c, 1);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("partitioned into 2 partitions, not 3"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
