@@ -430,7 +430,14 @@ fn partitions_in_object_storage_read_as_one_run_even_with_a_worker_killed() {
     let s3 = SeaweedS3::start();
     s3.create_bucket(BUCKET);
     let data = format!("s3://{BUCKET}/parted");
-    let part = |k: u32| ["--partitions", "2", "--partition", if k == 0 { "0" } else { "1" }];
+    let part = |k: u32| {
+        [
+            "--partitions",
+            "2",
+            "--partition",
+            if k == 0 { "0" } else { "1" },
+        ]
+    };
     // Partition 1 is killed once mid-stream and started again; the lease of
     // a dead process on this host is taken over at once.
     let mut p1 = spawn_run(server, &s3, &data, &part(1));
@@ -447,7 +454,14 @@ fn partitions_in_object_storage_read_as_one_run_even_with_a_worker_killed() {
     assert_same_views(&s.clean, &views(server, &s3, &data), "two partitions on S3");
     // Another count on the same location is refused.
     let mut c = tally(server, &s3, &data);
-    c.args(["run", "--until-idle", "--partitions", "3", "--partition", "0"]);
+    c.args([
+        "run",
+        "--until-idle",
+        "--partitions",
+        "3",
+        "--partition",
+        "0",
+    ]);
     let out = run_expect(c, 1);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("partitioned into 2 partitions, not 3"),

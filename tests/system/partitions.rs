@@ -250,3 +250,86 @@ fn partition_mistakes_are_refused_with_what_to_do() {
         "{err}"
     );
 }
+
+/// `GET path` on `port`: the status line's code and the body.
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (code, body)
+}
+
+#[test]
+fn tally_serve_answers_a_partitioned_location_and_a_tenant_sees_only_its_own() {
+    use crate::serve::{Serve, add_user, psql};
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = generated(dir.path(), 12, 2, 3);
+    let whole = dir.path().join("whole");
+    let mut p = tally(&server, &whole);
+    p.args(["publish", file.to_str().unwrap()]);
+    run_expect(p, 0);
+    let mut c = tally(&server, &whole);
+    c.args(["run", "--until-idle"]);
+    run_expect(c, 0);
+    let parted = dir.path().join("parted");
+    for k in 0..2 {
+        wait_ok(worker(&server, &parted, 2, k, true));
+    }
+    let tenant = tenants_of(&server, &whole)[0].clone();
+    let users = dir.path().join("users.toml");
+    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    add_user(&users, "acme", "acme-pw", &["--tenant", &tenant]);
+    let serve = Serve::start(&server, &parted, &users, &[]);
+    let q = |user: &str, pw: &str, sql: &str| {
+        let (code, out, err) = psql(&serve.dsn(user, pw), &["-c", sql], dir.path());
+        assert_eq!(code, 0, "{sql}: {err}");
+        out.trim().to_owned()
+    };
+    let (code, body) = http_get(serve.http, "/healthz");
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    let whole_usage = sql(&server, &whole, "SELECT count(*), sum(sum) FROM usage");
+    assert_eq!(
+        q("ops", "ops-pw", "SELECT count(*), sum(sum) FROM usage"),
+        whole_usage[0].join("|")
+    );
+    assert_eq!(
+        q("ops", "ops-pw", "SELECT count(*) FROM _tally_partitions"),
+        "2"
+    );
+    // The tenant: its rows only, its partition's clock only, no sequences.
+    assert_eq!(
+        q("acme", "acme-pw", "SELECT DISTINCT tenant FROM usage"),
+        tenant
+    );
+    assert_eq!(
+        q(
+            "acme",
+            "acme-pw",
+            "SELECT count(*), count(checkpoint_seq) FROM _tally_partitions"
+        ),
+        "1|0"
+    );
+    let own_events = sql(
+        &server,
+        &whole,
+        &format!("SELECT count(*) FROM events WHERE tenant = '{tenant}'"),
+    )[0][0]
+        .clone();
+    assert_eq!(
+        q(
+            "acme",
+            "acme-pw",
+            "SELECT count(*), min(stream_seq) FROM events"
+        ),
+        format!("{own_events}|1")
+    );
+}

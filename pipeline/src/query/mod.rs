@@ -771,11 +771,18 @@ async fn open_partitioned(
             ctx.sql(&sql).await.map_err(reg(view))?;
         }
     }
+    // A stream sequence counts every tenant's messages: a tenant account
+    // gets its own position in `_tally_clock` instead (see `scoped_clock`).
+    let checkpoint_seq = if scoped {
+        "CAST(NULL AS BIGINT UNSIGNED)"
+    } else {
+        "checkpoint_seq"
+    };
     let rows: Vec<String> = seen
         .iter()
         .map(|k| {
             format!(
-                "SELECT CAST({k} AS INT) AS partition, CAST({count} AS INT) AS partitions, stream_clock, final_before, checkpoint_seq FROM _p{k}_tally_clock"
+                "SELECT CAST({k} AS INT) AS partition, CAST({count} AS INT) AS partitions, stream_clock, final_before, {checkpoint_seq} AS checkpoint_seq FROM _p{k}_tally_clock"
             )
         })
         .collect();

@@ -160,7 +160,7 @@ impl Views {
 
     /// The latest committed checkpoint of the data location.
     pub async fn checkpoint(&self) -> Result<Option<Checkpoint>, CheckpointError> {
-        crate::store::checkpoint_in(&self.inner.data_dir, self.inner.remote.as_ref()).await
+        crate::store::frontier_checkpoint(&self.inner.data_dir, self.inner.remote.as_ref()).await
     }
 
     pub fn memory_limit(&self) -> ByteSize {

@@ -373,3 +373,47 @@ pub async fn checkpoint_in(
         None => Checkpoint::load(location),
     }
 }
+
+/// The checkpoint of the location `--data` names as one: its own, or for a
+/// partitioned location the partitions' frontier: the checkpoint of the
+/// partition furthest behind, with the counts and gaps of all of them
+/// (each partition counts the catalog's messages it folds). `None` until
+/// every partition has one.
+pub async fn frontier_checkpoint(
+    location: &Path,
+    remote: Option<&remote::Location>,
+) -> Result<Option<Checkpoint>, CheckpointError> {
+    if let Some(cp) = checkpoint_in(location, remote).await? {
+        return Ok(Some(cp));
+    }
+    let count = match partitions(location).await {
+        Ok(Some(n)) => n,
+        Ok(None) => return Ok(None),
+        Err(DataDirError::Remote(e)) => return Err(e.into()),
+        Err(_) => return Ok(None),
+    };
+    let mut frontier: Option<Checkpoint> = None;
+    let mut counts = checkpoint::Counts::default();
+    let mut gaps = Vec::new();
+    for k in 0..count {
+        let dir = partition_location(location, k);
+        let loc = remote::Location::parse(&dir)?;
+        let Some(cp) = checkpoint_in(&dir, loc.as_ref()).await? else {
+            return Ok(None);
+        };
+        counts.accepted += cp.counts.accepted;
+        counts.duplicate += cp.counts.duplicate;
+        for (reason, n) in &cp.counts.dead_lettered {
+            *counts.dead_lettered.entry(reason.clone()).or_insert(0) += n;
+        }
+        gaps.extend(cp.gaps.iter().cloned());
+        if frontier.as_ref().is_none_or(|f| cp.last_seq < f.last_seq) {
+            frontier = Some(cp);
+        }
+    }
+    Ok(frontier.map(|mut f| {
+        f.counts = counts;
+        f.gaps = gaps;
+        f
+    }))
+}
