@@ -249,6 +249,24 @@ fn partition_mistakes_are_refused_with_what_to_do() {
         err.contains("partition 1 of") && err.contains("--partitions 3 --partition 1"),
         "{err}"
     );
+    // One process may own several partitions, each its own run.
+    ok(&three, &["--partitions", "3", "--partition", "1..2"]);
+    let mut q = tally(&server, &three);
+    q.args(["sql", "SELECT count(*) FROM _tally_partitions"]);
+    assert!(String::from_utf8_lossy(&run_expect(q, 0).stdout).contains('3'));
+    refused(
+        &three,
+        &[
+            "--partitions",
+            "3",
+            "--partition",
+            "0..2",
+            "--consumer",
+            "c",
+        ],
+        2,
+        "one process per partition",
+    );
 }
 
 /// `GET path` on `port`: the status line's code and the body.

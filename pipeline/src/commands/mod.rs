@@ -250,6 +250,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_partition_is_one_number_or_an_inclusive_span() {
+        assert_eq!(parse_span("3"), Ok((3, 3)));
+        assert_eq!(parse_span("0..2"), Ok((0, 2)));
+        assert_eq!(parse_span("1..=4"), Ok((1, 4)));
+        assert!(parse_span("2..1").is_err() && parse_span("a").is_err());
+        assert!(parse_span("-1").is_err() && parse_span("1..").is_err());
+    }
+
+    #[test]
     fn retention_flags_read_ages_and_sizes() {
         assert_eq!(parse_age("30d"), Ok(Duration::from_secs(30 * 86_400)));
         assert_eq!(parse_age("90m"), Ok(Duration::from_secs(5400)));
@@ -291,26 +300,44 @@ mod error_text_tests {
 /// `--partitions N --partition K`: a worker of a partitioned deployment.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct PartitionArgs {
-    /// Partitions of a partitioned deployment, fixed when its data location is created: each worker folds one partition (the tenants whose FNV-1a hash mod N is its number, and the catalog), readers see the union. Needs --partition.
+    /// Partitions of a partitioned deployment, fixed when its data location is created: each worker folds its partitions (the tenants whose FNV-1a hash mod N is the partition's number, and the catalog), readers see the union. Needs --partition.
     #[arg(long, env = "TALLY_PARTITIONS", requires = "partition")]
     pub partitions: Option<u32>,
-    /// The partition this worker folds, 0 to N-1 (with --partitions).
-    #[arg(long, env = "TALLY_PARTITION", requires = "partitions")]
-    pub partition: Option<u32>,
+    /// The partition this worker folds, 0 to N-1, or K..L for K to L inclusive, each with its own consumer and location (with --partitions).
+    #[arg(long, env = "TALLY_PARTITION", requires = "partitions", value_parser = parse_span)]
+    pub partition: Option<(u32, u32)>,
+}
+
+/// `K` or `K..L` (inclusive) as (first, last).
+fn parse_span(s: &str) -> Result<(u32, u32), String> {
+    let number = |t: &str| {
+        t.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{s:?} is not a partition; write K, or K..L for K to L"))
+    };
+    let (first, last) = match s.split_once("..") {
+        Some((a, b)) => (number(a)?, number(b.strip_prefix('=').unwrap_or(b))?),
+        None => (number(s)?, number(s)?),
+    };
+    if first > last {
+        return Err(format!("{s:?} is empty; write K..L with K <= L"));
+    }
+    Ok((first, last))
 }
 
 impl PartitionArgs {
-    /// The partition asked for, and where its views live: the location
-    /// itself without partitions, else the partition's own location under
-    /// it (the location's count is claimed or checked first). A location
-    /// that is partitioned refuses a run without them.
+    /// The partitions asked for, each with where its views live: the
+    /// location itself without partitions (one entry, `None`), else each
+    /// partition's own location under it (the location's count is claimed
+    /// or checked first). A location that is partitioned refuses a run
+    /// without them.
     pub async fn resolve(
         &self,
         data: &std::path::Path,
-    ) -> Result<(Option<Partition>, PathBuf), CommandError> {
+    ) -> Result<Vec<(Option<Partition>, PathBuf)>, CommandError> {
         use crate::store;
-        let (count, index) = match (self.partitions, self.partition) {
-            (Some(count), Some(index)) => (count, index),
+        let (count, (first, last)) = match (self.partitions, self.partition) {
+            (Some(count), Some(span)) => (count, span),
             (None, None) => {
                 return match store::partitions(data).await.map_err(RuntimeError::from)? {
                     Some(found) => Err(RuntimeError::from(store::DataDirError::Partitioned {
@@ -318,7 +345,7 @@ impl PartitionArgs {
                         found,
                     })
                     .into()),
-                    None => Ok((None, data.to_path_buf())),
+                    None => Ok(vec![(None, data.to_path_buf())]),
                 };
             }
             _ => {
@@ -332,18 +359,39 @@ impl PartitionArgs {
                 "--partitions {count} is out of range; give 1 to {MAX_PARTITIONS}"
             )));
         }
-        if index >= count {
+        if last >= count {
             return Err(CommandError::Usage(format!(
-                "--partition {index} is out of range: with --partitions {count} the partitions are 0 to {}",
+                "--partition {last} is out of range: with --partitions {count} the partitions are 0 to {}",
                 count - 1
             )));
         }
         store::claim_partitions(data, count)
             .await
             .map_err(RuntimeError::from)?;
-        Ok((
-            Some(Partition { index, count }),
-            store::partition_location(data, index),
-        ))
+        Ok((first..=last)
+            .map(|index| {
+                (
+                    Some(Partition { index, count }),
+                    store::partition_location(data, index),
+                )
+            })
+            .collect())
+    }
+
+    /// [`Self::resolve`] for a command that works on one partition.
+    pub async fn resolve_one(
+        &self,
+        data: &std::path::Path,
+    ) -> Result<(Option<Partition>, PathBuf), CommandError> {
+        if let Some((first, last)) = self.partition
+            && first != last
+        {
+            return Err(CommandError::Usage(format!(
+                "this command works on one partition at a time: give --partition {first}, then the others"
+            )));
+        }
+        let mut one = self.resolve(data).await?;
+        one.pop()
+            .ok_or_else(|| CommandError::Usage("no partition given".into()))
     }
 }

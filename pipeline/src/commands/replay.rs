@@ -631,7 +631,7 @@ pub async fn command(g: &Globals, a: &ReplayArgs) -> Result<(), CommandError> {
         summary_json,
         partitions,
     } = a;
-    let (partition, data) = partitions.resolve(&g.data).await?;
+    let (partition, data) = partitions.resolve_one(&g.data).await?;
     // A partition's replay reads the settings file at the deployment's
     // root, and has a consumer of its own (partitions replay side by side).
     let config = config.clone().or_else(|| {

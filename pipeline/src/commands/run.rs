@@ -61,20 +61,27 @@ pub async fn command(g: &Globals, a: &RunArgs) -> Result<(), CommandError> {
         standby,
         partitions,
     } = a;
-    let (partition, data) = partitions.resolve(&g.data).await?;
-    // A partition's worker reads the settings file at the deployment's root.
-    let config = config.clone().or_else(|| {
-        partition
-            .map(|_| g.data.join(crate::store::SETTINGS_FILE))
-            .filter(|p| p.exists())
-    });
     if *batch_size == 0 {
         return Err(CommandError::Usage(
             "--batch-size must be at least 1".into(),
         ));
     }
-    let metrics = match metrics_listen {
-        Some(addr) => {
+    let owned = partitions.resolve(&g.data).await?;
+    if owned.len() > 1 && (consumer.is_some() || metrics_listen.is_some()) {
+        return Err(CommandError::Usage(
+            "--consumer and --metrics-listen name one run: with several partitions in one process, leave them out (each partition derives its consumer from its location), or run one process per partition".into(),
+        ));
+    }
+    // A partition's worker reads the settings file at the deployment's root.
+    let config = config.clone().or_else(|| {
+        owned
+            .first()
+            .and_then(|(p, _)| *p)
+            .map(|_| g.data.join(crate::store::SETTINGS_FILE))
+            .filter(|p| p.exists())
+    });
+    let metrics = match (metrics_listen, owned.first()) {
+        (Some(addr), Some((_, data))) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|cause| CommandError::MetricsListen { addr: *addr, cause })?;
@@ -89,37 +96,50 @@ pub async fn command(g: &Globals, a: &RunArgs) -> Result<(), CommandError> {
             ));
             Some(m)
         }
-        None => None,
+        _ => None,
     };
-    let consumer = consumer
-        .clone()
-        .unwrap_or_else(|| crate::store::DataDir::new(&data).consumer_name());
-    let opts = RunOptions {
-        partition,
-        metrics,
-        standby: *standby,
-        until_idle: *until_idle,
-        accept_gap: *accept_gap,
-        batch_size: *batch_size,
-        batch_wait: Duration::from_millis(*batch_wait_ms),
-        ..RunOptions::live(
-            data,
-            g.source_config(Some(&consumer), Some(dlq_stream)),
-            config,
-        )
-    };
-    let summary = runtime::run(&opts, runtime::shutdown_signal()).await?;
-    if *summary_json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "messages": summary.messages,
-                "batches": summary.batches,
-                "last_seq": summary.last_seq,
-                "active_secs": summary.active.as_secs_f64(),
-                "elapsed_secs": summary.elapsed.as_secs_f64(),
-            })
-        );
+    let runs: Vec<RunOptions> = owned
+        .into_iter()
+        .map(|(partition, data)| {
+            let consumer = consumer
+                .clone()
+                .unwrap_or_else(|| crate::store::DataDir::new(&data).consumer_name());
+            RunOptions {
+                partition,
+                metrics: metrics.clone(),
+                standby: *standby,
+                until_idle: *until_idle,
+                accept_gap: *accept_gap,
+                batch_size: *batch_size,
+                batch_wait: Duration::from_millis(*batch_wait_ms),
+                ..RunOptions::live(
+                    data,
+                    g.source_config(Some(&consumer), Some(dlq_stream)),
+                    config.clone(),
+                )
+            }
+        })
+        .collect();
+    // Several partitions run side by side, each a run of its own; the
+    // first to fail stops the process (the others stop as at a crash:
+    // nothing unacknowledged is lost).
+    let stop = runtime::shutdown_signal();
+    let summaries =
+        futures::future::try_join_all(runs.iter().map(|opts| runtime::run(opts, stop.clone())))
+            .await?;
+    for summary in summaries {
+        if *summary_json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "messages": summary.messages,
+                    "batches": summary.batches,
+                    "last_seq": summary.last_seq,
+                    "active_secs": summary.active.as_secs_f64(),
+                    "elapsed_secs": summary.elapsed.as_secs_f64(),
+                })
+            );
+        }
     }
     Ok(())
 }
