@@ -632,17 +632,12 @@ pub async fn command(g: &Globals, a: &ReplayArgs) -> Result<(), CommandError> {
         partitions,
     } = a;
     let (partition, data) = partitions.resolve_one(&g.data).await?;
-    // A partition's replay reads the settings file at the deployment's
-    // root, and has a consumer of its own (partitions replay side by side).
+    // A partition's replay reads the settings file at the deployment's root.
     let config = config.clone().or_else(|| {
         partition
             .map(|_| g.data.join(crate::store::SETTINGS_FILE))
             .filter(|p| p.exists())
     });
-    let consumer = match partition {
-        Some(p) => format!("tally-replay-p{}", p.index),
-        None => "tally-replay".to_owned(),
-    };
     if *batch_size == 0 {
         return Err(CommandError::Usage(
             "--batch-size must be at least 1".into(),
@@ -661,7 +656,7 @@ pub async fn command(g: &Globals, a: &ReplayArgs) -> Result<(), CommandError> {
             partition,
             ..RunOptions::live(
                 data,
-                g.source_config(Some(&consumer), Some(dlq_stream)),
+                g.source_config(Some("tally-replay"), Some(dlq_stream)),
                 config,
             )
         },

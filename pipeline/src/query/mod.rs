@@ -101,6 +101,18 @@ pub enum QueryError {
         index: u32,
         count: u32,
     },
+    /// Fatal for the query: partitions built with other settings cannot
+    /// be one set of views.
+    #[error(
+        "partition {index} of {} was built with other settings ({found}) than partition 0 ({first}); give every worker the same settings file, and rebuild the one that differs with `tally replay --partitions N --partition {index}`",
+        dir.display()
+    )]
+    PartitionSettings {
+        dir: PathBuf,
+        index: u32,
+        first: String,
+        found: String,
+    },
     /// Fatal for the query: the checkpoint cannot be read.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
@@ -311,11 +323,12 @@ impl Session {
         opts: &QueryOptions,
         runtime: Arc<RuntimeEnv>,
     ) -> Result<Session, QueryError> {
-        if let Some(count) = crate::store::partitions(data_dir).await? {
-            return Session::open_partitions(data_dir, count, remote, opts, runtime).await;
-        }
         if let Some(loc) = remote {
             let Some((manifest, _)) = loc.manifest().await.map_err(CheckpointError::from)? else {
+                // No checkpoint at the root: a partitioned location?
+                if let Some(count) = crate::store::partitions(data_dir).await? {
+                    return Session::open_partitions(data_dir, count, remote, opts, runtime).await;
+                }
                 // A missing bucket reads as no manifest too: say which it is.
                 loc.probe().await.map_err(CheckpointError::from)?;
                 return Err(QueryError::NoViews {
@@ -352,9 +365,14 @@ impl Session {
         }
         let mut moved = None;
         for _ in 0..OPEN_ATTEMPTS {
-            let checkpoint = Checkpoint::load(data_dir)?.ok_or_else(|| QueryError::NoViews {
-                dir: data_dir.to_path_buf(),
-            })?;
+            let Some(checkpoint) = Checkpoint::load(data_dir)? else {
+                if let Some(count) = crate::store::partitions(data_dir).await? {
+                    return Session::open_partitions(data_dir, count, remote, opts, runtime).await;
+                }
+                return Err(QueryError::NoViews {
+                    dir: data_dir.to_path_buf(),
+                });
+            };
             match open_at(
                 &Files::Local(data_dir),
                 &checkpoint,
@@ -451,6 +469,22 @@ impl Session {
                     (files, cp)
                 })
                 .collect();
+            // One set of views needs one set of settings.
+            let first = parts.first().map(|(_, cp)| &cp.settings);
+            if let Some(k) = parts
+                .iter()
+                .position(|(_, cp)| first.is_some_and(|f| *f != cp.settings))
+            {
+                return Err(QueryError::PartitionSettings {
+                    dir: data_dir.to_path_buf(),
+                    index: u32::try_from(k).unwrap_or(u32::MAX),
+                    first: first.map(|f| f.fingerprint()).unwrap_or_default(),
+                    found: parts
+                        .get(k)
+                        .map(|(_, cp)| cp.settings.fingerprint())
+                        .unwrap_or_default(),
+                });
+            }
             let checkpoint_seq = parts.iter().map(|(_, cp)| cp.last_seq).min().unwrap_or(0);
             match open_partitioned(&parts, opts, Arc::clone(&runtime)).await {
                 Ok((ctx, replaced)) => {

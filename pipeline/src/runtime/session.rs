@@ -156,7 +156,9 @@ impl<'o> Session<'o> {
             opts.partition,
         )?;
         p.set_live(opts.live);
-        p.reserve_dedup(stream_last.saturating_sub(p.checkpoint.last_seq));
+        // A partition keeps about its share of the backlog.
+        let share = u64::from(opts.partition.map_or(1, |p| p.count.max(1)));
+        p.reserve_dedup(stream_last.saturating_sub(p.checkpoint.last_seq) / share);
         if p.checkpoint.last_seq > stream_last {
             return Err(RuntimeError::AheadOfStream {
                 path: opts.data_dir.clone(),

@@ -74,7 +74,9 @@ fn status_of(e: &QueryError) -> Status {
         }
         QueryError::Timeout { .. } => Status::deadline_exceeded(message),
         QueryError::FileGone { .. } | QueryError::Unsettled { .. } => Status::aborted(message),
-        QueryError::NoViews { .. } => Status::failed_precondition(message),
+        QueryError::NoViews { .. } | QueryError::NoPartition { .. } => {
+            Status::failed_precondition(message)
+        }
         QueryError::Execute(_)
         | QueryError::TooDeep { .. }
         | QueryError::ExpressionTooDeep

@@ -118,7 +118,7 @@ pub fn sqlstate(e: &QueryError) -> &'static str {
             _ => "XX000",
         },
         QueryError::FileGone { .. } | QueryError::Unsettled { .. } => "40001",
-        QueryError::NoViews { .. } => "55000",
+        QueryError::NoViews { .. } | QueryError::NoPartition { .. } => "55000",
         _ => "XX000",
     }
 }

@@ -72,21 +72,35 @@ enum Stamp {
     Partitions(Vec<Option<Stamp>>),
 }
 
-async fn stamp(data_dir: &Path, remote: Option<&Location>) -> Option<Stamp> {
+async fn stamp(inner: &Inner) -> Option<Stamp> {
+    let (data_dir, remote) = (&inner.data_dir, inner.remote.as_ref());
+    if let Some(parts) = inner.partitions.get() {
+        return Some(partition_stamps(parts).await);
+    }
     match own_stamp(data_dir, remote).await {
         Some(s) => Some(s),
-        // No checkpoint at the root: a partitioned location, or nothing yet.
+        // No checkpoint at the root: a partitioned location (whose count
+        // never changes once set, so it is read once), or nothing yet.
         None => {
             let count = crate::store::partitions(data_dir).await.ok().flatten()?;
-            let mut stamps = Vec::new();
-            for k in 0..count {
-                let dir = crate::store::partition_location(data_dir, k);
-                let loc = Location::parse(&dir).ok().flatten();
-                stamps.push(own_stamp(&dir, loc.as_ref()).await);
-            }
-            Some(Stamp::Partitions(stamps))
+            let parts = (0..count)
+                .map(|k| {
+                    let dir = crate::store::partition_location(data_dir, k);
+                    let loc = Location::parse(&dir).ok().flatten();
+                    (dir, loc)
+                })
+                .collect();
+            Some(partition_stamps(inner.partitions.get_or_init(|| parts)).await)
         }
     }
+}
+
+async fn partition_stamps(parts: &[(PathBuf, Option<Location>)]) -> Stamp {
+    let mut stamps = Vec::with_capacity(parts.len());
+    for (dir, loc) in parts {
+        stamps.push(own_stamp(dir, loc.as_ref()).await);
+    }
+    Stamp::Partitions(stamps)
 }
 
 /// The stamp of the checkpoint of one data location.
@@ -123,6 +137,9 @@ struct Inner {
     /// Held while a session opens on a query's path (nothing cached, or
     /// a file gone), so that many connections open it once.
     opening: tokio::sync::Mutex<()>,
+    /// A partitioned location's partitions (their directories, and their
+    /// object-storage locations), once seen.
+    partitions: std::sync::OnceLock<Vec<(PathBuf, Option<Location>)>>,
 }
 
 struct Entry {
@@ -150,6 +167,7 @@ impl Views {
                 runtime: query::memory::runtime_env(memory_limit)?,
                 cache: std::sync::Mutex::new(HashMap::new()),
                 opening: tokio::sync::Mutex::new(()),
+                partitions: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -177,7 +195,7 @@ impl Views {
     /// The session `scope` answers from now: the cached one (refreshed in
     /// the background if the checkpoint moved), or one opened now.
     pub async fn current(&self, scope: &Scope) -> Result<Arc<Snapshot>, QueryError> {
-        let now = stamp(&self.inner.data_dir, self.inner.remote.as_ref()).await;
+        let now = stamp(&self.inner).await;
         if let Some(s) = self.cached(scope, now.clone()) {
             return Ok(s);
         }
@@ -253,11 +271,9 @@ impl Views {
         let inner = &self.inner;
         // The stamp is taken before the checkpoint is read: if a commit
         // lands in between, the next query sees a new stamp and reopens.
-        let before = stamp(&inner.data_dir, inner.remote.as_ref())
-            .await
-            .ok_or_else(|| QueryError::NoViews {
-                dir: inner.data_dir.clone(),
-            })?;
+        let before = stamp(inner).await.ok_or_else(|| QueryError::NoViews {
+            dir: inner.data_dir.clone(),
+        })?;
         let opts = QueryOptions {
             queries_dir: inner.queries_dir.clone(),
             memory_limit: inner.memory_limit,

@@ -376,9 +376,9 @@ pub async fn checkpoint_in(
 
 /// The checkpoint of the location `--data` names as one: its own, or for a
 /// partitioned location the partitions' frontier: the checkpoint of the
-/// partition furthest behind, with the counts and gaps of all of them
-/// (each partition counts the catalog's messages it folds). `None` until
-/// every partition has one.
+/// partition furthest behind, with the least stream clock, the counts of
+/// all (each partition counts the catalog's messages it folds) and the
+/// stream's gaps once. `None` until every partition has one.
 pub async fn frontier_checkpoint(
     location: &Path,
     remote: Option<&remote::Location>,
@@ -390,11 +390,17 @@ pub async fn frontier_checkpoint(
         Ok(Some(n)) => n,
         Ok(None) => return Ok(None),
         Err(DataDirError::Remote(e)) => return Err(e.into()),
-        Err(_) => return Ok(None),
+        Err(e) => {
+            return Err(CheckpointError::Read {
+                path: location.join(PARTITIONS_FILE),
+                source: std::io::Error::other(e.to_string()),
+            });
+        }
     };
     let mut frontier: Option<Checkpoint> = None;
     let mut counts = checkpoint::Counts::default();
-    let mut gaps = Vec::new();
+    let mut gaps: Vec<checkpoint::Gap> = Vec::new();
+    let mut clock: Option<i64> = None;
     for k in 0..count {
         let dir = partition_location(location, k);
         let loc = remote::Location::parse(&dir)?;
@@ -406,7 +412,17 @@ pub async fn frontier_checkpoint(
         for (reason, n) in &cp.counts.dead_lettered {
             *counts.dead_lettered.entry(reason.clone()).or_insert(0) += n;
         }
-        gaps.extend(cp.gaps.iter().cloned());
+        // Every partition reads every sequence: a gap of the stream is
+        // recorded by each, and counts once.
+        for g in &cp.gaps {
+            if !gaps.contains(g) {
+                gaps.push(g.clone());
+            }
+        }
+        clock = match (clock, cp.stream_clock_us) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if frontier.as_ref().is_none_or(|f| cp.last_seq < f.last_seq) {
             frontier = Some(cp);
         }
@@ -414,6 +430,7 @@ pub async fn frontier_checkpoint(
     Ok(frontier.map(|mut f| {
         f.counts = counts;
         f.gaps = gaps;
+        f.stream_clock_us = clock;
         f
     }))
 }
