@@ -267,6 +267,28 @@ fn partition_mistakes_are_refused_with_what_to_do() {
         2,
         "one process per partition",
     );
+    // A partition rebuilt with other settings: readers refuse the mix and
+    // name the partition to rebuild.
+    let toml = dir.path().join("other.toml");
+    std::fs::write(&toml, "lateness = \"1h\"\n").unwrap();
+    let mut r = tally(&server, &three);
+    r.args([
+        "replay",
+        "--partitions",
+        "3",
+        "--partition",
+        "2",
+        "--config",
+    ])
+    .arg(&toml);
+    run_expect(r, 0);
+    let mut q = tally(&server, &three);
+    q.args(["sql", "SELECT count(*) FROM usage"]);
+    let err = String::from_utf8_lossy(&run_expect(q, 1).stderr).to_string();
+    assert!(
+        err.contains("partition 2 of") && err.contains("other settings"),
+        "{err}"
+    );
 }
 
 /// `GET path` on `port`: the status line's code and the body.
