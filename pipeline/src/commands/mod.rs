@@ -377,21 +377,4 @@ impl PartitionArgs {
             })
             .collect())
     }
-
-    /// [`Self::resolve`] for a command that works on one partition.
-    pub async fn resolve_one(
-        &self,
-        data: &std::path::Path,
-    ) -> Result<(Option<Partition>, PathBuf), CommandError> {
-        if let Some((first, last)) = self.partition
-            && first != last
-        {
-            return Err(CommandError::Usage(format!(
-                "this command works on one partition at a time: give --partition {first}, then the others"
-            )));
-        }
-        let mut one = self.resolve(data).await?;
-        one.pop()
-            .ok_or_else(|| CommandError::Usage("no partition given".into()))
-    }
 }

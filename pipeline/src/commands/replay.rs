@@ -631,13 +631,6 @@ pub async fn command(g: &Globals, a: &ReplayArgs) -> Result<(), CommandError> {
         summary_json,
         partitions,
     } = a;
-    let (partition, data) = partitions.resolve_one(&g.data).await?;
-    // A partition's replay reads the settings file at the deployment's root.
-    let config = config.clone().or_else(|| {
-        partition
-            .map(|_| g.data.join(crate::store::SETTINGS_FILE))
-            .filter(|p| p.exists())
-    });
     if *batch_size == 0 {
         return Err(CommandError::Usage(
             "--batch-size must be at least 1".into(),
@@ -648,53 +641,68 @@ pub async fn command(g: &Globals, a: &ReplayArgs) -> Result<(), CommandError> {
             "--until-seq builds the views as of a past position, which must not replace the live ones: name a new directory with --into DIR".into(),
         ));
     }
-    let opts = crate::commands::replay::ReplayOptions {
-        run: RunOptions {
-            batch_size: *batch_size,
-            accept_gap: *accept_gap,
-            handoff_timeout: Duration::from_secs(*handoff_timeout_secs),
-            partition,
-            ..RunOptions::live(
-                data,
-                g.source_config(Some("tally-replay"), Some(dlq_stream)),
-                config,
-            )
-        },
-        until_seq: *until_seq,
-        into: into.clone(),
-        handoff_timeout: Duration::from_secs(*handoff_timeout_secs),
-        progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-    };
-    let r = crate::commands::replay::replay(&opts, runtime::shutdown_signal()).await?;
-    if *summary_json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "messages": r.summary.messages,
-                "last_seq": r.summary.last_seq,
-                "active_secs": r.summary.active.as_secs_f64(),
-                "elapsed_secs": r.summary.elapsed.as_secs_f64(),
-            })
-        );
+    let owned = partitions.resolve(&g.data).await?;
+    if owned.len() > 1 && into.is_some() {
+        return Err(CommandError::Usage(
+            "--into names one directory: rebuild one partition with it (--partition K), or leave it out to replace each partition's views".into(),
+        ));
     }
-    let verb = if r.switched { "switched to" } else { "built" };
-    println!(
-        "replayed {} messages (stream sequence 1..{}) in {:.1} s; {verb} {}{}",
-        r.summary.messages,
-        r.summary.last_seq,
-        r.summary.elapsed.as_secs_f64(),
-        r.dir.display(),
-        if r.live_run_handed_off {
-            " (the live tally run resumed on it)"
-        } else {
-            ""
-        }
-    );
-    if r.summary.last_seq < r.target {
-        return Err(CommandError::ReplayInterrupted {
-            at: r.summary.last_seq,
-            target: r.target,
+    // Partitions are rebuilt one after another, each switched when done.
+    for (partition, data) in owned {
+        // A partition's replay reads the settings file at the deployment's root.
+        let config = config.clone().or_else(|| {
+            partition
+                .map(|_| g.data.join(crate::store::SETTINGS_FILE))
+                .filter(|p| p.exists())
         });
+        let opts = crate::commands::replay::ReplayOptions {
+            run: RunOptions {
+                batch_size: *batch_size,
+                accept_gap: *accept_gap,
+                handoff_timeout: Duration::from_secs(*handoff_timeout_secs),
+                partition,
+                ..RunOptions::live(
+                    data,
+                    g.source_config(Some("tally-replay"), Some(dlq_stream)),
+                    config,
+                )
+            },
+            until_seq: *until_seq,
+            into: into.clone(),
+            handoff_timeout: Duration::from_secs(*handoff_timeout_secs),
+            progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        };
+        let r = crate::commands::replay::replay(&opts, runtime::shutdown_signal()).await?;
+        if *summary_json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "messages": r.summary.messages,
+                    "last_seq": r.summary.last_seq,
+                    "active_secs": r.summary.active.as_secs_f64(),
+                    "elapsed_secs": r.summary.elapsed.as_secs_f64(),
+                })
+            );
+        }
+        let verb = if r.switched { "switched to" } else { "built" };
+        println!(
+            "replayed {} messages (stream sequence 1..{}) in {:.1} s; {verb} {}{}",
+            r.summary.messages,
+            r.summary.last_seq,
+            r.summary.elapsed.as_secs_f64(),
+            r.dir.display(),
+            if r.live_run_handed_off {
+                " (the live tally run resumed on it)"
+            } else {
+                ""
+            }
+        );
+        if r.summary.last_seq < r.target {
+            return Err(CommandError::ReplayInterrupted {
+                at: r.summary.last_seq,
+                target: r.target,
+            });
+        }
     }
     Ok(())
 }
