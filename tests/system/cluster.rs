@@ -225,14 +225,65 @@ fn the_stream_leader_killed_mid_run_changes_no_row() {
     c.args(["run", "--until-idle"]);
     run_expect(c, 0);
 
+    let url = cluster.url.clone();
     let views = |d: &std::path::Path| {
-        let server = crate::harness::NatsServer::external(&cluster.url);
+        let server = crate::harness::NatsServer::external(&url);
         all_views(&server, d)
     };
     assert_same_views(
         &views(&clean),
         &views(&data),
         "after the stream leader was killed",
+    );
+
+    // Two partition workers in one process; the leader dies under them.
+    let parted = dir.path().join("parted");
+    let mut run = tally(&cluster, &parted);
+    run.args([
+        "run",
+        "--batch-size",
+        "200",
+        "--partitions",
+        "2",
+        "--partition",
+        "0..1",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let mut run = run.spawn().unwrap();
+    let (p0, p1) = (parted.join("partition-0"), parted.join("partition-1"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while checkpoint(&p0) == 0 || checkpoint(&p1) == 0 {
+        assert!(Instant::now() < deadline, "the workers never committed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (leader_now, _) = leader(&cluster);
+    cluster.kill(&leader_now);
+    assert!(
+        checkpoint(&p0).min(checkpoint(&p1)) < last,
+        "the workers finished before the leader died: make the stream larger"
+    );
+    let (next, _) = leader(&cluster);
+    assert_ne!(next, leader_now);
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.restart(&leader_now);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while checkpoint(&p0).min(checkpoint(&p1)) < last {
+        assert!(run.try_wait().unwrap().is_none(), "the workers stopped");
+        assert!(
+            Instant::now() < deadline,
+            "the workers stalled at {} and {}",
+            checkpoint(&p0),
+            checkpoint(&p1)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    run.kill().unwrap();
+    run.wait().unwrap();
+    assert_same_views(
+        &views(&clean),
+        &views(&parted),
+        "two partitions after the stream leader was killed",
     );
 }
 
