@@ -312,6 +312,11 @@ pub async fn command(g: &Globals, a: &StatusArgs) -> Result<(), CommandError> {
 /// one after another (JSON: `{"partitions": [...]}`), each with the
 /// consumer its worker derives from its location.
 async fn partitioned(g: &Globals, a: &StatusArgs, count: u32) -> Result<(), CommandError> {
+    if a.consumer.is_some() {
+        return Err(CommandError::Usage(
+            "--consumer names one run's consumer; a partitioned location has one per partition, derived from its location: leave --consumer out".into(),
+        ));
+    }
     let mut text = String::new();
     let mut all_problems = Vec::new();
     let mut json = Vec::new();

@@ -731,8 +731,14 @@ async fn open_partitioned(
     let seen: Vec<usize> = (0..parts.len())
         .filter(|k| match &opts.scope {
             Scope::AllTenants => true,
+            // The catalog's rows are read from partition 0.
             Scope::Tenants(ts) => ts.iter().any(|t| {
-                usize::try_from(crate::event::partition::partition_of(t, count)) == Ok(*k)
+                let p = if t == crate::event::partition::SYSTEM_TENANT {
+                    0
+                } else {
+                    crate::event::partition::partition_of(t, count)
+                };
+                usize::try_from(p) == Ok(*k)
             }),
         })
         .collect();
