@@ -159,6 +159,53 @@ fn leader(cluster: &Cluster) -> (String, u64) {
     })
 }
 
+/// Runs `tally run --batch-size 200 <extra>` on `data`; once every
+/// checkpoint directory in `dirs` has committed, kills the stream's leader
+/// with -9, waits for another leader, restarts the killed node, and stops
+/// the run once every directory has reached `last`.
+fn run_through_a_leader_kill(
+    cluster: &mut Cluster,
+    data: &std::path::Path,
+    extra: &[&str],
+    dirs: &[std::path::PathBuf],
+    last: u64,
+) {
+    let least = || dirs.iter().map(|d| checkpoint(d)).min().unwrap_or(0);
+    let mut run = tally(cluster, data);
+    run.args(["run", "--batch-size", "200"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut run = run.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while least() == 0 {
+        assert!(Instant::now() < deadline, "the run never committed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (killed, _) = leader(cluster);
+    cluster.kill(&killed);
+    assert!(
+        least() < last,
+        "the run finished before the leader died: make the stream larger"
+    );
+    let (new_leader, _) = leader(cluster);
+    assert_ne!(new_leader, killed);
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.restart(&killed);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while least() < last {
+        assert!(run.try_wait().unwrap().is_none(), "the run stopped");
+        assert!(
+            Instant::now() < deadline,
+            "the run stalled at {:?}",
+            dirs.iter().map(|d| checkpoint(d)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    run.kill().unwrap();
+    run.wait().unwrap();
+}
+
 #[test]
 fn the_stream_leader_killed_mid_run_changes_no_row() {
     let mut cluster = Cluster::start();
@@ -182,42 +229,11 @@ fn the_stream_leader_killed_mid_run_changes_no_row() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let (first_leader, last) = leader(&cluster);
+    let (_, last) = leader(&cluster);
 
     // A run in small batches; the leader dies under it, and comes back.
     let data = dir.path().join("failover");
-    let mut run = tally(&cluster, &data);
-    run.args(["run", "--batch-size", "200"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut run = run.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while checkpoint(&data) == 0 {
-        assert!(Instant::now() < deadline, "the run never committed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    cluster.kill(&first_leader);
-    let at_kill = checkpoint(&data);
-    assert!(
-        at_kill < last,
-        "the run finished before the leader died: make the stream larger"
-    );
-    let (new_leader, _) = leader(&cluster);
-    assert_ne!(new_leader, first_leader);
-    std::thread::sleep(Duration::from_millis(500));
-    cluster.restart(&first_leader);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while checkpoint(&data) < last {
-        assert!(run.try_wait().unwrap().is_none(), "the run stopped");
-        assert!(
-            Instant::now() < deadline,
-            "the run stalled at {}",
-            checkpoint(&data)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    run.kill().unwrap();
-    run.wait().unwrap();
+    run_through_a_leader_kill(&mut cluster, &data, &[], std::slice::from_ref(&data), last);
 
     // An undisturbed run over the same stream.
     let clean = dir.path().join("clean");
@@ -238,48 +254,13 @@ fn the_stream_leader_killed_mid_run_changes_no_row() {
 
     // Two partition workers in one process; the leader dies under them.
     let parted = dir.path().join("parted");
-    let mut run = tally(&cluster, &parted);
-    run.args([
-        "run",
-        "--batch-size",
-        "200",
-        "--partitions",
-        "2",
-        "--partition",
-        "0..1",
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let mut run = run.spawn().unwrap();
-    let (p0, p1) = (parted.join("partition-0"), parted.join("partition-1"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while checkpoint(&p0) == 0 || checkpoint(&p1) == 0 {
-        assert!(Instant::now() < deadline, "the workers never committed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let (leader_now, _) = leader(&cluster);
-    cluster.kill(&leader_now);
-    assert!(
-        checkpoint(&p0).min(checkpoint(&p1)) < last,
-        "the workers finished before the leader died: make the stream larger"
+    run_through_a_leader_kill(
+        &mut cluster,
+        &parted,
+        &["--partitions", "2", "--partition", "0..1"],
+        &[parted.join("partition-0"), parted.join("partition-1")],
+        last,
     );
-    let (next, _) = leader(&cluster);
-    assert_ne!(next, leader_now);
-    std::thread::sleep(Duration::from_millis(500));
-    cluster.restart(&leader_now);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while checkpoint(&p0).min(checkpoint(&p1)) < last {
-        assert!(run.try_wait().unwrap().is_none(), "the workers stopped");
-        assert!(
-            Instant::now() < deadline,
-            "the workers stalled at {} and {}",
-            checkpoint(&p0),
-            checkpoint(&p1)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    run.kill().unwrap();
-    run.wait().unwrap();
     assert_same_views(
         &views(&clean),
         &views(&parted),

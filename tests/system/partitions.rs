@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream;
 
-use crate::harness::{NatsServer, generated, js, rt, run_expect, sql, tally, wait_for_checkpoint};
-use crate::metrics::{all_views, assert_same_views, sorted_csv};
+use crate::harness::{
+    NatsServer, generated, js, rt, run_expect, sql, tally, until_idle, wait_for_checkpoint,
+};
+use crate::metrics::{all_views, assert_same_views, publish_file, sorted_csv};
 
 fn worker(server: &NatsServer, data: &Path, n: u32, k: u32, until_idle: bool) -> Child {
     let mut c = tally(server, data);
@@ -56,12 +58,8 @@ fn three_partitions_with_kill_9s_read_as_one_run_over_the_whole_stream() {
     let dir = tempfile::tempdir().unwrap();
     let file = generated(dir.path(), 40, 3, 7);
     let whole = dir.path().join("whole");
-    let mut p = tally(&server, &whole);
-    p.args(["publish", file.to_str().unwrap()]);
-    run_expect(p, 0);
-    let mut c = tally(&server, &whole);
-    c.args(["run", "--until-idle"]);
-    run_expect(c, 0);
+    publish_file(&server, &whole, &file);
+    until_idle(&server, &whole);
 
     // Three workers side by side; partition 1 is killed twice mid-stream.
     let parted = dir.path().join("parted");
@@ -314,12 +312,8 @@ fn tally_serve_answers_a_partitioned_location_and_a_tenant_sees_only_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let file = generated(dir.path(), 12, 2, 3);
     let whole = dir.path().join("whole");
-    let mut p = tally(&server, &whole);
-    p.args(["publish", file.to_str().unwrap()]);
-    run_expect(p, 0);
-    let mut c = tally(&server, &whole);
-    c.args(["run", "--until-idle"]);
-    run_expect(c, 0);
+    publish_file(&server, &whole, &file);
+    until_idle(&server, &whole);
     let parted = dir.path().join("parted");
     for k in 0..2 {
         wait_ok(worker(&server, &parted, 2, k, true));

@@ -326,6 +326,17 @@ fn parse_span(s: &str) -> Result<(u32, u32), String> {
 }
 
 impl PartitionArgs {
+    /// The settings file of a run on `data`: `explicit` (`--config`), else
+    /// for a partition's run the one at the deployment's root (a run of the
+    /// whole stream finds `<data>/tally.toml` itself).
+    pub fn settings(&self, data: &std::path::Path, explicit: Option<&PathBuf>) -> Option<PathBuf> {
+        explicit.cloned().or_else(|| {
+            self.partitions
+                .map(|_| data.join(crate::store::SETTINGS_FILE))
+                .filter(|p| p.exists())
+        })
+    }
+
     /// The partitions asked for, each with where its views live: the
     /// location itself without partitions (one entry, `None`), else each
     /// partition's own location under it (the location's count is claimed

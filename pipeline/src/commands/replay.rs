@@ -647,14 +647,9 @@ pub async fn command(g: &Globals, a: &ReplayArgs) -> Result<(), CommandError> {
             "--into names one directory: rebuild one partition with it (--partition K), or leave it out to replace each partition's views".into(),
         ));
     }
+    let config = partitions.settings(&g.data, config.as_ref());
     // Partitions are rebuilt one after another, each switched when done.
     for (partition, data) in owned {
-        // A partition's replay reads the settings file at the deployment's root.
-        let config = config.clone().or_else(|| {
-            partition
-                .map(|_| g.data.join(crate::store::SETTINGS_FILE))
-                .filter(|p| p.exists())
-        });
         let opts = crate::commands::replay::ReplayOptions {
             run: RunOptions {
                 batch_size: *batch_size,
@@ -664,7 +659,7 @@ pub async fn command(g: &Globals, a: &ReplayArgs) -> Result<(), CommandError> {
                 ..RunOptions::live(
                     data,
                     g.source_config(Some("tally-replay"), Some(dlq_stream)),
-                    config,
+                    config.clone(),
                 )
             },
             until_seq: *until_seq,

@@ -72,14 +72,7 @@ pub async fn command(g: &Globals, a: &RunArgs) -> Result<(), CommandError> {
             "--consumer and --metrics-listen name one run: with several partitions in one process, leave them out (each partition derives its consumer from its location), or run one process per partition".into(),
         ));
     }
-    // A partition's worker reads the settings file at the deployment's root.
-    let config = config.clone().or_else(|| {
-        owned
-            .first()
-            .and_then(|(p, _)| *p)
-            .map(|_| g.data.join(crate::store::SETTINGS_FILE))
-            .filter(|p| p.exists())
-    });
+    let config = partitions.settings(&g.data, config.as_ref());
     let metrics = match (metrics_listen, owned.first()) {
         (Some(addr), Some((_, data))) => {
             let listener = tokio::net::TcpListener::bind(addr)

@@ -324,23 +324,14 @@ async fn partitioned(g: &Globals, a: &StatusArgs, count: u32) -> Result<(), Comm
         let dir = crate::store::partition_location(&g.data, k);
         let consumer = crate::store::DataDir::new(&dir).consumer_name();
         let report = status(&dir, &g.source_config(Some(&consumer), None)).await?;
-        let nats_error = report
-            .problems
-            .iter()
-            .find(|p| p.is_nats())
-            .map(ToString::to_string);
         if a.json {
-            let problems: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
-            json.push(serde_json::json!({
-                "partition": k,
-                "partitions": count,
-                "status": report.status,
-                "nats_error": nats_error,
-                "problems": problems,
-            }));
+            let mut v = report.json();
+            v["partition"] = k.into();
+            v["partitions"] = count.into();
+            json.push(v);
         } else {
             text.push_str(&format!("partition         {k} of {count}\n"));
-            text.push_str(&render(&report.status, nats_error.as_deref()));
+            text.push_str(&report.text());
             text.push('\n');
         }
         all_problems.extend(report.problems);
@@ -348,46 +339,57 @@ async fn partitioned(g: &Globals, a: &StatusArgs, count: u32) -> Result<(), Comm
     if a.json {
         text = serde_json::json!({ "partitions": json }).to_string() + "\n";
     }
-    std::io::stdout()
-        .write_all(text.as_bytes())
-        .map_err(CommandError::Output)?;
-    if all_problems.is_empty() {
-        Ok(())
-    } else {
-        Err(CommandError::StatusIncomplete(all_problems))
-    }
+    print_status(&text, all_problems)
 }
 
 /// The status of a location of the whole stream.
 async fn whole(g: &Globals, a: &StatusArgs) -> Result<(), CommandError> {
-    let StatusArgs { consumer, json } = a;
-    let consumer = consumer
+    let consumer = a
+        .consumer
         .clone()
         .unwrap_or_else(|| crate::store::DataDir::new(&g.data).consumer_name());
     let report = status(&g.data, &g.source_config(Some(&consumer), None)).await?;
-    let nats_error = report
-        .problems
-        .iter()
-        .find(|p| p.is_nats())
-        .map(ToString::to_string);
-    let text = if *json {
-        let problems: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
+    let text = if a.json {
+        report.json().to_string() + "\n"
+    } else {
+        report.text()
+    };
+    print_status(&text, report.problems)
+}
+
+impl Report {
+    /// What NATS failed with, if it did.
+    fn nats_error(&self) -> Option<String> {
+        self.problems
+            .iter()
+            .find(|p| p.is_nats())
+            .map(ToString::to_string)
+    }
+
+    /// `--json`: the status, the NATS error and every problem.
+    fn json(&self) -> serde_json::Value {
+        let problems: Vec<String> = self.problems.iter().map(ToString::to_string).collect();
         serde_json::json!({
-            "status": report.status,
-            "nats_error": nats_error,
+            "status": self.status,
+            "nats_error": self.nats_error(),
             "problems": problems,
         })
-        .to_string()
-            + "\n"
-    } else {
-        render(&report.status, nats_error.as_deref())
-    };
+    }
+
+    /// The text form.
+    fn text(&self) -> String {
+        render(&self.status, self.nats_error().as_deref())
+    }
+}
+
+/// Prints `text`; fails, after printing, when anything could not be found out.
+fn print_status(text: &str, problems: Vec<StatusError>) -> Result<(), CommandError> {
     std::io::stdout()
         .write_all(text.as_bytes())
         .map_err(CommandError::Output)?;
-    if report.problems.is_empty() {
+    if problems.is_empty() {
         Ok(())
     } else {
-        Err(CommandError::StatusIncomplete(report.problems))
+        Err(CommandError::StatusIncomplete(problems))
     }
 }

@@ -335,15 +335,7 @@ impl Session {
                     dir: data_dir.to_path_buf(),
                 });
             };
-            let url = datafusion::execution::object_store::ObjectStoreUrl::parse(format!(
-                "s3://{}",
-                loc.bucket
-            ))
-            .map_err(|cause| QueryError::Register {
-                view: "(object store)".into(),
-                cause,
-            })?;
-            runtime.register_object_store(url.as_ref(), Arc::clone(&loc.store));
+            register_store(&runtime, loc)?;
             let files = Files::Remote(loc, &manifest);
             return match open_at(&files, &manifest.checkpoint, opts, Arc::clone(&runtime)).await {
                 Ok((ctx, replaced)) => Ok(Session {
@@ -413,15 +405,7 @@ impl Session {
         runtime: Arc<RuntimeEnv>,
     ) -> Result<Session, QueryError> {
         if let Some(loc) = remote {
-            let url = datafusion::execution::object_store::ObjectStoreUrl::parse(format!(
-                "s3://{}",
-                loc.bucket
-            ))
-            .map_err(|cause| QueryError::Register {
-                view: "(object store)".into(),
-                cause,
-            })?;
-            runtime.register_object_store(url.as_ref(), Arc::clone(&loc.store));
+            register_store(&runtime, loc)?;
         }
         let dirs: Vec<PathBuf> = (0..count)
             .map(|k| crate::store::partition_location(data_dir, k))
@@ -524,6 +508,18 @@ impl Session {
     }
 }
 
+/// Lets `runtime` read the bucket of the `s3://` location `loc`.
+fn register_store(runtime: &RuntimeEnv, loc: &Location) -> Result<(), QueryError> {
+    let url =
+        datafusion::execution::object_store::ObjectStoreUrl::parse(format!("s3://{}", loc.bucket))
+            .map_err(|cause| QueryError::Register {
+                view: "(object store)".into(),
+                cause,
+            })?;
+    runtime.register_object_store(url.as_ref(), Arc::clone(&loc.store));
+    Ok(())
+}
+
 /// Where a session finds the files of a checkpoint.
 enum Files<'a> {
     /// A data directory: its listing, as of the checkpoint.
@@ -548,6 +544,7 @@ async fn open_at(
         positions: scoped,
     };
     let (stored, positioned) = register_views(&ctx, data_dir, checkpoint, opts, &names).await?;
+    let stored: Vec<&'static str> = stored.iter().map(|s| s.view).collect();
     if scoped {
         tenant_positions(&ctx, &positioned).await?;
         scoped_clock(&ctx).await?;
@@ -581,6 +578,14 @@ struct Names {
     positions: bool,
 }
 
+/// A stored view as [`register_views`] registered it.
+struct Stored {
+    view: &'static str,
+    schema: SchemaRef,
+    /// Whether it has a `_<view>_versions` table.
+    versioned: bool,
+}
+
 /// Registers the views of one checkpoint (the rows of `files` it covers)
 /// under `names`: every stored view, and the `_<view>_versions` table of
 /// each versioned one for all-tenant sessions. Returns the stored views
@@ -591,7 +596,7 @@ async fn register_views(
     checkpoint: &Checkpoint,
     opts: &QueryOptions,
     names: &Names,
-) -> Result<(Vec<&'static str>, Vec<(&'static str, SchemaRef)>), OpenError> {
+) -> Result<(Vec<Stored>, Vec<(&'static str, SchemaRef)>), OpenError> {
     let settings = &checkpoint.settings;
     let scoped = opts.scope != Scope::AllTenants;
     let prefix = names.prefix.as_str();
@@ -607,7 +612,11 @@ async fn register_views(
     // once all are registered (see `tenant_positions`).
     let mut positioned: Vec<(&'static str, SchemaRef)> = Vec::new();
     for (view, storage, schema) in stores {
-        stored.push(view);
+        stored.push(Stored {
+            view,
+            schema: Arc::clone(&schema),
+            versioned: matches!(storage, Storage::Versioned { .. }),
+        });
         let upto = checkpoint.last_seq;
         let name = if names.positions && POSITIONED.contains(&view) {
             positioned.push((view, Arc::clone(&schema)));
@@ -742,8 +751,7 @@ async fn open_partitioned(
             }),
         })
         .collect();
-    let mut stored: Vec<&'static str> = Vec::new();
-    let mut schemas: Vec<(&'static str, SchemaRef, bool)> = Vec::new();
+    let mut schemas: Vec<Stored> = Vec::new();
     for (k, (files, cp)) in parts.iter().enumerate() {
         let prefix = format!("_p{k}_");
         let clock = format!("{prefix}tally_clock");
@@ -755,27 +763,19 @@ async fn open_partitioned(
             positions: false,
         };
         let (views, _) = register_views(&ctx, files, cp, opts, &names).await?;
-        if stored.is_empty() {
-            stored = views;
-            let registry = operator::registry(&cp.settings);
-            schemas = registry
-                .iter()
-                .map(|op| {
-                    let versioned = matches!(op.storage(), Storage::Versioned { .. });
-                    (op.view(), op.schema(), versioned)
-                })
-                .collect();
+        if schemas.is_empty() {
+            schemas = views;
         }
     }
     let reg = |view: &str| {
         let view = view.to_owned();
         move |cause| QueryError::Register { view, cause }
     };
-    let union = |table: &dyn Fn(usize) -> String, has_tenant: bool, partitions: &[usize]| {
-        partitions
-            .iter()
+    // Every partition's table `table(k)`; the catalog's rows from partition 0.
+    let union = |table: &dyn Fn(usize) -> String, has_tenant: bool| {
+        (0..parts.len())
             .map(|k| {
-                let only_own = if has_tenant && *k != 0 {
+                let only_own = if has_tenant && k != 0 {
                     format!(
                         " WHERE tenant <> '{}'",
                         crate::event::partition::SYSTEM_TENANT
@@ -783,14 +783,18 @@ async fn open_partitioned(
                 } else {
                     String::new()
                 };
-                format!("SELECT * FROM {}{only_own}", table(*k))
+                format!("SELECT * FROM {}{only_own}", table(k))
             })
             .collect::<Vec<_>>()
             .join(" UNION ALL ")
     };
-    let all: Vec<usize> = (0..parts.len()).collect();
     let mut positioned = Vec::new();
-    for (view, schema, versioned) in &schemas {
+    for Stored {
+        view,
+        schema,
+        versioned,
+    } in &schemas
+    {
         let has_tenant = schema.field_with_name("tenant").is_ok();
         let name = if scoped && POSITIONED.contains(view) {
             positioned.push((*view, Arc::clone(schema)));
@@ -800,13 +804,13 @@ async fn open_partitioned(
         };
         let sql = format!(
             "CREATE VIEW {name} AS {}",
-            union(&|k| format!("_p{k}_{view}"), has_tenant, &all)
+            union(&|k| format!("_p{k}_{view}"), has_tenant)
         );
         ctx.sql(&sql).await.map_err(reg(view))?;
         if *versioned && !scoped {
             let sql = format!(
                 "CREATE VIEW _{view}_versions AS {}",
-                union(&|k| format!("__p{k}_{view}_versions"), has_tenant, &all)
+                union(&|k| format!("__p{k}_{view}_versions"), has_tenant)
             );
             ctx.sql(&sql).await.map_err(reg(view))?;
         }
@@ -853,7 +857,10 @@ async fn open_partitioned(
         for name in [format!("_p{k}_tally_clock"), format!("_p{k}_tally_gaps")] {
             deregister(&ctx, &name)?;
         }
-        for (view, _, versioned) in &schemas {
+        for Stored {
+            view, versioned, ..
+        } in &schemas
+        {
             deregister(&ctx, &format!("_p{k}_{view}"))?;
             if *versioned && !scoped {
                 deregister(&ctx, &format!("__p{k}_{view}_versions"))?;
@@ -864,6 +871,7 @@ async fn open_partitioned(
         tenant_positions(&ctx, &positioned).await?;
         scoped_clock(&ctx).await?;
     }
+    let stored: Vec<&'static str> = schemas.iter().map(|s| s.view).collect();
     let (sql_views, replaced) = views::view_sql(opts.queries_dir.as_deref(), &stored)?;
     views::register(&ctx, &sql_views).await?;
     Ok((ctx, replaced))
