@@ -266,9 +266,48 @@ pub struct Session {
     pub checkpoint_seq: u64,
     /// Views of the queries directory that replace a built-in one.
     pub replaced: Vec<Replaced>,
+    /// Which directories the session's files were listed in (see
+    /// [`Dirs`]).
+    pub dirs: Dirs,
     data_dir: PathBuf,
     opts: QueryOptions,
     runtime: Arc<RuntimeEnv>,
+}
+
+/// The identity (device, inode) of each local data directory a session
+/// reads, taken before its checkpoint was read.
+///
+/// The session names its files by path, and `tally replay` exchanges the
+/// directory under a path: after the switch, a path the session listed may
+/// name another file of the same name (file names follow stream sequences)
+/// with other contents. A session whose directories are no longer the ones
+/// at their paths ([`Dirs::switched`]) must not answer; its answer, error
+/// or rows, is dropped and the query runs again on a session opened anew.
+/// Object-storage locations are named by their manifests and need no
+/// identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dirs(Vec<(PathBuf, Option<(u64, u64)>)>);
+
+impl Dirs {
+    /// The identity of `dir` now (`None` if it cannot be read).
+    fn identity(dir: &Path) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+    }
+
+    fn of(dirs: &[&Path]) -> Dirs {
+        Dirs(
+            dirs.iter()
+                .map(|d| (d.to_path_buf(), Dirs::identity(d)))
+                .collect(),
+        )
+    }
+
+    /// Whether a directory was exchanged (or removed) since the session
+    /// listed its files: one `stat` per directory.
+    pub fn switched(&self) -> bool {
+        self.0.iter().any(|(dir, id)| Dirs::identity(dir) != *id)
+    }
 }
 
 /// The checkpoint and the view files disagree: a file extends beyond it.
@@ -342,6 +381,7 @@ impl Session {
                     ctx,
                     checkpoint_seq: manifest.checkpoint.last_seq,
                     replaced,
+                    dirs: Dirs::default(),
                     data_dir: data_dir.to_path_buf(),
                     opts: opts.clone(),
                     runtime,
@@ -357,6 +397,7 @@ impl Session {
         }
         let mut moved = None;
         for _ in 0..OPEN_ATTEMPTS {
+            let dirs = Dirs::of(&[data_dir]);
             let Some(checkpoint) = Checkpoint::load(data_dir)? else {
                 if let Some(count) = crate::store::partitions(data_dir).await? {
                     return Session::open_partitions(data_dir, count, remote, opts, runtime).await;
@@ -378,6 +419,7 @@ impl Session {
                         ctx,
                         checkpoint_seq: checkpoint.last_seq,
                         replaced,
+                        dirs,
                         data_dir: data_dir.to_path_buf(),
                         opts: opts.clone(),
                         runtime,
@@ -421,6 +463,13 @@ impl Session {
         };
         let mut moved = None;
         for _ in 0..OPEN_ATTEMPTS {
+            let local: Vec<&Path> = dirs
+                .iter()
+                .zip(&locations)
+                .filter(|(_, loc)| loc.is_none())
+                .map(|(d, _)| d.as_path())
+                .collect();
+            let identities = Dirs::of(&local);
             let mut manifests = Vec::with_capacity(dirs.len());
             let mut checkpoints = Vec::with_capacity(dirs.len());
             for (k, (dir, loc)) in (0..count).zip(dirs.iter().zip(&locations)) {
@@ -476,6 +525,7 @@ impl Session {
                         ctx,
                         checkpoint_seq,
                         replaced,
+                        dirs: identities,
                         data_dir: data_dir.to_path_buf(),
                         opts: opts.clone(),
                         runtime,
@@ -493,18 +543,18 @@ impl Session {
     }
 
     /// Runs one read-only statement and collects its rows. If a file the
-    /// plan lists vanished before it was read (compaction merged it, or
-    /// `tally replay` switched the directory), the session is opened again
-    /// on the then-current checkpoint and the query runs once more.
+    /// plan lists vanished before it was read (compaction merged it), or
+    /// `tally replay` switched the directory while it ran (whatever it
+    /// answered), the session is opened again on the then-current
+    /// checkpoint and the query runs once more.
     pub async fn query(&mut self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
-        match run(&self.ctx, sql, self.opts.memory_limit).await {
-            Err(QueryError::FileGone { .. }) => {
-                *self = Session::open_with(&self.data_dir, &self.opts, Arc::clone(&self.runtime))
-                    .await?;
-                run(&self.ctx, sql, self.opts.memory_limit).await
-            }
-            other => other,
+        let answer = run(&self.ctx, sql, self.opts.memory_limit).await;
+        if matches!(answer, Err(QueryError::FileGone { .. })) || self.dirs.switched() {
+            *self =
+                Session::open_with(&self.data_dir, &self.opts, Arc::clone(&self.runtime)).await?;
+            return run(&self.ctx, sql, self.opts.memory_limit).await;
         }
+        answer
     }
 }
 
@@ -1849,6 +1899,34 @@ mod tests {
         assert!(matches!(first, QueryError::FileGone { .. }), "{first}");
         assert_eq!(count(&mut s).await, 20);
         assert!(views_root(dir.path()).join("events").exists());
+    }
+
+    #[tokio::test]
+    async fn a_directory_switched_under_a_session_is_read_anew() {
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        let fresh = root.path().join("data.replay");
+        for (dir, last) in [(&data, 10), (&fresh, 30)] {
+            std::fs::create_dir(dir).unwrap();
+            let mut cp =
+                Checkpoint::new("TALLY_EVENTS", "2026-01-01T00:00:00Z", &Settings::default());
+            cp.last_seq = last;
+            cp.save(dir).unwrap();
+        }
+        // The same file name in both, other rows: what a replay's different
+        // batching leaves.
+        write_events(&data, 1, 10);
+        write_events(&fresh, 1, 10);
+        write_events(&fresh, 11, 30);
+        let mut s = Session::open(&data, &opts()).await.unwrap();
+        assert!(!s.dirs.switched());
+        assert_eq!(count(&mut s).await, 10);
+        std::fs::rename(&data, root.path().join("old")).unwrap();
+        std::fs::rename(&fresh, &data).unwrap();
+        assert!(s.dirs.switched());
+        assert_eq!(count(&mut s).await, 30);
+        assert_eq!(s.checkpoint_seq, 30);
+        assert!(!s.dirs.switched());
     }
 
     #[tokio::test]

@@ -14,7 +14,10 @@
 //! checkpoint than before. A file compacted away (or switched away by a
 //! replay) under a cached session fails the query as gone; it is then run
 //! once more on a session opened there and then (the consistency rule of
-//! `serve.md`), so an answer always covers exactly one checkpoint.
+//! `serve.md`), so an answer always covers exactly one checkpoint. A
+//! replay's switch can also put another file under a name the session
+//! listed: a session whose directory was exchanged is never answered from
+//! again, and a query during which it happened runs once more.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -38,6 +41,10 @@ pub struct Snapshot {
     pub ctx: SessionContext,
     pub checkpoint_seq: u64,
     stamp: Stamp,
+    /// The directories its files were listed in: once a replay exchanged
+    /// one, the snapshot's paths name the new directory's files, and it
+    /// answers nothing more.
+    dirs: query::Dirs,
     /// A tenant scope: `EXPLAIN` is refused, since its plans and metrics
     /// describe whole files (rows and row groups of every tenant).
     scoped: bool,
@@ -213,6 +220,10 @@ impl Views {
     fn cached(&self, scope: &Scope, now: Option<Stamp>) -> Option<Arc<Snapshot>> {
         let mut cache = self.cache();
         let entry = cache.get_mut(scope)?;
+        if entry.snapshot.dirs.switched() {
+            // Its paths now name the replayed directory's files.
+            return None;
+        }
         if Some(&entry.snapshot.stamp) != now.as_ref() && !entry.refreshing {
             entry.refreshing = true;
             let (views, scope) = (self.clone(), scope.clone());
@@ -298,6 +309,7 @@ impl Views {
             ctx: session.ctx,
             checkpoint_seq: session.checkpoint_seq,
             stamp: before,
+            dirs: session.dirs,
             scoped: *scope != Scope::AllTenants,
         })
     }
@@ -349,8 +361,16 @@ impl Views {
         loop {
             let snapshot = self.current(scope).await?;
             let plan = bind(snapshot.plan(statement.clone()).await?)?;
-            match query::execute_plan(&snapshot.ctx, plan.clone(), self.memory_limit()).await {
+            let answer =
+                query::execute_plan(&snapshot.ctx, plan.clone(), self.memory_limit()).await;
+            match answer {
                 Err(QueryError::FileGone { .. }) if retries < GONE_RETRIES => {
+                    retries += 1;
+                    self.reopen(scope).await?;
+                }
+                // A replay switched the directory while the query read it:
+                // whatever it answered may mix two directories' files.
+                _ if retries < GONE_RETRIES && snapshot.dirs.switched() => {
                     retries += 1;
                     self.reopen(scope).await?;
                 }
@@ -407,8 +427,15 @@ impl Views {
             let mut out = Vec::with_capacity(statements.len());
             for statement in &statements {
                 let plan = snapshot.plan(statement.clone()).await?;
-                match query::execute_plan(&snapshot.ctx, plan, self.memory_limit()).await {
+                let answer = query::execute_plan(&snapshot.ctx, plan, self.memory_limit()).await;
+                let switched = || retries < GONE_RETRIES && snapshot.dirs.switched();
+                match answer {
                     Err(QueryError::FileGone { .. }) if retries < GONE_RETRIES => {
+                        retries += 1;
+                        self.reopen(scope).await?;
+                        continue 'again;
+                    }
+                    _ if switched() => {
                         retries += 1;
                         self.reopen(scope).await?;
                         continue 'again;
