@@ -20,12 +20,23 @@
 //! the large stacks of [`on_query_threads`] and [`isolated`] keep its
 //! recursive planner within bounds, and [`isolated`] keeps one query's
 //! planning, panics and timeout away from every other.
+//!
+//! The rooms: this file opens sessions (one checkpoint, or every
+//! partition's) and registers the stored views; [`error`] says why a query
+//! failed; [`execute`] plans and runs one statement on its threads;
+//! [`system`] builds the `_tally_*` tables; [`scope`] is what a tenant
+//! account sees; [`table`] keeps a checkpoint's files exact; [`views`] adds
+//! the `queries/` views; [`guard`], [`bounded`] and [`memory`] are the
+//! limits.
 
 pub mod bounded;
+mod error;
+mod execute;
 pub mod format;
 pub mod guard;
 pub mod memory;
 pub mod scope;
+mod system;
 pub mod table;
 pub mod view_name;
 pub mod views;
@@ -33,8 +44,8 @@ pub mod views;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{RecordBatch, TimestampMicrosecondArray, UInt64Array};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use datafusion::catalog::TableProvider;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
@@ -44,178 +55,32 @@ use datafusion::datasource::listing::{
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::{SessionConfig, SessionContext};
 use datafusion::execution::runtime_env::RuntimeEnv;
-use datafusion::logical_expr::LogicalPlan;
-use datafusion::sql::parser::Statement as DFStatement;
-use datafusion::sql::sqlparser::parser::ParserError;
 
 use crate::operator::{self, Storage};
 use crate::store::checkpoint::{Checkpoint, CheckpointError};
 use crate::store::parquet::{ViewDir, ViewFilesError};
 use crate::store::remote::{Location, Manifest};
 
+pub use error::QueryError;
+pub(crate) use error::classify;
+pub use execute::{
+    QUERY_STACK_BYTES, QUERY_WORKER_STACK_BYTES, execute_plan, isolated, on_query_threads,
+    plan_statement, run,
+};
 pub use format::{OutputFormat, write_batches};
 pub use guard::MAX_EXPR_DEPTH;
 pub use memory::{ByteSize, default_memory_limit};
+pub use scope::Scope;
+pub use system::{CATALOG, CLOCK_TABLE, GAPS_TABLE, PARTITIONS_TABLE};
+use system::{
+    POSITIONED, SCOPED, deregister, register_clock, register_gaps, scoped_clock, tenant_positions,
+};
 pub use views::Replaced;
 
 /// Attempts to open a session whose checkpoint and files agree (see
 /// [`Session::open`]): each retry follows a newer checkpoint, and two
 /// commits of `tally run` during one listing are already rare.
 const OPEN_ATTEMPTS: usize = 3;
-
-/// Stack of the thread that parses and plans a query: enough for
-/// [`MAX_EXPR_DEPTH`] levels of DataFusion's unprotected recursion (several
-/// KiB a level in a debug build) and for dropping the syntax tree of a
-/// refused, much deeper query (a few hundred bytes a level). Only the pages
-/// touched are ever committed.
-pub const QUERY_STACK_BYTES: usize = 256 << 20;
-
-/// Stack of the worker threads that execute a query's plan, where
-/// expressions at most [`MAX_EXPR_DEPTH`] deep are evaluated recursively.
-pub const QUERY_WORKER_STACK_BYTES: usize = 64 << 20;
-
-/// Why a query failed, each variant saying whether to retry, reject the
-/// query (with its SQLSTATE in `tally serve`), or give up (fatal).
-#[derive(Debug, thiserror::Error)]
-pub enum QueryError {
-    /// Fatal for the query (retry once `tally run` has started): no checkpoint.
-    #[error(
-        "no views in {} (no checkpoint.json): is --data / TALLY_DATA_DIR right? `tally run` creates them when it starts",
-        dir.display()
-    )]
-    NoViews { dir: PathBuf },
-    /// Fatal for the query: the view files cannot be listed.
-    #[error(transparent)]
-    ViewFiles(#[from] ViewFilesError),
-    /// Fatal for the query: the location's partitions cannot be told.
-    #[error(transparent)]
-    Location(#[from] crate::store::DataDirError),
-    /// Fatal for the query (retry once the worker has started): a
-    /// partition of a partitioned location has no views yet.
-    #[error(
-        "partition {index} of {} has no views yet (no checkpoint): start its worker, `tally run --partitions {count} --partition {index}`",
-        dir.display()
-    )]
-    NoPartition {
-        dir: PathBuf,
-        index: u32,
-        count: u32,
-    },
-    /// Fatal for the query: partitions built with other settings cannot
-    /// be one set of views.
-    #[error(
-        "partition {index} of {} was built with other settings ({found}) than partition 0 ({first}); give every worker the same settings file, and rebuild the one that differs with `tally replay --partitions N --partition {index}`",
-        dir.display()
-    )]
-    PartitionSettings {
-        dir: PathBuf,
-        index: u32,
-        first: String,
-        found: String,
-    },
-    /// Fatal for the query: the checkpoint cannot be read.
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    /// Retry: the data directory kept changing while it was opened.
-    #[error(
-        "{} extends beyond the checkpoint (stream sequence {checkpoint_seq}) after {OPEN_ATTEMPTS} fresh reads of it: the data directory keeps changing while it is opened; try again (a restarted `tally run` repairs a directory left inconsistent)",
-        path.display()
-    )]
-    Unsettled { path: PathBuf, checkpoint_seq: u64 },
-    /// Fatal: DataFusion cannot start.
-    #[error("cannot set up the query engine: {0}")]
-    Runtime(DataFusionError),
-    /// Fatal for the session: a view cannot be registered.
-    #[error("cannot register view {view}: {cause}")]
-    Register {
-        view: String,
-        cause: DataFusionError,
-    },
-    /// Fatal: a `queries/` file cannot be read.
-    #[error("cannot read {}: {cause}; check --queries / TALLY_QUERIES_DIR", path.display())]
-    ReadQuery {
-        path: PathBuf,
-        cause: std::io::Error,
-    },
-    /// Fatal: a `queries/` file has an invalid name.
-    #[error(
-        "{}: a view file must be named <name>.sql, with a lower-case name of letters, digits and _ (starting with a letter); rename it",
-        path.display()
-    )]
-    ViewName { path: PathBuf },
-    /// Fatal: a `queries/` view would hide a stored view.
-    #[error(
-        "{}: view {name} would hide the stored view of that name; rename the file",
-        path.display()
-    )]
-    ShadowsStoredView { path: PathBuf, name: String },
-    /// Fatal: a `queries/` view does not plan.
-    #[error("view {name} from {origin} is not valid SQL over the views: {cause}")]
-    QueryView {
-        name: String,
-        origin: views::Origin,
-        cause: DataFusionError,
-    },
-    /// Reject (42501): the statement writes, defines or sets something.
-    #[error(
-        "refused: the views are read-only ({refused} is not allowed). Only queries over the views are: SELECT, WITH, EXPLAIN, SHOW, DESCRIBE. To load other data, use DataFusion directly"
-    )]
-    ReadOnly { refused: String },
-    /// Reject (54001): the parser's recursion limit.
-    #[error(
-        "the query nests too deeply for the SQL parser ({cause}); flatten it, e.g. `x IN (a, b, c)` instead of nested conditions"
-    )]
-    TooDeep { cause: DataFusionError },
-    /// Reject (54001): expressions deeper than [`MAX_EXPR_DEPTH`].
-    #[error(
-        "the query's expressions nest more than {MAX_EXPR_DEPTH} levels deep (a chain of {MAX_EXPR_DEPTH} operators, such as `a OR b OR ...`, is that deep); shorten it, e.g. `x IN (a, b, c)` instead of `x = a OR x = b OR x = c`, or split it"
-    )]
-    ExpressionTooDeep,
-    /// Reject (54001): the statement is over a size limit of [`guard`].
-    #[error(
-        "the query is too large to plan: {why}; split it into several queries, or use IN lists and joins over fewer views"
-    )]
-    PlanTooLarge { why: String },
-    /// Reject (53200): a function call over a bound of [`bounded`].
-    #[error(
-        "the query went over its budget: {0}; narrow it (smaller counts and lengths, filter first, LIMIT)"
-    )]
-    OverBudget(bounded::TooLarge),
-    /// Reject (57014): the query, planning included, ran past its time.
-    #[error(
-        "the query ran longer than --query-timeout ({secs} s, planning included); narrow it (filter, LIMIT) or raise the timeout"
-    )]
-    Timeout { secs: u64 },
-    /// Reject (XX000): a panic inside DataFusion, caught; only this query ends.
-    #[error(
-        "the query failed inside the query engine ({what}); only this query was affected: run it again or simplify it, and report it with the query if it keeps failing"
-    )]
-    Panicked { what: String },
-    /// Fatal for the query: no thread for it (the machine is out of threads).
-    #[error("cannot start the query thread: {0}")]
-    Thread(std::io::Error),
-    /// Fatal for the query: its thread ended without an answer (a bug).
-    #[error(
-        "the query thread stopped without an answer (a bug in Tally or DataFusion): run with RUST_BACKTRACE=1 and report it"
-    )]
-    ThreadLost,
-    /// Reject (53200): the memory pool (`--memory-limit`) refused it.
-    #[error(
-        "the query went over the memory limit ({limit} bytes); narrow the query (filter, aggregate, LIMIT) or raise --memory-limit / TALLY_MEMORY_LIMIT. DataFusion said: {cause}"
-    )]
-    MemoryLimit { limit: u64, cause: DataFusionError },
-    /// Retry (40001): files moved under the query twice; run it again.
-    #[error(
-        "a view file the query was reading vanished twice (compaction or a replay switch replaced it): {cause}; run the query again"
-    )]
-    FileGone { cause: DataFusionError },
-    /// Reject: DataFusion refused or failed the query (the SQLSTATE says why).
-    #[error("query failed: {0}")]
-    Execute(DataFusionError),
-    /// Fatal for the query: the output cannot be written.
-    #[error("cannot write the result: {0}")]
-    Output(String),
-}
 
 /// How to open sessions.
 #[derive(Debug, Clone)]
@@ -226,36 +91,6 @@ pub struct QueryOptions {
     pub memory_limit: ByteSize,
     /// Which tenants' rows the stored views hold for this session.
     pub scope: Scope,
-}
-
-/// The world a session sees. A scoped session's stored views (and their
-/// hidden version tables) hold only the rows of its tenants: each is
-/// registered as a [`scope::ScopedTable`] over the checkpoint's files, and
-/// the unfiltered files are not registered under any name, so no SQL can
-/// reach another tenant's rows, or evaluate anything on them; the
-/// `queries/` views are then computed over the scoped views.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-pub enum Scope {
-    #[default]
-    AllTenants,
-    /// Sorted and without duplicates.
-    Tenants(Vec<String>),
-}
-
-impl Scope {
-    pub fn tenants(mut tenants: Vec<String>) -> Scope {
-        tenants.sort();
-        tenants.dedup();
-        Scope::Tenants(tenants)
-    }
-
-    /// Whether rows of `tenant` are visible.
-    pub fn sees(&self, tenant: &str) -> bool {
-        match self {
-            Scope::AllTenants => true,
-            Scope::Tenants(t) => t.binary_search_by(|x| x.as_str().cmp(tenant)).is_ok(),
-        }
-    }
 }
 
 /// A DataFusion session over one checkpoint of a data directory.
@@ -927,10 +762,6 @@ async fn open_partitioned(
     Ok((ctx, replaced))
 }
 
-/// The system table of a partitioned location: a row per partition (that
-/// the session sees) with its clock and checkpoint.
-pub const PARTITIONS_TABLE: &str = "_tally_partitions";
-
 /// How a versioned view's files resolve into its current rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layout {
@@ -998,203 +829,6 @@ fn current_rows(
             )
         }
     }
-}
-
-/// The views whose stream sequences a tenant account sees as positions,
-/// and the prefix of the names their own rows are registered under until
-/// [`tenant_positions`] defines them (then the names are removed).
-const POSITIONED: [&str; 3] = [
-    crate::operator::events::VIEW,
-    crate::operator::restatements::VIEW,
-    crate::operator::corrections::VIEW,
-];
-const SCOPED: &str = "_tally_scoped_";
-
-/// A tenant account's positions: each stream sequence that carried one of
-/// its events or restated one of its rows, numbered 1, 2, 3, ... in
-/// stream order.
-const POSITIONS: &str = "_tally_positions";
-
-/// Defines, for a tenant account, the views with stream sequences
-/// (`events`, `restatements`, `corrections`) with each sequence replaced by
-/// its position among the account's own messages: the messages that
-/// carried its events or restated its rows (1, 2, 3, ...).
-///
-/// Stream sequences count every tenant's messages: the gap between two of
-/// a tenant's sequences, or a checkpoint's sequence minus the tenant's
-/// count, is the platform's volume. A position counts only the account's
-/// own messages, grows with each of them and never changes once given, so
-/// `WHERE stream_seq > $last` still returns exactly what is new since a
-/// position was read (`_tally_clock.checkpoint_seq` is the account's last
-/// position; see [`scoped_clock`]).
-async fn tenant_positions(
-    ctx: &SessionContext,
-    views: &[(&'static str, SchemaRef)],
-) -> Result<(), OpenError> {
-    let reg = |view: &str| {
-        let view = view.to_owned();
-        move |cause| QueryError::Register { view, cause }
-    };
-    let events = format!("{SCOPED}{}", crate::operator::events::VIEW);
-    let restated = format!("{SCOPED}{}", crate::operator::restatements::VIEW);
-    ctx.sql(&format!(
-        "CREATE VIEW {POSITIONS} AS SELECT seq, row_number() OVER (ORDER BY seq) AS pos FROM \
-         (SELECT stream_seq AS seq FROM {events} UNION SELECT stream_seq AS seq FROM {restated})"
-    ))
-    .await
-    .map_err(reg(POSITIONS))?;
-    for (view, schema) in views {
-        let columns: Vec<String> = schema
-            .fields()
-            .iter()
-            .map(|f| f.name())
-            .filter(|n| !n.starts_with('_'))
-            .map(|n| match n.as_str() {
-                "stream_seq" => "p.pos AS stream_seq".to_owned(),
-                "first_target_seq" => "t.pos AS first_target_seq".to_owned(),
-                _ => format!("v.\"{n}\""),
-            })
-            .collect();
-        let first_target = if *view == crate::operator::corrections::VIEW {
-            format!(" LEFT JOIN {POSITIONS} t ON v.first_target_seq = t.seq")
-        } else {
-            String::new()
-        };
-        let sql = format!(
-            "CREATE VIEW {view} AS SELECT {} FROM {SCOPED}{view} v JOIN {POSITIONS} p ON v.stream_seq = p.seq{first_target}",
-            columns.join(", ")
-        );
-        ctx.sql(&sql).await.map_err(reg(view))?;
-    }
-    for (view, _) in views {
-        deregister(ctx, &format!("{SCOPED}{view}"))?;
-    }
-    deregister(ctx, POSITIONS)
-}
-
-/// `_tally_clock` for a tenant account: its `checkpoint_seq` is the
-/// account's last event position (see [`tenant_positions`]), not the
-/// stream's.
-async fn scoped_clock(ctx: &SessionContext) -> Result<(), OpenError> {
-    let reg = |cause| QueryError::Register {
-        view: CLOCK_TABLE.to_owned(),
-        cause,
-    };
-    let base = "_tally_scoped_clock";
-    let clock = ctx
-        .deregister_table(CLOCK_TABLE)
-        .map_err(reg)?
-        .ok_or_else(|| reg(DataFusionError::Internal("no clock table".into())))?;
-    ctx.register_table(base, clock).map_err(reg)?;
-    let sql = format!(
-        "CREATE VIEW {CLOCK_TABLE} AS SELECT stream_clock, final_before, \
-         (SELECT CAST(count(DISTINCT stream_seq) AS BIGINT UNSIGNED) FROM \
-         (SELECT stream_seq FROM events UNION ALL SELECT stream_seq FROM restatements)) AS checkpoint_seq FROM {base}"
-    );
-    ctx.sql(&sql).await.map_err(reg)?;
-    deregister(ctx, base)
-}
-
-fn deregister(ctx: &SessionContext, name: &str) -> Result<(), OpenError> {
-    ctx.deregister_table(name)
-        .map_err(|cause| QueryError::Register {
-            view: name.to_owned(),
-            cause,
-        })?;
-    Ok(())
-}
-
-/// The catalog the views are in: `tally.public.usage`, the database that
-/// Postgres clients name.
-pub const CATALOG: &str = "tally";
-
-/// One-row table: the checkpoint the session reads (`checkpoint_seq`, the
-/// last stream sequence every answer covers), the stream clock and the
-/// finality bound (`stream clock - lateness`): `is_final` = `end <= final_before`.
-pub const CLOCK_TABLE: &str = "_tally_clock";
-
-fn register_clock(ctx: &SessionContext, cp: &Checkpoint, name: &str) -> Result<(), QueryError> {
-    let settings = &cp.settings;
-    let ts = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("stream_clock", ts(), true),
-        Field::new("final_before", ts(), true),
-        Field::new("checkpoint_seq", DataType::UInt64, false),
-    ]));
-    let clock = cp.stream_clock_us;
-    let reg = |cause| QueryError::Register {
-        view: name.to_owned(),
-        cause,
-    };
-    let batch = RecordBatch::try_new(
-        Arc::clone(&schema),
-        vec![
-            Arc::new(TimestampMicrosecondArray::from(vec![clock]).with_timezone("UTC")),
-            Arc::new(
-                TimestampMicrosecondArray::from(vec![
-                    clock.map(|c| c.saturating_sub(settings.lateness_us)),
-                ])
-                .with_timezone("UTC"),
-            ),
-            Arc::new(UInt64Array::from(vec![cp.last_seq])),
-        ],
-    )
-    .map_err(|e| reg(e.into()))?;
-    let table = MemTable::try_new(schema, vec![vec![batch]]).map_err(reg)?;
-    ctx.register_table(name, Arc::new(table)).map_err(reg)?;
-    Ok(())
-}
-
-/// The gaps the checkpoint records: stream sequences no view has seen
-/// (`tally run --accept-gap`), one row each, so that a billing job can tell
-/// that the views are incomplete before it bills from them.
-pub const GAPS_TABLE: &str = "_tally_gaps";
-
-/// For a tenant account (`scoped`) the sequences and the number of
-/// messages are NULL: they count every tenant's messages.
-fn register_gaps(
-    ctx: &SessionContext,
-    cp: &Checkpoint,
-    scoped: bool,
-    name: &str,
-) -> Result<(), QueryError> {
-    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("first_seq", DataType::UInt64, scoped),
-        Field::new("last_seq", DataType::UInt64, scoped),
-        Field::new("messages", DataType::UInt64, scoped),
-        Field::new("stream_clock", ts, true),
-    ]));
-    let seqs = |f: &dyn Fn(&crate::store::checkpoint::Gap) -> u64| -> arrow::array::ArrayRef {
-        if scoped {
-            Arc::new(UInt64Array::from(vec![None; cp.gaps.len()]))
-        } else {
-            Arc::new(UInt64Array::from_iter_values(cp.gaps.iter().map(f)))
-        }
-    };
-    let reg = |cause| QueryError::Register {
-        view: name.to_owned(),
-        cause,
-    };
-    let gaps = &cp.gaps;
-    let batch = RecordBatch::try_new(
-        Arc::clone(&schema),
-        vec![
-            seqs(&|g| g.first_seq),
-            seqs(&|g| g.last_seq),
-            seqs(&|g| g.messages),
-            Arc::new(
-                TimestampMicrosecondArray::from(
-                    gaps.iter().map(|g| g.stream_clock_us).collect::<Vec<_>>(),
-                )
-                .with_timezone("UTC"),
-            ),
-        ],
-    )
-    .map_err(|e| reg(e.into()))?;
-    let table = MemTable::try_new(schema, vec![vec![batch]]).map_err(reg)?;
-    ctx.register_table(name, Arc::new(table)).map_err(reg)?;
-    Ok(())
 }
 
 /// Registers the files of `view` that the checkpoint at `upto` covers as
@@ -1308,254 +942,13 @@ fn scoped(
     })
 }
 
-/// Plans one parsed statement, refusing what [`plan_read_only`] refuses.
-pub async fn plan_statement(
-    ctx: &SessionContext,
-    statement: datafusion::sql::sqlparser::ast::Statement,
-) -> Result<LogicalPlan, QueryError> {
-    let statement = DFStatement::Statement(Box::new(statement));
-    guard::check_statement(&statement)?;
-    let plan = ctx
-        .state()
-        .statement_to_plan(statement)
-        .await
-        .map_err(|e| classify(e, 0))?;
-    guard::check_plan(&plan)?;
-    Ok(plan)
-}
-
-/// Executes a plan from [`plan_statement`] and collects its rows. The
-/// rows collected count against the memory pool while they are
-/// collected, so that one result larger than `--memory-limit` is refused
-/// (53200) instead of taking the process's memory.
-pub async fn execute_plan(
-    ctx: &SessionContext,
-    plan: LogicalPlan,
-    memory_limit: ByteSize,
-) -> Result<Vec<RecordBatch>, QueryError> {
-    use datafusion::execution::memory_pool::MemoryConsumer;
-    use futures::StreamExt;
-    let fail = |e| classify(e, memory_limit.0);
-    let state = ctx.state();
-    let optimized = state.optimize(&plan).map_err(fail)?;
-    guard::check_optimized(&optimized)?;
-    let physical = state
-        .query_planner()
-        .create_physical_plan(&optimized, &state)
-        .await
-        .map_err(fail)?;
-    let mut stream =
-        datafusion::physical_plan::execute_stream(physical, ctx.task_ctx()).map_err(fail)?;
-    let reservation = MemoryConsumer::new("query result").register(&ctx.runtime_env().memory_pool);
-    let mut batches = Vec::new();
-    while let Some(batch) = stream.next().await {
-        let batch = batch.map_err(fail)?;
-        reservation
-            .try_grow(batch.get_array_memory_size())
-            .map_err(fail)?;
-        batches.push(batch);
-    }
-    Ok(batches)
-}
-
-/// Parses and plans `sql`, refusing plans that write, define or set
-/// anything. DataFusion's `SHOW ...` and `DESCRIBE` plan to queries over
-/// `information_schema` (and `DescribeTable`), which are reads and pass.
-async fn plan_read_only(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, QueryError> {
-    let state = ctx.state();
-    let dialect = state.config().options().sql_parser.dialect;
-    let statement = state
-        .sql_to_statement(sql, &dialect)
-        .map_err(|e| classify(e, 0))?;
-    guard::check_statement(&statement)?;
-    let plan = state
-        .statement_to_plan(statement)
-        .await
-        .map_err(|e| classify(e, 0))?;
-    guard::check_plan(&plan)?;
-    Ok(plan)
-}
-
-/// Runs one read-only statement on `ctx` and collects its rows (no retry;
-/// see [`Session::query`]).
-pub async fn run(
-    ctx: &SessionContext,
-    sql: &str,
-    memory_limit: ByteSize,
-) -> Result<Vec<RecordBatch>, QueryError> {
-    let plan = plan_read_only(ctx, sql).await?;
-    execute_plan(ctx, plan, memory_limit).await
-}
-
-/// The runtime every isolated query executes on (see [`isolated`]): its
-/// workers run the operators of every query of the process, never the
-/// listeners, health checks or metrics of `tally serve`.
-static QUERY_RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-
-fn query_runtime() -> Result<tokio::runtime::Handle, QueryError> {
-    if let Some(rt) = QUERY_RUNTIME.get() {
-        return Ok(rt.handle().clone());
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("tally-query-worker")
-        .thread_stack_size(QUERY_WORKER_STACK_BYTES)
-        .enable_all()
-        .build()
-        .map_err(QueryError::Thread)?;
-    // Two first queries at once: one runtime wins, the other is dropped.
-    let _ = QUERY_RUNTIME.set(rt);
-    QUERY_RUNTIME
-        .get()
-        .map(|rt| rt.handle().clone())
-        .ok_or(QueryError::ThreadLost)
-}
-
-/// Runs `work` (planning and executing one query) where it can neither
-/// stall nor end anything else: on a thread of its own with
-/// [`QUERY_STACK_BYTES`] of stack, so that planning, which is synchronous
-/// and can take seconds, blocks no runtime; its operators on the shared
-/// query runtime; and a panic inside it answers this query only. After
-/// `timeout` the caller gets [`QueryError::Timeout`] and the work is
-/// dropped at its next await (planning finishes first; the limits of
-/// [`guard`] keep that short).
-pub async fn isolated<F, Fut, T>(timeout: std::time::Duration, work: F) -> Result<T, QueryError>
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<T, QueryError>>,
-    T: Send + 'static,
-{
-    use futures::FutureExt;
-    let handle = query_runtime()?;
-    let (mut tx, rx) = tokio::sync::oneshot::channel::<Result<T, QueryError>>();
-    std::thread::Builder::new()
-        .name("tally-query".into())
-        .stack_size(QUERY_STACK_BYTES)
-        .spawn(move || {
-            let out = handle.block_on(async {
-                let work = std::panic::AssertUnwindSafe(async move { work().await }).catch_unwind();
-                tokio::select! {
-                    out = work => Some(out),
-                    () = tx.closed() => None,
-                }
-            });
-            let out = match out {
-                None => return,
-                Some(Ok(out)) => out,
-                Some(Err(panic)) => Err(QueryError::Panicked {
-                    what: panic_message(panic.as_ref()),
-                }),
-            };
-            let _ = tx.send(out);
-        })
-        .map_err(QueryError::Thread)?;
-    match tokio::time::timeout(timeout, rx).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(_)) => Err(QueryError::ThreadLost),
-        Err(_) => Err(QueryError::Timeout {
-            secs: timeout.as_secs(),
-        }),
-    }
-}
-
-/// What a panic said, for the error the query gets.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let text = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic".to_owned());
-    text.chars().take(200).collect()
-}
-
-/// Runs `work` (opening a session, running queries) on a runtime of its
-/// own, on a thread with [`QUERY_STACK_BYTES`] of stack and workers with
-/// [`QUERY_WORKER_STACK_BYTES`] (tokio's default is 2 MiB), and waits for
-/// it without blocking the caller's runtime.
-pub async fn on_query_threads<F, Fut, T>(work: F) -> Result<T, QueryError>
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = T>,
-    T: Send + 'static,
-{
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("tally-query".into())
-        .stack_size(QUERY_STACK_BYTES)
-        .spawn(move || {
-            let out = tokio::runtime::Builder::new_multi_thread()
-                .thread_name("tally-query-worker")
-                .thread_stack_size(QUERY_WORKER_STACK_BYTES)
-                .enable_all()
-                .build()
-                .map(|rt| rt.block_on(work()))
-                .map_err(QueryError::Thread);
-            // The receiver only goes away if the caller was cancelled.
-            let _ = tx.send(out);
-        })
-        .map_err(QueryError::Thread)?;
-    rx.await.map_err(|_| QueryError::ThreadLost)?
-}
-
-/// Every error in `e`'s chain of sources, `e` first.
-fn chain(e: &DataFusionError) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
-    std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |e| {
-        e.source()
-    })
-}
-
-/// Sorts a DataFusion failure into what the user can act on.
-pub(crate) fn classify(e: DataFusionError, memory_limit: u64) -> QueryError {
-    let mut file_gone = false;
-    let mut memory = false;
-    let mut too_deep = false;
-    let mut too_large = None;
-    for cause in chain(&e) {
-        if let Some(t) = cause.downcast_ref::<bounded::TooLarge>() {
-            too_large.get_or_insert_with(|| bounded::TooLarge {
-                function: t.function.clone(),
-                what: t.what.clone(),
-            });
-        }
-        let df = cause.downcast_ref::<DataFusionError>().or_else(|| {
-            cause
-                .downcast_ref::<Arc<DataFusionError>>()
-                .map(AsRef::as_ref)
-        });
-        match df {
-            Some(DataFusionError::ResourcesExhausted(_)) => memory = true,
-            Some(DataFusionError::SQL(p, _)) => {
-                too_deep |= matches!(**p, ParserError::RecursionLimitExceeded);
-            }
-            _ => {}
-        }
-        if let Some(datafusion::object_store::Error::NotFound { .. }) = cause.downcast_ref() {
-            file_gone = true;
-        }
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            file_gone |= io.kind() == std::io::ErrorKind::NotFound;
-        }
-    }
-    if let Some(t) = too_large {
-        QueryError::OverBudget(t)
-    } else if memory {
-        QueryError::MemoryLimit {
-            limit: memory_limit,
-            cause: e,
-        }
-    } else if too_deep {
-        QueryError::TooDeep { cause: e }
-    } else if file_gone {
-        QueryError::FileGone { cause: e }
-    } else {
-        QueryError::Execute(e)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Settings;
     use crate::store::parquet::views_root;
+    use arrow::array::UInt64Array;
+    use arrow::datatypes::DataType;
     use arrow::datatypes::Field;
 
     fn opts() -> QueryOptions {

@@ -29,6 +29,36 @@ use datafusion::physical_plan::{
 };
 use futures::StreamExt;
 
+/// The world a session sees. A scoped session's stored views (and their
+/// hidden version tables) hold only the rows of its tenants: each is
+/// registered as a [`scope::ScopedTable`] over the checkpoint's files, and
+/// the unfiltered files are not registered under any name, so no SQL can
+/// reach another tenant's rows, or evaluate anything on them; the
+/// `queries/` views are then computed over the scoped views.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum Scope {
+    #[default]
+    AllTenants,
+    /// Sorted and without duplicates.
+    Tenants(Vec<String>),
+}
+
+impl Scope {
+    pub fn tenants(mut tenants: Vec<String>) -> Scope {
+        tenants.sort();
+        tenants.dedup();
+        Scope::Tenants(tenants)
+    }
+
+    /// Whether rows of `tenant` are visible.
+    pub fn sees(&self, tenant: &str) -> bool {
+        match self {
+            Scope::AllTenants => true,
+            Scope::Tenants(t) => t.binary_search_by(|x| x.as_str().cmp(tenant)).is_ok(),
+        }
+    }
+}
+
 /// The column every stored view is scoped by.
 pub const TENANT: &str = "tenant";
 

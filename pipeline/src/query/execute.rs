@@ -1,0 +1,212 @@
+//! Planning and running one statement: read-only planning (DDL, DML and
+//! statements refused, see [`super::guard`]), execution under the memory
+//! pool, and the threads queries run on ([`isolated`], [`on_query_threads`]):
+//! large stacks for DataFusion's recursive planner, and one query's panic or
+//! timeout kept away from every other.
+
+use arrow::array::RecordBatch;
+use datafusion::execution::context::SessionContext;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::sql::parser::Statement as DFStatement;
+
+use super::error::classify;
+use super::{ByteSize, QueryError, guard};
+
+/// Stack of the thread that parses and plans a query: enough for
+/// [`MAX_EXPR_DEPTH`] levels of DataFusion's unprotected recursion (several
+/// KiB a level in a debug build) and for dropping the syntax tree of a
+/// refused, much deeper query (a few hundred bytes a level). Only the pages
+/// touched are ever committed.
+pub const QUERY_STACK_BYTES: usize = 256 << 20;
+
+/// Stack of the worker threads that execute a query's plan, where
+/// expressions at most [`MAX_EXPR_DEPTH`] deep are evaluated recursively.
+pub const QUERY_WORKER_STACK_BYTES: usize = 64 << 20;
+
+/// Plans one parsed statement, refusing what [`plan_read_only`] refuses.
+pub async fn plan_statement(
+    ctx: &SessionContext,
+    statement: datafusion::sql::sqlparser::ast::Statement,
+) -> Result<LogicalPlan, QueryError> {
+    let statement = DFStatement::Statement(Box::new(statement));
+    guard::check_statement(&statement)?;
+    let plan = ctx
+        .state()
+        .statement_to_plan(statement)
+        .await
+        .map_err(|e| classify(e, 0))?;
+    guard::check_plan(&plan)?;
+    Ok(plan)
+}
+
+/// Executes a plan from [`plan_statement`] and collects its rows. The
+/// rows collected count against the memory pool while they are
+/// collected, so that one result larger than `--memory-limit` is refused
+/// (53200) instead of taking the process's memory.
+pub async fn execute_plan(
+    ctx: &SessionContext,
+    plan: LogicalPlan,
+    memory_limit: ByteSize,
+) -> Result<Vec<RecordBatch>, QueryError> {
+    use datafusion::execution::memory_pool::MemoryConsumer;
+    use futures::StreamExt;
+    let fail = |e| classify(e, memory_limit.0);
+    let state = ctx.state();
+    let optimized = state.optimize(&plan).map_err(fail)?;
+    guard::check_optimized(&optimized)?;
+    let physical = state
+        .query_planner()
+        .create_physical_plan(&optimized, &state)
+        .await
+        .map_err(fail)?;
+    let mut stream =
+        datafusion::physical_plan::execute_stream(physical, ctx.task_ctx()).map_err(fail)?;
+    let reservation = MemoryConsumer::new("query result").register(&ctx.runtime_env().memory_pool);
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(fail)?;
+        reservation
+            .try_grow(batch.get_array_memory_size())
+            .map_err(fail)?;
+        batches.push(batch);
+    }
+    Ok(batches)
+}
+
+/// Parses and plans `sql`, refusing plans that write, define or set
+/// anything. DataFusion's `SHOW ...` and `DESCRIBE` plan to queries over
+/// `information_schema` (and `DescribeTable`), which are reads and pass.
+async fn plan_read_only(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, QueryError> {
+    let state = ctx.state();
+    let dialect = state.config().options().sql_parser.dialect;
+    let statement = state
+        .sql_to_statement(sql, &dialect)
+        .map_err(|e| classify(e, 0))?;
+    guard::check_statement(&statement)?;
+    let plan = state
+        .statement_to_plan(statement)
+        .await
+        .map_err(|e| classify(e, 0))?;
+    guard::check_plan(&plan)?;
+    Ok(plan)
+}
+
+/// Runs one read-only statement on `ctx` and collects its rows (no retry;
+/// see [`Session::query`]).
+pub async fn run(
+    ctx: &SessionContext,
+    sql: &str,
+    memory_limit: ByteSize,
+) -> Result<Vec<RecordBatch>, QueryError> {
+    let plan = plan_read_only(ctx, sql).await?;
+    execute_plan(ctx, plan, memory_limit).await
+}
+
+/// The runtime every isolated query executes on (see [`isolated`]): its
+/// workers run the operators of every query of the process, never the
+/// listeners, health checks or metrics of `tally serve`.
+static QUERY_RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+
+fn query_runtime() -> Result<tokio::runtime::Handle, QueryError> {
+    if let Some(rt) = QUERY_RUNTIME.get() {
+        return Ok(rt.handle().clone());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("tally-query-worker")
+        .thread_stack_size(QUERY_WORKER_STACK_BYTES)
+        .enable_all()
+        .build()
+        .map_err(QueryError::Thread)?;
+    // Two first queries at once: one runtime wins, the other is dropped.
+    let _ = QUERY_RUNTIME.set(rt);
+    QUERY_RUNTIME
+        .get()
+        .map(|rt| rt.handle().clone())
+        .ok_or(QueryError::ThreadLost)
+}
+
+/// Runs `work` (planning and executing one query) where it can neither
+/// stall nor end anything else: on a thread of its own with
+/// [`QUERY_STACK_BYTES`] of stack, so that planning, which is synchronous
+/// and can take seconds, blocks no runtime; its operators on the shared
+/// query runtime; and a panic inside it answers this query only. After
+/// `timeout` the caller gets [`QueryError::Timeout`] and the work is
+/// dropped at its next await (planning finishes first; the limits of
+/// [`guard`] keep that short).
+pub async fn isolated<F, Fut, T>(timeout: std::time::Duration, work: F) -> Result<T, QueryError>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, QueryError>>,
+    T: Send + 'static,
+{
+    use futures::FutureExt;
+    let handle = query_runtime()?;
+    let (mut tx, rx) = tokio::sync::oneshot::channel::<Result<T, QueryError>>();
+    std::thread::Builder::new()
+        .name("tally-query".into())
+        .stack_size(QUERY_STACK_BYTES)
+        .spawn(move || {
+            let out = handle.block_on(async {
+                let work = std::panic::AssertUnwindSafe(async move { work().await }).catch_unwind();
+                tokio::select! {
+                    out = work => Some(out),
+                    () = tx.closed() => None,
+                }
+            });
+            let out = match out {
+                None => return,
+                Some(Ok(out)) => out,
+                Some(Err(panic)) => Err(QueryError::Panicked {
+                    what: panic_message(panic.as_ref()),
+                }),
+            };
+            let _ = tx.send(out);
+        })
+        .map_err(QueryError::Thread)?;
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(_)) => Err(QueryError::ThreadLost),
+        Err(_) => Err(QueryError::Timeout {
+            secs: timeout.as_secs(),
+        }),
+    }
+}
+
+/// What a panic said, for the error the query gets.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned());
+    text.chars().take(200).collect()
+}
+
+/// Runs `work` (opening a session, running queries) on a runtime of its
+/// own, on a thread with [`QUERY_STACK_BYTES`] of stack and workers with
+/// [`QUERY_WORKER_STACK_BYTES`] (tokio's default is 2 MiB), and waits for
+/// it without blocking the caller's runtime.
+pub async fn on_query_threads<F, Fut, T>(work: F) -> Result<T, QueryError>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("tally-query".into())
+        .stack_size(QUERY_STACK_BYTES)
+        .spawn(move || {
+            let out = tokio::runtime::Builder::new_multi_thread()
+                .thread_name("tally-query-worker")
+                .thread_stack_size(QUERY_WORKER_STACK_BYTES)
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(work()))
+                .map_err(QueryError::Thread);
+            // The receiver only goes away if the caller was cancelled.
+            let _ = tx.send(out);
+        })
+        .map_err(QueryError::Thread)?;
+    rx.await.map_err(|_| QueryError::ThreadLost)?
+}
