@@ -200,7 +200,7 @@ impl Session {
         if let Some(loc) = remote {
             let Some((manifest, _)) = loc.manifest().await.map_err(CheckpointError::from)? else {
                 // No checkpoint at the root: a partitioned location?
-                if let Some(count) = crate::store::partitions(data_dir).await? {
+                if let Some(count) = crate::store::partitions_at(data_dir, remote).await? {
                     return Session::open_partitions(data_dir, count, remote, opts, runtime).await;
                 }
                 // A missing bucket reads as no manifest too: say which it is.
@@ -234,7 +234,7 @@ impl Session {
         for _ in 0..OPEN_ATTEMPTS {
             let dirs = Dirs::of(&[data_dir]);
             let Some(checkpoint) = Checkpoint::load(data_dir)? else {
-                if let Some(count) = crate::store::partitions(data_dir).await? {
+                if let Some(count) = crate::store::partitions_at(data_dir, remote).await? {
                     return Session::open_partitions(data_dir, count, remote, opts, runtime).await;
                 }
                 return Err(QueryError::NoViews {
@@ -287,10 +287,9 @@ impl Session {
         let dirs: Vec<PathBuf> = (0..count)
             .map(|k| crate::store::partition_location(data_dir, k))
             .collect();
-        let mut locations = Vec::with_capacity(dirs.len());
-        for dir in &dirs {
-            locations.push(Location::parse(dir).map_err(CheckpointError::from)?);
-        }
+        let locations: Vec<Option<Location>> = (0..count)
+            .map(|k| crate::store::partition_remote(remote, k))
+            .collect();
         let no_partition = |index: u32| QueryError::NoPartition {
             dir: data_dir.to_path_buf(),
             index,

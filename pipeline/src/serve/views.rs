@@ -89,12 +89,14 @@ async fn stamp(inner: &Inner) -> Option<Stamp> {
         // No checkpoint at the root: a partitioned location (whose count
         // never changes once set, so it is read once), or nothing yet.
         None => {
-            let count = crate::store::partitions(data_dir).await.ok().flatten()?;
+            let count = crate::store::partitions_at(data_dir, remote)
+                .await
+                .ok()
+                .flatten()?;
             let parts = (0..count)
                 .map(|k| {
                     let dir = crate::store::partition_location(data_dir, k);
-                    let loc = Location::parse(&dir).ok().flatten();
-                    (dir, loc)
+                    (dir, crate::store::partition_remote(remote, k))
                 })
                 .collect();
             Some(partition_stamps(inner.partitions.get_or_init(|| parts)).await)

@@ -88,13 +88,32 @@ struct PartitionsFile {
 /// Where partition `index` of a partitioned location keeps its views: a
 /// data location of its own, under the location's root.
 pub fn partition_location(location: &Path, index: u32) -> PathBuf {
-    location.join(format!("partition-{index}"))
+    location.join(partition_name(index))
+}
+
+fn partition_name(index: u32) -> String {
+    format!("partition-{index}")
+}
+
+/// The object-storage location of partition `index` of `remote` (the
+/// same client), or `None` for a directory.
+pub fn partition_remote(remote: Option<&remote::Location>, index: u32) -> Option<remote::Location> {
+    remote.map(|loc| loc.within(&partition_name(index)))
 }
 
 /// The partition count of the location `--data` names; `None`: not
 /// partitioned (or nothing there yet).
 pub async fn partitions(location: &Path) -> Result<Option<u32>, DataDirError> {
-    let bytes = match remote::Location::parse(location)? {
+    let remote = remote::Location::parse(location)?;
+    partitions_at(location, remote.as_ref()).await
+}
+
+/// [`partitions`] with the location's client already made.
+pub async fn partitions_at(
+    location: &Path,
+    remote: Option<&remote::Location>,
+) -> Result<Option<u32>, DataDirError> {
+    let bytes = match remote {
         Some(loc) => loc.get(PARTITIONS_FILE).await?.map(|(b, _)| b.to_vec()),
         None => match std::fs::read(location.join(PARTITIONS_FILE)) {
             Ok(b) => Some(b),
@@ -386,7 +405,7 @@ pub async fn frontier_checkpoint(
     if let Some(cp) = checkpoint_in(location, remote).await? {
         return Ok(Some(cp));
     }
-    let count = match partitions(location).await {
+    let count = match partitions_at(location, remote).await {
         Ok(Some(n)) => n,
         Ok(None) => return Ok(None),
         Err(DataDirError::Remote(e)) => return Err(e.into()),
@@ -403,7 +422,7 @@ pub async fn frontier_checkpoint(
     let mut clock: Option<i64> = None;
     for k in 0..count {
         let dir = partition_location(location, k);
-        let loc = remote::Location::parse(&dir)?;
+        let loc = partition_remote(remote, k);
         let Some(cp) = checkpoint_in(&dir, loc.as_ref()).await? else {
             return Ok(None);
         };

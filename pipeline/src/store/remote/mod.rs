@@ -117,6 +117,23 @@ fn client_settings() -> (ClientOptions, RetryConfig) {
 }
 
 impl Location {
+    /// The location `name` under this one (a partition's), sharing its
+    /// client and so its connections: opening every partition of a
+    /// location costs no new client.
+    pub fn within(&self, name: &str) -> Location {
+        let prefix = if self.prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}/{name}", self.prefix)
+        };
+        Location {
+            url: format!("{}/{name}", self.url),
+            bucket: self.bucket.clone(),
+            prefix,
+            store: Arc::clone(&self.store),
+        }
+    }
+
     /// The location `path` names, if it is an `s3://` URL; its client is
     /// configured from the standard `AWS_*` variables.
     pub fn parse(path: &Path) -> Result<Option<Location>, RemoteError> {

@@ -1,0 +1,458 @@
+//! The Postgres wire protocol (v3) front of `tally serve`, on pgwire.
+//!
+//! Each connection gets its own handlers ([`Connection`]): SCRAM-SHA-256
+//! against the users file at startup, then simple and extended queries
+//! answered from [`Views`] for the account's scope. Statements are parsed
+//! with datafusion-postgres's Postgres-dialect parser (which also rewrites
+//! what psql and drivers send to `pg_catalog`), sorted into what Tally
+//! answers itself (harmless `SET`s, `SHOW`, transaction statements,
+//! `COPY (query) TO STDOUT`) and queries, which go through the same
+//! read-only guard as `tally sql`. Decimals are sent with every digit
+//! ([`numeric`]); everything else is encoded by arrow-pg.
+//!
+//! The rooms: this file holds a connection and answers its statements;
+//! [`startup`] logs it in; [`statement`] sorts statements and parses for
+//! the extended protocol; [`rows`] encodes data rows and `COPY` lines;
+//! [`errors`] says what went wrong, with its SQLSTATE.
+
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, SchemaRef};
+use async_trait::async_trait;
+use bytes::Bytes;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::sql::sqlparser::ast::Statement;
+use datafusion_postgres::arrow_pg::datatypes::arrow_schema_to_pg_fields;
+use datafusion_postgres::arrow_pg::datatypes::df::deserialize_parameters_with_server_types;
+use datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+use futures::{Sink, stream};
+use pgwire::api::auth::StartupHandler;
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{CopyResponse, DataRowEncoder, QueryResponse, Response, Tag};
+use pgwire::api::stmt::StoredStatement;
+use pgwire::api::store::{MemPortalStore, PortalStore};
+use pgwire::api::{ClientInfo, ClientPortalStore, ErrorHandler, PgWireServerHandlers, Type};
+use pgwire::error::{PgWireError, PgWireResult};
+use pgwire::messages::PgWireBackendMessage;
+use pgwire::messages::copy::CopyData;
+use pgwire::messages::data::DataRow;
+use pgwire::types::format::FormatOptions;
+
+use super::Shared;
+use super::accounts::ScopeCheck;
+use super::metrics::Protocol;
+use super::postgres::setting;
+use super::scram::Exchange;
+use super::views::Answer;
+use crate::query::{QueryError, Scope};
+
+mod errors;
+mod rows;
+mod startup;
+mod statement;
+
+pub use errors::sqlstate;
+use errors::{query_error, scope_changed, user_error};
+use rows::copy_lines;
+pub use rows::encode_rows;
+use startup::{Login, login_user, scope_of};
+pub use startup::{Refuse, RefuseHandlers};
+use statement::show_schema;
+pub use statement::{Kind, Parser, Prepared, classify, known_client_rewrites};
+
+/// The only database: another name is refused with `3D000`.
+pub const DATABASE: &str = "tally";
+
+/// What one connection holds.
+pub struct Connection {
+    shared: Arc<Shared>,
+    login: Login,
+    /// Notified when a FATAL error goes to the client: the session is over
+    /// even if the client keeps its socket open.
+    pub ended: Arc<tokio::sync::Notify>,
+    /// Open cursors: the rows still to fetch.
+    cursors: tokio::sync::Mutex<std::collections::HashMap<String, Cursor>>,
+    auth: tokio::sync::Mutex<AuthState>,
+    parser: Arc<Parser>,
+}
+
+/// A declared cursor's rows, fetched from the front.
+struct Cursor {
+    schema: SchemaRef,
+    batches: std::collections::VecDeque<RecordBatch>,
+    /// The scope its rows were computed for: a fetch after the account
+    /// changed is refused (the rows may hold tenants it no longer sees).
+    scope: Scope,
+}
+
+impl Cursor {
+    /// Takes up to `count` rows (all if `None`).
+    fn take(&mut self, count: Option<usize>) -> Vec<RecordBatch> {
+        let mut left = count.unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        while left > 0 {
+            let Some(batch) = self.batches.pop_front() else {
+                break;
+            };
+            if batch.num_rows() <= left {
+                left -= batch.num_rows();
+                out.push(batch);
+            } else {
+                out.push(batch.slice(0, left));
+                self.batches
+                    .push_front(batch.slice(left, batch.num_rows() - left));
+                left = 0;
+            }
+        }
+        out
+    }
+}
+
+enum AuthState {
+    Initial,
+    Waiting(Box<Exchange>),
+    Done,
+}
+
+impl Connection {
+    /// Whether SCRAM has succeeded on this connection.
+    pub fn logged_in(&self) -> bool {
+        login_user(&self.login).is_some()
+    }
+
+    pub fn new(shared: Arc<Shared>) -> Connection {
+        let login: Login = Arc::new(Mutex::new(None));
+        Connection {
+            parser: Arc::new(Parser {
+                shared: Arc::clone(&shared),
+                login: Arc::clone(&login),
+                sql: PostgresCompatibilityParser::new(),
+            }),
+            shared,
+            login,
+            ended: Arc::new(tokio::sync::Notify::new()),
+            cursors: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+            auth: tokio::sync::Mutex::new(AuthState::Initial),
+        }
+    }
+}
+
+/// pgwire's handler set for one connection.
+pub struct Handlers(pub Arc<Connection>);
+
+impl PgWireServerHandlers for Handlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        Arc::clone(&self.0)
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        Arc::clone(&self.0)
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        Arc::clone(&self.0)
+    }
+
+    fn error_handler(&self) -> Arc<impl ErrorHandler> {
+        Arc::new(LogErrors {
+            ended: Arc::clone(&self.0.ended),
+        })
+    }
+}
+
+struct LogErrors {
+    ended: Arc<tokio::sync::Notify>,
+}
+
+impl ErrorHandler for LogErrors {
+    fn on_error<C: ClientInfo>(&self, client: &C, error: &mut PgWireError) {
+        tracing::debug!(peer = %client.socket_addr(), error = %error, "pgwire error sent");
+        if let PgWireError::UserError(info) = error
+            && info.severity == "FATAL"
+        {
+            self.ended.notify_one();
+        }
+    }
+}
+
+impl Connection {
+    /// Answers one statement; `bind` binds the extended protocol's
+    /// parameters to the plan.
+    async fn answer<C, F>(
+        &self,
+        client: &C,
+        kind: &Kind,
+        format: &Format,
+        bind: F,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore,
+        C::PortalStore: PortalStore,
+        F: Fn(LogicalPlan) -> Result<LogicalPlan, QueryError> + Send + 'static,
+    {
+        // A removed account's session ends at its next statement, whatever it is.
+        let scope = scope_of(&self.shared, &self.login)?;
+        match kind {
+            Kind::Empty => Ok(Response::EmptyQuery),
+            Kind::Set => Ok(Response::Execution(Tag::new("SET"))),
+            Kind::Begin => Ok(Response::TransactionStart(Tag::new("BEGIN"))),
+            Kind::End(tag) => Ok(Response::TransactionEnd(Tag::new(tag))),
+            Kind::Refused(what) => {
+                self.shared.metrics.failed(Protocol::Pg);
+                Err(user_error(
+                    "42501",
+                    format!(
+                        "refused: tally serve is read-only ({what} is not allowed); only queries over the views are"
+                    ),
+                ))
+            }
+            Kind::Show(name) => {
+                let value = setting(name).ok_or_else(|| {
+                    user_error(
+                        "42704",
+                        format!("unrecognized configuration parameter \"{name}\""),
+                    )
+                })?;
+                let fields = Arc::new(arrow_schema_to_pg_fields(&show_schema(name), format, None)?);
+                let mut enc = DataRowEncoder::new(Arc::clone(&fields));
+                enc.encode_field(&Some(value))?;
+                let row = enc.take_row();
+                Ok(Response::Query(QueryResponse::new(
+                    fields,
+                    stream::iter(vec![Ok(row)]),
+                )))
+            }
+            Kind::Query(statement) => {
+                let answer = self.run(&scope, statement, bind).await?;
+                let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+                let fields = Arc::new(arrow_schema_to_pg_fields(
+                    &answer.schema,
+                    format,
+                    Some(options),
+                )?);
+                let rows = encode_rows(&fields, &answer.batches)?;
+                Ok(Response::Query(QueryResponse::new(
+                    fields,
+                    self.checked_rows(scope, rows),
+                )))
+            }
+            Kind::Declare { name, query } => {
+                let answer = self.run(&scope, query, bind).await?;
+                // A cursor is a portal too: drivers describe it by name
+                // (psycopg's server-side cursors do) before fetching.
+                if let Some(store) = client
+                    .portal_store()
+                    .as_any()
+                    .downcast_ref::<MemPortalStore<Arc<Prepared>>>()
+                {
+                    let prepared = Prepared {
+                        kind: Kind::Fetch {
+                            name: name.clone(),
+                            count: None,
+                        },
+                        params: vec![],
+                        schema: Some(Arc::clone(&answer.schema)),
+                    };
+                    store.put_portal(Arc::new(Portal::new_cursor(
+                        name.clone(),
+                        Arc::new(StoredStatement::new(
+                            name.clone(),
+                            Arc::new(prepared),
+                            vec![],
+                        )),
+                    )));
+                }
+                let cursor = Cursor {
+                    schema: answer.schema,
+                    batches: answer.batches.into(),
+                    scope,
+                };
+                self.cursors.lock().await.insert(name.clone(), cursor);
+                Ok(Response::Execution(Tag::new("DECLARE CURSOR")))
+            }
+            Kind::Fetch { name, count } => {
+                let mut cursors = self.cursors.lock().await;
+                let cursor = cursors.get_mut(name).ok_or_else(|| {
+                    user_error("34000", format!("cursor \"{name}\" does not exist"))
+                })?;
+                if cursor.scope != scope {
+                    cursors.remove(name);
+                    return Err(scope_changed());
+                }
+                let batches = cursor.take(*count);
+                let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+                let fields = Arc::new(arrow_schema_to_pg_fields(
+                    &cursor.schema,
+                    format,
+                    Some(options),
+                )?);
+                let rows = encode_rows(&fields, &batches)?;
+                let mut response = QueryResponse::new(fields, self.checked_rows(scope, rows));
+                response.set_command_tag("FETCH");
+                Ok(Response::Query(response))
+            }
+            Kind::Close(name) => {
+                let mut cursors = self.cursors.lock().await;
+                let store = client
+                    .portal_store()
+                    .as_any()
+                    .downcast_ref::<MemPortalStore<Arc<Prepared>>>();
+                match name {
+                    None => {
+                        if let Some(store) = store {
+                            for n in cursors.keys() {
+                                store.rm_portal(n);
+                            }
+                        }
+                        cursors.clear()
+                    }
+                    Some(n) => {
+                        if let Some(store) = store {
+                            store.rm_portal(n);
+                        }
+                        cursors.remove(n).ok_or_else(|| {
+                            user_error("34000", format!("cursor \"{n}\" does not exist"))
+                        })?;
+                    }
+                }
+                Ok(Response::Execution(Tag::new("CLOSE CURSOR")))
+            }
+            Kind::Copy {
+                query,
+                csv,
+                header,
+                delimiter,
+            } => {
+                let answer = self.run(&scope, query, bind).await?;
+                let lines = copy_lines(&answer, *csv, *header, *delimiter)
+                    .map_err(|e| user_error("22000", e))?;
+                let columns = answer.schema.fields().len();
+                Ok(Response::CopyOut(CopyResponse::new(
+                    0,
+                    columns,
+                    stream::iter(lines.into_iter().map(|l| Ok(CopyData::new(Bytes::from(l))))),
+                )))
+            }
+        }
+    }
+
+    /// Rows for the client that stop, with an error, at the first one
+    /// after the account lost the scope they were computed for: a
+    /// suspended portal hands out its rows over several Execute messages.
+    fn checked_rows(
+        &self,
+        scope: Scope,
+        rows: Vec<DataRow>,
+    ) -> impl futures::Stream<Item = PgWireResult<DataRow>> + Send + use<> {
+        let user = login_user(&self.login).unwrap_or_default();
+        let mut check = ScopeCheck::new(Arc::clone(&self.shared.accounts), user, scope);
+        let mut allowed = true;
+        stream::iter(rows.into_iter().map_while(move |row| {
+            if !allowed {
+                return None;
+            }
+            allowed = check.still_allowed();
+            Some(if allowed {
+                Ok(row)
+            } else {
+                Err(scope_changed())
+            })
+        }))
+    }
+
+    async fn run<F>(&self, scope: &Scope, statement: &Statement, bind: F) -> PgWireResult<Answer>
+    where
+        F: Fn(LogicalPlan) -> Result<LogicalPlan, QueryError> + Send + 'static,
+    {
+        let started = Instant::now();
+        let metrics = &self.shared.metrics;
+        let _running = metrics.running();
+        let result = self.shared.views.run(scope, statement, bind).await;
+        metrics.observe(Protocol::Pg, started.elapsed());
+        match result {
+            Ok(answer) => {
+                metrics.served(Protocol::Pg);
+                Ok(answer)
+            }
+            Err(e) => {
+                metrics.failed(Protocol::Pg);
+                Err(query_error(&e))
+            }
+        }
+    }
+}
+
+fn no_params(plan: LogicalPlan) -> Result<LogicalPlan, QueryError> {
+    Ok(plan)
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Connection {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let statements = self.parser.parse_all(query)?;
+        if statements.is_empty() {
+            return Ok(vec![Response::EmptyQuery]);
+        }
+        let mut responses = Vec::with_capacity(statements.len());
+        for statement in statements {
+            let kind = classify(statement);
+            responses.push(
+                self.answer(client, &kind, &Format::UnifiedText, no_params)
+                    .await?,
+            );
+        }
+        Ok(responses)
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Connection {
+    type Statement = Arc<Prepared>;
+    type QueryParser = Parser;
+
+    fn query_parser(&self) -> Arc<Parser> {
+        Arc::clone(&self.parser)
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Arc<Prepared>>,
+        _max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Arc<Prepared>>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let prepared = &portal.statement.statement;
+        let inferred: Vec<Option<&DataType>> = prepared.params.iter().map(Some).collect();
+        let declared: Vec<Option<&Type>> = (0..prepared.params.len())
+            .map(|i| {
+                portal
+                    .statement
+                    .parameter_types
+                    .get(i)
+                    .and_then(|t| t.as_ref())
+            })
+            .collect();
+        let values = deserialize_parameters_with_server_types(portal, &inferred, &declared)?;
+        let bind = move |plan: LogicalPlan| {
+            plan.replace_params_with_values(&values)
+                .map_err(QueryError::Execute)
+        };
+        self.answer(client, &prepared.kind, &portal.result_column_format, bind)
+            .await
+    }
+}
