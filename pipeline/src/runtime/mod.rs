@@ -10,10 +10,13 @@
 //!
 //! Rooms: [`processor`] (the synchronous core), [`restore`] (loading and
 //! checking the data directory's state at start), [`session`] (the consume
-//! loop: batches, idle and stall detection, the hand-off), [`commit`]
+//! loop: batches, idle and stall detection, the hand-off), [`decide`] (the
+//! loop's decisions as pure functions: where a message falls, what a quiet
+//! consumer means), [`commit`]
 //! (making one batch durable, then acking it), [`signal`] (SIGINT/SIGTERM).
 
 pub mod commit;
+mod decide;
 pub mod metrics;
 pub mod processor;
 pub mod restore;

@@ -19,6 +19,7 @@ use futures::FutureExt;
 use tracing::{info, warn};
 
 use super::commit::{BatchOutput, InFlight, ViewLink, commit, settle};
+use super::decide;
 use super::processor::{Incoming, Processor};
 use super::restore::open_state;
 use super::{ArchiveSource, RunOptions, RunSummary, RuntimeError};
@@ -31,9 +32,6 @@ use crate::source::jetstream as js_source;
 use crate::store::parquet::read_parquet;
 use crate::store::{DataDir, DataDirError, DataDirLock, handoff};
 
-/// Idle ticks in a row with messages owed to us before the consumer is
-/// recreated from the checkpoint.
-const STALL_TICKS: u32 = 3;
 /// Deliveries that passed over a message the stream still holds, within
 /// [`LOST_WINDOW`], before the run concludes that another process takes
 /// its messages and stops.
@@ -353,57 +351,55 @@ impl<'o> Session<'o> {
                     // received) that did not arrive. A stall is healed by
                     // recreating the consumer from the checkpoint.
                     let mut c = consumer.clone();
-                    match c.info().await {
-                        // Unacked deliveries are not counted as pending: one
-                        // lost at the tail shows as delivered, not received.
-                        Ok(info)
-                            if info.num_pending == 0
-                                && info.num_ack_pending == 0
-                                && (opts.acked
-                                    || !deliveries.lost_any(info.delivered.consumer_sequence)) =>
-                        {
+                    let info = c.info().await;
+                    if let Err(e) = &info {
+                        warn!(error = %e, "cannot read consumer state; reconnecting");
+                    }
+                    let facts = info.as_ref().ok().map(|info| decide::ConsumerFacts {
+                        pending: info.num_pending,
+                        ack_pending: info.num_ack_pending,
+                        lost: !opts.acked && deliveries.lost_any(info.delivered.consumer_sequence),
+                    });
+                    match decide::quiet(facts, stalled_ticks) {
+                        decide::Quiet::Reconnect => return Ok(Next::Resume),
+                        decide::Quiet::Waiting { ticks } => stalled_ticks = ticks,
+                        decide::Quiet::Stalled => {
+                            warn!(
+                                pending = facts.map_or(0, |f| f.pending),
+                                delivered_unacked = facts.map_or(0, |f| f.ack_pending),
+                                resume_from = self.p.checkpoint.last_seq + 1,
+                                "message delivery stalled; recreating the consumer from the checkpoint"
+                            );
+                            return Ok(Next::Resume);
+                        }
+                        decide::Quiet::CheckStream => {
                             stalled_ticks = 0;
                             // Drained, unless the stream forgot what comes
                             // next: all of it (the session start looks at
                             // that), or its tail.
                             let next = self.p.checkpoint.last_seq + 1;
-                            match js_source::bounds(&mut self.stream, &opts.source.stream).await {
-                                Ok((first, _)) if first > next => return Ok(Next::Resume),
-                                Ok((_, last)) if last >= next => {
-                                    let last = opts.stop_at.map_or(last, |n| last.min(n));
+                            let bounds =
+                                js_source::bounds(&mut self.stream, &opts.source.stream).await;
+                            match decide::after_bounds(bounds.ok(), next, opts.stop_at) {
+                                decide::Tail::Forgotten => return Ok(Next::Resume),
+                                decide::Tail::Check { from, to } => {
                                     if let Some(gone) = js_source::gone_until(
                                         &self.stream,
                                         &opts.source.stream,
-                                        next,
-                                        last,
+                                        from,
+                                        to,
                                     )
                                     .await?
                                     {
-                                        self.gap(next, gone, stop).await?;
+                                        self.gap(from, gone, stop).await?;
                                         return Ok(Next::Resume);
                                     }
                                 }
-                                _ => {}
+                                decide::Tail::Drained => {}
                             }
                             if opts.until_idle {
                                 return Ok(Next::Stop);
                             }
-                        }
-                        Ok(info) => {
-                            stalled_ticks += 1;
-                            if stalled_ticks >= STALL_TICKS {
-                                warn!(
-                                    pending = info.num_pending,
-                                    delivered_unacked = info.num_ack_pending,
-                                    resume_from = self.p.checkpoint.last_seq + 1,
-                                    "message delivery stalled; recreating the consumer from the checkpoint"
-                                );
-                                return Ok(Next::Resume);
-                            }
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "cannot read consumer state; reconnecting");
-                            return Ok(Next::Resume);
                         }
                     }
                     continue;
@@ -483,6 +479,11 @@ impl<'o> Session<'o> {
         let first_seq_before = self.p.checkpoint.last_seq;
         let mut next = first_seq_before + 1;
         let mut hole = Hole::None;
+        let bounds = decide::Bounds {
+            stop_at: opts.stop_at,
+            split_at: opts.split_at,
+            batch_start: first_seq_before,
+        };
         let mut incoming = Vec::with_capacity(batch.len());
         let mut last_idx = None;
         for (idx, m) in batch.iter().enumerate() {
@@ -501,34 +502,14 @@ impl<'o> Session<'o> {
                 hole = Hole::LostDelivery;
                 break;
             }
-            if d.stream_seq < next {
-                // A redelivery of a message already processed.
-                continue;
-            }
-            if d.stream_seq > next {
-                // Skipped sequences up to the target or the split are a hole
-                // even when this message lies beyond them.
-                let bound = opts
-                    .stop_at
-                    .into_iter()
-                    .chain(opts.split_at.filter(|n| first_seq_before < *n))
-                    .fold(d.stream_seq - 1, u64::min);
-                if next <= bound {
-                    hole = Hole::Skipped {
-                        first: next,
-                        last: bound,
-                    };
+            match decide::place(d.stream_seq, next, &bounds) {
+                decide::Place::Redelivered => continue,
+                decide::Place::Next => {}
+                decide::Place::Hole { first, last } => {
+                    hole = Hole::Skipped { first, last };
                     break;
                 }
-            }
-            if opts.stop_at.is_some_and(|n| d.stream_seq > n) {
-                break;
-            }
-            if opts
-                .split_at
-                .is_some_and(|n| first_seq_before < n && d.stream_seq > n)
-            {
-                break;
+                decide::Place::Beyond => break,
             }
             next += 1;
             incoming.push(Incoming {
