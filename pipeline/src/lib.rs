@@ -11,9 +11,10 @@
 //!   shared flags ([`commands::Globals`]) and the command line's error
 //!   ([`commands::CommandError`]).
 //! - [`runtime`]: `tally run`, the thin async shell: [`runtime::session`]
-//!   (consume loop), [`runtime::processor`] (validation, dedup, the ledger,
-//!   operators and restatements: the synchronous core; it reads nothing
-//!   itself), [`runtime::commit`]
+//!   (consume loop, its decisions pure functions in `runtime::decide`),
+//!   [`runtime::processor`] (validation, dedup, the ledger, operators and
+//!   restatements: the synchronous core; it reads nothing itself),
+//!   [`runtime::commit`]
 //!   (durable, then checkpoint, then ack), [`runtime::restore`] (state at
 //!   start-up: reads the archive and the views and hands them over),
 //!   [`runtime::metrics`] (`--metrics-listen`), [`runtime::signal`].
