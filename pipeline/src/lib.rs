@@ -60,20 +60,25 @@
 //!   threshold alert event, the partition a subject belongs to
 //!   ([`event::partition`]).
 //!
+//! The library's interface is what the binary and the contract test use:
+//! [`cli`], [`commands`], [`query`] and [`event`]; every other module is
+//! the crate's own (`pub(crate)`), so the compiler reports what no path
+//! reaches.
+//!
 //! Time in pipeline logic comes only from event time and JetStream publish
 //! time, never the wall clock (clippy's `disallowed-methods` enforces it), so
 //! every view is a pure function of the stream.
 
 pub mod cli;
 pub mod commands;
-pub mod config;
+pub(crate) mod config;
 pub mod event;
-pub mod generator;
-pub mod operator;
+pub(crate) mod generator;
+pub(crate) mod operator;
 pub mod query;
-pub mod runtime;
-pub mod serve;
-pub mod sink;
-pub mod source;
-pub mod state;
-pub mod store;
+pub(crate) mod runtime;
+pub(crate) mod serve;
+pub(crate) mod sink;
+pub(crate) mod source;
+pub(crate) mod state;
+pub(crate) mod store;

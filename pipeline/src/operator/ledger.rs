@@ -378,11 +378,13 @@ impl Ledger {
     }
 
     /// Accepted voids so far.
+    #[cfg(test)]
     pub fn voids(&self) -> u64 {
         self.voids
     }
 
     /// Accepted events remembered (voided ones included).
+    #[cfg(test)]
     pub fn remembered(&self) -> usize {
         self.index.len() + self.more.values().map(Vec::len).sum::<usize>()
     }

@@ -446,16 +446,6 @@ impl OveragesOperator {
         }
     }
 
-    /// The row of (`tenant`, period [`s`, `e`), `metric`) with usage `agg`.
-    pub fn compute(&self, tenant: &str, s: i64, e: i64, metric: &str, agg: &Agg) -> Row {
-        let fold = self
-            .subs
-            .get(tenant)
-            .map(|h| h.fold_before(e))
-            .unwrap_or_default();
-        self.compute_with(&fold, s, e, metric, agg)
-    }
-
     /// [`Self::compute`] from the tenant's subscriptions folded to `e`.
     fn compute_with(&self, fold: &FoldState<'_>, s: i64, e: i64, metric: &str, agg: &Agg) -> Row {
         let (plan, version) = self.plan_with(fold, s, e);

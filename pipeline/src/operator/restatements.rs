@@ -233,6 +233,7 @@ impl Json {
 }
 
 /// Nano-units as a decimal with nine fractional digits, no exponent.
+#[cfg(test)]
 pub fn decimal_text(v: i128) -> String {
     let mut out = String::new();
     push_decimal(&mut out, v);
@@ -260,6 +261,7 @@ fn push_digits(out: &mut String, v: u64, width: u32) {
 }
 
 /// `YYYY-MM-DD` of the day holding `t` (µs, UTC).
+#[cfg(test)]
 pub fn date_text(t: i64) -> String {
     let mut out = String::with_capacity(10);
     push_date(&mut out, t);
@@ -281,6 +283,7 @@ fn push_date(out: &mut String, t: i64) {
 }
 
 /// RFC 3339 UTC with six fractional digits and `Z`.
+#[cfg(test)]
 pub fn timestamp_text(t: i64) -> String {
     let mut out = String::with_capacity(27);
     push_timestamp(&mut out, t);

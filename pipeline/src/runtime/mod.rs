@@ -39,8 +39,6 @@ use crate::store::DataDirError;
 use crate::store::checkpoint::{CheckpointError, Counts, Gap};
 use crate::store::parquet::ViewFilesError;
 
-pub use processor::{Incoming, Processor, ViewRows};
-pub use restore::{for_each_archived, open_state};
 pub use session::run_with_lock;
 pub use signal::shutdown_signal;
 

@@ -166,7 +166,6 @@ impl<'o> Session<'o> {
             });
         }
         let dlq = Arc::new(DlqTarget {
-            stream: opts.source.dlq_stream.clone(),
             source_stream: opts.source.stream.clone(),
             source_created: created.clone(),
             max_message_bytes: dlq::message_budget(client.server_info().max_payload, dlq_max),

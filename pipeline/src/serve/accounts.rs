@@ -356,10 +356,6 @@ impl AccountsFile {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The accounts now. A file that became unreadable or invalid keeps the
     /// last good accounts and logs why (at every change of the file).
     pub fn get(&self) -> Arc<Accounts> {

@@ -97,12 +97,6 @@ impl Metrics {
         );
     }
 
-    pub fn open(&self, p: Protocol) -> Open<'_> {
-        let gauge = &self.per[index(p)].open;
-        gauge.fetch_add(1, Ordering::Relaxed);
-        Open { gauge }
-    }
-
     /// Counts one more open connection unless `max` are open already.
     pub fn try_open(&self, p: Protocol, max: usize) -> Option<Open<'_>> {
         let gauge = &self.per[index(p)].open;
@@ -112,10 +106,6 @@ impl Metrics {
             })
             .ok()?;
         Some(Open { gauge })
-    }
-
-    pub fn open_connections(&self, p: Protocol) -> i64 {
-        self.per[index(p)].open.load(Ordering::Relaxed)
     }
 
     pub fn running(&self) -> Running<'_> {

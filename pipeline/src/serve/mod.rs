@@ -145,7 +145,6 @@ pub struct Shared {
     pub views: views::Views,
     pub accounts: Arc<AccountsFile>,
     pub metrics: Metrics,
-    pub query_timeout: Duration,
     pub stale_after: Duration,
     /// Per-process secret: the password HTTP and Flight check an unknown
     /// user against, so that a refusal costs what a real check costs.
@@ -218,7 +217,6 @@ pub async fn serve(
         )?,
         accounts,
         metrics: Metrics::default(),
-        query_timeout: opts.query_timeout,
         stale_after: opts.stale_after,
         secret,
         nats_url: opts.nats_url.clone(),

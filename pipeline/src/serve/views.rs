@@ -181,10 +181,6 @@ impl Views {
         })
     }
 
-    pub fn data_dir(&self) -> &Path {
-        &self.inner.data_dir
-    }
-
     /// The latest committed checkpoint of the data location.
     pub async fn checkpoint(&self) -> Result<Option<Checkpoint>, CheckpointError> {
         crate::store::frontier_checkpoint(&self.inner.data_dir, self.inner.remote.as_ref()).await
@@ -381,7 +377,6 @@ impl Views {
                     return Ok(Answer {
                         schema: Arc::clone(plan.schema().inner()),
                         batches,
-                        checkpoint_seq: snapshot.checkpoint_seq,
                     });
                 }
             }
@@ -458,9 +453,8 @@ impl Views {
 /// seconds.
 const GONE_RETRIES: usize = 3;
 
-/// The rows of one query and the checkpoint they cover.
+/// The rows of one query.
 pub struct Answer {
     pub schema: arrow::datatypes::SchemaRef,
     pub batches: Vec<RecordBatch>,
-    pub checkpoint_seq: u64,
 }

@@ -33,8 +33,6 @@ const FRAMING: usize = 256;
 /// Where dead letters go, and how large one may be.
 #[derive(Debug, Clone)]
 pub struct DlqTarget {
-    /// The DLQ stream.
-    pub stream: String,
     /// The event stream the rejected messages come from, and its creation
     /// time: with the sequence they make each dead letter's id, unique
     /// also after the event stream was recreated (its sequences restart).
@@ -173,7 +171,6 @@ mod tests {
 
     fn target(max: usize) -> DlqTarget {
         DlqTarget {
-            stream: "TALLY_DLQ".into(),
             source_stream: "TALLY_EVENTS".into(),
             source_created: "2026-01-01T00:00:00Z".into(),
             max_message_bytes: max,

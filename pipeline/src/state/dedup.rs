@@ -167,10 +167,6 @@ impl Dedup {
     pub fn len(&self) -> usize {
         self.seen.len()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
-    }
 }
 
 #[cfg(test)]

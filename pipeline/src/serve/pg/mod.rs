@@ -62,7 +62,7 @@ pub use rows::encode_rows;
 use startup::{Login, login_user, scope_of};
 pub use startup::{Refuse, RefuseHandlers};
 use statement::show_schema;
-pub use statement::{Kind, Parser, Prepared, classify, known_client_rewrites};
+pub use statement::{Kind, Parser, Prepared, classify};
 
 /// The only database: another name is refused with `3D000`.
 pub const DATABASE: &str = "tally";
@@ -197,7 +197,6 @@ impl Connection {
         // A removed account's session ends at its next statement, whatever it is.
         let scope = scope_of(&self.shared, &self.login)?;
         match kind {
-            Kind::Empty => Ok(Response::EmptyQuery),
             Kind::Set => Ok(Response::Execution(Tag::new("SET"))),
             Kind::Begin => Ok(Response::TransactionStart(Tag::new("BEGIN"))),
             Kind::End(tag) => Ok(Response::TransactionEnd(Tag::new(tag))),

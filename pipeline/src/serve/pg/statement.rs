@@ -37,7 +37,6 @@ pub(super) const HARMLESS_SETTINGS: &[&str] = &[
 /// A statement as Tally answers it.
 #[derive(Debug, Clone)]
 pub enum Kind {
-    Empty,
     Query(Box<Statement>),
     /// `COPY (query) TO STDOUT`.
     Copy {
