@@ -61,9 +61,9 @@
 //!   ([`event::partition`]).
 //!
 //! The library's interface is what the binary and the contract test use:
-//! [`cli`], [`commands`], [`query`] and [`event`]; every other module is
-//! the crate's own (`pub(crate)`), so the compiler reports what no path
-//! reaches.
+//! [`cli`], [`commands`], [`event`] and [`QUERY_STACK_BYTES`]; every other
+//! module is the crate's own (`pub(crate)`), so the compiler reports what
+//! no path reaches.
 //!
 //! Time in pipeline logic comes only from event time and JetStream publish
 //! time, never the wall clock (clippy's `disallowed-methods` enforces it), so
@@ -75,10 +75,14 @@ pub(crate) mod config;
 pub mod event;
 pub(crate) mod generator;
 pub(crate) mod operator;
-pub mod query;
+pub(crate) mod query;
 pub(crate) mod runtime;
 pub(crate) mod serve;
 pub(crate) mod sink;
 pub(crate) mod source;
 pub(crate) mod state;
 pub(crate) mod store;
+
+/// The stack of the thread that parses and plans a query, which `main`
+/// gives every worker thread of `tally serve`.
+pub use query::QUERY_STACK_BYTES;

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     if matches!(cli.command, tally::cli::Command::Serve(_)) {
         // `tally serve` parses, plans and runs queries on its workers:
         // they get the stacks of `tally sql`'s query thread.
-        builder.thread_stack_size(tally::query::QUERY_STACK_BYTES);
+        builder.thread_stack_size(tally::QUERY_STACK_BYTES);
     }
     let runtime = match builder.build() {
         Ok(r) => r,

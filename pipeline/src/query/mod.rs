@@ -64,11 +64,9 @@ use crate::store::remote::{Location, Manifest};
 pub use error::QueryError;
 pub(crate) use error::classify;
 pub use execute::{
-    QUERY_STACK_BYTES, QUERY_WORKER_STACK_BYTES, execute_plan, isolated, on_query_threads,
-    plan_statement, run,
+    QUERY_STACK_BYTES, execute_plan, isolated, on_query_threads, plan_statement, run,
 };
 pub use format::{OutputFormat, write_batches};
-pub use guard::MAX_EXPR_DEPTH;
 pub use memory::{ByteSize, default_memory_limit};
 pub use scope::Scope;
 pub use system::{CATALOG, CLOCK_TABLE, GAPS_TABLE, PARTITIONS_TABLE};
