@@ -241,12 +241,13 @@ impl Views {
         Some(Arc::clone(&entry.snapshot))
     }
 
-    /// Caches `snapshot` for `scope` unless a newer one is cached.
+    /// Caches `snapshot` for `scope` unless a newer one is cached (one
+    /// whose directory a replay switched away is never newer).
     fn install(&self, scope: &Scope, snapshot: &Arc<Snapshot>) {
         let mut cache = self.cache();
-        let newer = cache
-            .get(scope)
-            .is_some_and(|e| e.snapshot.checkpoint_seq > snapshot.checkpoint_seq);
+        let newer = cache.get(scope).is_some_and(|e| {
+            e.snapshot.checkpoint_seq > snapshot.checkpoint_seq && !e.snapshot.dirs.switched()
+        });
         if !newer {
             cache.insert(
                 scope.clone(),
