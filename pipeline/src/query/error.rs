@@ -61,6 +61,13 @@ pub enum QueryError {
         path.display()
     )]
     Unsettled { path: PathBuf, checkpoint_seq: u64 },
+    /// Retry: `tally replay` switched the data directory during each of
+    /// the query's runs, so none of their answers can be given.
+    #[error(
+        "`tally replay` switched the data directory {} during each of {runs} runs of the query; run it again",
+        dir.display()
+    )]
+    Switched { dir: PathBuf, runs: usize },
     /// Fatal: DataFusion cannot start.
     #[error("cannot set up the query engine: {0}")]
     Runtime(DataFusionError),

@@ -80,6 +80,12 @@ pub use views::Replaced;
 /// commits of `tally run` during one listing are already rare.
 const OPEN_ATTEMPTS: usize = 3;
 
+/// How many times a query whose files moved under it (compaction, a
+/// replay's switch) runs again on a session opened anew: once is nearly
+/// always enough, and three such races in a row do not happen while
+/// compaction runs every few seconds.
+pub const GONE_RERUNS: usize = 3;
+
 /// How to open sessions.
 #[derive(Debug, Clone)]
 pub struct QueryOptions {
@@ -118,8 +124,22 @@ pub struct Session {
 /// or rows, is dropped and the query runs again on a session opened anew.
 /// Object-storage locations are named by their manifests and need no
 /// identity.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Dirs(Vec<(PathBuf, Option<(u64, u64)>)>);
+///
+/// Each directory is also held open while the session lives: a directory
+/// removed after a switch keeps its inode, so no later directory at the
+/// path can be given the same number and pass for it.
+#[derive(Debug, Clone, Default)]
+pub struct Dirs(Vec<Held>);
+
+/// One directory of [`Dirs`].
+#[derive(Debug, Clone)]
+struct Held {
+    path: PathBuf,
+    /// (device, inode) when the session listed it.
+    id: Option<(u64, u64)>,
+    /// Keeps the inode allocated while the session lives.
+    _open: Option<Arc<std::fs::File>>,
+}
 
 impl Dirs {
     /// The identity of `dir` now (`None` if it cannot be read).
@@ -131,7 +151,21 @@ impl Dirs {
     fn of(dirs: &[&Path]) -> Dirs {
         Dirs(
             dirs.iter()
-                .map(|d| (d.to_path_buf(), Dirs::identity(d)))
+                .map(|d| {
+                    use std::os::unix::fs::MetadataExt;
+                    // The identity is the held directory's own (fstat), so
+                    // an exchange right after the open shows as a switch.
+                    let open = std::fs::File::open(d).ok();
+                    let id = open
+                        .as_ref()
+                        .and_then(|f| f.metadata().ok())
+                        .map(|m| (m.dev(), m.ino()));
+                    Held {
+                        path: d.to_path_buf(),
+                        id,
+                        _open: open.map(Arc::new),
+                    }
+                })
                 .collect(),
         )
     }
@@ -139,7 +173,7 @@ impl Dirs {
     /// Whether a directory was exchanged (or removed) since the session
     /// listed its files: one `stat` per directory.
     pub fn switched(&self) -> bool {
-        self.0.iter().any(|(dir, id)| Dirs::identity(dir) != *id)
+        self.0.iter().any(|h| Dirs::identity(&h.path) != h.id)
     }
 }
 
@@ -380,11 +414,22 @@ impl Session {
     /// answered), the session is opened again on the then-current
     /// checkpoint and the query runs once more.
     pub async fn query(&mut self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
-        let answer = run(&self.ctx, sql, self.opts.memory_limit).await;
-        if matches!(answer, Err(QueryError::FileGone { .. })) || self.dirs.switched() {
+        let mut answer = run(&self.ctx, sql, self.opts.memory_limit).await;
+        let mut reruns = 0;
+        while self.dirs.switched() || matches!(answer, Err(QueryError::FileGone { .. })) {
+            if reruns == GONE_RERUNS {
+                if !self.dirs.switched() {
+                    break;
+                }
+                return Err(QueryError::Switched {
+                    dir: self.data_dir.clone(),
+                    runs: reruns + 1,
+                });
+            }
+            reruns += 1;
             *self =
                 Session::open_with(&self.data_dir, &self.opts, Arc::clone(&self.runtime)).await?;
-            return run(&self.ctx, sql, self.opts.memory_limit).await;
+            answer = run(&self.ctx, sql, self.opts.memory_limit).await;
         }
         answer
     }

@@ -73,7 +73,9 @@ fn status_of(e: &QueryError) -> Status {
             Status::resource_exhausted(message)
         }
         QueryError::Timeout { .. } => Status::deadline_exceeded(message),
-        QueryError::FileGone { .. } | QueryError::Unsettled { .. } => Status::aborted(message),
+        QueryError::FileGone { .. }
+        | QueryError::Unsettled { .. }
+        | QueryError::Switched { .. } => Status::aborted(message),
         QueryError::NoViews { .. } | QueryError::NoPartition { .. } => {
             Status::failed_precondition(message)
         }

@@ -277,6 +277,14 @@ impl Views {
         Ok(())
     }
 
+    /// A query whose every run a replay's switch overtook.
+    fn switched(&self, retries: usize) -> QueryError {
+        QueryError::Switched {
+            dir: self.inner.data_dir.clone(),
+            runs: retries + 1,
+        }
+    }
+
     async fn open(&self, scope: &Scope) -> Result<Snapshot, QueryError> {
         let inner = &self.inner;
         // The stamp is taken before the checkpoint is read: if a commit
@@ -369,7 +377,10 @@ impl Views {
                 }
                 // A replay switched the directory while the query read it:
                 // whatever it answered may mix two directories' files.
-                _ if retries < GONE_RETRIES && snapshot.dirs.switched() => {
+                _ if snapshot.dirs.switched() => {
+                    if retries == GONE_RETRIES {
+                        return Err(self.switched(retries));
+                    }
                     retries += 1;
                     self.reopen(scope).await?;
                 }
@@ -426,14 +437,16 @@ impl Views {
             for statement in &statements {
                 let plan = snapshot.plan(statement.clone()).await?;
                 let answer = query::execute_plan(&snapshot.ctx, plan, self.memory_limit()).await;
-                let switched = || retries < GONE_RETRIES && snapshot.dirs.switched();
                 match answer {
                     Err(QueryError::FileGone { .. }) if retries < GONE_RETRIES => {
                         retries += 1;
                         self.reopen(scope).await?;
                         continue 'again;
                     }
-                    _ if switched() => {
+                    _ if snapshot.dirs.switched() => {
+                        if retries == GONE_RETRIES {
+                            return Err(self.switched(retries));
+                        }
                         retries += 1;
                         self.reopen(scope).await?;
                         continue 'again;
@@ -447,12 +460,9 @@ impl Views {
     }
 }
 
-/// How many times a query whose files vanished under it runs again on a
-/// freshly opened session. Once is nearly always enough; a compaction can
-/// still remove a file between a fresh listing and its read, and three
-/// such races in a row do not happen while compaction runs every few
-/// seconds.
-const GONE_RETRIES: usize = 3;
+/// How many times a query whose files moved under it runs again on a
+/// freshly opened session.
+const GONE_RETRIES: usize = query::GONE_RERUNS;
 
 /// The rows of one query.
 pub struct Answer {

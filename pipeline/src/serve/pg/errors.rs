@@ -52,7 +52,9 @@ pub fn sqlstate(e: &QueryError) -> &'static str {
             D::ArrowError(..) | D::Execution(_) => "22000",
             _ => "XX000",
         },
-        QueryError::FileGone { .. } | QueryError::Unsettled { .. } => "40001",
+        QueryError::FileGone { .. }
+        | QueryError::Unsettled { .. }
+        | QueryError::Switched { .. } => "40001",
         QueryError::NoViews { .. } | QueryError::NoPartition { .. } => "55000",
         _ => "XX000",
     }
