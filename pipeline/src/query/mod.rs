@@ -84,7 +84,7 @@ const OPEN_ATTEMPTS: usize = 3;
 /// replay's switch) runs again on a session opened anew: once is nearly
 /// always enough, and three such races in a row do not happen while
 /// compaction runs every few seconds.
-pub const GONE_RERUNS: usize = 3;
+const GONE_RERUNS: usize = 3;
 
 /// How to open sessions.
 #[derive(Debug, Clone)]
@@ -408,31 +408,48 @@ impl Session {
         })
     }
 
-    /// Runs one read-only statement and collects its rows. If a file the
-    /// plan lists vanished before it was read (compaction merged it), or
-    /// `tally replay` switched the directory while it ran (whatever it
-    /// answered), the session is opened again on the then-current
-    /// checkpoint and the query runs once more.
+    /// Runs one read-only statement and collects its rows, on a session
+    /// opened anew as long as [`rerun`] says so.
     pub async fn query(&mut self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
-        let mut answer = run(&self.ctx, sql, self.opts.memory_limit).await;
         let mut reruns = 0;
-        while self.dirs.switched() || matches!(answer, Err(QueryError::FileGone { .. })) {
-            if reruns == GONE_RERUNS {
-                if !self.dirs.switched() {
-                    break;
-                }
-                return Err(QueryError::Switched {
-                    dir: self.data_dir.clone(),
-                    runs: reruns + 1,
-                });
+        loop {
+            let answer = run(&self.ctx, sql, self.opts.memory_limit).await;
+            if !rerun(&answer, &self.dirs, reruns, &self.data_dir)? {
+                return answer;
             }
             reruns += 1;
             *self =
                 Session::open_with(&self.data_dir, &self.opts, Arc::clone(&self.runtime)).await?;
-            answer = run(&self.ctx, sql, self.opts.memory_limit).await;
         }
-        answer
     }
+}
+
+/// Whether the answer of a run on a session reading `dirs` of `data_dir`,
+/// after `reruns` runs again, must be dropped and the query run once more
+/// on a session opened anew: a file the plan lists vanished before it was
+/// read (compaction merged it), or `tally replay` switched a directory
+/// while it ran (whatever it answered). At most [`GONE_RERUNS`] times; a
+/// switch after the last is [`QueryError::Switched`], never an answer.
+pub fn rerun<T>(
+    answer: &Result<T, QueryError>,
+    dirs: &Dirs,
+    reruns: usize,
+    data_dir: &Path,
+) -> Result<bool, QueryError> {
+    let switched = dirs.switched();
+    if !switched && !matches!(answer, Err(QueryError::FileGone { .. })) {
+        return Ok(false);
+    }
+    if reruns < GONE_RERUNS {
+        return Ok(true);
+    }
+    if switched {
+        return Err(QueryError::Switched {
+            dir: data_dir.to_path_buf(),
+            runs: reruns + 1,
+        });
+    }
+    Ok(false)
 }
 
 /// Lets `runtime` read the bucket of the `s3://` location `loc`.
@@ -1362,6 +1379,32 @@ mod tests {
         assert_eq!(count(&mut s).await, 30);
         assert_eq!(s.checkpoint_seq, 30);
         assert!(!s.dirs.switched());
+    }
+
+    #[test]
+    fn a_gone_file_or_a_switch_reruns_a_bounded_number_of_times() {
+        let gone = || -> Result<(), QueryError> {
+            Err(QueryError::FileGone {
+                cause: DataFusionError::Plan("gone".into()),
+            })
+        };
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let dirs = Dirs::of(&[data.as_path()]);
+        // Not switched: only a gone file reruns, up to the bound.
+        assert!(!rerun(&Ok(()), &dirs, 0, &data).unwrap());
+        assert!(rerun(&gone(), &dirs, GONE_RERUNS - 1, &data).unwrap());
+        assert!(!rerun(&gone(), &dirs, GONE_RERUNS, &data).unwrap());
+        // Switched: any answer reruns, and past the bound none is given.
+        std::fs::rename(&data, root.path().join("old")).unwrap();
+        std::fs::create_dir(&data).unwrap();
+        assert!(rerun(&Ok(()), &dirs, 0, &data).unwrap());
+        let err = rerun(&Ok(()), &dirs, GONE_RERUNS, &data).unwrap_err();
+        assert!(
+            matches!(err, QueryError::Switched { runs, .. } if runs == GONE_RERUNS + 1),
+            "{err}"
+        );
     }
 
     #[tokio::test]

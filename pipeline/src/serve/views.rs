@@ -277,14 +277,6 @@ impl Views {
         Ok(())
     }
 
-    /// A query whose every run a replay's switch overtook.
-    fn switched(&self, retries: usize) -> QueryError {
-        QueryError::Switched {
-            dir: self.inner.data_dir.clone(),
-            runs: retries + 1,
-        }
-    }
-
     async fn open(&self, scope: &Scope) -> Result<Snapshot, QueryError> {
         let inner = &self.inner;
         // The stamp is taken before the checkpoint is read: if a commit
@@ -370,28 +362,14 @@ impl Views {
             let plan = bind(snapshot.plan(statement.clone()).await?)?;
             let answer =
                 query::execute_plan(&snapshot.ctx, plan.clone(), self.memory_limit()).await;
-            match answer {
-                Err(QueryError::FileGone { .. }) if retries < GONE_RETRIES => {
-                    retries += 1;
-                    self.reopen(scope).await?;
-                }
-                // A replay switched the directory while the query read it:
-                // whatever it answered may mix two directories' files.
-                _ if snapshot.dirs.switched() => {
-                    if retries == GONE_RETRIES {
-                        return Err(self.switched(retries));
-                    }
-                    retries += 1;
-                    self.reopen(scope).await?;
-                }
-                Err(e) => return Err(e),
-                Ok(batches) => {
-                    return Ok(Answer {
-                        schema: Arc::clone(plan.schema().inner()),
-                        batches,
-                    });
-                }
+            if !query::rerun(&answer, &snapshot.dirs, retries, &self.inner.data_dir)? {
+                return answer.map(|batches| Answer {
+                    schema: Arc::clone(plan.schema().inner()),
+                    batches,
+                });
             }
+            retries += 1;
+            self.reopen(scope).await?;
         }
     }
 }
@@ -437,32 +415,17 @@ impl Views {
             for statement in &statements {
                 let plan = snapshot.plan(statement.clone()).await?;
                 let answer = query::execute_plan(&snapshot.ctx, plan, self.memory_limit()).await;
-                match answer {
-                    Err(QueryError::FileGone { .. }) if retries < GONE_RETRIES => {
-                        retries += 1;
-                        self.reopen(scope).await?;
-                        continue 'again;
-                    }
-                    _ if snapshot.dirs.switched() => {
-                        if retries == GONE_RETRIES {
-                            return Err(self.switched(retries));
-                        }
-                        retries += 1;
-                        self.reopen(scope).await?;
-                        continue 'again;
-                    }
-                    Err(e) => return Err(e),
-                    Ok(batches) => out.push(batches),
+                if query::rerun(&answer, &snapshot.dirs, retries, &self.inner.data_dir)? {
+                    retries += 1;
+                    self.reopen(scope).await?;
+                    continue 'again;
                 }
+                out.push(answer?);
             }
             return Ok((out, snapshot.checkpoint_seq));
         }
     }
 }
-
-/// How many times a query whose files moved under it runs again on a
-/// freshly opened session.
-const GONE_RETRIES: usize = query::GONE_RERUNS;
 
 /// The rows of one query.
 pub struct Answer {
