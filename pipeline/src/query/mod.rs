@@ -142,24 +142,20 @@ struct Held {
 }
 
 impl Dirs {
-    /// The identity of `dir` now (`None` if it cannot be read).
-    fn identity(dir: &Path) -> Option<(u64, u64)> {
+    /// (device, inode) of a directory's metadata, if it could be read.
+    fn identity(meta: std::io::Result<std::fs::Metadata>) -> Option<(u64, u64)> {
         use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+        meta.ok().map(|m| (m.dev(), m.ino()))
     }
 
     fn of(dirs: &[&Path]) -> Dirs {
         Dirs(
             dirs.iter()
                 .map(|d| {
-                    use std::os::unix::fs::MetadataExt;
                     // The identity is the held directory's own (fstat), so
                     // an exchange right after the open shows as a switch.
                     let open = std::fs::File::open(d).ok();
-                    let id = open
-                        .as_ref()
-                        .and_then(|f| f.metadata().ok())
-                        .map(|m| (m.dev(), m.ino()));
+                    let id = open.as_ref().and_then(|f| Dirs::identity(f.metadata()));
                     Held {
                         path: d.to_path_buf(),
                         id,
@@ -173,7 +169,9 @@ impl Dirs {
     /// Whether a directory was exchanged (or removed) since the session
     /// listed its files: one `stat` per directory.
     pub fn switched(&self) -> bool {
-        self.0.iter().any(|h| Dirs::identity(&h.path) != h.id)
+        self.0
+            .iter()
+            .any(|h| Dirs::identity(std::fs::metadata(&h.path)) != h.id)
     }
 }
 
