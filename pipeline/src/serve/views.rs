@@ -11,7 +11,9 @@
 //! one task opens the new one in the background: under a `tally run`
 //! committing every few hundred milliseconds, queries never queue behind
 //! opens. Sessions only move forward, so a client never sees a smaller
-//! checkpoint than before. A file compacted away (or switched away by a
+//! checkpoint than before, but across a replay's switch: the replayed
+//! views are the only ones left to read, wherever their checkpoint is. A
+//! file compacted away (or switched away by a
 //! replay) under a cached session fails the query as gone; it is then run
 //! once more on a session opened there and then (the consistency rule of
 //! `serve.md`), so an answer always covers exactly one checkpoint. A
