@@ -85,6 +85,8 @@ impl Granularity {
     /// How many granularities there are (a series keeps a window of each).
     pub const COUNT: usize = 4;
 
+    /// A granularity's name (the settings parse them through serde).
+    #[cfg(test)]
     pub fn parse(s: &str) -> Option<Granularity> {
         match s {
             "minute" => Some(Granularity::Minute),

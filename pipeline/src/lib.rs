@@ -13,9 +13,9 @@
 //! - [`runtime`]: `tally run`, the thin async shell: [`runtime::session`]
 //!   (consume loop, its decisions pure functions in `runtime::decide`),
 //!   [`runtime::processor`] (validation, dedup, the ledger, operators and
-//!   restatements: the synchronous core; it reads nothing itself),
+//!   restatements: the synchronous core; it reads and writes nothing itself),
 //!   [`runtime::commit`]
-//!   (durable, then checkpoint, then ack), [`runtime::restore`] (state at
+//!   (durable, then checkpoint, then ack; compaction), [`runtime::restore`] (state at
 //!   start-up: reads the archive and the views and hands them over),
 //!   [`runtime::metrics`] (`--metrics-listen`), [`runtime::signal`].
 //! - [`serve`]: `tally serve`: the views over the Postgres wire protocol

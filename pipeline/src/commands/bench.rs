@@ -55,35 +55,35 @@ pub enum BenchError {
 }
 
 #[derive(Debug, Clone)]
-pub struct BenchOptions {
-    pub nats_url: String,
-    pub events: u64,
-    pub seed: u64,
-    pub stream: String,
-    pub prefix: String,
-    pub scratch: PathBuf,
-    pub batch_size: usize,
+pub(crate) struct BenchOptions {
+    pub(crate) nats_url: String,
+    pub(crate) events: u64,
+    pub(crate) seed: u64,
+    pub(crate) stream: String,
+    pub(crate) prefix: String,
+    pub(crate) scratch: PathBuf,
+    pub(crate) batch_size: usize,
     /// Generate this many tenants (with `months`) instead of `events` events.
-    pub tenants: Option<u32>,
-    pub months: u32,
+    pub(crate) tenants: Option<u32>,
+    pub(crate) months: u32,
     /// Only the billing lifecycle (see [`GenerateConfig::activity`]).
-    pub no_activity: bool,
+    pub(crate) no_activity: bool,
     /// Also measure `tally replay` against a raw ordered consumer.
-    pub replay: bool,
+    pub(crate) replay: bool,
     /// Also measure validation and each operator alone, in process.
-    pub operators: bool,
+    pub(crate) operators: bool,
     /// Percent of the events to void (0: none): see [`with_voids`].
-    pub voids: f64,
+    pub(crate) voids: f64,
     /// A [`usage_month`] stream with this many distinct `unique` values
     /// instead of the generated SaaS.
-    pub usage_month: Option<u64>,
+    pub(crate) usage_month: Option<u64>,
     /// Take this field out of every usage event.
-    pub without: Option<UsageField>,
+    pub(crate) without: Option<UsageField>,
 }
 
 /// An optional field of `usage.recorded` that `--without` takes out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum UsageField {
+pub(crate) enum UsageField {
     Unique,
     Dimensions,
 }
@@ -116,7 +116,7 @@ const ENDPOINTS: [&str; 8] = [
 /// `endpoint`) and a `unique` user out of `uniques` distinct values
 /// (every value appears once `events` >= `uniques`), unless `without`
 /// takes one out.
-pub fn usage_month(
+pub(crate) fn usage_month(
     tenants: u32,
     events: u64,
     uniques: u64,
@@ -164,7 +164,7 @@ pub fn usage_month(
 }
 
 /// `lines` with `field` taken out of every `usage.recorded` event.
-pub fn without_field(lines: &[u8], field: UsageField) -> Vec<u8> {
+pub(crate) fn without_field(lines: &[u8], field: UsageField) -> Vec<u8> {
     let mut out = Vec::with_capacity(lines.len());
     for line in lines.split_inclusive(|b| *b == b'\n') {
         if line.windows(16).any(|w| w == b"\"usage.recorded\"")
@@ -182,51 +182,51 @@ pub fn without_field(lines: &[u8], field: UsageField) -> Vec<u8> {
 }
 
 #[derive(Debug, Serialize)]
-pub struct BenchReport {
-    pub events: u64,
-    pub publish_per_s: f64,
-    pub raw_consume_per_s: f64,
-    pub tally_run_per_s: f64,
-    pub ratio: f64,
-    pub replay: Option<ReplayBench>,
-    pub operators: Option<OperatorsBench>,
-    pub tally_peak_rss_mib: f64,
+pub(crate) struct BenchReport {
+    pub(crate) events: u64,
+    pub(crate) publish_per_s: f64,
+    pub(crate) raw_consume_per_s: f64,
+    pub(crate) tally_run_per_s: f64,
+    pub(crate) ratio: f64,
+    pub(crate) replay: Option<ReplayBench>,
+    pub(crate) operators: Option<OperatorsBench>,
+    pub(crate) tally_peak_rss_mib: f64,
 }
 
 /// `tally replay` against a raw ordered-consumer read of the same stream,
 /// then `tally replay` of the same sequences from the `events` archive
 /// once the stream was purged completely.
 #[derive(Debug, Serialize)]
-pub struct ReplayBench {
-    pub raw_ordered_per_s: f64,
-    pub tally_replay_per_s: f64,
-    pub ratio: f64,
-    pub peak_rss_mib: f64,
+pub(crate) struct ReplayBench {
+    pub(crate) raw_ordered_per_s: f64,
+    pub(crate) tally_replay_per_s: f64,
+    pub(crate) ratio: f64,
+    pub(crate) peak_rss_mib: f64,
     /// The whole `tally replay` command, start to exit, from the stream.
-    pub stream_wall_secs: f64,
+    pub(crate) stream_wall_secs: f64,
     /// The same with the stream purged: every sequence from the archive.
-    pub archive_wall_secs: f64,
+    pub(crate) archive_wall_secs: f64,
     /// Stream sequences per second of wall time, from the archive.
-    pub archive_per_s: f64,
+    pub(crate) archive_per_s: f64,
     /// Archive replay rate / stream replay rate, both whole commands.
-    pub archive_vs_stream: f64,
-    pub archive_peak_rss_mib: f64,
+    pub(crate) archive_vs_stream: f64,
+    pub(crate) archive_peak_rss_mib: f64,
 }
 
 /// In-process rates on one core, no broker.
 #[derive(Debug, Serialize)]
-pub struct OperatorsBench {
-    pub events: u64,
+pub(crate) struct OperatorsBench {
+    pub(crate) events: u64,
     /// Envelope and `data` validation into typed events.
-    pub validate_per_s: f64,
+    pub(crate) validate_per_s: f64,
     /// (view, events/s) of each operator alone: apply + rows every 10k events.
-    pub operators: Vec<(String, f64)>,
+    pub(crate) operators: Vec<(String, f64)>,
     /// This process's peak RSS after holding every event and operator state.
-    pub peak_rss_mib: f64,
+    pub(crate) peak_rss_mib: f64,
 }
 
 /// Peak resident set size (VmHWM) of a process, in KiB.
-pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -244,7 +244,7 @@ fn scratch_err(path: &Path) -> impl Fn(std::io::Error) -> BenchError + '_ {
 /// `lines` (JSON Lines) with voids of `pct` percent of the usage events,
 /// picked uniformly (so spread over the whole history): half sent just
 /// before their target, half at a uniformly random later position.
-pub fn with_voids(lines: &[u8], pct: f64, seed: u64) -> Vec<u8> {
+pub(crate) fn with_voids(lines: &[u8], pct: f64, seed: u64) -> Vec<u8> {
     let lines: Vec<&[u8]> = lines.split_inclusive(|b| *b == b'\n').collect();
     let mut rng = seed ^ 0x9e37_79b9_7f4a_7c15;
     let mut next = move |n: u64| {
@@ -310,7 +310,7 @@ fn print_ingest(r: &BenchReport, publish: bool) {
     println!("tally peak RSS       {:>10.1} MiB", r.tally_peak_rss_mib);
 }
 
-pub async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, BenchError> {
+pub(crate) async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport, BenchError> {
     std::fs::create_dir_all(&opts.scratch).map_err(scratch_err(&opts.scratch))?;
     // 1. Generate: ~80 events per tenant-month, 12 months; or the shape asked for.
     let events_file = opts.scratch.join("events.jsonl");
@@ -628,7 +628,10 @@ fn lines_and_subjects(
     Ok((lines, subjects))
 }
 
-pub fn operators_bench(events_file: &Path, prefix: &str) -> Result<OperatorsBench, BenchError> {
+pub(crate) fn operators_bench(
+    events_file: &Path,
+    prefix: &str,
+) -> Result<OperatorsBench, BenchError> {
     let (lines, subjects) = lines_and_subjects(events_file, prefix)?;
     // Publish time far ahead, so nothing is "in the future" here, and no
     // age limit, so nothing is too old either.
@@ -679,7 +682,7 @@ pub fn operators_bench(events_file: &Path, prefix: &str) -> Result<OperatorsBenc
 /// every operator, restatements) over batches of `batch` messages, and
 /// each batch's rows cut (`take_rows`) but not written. Returns (events,
 /// events/s).
-pub fn processor_bench(
+pub(crate) fn processor_bench(
     events_file: &Path,
     prefix: &str,
     batch: usize,
@@ -718,56 +721,56 @@ pub fn processor_bench(
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
-    pub events: u64,
+    pub(crate) events: u64,
     #[arg(long, default_value_t = 7)]
-    pub seed: u64,
+    pub(crate) seed: u64,
     #[arg(long, default_value_t = 50_000)]
-    pub batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Scratch directory (generated events, the run's data dir).
     #[arg(long, default_value = "./tally-bench")]
-    pub scratch: PathBuf,
+    pub(crate) scratch: PathBuf,
     /// Generate this many tenants (over --months) instead of --events events.
     #[arg(long)]
-    pub tenants: Option<u32>,
+    pub(crate) tenants: Option<u32>,
     #[arg(long, default_value_t = 12)]
-    pub months: u32,
+    pub(crate) months: u32,
     /// Only the billing lifecycle: subscriptions and invoices, no usage.
     #[arg(long)]
-    pub no_activity: bool,
+    pub(crate) no_activity: bool,
     /// Also measure `tally replay` against a raw ordered consumer.
     #[arg(long)]
-    pub replay: bool,
+    pub(crate) replay: bool,
     /// Also measure validation and each operator alone (in process, one core).
     #[arg(long)]
-    pub operators: bool,
+    pub(crate) operators: bool,
     /// Only that in-process measurement, over an events file (no broker).
     #[arg(long, hide = true, value_name = "EVENTS_FILE")]
-    pub operators_only: Option<PathBuf>,
+    pub(crate) operators_only: Option<PathBuf>,
     /// Only the synchronous core (validation, dedup, ledger, operators),
     /// in process on both cores, over an events file (no broker, no storage).
     #[arg(long, hide = true, value_name = "EVENTS_FILE")]
-    pub processor_only: Option<PathBuf>,
+    pub(crate) processor_only: Option<PathBuf>,
     /// Also run the ingest over the same stream with this percent of its
     /// usage events voided (half before their targets, half after), and
     /// report the rate against the stream without voids.
     #[arg(long, value_name = "PERCENT")]
-    pub voids: Option<f64>,
+    pub(crate) voids: Option<f64>,
     /// A usage-only stream instead of the generated SaaS: --events
     /// `api_calls` events of --tenants tenants (default 10,000) in one
     /// month, each with `dimensions` and a `unique` out of --uniques values.
     #[arg(long)]
-    pub usage_month: bool,
+    pub(crate) usage_month: bool,
     /// Distinct `unique` values of --usage-month.
     #[arg(long, default_value_t = 1_000_000)]
-    pub uniques: u64,
+    pub(crate) uniques: u64,
     /// Also run the ingest over the same stream with this field taken out
     /// of every usage event, and report rates and peak RSS against it.
     #[arg(long, value_enum)]
-    pub without: Option<UsageField>,
+    pub(crate) without: Option<UsageField>,
 }
 
 /// `tally bench`, from the command line.
-pub async fn command(g: &Globals, a: &BenchArgs) -> Result<(), CommandError> {
+pub(crate) async fn command(g: &Globals, a: &BenchArgs) -> Result<(), CommandError> {
     let BenchArgs {
         events,
         seed,

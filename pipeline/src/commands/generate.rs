@@ -7,22 +7,22 @@ use crate::generator::{GenerateConfig, generate, parse_start};
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
     #[arg(long, default_value_t = 100)]
-    pub tenants: u32,
+    pub(crate) tenants: u32,
     #[arg(long, default_value_t = 12)]
-    pub months: u32,
+    pub(crate) months: u32,
     #[arg(long, default_value_t = 1)]
-    pub seed: u64,
+    pub(crate) seed: u64,
     /// First month, YYYY-MM.
     #[arg(long, default_value = "2025-01")]
-    pub start: String,
+    pub(crate) start: String,
     /// Only the billing lifecycle (catalog, signups, subscriptions,
     /// invoices): no usage or other activity. For subscription-scale tests.
     #[arg(long)]
-    pub no_activity: bool,
+    pub(crate) no_activity: bool,
 }
 
 /// `tally generate`, from the command line.
-pub async fn command(_g: &Globals, a: &GenerateArgs) -> Result<(), CommandError> {
+pub(crate) async fn command(_g: &Globals, a: &GenerateArgs) -> Result<(), CommandError> {
     let GenerateArgs {
         tenants,
         months,

@@ -41,10 +41,10 @@ pub struct Globals {
         env = "TALLY_NATS_URL",
         default_value = js::DEFAULT_NATS_URL
     )]
-    pub nats: String,
+    pub(crate) nats: String,
     /// NATS user, for a server with accounts (password from TALLY_NATS_PASSWORD).
     #[arg(long, global = true, env = "TALLY_NATS_USER")]
-    pub nats_user: Option<String>,
+    pub(crate) nats_user: Option<String>,
     /// NATS password of --nats-user (prefer the environment variable: a flag shows in `ps`).
     #[arg(
         long,
@@ -53,7 +53,7 @@ pub struct Globals {
         hide_env_values = true,
         requires = "nats_user"
     )]
-    pub nats_password: Option<String>,
+    pub(crate) nats_password: Option<String>,
     /// NATS credentials file (JWT and seed, from `nsc`), for a server with decentralized accounts.
     #[arg(
         long,
@@ -61,7 +61,7 @@ pub struct Globals {
         env = "TALLY_NATS_CREDS",
         conflicts_with = "nats_user"
     )]
-    pub nats_creds: Option<PathBuf>,
+    pub(crate) nats_creds: Option<PathBuf>,
     /// Data location: a directory, or s3://BUCKET/PREFIX (credentials, region and endpoint from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP): views, checkpoint, settings.
     #[arg(
         long,
@@ -69,7 +69,7 @@ pub struct Globals {
         env = "TALLY_DATA_DIR",
         default_value = "./tally-data"
     )]
-    pub data: PathBuf,
+    pub(crate) data: PathBuf,
     /// JetStream stream holding the events.
     #[arg(
         long,
@@ -77,7 +77,7 @@ pub struct Globals {
         env = "TALLY_STREAM",
         default_value = js::DEFAULT_STREAM
     )]
-    pub stream: String,
+    pub(crate) stream: String,
     /// Subject prefix: events go to `<prefix>.<tenant>.<type>`.
     #[arg(
         long,
@@ -85,19 +85,19 @@ pub struct Globals {
         env = "TALLY_SUBJECT_PREFIX",
         default_value = crate::event::DEFAULT_SUBJECT_PREFIX
     )]
-    pub subject_prefix: String,
+    pub(crate) subject_prefix: String,
     /// Retention of the event stream when Tally creates it: keep messages at most this long (e.g. 30d, 12h); default unlimited. Sequences the stream forgets stay in the `events` archive (see docs/guarantees.md, "History").
     #[arg(long, global = true, env = "TALLY_STREAM_MAX_AGE", value_parser = parse_age)]
-    pub stream_max_age: Option<Duration>,
+    pub(crate) stream_max_age: Option<Duration>,
     /// Retention of the event stream when Tally creates it: at most this many bytes (e.g. 10G); default unlimited.
     #[arg(long, global = true, env = "TALLY_STREAM_MAX_BYTES", value_parser = parse_bytes)]
-    pub stream_max_bytes: Option<i64>,
+    pub(crate) stream_max_bytes: Option<i64>,
     /// Replicas of the streams Tally creates, on a JetStream cluster (e.g. 3); an existing stream keeps its own.
     #[arg(long, global = true, env = "TALLY_STREAM_REPLICAS", default_value_t = js::DEFAULT_REPLICAS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=5))]
-    pub replicas: usize,
+    pub(crate) replicas: usize,
     /// JetStream's duplicate window on the event stream Tally creates: `off` when producers are untrusted (one could send another's Nats-Msg-Id first and have the real message dropped; Tally still counts every event once). See docs/events.md, "Untrusted producers".
     #[arg(long, global = true, env = "TALLY_STREAM_DEDUP", default_value = "on", value_parser = ["on", "off"])]
-    pub stream_dedup: String,
+    pub(crate) stream_dedup: String,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, global = true, env = "TALLY_LOG", default_value = "text", value_parser = ["text", "json"])]
     pub log: String,
@@ -105,7 +105,7 @@ pub struct Globals {
 
 impl Globals {
     /// How to log in to NATS, from `--nats-user` / `--nats-creds`.
-    pub fn nats_auth(&self) -> js::NatsAuth {
+    pub(crate) fn nats_auth(&self) -> js::NatsAuth {
         match (&self.nats_user, &self.nats_creds) {
             (Some(user), _) => js::NatsAuth::UserPassword {
                 user: user.clone(),
@@ -116,7 +116,7 @@ impl Globals {
         }
     }
 
-    pub fn source_config(&self, consumer: Option<&str>, dlq: Option<&str>) -> SourceConfig {
+    pub(crate) fn source_config(&self, consumer: Option<&str>, dlq: Option<&str>) -> SourceConfig {
         let d = SourceConfig::default();
         SourceConfig {
             nats_url: self.nats.clone(),
@@ -299,13 +299,13 @@ mod error_text_tests {
 
 /// `--partitions N --partition K`: a worker of a partitioned deployment.
 #[derive(Debug, Clone, Default, clap::Args)]
-pub struct PartitionArgs {
+pub(crate) struct PartitionArgs {
     /// Partitions of a partitioned deployment, fixed when its data location is created: each worker folds its partitions (the tenants whose FNV-1a hash mod N is the partition's number, and the catalog), readers see the union. Needs --partition.
     #[arg(long, env = "TALLY_PARTITIONS", requires = "partition")]
-    pub partitions: Option<u32>,
+    pub(crate) partitions: Option<u32>,
     /// The partition this worker folds, 0 to N-1, or K..L for K to L inclusive, each with its own consumer and location (with --partitions).
     #[arg(long, env = "TALLY_PARTITION", requires = "partitions", value_parser = parse_span)]
-    pub partition: Option<(u32, u32)>,
+    pub(crate) partition: Option<(u32, u32)>,
 }
 
 /// `K` or `K..L` (inclusive) as (first, last).
@@ -329,7 +329,11 @@ impl PartitionArgs {
     /// The settings file of a run on `data`: `explicit` (`--config`), else
     /// for a partition's run the one at the deployment's root (a run of the
     /// whole stream finds `<data>/tally.toml` itself).
-    pub fn settings(&self, data: &std::path::Path, explicit: Option<&PathBuf>) -> Option<PathBuf> {
+    pub(crate) fn settings(
+        &self,
+        data: &std::path::Path,
+        explicit: Option<&PathBuf>,
+    ) -> Option<PathBuf> {
         explicit.cloned().or_else(|| {
             self.partitions
                 .map(|_| data.join(crate::store::SETTINGS_FILE))
@@ -342,7 +346,7 @@ impl PartitionArgs {
     /// partition's own location under it (the location's count is claimed
     /// or checked first). A location that is partitioned refuses a run
     /// without them.
-    pub async fn resolve(
+    pub(crate) async fn resolve(
         &self,
         data: &std::path::Path,
     ) -> Result<Vec<(Option<Partition>, PathBuf)>, CommandError> {

@@ -49,39 +49,39 @@ pub enum PublishError {
     },
 }
 
-pub use crate::sink::nats::MAX_WINDOW;
+pub(crate) use crate::sink::nats::MAX_WINDOW;
 
 /// Bytes without a newline after which the input is taken for something
 /// other than JSON Lines (a binary file, `/dev/zero`) and reading stops:
 /// a line this long is hundreds of times the largest valid event.
-pub const MAX_UNENDED_LINE: u64 = 64 << 20;
+pub(crate) const MAX_UNENDED_LINE: u64 = 64 << 20;
 
 /// What a publish run did.
 #[derive(Debug, Default, Clone)]
-pub struct PublishReport {
-    pub lines: u64,
-    pub published: u64,
+pub(crate) struct PublishReport {
+    pub(crate) lines: u64,
+    pub(crate) published: u64,
     /// JetStream said the message was a duplicate inside its window.
-    pub duplicates: u64,
-    pub invalid: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) invalid: u64,
     /// Invalid lines not sent even with `--allow-invalid`: those over the
     /// size limit, which are never held in memory whole.
-    pub unsendable: u64,
+    pub(crate) unsendable: u64,
     /// Reading stopped at this line (number, bytes read) because it had no
     /// end after [`MAX_UNENDED_LINE`] bytes.
-    pub unended_line: Option<(u64, u64)>,
+    pub(crate) unended_line: Option<(u64, u64)>,
     /// (line number, reason, detail), at most the first 100.
-    pub problems: Vec<(u64, DlqReason, String)>,
+    pub(crate) problems: Vec<(u64, DlqReason, String)>,
 }
 
 /// Options of `tally publish`.
 #[derive(Debug, Clone)]
-pub struct PublishOptions {
-    pub prefix: String,
+pub(crate) struct PublishOptions {
+    pub(crate) prefix: String,
     /// Send lines that fail validation anyway (to exercise the DLQ).
-    pub allow_invalid: bool,
+    pub(crate) allow_invalid: bool,
     /// Acks outstanding at once; capped at [`MAX_WINDOW`].
-    pub window: usize,
+    pub(crate) window: usize,
 }
 
 /// Where an invalid line goes with `--allow-invalid`: its subject when the
@@ -199,7 +199,7 @@ impl<R: BufRead> Lines<R> {
 }
 
 /// Publishes every line of `input`.
-pub async fn publish<R: BufRead>(
+pub(crate) async fn publish<R: BufRead>(
     js: &jetstream::Context,
     input: R,
     opts: &PublishOptions,
@@ -337,14 +337,14 @@ async fn settle(
 #[derive(Debug, clap::Args)]
 pub struct PublishArgs {
     /// File to read, or `-` for stdin.
-    pub file: String,
+    pub(crate) file: String,
     /// Publish invalid lines too (to exercise the dead-letter path).
     #[arg(long)]
-    pub allow_invalid: bool,
+    pub(crate) allow_invalid: bool,
 }
 
 /// `tally publish`, from the command line.
-pub async fn command(g: &Globals, a: &PublishArgs) -> Result<(), CommandError> {
+pub(crate) async fn command(g: &Globals, a: &PublishArgs) -> Result<(), CommandError> {
     let PublishArgs {
         file,
         allow_invalid,

@@ -45,7 +45,7 @@ use tracing::{info, warn};
 use super::{CommandError, Globals, PartitionArgs};
 use crate::config::Settings;
 use crate::runtime;
-use crate::runtime::{ArchiveSource, RunOptions, RunSummary, RuntimeError, run_with_lock};
+use crate::runtime::{ArchiveSource, Mode, RunOptions, RunSummary, RuntimeError, run_with_lock};
 use crate::source::jetstream as js_source;
 use crate::source::jetstream as js;
 use crate::store::checkpoint::Checkpoint;
@@ -124,31 +124,31 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
 
 /// What `tally replay` does.
 #[derive(Debug, Clone)]
-pub struct ReplayOptions {
+pub(crate) struct ReplayOptions {
     /// The run's options; `data_dir` is the directory to rebuild and switch.
-    pub run: RunOptions,
+    pub(crate) run: RunOptions,
     /// Stop after this stream sequence (an as-of rebuild).
-    pub until_seq: Option<u64>,
+    pub(crate) until_seq: Option<u64>,
     /// Build here and do not switch (with `until_seq`: the as-of views).
-    pub into: Option<PathBuf>,
+    pub(crate) into: Option<PathBuf>,
     /// How long a live run has to answer the hand-off.
-    pub handoff_timeout: Duration,
+    pub(crate) handoff_timeout: Duration,
     /// Draw a progress bar (stderr is a terminal).
-    pub progress_bar: bool,
+    pub(crate) progress_bar: bool,
 }
 
 /// What a replay did.
 #[derive(Debug)]
-pub struct ReplayReport {
-    pub summary: RunSummary,
-    pub target: u64,
-    pub dir: PathBuf,
-    pub switched: bool,
-    pub live_run_handed_off: bool,
+pub(crate) struct ReplayReport {
+    pub(crate) summary: RunSummary,
+    pub(crate) target: u64,
+    pub(crate) dir: PathBuf,
+    pub(crate) switched: bool,
+    pub(crate) live_run_handed_off: bool,
 }
 
 /// The fresh directory next to `data`.
-pub fn fresh_dir(data: &Path) -> PathBuf {
+pub(crate) fn fresh_dir(data: &Path) -> PathBuf {
     let mut name = data
         .file_name()
         .map(|n| n.to_os_string())
@@ -158,7 +158,7 @@ pub fn fresh_dir(data: &Path) -> PathBuf {
 }
 
 /// `tally replay`.
-pub async fn replay(
+pub(crate) async fn replay(
     opts: &ReplayOptions,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<ReplayReport, ReplayError> {
@@ -338,9 +338,7 @@ async fn replay_local(
     let mut run = opts.run.clone();
     run.config = DataDir::new(&data).settings_path(opts.run.config.as_deref());
     run.data_dir = target_dir.clone();
-    run.live = false;
-    run.acked = false;
-    run.serve_handoff = false;
+    run.mode = Mode::Replay;
     run.until_idle = true;
     run.stop_at = Some(target);
     run.position = Some(Arc::clone(&position));
@@ -591,35 +589,35 @@ fn progress_bar(
 pub struct ReplayArgs {
     /// Stop after this stream sequence: the views as of that position (needs --into).
     #[arg(long)]
-    pub until_seq: Option<u64>,
+    pub(crate) until_seq: Option<u64>,
     /// Build into this new directory and do not switch.
     #[arg(long)]
-    pub into: Option<PathBuf>,
+    pub(crate) into: Option<PathBuf>,
     /// Settings that change results (TOML); default `<data>/tally.toml` if present.
     #[arg(long, env = "TALLY_CONFIG")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Messages per batch.
     #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = runtime::DEFAULT_BATCH_SIZE)]
-    pub batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Dead-letter stream name (must exist; a replay counts dead letters but publishes none).
     #[arg(long, env = "TALLY_DLQ_STREAM", default_value = js::DEFAULT_DLQ_STREAM)]
-    pub dlq_stream: String,
+    pub(crate) dlq_stream: String,
     /// Go on past messages the stream no longer holds, recording each gap, instead of stopping.
     #[arg(long)]
-    pub accept_gap: bool,
+    pub(crate) accept_gap: bool,
     /// Seconds a live `tally run` has to answer the hand-off.
     #[arg(long, default_value_t = runtime::HANDOFF_TIMEOUT_SECS)]
-    pub handoff_timeout_secs: u64,
+    pub(crate) handoff_timeout_secs: u64,
     /// Print a JSON summary line on stdout at exit (used by `tally bench`).
     #[arg(long, hide = true)]
-    pub summary_json: bool,
+    pub(crate) summary_json: bool,
     /// Rebuild one partition of a partitioned location.
     #[command(flatten)]
-    pub partitions: PartitionArgs,
+    pub(crate) partitions: PartitionArgs,
 }
 
 /// `tally replay`, from the command line.
-pub async fn command(g: &Globals, a: &ReplayArgs) -> Result<(), CommandError> {
+pub(crate) async fn command(g: &Globals, a: &ReplayArgs) -> Result<(), CommandError> {
     let ReplayArgs {
         until_seq,
         into,

@@ -14,40 +14,40 @@ use crate::source::jetstream as js;
 pub struct RunArgs {
     /// Exit 0 once every message is processed and durable and nothing new arrived for ~1 s.
     #[arg(long)]
-    pub until_idle: bool,
+    pub(crate) until_idle: bool,
     /// Settings that change results (TOML); default `<data>/tally.toml` if present.
     #[arg(long, env = "TALLY_CONFIG")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Most messages per batch (one Parquet file per view and one checkpoint per batch; a batch is also cut after --batch-wait-ms).
     #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = runtime::DEFAULT_BATCH_SIZE)]
-    pub batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Milliseconds to wait for a batch to fill once it has started.
     #[arg(long, env = "TALLY_BATCH_WAIT_MS", default_value_t = runtime::DEFAULT_BATCH_WAIT_MS)]
-    pub batch_wait_ms: u64,
+    pub(crate) batch_wait_ms: u64,
     /// Durable consumer name; default `tally-<hash of the --data path>`, one per data directory.
     #[arg(long, env = "TALLY_CONSUMER")]
-    pub consumer: Option<String>,
+    pub(crate) consumer: Option<String>,
     /// Go on past messages the stream no longer holds (retention, a purge, a deletion), recording each gap in the checkpoint, instead of stopping.
     #[arg(long)]
-    pub accept_gap: bool,
+    pub(crate) accept_gap: bool,
     /// Dead-letter stream name.
     #[arg(long, env = "TALLY_DLQ_STREAM", default_value = js::DEFAULT_DLQ_STREAM)]
-    pub dlq_stream: String,
+    pub(crate) dlq_stream: String,
     /// Print a JSON summary line on stdout at exit (used by `tally bench`).
     #[arg(long, hide = true)]
-    pub summary_json: bool,
+    pub(crate) summary_json: bool,
     /// Serve Prometheus metrics of the pipeline at http://ADDR/metrics (off by default; no login, so bind it where only your scraper reaches).
     #[arg(long, env = "TALLY_METRICS_LISTEN")]
-    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub(crate) metrics_listen: Option<std::net::SocketAddr>,
     /// If another run holds the data location, wait and take over when it stops (a lock file locally; a lease in object storage, taken over once unrenewed for 15 s) instead of failing.
     #[arg(long, env = "TALLY_STANDBY")]
-    pub standby: bool,
+    pub(crate) standby: bool,
     #[command(flatten)]
-    pub partitions: PartitionArgs,
+    pub(crate) partitions: PartitionArgs,
 }
 
 /// `tally run`, from the command line.
-pub async fn command(g: &Globals, a: &RunArgs) -> Result<(), CommandError> {
+pub(crate) async fn command(g: &Globals, a: &RunArgs) -> Result<(), CommandError> {
     let RunArgs {
         until_idle,
         config,

@@ -55,7 +55,7 @@ pub const SCHEMAS: [(&str, &str); 11] = [
 ];
 
 /// The schema of an event type (`usage.recorded`) or `envelope`.
-pub fn schema_for(name: &str) -> Option<&'static str> {
+pub(crate) fn schema_for(name: &str) -> Option<&'static str> {
     let file = format!("{name}.json");
     SCHEMAS.iter().find(|(f, _)| *f == file).map(|(_, s)| *s)
 }
@@ -63,11 +63,11 @@ pub fn schema_for(name: &str) -> Option<&'static str> {
 /// The arguments of `tally schema`.
 #[derive(Debug, clap::Args)]
 pub struct SchemaArgs {
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
 }
 
 /// `tally schema`, from the command line.
-pub async fn command(_g: &Globals, a: &SchemaArgs) -> Result<(), CommandError> {
+pub(crate) async fn command(_g: &Globals, a: &SchemaArgs) -> Result<(), CommandError> {
     let SchemaArgs { name } = a;
     let mut out = std::io::stdout().lock();
     match name {

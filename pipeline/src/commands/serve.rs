@@ -13,41 +13,41 @@ use crate::serve;
 pub struct ServeArgs {
     /// Postgres wire protocol address, or `off`.
     #[arg(long, env = "TALLY_PG_LISTEN", default_value = serve::DEFAULT_PG_LISTEN)]
-    pub pg_listen: serve::Listen,
+    pub(crate) pg_listen: serve::Listen,
     /// Arrow Flight SQL address, or `off`.
     #[arg(long, env = "TALLY_FLIGHT_LISTEN", default_value = serve::DEFAULT_FLIGHT_LISTEN)]
-    pub flight_listen: serve::Listen,
+    pub(crate) flight_listen: serve::Listen,
     /// HTTP address (/healthz, /metrics), or `off`.
     #[arg(long, env = "TALLY_HTTP_LISTEN", default_value = serve::DEFAULT_HTTP_LISTEN)]
-    pub http_listen: serve::Listen,
+    pub(crate) http_listen: serve::Listen,
     /// The accounts (`tally users` edits it).
     #[arg(long, env = "TALLY_USERS_FILE", default_value = serve::accounts::DEFAULT_USERS_FILE)]
-    pub users: PathBuf,
+    pub(crate) users: PathBuf,
     /// TLS certificate (PEM) for pgwire and Flight SQL; with --tls-key.
     #[arg(long, env = "TALLY_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
+    pub(crate) tls_cert: Option<PathBuf>,
     /// TLS private key (PEM); with --tls-cert.
     #[arg(long, env = "TALLY_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
+    pub(crate) tls_key: Option<PathBuf>,
     /// Seconds a query may run before it is cancelled.
     #[arg(long, env = "TALLY_QUERY_TIMEOUT", default_value_t = serve::DEFAULT_QUERY_TIMEOUT_SECS)]
-    pub query_timeout: u64,
+    pub(crate) query_timeout: u64,
     /// Open pgwire connections allowed; one more is refused.
     #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = serve::DEFAULT_MAX_CONNECTIONS)]
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Memory all queries together may hold (bytes, or with K/M/G/T); default a quarter of RAM.
     #[arg(long, env = "TALLY_MEMORY_LIMIT", default_value_t = query::default_memory_limit())]
-    pub memory_limit: ByteSize,
+    pub(crate) memory_limit: ByteSize,
     /// `/healthz` fails when the checkpoint is more than this many seconds behind the stream's last message.
     #[arg(long, env = "TALLY_STALE_AFTER", default_value_t = serve::DEFAULT_STALE_AFTER_SECS)]
-    pub stale_after: u64,
+    pub(crate) stale_after: u64,
     /// More SQL views, as for `tally sql --queries`.
     #[arg(long, env = "TALLY_QUERIES_DIR")]
-    pub queries: Option<PathBuf>,
+    pub(crate) queries: Option<PathBuf>,
 }
 
 /// `tally serve`, from the command line.
-pub async fn command(g: &Globals, a: &ServeArgs) -> Result<(), CommandError> {
+pub(crate) async fn command(g: &Globals, a: &ServeArgs) -> Result<(), CommandError> {
     let ServeArgs {
         pg_listen,
         flight_listen,

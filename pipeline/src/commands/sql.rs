@@ -10,24 +10,24 @@ use crate::query::{self, ByteSize, OutputFormat, QueryOptions, Session};
 #[derive(Debug, clap::Args)]
 pub struct SqlArgs {
     /// The query; or use -f.
-    pub query: Option<String>,
+    pub(crate) query: Option<String>,
     /// Read the query from a file.
     #[arg(short = 'f', long = "file", conflicts_with = "query")]
-    pub file: Option<PathBuf>,
+    pub(crate) file: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "table")]
-    pub format: OutputFormat,
+    pub(crate) format: OutputFormat,
     /// More SQL views (one SELECT per `<name>.sql`), on top of the built-in
     /// queries/ views; a file named like a built-in view replaces it.
     #[arg(long, env = "TALLY_QUERIES_DIR")]
-    pub queries: Option<PathBuf>,
+    pub(crate) queries: Option<PathBuf>,
     /// Memory the query may hold, in bytes or with K/M/G/T (powers of 1024),
     /// e.g. 512M; the default is a quarter of this machine's memory.
     #[arg(long, env = "TALLY_MEMORY_LIMIT", default_value_t = query::default_memory_limit())]
-    pub memory_limit: ByteSize,
+    pub(crate) memory_limit: ByteSize,
 }
 
 /// `tally sql`, from the command line.
-pub async fn command(g: &Globals, a: &SqlArgs) -> Result<(), CommandError> {
+pub(crate) async fn command(g: &Globals, a: &SqlArgs) -> Result<(), CommandError> {
     let SqlArgs {
         query: q,
         file,

@@ -47,7 +47,7 @@ pub enum StatusError {
 
 impl StatusError {
     /// Whether NATS (not the data directory) is what failed.
-    pub fn is_nats(&self) -> bool {
+    pub(crate) fn is_nats(&self) -> bool {
         matches!(
             self,
             StatusError::Connect(_) | StatusError::NoStream { .. } | StatusError::StreamInfo { .. }
@@ -56,41 +56,41 @@ impl StatusError {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Status {
-    pub stream: String,
+pub(crate) struct Status {
+    pub(crate) stream: String,
     /// First and last sequence in the stream, and its message count.
-    pub stream_first_seq: Option<u64>,
-    pub stream_last_seq: Option<u64>,
-    pub stream_messages: Option<u64>,
+    pub(crate) stream_first_seq: Option<u64>,
+    pub(crate) stream_last_seq: Option<u64>,
+    pub(crate) stream_messages: Option<u64>,
     /// Messages the durable consumer has not yet delivered, and delivered but unacked.
-    pub consumer_pending: Option<u64>,
-    pub consumer_ack_pending: Option<u64>,
-    pub checkpoint_seq: Option<u64>,
+    pub(crate) consumer_pending: Option<u64>,
+    pub(crate) consumer_ack_pending: Option<u64>,
+    pub(crate) checkpoint_seq: Option<u64>,
     /// Stream messages after the checkpoint (all of them without one).
-    pub lag: Option<u64>,
-    pub stream_clock: Option<String>,
+    pub(crate) lag: Option<u64>,
+    pub(crate) stream_clock: Option<String>,
     /// What happened to the messages up to the checkpoint; none without one.
-    pub counts: Option<Counts>,
+    pub(crate) counts: Option<Counts>,
     /// Stream sequences the views never saw (`--accept-gap`), for good.
-    pub gaps: Vec<Gap>,
+    pub(crate) gaps: Vec<Gap>,
     /// Unprocessed messages the stream's retention is about to drop, or
     /// has dropped.
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
 }
 
 /// What `tally status` found, and what it could not find out.
 #[derive(Debug)]
-pub struct Report {
-    pub status: Status,
+pub(crate) struct Report {
+    pub(crate) status: Status,
     /// A missing checkpoint, an unreachable server or stream: the status
     /// lacks those parts, and the command fails after printing it.
-    pub problems: Vec<StatusError>,
+    pub(crate) problems: Vec<StatusError>,
 }
 
 /// Reads the checkpoint, then the stream and consumer. Either may be
 /// missing: the status then holds what the other says, and `problems` why
 /// the rest is empty. A checkpoint that cannot be read is an error.
-pub async fn status(data_dir: &Path, cfg: &SourceConfig) -> Result<Report, StatusError> {
+pub(crate) async fn status(data_dir: &Path, cfg: &SourceConfig) -> Result<Report, StatusError> {
     let cp = crate::store::read_checkpoint(data_dir).await?;
     let mut problems = Vec::new();
     if cp.is_none() {
@@ -225,7 +225,7 @@ async fn retention_warnings(
 }
 
 /// Human-readable rendering.
-pub fn render(s: &Status, nats_error: Option<&str>) -> String {
+pub(crate) fn render(s: &Status, nats_error: Option<&str>) -> String {
     let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
     let mut out = String::new();
     out.push_str(&format!("stream            {}\n", s.stream));
@@ -291,14 +291,14 @@ pub fn render(s: &Status, nats_error: Option<&str>) -> String {
 pub struct StatusArgs {
     /// The run's consumer name, if it was given one (default: derived from --data, as `tally run` does).
     #[arg(long, env = "TALLY_CONSUMER")]
-    pub consumer: Option<String>,
+    pub(crate) consumer: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 /// `tally status`, from the command line.
-pub async fn command(g: &Globals, a: &StatusArgs) -> Result<(), CommandError> {
+pub(crate) async fn command(g: &Globals, a: &StatusArgs) -> Result<(), CommandError> {
     let partitions = crate::store::partitions(&g.data)
         .await
         .map_err(crate::runtime::RuntimeError::from)?;

@@ -28,13 +28,13 @@ pub enum UsersError {
 
 impl UsersError {
     /// Whether the command was used wrongly (exit 2) rather than failed.
-    pub fn is_usage(&self) -> bool {
+    pub(crate) fn is_usage(&self) -> bool {
         matches!(self, UsersError::NoScope | UsersError::NoPassword)
     }
 }
 
 /// Creates or replaces `name`; returns what it sees, for the message.
-pub fn add(
+pub(crate) fn add(
     users: &Path,
     name: &str,
     tenants: &[String],
@@ -52,12 +52,12 @@ pub fn add(
     })
 }
 
-pub fn remove(users: &Path, name: &str) -> Result<(), UsersError> {
+pub(crate) fn remove(users: &Path, name: &str) -> Result<(), UsersError> {
     Ok(accounts::remove(users, name)?)
 }
 
 /// One line per account: its name and what it sees.
-pub fn list(users: &Path) -> Result<Vec<String>, UsersError> {
+pub(crate) fn list(users: &Path) -> Result<Vec<String>, UsersError> {
     let accounts = Accounts::load(users)?;
     Ok(accounts
         .users
@@ -122,7 +122,7 @@ pub enum UsersAction {
 }
 
 /// `tally users`, from the command line.
-pub fn command(action: &UsersAction) -> Result<(), super::CommandError> {
+pub(crate) fn command(action: &UsersAction) -> Result<(), super::CommandError> {
     use crate::commands::users;
     match action {
         UsersAction::Add {

@@ -7,24 +7,24 @@ use super::time::format_micros;
 
 /// A `usage.threshold_crossed` alert to publish to `tally.alerts.<tenant>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Alert {
-    pub tenant: String,
+pub(crate) struct Alert {
+    pub(crate) tenant: String,
     /// `YYYY-MM-DD`, the UTC date of `period_start`.
-    pub period: String,
+    pub(crate) period: String,
     /// The first instant of the billing period (µs, UTC): with anchored
     /// periods, what tells two rows of one day apart.
-    pub period_start: i64,
-    pub metric: String,
-    pub threshold: i32,
-    pub used: String,
-    pub included: Option<String>,
+    pub(crate) period_start: i64,
+    pub(crate) metric: String,
+    pub(crate) threshold: i32,
+    pub(crate) used: String,
+    pub(crate) included: Option<String>,
     /// The stream clock when it was decided (the alert's event time).
-    pub time: i64,
+    pub(crate) time: i64,
 }
 
 impl Alert {
     /// The deterministic id, also its `Nats-Msg-Id`.
-    pub fn id(&self) -> String {
+    pub(crate) fn id(&self) -> String {
         format!(
             "threshold:{}:{}:{}:{}",
             self.tenant,
@@ -35,7 +35,7 @@ impl Alert {
     }
 
     /// The alert as a CloudEvent (JSON text).
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         serde_json::json!({
             "specversion": "1.0",
             "id": self.id(),

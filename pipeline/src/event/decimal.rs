@@ -6,19 +6,19 @@
 //! half-to-even to 9 fractional digits, as the contract requires.
 
 /// Fractional digits kept for every quantity.
-pub const SCALE: u32 = 9;
+pub(crate) const SCALE: u32 = 9;
 /// Precision of the Arrow/Parquet column holding quantities.
-pub const PRECISION: u8 = 38;
+pub(crate) const PRECISION: u8 = 38;
 /// 10^9: one whole unit in nano-units.
-pub const ONE: i128 = 1_000_000_000;
+pub(crate) const ONE: i128 = 1_000_000_000;
 /// Exclusive upper bound of a Decimal128(38, 9) value, in nano-units.
 const LIMIT: i128 = 10i128.pow(PRECISION as u32);
 /// The largest Decimal128(38, 9) value, in nano-units.
-pub const MAX: i128 = LIMIT - 1;
+pub(crate) const MAX: i128 = LIMIT - 1;
 
 /// Why a quantity's text was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum QuantityError {
+pub(crate) enum QuantityError {
     #[error("not a decimal number")]
     Syntax,
     #[error("negative quantities are not allowed")]
@@ -28,12 +28,12 @@ pub enum QuantityError {
 }
 
 /// Parses a JSON number's text (`12`, `0.1`, `1e3`, `2.5E-4`) into nano-units.
-pub fn parse_json_number(text: &str) -> Result<i128, QuantityError> {
+pub(crate) fn parse_json_number(text: &str) -> Result<i128, QuantityError> {
     parse(text, true)
 }
 
 /// Parses a decimal string's content (`12.5`; no sign, no exponent).
-pub fn parse_decimal_string(text: &str) -> Result<i128, QuantityError> {
+pub(crate) fn parse_decimal_string(text: &str) -> Result<i128, QuantityError> {
     parse(text, false)
 }
 
@@ -152,7 +152,7 @@ fn parse(text: &str, allow_exponent: bool) -> Result<i128, QuantityError> {
 }
 
 /// Renders nano-units as a plain decimal string (`12.5`, `0.000000001`, `3`).
-pub fn to_string(value: i128) -> String {
+pub(crate) fn to_string(value: i128) -> String {
     let sign = if value < 0 { "-" } else { "" };
     let abs = value.unsigned_abs();
     let int = abs / ONE as u128;

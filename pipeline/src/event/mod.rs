@@ -14,16 +14,14 @@ pub mod reason;
 pub mod time;
 pub mod validate;
 
-pub use payload::{
-    Aggregation, BillingCycle, OveragePrice, Payload, PlanVersion, SubscriptionTerms,
-};
-pub use reason::{DlqReason, Reject};
-pub use validate::{
-    DEFAULT_MAX_EVENT_AGE_DAYS, Limits, payload_from_archive, validate_message, validate_payload,
-};
+pub(crate) use payload::{Aggregation, BillingCycle, Payload, PlanVersion, SubscriptionTerms};
+pub use reason::DlqReason;
+pub(crate) use reason::Reject;
+pub use validate::{Limits, validate_message};
+pub(crate) use validate::{payload_from_archive, validate_payload};
 
 /// An event's string: inline when short (see [`Event`]).
-pub type Text = compact_str::CompactString;
+pub(crate) type Text = compact_str::CompactString;
 
 /// An accepted event, with its position in the stream.
 ///
@@ -34,39 +32,39 @@ pub type Text = compact_str::CompactString;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     /// JetStream stream sequence of the message that carried it.
-    pub stream_seq: u64,
+    pub(crate) stream_seq: u64,
     /// JetStream publish time: stream time, used for dedup and skew.
-    pub published_at: i64,
-    pub id: Text,
-    pub source: Text,
-    pub event_type: Text,
-    pub tenant: Text,
+    pub(crate) published_at: i64,
+    pub(crate) id: Text,
+    pub(crate) source: Text,
+    pub(crate) event_type: Text,
+    pub(crate) tenant: Text,
     /// Event time, normalised to UTC and truncated to microseconds.
-    pub time: i64,
+    pub(crate) time: i64,
     /// `"1"` when the producer left it out.
-    pub dataversion: Text,
-    pub actor: Option<Text>,
-    pub actortype: Option<Text>,
-    pub subject: Option<Text>,
+    pub(crate) dataversion: Text,
+    pub(crate) actor: Option<Text>,
+    pub(crate) actortype: Option<Text>,
+    pub(crate) subject: Option<Text>,
     /// `application/json` when given (the only value the contract allows).
-    pub datacontenttype: Option<Text>,
-    pub dataschema: Option<Text>,
+    pub(crate) datacontenttype: Option<Text>,
+    pub(crate) dataschema: Option<Text>,
     /// The `data` object as the producer wrote it (JSON text).
-    pub data: Option<Text>,
+    pub(crate) data: Option<Text>,
     /// The attributes outside the contract's list (extensions such as
     /// `traceparent`) as a JSON object text: names in the order they
     /// appeared, values as the producer wrote them; `None` when there are
     /// none.
-    pub extensions: Option<Text>,
+    pub(crate) extensions: Option<Text>,
     /// The typed meaning of `data` for the ten metric-driving types.
-    pub payload: Payload,
+    pub(crate) payload: Payload,
 }
 
 /// The contract's default subject prefix.
-pub const DEFAULT_SUBJECT_PREFIX: &str = "tally.events";
+pub(crate) const DEFAULT_SUBJECT_PREFIX: &str = "tally.events";
 
 /// The subject an event belongs on: `<prefix>.<tenant>.<type>`.
-pub fn subject_for(prefix: &str, tenant: &str, event_type: &str) -> String {
+pub(crate) fn subject_for(prefix: &str, tenant: &str, event_type: &str) -> String {
     format!("{prefix}.{tenant}.{event_type}")
 }
 

@@ -13,20 +13,20 @@
 use serde::{Deserialize, Serialize};
 
 /// The tenant whose messages (the catalog) every partition folds.
-pub const SYSTEM_TENANT: &str = "_system";
+pub(crate) const SYSTEM_TENANT: &str = "_system";
 
 /// The most partitions a deployment may have.
-pub const MAX_PARTITIONS: u32 = 1024;
+pub(crate) const MAX_PARTITIONS: u32 = 1024;
 
 /// One partition of a deployment of `count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Partition {
-    pub index: u32,
-    pub count: u32,
+    pub(crate) index: u32,
+    pub(crate) count: u32,
 }
 
 /// FNV-1a, 32 bits.
-pub fn fnv1a32(bytes: &[u8]) -> u32 {
+pub(crate) fn fnv1a32(bytes: &[u8]) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     for b in bytes {
         h ^= u32::from(*b);
@@ -36,20 +36,20 @@ pub fn fnv1a32(bytes: &[u8]) -> u32 {
 }
 
 /// The tenant token of `subject` (`<prefix>.<tenant>.<type>`), if it has one.
-pub fn subject_tenant<'a>(subject: &'a str, prefix: &str) -> Option<&'a str> {
+pub(crate) fn subject_tenant<'a>(subject: &'a str, prefix: &str) -> Option<&'a str> {
     let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
     let tenant = rest.split('.').next()?;
     (!tenant.is_empty()).then_some(tenant)
 }
 
 /// The partition out of `count` that `tenant`'s messages belong to.
-pub fn partition_of(tenant: &str, count: u32) -> u32 {
+pub(crate) fn partition_of(tenant: &str, count: u32) -> u32 {
     fnv1a32(tenant.as_bytes()) % count.max(1)
 }
 
 /// Whose message is it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Owner {
+pub(crate) enum Owner {
     /// This partition's: folded, archived, dead-lettered here.
     Own,
     /// The catalog's: folded and archived by every partition, dead-lettered
@@ -61,7 +61,7 @@ pub enum Owner {
 
 impl Partition {
     /// Whose is the message on `subject`.
-    pub fn owner(&self, subject: &str, prefix: &str) -> Owner {
+    pub(crate) fn owner(&self, subject: &str, prefix: &str) -> Owner {
         match subject_tenant(subject, prefix) {
             Some(SYSTEM_TENANT) => Owner::Shared,
             Some(t) if partition_of(t, self.count) == self.index => Owner::Own,
@@ -71,7 +71,7 @@ impl Partition {
     }
 
     /// Whether this partition publishes the dead letters of shared messages.
-    pub fn reports_shared(&self) -> bool {
+    pub(crate) fn reports_shared(&self) -> bool {
         self.index == 0
     }
 }

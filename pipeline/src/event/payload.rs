@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// How a metric's events combine within a period (`catalog.meter_defined`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
-pub enum Aggregation {
+pub(crate) enum Aggregation {
     #[default]
     Sum,
     Count,
@@ -20,7 +20,7 @@ pub enum Aggregation {
 }
 
 impl Aggregation {
-    pub fn parse(s: &str) -> Option<Aggregation> {
+    pub(crate) fn parse(s: &str) -> Option<Aggregation> {
         match s {
             "sum" => Some(Aggregation::Sum),
             "count" => Some(Aggregation::Count),
@@ -30,31 +30,21 @@ impl Aggregation {
             _ => None,
         }
     }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Aggregation::Sum => "sum",
-            Aggregation::Count => "count",
-            Aggregation::Max => "max",
-            Aggregation::Latest => "latest",
-            Aggregation::UniqueCount => "unique_count",
-        }
-    }
 }
 
 /// A usage event's `dimensions`: (key, value) pairs, keys in ascending byte
 /// order, at most eight.
-pub type Dimensions = Vec<(super::Text, super::Text)>;
+pub(crate) type Dimensions = Vec<(super::Text, super::Text)>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum BillingCycle {
+pub(crate) enum BillingCycle {
     Monthly,
     Yearly,
 }
 
 impl BillingCycle {
-    pub fn parse(s: &str) -> Option<BillingCycle> {
+    pub(crate) fn parse(s: &str) -> Option<BillingCycle> {
         match s {
             "monthly" => Some(BillingCycle::Monthly),
             "yearly" => Some(BillingCycle::Yearly),
@@ -62,7 +52,7 @@ impl BillingCycle {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             BillingCycle::Monthly => "monthly",
             BillingCycle::Yearly => "yearly",
@@ -72,40 +62,40 @@ impl BillingCycle {
 
 /// Package price for usage above the limit: `unit_price` per `per` units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OveragePrice {
-    pub unit_price: i64,
-    pub per: i64,
+pub(crate) struct OveragePrice {
+    pub(crate) unit_price: i64,
+    pub(crate) per: i64,
 }
 
 /// One `catalog.plan_published` version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PlanVersion {
-    pub plan: String,
-    pub currency: String,
+pub(crate) struct PlanVersion {
+    pub(crate) plan: String,
+    pub(crate) currency: String,
     /// Metric -> included quantity (nano-units). Absent = unlimited.
-    pub limits: BTreeMap<String, i128>,
-    pub overage: BTreeMap<String, OveragePrice>,
+    pub(crate) limits: BTreeMap<String, i128>,
+    pub(crate) overage: BTreeMap<String, OveragePrice>,
 }
 
 /// The commercial terms of `subscription.started` / `plan_changed`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SubscriptionTerms {
-    pub subscription_id: String,
-    pub plan: String,
-    pub billing_cycle: BillingCycle,
+pub(crate) struct SubscriptionTerms {
+    pub(crate) subscription_id: String,
+    pub(crate) plan: String,
+    pub(crate) billing_cycle: BillingCycle,
     /// Per billing cycle, minor units.
-    pub price: i64,
-    pub currency: String,
+    pub(crate) price: i64,
+    pub(crate) currency: String,
     /// Only on `started`; µs.
-    pub trial_ends_at: Option<i64>,
+    pub(crate) trial_ends_at: Option<i64>,
     /// Billing periods start at this instant (µs) shifted by whole months;
     /// `None`: calendar months (on `plan_changed`: keep the current anchor).
-    pub billing_anchor: Option<i64>,
+    pub(crate) billing_anchor: Option<i64>,
 }
 
 /// The typed meaning of an accepted event's `data`.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Payload {
+pub(crate) enum Payload {
     /// Any type outside the ten: archived and counted, moves no metric.
     Other,
     TenantCreated {
@@ -153,10 +143,10 @@ pub enum Payload {
 }
 
 /// The type of a correction.
-pub const VOIDED_TYPE: &str = "event.voided";
+pub(crate) const VOIDED_TYPE: &str = "event.voided";
 
 /// The ten metric-driving types.
-pub const METRIC_TYPES: [&str; 10] = [
+pub(crate) const METRIC_TYPES: [&str; 10] = [
     "tenant.created",
     "catalog.plan_published",
     "catalog.meter_defined",

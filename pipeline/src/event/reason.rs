@@ -53,11 +53,6 @@ impl DlqReason {
             DlqReason::TooManyDimensionValues => "too_many_dimension_values",
         }
     }
-
-    /// Inverse of [`DlqReason::as_str`].
-    pub fn parse(token: &str) -> Option<DlqReason> {
-        DlqReason::ALL.into_iter().find(|r| r.as_str() == token)
-    }
 }
 
 impl std::fmt::Display for DlqReason {
@@ -71,11 +66,11 @@ impl std::fmt::Display for DlqReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reject {
     pub reason: DlqReason,
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 impl Reject {
-    pub fn new(reason: DlqReason, detail: impl Into<String>) -> Reject {
+    pub(crate) fn new(reason: DlqReason, detail: impl Into<String>) -> Reject {
         Reject {
             reason,
             detail: detail.into(),

@@ -5,11 +5,11 @@
 //! fractional digits) and the result is truncated, not rounded, to µs.
 
 /// Microseconds per second.
-pub const MICROS: i64 = 1_000_000;
+pub(crate) const MICROS: i64 = 1_000_000;
 /// An hour in microseconds.
-pub const HOUR_US: i64 = 3600 * MICROS;
+pub(crate) const HOUR_US: i64 = 3600 * MICROS;
 /// A day in microseconds.
-pub const DAY_US: i64 = 86_400 * MICROS;
+pub(crate) const DAY_US: i64 = 86_400 * MICROS;
 
 /// Parses `2026-01-31T23:59:59.123456789+02:00` into UTC microseconds.
 /// Returns `None` for anything that is not a valid RFC 3339 date-time with offset.
@@ -90,7 +90,7 @@ fn is_leap(year: i64) -> bool {
 }
 
 /// Days in `month` (1..=12) of `year`.
-pub fn days_in_month(year: i64, month: i64) -> i64 {
+pub(crate) fn days_in_month(year: i64, month: i64) -> i64 {
     match month {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
         4 | 6 | 9 | 11 => 30,
@@ -100,7 +100,7 @@ pub fn days_in_month(year: i64, month: i64) -> i64 {
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
-pub fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+pub(crate) fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let y = if month <= 2 { year - 1 } else { year };
     let era = if y >= 0 { y } else { y - 399 } / 400;
     let yoe = y - era * 400;
@@ -111,7 +111,7 @@ pub fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 }
 
 /// (year, month, day) of a day count since 1970-01-01.
-pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
     let doe = z - era * 146_097;
@@ -125,7 +125,7 @@ pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
 }
 
 /// Formats UTC microseconds as `2026-01-31T23:59:59.123456Z` (fraction omitted when zero).
-pub fn format_micros(us: i64) -> String {
+pub(crate) fn format_micros(us: i64) -> String {
     let secs = us.div_euclid(MICROS);
     let frac = us.rem_euclid(MICROS);
     let days = secs.div_euclid(86_400);

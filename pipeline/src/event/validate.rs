@@ -24,26 +24,26 @@ use super::time::{DAY_US, HOUR_US, MICROS, format_micros, parse_rfc3339_micros};
 use super::{Event, Text};
 
 /// The contract's largest message (`too_large` above it, `max_message_bytes`).
-pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// The contract's default allowed skew of event time past the publish
 /// time (`future_skew`), µs.
-pub const DEFAULT_FUTURE_SKEW_US: i64 = HOUR_US;
+pub(crate) const DEFAULT_FUTURE_SKEW_US: i64 = HOUR_US;
 /// The contract's default maximum event age (`max_event_age`), in days.
-pub const DEFAULT_MAX_EVENT_AGE_DAYS: i64 = 3650;
+pub(crate) const DEFAULT_MAX_EVENT_AGE_DAYS: i64 = 3650;
 /// The same, µs.
-pub const DEFAULT_MAX_EVENT_AGE_US: i64 = DEFAULT_MAX_EVENT_AGE_DAYS * DAY_US;
+pub(crate) const DEFAULT_MAX_EVENT_AGE_US: i64 = DEFAULT_MAX_EVENT_AGE_DAYS * DAY_US;
 
 /// Limits that decide rejections; they change results, so they come from
 /// the TOML config (see `crate::config`).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Messages larger than this are `too_large` (contract: 256 KiB).
-    pub max_bytes: usize,
+    pub(crate) max_bytes: usize,
     /// Allowed clock skew: `time` may exceed the publish time by this much (µs).
-    pub future_skew_us: i64,
+    pub(crate) future_skew_us: i64,
     /// `time` may be this much earlier than the publish time (µs); an event
     /// from further back is a producer's bug (`time_too_old`).
-    pub max_event_age_us: i64,
+    pub(crate) max_event_age_us: i64,
 }
 
 impl Default for Limits {
@@ -302,7 +302,7 @@ pub fn validate_message(
 /// `subject_mismatch`, `time_in_future` and `time_too_old`, which need the
 /// message context. The publish time is the server's, assigned on arrival;
 /// validation never reads the clock in its place.
-pub fn validate_payload(bytes: &[u8], limits: &Limits) -> Result<Event, Reject> {
+pub(crate) fn validate_payload(bytes: &[u8], limits: &Limits) -> Result<Event, Reject> {
     validate(
         bytes,
         &Context {
@@ -315,7 +315,7 @@ pub fn validate_payload(bytes: &[u8], limits: &Limits) -> Result<Event, Reject> 
 
 /// Microseconds in the largest unit that divides them, as the config
 /// writes durations (`"3650d"`, `"90s"`).
-pub fn duration_text(us: i64) -> String {
+pub(crate) fn duration_text(us: i64) -> String {
     for (unit, len) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
         let unit_us = len * MICROS;
         if us % unit_us == 0 {
@@ -434,7 +434,7 @@ fn is_tenant(s: &str) -> bool {
 }
 
 /// `^[a-z0-9][a-z0-9_-]{0,63}$`
-pub fn is_plan_code(s: &str) -> bool {
+pub(crate) fn is_plan_code(s: &str) -> bool {
     let b = s.as_bytes();
     (1..=64).contains(&b.len())
         && matches!(b[0], b'a'..=b'z' | b'0'..=b'9')
@@ -444,7 +444,7 @@ pub fn is_plan_code(s: &str) -> bool {
 }
 
 /// `^[a-z][a-z0-9_]{0,63}$`
-pub fn is_metric_name(s: &str) -> bool {
+pub(crate) fn is_metric_name(s: &str) -> bool {
     let b = s.as_bytes();
     (1..=64).contains(&b.len())
         && b[0].is_ascii_lowercase()
@@ -691,7 +691,10 @@ fn validate(bytes: &[u8], ctx: &Context<'_>, limits: &Limits) -> Result<Event, R
 
 /// The typed payload of an archived event (its `type` and `data` text, as
 /// stored in the `events` view), for rebuilding operator state.
-pub fn payload_from_archive(event_type: &str, data: Option<&str>) -> Result<Payload, Reject> {
+pub(crate) fn payload_from_archive(
+    event_type: &str,
+    data: Option<&str>,
+) -> Result<Payload, Reject> {
     if !payload::is_metric_type(event_type) {
         return Ok(Payload::Other);
     }
@@ -972,15 +975,15 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
 }
 
 /// Most entries in a usage event's `dimensions`.
-pub const MAX_DIMENSIONS: usize = 8;
+pub(crate) const MAX_DIMENSIONS: usize = 8;
 /// Longest dimension value, in characters.
-pub const MAX_DIMENSION_VALUE: usize = 128;
+pub(crate) const MAX_DIMENSION_VALUE: usize = 128;
 /// Longest `unique` value, in characters.
-pub const MAX_UNIQUE: usize = 256;
+pub(crate) const MAX_UNIQUE: usize = 256;
 /// Most keys in a meter's `group_by`.
-pub const MAX_GROUP_BY: usize = 4;
+pub(crate) const MAX_GROUP_BY: usize = 4;
 /// Longest `reason` of a void, in characters.
-pub const MAX_VOID_REASON: usize = 1024;
+pub(crate) const MAX_VOID_REASON: usize = 1024;
 const MAX_SOURCE_CHARS: usize = 256;
 const MAX_ID_CHARS: usize = 128;
 

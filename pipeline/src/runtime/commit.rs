@@ -11,7 +11,7 @@ use arrow::datatypes::SchemaRef;
 use async_nats::jetstream;
 use tracing::{debug, warn};
 
-use super::processor::ViewRows;
+use super::processor::{Compaction, Processor, ViewRows};
 use super::{RunOptions, RunSummary, RuntimeError};
 use crate::event::alert::Alert;
 use crate::operator::Restatement;
@@ -120,6 +120,35 @@ fn write_batch(data_dir: &DataDir, out: &BatchOutput) -> Result<(), RuntimeError
     Ok(())
 }
 
+/// Compacts every view's files once there are many small ones (see
+/// [`Processor::compactions`]). Readers take a snapshot's rows as they are
+/// (no resolving of versions; sorted by key, a tenant's rows are a few
+/// pages). Call only right after a checkpoint.
+pub fn compact_all(p: &mut Processor, data_dir: &DataDir) -> Result<(), RuntimeError> {
+    let upto = p.checkpoint.last_seq;
+    for (view, schema, how) in p.compactions() {
+        let dir = data_dir.view(view);
+        match how {
+            Compaction::Merge => {
+                let merged = dir.compact(&schema, upto)?;
+                if merged > 0 {
+                    debug!(view, merged, "compacted small view files");
+                }
+            }
+            Compaction::Snapshot => {
+                if dir.needs_compaction(upto)?
+                    && let Some(snapshot) = p.snapshot(view)?
+                {
+                    let replaced = dir.replace_with(upto, &schema, &snapshot)?;
+                    p.snapshot_written(view);
+                    debug!(view, replaced, "replaced view versions with a snapshot");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A batch being made durable, and the message that acknowledges it.
 pub struct InFlight {
     /// Resolves to when the batch became durable, and the time spent writing it.
@@ -152,7 +181,7 @@ pub async fn settle(
         .map_err(|e| RuntimeError::Task(e.to_string()))??;
     summary.durable_at = Some(durable_at);
     summary.writing += writing;
-    if opts.acked
+    if opts.mode.acks()
         && let Some(m) = &f.last_msg
         && let Err(e) = js_source::ack(&f.client, m).await
     {

@@ -161,6 +161,39 @@ fn describe_partition(p: &Option<Partition>) -> String {
     }
 }
 
+/// Whether a run is `tally run` or a replay. The three behaviours that
+/// differ between them always change together, so they are one choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `tally run`: publishes alerts, dead letters and restatements, acks
+    /// each batch once durable, and answers a replay's hand-off.
+    Live,
+    /// A replay: rebuilds views only. It reads through a read-only
+    /// consumer and checks deliveries for gaps instead of acking (see
+    /// [`crate::source::jetstream::consumer_from`]), and publishes nothing
+    /// (the live run did).
+    Replay,
+}
+
+impl Mode {
+    /// Publishes alerts, dead letters and restatements.
+    pub fn publishes(self) -> bool {
+        self == Mode::Live
+    }
+
+    /// Acknowledges each batch once durable (otherwise deliveries are
+    /// checked for losses).
+    pub fn acks(self) -> bool {
+        self == Mode::Live
+    }
+
+    /// Answers a `tally replay`'s hand-off between batches (see
+    /// [`crate::store::handoff`]).
+    pub fn answers_handoff(self) -> bool {
+        self == Mode::Live
+    }
+}
+
 /// How `tally run` behaves (runtime knobs, not results).
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -176,15 +209,9 @@ pub struct RunOptions {
     pub batch_size: usize,
     /// How long to wait for more messages once a batch has started.
     pub batch_wait: Duration,
-    /// Publish alerts (`tally run`); a replay does not.
-    pub live: bool,
-    /// Acknowledge each batch once durable (`tally run`). A replay reads
-    /// through a read-only consumer instead and checks deliveries for gaps
-    /// (see [`crate::source::jetstream::consumer_from`]).
-    pub acked: bool,
-    /// Answer a `tally replay`'s hand-off between batches (see
-    /// [`crate::store::handoff`]).
-    pub serve_handoff: bool,
+    /// A live run or a replay: what the run publishes, whether it acks,
+    /// and whether it answers a replay's hand-off.
+    pub mode: Mode,
     /// How long to wait, paused, for the replay to switch directories.
     pub handoff_timeout: Duration,
     /// Wait while another run holds the data location, and take over when
@@ -220,9 +247,7 @@ impl RunOptions {
             batch_size: DEFAULT_BATCH_SIZE,
             batch_wait: Duration::from_millis(DEFAULT_BATCH_WAIT_MS),
             handoff_timeout: Duration::from_secs(HANDOFF_TIMEOUT_SECS),
-            live: true,
-            acked: true,
-            serve_handoff: true,
+            mode: Mode::Live,
             standby: false,
             accept_gap: false,
             archive: None,

@@ -1,6 +1,8 @@
 //! The synchronous core of a run: validation, dedup and the operators,
-//! batch by batch, on two cores. No I/O in any decision and no clock in any
-//! result: the same messages in the same order give the same state.
+//! batch by batch, on two cores. No I/O at all (restore is handed the
+//! archived events and stored rows; compaction asks it for snapshots) and no
+//! clock in any result: the same messages in the same order give the same
+//! state.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -24,7 +26,6 @@ use crate::operator::{self, FinalRow, Ledger, Operator, OperatorError, Step, Sto
 use crate::sink::dlq::DeadLetter;
 use crate::state::cardinality::DimensionGuard;
 use crate::state::dedup::{self, Dedup};
-use crate::store::DataDir;
 use crate::store::checkpoint::Checkpoint;
 
 /// One message as the processor sees it.
@@ -533,41 +534,45 @@ impl Processor {
             .collect()
     }
 
-    /// Compacts every view's files once there are many small ones: appended
-    /// views merge their files; a versioned view writes a snapshot of its
+    /// What compacting each view's files would take now: appended views
+    /// merge their small files; a versioned view is due a snapshot of its
     /// state covering the whole prefix once it wrote as many versions as
-    /// it has rows (each written version costs at most one snapshot row).
-    /// Readers take a snapshot's rows as they are (no resolving of
-    /// versions; sorted by key, a tenant's rows are a few pages). Call only
-    /// right after a checkpoint.
-    pub fn compact(&mut self, data_dir: &DataDir) -> Result<(), RuntimeError> {
+    /// it has rows (each written version costs at most one snapshot row),
+    /// and is left out before that. Whether the files are many enough to
+    /// be worth it is the caller's to check: that takes I/O.
+    pub fn compactions(&self) -> Vec<(&'static str, SchemaRef, Compaction)> {
+        self.operators
+            .iter()
+            .filter_map(|op| {
+                let how = match op.storage() {
+                    Storage::Append => Compaction::Merge,
+                    Storage::Versioned { .. } => {
+                        let written = self.versions_written.get(op.view()).copied().unwrap_or(0);
+                        if written < op.state_rows() {
+                            return None;
+                        }
+                        Compaction::Snapshot
+                    }
+                };
+                Some((op.view(), op.schema(), how))
+            })
+            .collect()
+    }
+
+    /// The rows of versioned view `view`'s state, one per key, sorted by
+    /// key (`None` for a view without any).
+    pub fn snapshot(&self, view: &str) -> Result<Option<RecordBatch>, RuntimeError> {
         let upto = self.checkpoint.last_seq;
-        for op in &self.operators {
-            let dir = data_dir.view(op.view());
-            match op.storage() {
-                Storage::Append => {
-                    let merged = dir.compact(&op.schema(), upto)?;
-                    if merged > 0 {
-                        debug!(view = op.view(), merged, "compacted small view files");
-                    }
-                }
-                Storage::Versioned { .. } => {
-                    let written = self.versions_written.get(op.view()).copied().unwrap_or(0);
-                    if written >= op.state_rows()
-                        && dir.needs_compaction(upto)?
-                        && let Some(snapshot) = op.snapshot(upto)?
-                    {
-                        let replaced = dir.replace_with(upto, &op.schema(), &snapshot)?;
-                        self.versions_written.insert(op.view(), 0);
-                        debug!(
-                            view = op.view(),
-                            replaced, "replaced view versions with a snapshot"
-                        );
-                    }
-                }
-            }
+        match self.operators.iter().find(|op| op.view() == view) {
+            Some(op) => Ok(op.snapshot(upto)?),
+            None => Ok(None),
         }
-        Ok(())
+    }
+
+    /// A snapshot of `view` replaced its files: the versions it wrote
+    /// before are gone.
+    pub fn snapshot_written(&mut self, view: &'static str) {
+        self.versions_written.insert(view, 0);
     }
 
     pub fn view_schemas(&self) -> Vec<(&'static str, SchemaRef)> {
@@ -589,6 +594,15 @@ fn classify(ledger: &mut Ledger, e: &Event, key: u128) -> Verdict {
         _ => None,
     };
     ledger.classify(e, key, target)
+}
+
+/// How a view's files are compacted ([`Processor::compactions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compaction {
+    /// Merge the small files of an appended view.
+    Merge,
+    /// Replace a versioned view's files with a snapshot of its state.
+    Snapshot,
 }
 
 /// Below this many steps the operators fold on this thread alone.
@@ -1185,5 +1199,34 @@ mod tests {
             x.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>(),
             y.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>()
         );
+    }
+
+    /// A versioned view is due a snapshot once it wrote as many versions
+    /// as its state has rows, and not after the snapshot replaced them;
+    /// appended views always merge. The snapshot holds each key once.
+    #[test]
+    fn a_view_is_due_a_snapshot_once_its_versions_outnumber_its_rows() {
+        let (msgs, _, _) = voided_stream();
+        let settings = Settings::default();
+        let cp = Checkpoint::new("S", "2025-01-01T00:00:00Z", &settings);
+        let mut p = Processor::new(&settings, "tally.events", cp);
+        let due = |p: &Processor, how: Compaction| -> Vec<&'static str> {
+            p.compactions()
+                .into_iter()
+                .filter(|(_, _, h)| *h == how)
+                .map(|(v, _, _)| v)
+                .collect()
+        };
+        assert!(due(&p, Compaction::Merge).contains(&operator::events::VIEW));
+        // Fed one message per batch, `usage` writes a version per event.
+        feed_in(&mut p, &msgs, 1, 1);
+        let usage = operator::usage::VIEW;
+        assert!(due(&p, Compaction::Snapshot).contains(&usage));
+        let snapshot = p.snapshot(usage).unwrap().expect("usage has rows");
+        let keys = snapshot.num_rows();
+        assert!(keys > 0 && keys <= p.versions_written[usage]);
+        p.snapshot_written(usage);
+        assert!(!due(&p, Compaction::Snapshot).contains(&usage));
+        assert!(p.snapshot("no such view").unwrap().is_none());
     }
 }

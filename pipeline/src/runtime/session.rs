@@ -18,7 +18,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer, stream};
 use futures::FutureExt;
 use tracing::{info, warn};
 
-use super::commit::{BatchOutput, InFlight, ViewLink, commit, settle};
+use super::commit::{self, BatchOutput, InFlight, ViewLink, commit, settle};
 use super::decide;
 use super::processor::{Incoming, Processor};
 use super::restore::open_state;
@@ -153,7 +153,7 @@ impl<'o> Session<'o> {
             &opts.source.subject_prefix,
             opts.partition,
         )?;
-        p.set_live(opts.live);
+        p.set_live(opts.mode.publishes());
         // A partition keeps about its share of the backlog.
         let share = u64::from(opts.partition.map_or(1, |p| p.count.max(1)));
         p.reserve_dedup(stream_last.saturating_sub(p.checkpoint.last_seq) / share);
@@ -269,7 +269,7 @@ impl<'o> Session<'o> {
             &opts.source,
             self.p.checkpoint.last_seq + 1,
             max_ack_pending,
-            opts.acked,
+            opts.mode.acks(),
         )
         .await?;
         let messages = js_source::Pull::start(
@@ -292,14 +292,14 @@ impl<'o> Session<'o> {
     ) -> Result<Next, RuntimeError> {
         let opts = self.opts;
         // The consumer's deliveries, checked for losses when they are not
-        // acked (see `RunOptions::acked`).
+        // acked (see `Mode::acks`).
         let mut deliveries = js_source::Deliveries::default();
         let mut stalled_ticks = 0u32;
         loop {
             if let Some(copy) = self.data_dir.remote() {
                 copy.check_lease().map_err(DataDirError::from)?;
             }
-            if opts.serve_handoff && handoff::requested(&self.data_dir) {
+            if opts.mode.answers_handoff() && handoff::requested(&self.data_dir) {
                 self.settle().await?;
                 if handoff::serve(
                     &self.data_dir,
@@ -317,7 +317,7 @@ impl<'o> Session<'o> {
                         &opts.source.subject_prefix,
                         opts.partition,
                     )?;
-                    self.p.set_live(opts.live);
+                    self.p.set_live(opts.mode.publishes());
                     info!(
                         resume_from = self.p.checkpoint.last_seq + 1,
                         "resumed on the replayed views"
@@ -357,7 +357,8 @@ impl<'o> Session<'o> {
                     let facts = info.as_ref().ok().map(|info| decide::ConsumerFacts {
                         pending: info.num_pending,
                         ack_pending: info.num_ack_pending,
-                        lost: !opts.acked && deliveries.lost_any(info.delivered.consumer_sequence),
+                        lost: !opts.mode.acks()
+                            && deliveries.lost_any(info.delivered.consumer_sequence),
                     });
                     match decide::quiet(facts, stalled_ticks) {
                         decide::Quiet::Reconnect => return Ok(Next::Resume),
@@ -490,7 +491,7 @@ impl<'o> Session<'o> {
                 warn!(subject = %m.subject, "message without JetStream metadata skipped");
                 continue;
             };
-            if !opts.acked && !deliveries.admit(&d) {
+            if !opts.mode.acks() && !deliveries.admit(&d) {
                 // Not redelivered without acks: take what came before it,
                 // then resume from the checkpoint.
                 warn!(
@@ -521,7 +522,7 @@ impl<'o> Session<'o> {
         }
         let processed = incoming.len() as u64;
         let mut letters = self.p.process_batch(&incoming);
-        if !opts.live {
+        if !opts.mode.publishes() {
             // A replay rebuilds views; the dead letters (like the alerts)
             // were published by the live run, and are counted anyway.
             letters.clear();
@@ -840,7 +841,7 @@ impl<'o> Session<'o> {
         if let (Some(first), Some(durable)) = (self.first_seen, self.summary.durable_at) {
             self.summary.active = durable.saturating_duration_since(first);
         }
-        self.p.compact(&self.data_dir)?;
+        commit::compact_all(&mut self.p, &self.data_dir)?;
         self.summary.elapsed = started.elapsed();
         let c = &self.p.checkpoint.counts;
         info!(
