@@ -131,6 +131,9 @@ pub(crate) fn required_column<'a, T: 'static>(
     })
 }
 
+/// Rows per chunk of [`Operator::snapshot_chunks`].
+pub const SNAPSHOT_CHUNK: usize = 64 * 1024;
+
 /// How a view's rows are stored and read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Storage {
@@ -192,6 +195,15 @@ pub trait Operator: Send {
     /// The whole current state as rows (versioned views: compaction).
     fn snapshot(&self, _seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
         Ok(None)
+    }
+    /// [`Operator::snapshot`] in chunks of about [`SNAPSHOT_CHUNK`] rows, in
+    /// the same order, built as they are taken: a view with millions of
+    /// rows then never holds them all as Arrow arrays at once.
+    fn snapshot_chunks<'a>(
+        &'a self,
+        seq: u64,
+    ) -> Box<dyn Iterator<Item = Result<RecordBatch, OperatorError>> + 'a> {
+        Box::new(self.snapshot(seq).transpose().into_iter())
     }
     /// Rows in the current state (versioned views): compaction waits until
     /// as many versions were written since the last snapshot, so snapshots

@@ -37,8 +37,8 @@ use super::restatements::Json;
 use super::slots::{Recent, Slots};
 use super::window::Granularity;
 use super::{
-    FinalRow, FixedState, Ledger, Operator, OperatorError, SeriesIds, Step, Storage, Target,
-    unit_events,
+    FinalRow, FixedState, Ledger, Operator, OperatorError, SNAPSHOT_CHUNK, SeriesIds, Step,
+    Storage, Target, unit_events,
 };
 use crate::event::decimal::{self, PRECISION, SCALE};
 use crate::event::time::format_micros;
@@ -362,13 +362,53 @@ impl UsageOperator {
     }
 
     /// Sort key of a window: (tenant, metric, granularity, start).
-    fn order(&self, k: &Key) -> (&str, &str, Granularity, i64) {
-        let (t, m) = self
-            .series
-            .get(k.series as usize)
+    /// The snapshot in chunks of `rows` windows (see
+    /// [`Operator::snapshot_chunks`]).
+    fn chunks_of<'a>(
+        &'a self,
+        seq: u64,
+        rows: usize,
+    ) -> Box<dyn Iterator<Item = Result<RecordBatch, OperatorError>> + 'a> {
+        let windows = self.sorted_windows();
+        let (n, rows) = (windows.len(), rows.max(1));
+        Box::new((0..n.div_ceil(rows)).map(move |i| {
+            let part = windows
+                .get(i * rows..n.min((i + 1) * rows))
+                .unwrap_or_default();
+            self.rows(part.iter().copied(), Some(seq))
+        }))
+    }
+
+    /// The windows with events, in key order: (tenant, metric) by rank,
+    /// then granularity and start, so that the strings are compared once
+    /// per series, not per pair of windows. Windows whose events were all
+    /// voided are left out.
+    fn sorted_windows(&self) -> Vec<&(Key, Window)> {
+        let mut ranked: Vec<u32> =
+            (0..u32::try_from(self.series.len()).unwrap_or(u32::MAX)).collect();
+        ranked.sort_unstable_by(|a, b| self.series_names(*a).cmp(&self.series_names(*b)));
+        let mut rank = vec![0u32; ranked.len()];
+        for (r, series) in ranked.into_iter().enumerate() {
+            rank[series as usize] = u32::try_from(r).unwrap_or(u32::MAX);
+        }
+        let mut windows: Vec<&(Key, Window)> = self
+            .windows
+            .entries()
+            .filter(|(_, w)| w.1.events > 0)
+            .collect();
+        windows.sort_unstable_by_key(|(k, _)| {
+            let r = rank.get(k.series as usize).copied().unwrap_or(u32::MAX);
+            (r, k.granularity, k.start)
+        });
+        windows
+    }
+
+    /// (tenant, metric) of a series id.
+    fn series_names(&self, series: u32) -> (&str, &str) {
+        self.series
+            .get(series as usize)
             .map(|(t, m)| (&**t, &**m))
-            .unwrap_or_default();
-        (t, m, k.granularity, k.start)
+            .unwrap_or_default()
     }
 
     fn rows<'a>(
@@ -650,14 +690,18 @@ impl Operator for UsageOperator {
     }
 
     fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
-        // Windows whose events were all voided are simply left out.
-        let mut windows: Vec<&(Key, Window)> = self
-            .windows
-            .entries()
-            .filter(|(_, w)| w.1.events > 0)
-            .collect();
-        windows.sort_by(|a, b| self.order(&a.0).cmp(&self.order(&b.0)));
+        let windows = self.sorted_windows();
+        if windows.is_empty() {
+            return Ok(None);
+        }
         self.rows(windows.into_iter(), Some(seq)).map(Some)
+    }
+
+    fn snapshot_chunks<'a>(
+        &'a self,
+        seq: u64,
+    ) -> Box<dyn Iterator<Item = Result<RecordBatch, OperatorError>> + 'a> {
+        self.chunks_of(seq, SNAPSHOT_CHUNK)
     }
 
     fn state_rows(&self) -> usize {
@@ -1028,6 +1072,18 @@ mod tests {
         let mut reference = UsageOperator::new(&g);
         for e in &events {
             reference.apply(e);
+        }
+        // The snapshot in chunks is the snapshot, whatever the chunk size.
+        let whole = reference.snapshot(9).unwrap().unwrap();
+        assert!(whole.num_rows() > 100, "{}", whole.num_rows());
+        for rows in [1, 7, whole.num_rows(), 10 * whole.num_rows()] {
+            let chunks: Vec<RecordBatch> = reference
+                .chunks_of(9, rows)
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(chunks.len(), whole.num_rows().div_ceil(rows));
+            let joined = arrow::compute::concat_batches(&whole.schema(), &chunks).unwrap();
+            assert_eq!(joined, whole, "chunks of {rows}");
         }
         let expected = table(&reference);
         let mut rng = Lcg(42);

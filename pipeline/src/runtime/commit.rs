@@ -11,15 +11,15 @@ use arrow::datatypes::SchemaRef;
 use async_nats::jetstream;
 use tracing::{debug, warn};
 
-use super::processor::{Compaction, Processor, ViewRows};
+use super::processor::{Compaction, Processor, QUIET_FACTOR, ViewRows};
 use super::{RunOptions, RunSummary, RuntimeError};
 use crate::event::alert::Alert;
 use crate::operator::Restatement;
 use crate::sink::dlq::{DeadLetter, DlqTarget};
 use crate::sink::{alerts, dlq, restated};
 use crate::source::jetstream as js_source;
-use crate::store::DataDir;
 use crate::store::checkpoint::Checkpoint;
+use crate::store::{DataDir, parquet};
 
 /// A finished view file to put in place as the batch's file of `view`
 /// (a replay links the live `events` archive's files instead of encoding
@@ -47,6 +47,10 @@ pub struct BatchOutput {
     pub checkpoint: Checkpoint,
     /// Views whose small files to merge once the batch is durable.
     pub compact: Option<Vec<(&'static str, SchemaRef)>>,
+    /// Snapshots of versioned views' states as of the batch, each to
+    /// replace its view's files once the batch is durable (see
+    /// [`Processor::take_due_snapshots`]).
+    pub snapshots: Vec<ViewRows>,
 }
 
 /// Makes one batch durable: DLQ, alerts, restatements, view files, checkpoint. Retries
@@ -97,19 +101,43 @@ pub async fn commit(
 /// The view files of a batch (temp file, fsync, rename), then its checkpoint.
 fn write_batch(data_dir: &DataDir, out: &BatchOutput) -> Result<(), RuntimeError> {
     for r in &out.rows {
+        let sorted;
+        let batch = match r.sort_by {
+            None => &r.batch,
+            Some(column) => {
+                sorted = parquet::sorted_by(&r.batch, column)?;
+                &sorted
+            }
+        };
         data_dir.view(r.view).write(
             out.first,
             out.checkpoint.last_seq,
             &r.schema,
-            std::slice::from_ref(&r.batch),
+            std::slice::from_ref(batch),
         )?;
     }
     for l in &out.links {
         data_dir.view(l.view).link(&l.from, l.first, l.last)?;
     }
     data_dir.commit(&out.checkpoint)?;
-    // The batch is durable; merging small files is housekeeping: a failure
-    // is logged and retried at the next round, never holds the batch.
+    // The batch is durable; snapshots and merging small files are
+    // housekeeping: a failure is logged and retried at the next round,
+    // never holds the batch. Snapshots first: each covers the files a
+    // merge would have merged.
+    for s in &out.snapshots {
+        match data_dir
+            .view(s.view)
+            .replace_with(out.checkpoint.last_seq, &s.schema, &s.batch)
+        {
+            Ok(replaced) => debug!(
+                view = s.view,
+                replaced, "replaced view versions with a snapshot"
+            ),
+            Err(e) => {
+                warn!(view = s.view, error = %e, "cannot write the view's snapshot yet; its versions stay readable as they are")
+            }
+        }
+    }
     for (view, schema) in out.compact.iter().flatten() {
         match data_dir.view(view).compact(schema, out.checkpoint.last_seq) {
             Ok(0) => {}
@@ -120,31 +148,34 @@ fn write_batch(data_dir: &DataDir, out: &BatchOutput) -> Result<(), RuntimeError
     Ok(())
 }
 
-/// Compacts every view's files once there are many small ones (see
-/// [`Processor::compactions`]). Readers take a snapshot's rows as they are
-/// (no resolving of versions; sorted by key, a tenant's rows are a few
-/// pages). Call only right after a checkpoint.
+/// Compacts every view's files: appended views merge their small files;
+/// each versioned view due a snapshot at [`QUIET_FACTOR`] is replaced by
+/// its snapshot (see [`Processor::take_due_snapshots`]). For a drained
+/// stream and a stopping run, right after a checkpoint: readers then take
+/// each view's snapshot as it is (sorted by key, a tenant's rows are a
+/// few pages) and resolve versions over fewer newer rows than it has.
 pub fn compact_all(p: &mut Processor, data_dir: &DataDir) -> Result<(), RuntimeError> {
     let upto = p.checkpoint.last_seq;
     for (view, schema, how) in p.compactions() {
-        let dir = data_dir.view(view);
-        match how {
-            Compaction::Merge => {
-                let merged = dir.compact(&schema, upto)?;
-                if merged > 0 {
-                    debug!(view, merged, "compacted small view files");
-                }
-            }
-            Compaction::Snapshot => {
-                if dir.needs_compaction(upto)?
-                    && let Some(snapshot) = p.snapshot(view)?
-                {
-                    let replaced = dir.replace_with(upto, &schema, &snapshot)?;
-                    p.snapshot_written(view);
-                    debug!(view, replaced, "replaced view versions with a snapshot");
-                }
+        if how == Compaction::Merge {
+            let merged = data_dir.view(view).compact(&schema, upto)?;
+            if merged > 0 {
+                debug!(view, merged, "compacted small view files");
             }
         }
+    }
+    // One view at a time, in chunks: memory holds a chunk of one snapshot.
+    for (view, schema) in p.due_snapshots(QUIET_FACTOR) {
+        {
+            let mut chunks = p.snapshot_chunks(view).peekable();
+            if chunks.peek().is_some() {
+                let replaced = data_dir
+                    .view(view)
+                    .replace_with_chunks(upto, &schema, chunks)?;
+                debug!(view, replaced, "replaced view versions with a snapshot");
+            }
+        }
+        p.snapshot_written(view);
     }
     Ok(())
 }

@@ -41,6 +41,21 @@ pub struct ViewRows {
     pub view: &'static str,
     pub schema: SchemaRef,
     pub batch: RecordBatch,
+    /// The column a versioned view's files are sorted by (the writer sorts
+    /// them, off the processor's thread); `None` for an appended view, whose
+    /// rows stay in stream order, and for a snapshot, sorted by key already.
+    pub sort_by: Option<&'static str>,
+}
+
+/// What a view's version files are sorted by: `tenant`, which most point
+/// queries (and every tenant account's) filter on, else the key's first
+/// column.
+fn sort_column(storage: Storage, schema: &SchemaRef) -> Option<&'static str> {
+    match storage {
+        Storage::Versioned { .. } if schema.column_with_name("tenant").is_some() => Some("tenant"),
+        Storage::Versioned { key, .. } => key.first().copied(),
+        Storage::Append => None,
+    }
 }
 
 /// Operators (with their registry index) that run on one thread.
@@ -423,6 +438,7 @@ impl Processor {
                     view: op.view(),
                     schema: op.schema(),
                     batch,
+                    sort_by: sort_column(op.storage(), &op.schema()),
                 });
                 out.push((i, started.elapsed(), rows));
             }
@@ -569,6 +585,68 @@ impl Processor {
         }
     }
 
+    /// Snapshots of the versioned views that wrote, since their last one,
+    /// at least `factor` times as many versions as they hold rows, as of
+    /// the last batch. Each version written costs at most 1 / `factor`
+    /// snapshot row, built on this thread; a view's files stay one snapshot
+    /// and newer versions of at most about `factor` times its rows, so a
+    /// reader resolves versions over that, not over the whole history. A
+    /// run asks with [`BUSY_FACTOR`] between batches and with
+    /// [`QUIET_FACTOR`] when the stream is drained and when it stops. The
+    /// views' counts start again whether or not the writer gets the
+    /// snapshot to disk (a failed one waits for the next round).
+    pub fn take_due_snapshots(&mut self, factor: usize) -> Result<Vec<ViewRows>, RuntimeError> {
+        let mut out = Vec::new();
+        for (view, schema) in self.due_snapshots(factor) {
+            if let Some(batch) = self.snapshot(view)? {
+                out.push(ViewRows {
+                    view,
+                    schema,
+                    batch,
+                    sort_by: None,
+                });
+            }
+            self.snapshot_written(view);
+        }
+        Ok(out)
+    }
+
+    /// The versioned views due a snapshot at `factor` (see
+    /// [`Processor::take_due_snapshots`]).
+    pub fn due_snapshots(&self, factor: usize) -> Vec<(&'static str, SchemaRef)> {
+        self.compactions()
+            .into_iter()
+            .filter(|(view, _, how)| {
+                let written = self.versions_written.get(view).copied().unwrap_or(0);
+                *how == Compaction::Snapshot
+                    && written > 0
+                    && written >= factor * self.state_rows(view)
+            })
+            .map(|(view, schema, _)| (view, schema))
+            .collect()
+    }
+
+    /// Rows of `view`'s state (0 for a view without one).
+    fn state_rows(&self, view: &str) -> usize {
+        self.operators
+            .iter()
+            .find(|op| op.view() == view)
+            .map_or(0, |op| op.state_rows())
+    }
+
+    /// [`Processor::snapshot`] in chunks, built as they are taken (see
+    /// [`Operator::snapshot_chunks`]); empty for a view without rows.
+    pub fn snapshot_chunks<'a>(
+        &'a self,
+        view: &str,
+    ) -> Box<dyn Iterator<Item = Result<RecordBatch, OperatorError>> + 'a> {
+        let upto = self.checkpoint.last_seq;
+        match self.operators.iter().find(|op| op.view() == view) {
+            Some(op) => op.snapshot_chunks(upto),
+            None => Box::new(std::iter::empty()),
+        }
+    }
+
     /// A snapshot of `view` replaced its files: the versions it wrote
     /// before are gone.
     pub fn snapshot_written(&mut self, view: &'static str) {
@@ -595,6 +673,16 @@ fn classify(ledger: &mut Ledger, e: &Event, key: u128) -> Verdict {
     };
     ledger.classify(e, key, target)
 }
+
+/// Between batches, a view is snapshotted once it wrote twice its rows in
+/// versions (see [`Processor::take_due_snapshots`]): at most half a
+/// snapshot row per version on the busy path.
+pub const BUSY_FACTOR: usize = 2;
+
+/// With the stream drained, and when a run stops, once it wrote as many
+/// versions as it has rows: the time is spare, and readers then resolve
+/// at most as many versions as the view has rows.
+pub const QUIET_FACTOR: usize = 1;
 
 /// How a view's files are compacted ([`Processor::compactions`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1205,7 +1293,7 @@ mod tests {
     /// as its state has rows, and not after the snapshot replaced them;
     /// appended views always merge. The snapshot holds each key once.
     #[test]
-    fn a_view_is_due_a_snapshot_once_its_versions_outnumber_its_rows() {
+    fn a_view_is_due_a_snapshot_once_its_versions_outnumber_its_rows_and_a_run_takes_it_at_twice() {
         let (msgs, _, _) = voided_stream();
         let settings = Settings::default();
         let cp = Checkpoint::new("S", "2025-01-01T00:00:00Z", &settings);
@@ -1225,6 +1313,23 @@ mod tests {
         let snapshot = p.snapshot(usage).unwrap().expect("usage has rows");
         let keys = snapshot.num_rows();
         assert!(keys > 0 && keys <= p.versions_written[usage]);
+        // A run takes one only at twice its rows, then counts from zero.
+        let rows = p.state_rows(usage);
+        assert!(rows >= keys && p.versions_written[usage] >= rows);
+        let twice: Vec<&str> = due(&p, Compaction::Snapshot)
+            .into_iter()
+            .filter(|v| p.versions_written[v] >= 2 * p.state_rows(v).max(1))
+            .collect();
+        let taken: Vec<&str> = p
+            .take_due_snapshots(BUSY_FACTOR)
+            .unwrap()
+            .iter()
+            .map(|r| r.view)
+            .collect();
+        assert_eq!(taken, twice);
+        assert!(!taken.is_empty() && !taken.contains(&usage), "{taken:?}");
+        assert!(taken.iter().all(|v| p.versions_written[v] == 0));
+        assert!(p.take_due_snapshots(BUSY_FACTOR).unwrap().is_empty());
         p.snapshot_written(usage);
         assert!(!due(&p, Compaction::Snapshot).contains(&usage));
         assert!(p.snapshot("no such view").unwrap().is_none());

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::commit::{self, BatchOutput, InFlight, ViewLink, commit, settle};
 use super::decide;
-use super::processor::{Incoming, Processor};
+use super::processor::{BUSY_FACTOR, Incoming, Processor};
 use super::restore::open_state;
 use super::{ArchiveSource, RunOptions, RunSummary, RuntimeError};
 use crate::config::Settings;
@@ -395,7 +395,15 @@ impl<'o> Session<'o> {
                                         return Ok(Next::Resume);
                                     }
                                 }
-                                decide::Tail::Drained => {}
+                                decide::Tail::Drained => {
+                                    // Spare time: the views' snapshots due.
+                                    // Housekeeping: a failure waits for the
+                                    // next round.
+                                    if let Err(e) = commit::compact_all(&mut self.p, &self.data_dir)
+                                    {
+                                        warn!(error = %e, "cannot compact the views yet; retrying when the stream is next drained");
+                                    }
+                                }
                             }
                             if opts.until_idle {
                                 return Ok(Next::Stop);
@@ -534,9 +542,16 @@ impl<'o> Session<'o> {
         // Freeing a batch's messages is a noticeable share of this thread's work: the
         // blocking pool does it while the next batch is processed.
         tokio::task::spawn_blocking(move || drop(batch));
+        let rows = self.p.take_rows()?;
+        let snapshots = if compact {
+            self.p.take_due_snapshots(BUSY_FACTOR)?
+        } else {
+            Vec::new()
+        };
         let out = BatchOutput {
             first: first_seq_before + 1,
-            rows: self.p.take_rows()?,
+            rows,
+            snapshots,
             alerts: self.p.take_alerts(),
             restated: self.p.take_restated(),
             letters,
@@ -691,6 +706,7 @@ impl<'o> Session<'o> {
             links: Vec::new(),
             checkpoint: self.p.checkpoint.clone(),
             compact: None,
+            snapshots: Vec::new(),
         };
         self.dispatch(out, None, stop);
         self.settle().await
@@ -824,6 +840,7 @@ impl<'o> Session<'o> {
             links,
             checkpoint: self.p.checkpoint.clone(),
             compact: None,
+            snapshots: Vec::new(),
         };
         self.summary.processing += cpu.elapsed();
         self.summary.messages += chunk.len() as u64;

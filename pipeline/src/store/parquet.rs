@@ -72,6 +72,10 @@ pub enum ViewFilesError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot sort a view's rows by tenant before writing them: {0}")]
+    Sort(arrow::error::ArrowError),
+    #[error("cannot build a view's snapshot: {0}")]
+    Snapshot(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// One Parquet file of a view and the stream sequences it covers.
@@ -328,16 +332,6 @@ pub fn has_unique_keys_file(path: &Path) -> bool {
 }
 
 impl ViewDir {
-    /// Are there enough small files at or below `upto` to compact?
-    pub fn needs_compaction(&self, upto: u64) -> Result<bool, ViewFilesError> {
-        let small = self
-            .files()?
-            .iter()
-            .filter(|f| f.last_seq <= upto && f.bytes < COMPACT_MAX_FILE_BYTES)
-            .count();
-        Ok(small >= COMPACT_TRIGGER)
-    }
-
     /// Writes `batch`, a snapshot of the state (each key once, in key
     /// order), as the file covering `1..=upto`, marked [`UNIQUE_KEYS`], and
     /// deletes the files it covers. A crash in between leaves covered files
@@ -348,13 +342,34 @@ impl ViewDir {
         schema: &SchemaRef,
         batch: &RecordBatch,
     ) -> Result<usize, ViewFilesError> {
+        let once = std::iter::once(Ok::<_, ViewFilesError>(batch.clone()));
+        self.replace_with_chunks(upto, schema, once)
+    }
+
+    /// [`ViewDir::replace_with`] from the snapshot's rows in chunks, in key
+    /// order: memory holds one chunk and the row group being encoded, not
+    /// the whole snapshot. A chunk's error is [`ViewFilesError::Snapshot`].
+    pub fn replace_with_chunks<E>(
+        &self,
+        upto: u64,
+        schema: &SchemaRef,
+        chunks: impl Iterator<Item = Result<RecordBatch, E>>,
+    ) -> Result<usize, ViewFilesError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
         let old: Vec<ViewFile> = self
             .files()?
             .into_iter()
             .filter(|f| f.last_seq <= upto)
             .collect();
         let keep = self.dir.join(file_name(1, upto));
-        write_parquet_with(&keep, schema, true, |write| write(batch))?;
+        write_parquet_with(&keep, schema, true, |write| {
+            for chunk in chunks {
+                write(&chunk.map_err(|e| ViewFilesError::Snapshot(Box::new(e)))?)?;
+            }
+            Ok(())
+        })?;
         let mut removed = 0;
         for f in old.iter().filter(|f| f.path != keep) {
             std::fs::remove_file(&f.path).map_err(|source| ViewFilesError::Io {
@@ -397,7 +412,7 @@ fn conform(
 /// key-value metadata of the first file are carried over.
 fn copy_row_groups(path: &Path, files: &[&ViewFile]) -> Result<bool, ViewFilesError> {
     use parquet::column::writer::ColumnCloseResult;
-    use parquet::file::metadata::ParquetMetaDataReader;
+    use parquet::file::metadata::{PageIndexPolicy, ParquetMetaDataReader};
     use parquet::file::writer::SerializedFileWriter;
 
     let mut inputs = Vec::with_capacity(files.len());
@@ -410,7 +425,10 @@ fn copy_row_groups(path: &Path, files: &[&ViewFile]) -> Result<bool, ViewFilesEr
             path: f.path.clone(),
             source,
         })?;
+        // With its page index, which the merged file carries over: readers
+        // skip the pages of a row group that cannot hold their key.
         let meta = ParquetMetaDataReader::new()
+            .with_page_index_policy(PageIndexPolicy::Optional)
             .parse_and_finish(&file)
             .map_err(decode)?;
         if meta
@@ -451,16 +469,16 @@ fn copy_row_groups(path: &Path, files: &[&ViewFile]) -> Result<bool, ViewFilesEr
         };
         let mut writer = SerializedFileWriter::new(file, root, props).map_err(enc)?;
         for (input, meta) in &inputs {
-            for rg in meta.row_groups() {
+            for (r, rg) in meta.row_groups().iter().enumerate() {
                 let mut out = writer.next_row_group().map_err(enc)?;
-                for column in rg.columns() {
+                for (c, column) in rg.columns().iter().enumerate() {
                     let copied = ColumnCloseResult {
                         bytes_written: u64::try_from(column.compressed_size()).unwrap_or(0),
                         rows_written: u64::try_from(rg.num_rows()).unwrap_or(0),
                         metadata: column.clone(),
                         bloom_filter: None,
-                        column_index: None,
-                        offset_index: None,
+                        column_index: meta.column_index().and_then(|i| i.get(r)?.get(c).cloned()),
+                        offset_index: meta.offset_index().and_then(|i| i.get(r)?.get(c).cloned()),
                     };
                     out.append_column(input, copied).map_err(enc)?;
                 }
@@ -489,6 +507,24 @@ fn atomically(
     file.sync_all().map_err(io)?;
     drop(file);
     rename_into_place(&tmp, path).map_err(io)
+}
+
+/// Rows per data page (at most, give or take a write batch of 1,024).
+/// Versioned views' files are sorted by tenant (see [`sorted_by`]) and
+/// carry a page index, so a query of one tenant reads the pages that can
+/// hold it: a few thousand rows a row group, not the row group.
+const PAGE_ROWS: usize = 4096;
+
+/// `batch` with its rows sorted by the column `column` (ascending), so that
+/// a file of it has each value's rows on a few pages. One column: sorting
+/// by a whole key costs several times more and prunes no better.
+pub fn sorted_by(batch: &RecordBatch, column: &str) -> Result<RecordBatch, ViewFilesError> {
+    use arrow::compute::{sort_to_indices, take_record_batch};
+    let Some(values) = batch.column_by_name(column) else {
+        return Ok(batch.clone());
+    };
+    let indices = sort_to_indices(values, None, None).map_err(ViewFilesError::Sort)?;
+    take_record_batch(batch, &indices).map_err(ViewFilesError::Sort)
 }
 
 /// Writes a Parquet file to `path.tmp`, fsyncs it and renames it to `path`.
@@ -527,7 +563,9 @@ fn write_parquet_with(
         &mut dyn FnMut(&RecordBatch) -> Result<(), ViewFilesError>,
     ) -> Result<(), ViewFilesError>,
 ) -> Result<(), ViewFilesError> {
-    let mut props = WriterProperties::builder().set_compression(Compression::SNAPPY);
+    let mut props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_data_page_row_count_limit(PAGE_ROWS);
     if unique_keys {
         props = props.set_key_value_metadata(Some(vec![parquet::file::metadata::KeyValue::new(
             UNIQUE_KEYS.to_owned(),
@@ -773,5 +811,99 @@ mod tests {
             n += b.num_rows();
         }
         assert_eq!(n, 33 * rows);
+    }
+
+    /// Sorted by tenant, each row group of a merged file keeps its page
+    /// index with the pages where they now are: a reader selecting one
+    /// tenant's pages through it gets exactly that tenant's rows.
+    #[test]
+    fn a_merged_file_keeps_each_row_groups_page_index() {
+        use arrow::array::{Array, StringArray};
+        use parquet::arrow::arrow_reader::{ArrowReaderOptions, RowSelection, RowSelector};
+        use parquet::file::metadata::PageIndexPolicy;
+        use parquet::file::page_index::column_index::ColumnIndexMetaData;
+        let dir = tempfile::tempdir().unwrap();
+        let schema: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("tenant", DataType::Utf8, false),
+            Field::new("n", DataType::UInt64, false),
+        ]));
+        let v = ViewDir::new(dir.path(), "t");
+        v.create().unwrap();
+        let rows = 4 * PAGE_ROWS;
+        for i in 0..3u64 {
+            // 50 tenants, interleaved as operators cut them.
+            let tenant: Vec<String> = (0..rows).map(|r| format!("t{:02}", r % 50)).collect();
+            let n: Vec<u64> = (0..rows as u64).map(|r| i * 1_000_000 + r).collect();
+            let b = RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![
+                    Arc::new(StringArray::from(tenant)),
+                    Arc::new(UInt64Array::from(n)),
+                ],
+            )
+            .unwrap();
+            let b = sorted_by(&b, "tenant").unwrap();
+            v.write(i * 10 + 1, i * 10 + 10, &schema, &[b]).unwrap();
+        }
+        // Three files are not enough to merge on their own: merge them as a
+        // compaction would.
+        let files = v.files().unwrap();
+        let refs: Vec<&ViewFile> = files.iter().collect();
+        let merged = dir.path().join("merged.parquet");
+        assert!(copy_row_groups(&merged, &refs).unwrap());
+        let file = File::open(&merged).unwrap();
+        let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Required);
+        let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(
+            file.try_clone().unwrap(),
+            options,
+        )
+        .unwrap();
+        let meta = Arc::clone(builder.metadata());
+        assert_eq!(meta.row_groups().len(), 3);
+        let (Some(index), Some(offsets)) = (meta.column_index(), meta.offset_index()) else {
+            panic!("the merged file has no page index");
+        };
+        // The pages of each row group whose tenant range holds t07.
+        let mut selectors = Vec::new();
+        for (rg, meta_rg) in meta.row_groups().iter().enumerate() {
+            let ColumnIndexMetaData::BYTE_ARRAY(pages) = &index[rg][0] else {
+                panic!("tenant pages have no byte-array index");
+            };
+            let locations = offsets[rg][0].page_locations();
+            assert!(locations.len() >= 4, "{} pages", locations.len());
+            for (p, loc) in locations.iter().enumerate() {
+                let end = locations
+                    .get(p + 1)
+                    .map_or(meta_rg.num_rows(), |l| l.first_row_index);
+                let count = (end - loc.first_row_index) as usize;
+                let (min, max) = (pages.min_value(p).unwrap(), pages.max_value(p).unwrap());
+                let holds = min <= b"t07".as_slice() && b"t07".as_slice() <= max;
+                selectors.push(if holds {
+                    RowSelector::select(count)
+                } else {
+                    RowSelector::skip(count)
+                });
+            }
+        }
+        let reader = ParquetRecordBatchReaderBuilder::try_new_with_options(
+            file,
+            ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Required),
+        )
+        .unwrap()
+        .with_row_selection(RowSelection::from(selectors))
+        .build()
+        .unwrap();
+        let mut read = 0;
+        let mut t07 = 0;
+        for b in reader {
+            let b = b.unwrap();
+            let tenant = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+            read += b.num_rows();
+            t07 += (0..tenant.len())
+                .filter(|r| tenant.value(*r) == "t07")
+                .count();
+        }
+        assert_eq!(t07, 3 * (0..rows).filter(|r| r % 50 == 7).count());
+        assert!(read < 3 * rows / 2, "read {read} of {} rows", 3 * rows);
     }
 }
