@@ -262,6 +262,18 @@ impl DimensionsOperator {
         }
     }
 
+    /// The keys of the windows with events, in key order.
+    fn sorted_keys(&self) -> Vec<Key> {
+        let mut keys: Vec<Key> = self
+            .windows
+            .iter()
+            .filter(|(_, w)| w.1.events > 0)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.sort_by(|a, b| self.order(a).cmp(&self.order(b)));
+        keys
+    }
+
     fn rows(&self, keys: &[Key], seq: u64) -> Result<RecordBatch, OperatorError> {
         let err = |source| OperatorError::Arrow { view: VIEW, source };
         let decb = || Decimal128Builder::new().with_precision_and_scale(PRECISION, SCALE as i8);
@@ -464,14 +476,14 @@ impl Operator for DimensionsOperator {
     }
 
     fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
-        let mut keys: Vec<Key> = self
-            .windows
-            .iter()
-            .filter(|(_, w)| w.1.events > 0)
-            .map(|(k, _)| *k)
-            .collect();
-        keys.sort_by(|a, b| self.order(a).cmp(&self.order(b)));
-        self.rows(&keys, seq).map(Some)
+        self.rows(&self.sorted_keys(), seq).map(Some)
+    }
+
+    fn snapshot_chunks<'a>(
+        &'a self,
+        seq: u64,
+    ) -> Box<dyn Iterator<Item = Result<RecordBatch, OperatorError>> + 'a> {
+        super::in_chunks(self.sorted_keys(), move |keys| self.rows(keys, seq))
     }
 
     fn state_rows(&self) -> usize {

@@ -134,6 +134,20 @@ pub(crate) fn required_column<'a, T: 'static>(
 /// Rows per chunk of [`Operator::snapshot_chunks`].
 pub const SNAPSHOT_CHUNK: usize = 64 * 1024;
 
+/// A snapshot in chunks: `rows` of each [`SNAPSHOT_CHUNK`] of `keys` (in
+/// their order), built as the chunks are taken; one empty chunk when there
+/// are no keys, as [`Operator::snapshot`] gives an empty batch then.
+pub(crate) fn in_chunks<'a, K: 'a>(
+    keys: Vec<K>,
+    rows: impl Fn(&[K]) -> Result<RecordBatch, OperatorError> + 'a,
+) -> Box<dyn Iterator<Item = Result<RecordBatch, OperatorError>> + 'a> {
+    let n = keys.len();
+    Box::new((0..n.div_ceil(SNAPSHOT_CHUNK).max(1)).map(move |i| {
+        let end = n.min((i + 1) * SNAPSHOT_CHUNK);
+        rows(keys.get(i * SNAPSHOT_CHUNK..end).unwrap_or_default())
+    }))
+}
+
 /// How a view's rows are stored and read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Storage {
@@ -297,6 +311,35 @@ pub fn registry(settings: &Settings) -> Vec<Box<dyn Operator>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Chunks cover the keys once, in order, at most SNAPSHOT_CHUNK each;
+    /// no keys give one empty chunk.
+    #[test]
+    fn a_snapshot_in_chunks_covers_its_keys_once_in_order() {
+        use arrow::array::UInt64Array;
+        use arrow::datatypes::{DataType, Field, Schema};
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::UInt64, false)]));
+        let rows = |keys: &[u64]| -> Result<RecordBatch, OperatorError> {
+            let column = Arc::new(UInt64Array::from(keys.to_vec()));
+            Ok(RecordBatch::try_new(Arc::clone(&schema), vec![column]).unwrap())
+        };
+        let n = 2 * SNAPSHOT_CHUNK as u64 + 5;
+        let chunks: Vec<RecordBatch> = in_chunks((0..n).collect(), rows)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let sizes: Vec<usize> = chunks.iter().map(|c| c.num_rows()).collect();
+        assert_eq!(sizes, [SNAPSHOT_CHUNK, SNAPSHOT_CHUNK, 5]);
+        let all = arrow::compute::concat_batches(&schema, &chunks).unwrap();
+        let keys = all
+            .column(0)
+            .as_any()
+            .downcast_ref::<UInt64Array>()
+            .unwrap();
+        assert!(keys.values().iter().copied().eq(0..n));
+        let empty: Vec<_> = in_chunks(Vec::<u64>::new(), rows).collect();
+        assert_eq!(empty.len(), 1);
+        assert_eq!(empty[0].as_ref().unwrap().num_rows(), 0);
+    }
 
     /// `docs/views.md` is where analysts read the views: each view has a
     /// section there naming every column a query can see.

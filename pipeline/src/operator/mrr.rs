@@ -219,6 +219,19 @@ impl MrrOperator {
         out
     }
 
+    /// Every tenant's rows, by tenant (then month, as each tenant keeps them).
+    fn sorted_rows(&self) -> Vec<(Arc<str>, Row, bool)> {
+        let mut names: Vec<&Arc<str>> = self.tenants.keys().collect();
+        names.sort_unstable();
+        let mut rows = Vec::new();
+        for name in names {
+            if let Some(t) = self.tenants.get(name) {
+                rows.extend(t.rows.iter().map(|r| (Arc::clone(name), *r, false)));
+            }
+        }
+        rows
+    }
+
     fn rows(&self, rows: &[(Arc<str>, Row, bool)], seq: u64) -> Result<RecordBatch, OperatorError> {
         let mut month = Date32Builder::with_capacity(rows.len());
         let mut tenant = StringBuilder::new();
@@ -505,15 +518,14 @@ impl Operator for MrrOperator {
     }
 
     fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
-        let mut names: Vec<&Arc<str>> = self.tenants.keys().collect();
-        names.sort_unstable();
-        let mut rows = Vec::new();
-        for name in names {
-            if let Some(t) = self.tenants.get(name) {
-                rows.extend(t.rows.iter().map(|r| (Arc::clone(name), *r, false)));
-            }
-        }
-        self.rows(&rows, seq).map(Some)
+        self.rows(&self.sorted_rows(), seq).map(Some)
+    }
+
+    fn snapshot_chunks<'a>(
+        &'a self,
+        seq: u64,
+    ) -> Box<dyn Iterator<Item = Result<RecordBatch, OperatorError>> + 'a> {
+        super::in_chunks(self.sorted_rows(), move |rows| self.rows(rows, seq))
     }
 }
 

@@ -845,6 +845,18 @@ impl OveragesOperator {
         changed
     }
 
+    /// The keys of the periods with a row, sorted.
+    fn sorted_keys(&self) -> Vec<Key> {
+        let mut keys: Vec<Key> = self
+            .months
+            .entries()
+            .filter(|(_, m)| m.row.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.sort();
+        keys
+    }
+
     fn rows(&self, keys: &[Key], seq: u64) -> Result<RecordBatch, OperatorError> {
         let err = |source| OperatorError::Arrow { view: VIEW, source };
         let dec = || Decimal128Builder::new().with_precision_and_scale(PRECISION, SCALE as i8);
@@ -1128,14 +1140,14 @@ impl Operator for OveragesOperator {
     }
 
     fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
-        let mut keys: Vec<Key> = self
-            .months
-            .entries()
-            .filter(|(_, m)| m.row.is_some())
-            .map(|(k, _)| k.clone())
-            .collect();
-        keys.sort();
-        self.rows(&keys, seq).map(Some)
+        self.rows(&self.sorted_keys(), seq).map(Some)
+    }
+
+    fn snapshot_chunks<'a>(
+        &'a self,
+        seq: u64,
+    ) -> Box<dyn Iterator<Item = Result<RecordBatch, OperatorError>> + 'a> {
+        super::in_chunks(self.sorted_keys(), move |keys| self.rows(keys, seq))
     }
 
     /// Stored rows give back only the alerted bits; everything else is

@@ -108,6 +108,24 @@ impl RevenueOperator {
         self.dirty.insert(key);
     }
 
+    /// The rows' keys in key order: month, tenant, currency.
+    fn sorted_keys(&self) -> Vec<Key> {
+        let mut keys: Vec<Key> = self.rows.keys().copied().collect();
+        keys.sort_by(|a, b| {
+            (
+                a.0,
+                self.tenants.name(a.1),
+                self.currencies.name(u32::from(a.2)),
+            )
+                .cmp(&(
+                    b.0,
+                    self.tenants.name(b.1),
+                    self.currencies.name(u32::from(b.2)),
+                ))
+        });
+        keys
+    }
+
     fn rows(&self, keys: &[Key], seq: u64) -> Result<RecordBatch, OperatorError> {
         let mut month = Date32Builder::with_capacity(keys.len());
         let mut tenant = StringBuilder::new();
@@ -234,20 +252,14 @@ impl Operator for RevenueOperator {
     }
 
     fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
-        let mut keys: Vec<Key> = self.rows.keys().copied().collect();
-        keys.sort_by(|a, b| {
-            (
-                a.0,
-                self.tenants.name(a.1),
-                self.currencies.name(u32::from(a.2)),
-            )
-                .cmp(&(
-                    b.0,
-                    self.tenants.name(b.1),
-                    self.currencies.name(u32::from(b.2)),
-                ))
-        });
-        self.rows(&keys, seq).map(Some)
+        self.rows(&self.sorted_keys(), seq).map(Some)
+    }
+
+    fn snapshot_chunks<'a>(
+        &'a self,
+        seq: u64,
+    ) -> Box<dyn Iterator<Item = Result<RecordBatch, OperatorError>> + 'a> {
+        super::in_chunks(self.sorted_keys(), move |keys| self.rows(keys, seq))
     }
 }
 

@@ -210,6 +210,13 @@ impl TenantsOperator {
         (row, wake)
     }
 
+    /// The tenants' names, sorted.
+    fn sorted_names(&self) -> Vec<Arc<str>> {
+        let mut names: Vec<Arc<str>> = self.tenants.keys().cloned().collect();
+        names.sort_unstable();
+        names
+    }
+
     fn rows(&self, names: &[Arc<str>], seq: u64) -> Result<RecordBatch, OperatorError> {
         let mut out = RowsBuilder::with_capacity(names.len());
         for key in names {
@@ -442,9 +449,14 @@ impl Operator for TenantsOperator {
     }
 
     fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
-        let mut names: Vec<Arc<str>> = self.tenants.keys().cloned().collect();
-        names.sort_unstable();
-        self.rows(&names, seq).map(Some)
+        self.rows(&self.sorted_names(), seq).map(Some)
+    }
+
+    fn snapshot_chunks<'a>(
+        &'a self,
+        seq: u64,
+    ) -> Box<dyn Iterator<Item = Result<RecordBatch, OperatorError>> + 'a> {
+        super::in_chunks(self.sorted_names(), move |names| self.rows(names, seq))
     }
 }
 
