@@ -175,6 +175,22 @@ fn faults_on_object_storage_leave_every_view_equal_to_a_clean_local_run() {
         "{err}"
     );
     assert_same_views(&s.clean, &views(server, &s3, &data), "s3: after an outage");
+    // The run wrote each window's versions more than once: stopping, it
+    // replaced them with a snapshot and committed again, so the manifest
+    // names one file covering the whole stream.
+    let m = manifest(&s3, &data).unwrap();
+    let usage: Vec<(u64, u64)> = m["files"]["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["first_seq"].as_u64().unwrap(),
+                f["last_seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(usage, [(1, last)], "usage files after the run stopped");
 
     // 3. A replay with no run: switches the location to identical views.
     let data = format!("s3://{BUCKET}/killed");

@@ -154,7 +154,10 @@ fn write_batch(data_dir: &DataDir, out: &BatchOutput) -> Result<(), RuntimeError
 /// stream and a stopping run, right after a checkpoint: readers then take
 /// each view's snapshot as it is (sorted by key, a tenant's rows are a
 /// few pages) and resolve versions over fewer newer rows than it has.
+/// On object storage the checkpoint is committed again when a snapshot
+/// was written, so that the manifest names it (no batch may follow).
 pub fn compact_all(p: &mut Processor, data_dir: &DataDir) -> Result<(), RuntimeError> {
+    let mut snapshots = 0;
     let upto = p.checkpoint.last_seq;
     for (view, schema, how) in p.compactions() {
         if how == Compaction::Merge {
@@ -173,9 +176,13 @@ pub fn compact_all(p: &mut Processor, data_dir: &DataDir) -> Result<(), RuntimeE
                     .view(view)
                     .replace_with_chunks(upto, &schema, chunks)?;
                 debug!(view, replaced, "replaced view versions with a snapshot");
+                snapshots += 1;
             }
         }
         p.snapshot_written(view);
+    }
+    if snapshots > 0 && data_dir.remote().is_some() {
+        data_dir.commit(&p.checkpoint)?;
     }
     Ok(())
 }
