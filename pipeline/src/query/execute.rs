@@ -48,12 +48,35 @@ pub async fn execute_plan(
     plan: LogicalPlan,
     memory_limit: ByteSize,
 ) -> Result<Vec<RecordBatch>, QueryError> {
+    let optimized = optimize(ctx, &plan, memory_limit)?;
+    execute_optimized(ctx, optimized, memory_limit).await
+}
+
+/// Runs DataFusion's optimizer on `plan`, refusing what
+/// [`guard::check_optimized`] refuses.
+pub fn optimize(
+    ctx: &SessionContext,
+    plan: &LogicalPlan,
+    memory_limit: ByteSize,
+) -> Result<LogicalPlan, QueryError> {
+    let optimized = ctx
+        .state()
+        .optimize(plan)
+        .map_err(|e| classify(e, memory_limit.0))?;
+    guard::check_optimized(&optimized)?;
+    Ok(optimized)
+}
+
+/// [`execute_plan`] of a plan [`optimize`] already gave.
+pub async fn execute_optimized(
+    ctx: &SessionContext,
+    optimized: LogicalPlan,
+    memory_limit: ByteSize,
+) -> Result<Vec<RecordBatch>, QueryError> {
     use datafusion::execution::memory_pool::MemoryConsumer;
     use futures::StreamExt;
     let fail = |e| classify(e, memory_limit.0);
     let state = ctx.state();
-    let optimized = state.optimize(&plan).map_err(fail)?;
-    guard::check_optimized(&optimized)?;
     let physical = state
         .query_planner()
         .create_physical_plan(&optimized, &state)

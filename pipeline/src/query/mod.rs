@@ -64,7 +64,8 @@ use crate::store::remote::{Location, Manifest};
 pub use error::QueryError;
 pub(crate) use error::classify;
 pub use execute::{
-    QUERY_STACK_BYTES, execute_plan, isolated, on_query_threads, plan_statement, run,
+    QUERY_STACK_BYTES, execute_optimized, execute_plan, isolated, on_query_threads, optimize,
+    plan_statement, run,
 };
 pub use format::{OutputFormat, write_batches};
 pub use memory::{ByteSize, default_memory_limit};
