@@ -191,10 +191,13 @@ impl Operator for CorrectionsOperator {
         self.batch(dirty.iter(), seq).map(Some)
     }
 
-    fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
+    fn snapshot_chunks<'a>(
+        &'a self,
+        seq: u64,
+    ) -> Box<dyn Iterator<Item = Result<RecordBatch, OperatorError>> + 'a> {
         let mut seqs: Vec<u64> = self.rows.keys().copied().collect();
         seqs.sort_unstable();
-        self.batch(seqs.iter(), seq).map(Some)
+        super::in_chunks(seqs, move |seqs| self.batch(seqs.iter(), seq))
     }
 
     fn state_rows(&self) -> usize {

@@ -475,10 +475,6 @@ impl Operator for DimensionsOperator {
         rows
     }
 
-    fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
-        self.rows(&self.sorted_keys(), seq).map(Some)
-    }
-
     fn snapshot_chunks<'a>(
         &'a self,
         seq: u64,

@@ -206,18 +206,29 @@ pub trait Operator: Send {
     /// Rows to write for the events applied since the last call, stamped
     /// with `seq`, the batch's last stream sequence.
     fn take_rows(&mut self, seq: u64) -> Result<Option<RecordBatch>, OperatorError>;
-    /// The whole current state as rows (versioned views: compaction).
-    fn snapshot(&self, _seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
-        Ok(None)
-    }
-    /// [`Operator::snapshot`] in chunks of about [`SNAPSHOT_CHUNK`] rows, in
-    /// the same order, built as they are taken: a view with millions of
-    /// rows then never holds them all as Arrow arrays at once.
+    /// The whole current state as rows, sorted by key (versioned views:
+    /// compaction), in chunks of about [`SNAPSHOT_CHUNK`] rows built as
+    /// they are taken: a view with millions of rows then never holds them
+    /// all as Arrow arrays at once. None for a view without state.
     fn snapshot_chunks<'a>(
         &'a self,
-        seq: u64,
+        _seq: u64,
     ) -> Box<dyn Iterator<Item = Result<RecordBatch, OperatorError>> + 'a> {
-        Box::new(self.snapshot(seq).transpose().into_iter())
+        Box::new(std::iter::empty())
+    }
+    /// [`Operator::snapshot_chunks`] as one batch (`None` without chunks).
+    #[cfg(test)]
+    fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
+        let chunks = self.snapshot_chunks(seq).collect::<Result<Vec<_>, _>>()?;
+        if chunks.len() < 2 {
+            return Ok(chunks.into_iter().next());
+        }
+        arrow::compute::concat_batches(&self.schema(), &chunks)
+            .map(Some)
+            .map_err(|source| OperatorError::Arrow {
+                view: self.view(),
+                source,
+            })
     }
     /// Rows in the current state (versioned views): compaction waits until
     /// as many versions were written since the last snapshot, so snapshots

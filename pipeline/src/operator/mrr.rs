@@ -517,10 +517,6 @@ impl Operator for MrrOperator {
         self.tenants.values().map(|t| t.rows.len()).sum()
     }
 
-    fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
-        self.rows(&self.sorted_rows(), seq).map(Some)
-    }
-
     fn snapshot_chunks<'a>(
         &'a self,
         seq: u64,

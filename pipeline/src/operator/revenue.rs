@@ -251,10 +251,6 @@ impl Operator for RevenueOperator {
         self.rows.len()
     }
 
-    fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
-        self.rows(&self.sorted_keys(), seq).map(Some)
-    }
-
     fn snapshot_chunks<'a>(
         &'a self,
         seq: u64,

@@ -448,10 +448,6 @@ impl Operator for TenantsOperator {
         self.tenants.len()
     }
 
-    fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
-        self.rows(&self.sorted_names(), seq).map(Some)
-    }
-
     fn snapshot_chunks<'a>(
         &'a self,
         seq: u64,

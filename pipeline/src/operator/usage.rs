@@ -689,14 +689,6 @@ impl Operator for UsageOperator {
         rows
     }
 
-    fn snapshot(&self, seq: u64) -> Result<Option<RecordBatch>, OperatorError> {
-        let windows = self.sorted_windows();
-        if windows.is_empty() {
-            return Ok(None);
-        }
-        self.rows(windows.into_iter(), Some(seq)).map(Some)
-    }
-
     fn snapshot_chunks<'a>(
         &'a self,
         seq: u64,

@@ -11,15 +11,16 @@ use arrow::datatypes::SchemaRef;
 use async_nats::jetstream;
 use tracing::{debug, warn};
 
-use super::processor::{Compaction, Processor, QUIET_FACTOR, ViewRows};
+use super::processor::{Compaction, Processor, QUIET_FACTOR, SnapshotRows, ViewRows};
 use super::{RunOptions, RunSummary, RuntimeError};
 use crate::event::alert::Alert;
 use crate::operator::Restatement;
 use crate::sink::dlq::{DeadLetter, DlqTarget};
 use crate::sink::{alerts, dlq, restated};
 use crate::source::jetstream as js_source;
+use crate::store::DataDir;
 use crate::store::checkpoint::Checkpoint;
-use crate::store::{DataDir, parquet};
+use crate::store::parquet::{self, ViewFilesError};
 
 /// A finished view file to put in place as the batch's file of `view`
 /// (a replay links the live `events` archive's files instead of encoding
@@ -50,7 +51,7 @@ pub struct BatchOutput {
     /// Snapshots of versioned views' states as of the batch, each to
     /// replace its view's files once the batch is durable (see
     /// [`Processor::take_due_snapshots`]).
-    pub snapshots: Vec<ViewRows>,
+    pub snapshots: Vec<SnapshotRows>,
 }
 
 /// Makes one batch durable: DLQ, alerts, restatements, view files, checkpoint. Retries
@@ -125,10 +126,11 @@ fn write_batch(data_dir: &DataDir, out: &BatchOutput) -> Result<(), RuntimeError
     // never holds the batch. Snapshots first: each covers the files a
     // merge would have merged.
     for s in &out.snapshots {
-        match data_dir
-            .view(s.view)
-            .replace_with(out.checkpoint.last_seq, &s.schema, &s.batch)
-        {
+        match data_dir.view(s.view).replace_with_chunks(
+            out.checkpoint.last_seq,
+            &s.schema,
+            s.chunks.iter().cloned().map(Ok::<_, ViewFilesError>),
+        ) {
             Ok(replaced) => debug!(
                 view = s.view,
                 replaced, "replaced view versions with a snapshot"

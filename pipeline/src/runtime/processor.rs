@@ -43,8 +43,16 @@ pub struct ViewRows {
     pub batch: RecordBatch,
     /// The column a versioned view's files are sorted by (the writer sorts
     /// them, off the processor's thread); `None` for an appended view, whose
-    /// rows stay in stream order, and for a snapshot, sorted by key already.
+    /// rows stay in stream order.
     pub sort_by: Option<&'static str>,
+}
+
+/// A versioned view's snapshot, in the chunks it was built in (see
+/// [`Processor::take_due_snapshots`]).
+pub struct SnapshotRows {
+    pub view: &'static str,
+    pub schema: SchemaRef,
+    pub chunks: Vec<RecordBatch>,
 }
 
 /// What a view's version files are sorted by: `tenant`, which most point
@@ -577,6 +585,7 @@ impl Processor {
 
     /// The rows of versioned view `view`'s state, one per key, sorted by
     /// key (`None` for a view without any).
+    #[cfg(test)]
     pub fn snapshot(&self, view: &str) -> Result<Option<RecordBatch>, RuntimeError> {
         let upto = self.checkpoint.last_seq;
         match self.operators.iter().find(|op| op.view() == view) {
@@ -595,15 +604,15 @@ impl Processor {
     /// [`QUIET_FACTOR`] when the stream is drained and when it stops. The
     /// views' counts start again whether or not the writer gets the
     /// snapshot to disk (a failed one waits for the next round).
-    pub fn take_due_snapshots(&mut self, factor: usize) -> Result<Vec<ViewRows>, RuntimeError> {
+    pub fn take_due_snapshots(&mut self, factor: usize) -> Result<Vec<SnapshotRows>, RuntimeError> {
         let mut out = Vec::new();
         for (view, schema) in self.due_snapshots(factor) {
-            if let Some(batch) = self.snapshot(view)? {
-                out.push(ViewRows {
+            let chunks = self.snapshot_chunks(view).collect::<Result<Vec<_>, _>>()?;
+            if !chunks.is_empty() {
+                out.push(SnapshotRows {
                     view,
                     schema,
-                    batch,
-                    sort_by: None,
+                    chunks,
                 });
             }
             self.snapshot_written(view);

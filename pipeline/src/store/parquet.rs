@@ -336,6 +336,7 @@ impl ViewDir {
     /// order), as the file covering `1..=upto`, marked [`UNIQUE_KEYS`], and
     /// deletes the files it covers. A crash in between leaves covered files
     /// that readers ignore and recovery removes.
+    #[cfg(test)]
     pub fn replace_with(
         &self,
         upto: u64,
@@ -540,7 +541,7 @@ pub fn write_parquet(
 
 /// The key-value metadata entry saying that a versioned view's file holds
 /// each key at most once and nothing older than it counts: a snapshot of
-/// the state covering the stream from its start ([`ViewDir::replace_with`]).
+/// the state covering the stream from its start ([`ViewDir::replace_with_chunks`]).
 /// Readers then take its rows as they are and resolve versions only
 /// against the newer files (`query`), instead of over the whole table.
 pub const UNIQUE_KEYS: &str = "tally.unique_keys";
