@@ -11,7 +11,7 @@ use async_nats::jetstream::stream;
 use crate::harness::{
     NatsServer, generated, js, rt, run_expect, sql, tally, until_idle, wait_for_checkpoint,
 };
-use crate::metrics::{all_views, assert_same_views, publish_file, sorted_csv};
+use crate::metrics::{all_views, assert_same_views, publish_file, sorted_csv, views_by};
 
 fn worker(server: &NatsServer, data: &Path, n: u32, k: u32, until_idle: bool) -> Child {
     let mut c = tally(server, data);
@@ -366,4 +366,197 @@ fn tally_serve_answers_a_partitioned_location_and_a_tenant_sees_only_its_own() {
         ),
         format!("{own_events}|1")
     );
+}
+
+/// A stream created with `--stream-partitions 3` stores each message's
+/// partition in its subject, and each worker's consumer filters on it: a
+/// worker receives only its own tenants' and the catalog's messages, and
+/// the union is still the whole run's, kill -9 included. A message the
+/// stream lost is a gap, never passed over as another partition's.
+#[test]
+fn partitions_stored_in_subjects_deliver_each_worker_only_its_own() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = generated(dir.path(), 40, 3, 11);
+
+    // The reference: the same file on a stream of its own that stores
+    // subjects as published.
+    let reference = dir.path().join("reference");
+    let on_reference = |mut c: std::process::Command| {
+        c.env("TALLY_STREAM", "REFERENCE")
+            .env("TALLY_SUBJECT_PREFIX", "reference.events");
+        c
+    };
+    let mut p = on_reference(tally(&server, &reference));
+    p.arg("publish").arg(&file);
+    run_expect(p, 0);
+    let mut r = on_reference(tally(&server, &reference));
+    r.args(["run", "--until-idle"]);
+    run_expect(r, 0);
+
+    let parted = dir.path().join("parted");
+    let mut p = tally(&server, &parted);
+    p.args(["publish", "--stream-partitions", "3"]).arg(&file);
+    run_expect(p, 0);
+    let last: u64 = sql(&server, &reference, "SELECT checkpoint_seq FROM _tally_clock")[0][0]
+        .parse()
+        .unwrap();
+
+    // Stored as `tally.events.<partition>.<tenant>.<type>`.
+    let stored: Vec<String> = rt().block_on(async {
+        let s = js(&server).await.get_stream("TALLY_EVENTS").await.unwrap();
+        let mut subjects = Vec::new();
+        for seq in 1..=last {
+            subjects.push(s.get_raw_message(seq).await.unwrap().subject.to_string());
+        }
+        subjects
+    });
+    for subject in &stored {
+        let t: Vec<&str> = subject.split('.').collect();
+        assert!(t.len() >= 5, "{subject}");
+        let k: u32 = t[2].parse().unwrap();
+        assert!(k < 3, "{subject}");
+    }
+
+    // Three workers; partition 1 is killed -9 twice mid-stream.
+    let workers: Vec<Child> = [0, 2]
+        .iter()
+        .map(|k| worker(&server, &parted, 3, *k, true))
+        .collect();
+    let p1 = parted.join("partition-1");
+    let mut beyond = 0;
+    for _ in 0..2 {
+        let mut child = worker(&server, &parted, 3, 1, false);
+        beyond = wait_for_checkpoint(&p1, beyond + 300, &mut child);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    wait_ok(worker(&server, &parted, 3, 1, true));
+    for w in workers {
+        wait_ok(w);
+    }
+    assert_same_views(
+        &views_but_publish_times(&server, &reference),
+        &views_but_publish_times(&server, &parted),
+        "three filtered partitions against one run",
+    );
+    // Each partition's checkpoint reaches the stream's end, though its
+    // last message may be well before it.
+    assert_eq!(
+        sorted_csv(
+            &server,
+            &parted,
+            "SELECT partition, checkpoint_seq FROM _tally_partitions"
+        ),
+        format!("partition,checkpoint_seq\n0,{last}\n1,{last}\n2,{last}\n")
+    );
+    // Each worker's consumer filtered on its partition and received only
+    // its own and the catalog's messages.
+    let own = |k: u32| {
+        stored
+            .iter()
+            .filter(|s| s.starts_with(&format!("tally.events.{k}.")) || s.contains("._system."))
+            .count() as u64
+    };
+    rt().block_on(async {
+        use futures::StreamExt;
+        let s = js(&server).await.get_stream("TALLY_EVENTS").await.unwrap();
+        let consumers: Vec<_> = s.consumers().map(|c| c.unwrap()).collect().await;
+        for k in [0u32, 2] {
+            let filter = format!("tally.events.{k}.>");
+            let info = consumers
+                .iter()
+                .find(|c| c.config.filter_subjects.contains(&filter))
+                .unwrap_or_else(|| panic!("no consumer filters on {filter}"));
+            assert_eq!(info.delivered.consumer_sequence, own(k), "partition {k}");
+            assert!(own(k) < last, "partition {k} holds every message");
+        }
+    });
+
+    // A replay of every partition, through filtered consumers too, leaves
+    // the union as it was.
+    let mut replay = tally(&server, &parted);
+    replay.args(["replay", "--partitions", "3", "--partition", "0..2"]);
+    run_expect(replay, 0);
+    assert_same_views(
+        &views_but_publish_times(&server, &reference),
+        &views_but_publish_times(&server, &parted),
+        "after replaying every filtered partition",
+    );
+
+    // Workers whose N is not the stream's read every message, as before.
+    let two = dir.path().join("two");
+    let mut c = tally(&server, &two);
+    c.args([
+        "run",
+        "--partitions",
+        "2",
+        "--partition",
+        "0..1",
+        "--until-idle",
+    ]);
+    run_expect(c, 0);
+    assert_same_views(
+        &views_but_publish_times(&server, &reference),
+        &views_but_publish_times(&server, &two),
+        "two unfiltered partitions of a stream storing three",
+    );
+
+    // A message of partition 1 deleted from the stream: partition 1's
+    // worker refuses the gap, or records it with --accept-gap.
+    let gone = (last / 2..=last)
+        .find(|seq| {
+            let s = &stored[*seq as usize - 1];
+            s.starts_with("tally.events.1.") && !s.contains("._system.")
+        })
+        .unwrap();
+    rt().block_on(async {
+        let s = js(&server).await.get_stream("TALLY_EVENTS").await.unwrap();
+        assert!(s.delete_message(gone).await.unwrap());
+    });
+    let fresh = dir.path().join("fresh");
+    let mut c = tally(&server, &fresh);
+    c.args(["run", "--partitions", "3", "--partition", "1", "--until-idle"]);
+    let out = run_expect(c, 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&gone.to_string()) && err.contains("--accept-gap"),
+        "{err}"
+    );
+    let mut c = tally(&server, &fresh);
+    c.args([
+        "run",
+        "--partitions",
+        "3",
+        "--partition",
+        "1",
+        "--until-idle",
+        "--accept-gap",
+    ]);
+    run_expect(c, 0);
+    assert_eq!(
+        sql(
+            &server,
+            &fresh.join("partition-1"),
+            "SELECT first_seq, last_seq FROM _tally_gaps"
+        ),
+        vec![vec![gone.to_string(), gone.to_string()]]
+    );
+}
+
+/// Every view as [`all_views`] has it, but for the time each message was
+/// published, which differs between two streams given the same file.
+fn views_but_publish_times(server: &NatsServer, data: &Path) -> Vec<(String, String)> {
+    views_by(|query| {
+        let view = query.trim_start_matches("SELECT * FROM ");
+        if ["events", "corrections", "restatements"].contains(&view) {
+            sorted_csv(
+                server,
+                data,
+                &format!("SELECT * EXCLUDE (published_at) FROM {view}"),
+            )
+        } else {
+            sorted_csv(server, data, query)
+        }
+    })
 }

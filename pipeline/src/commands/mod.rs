@@ -98,6 +98,9 @@ pub struct Globals {
     /// JetStream's duplicate window on the event stream Tally creates: `off` when producers are untrusted (one could send another's Nats-Msg-Id first and have the real message dropped; Tally still counts every event once). See docs/events.md, "Untrusted producers".
     #[arg(long, global = true, env = "TALLY_STREAM_DEDUP", default_value = "on", value_parser = ["on", "off"])]
     pub(crate) stream_dedup: String,
+    /// When Tally creates the event stream: store each message's partition out of N in its subject (a subject transform, `<prefix>.<partition>.<tenant>.<type>`), so each worker of a deployment of N partitions receives only its own messages. Default: the `--partitions` of the `tally run` that creates it, else none. See docs/scaling.md, "Partitions".
+    #[arg(long, global = true, env = "TALLY_STREAM_PARTITIONS", value_parser = clap::builder::RangedU64ValueParser::<u32>::new().range(1..=u64::from(crate::event::partition::MAX_PARTITIONS)))]
+    pub(crate) stream_partitions: Option<u32>,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, global = true, env = "TALLY_LOG", default_value = "text", value_parser = ["text", "json"])]
     pub log: String,
@@ -128,6 +131,7 @@ impl Globals {
             max_bytes: self.stream_max_bytes,
             replicas: self.replicas,
             dedup: self.stream_dedup == "on",
+            stream_partitions: self.stream_partitions,
         }
     }
 }

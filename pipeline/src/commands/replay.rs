@@ -310,7 +310,8 @@ async fn replay_local(
     let js = jetstream::new(client);
     let mut stream = js_source::ensure_event_stream(&js, &opts.run.source)
         .await
-        .map_err(RuntimeError::from)?;
+        .map_err(RuntimeError::from)?
+        .stream;
     let (created, last) = js_source::stream_identity(&mut stream, &opts.run.source.stream)
         .await
         .map_err(RuntimeError::from)?;

@@ -97,6 +97,12 @@ pub(crate) async fn command(g: &Globals, a: &RunArgs) -> Result<(), CommandError
             let consumer = consumer
                 .clone()
                 .unwrap_or_else(|| crate::store::DataDir::new(&data).consumer_name());
+            let mut source = g.source_config(Some(&consumer), Some(dlq_stream));
+            // The first worker of a deployment creates a stream that
+            // delivers each worker only its own messages.
+            source.stream_partitions = source
+                .stream_partitions
+                .or(partition.map(|p| p.count).filter(|n| *n > 1));
             RunOptions {
                 partition,
                 metrics: metrics.clone(),
@@ -105,11 +111,7 @@ pub(crate) async fn command(g: &Globals, a: &RunArgs) -> Result<(), CommandError
                 accept_gap: *accept_gap,
                 batch_size: *batch_size,
                 batch_wait: Duration::from_millis(*batch_wait_ms),
-                ..RunOptions::live(
-                    data,
-                    g.source_config(Some(&consumer), Some(dlq_stream)),
-                    config.clone(),
-                )
+                ..RunOptions::live(data, source, config.clone())
             }
         })
         .collect();

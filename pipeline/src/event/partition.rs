@@ -10,6 +10,8 @@
 //! which dead-letters it. Everything here looks at the subject alone, so
 //! a worker passes over other partitions' messages without reading them.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 /// The tenant whose messages (the catalog) every partition folds.
@@ -76,6 +78,85 @@ impl Partition {
     }
 }
 
+/// The subject transform a stream stores partition numbers with:
+/// `<prefix>.<tenant>.<type>` is stored as
+/// `<prefix>.<partition>.<tenant>.<type>`, the partition out of `count`
+/// that NATS computes as [`partition_of`] does. Returns (source,
+/// destination).
+pub(crate) fn transform(prefix: &str, count: u32) -> (String, String) {
+    (
+        format!("{prefix}.*.>"),
+        format!("{prefix}.{{{{partition({count},1)}}}}.{{{{wildcard(1)}}}}.>"),
+    )
+}
+
+/// How many partitions a stream's subject transform stores in its
+/// subjects: `Some(n)` for [`transform`]`(prefix, n)` (spaces and the
+/// function names' case aside), `None` for any other.
+pub(crate) fn stored_count(prefix: &str, source: &str, destination: &str) -> Option<u32> {
+    if source != format!("{prefix}.*.>") {
+        return None;
+    }
+    let dest: String = destination
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let inner = dest
+        .strip_prefix(&format!("{}.{{{{partition(", prefix.to_ascii_lowercase()))?
+        .strip_suffix(",1)}}.{{wildcard(1)}}.>")?;
+    let count: u32 = inner.parse().ok()?;
+    (1..=MAX_PARTITIONS).contains(&count).then_some(count)
+}
+
+/// The subject a message was published to, from the one a stream with
+/// [`transform`] stored it under: the partition token removed. A stored
+/// subject with fewer than three tokens after the prefix was not
+/// transformed (the transform needs a tenant and a type) and is returned
+/// as it is.
+pub(crate) fn published_subject<'a>(stored: &'a str, prefix: &str) -> Cow<'a, str> {
+    let Some(rest) = stored
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('.'))
+    else {
+        return Cow::Borrowed(stored);
+    };
+    match rest.split_once('.') {
+        Some((_, published)) if published.contains('.') => {
+            Cow::Owned(format!("{prefix}.{published}"))
+        }
+        _ => Cow::Borrowed(stored),
+    }
+}
+
+impl Partition {
+    /// The subjects of this partition's messages on a stream that stores
+    /// partition numbers ([`transform`]): its own, the catalog's (stored
+    /// under the catalog tenant's partition), and for partition 0 the
+    /// subjects the transform left alone (no type token), which partition
+    /// 0 dead-letters. None of them overlap, as JetStream requires.
+    pub(crate) fn filter_subjects(&self, prefix: &str) -> Vec<String> {
+        let mut subjects = vec![format!("{prefix}.{}.>", self.index)];
+        let system = partition_of(SYSTEM_TENANT, self.count);
+        if system != self.index {
+            subjects.push(format!("{prefix}.{system}.{SYSTEM_TENANT}.>"));
+        }
+        if self.index == 0 {
+            subjects.push(format!("{prefix}.*"));
+        }
+        subjects
+    }
+
+    /// Whose is a message the server delivered through
+    /// [`Partition::filter_subjects`]: the catalog's, or this partition's.
+    pub(crate) fn owner_of_delivered(subject: &str, prefix: &str) -> Owner {
+        match subject_tenant(subject, prefix) {
+            Some(SYSTEM_TENANT) => Owner::Shared,
+            _ => Owner::Own,
+        }
+    }
+}
+
 impl std::fmt::Display for Partition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} of {}", self.index, self.count)
@@ -92,6 +173,96 @@ mod tests {
         assert_eq!(fnv1a32(b""), 0x811c_9dc5);
         assert_eq!(fnv1a32(b"a"), 0xe40c_292c);
         assert_eq!(fnv1a32(b"foobar"), 0xbf9c_f968);
+    }
+
+    #[test]
+    fn the_partition_transform_is_read_back_and_undone() {
+        let (src, dest) = transform("tally.events", 3);
+        assert_eq!(src, "tally.events.*.>");
+        assert_eq!(
+            dest,
+            "tally.events.{{partition(3,1)}}.{{wildcard(1)}}.>"
+        );
+        assert_eq!(stored_count("tally.events", &src, &dest), Some(3));
+        assert_eq!(
+            stored_count(
+                "tally.events",
+                &src,
+                "tally.events.{{ Partition(3, 1) }}.{{ wildcard(1) }}.>"
+            ),
+            Some(3)
+        );
+        for (s, d) in [
+            ("tally.events.>", dest.as_str()),
+            (src.as_str(), "tally.events.{{partition(3,2)}}.{{wildcard(1)}}.>"),
+            (src.as_str(), "tally.events.{{partition(0,1)}}.{{wildcard(1)}}.>"),
+            (src.as_str(), "other.{{wildcard(1)}}.>"),
+        ] {
+            assert_eq!(stored_count("tally.events", s, d), None, "{s} -> {d}");
+        }
+        let p = "tally.events";
+        assert_eq!(
+            published_subject("tally.events.2.acme.usage.recorded", p),
+            "tally.events.acme.usage.recorded"
+        );
+        assert_eq!(published_subject("tally.events.0.5.x", p), "tally.events.5.x");
+        // Not transformed: no type token.
+        assert_eq!(published_subject("tally.events.acme", p), "tally.events.acme");
+        assert_eq!(published_subject("other.1.a.b", p), "other.1.a.b");
+    }
+
+    #[test]
+    fn partition_filters_cover_each_stored_subject_once() {
+        let prefix = "tally.events";
+        let n = 4;
+        let parts: Vec<Partition> = (0..n).map(|index| Partition { index, count: n }).collect();
+        // A subject filter as JetStream matches it.
+        let matches = |filter: &str, subject: &str| {
+            let (f, s): (Vec<&str>, Vec<&str>) =
+                (filter.split('.').collect(), subject.split('.').collect());
+            for (i, t) in f.iter().enumerate() {
+                match *t {
+                    ">" => return s.len() > i,
+                    "*" if i < s.len() => {}
+                    t if s.get(i) == Some(&t) => {}
+                    _ => return false,
+                }
+            }
+            f.len() == s.len()
+        };
+        let receivers = |stored: &str| -> Vec<u32> {
+            parts
+                .iter()
+                .filter(|p| p.filter_subjects(prefix).iter().any(|f| matches(f, stored)))
+                .map(|p| p.index)
+                .collect()
+        };
+        for tenant in ["acme", "globex", "t0001", "t0002", "initech", "x"] {
+            let k = partition_of(tenant, n);
+            let stored = format!("{prefix}.{k}.{tenant}.usage.recorded");
+            assert_eq!(receivers(&stored), vec![k], "{tenant}");
+            assert_eq!(
+                Partition::owner_of_delivered(&published_subject(&stored, prefix), prefix),
+                Owner::Own
+            );
+        }
+        let system = partition_of(SYSTEM_TENANT, n);
+        let catalog = format!("{prefix}.{system}.{SYSTEM_TENANT}.catalog.plan_published");
+        assert_eq!(receivers(&catalog), vec![0, 1, 2, 3]);
+        assert_eq!(
+            Partition::owner_of_delivered(&published_subject(&catalog, prefix), prefix),
+            Owner::Shared
+        );
+        // Left alone by the transform: partition 0 dead-letters it.
+        assert_eq!(receivers("tally.events.acme"), vec![0]);
+        for p in &parts {
+            let f = p.filter_subjects(prefix);
+            for (i, a) in f.iter().enumerate() {
+                for b in &f[i + 1..] {
+                    assert_ne!(a, b);
+                }
+            }
+        }
     }
 
     #[test]

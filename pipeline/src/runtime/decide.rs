@@ -5,6 +5,8 @@
 //! [`super::session`] does the I/O and acts on the answers; the answers
 //! are tested here without a broker.
 
+use crate::source::jetstream::Held;
+
 /// Where a delivered message falls, the checkpoint's next sequence being
 /// `next`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +133,35 @@ pub(super) fn after_bounds(bounds: Option<(u64, u64)>, next: u64, stop_at: Optio
     }
 }
 
+/// The first run of sequences within `from..=to` that the stream no
+/// longer holds (below its first sequence, or deleted), if any. A consumer
+/// that filters by subject passes over other subjects' sequences as a
+/// matter of course; only these are a gap.
+pub(super) fn first_gone(held: &Held, from: u64, to: u64) -> Option<(u64, u64)> {
+    if from > to {
+        return None;
+    }
+    let is_deleted = |seq: u64| held.deleted.binary_search(&seq).is_ok();
+    let start = if from < held.first {
+        from
+    } else {
+        let i = held.deleted.partition_point(|d| *d < from);
+        held.deleted.get(i).copied().filter(|d| *d <= to)?
+    };
+    let mut last = start;
+    while last < to {
+        let next = last + 1;
+        if next < held.first {
+            last = (held.first - 1).min(to);
+        } else if is_deleted(next) {
+            last = next;
+        } else {
+            break;
+        }
+    }
+    Some((start, last))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +206,29 @@ mod tests {
                 last: 12
             }
         );
+    }
+
+    #[test]
+    fn only_sequences_the_stream_forgot_are_gone() {
+        let held = Held {
+            first: 10,
+            last: 40,
+            deleted: vec![15, 16, 20, 30],
+        };
+        assert_eq!(first_gone(&held, 3, 12), Some((3, 9)));
+        assert_eq!(first_gone(&held, 3, 7), Some((3, 7)));
+        assert_eq!(first_gone(&held, 10, 14), None);
+        assert_eq!(first_gone(&held, 11, 40), Some((15, 16)));
+        assert_eq!(first_gone(&held, 17, 25), Some((20, 20)));
+        assert_eq!(first_gone(&held, 21, 29), None);
+        assert_eq!(first_gone(&held, 30, 30), Some((30, 30)));
+        assert_eq!(first_gone(&held, 12, 11), None);
+        let clean = Held {
+            first: 1,
+            last: 5,
+            deleted: Vec::new(),
+        };
+        assert_eq!(first_gone(&clean, 1, 5), None);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use super::RuntimeError;
 use crate::config::Settings;
 use crate::event::Payload;
 use crate::event::alert::Alert;
-use crate::event::partition::Owner;
+use crate::event::partition::{Owner, Partition};
 use crate::event::{Event, Limits, validate_message};
 use crate::operator::restatements::{self, Restatement};
 use crate::operator::subscription::SubEvent;
@@ -104,6 +104,9 @@ pub struct Processor {
     versions_written: HashMap<&'static str, usize>,
     /// In-memory state of the checkpoint (counts, positions); saved by the shell.
     pub checkpoint: Checkpoint,
+    /// The consumer delivers only this partition's subjects: no message
+    /// is another partition's (see [`Processor::set_server_filtered`]).
+    server_filtered: bool,
 }
 
 impl Processor {
@@ -124,6 +127,7 @@ impl Processor {
             restored: 0,
             versions_written: HashMap::new(),
             checkpoint,
+            server_filtered: false,
         }
     }
 
@@ -137,10 +141,16 @@ impl Processor {
     pub fn process_batch(&mut self, msgs: &[Incoming<'_>]) -> Vec<DeadLetter> {
         let (prefix, limits) = (self.prefix.as_str(), &self.limits);
         let partition = self.checkpoint.partition;
+        let filtered = self.server_filtered;
         // The dedup key is hashed here too, on both halves. Another
         // partition's message is passed over from its subject alone.
         let validate = |m: &Incoming<'_>| {
-            let owner = partition.map_or(Owner::Own, |p| p.owner(m.subject, prefix));
+            let owner = match partition {
+                None => Owner::Own,
+                // The server delivered this partition's subjects only.
+                Some(_) if filtered => Partition::owner_of_delivered(m.subject, prefix),
+                Some(p) => p.owner(m.subject, prefix),
+            };
             if owner == Owner::Other {
                 return None;
             }
@@ -214,6 +224,21 @@ impl Processor {
         }
         self.fold(&accepted, None);
         letters
+    }
+
+    /// Moves the checkpoint to `through`: the sequences after the last
+    /// message processed were other partitions' messages, which a consumer
+    /// that filters by subject passed over.
+    pub fn pass_over(&mut self, through: u64) {
+        let cp = &mut self.checkpoint;
+        cp.last_seq = cp.last_seq.max(through);
+    }
+
+    /// Whether the server delivers only this partition's messages (its
+    /// consumer filters by the partition stored in the subject), so every
+    /// message delivered is this partition's or the catalog's.
+    pub fn set_server_filtered(&mut self, filtered: bool) {
+        self.server_filtered = filtered;
     }
 
     /// Folds events that an `events` archive holds for sequences the

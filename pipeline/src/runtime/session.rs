@@ -24,7 +24,7 @@ use super::processor::{BUSY_FACTOR, Incoming, Processor};
 use super::restore::open_state;
 use super::{ArchiveSource, RunOptions, RunSummary, RuntimeError};
 use crate::config::Settings;
-use crate::event::Event;
+use crate::event::{Event, partition};
 use crate::operator::events;
 use crate::sink::dlq::DlqTarget;
 use crate::sink::{alerts, dlq, restated};
@@ -112,6 +112,13 @@ struct Session<'o> {
     reported_msgs: u64,
     /// When deliveries passed over messages the stream still holds.
     lost: Vec<Instant>,
+    /// The stream stores subjects with this many partitions' numbers in
+    /// them (see [`crate::event::partition::transform`]).
+    stored_partitions: Option<u32>,
+    /// The consumer's subject filters when the server delivers only this
+    /// partition's messages: a stream that stores this deployment's
+    /// partition numbers.
+    filter: Option<Vec<String>>,
 }
 
 impl<'o> Session<'o> {
@@ -121,7 +128,23 @@ impl<'o> Session<'o> {
         let settings = Settings::load(data_dir.settings_path(opts.config.as_deref()).as_deref())?;
         let client = js_source::connect(&opts.source.nats_url).await?;
         let js = jetstream::new(client.clone());
-        let mut stream = js_source::ensure_event_stream(&js, &opts.source).await?;
+        let js_source::EventStream {
+            mut stream,
+            stored_partitions,
+        } = js_source::ensure_event_stream(&js, &opts.source).await?;
+        let filter = opts
+            .partition
+            .filter(|p| p.count > 1 && stored_partitions == Some(p.count))
+            .map(|p| p.filter_subjects(&opts.source.subject_prefix));
+        if let Some(p) = opts.partition.filter(|p| p.count > 1 && filter.is_none()) {
+            info!(
+                partition = %p,
+                stream = %opts.source.stream,
+                stored_partitions = stored_partitions.unwrap_or(1),
+                "this worker reads every message of the stream and passes over other partitions' (a stream created with --stream-partitions {} delivers each worker only its own)",
+                p.count
+            );
+        }
         let dlq_max = js_source::ensure_output_stream(
             &js,
             &opts.source.dlq_stream,
@@ -154,6 +177,7 @@ impl<'o> Session<'o> {
             opts.partition,
         )?;
         p.set_live(opts.mode.publishes());
+        p.set_server_filtered(filter.is_some());
         // A partition keeps about its share of the backlog.
         let share = u64::from(opts.partition.map_or(1, |p| p.count.max(1)));
         p.reserve_dedup(stream_last.saturating_sub(p.checkpoint.last_seq) / share);
@@ -198,6 +222,8 @@ impl<'o> Session<'o> {
             last_report: Instant::now(),
             reported_msgs: 0,
             lost: Vec::new(),
+            stored_partitions,
+            filter,
         })
     }
 
@@ -270,6 +296,7 @@ impl<'o> Session<'o> {
             self.p.checkpoint.last_seq + 1,
             max_ack_pending,
             opts.mode.acks(),
+            self.filter.clone().unwrap_or_default(),
         )
         .await?;
         let messages = js_source::Pull::start(
@@ -349,6 +376,22 @@ impl<'o> Session<'o> {
                     // messages for us (pending, or delivered and never
                     // received) that did not arrive. A stall is healed by
                     // recreating the consumer from the checkpoint.
+                    // A filtered consumer's drained tail is read against
+                    // what the stream held before the consumer said it
+                    // had nothing more: a message stored after that look
+                    // is delivered, not passed over.
+                    let held_before = match &self.filter {
+                        Some(_) => {
+                            match js_source::held(&self.stream, &opts.source.stream).await {
+                                Ok(h) => Some(h),
+                                Err(e) => {
+                                    warn!(error = %e, "cannot read the stream's state; reconnecting");
+                                    return Ok(Next::Resume);
+                                }
+                            }
+                        }
+                        None => None,
+                    };
                     let mut c = consumer.clone();
                     let info = c.info().await;
                     if let Err(e) = &info {
@@ -378,11 +421,31 @@ impl<'o> Session<'o> {
                             // next: all of it (the session start looks at
                             // that), or its tail.
                             let next = self.p.checkpoint.last_seq + 1;
-                            let bounds =
-                                js_source::bounds(&mut self.stream, &opts.source.stream).await;
-                            match decide::after_bounds(bounds.ok(), next, opts.stop_at) {
-                                decide::Tail::Forgotten => return Ok(Next::Resume),
-                                decide::Tail::Check { from, to } => {
+                            let bounds = match &held_before {
+                                Some(h) => Ok((h.first, h.last)),
+                                None => {
+                                    js_source::bounds(&mut self.stream, &opts.source.stream).await
+                                }
+                            };
+                            let tail = decide::after_bounds(bounds.ok(), next, opts.stop_at);
+                            match (tail, &held_before) {
+                                (decide::Tail::Forgotten, _) => return Ok(Next::Resume),
+                                // Filtered: what the consumer did not deliver
+                                // up to the tail is other partitions', but
+                                // for what the stream forgot.
+                                (decide::Tail::Check { from, to }, Some(held)) => {
+                                    if let Some((first, last)) = decide::first_gone(held, from, to) {
+                                        self.gap(first, last, stop).await?;
+                                        return Ok(Next::Resume);
+                                    }
+                                    self.p.pass_over(to);
+                                    self.commit_position(from, stop).await?;
+                                    if let Err(e) = commit::compact_all(&mut self.p, &self.data_dir)
+                                    {
+                                        warn!(error = %e, "cannot compact the views yet; retrying when the stream is next drained");
+                                    }
+                                }
+                                (decide::Tail::Check { from, to }, None) => {
                                     if let Some(gone) = js_source::gone_until(
                                         &self.stream,
                                         &opts.source.stream,
@@ -395,7 +458,7 @@ impl<'o> Session<'o> {
                                         return Ok(Next::Resume);
                                     }
                                 }
-                                decide::Tail::Drained => {
+                                (decide::Tail::Drained, _) => {
                                     // Spare time: the views' snapshots due.
                                     // Housekeeping: a failure waits for the
                                     // next round.
@@ -436,14 +499,20 @@ impl<'o> Session<'o> {
             let (batch, stream_failed) = gather(first_msg, &mut messages, opts).await;
             let before = self.p.checkpoint.last_seq;
             let report_now = self.last_report.elapsed() >= REPORT_EVERY;
-            let (hole, out) = self.process(batch, &mut deliveries, report_now)?;
+            // A filtered consumer passes over other partitions' sequences:
+            // what the stream holds tells them from a gap.
+            let held = match &self.filter {
+                Some(_) => Some(js_source::held(&self.stream, &opts.source.stream).await?),
+                None => None,
+            };
+            let (hole, out) = self.process(batch, held.as_ref(), &mut deliveries, report_now)?;
             if let Some((out, ack)) = out {
                 // One batch in flight: the previous one must be durable (and
                 // is acked) before this one is written.
                 let waited = Instant::now();
                 self.settle().await?;
                 self.summary.waiting_durable += waited.elapsed();
-                self.dispatch(out, Some(ack), stop);
+                self.dispatch(out, ack, stop);
                 if report_now {
                     self.report();
                 }
@@ -476,12 +545,18 @@ impl<'o> Session<'o> {
     /// that acknowledges it, if any. The usable part ends before a message
     /// that does not continue the stream (reported as the [`Hole`]) or past
     /// the run's target.
+    ///
+    /// `held` (a consumer that filters by subject): what the stream holds;
+    /// a skipped sequence it still holds is another partition's, passed
+    /// over, and the batch may end on such a run up to the target or the
+    /// split (then with nothing to acknowledge).
     fn process(
         &mut self,
         batch: Vec<async_nats::Message>,
+        held: Option<&js_source::Held>,
         deliveries: &mut js_source::Deliveries,
         compact: bool,
-    ) -> Result<(Hole, Option<(BatchOutput, async_nats::Message)>), RuntimeError> {
+    ) -> Result<(Hole, Option<(BatchOutput, Option<async_nats::Message>)>), RuntimeError> {
         let opts = self.opts;
         let cpu = Instant::now();
         let first_seq_before = self.p.checkpoint.last_seq;
@@ -492,8 +567,19 @@ impl<'o> Session<'o> {
             split_at: opts.split_at,
             batch_start: first_seq_before,
         };
+        // The subjects as published, when the stream stores partition
+        // numbers in them.
+        let prefix = opts.source.subject_prefix.as_str();
+        let published: Vec<std::borrow::Cow<'_, str>> = match self.stored_partitions {
+            Some(_) => batch
+                .iter()
+                .map(|m| partition::published_subject(m.subject.as_str(), prefix))
+                .collect(),
+            None => Vec::new(),
+        };
         let mut incoming = Vec::with_capacity(batch.len());
         let mut last_idx = None;
+        let mut passed_to = None;
         for (idx, m) in batch.iter().enumerate() {
             let Some(d) = js_source::delivery_info(m) else {
                 warn!(subject = %m.subject, "message without JetStream metadata skipped");
@@ -513,17 +599,32 @@ impl<'o> Session<'o> {
             match decide::place(d.stream_seq, next, &bounds) {
                 decide::Place::Redelivered => continue,
                 decide::Place::Next => {}
-                decide::Place::Hole { first, last } => {
-                    hole = Hole::Skipped { first, last };
-                    break;
-                }
+                decide::Place::Hole { first, last } => match held {
+                    None => {
+                        hole = Hole::Skipped { first, last };
+                        break;
+                    }
+                    Some(held) => match decide::first_gone(held, first, last) {
+                        Some((first, last)) => {
+                            hole = Hole::Skipped { first, last };
+                            break;
+                        }
+                        // Other partitions' messages up to the target or
+                        // the split, which this one lies beyond.
+                        None if last + 1 < d.stream_seq => {
+                            passed_to = Some(last);
+                            break;
+                        }
+                        None => {}
+                    },
+                },
                 decide::Place::Beyond => break,
             }
-            next += 1;
+            next = d.stream_seq + 1;
             incoming.push(Incoming {
                 stream_seq: d.stream_seq,
                 published_at: d.published_at,
-                subject: m.subject.as_str(),
+                subject: published.get(idx).map_or(m.subject.as_str(), |s| s.as_ref()),
                 payload: &m.payload,
             });
             last_idx = Some(idx);
@@ -536,9 +637,14 @@ impl<'o> Session<'o> {
             letters.clear();
         }
         drop(incoming);
-        let Some(last_msg) = last_idx.and_then(|i| batch.get(i).cloned()) else {
+        drop(published);
+        if let Some(through) = passed_to {
+            self.p.pass_over(through);
+        }
+        let last_msg = last_idx.and_then(|i| batch.get(i).cloned());
+        if last_msg.is_none() && passed_to.is_none() {
             return Ok((hole, None));
-        };
+        }
         // Freeing a batch's messages is a noticeable share of this thread's work: the
         // blocking pool does it while the next batch is processed.
         tokio::task::spawn_blocking(move || drop(batch));
@@ -696,6 +802,16 @@ impl<'o> Session<'o> {
             "the stream no longer holds these messages; going on without them (--accept-gap) and recording the gap"
         );
         self.p.checkpoint.skip_gap(first, last);
+        self.commit_position(first, stop).await
+    }
+
+    /// Makes the checkpoint durable where it now is, from `first`, with no
+    /// rows: after a gap was recorded, or sequences passed over.
+    async fn commit_position(
+        &mut self,
+        first: u64,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), RuntimeError> {
         self.note_split();
         let out = BatchOutput {
             first,

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 
+use crate::event::partition;
+
 /// Runtime knobs of the connection (CLI flags), not results.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
@@ -33,6 +35,11 @@ pub struct SourceConfig {
     /// producer could send another's future id first and have the real
     /// message dropped. Tally counts every event once either way.
     pub dedup: bool,
+    /// When Tally creates the event stream: store each message's partition
+    /// out of this many in its subject (a subject transform), so each
+    /// worker of a deployment of as many partitions receives only its own
+    /// messages. `None`: subjects stored as published.
+    pub stream_partitions: Option<u32>,
 }
 
 /// `--replicas` default: one copy, as a single server has.
@@ -61,6 +68,7 @@ impl Default for SourceConfig {
             max_bytes: None,
             replicas: DEFAULT_REPLICAS,
             dedup: true,
+            stream_partitions: None,
         }
     }
 }
@@ -116,6 +124,17 @@ pub enum SourceError {
         stream: String,
         found: Vec<String>,
         wanted: String,
+    },
+    /// Fatal: the stream rewrites subjects in a way Tally cannot undo.
+    #[error(
+        "stream {stream} transforms subjects {source_subjects} into {destination}, which Tally cannot read: remove the transform, or use the one Tally creates with --stream-partitions N ({wanted_source} into {wanted_destination})"
+    )]
+    Transform {
+        stream: String,
+        source_subjects: String,
+        destination: String,
+        wanted_source: String,
+        wanted_destination: String,
     },
     /// Fatal: the broker did not answer a stream's state.
     #[error("cannot read the state of stream {stream}: {cause}")]
@@ -288,12 +307,21 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, SourceError> {
         })
 }
 
+/// The event stream as Tally reads it.
+pub struct EventStream {
+    pub stream: stream::Stream,
+    /// How many partitions its subjects carry (see
+    /// [`crate::event::partition::transform`]); `None`: stored as published.
+    pub stored_partitions: Option<u32>,
+}
+
 /// Creates the event stream if missing; accepts an existing one whose
-/// subjects cover `<prefix>.>`.
+/// subjects cover `<prefix>.>` and that stores subjects as published or
+/// with Tally's partition transform.
 pub async fn ensure_event_stream(
     js: &jetstream::Context,
     cfg: &SourceConfig,
-) -> Result<stream::Stream, SourceError> {
+) -> Result<EventStream, SourceError> {
     let wanted = format!("{}.>", cfg.subject_prefix);
     let mut config = stream::Config {
         name: cfg.stream.clone(),
@@ -302,6 +330,13 @@ pub async fn ensure_event_stream(
         max_age: cfg.max_age.unwrap_or_default(),
         max_bytes: cfg.max_bytes.unwrap_or(-1),
         num_replicas: cfg.replicas,
+        subject_transform: cfg.stream_partitions.filter(|n| *n > 1).map(|n| {
+            let (source, destination) = partition::transform(&cfg.subject_prefix, n);
+            stream::SubjectTransform {
+                source,
+                destination,
+            }
+        }),
         ..Default::default()
     };
     if !cfg.dedup {
@@ -350,7 +385,28 @@ pub async fn ensure_event_stream(
             wanted,
         });
     }
-    Ok(s)
+    let stored_partitions = match &info.config.subject_transform {
+        None => None,
+        Some(t) => Some(
+            partition::stored_count(&cfg.subject_prefix, &t.source, &t.destination).ok_or_else(
+                || {
+                    let (wanted_source, wanted_destination) =
+                        partition::transform(&cfg.subject_prefix, 2);
+                    SourceError::Transform {
+                        stream: cfg.stream.clone(),
+                        source_subjects: t.source.clone(),
+                        destination: t.destination.clone(),
+                        wanted_source,
+                        wanted_destination: wanted_destination.replace("(2,", "(N,"),
+                    }
+                },
+            )?,
+        ),
+    };
+    Ok(EventStream {
+        stream: s,
+        stored_partitions,
+    })
 }
 
 /// Creates a stream for Tally's own output (`TALLY_DLQ`, `TALLY_ALERTS`) if
@@ -405,6 +461,46 @@ pub async fn bounds(s: &mut stream::Stream, name: &str) -> Result<(u64, u64), So
         cause: e.into(),
     })?;
     Ok((info.state.first_sequence, info.state.last_sequence))
+}
+
+/// What a stream still holds: every sequence from `first` to `last` but
+/// the `deleted` ones (sorted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    pub first: u64,
+    pub last: u64,
+    pub deleted: Vec<u64>,
+}
+
+/// What the stream holds now. The deleted sequences are asked for only
+/// when there are any (they are rare: a message deleted by hand).
+pub async fn held(s: &stream::Stream, name: &str) -> Result<Held, SourceError> {
+    let fail = |e: BoxError| SourceError::Info {
+        stream: name.to_owned(),
+        cause: e,
+    };
+    let mut info = s
+        .info_builder()
+        .fetch()
+        .await
+        .map_err(|e| fail(e.into()))?
+        .info;
+    if info.state.deleted_count.unwrap_or(0) > 0 {
+        info = s
+            .info_builder()
+            .with_deleted(true)
+            .fetch()
+            .await
+            .map_err(|e| fail(e.into()))?
+            .info;
+    }
+    let mut deleted = info.state.deleted.unwrap_or_default();
+    deleted.sort_unstable();
+    Ok(Held {
+        first: info.state.first_sequence,
+        last: info.state.last_sequence,
+        deleted,
+    })
 }
 
 /// Of the sequences `from..=to`, which a consumer passed over: the last
@@ -469,6 +565,7 @@ pub async fn consumer_from(
     start_seq: u64,
     max_ack_pending: i64,
     acked: bool,
+    filter_subjects: Vec<String>,
 ) -> Result<consumer::PullConsumer, SourceError> {
     let err = |e: BoxError| SourceError::Consumer {
         stream: cfg.stream.clone(),
@@ -509,6 +606,7 @@ pub async fn consumer_from(
         // server does not re-encode its up to `max_ack_pending` pending
         // entries to disk on every state flush.
         memory_storage: true,
+        filter_subjects,
         ..Default::default()
     })
     .await
