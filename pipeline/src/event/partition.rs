@@ -130,13 +130,22 @@ pub(crate) fn published_subject<'a>(stored: &'a str, prefix: &str) -> Cow<'a, st
 }
 
 impl Partition {
-    /// The subjects of this partition's messages on a stream that stores
-    /// partition numbers ([`transform`]): its own, the catalog's (stored
-    /// under the catalog tenant's partition), and for partition 0 the
-    /// subjects the transform left alone (no type token), which partition
-    /// 0 dead-letters. None of them overlap, as JetStream requires.
-    pub(crate) fn filter_subjects(&self, prefix: &str) -> Vec<String> {
-        let mut subjects = vec![format!("{prefix}.{}.>", self.index)];
+    /// The subject filter of this partition's consumer on a stream that
+    /// stores partition numbers ([`transform`]): its own tenants'
+    /// messages, and the catalog's when the catalog tenant falls in this
+    /// partition. One filter: JetStream serves a consumer of several
+    /// wildcard filters far slower on a stream of many subjects.
+    pub(crate) fn filter_subject(&self, prefix: &str) -> String {
+        format!("{prefix}.{}.>", self.index)
+    }
+
+    /// The subjects this partition also folds, which its consumer does not
+    /// deliver and which it reads from the stream by subject (they are
+    /// few): the catalog's, stored under the catalog tenant's partition,
+    /// and for partition 0 the subjects the transform left alone (no type
+    /// token), which partition 0 dead-letters.
+    pub(crate) fn side_subjects(&self, prefix: &str) -> Vec<String> {
+        let mut subjects = Vec::new();
         let system = partition_of(SYSTEM_TENANT, self.count);
         if system != self.index {
             subjects.push(format!("{prefix}.{system}.{SYSTEM_TENANT}.>"));
@@ -148,7 +157,8 @@ impl Partition {
     }
 
     /// Whose is a message the server delivered through
-    /// [`Partition::filter_subjects`]: the catalog's, or this partition's.
+    /// [`Partition::filter_subject`] and [`Partition::side_subjects`]: the
+    /// catalog's, or this partition's.
     pub(crate) fn owner_of_delivered(subject: &str, prefix: &str) -> Owner {
         match subject_tenant(subject, prefix) {
             Some(SYSTEM_TENANT) => Owner::Shared,
@@ -179,10 +189,7 @@ mod tests {
     fn the_partition_transform_is_read_back_and_undone() {
         let (src, dest) = transform("tally.events", 3);
         assert_eq!(src, "tally.events.*.>");
-        assert_eq!(
-            dest,
-            "tally.events.{{partition(3,1)}}.{{wildcard(1)}}.>"
-        );
+        assert_eq!(dest, "tally.events.{{partition(3,1)}}.{{wildcard(1)}}.>");
         assert_eq!(stored_count("tally.events", &src, &dest), Some(3));
         assert_eq!(
             stored_count(
@@ -194,8 +201,14 @@ mod tests {
         );
         for (s, d) in [
             ("tally.events.>", dest.as_str()),
-            (src.as_str(), "tally.events.{{partition(3,2)}}.{{wildcard(1)}}.>"),
-            (src.as_str(), "tally.events.{{partition(0,1)}}.{{wildcard(1)}}.>"),
+            (
+                src.as_str(),
+                "tally.events.{{partition(3,2)}}.{{wildcard(1)}}.>",
+            ),
+            (
+                src.as_str(),
+                "tally.events.{{partition(0,1)}}.{{wildcard(1)}}.>",
+            ),
             (src.as_str(), "other.{{wildcard(1)}}.>"),
         ] {
             assert_eq!(stored_count("tally.events", s, d), None, "{s} -> {d}");
@@ -205,9 +218,15 @@ mod tests {
             published_subject("tally.events.2.acme.usage.recorded", p),
             "tally.events.acme.usage.recorded"
         );
-        assert_eq!(published_subject("tally.events.0.5.x", p), "tally.events.5.x");
+        assert_eq!(
+            published_subject("tally.events.0.5.x", p),
+            "tally.events.5.x"
+        );
         // Not transformed: no type token.
-        assert_eq!(published_subject("tally.events.acme", p), "tally.events.acme");
+        assert_eq!(
+            published_subject("tally.events.acme", p),
+            "tally.events.acme"
+        );
         assert_eq!(published_subject("other.1.a.b", p), "other.1.a.b");
     }
 
@@ -233,7 +252,11 @@ mod tests {
         let receivers = |stored: &str| -> Vec<u32> {
             parts
                 .iter()
-                .filter(|p| p.filter_subjects(prefix).iter().any(|f| matches(f, stored)))
+                .filter(|p| {
+                    std::iter::once(p.filter_subject(prefix))
+                        .chain(p.side_subjects(prefix))
+                        .any(|f| matches(&f, stored))
+                })
                 .map(|p| p.index)
                 .collect()
         };
@@ -255,14 +278,6 @@ mod tests {
         );
         // Left alone by the transform: partition 0 dead-letters it.
         assert_eq!(receivers("tally.events.acme"), vec![0]);
-        for p in &parts {
-            let f = p.filter_subjects(prefix);
-            for (i, a) in f.iter().enumerate() {
-                for b in &f[i + 1..] {
-                    assert_ne!(a, b);
-                }
-            }
-        }
     }
 
     #[test]

@@ -39,6 +39,15 @@ impl Bounds {
     fn split(&self) -> Option<u64> {
         self.split_at.filter(|n| self.batch_start < *n)
     }
+
+    /// `seq`, or the target or the split if it lies before it: as far as
+    /// one batch may go.
+    pub(super) fn cap(&self, seq: u64) -> u64 {
+        self.stop_at
+            .into_iter()
+            .chain(self.split())
+            .fold(seq, u64::min)
+    }
 }
 
 /// Where the message at `seq` falls when `next` is expected.

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod processor;
 pub mod restore;
 pub mod session;
+mod side;
 pub mod signal;
 
 use std::path::PathBuf;

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::PullConsumer, stream};
+use async_nats::jetstream::{self, consumer::PullConsumer, message::StreamMessage, stream};
 use futures::FutureExt;
 use tracing::{info, warn};
 
@@ -22,6 +22,7 @@ use super::commit::{self, BatchOutput, InFlight, ViewLink, commit, settle};
 use super::decide;
 use super::processor::{BUSY_FACTOR, Incoming, Processor};
 use super::restore::open_state;
+use super::side::SideReads;
 use super::{ArchiveSource, RunOptions, RunSummary, RuntimeError};
 use crate::config::Settings;
 use crate::event::{Event, partition};
@@ -85,6 +86,22 @@ enum Opened {
     Consuming(Box<(PullConsumer, js_source::Pull)>),
 }
 
+/// What a batch of a consumer that filters by subject comes with.
+struct Filtered<'a> {
+    /// What the stream held once the batch was in.
+    held: &'a js_source::Held,
+    /// The messages read beside the consumer up to the batch's end, in
+    /// stream order.
+    side: &'a [StreamMessage],
+    /// The sequence the batch accounts for, when the consumer is drained:
+    /// what lies between its last message and this is passed over.
+    through: Option<u64>,
+}
+
+/// A batch's output, and the message that acknowledges it (none when the
+/// batch only passed over other partitions' sequences).
+type Processed = (BatchOutput, Option<async_nats::Message>);
+
 /// What the messages of a batch look like against the stream.
 enum Hole {
     /// Every message continues the stream.
@@ -115,10 +132,16 @@ struct Session<'o> {
     /// The stream stores subjects with this many partitions' numbers in
     /// them (see [`crate::event::partition::transform`]).
     stored_partitions: Option<u32>,
-    /// The consumer's subject filters when the server delivers only this
-    /// partition's messages: a stream that stores this deployment's
-    /// partition numbers.
-    filter: Option<Vec<String>>,
+    /// When the server delivers only this partition's messages (a stream
+    /// that stores this deployment's partition numbers): the consumer's
+    /// filter and what is read beside it.
+    filtered: Option<Filter>,
+}
+
+/// A consumer that filters by this partition's subjects.
+struct Filter {
+    subject: String,
+    side: SideReads,
 }
 
 impl<'o> Session<'o> {
@@ -132,11 +155,15 @@ impl<'o> Session<'o> {
             mut stream,
             stored_partitions,
         } = js_source::ensure_event_stream(&js, &opts.source).await?;
-        let filter = opts
+        let prefix = &opts.source.subject_prefix;
+        let filtered = opts
             .partition
             .filter(|p| p.count > 1 && stored_partitions == Some(p.count))
-            .map(|p| p.filter_subjects(&opts.source.subject_prefix));
-        if let Some(p) = opts.partition.filter(|p| p.count > 1 && filter.is_none()) {
+            .map(|p| Filter {
+                subject: p.filter_subject(prefix),
+                side: SideReads::new(p.side_subjects(prefix)),
+            });
+        if let Some(p) = opts.partition.filter(|p| p.count > 1 && filtered.is_none()) {
             info!(
                 partition = %p,
                 stream = %opts.source.stream,
@@ -177,7 +204,7 @@ impl<'o> Session<'o> {
             opts.partition,
         )?;
         p.set_live(opts.mode.publishes());
-        p.set_server_filtered(filter.is_some());
+        p.set_server_filtered(filtered.is_some());
         // A partition keeps about its share of the backlog.
         let share = u64::from(opts.partition.map_or(1, |p| p.count.max(1)));
         p.reserve_dedup(stream_last.saturating_sub(p.checkpoint.last_seq) / share);
@@ -223,7 +250,7 @@ impl<'o> Session<'o> {
             reported_msgs: 0,
             lost: Vec::new(),
             stored_partitions,
-            filter,
+            filtered,
         })
     }
 
@@ -296,7 +323,10 @@ impl<'o> Session<'o> {
             self.p.checkpoint.last_seq + 1,
             max_ack_pending,
             opts.mode.acks(),
-            self.filter.clone().unwrap_or_default(),
+            self.filtered
+                .as_ref()
+                .map(|f| vec![f.subject.clone()])
+                .unwrap_or_default(),
         )
         .await?;
         let messages = js_source::Pull::start(
@@ -380,16 +410,14 @@ impl<'o> Session<'o> {
                     // what the stream held before the consumer said it
                     // had nothing more: a message stored after that look
                     // is delivered, not passed over.
-                    let held_before = match &self.filter {
-                        Some(_) => {
-                            match js_source::held(&self.stream, &opts.source.stream).await {
-                                Ok(h) => Some(h),
-                                Err(e) => {
-                                    warn!(error = %e, "cannot read the stream's state; reconnecting");
-                                    return Ok(Next::Resume);
-                                }
+                    let held_before = match &self.filtered {
+                        Some(_) => match js_source::held(&self.stream, &opts.source.stream).await {
+                            Ok(h) => Some(h),
+                            Err(e) => {
+                                warn!(error = %e, "cannot read the stream's state; reconnecting");
+                                return Ok(Next::Resume);
                             }
-                        }
+                        },
                         None => None,
                     };
                     let mut c = consumer.clone();
@@ -434,12 +462,19 @@ impl<'o> Session<'o> {
                                 // up to the tail is other partitions', but
                                 // for what the stream forgot.
                                 (decide::Tail::Check { from, to }, Some(held)) => {
-                                    if let Some((first, last)) = decide::first_gone(held, from, to) {
-                                        self.gap(first, last, stop).await?;
+                                    let before = self.p.checkpoint.last_seq;
+                                    let hole = self
+                                        .drained_tail(held, from, to, &mut deliveries, stop)
+                                        .await?;
+                                    if let Hole::Skipped { first, last } = hole {
+                                        self.skipped(first, last, stop).await?;
                                         return Ok(Next::Resume);
                                     }
-                                    self.p.pass_over(to);
-                                    self.commit_position(from, stop).await?;
+                                    if self.opts.split_at.is_some_and(|n| {
+                                        before < n && self.p.checkpoint.last_seq == n
+                                    }) {
+                                        return Ok(Next::Resume);
+                                    }
                                     if let Err(e) = commit::compact_all(&mut self.p, &self.data_dir)
                                     {
                                         warn!(error = %e, "cannot compact the views yet; retrying when the stream is next drained");
@@ -501,11 +536,38 @@ impl<'o> Session<'o> {
             let report_now = self.last_report.elapsed() >= REPORT_EVERY;
             // A filtered consumer passes over other partitions' sequences:
             // what the stream holds tells them from a gap.
-            let held = match &self.filter {
-                Some(_) => Some(js_source::held(&self.stream, &opts.source.stream).await?),
-                None => None,
+            // A filtered consumer passes over other partitions' sequences
+            // (what the stream holds tells them from a gap), and the
+            // messages read beside it join the batch.
+            let (held, side) = match &mut self.filtered {
+                Some(f) => {
+                    let held = js_source::held(&self.stream, &opts.source.stream).await?;
+                    let through = batch
+                        .iter()
+                        .filter_map(|m| js_source::delivery_info(m).map(|d| d.stream_seq))
+                        .max()
+                        .unwrap_or(0);
+                    let side = f
+                        .side
+                        .between(
+                            &self.stream,
+                            &opts.source.stream,
+                            before + 1,
+                            through,
+                            held.last,
+                        )
+                        .await?;
+                    (Some(held), side)
+                }
+                None => (None, Vec::new()),
             };
-            let (hole, out) = self.process(batch, held.as_ref(), &mut deliveries, report_now)?;
+            let filtered = held.as_ref().map(|held| Filtered {
+                held,
+                side: &side,
+                through: None,
+            });
+            let (hole, out) = self.process(batch, filtered, &mut deliveries, report_now)?;
+            drop(side);
             if let Some((out, ack)) = out {
                 // One batch in flight: the previous one must be durable (and
                 // is acked) before this one is written.
@@ -546,17 +608,18 @@ impl<'o> Session<'o> {
     /// that does not continue the stream (reported as the [`Hole`]) or past
     /// the run's target.
     ///
-    /// `held` (a consumer that filters by subject): what the stream holds;
-    /// a skipped sequence it still holds is another partition's, passed
-    /// over, and the batch may end on such a run up to the target or the
-    /// split (then with nothing to acknowledge).
+    /// `filtered` (a consumer that filters by subject): the messages read
+    /// beside it, merged in by sequence, and what the stream holds; a
+    /// skipped sequence it still holds is another partition's, passed over,
+    /// and a batch may end on such sequences up to the target, the split or
+    /// its `through` (then with nothing to acknowledge).
     fn process(
         &mut self,
         batch: Vec<async_nats::Message>,
-        held: Option<&js_source::Held>,
+        filtered: Option<Filtered<'_>>,
         deliveries: &mut js_source::Deliveries,
         compact: bool,
-    ) -> Result<(Hole, Option<(BatchOutput, Option<async_nats::Message>)>), RuntimeError> {
+    ) -> Result<(Hole, Option<Processed>), RuntimeError> {
         let opts = self.opts;
         let cpu = Instant::now();
         let first_seq_before = self.p.checkpoint.last_seq;
@@ -567,51 +630,105 @@ impl<'o> Session<'o> {
             split_at: opts.split_at,
             batch_start: first_seq_before,
         };
-        // The subjects as published, when the stream stores partition
-        // numbers in them.
-        let prefix = opts.source.subject_prefix.as_str();
-        let published: Vec<std::borrow::Cow<'_, str>> = match self.stored_partitions {
-            Some(_) => batch
-                .iter()
-                .map(|m| partition::published_subject(m.subject.as_str(), prefix))
-                .collect(),
-            None => Vec::new(),
-        };
-        let mut incoming = Vec::with_capacity(batch.len());
-        let mut last_idx = None;
-        let mut passed_to = None;
+        // The deliveries, up to one lost on the way (not redelivered
+        // without acks: what came before it is taken, then the run resumes
+        // from the checkpoint).
+        let mut delivered = Vec::with_capacity(batch.len());
+        let mut lost = false;
         for (idx, m) in batch.iter().enumerate() {
             let Some(d) = js_source::delivery_info(m) else {
                 warn!(subject = %m.subject, "message without JetStream metadata skipped");
                 continue;
             };
             if !opts.mode.acks() && !deliveries.admit(&d) {
-                // Not redelivered without acks: take what came before it,
-                // then resume from the checkpoint.
                 warn!(
                     expected = deliveries.expected(),
                     got = d.consumer_seq,
                     "a delivery was lost; resuming from the checkpoint"
                 );
-                hole = Hole::LostDelivery;
+                lost = true;
                 break;
             }
-            match decide::place(d.stream_seq, next, &bounds) {
+            delivered.push((idx, d));
+        }
+        let side = filtered.as_ref().map_or(&[][..], |f| f.side);
+        // Side messages past a lost delivery wait for the resumed run.
+        let side_cap = match delivered.last() {
+            Some((_, d)) if lost => d.stream_seq,
+            None if lost => first_seq_before,
+            _ => u64::MAX,
+        };
+        // The subjects as published, when the stream stores partition
+        // numbers in them.
+        let prefix = opts.source.subject_prefix.as_str();
+        let stored = self.stored_partitions.is_some();
+        let published = |subject: &'_ str| -> Option<String> {
+            match partition::published_subject(subject, prefix) {
+                std::borrow::Cow::Owned(s) if stored => Some(s),
+                _ => None,
+            }
+        };
+        let delivered_subjects: Vec<Option<String>> = if stored {
+            batch
+                .iter()
+                .map(|m| published(m.subject.as_str()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let side_subjects: Vec<Option<String>> =
+            side.iter().map(|m| published(m.subject.as_str())).collect();
+        let mut incoming = Vec::with_capacity(batch.len() + side.len());
+        let mut last_idx = None;
+        let mut passed_to = None;
+        let (mut i, mut j) = (0, 0);
+        loop {
+            let from_side = match (delivered.get(i), side.get(j)) {
+                (None, None) => break,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some((_, d)), Some(m)) => m.sequence < d.stream_seq,
+            };
+            let (seq, published_at, subject, payload, idx) = if from_side {
+                let m = &side[j];
+                let subject = side_subjects[j].as_deref().unwrap_or(m.subject.as_str());
+                j += 1;
+                if m.sequence > side_cap {
+                    break;
+                }
+                (
+                    m.sequence,
+                    m.time.timestamp_micros(),
+                    subject,
+                    &m.payload,
+                    None,
+                )
+            } else {
+                let (idx, d) = delivered[i];
+                i += 1;
+                let m = &batch[idx];
+                let subject = delivered_subjects
+                    .get(idx)
+                    .and_then(Option::as_deref)
+                    .unwrap_or(m.subject.as_str());
+                (d.stream_seq, d.published_at, subject, &m.payload, Some(idx))
+            };
+            match decide::place(seq, next, &bounds) {
                 decide::Place::Redelivered => continue,
                 decide::Place::Next => {}
-                decide::Place::Hole { first, last } => match held {
+                decide::Place::Hole { first, last } => match &filtered {
                     None => {
                         hole = Hole::Skipped { first, last };
                         break;
                     }
-                    Some(held) => match decide::first_gone(held, first, last) {
+                    Some(f) => match decide::first_gone(f.held, first, last) {
                         Some((first, last)) => {
                             hole = Hole::Skipped { first, last };
                             break;
                         }
                         // Other partitions' messages up to the target or
                         // the split, which this one lies beyond.
-                        None if last + 1 < d.stream_seq => {
+                        None if last + 1 < seq => {
                             passed_to = Some(last);
                             break;
                         }
@@ -620,14 +737,32 @@ impl<'o> Session<'o> {
                 },
                 decide::Place::Beyond => break,
             }
-            next = d.stream_seq + 1;
+            next = seq + 1;
             incoming.push(Incoming {
-                stream_seq: d.stream_seq,
-                published_at: d.published_at,
-                subject: published.get(idx).map_or(m.subject.as_str(), |s| s.as_ref()),
-                payload: &m.payload,
+                stream_seq: seq,
+                published_at,
+                subject,
+                payload,
             });
-            last_idx = Some(idx);
+            if idx.is_some() {
+                last_idx = idx;
+            }
+        }
+        let ended = i >= delivered.len() && j >= side.len() && passed_to.is_none();
+        if lost && matches!(hole, Hole::None) {
+            hole = Hole::LostDelivery;
+        } else if ended
+            && matches!(hole, Hole::None)
+            && let Some(f) = &filtered
+            && let Some(through) = f.through.map(|t| bounds.cap(t))
+            && through >= next
+        {
+            // The rest up to `through` was not for this partition, but for
+            // what the stream forgot.
+            match decide::first_gone(f.held, next, through) {
+                Some((first, last)) => hole = Hole::Skipped { first, last },
+                None => passed_to = Some(through),
+            }
         }
         let processed = incoming.len() as u64;
         let mut letters = self.p.process_batch(&incoming);
@@ -637,7 +772,8 @@ impl<'o> Session<'o> {
             letters.clear();
         }
         drop(incoming);
-        drop(published);
+        drop(delivered_subjects);
+        drop(side_subjects);
         if let Some(through) = passed_to {
             self.p.pass_over(through);
         }
@@ -670,6 +806,42 @@ impl<'o> Session<'o> {
         self.summary.processing += cpu.elapsed();
         self.summary.messages += processed;
         Ok((hole, Some((out, last_msg))))
+    }
+
+    /// A filtered consumer drained with the stream at `to`: folds the
+    /// messages read beside it up to there and passes over the rest (other
+    /// partitions'), unless the stream forgot some of it: that hole is
+    /// returned.
+    async fn drained_tail(
+        &mut self,
+        held: &js_source::Held,
+        from: u64,
+        to: u64,
+        deliveries: &mut js_source::Deliveries,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Hole, RuntimeError> {
+        let opts = self.opts;
+        let side = match &mut self.filtered {
+            Some(f) => {
+                f.side
+                    .between(&self.stream, &opts.source.stream, from, to, held.last)
+                    .await?
+            }
+            None => Vec::new(),
+        };
+        let filtered = Filtered {
+            held,
+            side: &side,
+            through: Some(to),
+        };
+        let (hole, out) = self.process(Vec::new(), Some(filtered), deliveries, false)?;
+        if let Some((out, ack)) = out {
+            self.settle().await?;
+            self.dispatch(out, ack, stop);
+            self.settle().await?;
+        }
+        self.note_split();
+        Ok(hole)
     }
 
     /// Hands a batch's output to the committer; the caller has settled the

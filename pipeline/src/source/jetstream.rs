@@ -127,14 +127,14 @@ pub enum SourceError {
     },
     /// Fatal: the stream rewrites subjects in a way Tally cannot undo.
     #[error(
-        "stream {stream} transforms subjects {source_subjects} into {destination}, which Tally cannot read: remove the transform, or use the one Tally creates with --stream-partitions N ({wanted_source} into {wanted_destination})"
+        "stream {stream} transforms subjects {} into {}, which Tally cannot read: remove the transform, or use a stream created with --stream-partitions N (stored as {prefix}.<partition>.<tenant>.<type>)",
+        found.source,
+        found.destination
     )]
     Transform {
         stream: String,
-        source_subjects: String,
-        destination: String,
-        wanted_source: String,
-        wanted_destination: String,
+        found: Box<stream::SubjectTransform>,
+        prefix: String,
     },
     /// Fatal: the broker did not answer a stream's state.
     #[error("cannot read the state of stream {stream}: {cause}")]
@@ -389,16 +389,10 @@ pub async fn ensure_event_stream(
         None => None,
         Some(t) => Some(
             partition::stored_count(&cfg.subject_prefix, &t.source, &t.destination).ok_or_else(
-                || {
-                    let (wanted_source, wanted_destination) =
-                        partition::transform(&cfg.subject_prefix, 2);
-                    SourceError::Transform {
-                        stream: cfg.stream.clone(),
-                        source_subjects: t.source.clone(),
-                        destination: t.destination.clone(),
-                        wanted_source,
-                        wanted_destination: wanted_destination.replace("(2,", "(N,"),
-                    }
+                || SourceError::Transform {
+                    stream: cfg.stream.clone(),
+                    found: Box::new(t.clone()),
+                    prefix: cfg.subject_prefix.clone(),
                 },
             )?,
         ),
@@ -501,6 +495,30 @@ pub async fn held(s: &stream::Stream, name: &str) -> Result<Held, SourceError> {
         last: info.state.last_sequence,
         deleted,
     })
+}
+
+/// The first message at or after sequence `from` whose subject matches
+/// `filter`; `None` when the stream holds none (now).
+pub async fn next_matching(
+    s: &stream::Stream,
+    name: &str,
+    filter: &str,
+    from: u64,
+) -> Result<Option<jetstream::message::StreamMessage>, SourceError> {
+    match s
+        .raw_message_builder()
+        .sequence(from.max(1))
+        .next_by_subject(filter)
+        .send()
+        .await
+    {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(SourceError::Messages {
+            stream: name.to_owned(),
+            cause: e.into(),
+        }),
+    }
 }
 
 /// Of the sequences `from..=to`, which a consumer passed over: the last
