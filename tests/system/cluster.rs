@@ -212,11 +212,14 @@ fn the_stream_leader_killed_mid_run_changes_no_row() {
     let dir = tempfile::tempdir().unwrap();
     let file = generated(dir.path(), 30, 3, 11);
     // The cluster elects its JetStream meta leader first: publish (which
-    // creates the R3 stream) until it can.
+    // creates the R3 stream) until it can. The stream stores partition
+    // numbers for two: the partitioned workers below each receive only
+    // their own messages, and single runs read them all.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut p = tally(&cluster, &dir.path().join("clean"));
         p.arg("publish")
+            .env("TALLY_STREAM_PARTITIONS", "2")
             .arg(&file)
             .stdout(Stdio::null())
             .stderr(Stdio::null());

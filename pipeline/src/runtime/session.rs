@@ -138,6 +138,23 @@ struct Session<'o> {
     filtered: Option<Filter>,
 }
 
+/// What the stream holds once a filtered consumer's batch is in (up to
+/// `through`, the checkpoint at `before`), and the messages read beside
+/// the consumer up to there.
+async fn beside(
+    stream: &stream::Stream,
+    side: &mut SideReads,
+    name: &str,
+    before: u64,
+    through: u64,
+) -> Result<(js_source::Held, Vec<StreamMessage>), js_source::SourceError> {
+    let held = js_source::held(stream, name).await?;
+    let messages = side
+        .between(stream, name, before + 1, through, held.last)
+        .await?;
+    Ok((held, messages))
+}
+
 /// A consumer that filters by this partition's subjects.
 struct Filter {
     subject: String,
@@ -463,9 +480,12 @@ impl<'o> Session<'o> {
                                 // for what the stream forgot.
                                 (decide::Tail::Check { from, to }, Some(held)) => {
                                     let before = self.p.checkpoint.last_seq;
-                                    let hole = self
+                                    let Some(hole) = self
                                         .drained_tail(held, from, to, &mut deliveries, stop)
-                                        .await?;
+                                        .await?
+                                    else {
+                                        return Ok(Next::Resume);
+                                    };
                                     if let Hole::Skipped { first, last } = hole {
                                         self.skipped(first, last, stop).await?;
                                         return Ok(Next::Resume);
@@ -541,23 +561,31 @@ impl<'o> Session<'o> {
             // messages read beside it join the batch.
             let (held, side) = match &mut self.filtered {
                 Some(f) => {
-                    let held = js_source::held(&self.stream, &opts.source.stream).await?;
                     let through = batch
                         .iter()
                         .filter_map(|m| js_source::delivery_info(m).map(|d| d.stream_seq))
                         .max()
                         .unwrap_or(0);
-                    let side = f
-                        .side
-                        .between(
-                            &self.stream,
-                            &opts.source.stream,
-                            before + 1,
-                            through,
-                            held.last,
-                        )
-                        .await?;
-                    (Some(held), side)
+                    match beside(
+                        &self.stream,
+                        &mut f.side,
+                        &opts.source.stream,
+                        before,
+                        through,
+                    )
+                    .await
+                    {
+                        Ok((held, side)) => (Some(held), side),
+                        Err(e) => {
+                            // A leader election, say: the batch comes again.
+                            warn!(error = %e, "cannot read the stream beside the consumer; resuming from the checkpoint");
+                            return Ok(if pause(Duration::from_millis(500), stop).await {
+                                Next::Stop
+                            } else {
+                                Next::Resume
+                            });
+                        }
+                    }
                 }
                 None => (None, Vec::new()),
             };
@@ -811,7 +839,7 @@ impl<'o> Session<'o> {
     /// A filtered consumer drained with the stream at `to`: folds the
     /// messages read beside it up to there and passes over the rest (other
     /// partitions'), unless the stream forgot some of it: that hole is
-    /// returned.
+    /// returned. `None`: the stream could not be read (resume).
     async fn drained_tail(
         &mut self,
         held: &js_source::Held,
@@ -819,13 +847,21 @@ impl<'o> Session<'o> {
         to: u64,
         deliveries: &mut js_source::Deliveries,
         stop: &tokio::sync::watch::Receiver<bool>,
-    ) -> Result<Hole, RuntimeError> {
+    ) -> Result<Option<Hole>, RuntimeError> {
         let opts = self.opts;
         let side = match &mut self.filtered {
             Some(f) => {
-                f.side
+                match f
+                    .side
                     .between(&self.stream, &opts.source.stream, from, to, held.last)
-                    .await?
+                    .await
+                {
+                    Ok(side) => side,
+                    Err(e) => {
+                        warn!(error = %e, "cannot read the stream beside the consumer; resuming from the checkpoint");
+                        return Ok(None);
+                    }
+                }
             }
             None => Vec::new(),
         };
@@ -841,7 +877,7 @@ impl<'o> Session<'o> {
             self.settle().await?;
         }
         self.note_split();
-        Ok(hole)
+        Ok(Some(hole))
     }
 
     /// Hands a batch's output to the committer; the caller has settled the
