@@ -218,6 +218,32 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_goes_as_far_as_the_target_and_the_split() {
+        let split = Bounds {
+            split_at: Some(10),
+            batch_start: 4,
+            ..Bounds::default()
+        };
+        // A filtered consumer's next message just past the split: the
+        // skipped sequences end at the split, and the message lies beyond.
+        assert_eq!(place(11, 9, &split), Place::Hole { first: 9, last: 10 });
+        assert_eq!(split.cap(11), 10);
+        assert_eq!(split.cap(10), 10);
+        assert_eq!(split.cap(7), 7);
+        let both = Bounds {
+            stop_at: Some(8),
+            ..split
+        };
+        assert_eq!(both.cap(11), 8);
+        // A split the batch started past bounds nothing.
+        let passed = Bounds {
+            batch_start: 10,
+            ..split
+        };
+        assert_eq!(passed.cap(20), 20);
+    }
+
+    #[test]
     fn only_sequences_the_stream_forgot_are_gone() {
         let held = Held {
             first: 10,

@@ -138,20 +138,20 @@ struct Session<'o> {
     filtered: Option<Filter>,
 }
 
-/// What the stream holds once a filtered consumer's batch is in (up to
-/// `through`, the checkpoint at `before`), and the messages read beside
-/// the consumer up to there.
+/// The messages read beside a filtered consumer from `from` up to
+/// `through` (`last`: the stream's last sequence, read before), and what
+/// the stream holds once they are read: read after them, so that a message
+/// the stream dropped meanwhile shows as gone, not as another partition's.
 async fn beside(
     stream: &stream::Stream,
     side: &mut SideReads,
     name: &str,
-    before: u64,
+    from: u64,
     through: u64,
+    last: u64,
 ) -> Result<(js_source::Held, Vec<StreamMessage>), js_source::SourceError> {
+    let messages = side.between(stream, name, from, through, last).await?;
     let held = js_source::held(stream, name).await?;
-    let messages = side
-        .between(stream, name, before + 1, through, held.last)
-        .await?;
     Ok((held, messages))
 }
 
@@ -392,6 +392,7 @@ impl<'o> Session<'o> {
                         opts.partition,
                     )?;
                     self.p.set_live(opts.mode.publishes());
+                    self.p.set_server_filtered(self.filtered.is_some());
                     info!(
                         resume_from = self.p.checkpoint.last_seq + 1,
                         "resumed on the replayed views"
@@ -445,7 +446,7 @@ impl<'o> Session<'o> {
                     let facts = info.as_ref().ok().map(|info| decide::ConsumerFacts {
                         pending: info.num_pending,
                         ack_pending: info.num_ack_pending,
-                        lost: !opts.mode.acks()
+                        lost: (!opts.mode.acks() || self.filtered.is_some())
                             && deliveries.lost_any(info.delivered.consumer_sequence),
                     });
                     match decide::quiet(facts, stalled_ticks) {
@@ -481,7 +482,7 @@ impl<'o> Session<'o> {
                                 (decide::Tail::Check { from, to }, Some(held)) => {
                                     let before = self.p.checkpoint.last_seq;
                                     let Some(hole) = self
-                                        .drained_tail(held, from, to, &mut deliveries, stop)
+                                        .drained_tail(held.last, from, to, &mut deliveries, stop)
                                         .await?
                                     else {
                                         return Ok(Next::Resume);
@@ -554,8 +555,6 @@ impl<'o> Session<'o> {
             let (batch, stream_failed) = gather(first_msg, &mut messages, opts).await;
             let before = self.p.checkpoint.last_seq;
             let report_now = self.last_report.elapsed() >= REPORT_EVERY;
-            // A filtered consumer passes over other partitions' sequences:
-            // what the stream holds tells them from a gap.
             // A filtered consumer passes over other partitions' sequences
             // (what the stream holds tells them from a gap), and the
             // messages read beside it join the batch.
@@ -566,15 +565,21 @@ impl<'o> Session<'o> {
                         .filter_map(|m| js_source::delivery_info(m).map(|d| d.stream_seq))
                         .max()
                         .unwrap_or(0);
-                    match beside(
-                        &self.stream,
-                        &mut f.side,
-                        &opts.source.stream,
-                        before,
-                        through,
-                    )
-                    .await
-                    {
+                    let read = async {
+                        let last = js_source::held(&self.stream, &opts.source.stream)
+                            .await?
+                            .last;
+                        beside(
+                            &self.stream,
+                            &mut f.side,
+                            &opts.source.stream,
+                            before + 1,
+                            through,
+                            last,
+                        )
+                        .await
+                    };
+                    match read.await {
                         Ok((held, side)) => (Some(held), side),
                         Err(e) => {
                             // A leader election, say: the batch comes again.
@@ -619,7 +624,14 @@ impl<'o> Session<'o> {
             match hole {
                 Hole::None if stream_failed => return Ok(Next::Resume),
                 Hole::None => {}
-                Hole::LostDelivery => return Ok(Next::Resume),
+                Hole::LostDelivery => {
+                    // An acked consumer loses no delivery it keeps to
+                    // itself: another process pulls from it.
+                    if opts.mode.acks() {
+                        self.lost_to_another().await?;
+                    }
+                    return Ok(Next::Resume);
+                }
                 Hole::Skipped { first, last } => {
                     self.skipped(first, last, stop).await?;
                     return Ok(Next::Resume);
@@ -668,7 +680,10 @@ impl<'o> Session<'o> {
                 warn!(subject = %m.subject, "message without JetStream metadata skipped");
                 continue;
             };
-            if !opts.mode.acks() && !deliveries.admit(&d) {
+            // Without acks nothing is redelivered; a filtered consumer's
+            // skipped sequences are no sign of a lost delivery: both follow
+            // the consumer's sequence.
+            if (!opts.mode.acks() || filtered.is_some()) && !deliveries.admit(&d) {
                 warn!(
                     expected = deliveries.expected(),
                     got = d.consumer_seq,
@@ -756,7 +771,7 @@ impl<'o> Session<'o> {
                         }
                         // Other partitions' messages up to the target or
                         // the split, which this one lies beyond.
-                        None if last + 1 < seq => {
+                        None if bounds.cap(seq) < seq => {
                             passed_to = Some(last);
                             break;
                         }
@@ -842,31 +857,34 @@ impl<'o> Session<'o> {
     /// returned. `None`: the stream could not be read (resume).
     async fn drained_tail(
         &mut self,
-        held: &js_source::Held,
+        last: u64,
         from: u64,
         to: u64,
         deliveries: &mut js_source::Deliveries,
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<Option<Hole>, RuntimeError> {
         let opts = self.opts;
-        let side = match &mut self.filtered {
-            Some(f) => {
-                match f
-                    .side
-                    .between(&self.stream, &opts.source.stream, from, to, held.last)
-                    .await
-                {
-                    Ok(side) => side,
-                    Err(e) => {
-                        warn!(error = %e, "cannot read the stream beside the consumer; resuming from the checkpoint");
-                        return Ok(None);
-                    }
-                }
+        let Some(f) = &mut self.filtered else {
+            return Ok(None);
+        };
+        let (held, side) = match beside(
+            &self.stream,
+            &mut f.side,
+            &opts.source.stream,
+            from,
+            to,
+            last,
+        )
+        .await
+        {
+            Ok(read) => read,
+            Err(e) => {
+                warn!(error = %e, "cannot read the stream beside the consumer; resuming from the checkpoint");
+                return Ok(None);
             }
-            None => Vec::new(),
         };
         let filtered = Filtered {
-            held,
+            held: &held,
             side: &side,
             through: Some(to),
         };
