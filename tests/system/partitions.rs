@@ -499,7 +499,11 @@ fn partitions_stored_in_subjects_deliver_each_worker_only_its_own() {
     let more_text = std::fs::read_to_string(generated(dir.path(), 40, 1, 12)).unwrap();
     let more_lines: Vec<&str> = more_text.lines().collect();
     let more = dir.path().join("more.jsonl");
-    std::fs::write(&more, more_lines[more_lines.len() - 300..].join("\n") + "\n").unwrap();
+    std::fs::write(
+        &more,
+        more_lines[more_lines.len() - 300..].join("\n") + "\n",
+    )
+    .unwrap();
     let mut p = on_reference(tally(&server, &reference));
     p.arg("publish").arg(&more);
     run_expect(p, 0);

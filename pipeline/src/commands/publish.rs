@@ -370,9 +370,19 @@ pub(crate) async fn command(g: &Globals, a: &PublishArgs) -> Result<(), CommandE
         Err(SourceError::Stream { stream, cause }) => {
             tracing::debug!(%stream, %cause, "cannot set up the event stream from this account; publishing to it as it is");
         }
-        other => {
-            other?;
+        Ok(es) => {
+            if let Some(n) = g
+                .stream_partitions
+                .filter(|n| *n > 1 && es.stored_partitions != Some(*n))
+            {
+                tracing::warn!(
+                    stream = %g.stream,
+                    stored_partitions = es.stored_partitions.unwrap_or(1),
+                    "--stream-partitions {n} applies when Tally creates the stream; this one exists and keeps the subjects it stores (create a new stream to store partitions)"
+                );
+            }
         }
+        Err(e) => return Err(e.into()),
     }
     let opts = PublishOptions {
         prefix: g.subject_prefix.clone(),
