@@ -499,11 +499,15 @@ fn partitions_stored_in_subjects_deliver_each_worker_only_its_own() {
     let more_text = std::fs::read_to_string(generated(dir.path(), 40, 1, 12)).unwrap();
     let more_lines: Vec<&str> = more_text.lines().collect();
     let more = dir.path().join("more.jsonl");
-    std::fs::write(
-        &more,
-        more_lines[more_lines.len() - 300..].join("\n") + "\n",
-    )
-    .unwrap();
+    // Ending on a catalog message: each worker folds it, read beside its
+    // consumer, as the stream's last message.
+    let tail: Vec<&str> = more_lines[more_lines.len() - 300..]
+        .iter()
+        .chain(&more_lines[..1])
+        .copied()
+        .collect();
+    assert!(more_lines[0].contains("\"_system\""));
+    std::fs::write(&more, tail.join("\n") + "\n").unwrap();
     let mut p = on_reference(tally(&server, &reference));
     p.arg("publish").arg(&more);
     run_expect(p, 0);
@@ -520,6 +524,20 @@ fn partitions_stored_in_subjects_deliver_each_worker_only_its_own() {
         &views_but_publish_times(&server, &reference),
         &views_but_publish_times(&server, &parted),
         "after replaying every filtered partition past its live checkpoint",
+    );
+    let end = sql(
+        &server,
+        &reference,
+        "SELECT checkpoint_seq FROM _tally_clock",
+    )[0][0]
+        .clone();
+    assert_eq!(
+        sorted_csv(
+            &server,
+            &parted,
+            "SELECT partition, checkpoint_seq FROM _tally_partitions"
+        ),
+        format!("partition,checkpoint_seq\n0,{end}\n1,{end}\n2,{end}\n")
     );
 
     // Workers whose N is not the stream's read every message, as before.

@@ -820,8 +820,11 @@ impl<'o> Session<'o> {
         if let Some(through) = passed_to {
             self.p.pass_over(through);
         }
+        // Nothing to commit only when nothing was folded or passed over: a
+        // batch of messages read beside the consumer has no delivery to
+        // acknowledge, and still moves the checkpoint.
         let last_msg = last_idx.and_then(|i| batch.get(i).cloned());
-        if last_msg.is_none() && passed_to.is_none() {
+        if processed == 0 && passed_to.is_none() {
             return Ok((hole, None));
         }
         // Freeing a batch's messages is a noticeable share of this thread's work: the
