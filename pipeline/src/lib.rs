@@ -11,7 +11,9 @@
 //!   shared flags ([`commands::Globals`]) and the command line's error
 //!   ([`commands::CommandError`]).
 //! - [`runtime`]: `tally run`, the thin async shell: [`runtime::session`]
-//!   (consume loop, its decisions pure functions in `runtime::decide`),
+//!   (consume loop, its decisions pure functions in `runtime::decide`; a
+//!   partition's worker reads the catalog beside its consumer in
+//!   `runtime::side`),
 //!   [`runtime::processor`] (validation, dedup, the ledger, operators and
 //!   restatements: the synchronous core; it reads and writes nothing itself),
 //!   [`runtime::commit`]
