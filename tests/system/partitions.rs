@@ -623,3 +623,115 @@ fn views_but_publish_times(server: &NatsServer, data: &Path) -> Vec<(String, Str
         }
     })
 }
+
+/// A stream whose layout was changed after messages were stored is refused
+/// rather than read wrongly: a subject transform added to a stream with
+/// messages stops both a single run and a partition's worker, naming the
+/// message; a stream that also captures other subjects is read whole by
+/// every worker (no filter would deliver those), and its stray message is
+/// dead-lettered once.
+#[test]
+fn a_stream_layout_changed_after_messages_is_refused_not_misread() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = generated(dir.path(), 10, 1, 5);
+    let data = dir.path().join("data");
+    publish_file(&server, &data, &file);
+    let update =
+        |server: &NatsServer, subjects: Vec<String>, transform: Option<(String, String)>| {
+            rt().block_on(async {
+                let js = js(server).await;
+                let mut config = js
+                    .get_stream("TALLY_EVENTS")
+                    .await
+                    .unwrap()
+                    .cached_info()
+                    .config
+                    .clone();
+                config.subjects = subjects;
+                config.subject_transform =
+                    transform.map(|(source, destination)| stream::SubjectTransform {
+                        source,
+                        destination,
+                    });
+                js.update_stream(config).await.unwrap();
+            })
+        };
+    // The transform of three partitions, added after the messages.
+    let (source, destination) = (
+        "tally.events.*.>".to_owned(),
+        "tally.events.{{partition(3,1)}}.{{wildcard(1)}}.>".to_owned(),
+    );
+    update(
+        &server,
+        vec!["tally.events.>".into()],
+        Some((source.clone(), destination.clone())),
+    );
+    for args in [
+        vec!["run", "--until-idle"],
+        vec![
+            "run",
+            "--until-idle",
+            "--partitions",
+            "3",
+            "--partition",
+            "1",
+        ],
+    ] {
+        let fresh = tempfile::tempdir().unwrap();
+        let mut c = tally(&server, fresh.path());
+        c.args(&args);
+        let out = run_expect(c, 1);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("transform was added or changed after messages were stored")
+                && err.contains("--stream-partitions"),
+            "{args:?}: {err}"
+        );
+    }
+
+    // A stream created with the transform that also captures `other.>`:
+    // workers read every message, and the stray one is dead-lettered by
+    // partition 0 alone.
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut p = tally(&server, &data);
+    p.args(["publish", "--stream-partitions", "3"]).arg(&file);
+    run_expect(p, 0);
+    update(
+        &server,
+        vec!["tally.events.>".into(), "other.>".into()],
+        Some((source, destination)),
+    );
+    rt().block_on(async {
+        let js = js(&server).await;
+        js.publish("other.foo", "{}".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    });
+    let mut c = tally(&server, &data);
+    c.args([
+        "run",
+        "--until-idle",
+        "--partitions",
+        "3",
+        "--partition",
+        "0..2",
+    ]);
+    run_expect(c, 0);
+    let dead: u64 = rt().block_on(async {
+        let js = js(&server).await;
+        js.get_stream("TALLY_DLQ")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages
+    });
+    assert_eq!(dead, 1, "the stray message, dead-lettered once");
+}

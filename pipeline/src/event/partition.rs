@@ -114,6 +114,7 @@ pub(crate) fn stored_count(prefix: &str, source: &str, destination: &str) -> Opt
 /// subject with fewer than three tokens after the prefix was not
 /// transformed (the transform needs a tenant and a type) and is returned
 /// as it is.
+#[cfg(test)]
 pub(crate) fn published_subject<'a>(stored: &'a str, prefix: &str) -> Cow<'a, str> {
     let Some(rest) = stored
         .strip_prefix(prefix)
@@ -126,6 +127,31 @@ pub(crate) fn published_subject<'a>(stored: &'a str, prefix: &str) -> Cow<'a, st
             Cow::Owned(format!("{prefix}.{published}"))
         }
         _ => Cow::Borrowed(stored),
+    }
+}
+
+/// [`published_subject`], checking that `stored` is where a stream of
+/// `count` partitions ([`transform`]) stores it: its partition token is
+/// [`partition_of`] its tenant. `None` when it is not: the message was
+/// stored before the stream's transform was added or changed.
+pub(crate) fn published_subject_checked<'a>(
+    stored: &'a str,
+    prefix: &str,
+    count: u32,
+) -> Option<Cow<'a, str>> {
+    let Some(rest) = stored
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('.'))
+    else {
+        return Some(Cow::Borrowed(stored));
+    };
+    match rest.split_once('.') {
+        Some((token, published)) if published.contains('.') => {
+            let tenant = published.split('.').next().unwrap_or_default();
+            (token.parse::<u32>().ok() == Some(partition_of(tenant, count)))
+                .then(|| Cow::Owned(format!("{prefix}.{published}")))
+        }
+        _ => Some(Cow::Borrowed(stored)),
     }
 }
 
@@ -228,6 +254,24 @@ mod tests {
             "tally.events.acme"
         );
         assert_eq!(published_subject("other.1.a.b", p), "other.1.a.b");
+        // Checked against the transform of 3 partitions.
+        let k = partition_of("acme", 3);
+        assert_eq!(
+            published_subject_checked(&format!("tally.events.{k}.acme.usage.recorded"), p, 3)
+                .as_deref(),
+            Some("tally.events.acme.usage.recorded")
+        );
+        let wrong = (k + 1) % 3;
+        for stored in [
+            format!("tally.events.{wrong}.acme.usage.recorded"),
+            "tally.events.acme.usage.recorded".to_owned(),
+        ] {
+            assert_eq!(published_subject_checked(&stored, p, 3), None, "{stored}");
+        }
+        assert_eq!(
+            published_subject_checked("tally.events.acme", p, 3).as_deref(),
+            Some("tally.events.acme")
+        );
     }
 
     #[test]

@@ -104,6 +104,26 @@ pub enum RuntimeError {
         found: String,
         wanted: String,
     },
+    /// Fatal: a message is not stored where the stream's transform puts it.
+    #[error(
+        "message {seq} of stream {stream} is stored under {subject}, not where the stream's subject transform of {partitions} partitions puts it (<prefix>.<partition of its tenant>.<tenant>.<type>): the transform was added or changed after messages were stored, and Tally cannot tell which messages are whose. Use a stream whose transform was set when it was created: create a new one (`tally publish --stream-partitions N` or the first `tally run --partitions N` does) and publish the events to it again"
+    )]
+    StoredLayout {
+        stream: String,
+        seq: u64,
+        subject: String,
+        partitions: u32,
+    },
+    /// Fatal: the stream's subjects or transform changed while the run
+    /// read it.
+    #[error(
+        "the subjects or subject transform of stream {stream} changed while this run read it (now {now}); stopped with everything up to sequence {checkpoint} durable. A stream's layout must stay as it was created; restore it, or create a new stream and publish the events to it again"
+    )]
+    StreamChanged {
+        stream: String,
+        now: String,
+        checkpoint: u64,
+    },
     #[error(
         "checkpoint of {path} is at sequence {checkpoint} but stream {stream} ends at {last}: the stream lost messages or was recreated; run `tally replay` or use a fresh --data"
     )]

@@ -136,6 +136,9 @@ struct Session<'o> {
     /// that stores this deployment's partition numbers): the consumer's
     /// filter and what is read beside it.
     filtered: Option<Filter>,
+    /// The stream's subjects and transform at the start: a filtered run
+    /// stops if they change under it.
+    layout: js_source::Layout,
 }
 
 /// The messages read beside a filtered consumer from `from` up to
@@ -171,11 +174,18 @@ impl<'o> Session<'o> {
         let js_source::EventStream {
             mut stream,
             stored_partitions,
+            layout,
         } = js_source::ensure_event_stream(&js, &opts.source).await?;
         let prefix = &opts.source.subject_prefix;
         let filtered = opts
             .partition
-            .filter(|p| p.count > 1 && stored_partitions == Some(p.count))
+            // Only the event subjects: a stream that also captures others
+            // has messages no partition's filter would deliver.
+            .filter(|p| {
+                p.count > 1
+                    && stored_partitions == Some(p.count)
+                    && layout.subjects == [format!("{prefix}.>")]
+            })
             .map(|p| Filter {
                 subject: p.filter_subject(prefix),
                 side: SideReads::new(p.side_subjects(prefix)),
@@ -222,6 +232,33 @@ impl<'o> Session<'o> {
         )?;
         p.set_live(opts.mode.publishes());
         p.set_server_filtered(filtered.is_some());
+        if let Some(count) = stored_partitions.filter(|_| filtered.is_some()) {
+            // A filtered consumer never sees a message stored before the
+            // transform was added or changed: look at a few, spread over
+            // the stream, before trusting it.
+            let (first, _) = js_source::bounds(&mut stream, &opts.source.stream).await?;
+            let step = (stream_last.saturating_sub(first) / 8).max(1);
+            let mut seq = first.max(1);
+            while seq <= stream_last {
+                if let Some(subject) =
+                    js_source::stored_subject(&stream, &opts.source.stream, seq).await?
+                    && partition::published_subject_checked(
+                        &subject,
+                        &opts.source.subject_prefix,
+                        count,
+                    )
+                    .is_none()
+                {
+                    return Err(RuntimeError::StoredLayout {
+                        stream: opts.source.stream.clone(),
+                        seq,
+                        subject,
+                        partitions: count,
+                    });
+                }
+                seq += step;
+            }
+        }
         // A partition keeps about its share of the backlog.
         let share = u64::from(opts.partition.map_or(1, |p| p.count.max(1)));
         p.reserve_dedup(stream_last.saturating_sub(p.checkpoint.last_seq) / share);
@@ -268,6 +305,7 @@ impl<'o> Session<'o> {
             lost: Vec::new(),
             stored_partitions,
             filtered,
+            layout,
         })
     }
 
@@ -580,7 +618,12 @@ impl<'o> Session<'o> {
                         .await
                     };
                     match read.await {
-                        Ok((held, side)) => (Some(held), side),
+                        Ok((held, side)) => {
+                            if held.layout != self.layout {
+                                return Err(self.changed(&held.layout).await);
+                            }
+                            (Some(held), side)
+                        }
                         Err(e) => {
                             // A leader election, say: the batch comes again.
                             warn!(error = %e, "cannot read the stream beside the consumer; resuming from the checkpoint");
@@ -704,23 +747,40 @@ impl<'o> Session<'o> {
         // The subjects as published, when the stream stores partition
         // numbers in them.
         let prefix = opts.source.subject_prefix.as_str();
-        let stored = self.stored_partitions.is_some();
-        let published = |subject: &'_ str| -> Option<String> {
-            match partition::published_subject(subject, prefix) {
-                std::borrow::Cow::Owned(s) if stored => Some(s),
-                _ => None,
+        // A message stored otherwise than the transform puts it stops the
+        // run before anything of the batch is folded.
+        let stored = self.stored_partitions;
+        let stream_name = &opts.source.stream;
+        let published = |subject: &'_ str, seq: u64| -> Result<Option<String>, RuntimeError> {
+            let Some(count) = stored else {
+                return Ok(None);
+            };
+            match partition::published_subject_checked(subject, prefix, count) {
+                Some(std::borrow::Cow::Owned(s)) => Ok(Some(s)),
+                Some(std::borrow::Cow::Borrowed(_)) => Ok(None),
+                None => Err(RuntimeError::StoredLayout {
+                    stream: stream_name.clone(),
+                    seq,
+                    subject: subject.to_owned(),
+                    partitions: count,
+                }),
             }
         };
-        let delivered_subjects: Vec<Option<String>> = if stored {
+        let delivered_subjects: Vec<Option<String>> = if stored.is_some() {
             batch
                 .iter()
-                .map(|m| published(m.subject.as_str()))
-                .collect()
+                .map(|m| {
+                    let seq = js_source::delivery_info(m).map_or(0, |d| d.stream_seq);
+                    published(m.subject.as_str(), seq)
+                })
+                .collect::<Result<_, _>>()?
         } else {
             Vec::new()
         };
-        let side_subjects: Vec<Option<String>> =
-            side.iter().map(|m| published(m.subject.as_str())).collect();
+        let side_subjects: Vec<Option<String>> = side
+            .iter()
+            .map(|m| published(m.subject.as_str(), m.sequence))
+            .collect::<Result<_, _>>()?;
         let mut incoming = Vec::with_capacity(batch.len() + side.len());
         let mut last_idx = None;
         let mut passed_to = None;
@@ -886,6 +946,9 @@ impl<'o> Session<'o> {
                 return Ok(None);
             }
         };
+        if held.layout != self.layout {
+            return Err(self.changed(&held.layout).await);
+        }
         let filtered = Filtered {
             held: &held,
             side: &side,
@@ -899,6 +962,19 @@ impl<'o> Session<'o> {
         }
         self.note_split();
         Ok(Some(hole))
+    }
+
+    /// The error of a stream whose layout changed under a filtered run,
+    /// once what is in flight is durable.
+    async fn changed(&mut self, now: &js_source::Layout) -> RuntimeError {
+        if let Err(e) = self.settle().await {
+            return e;
+        }
+        RuntimeError::StreamChanged {
+            stream: self.opts.source.stream.clone(),
+            now: format!("{:?}, {:?}", now.subjects, now.transform),
+            checkpoint: self.p.checkpoint.last_seq,
+        }
     }
 
     /// Hands a batch's output to the committer; the caller has settled the

@@ -313,6 +313,7 @@ pub struct EventStream {
     /// How many partitions its subjects carry (see
     /// [`crate::event::partition::transform`]); `None`: stored as published.
     pub stored_partitions: Option<u32>,
+    pub layout: Layout,
 }
 
 /// Creates the event stream if missing; accepts an existing one whose
@@ -397,9 +398,11 @@ pub async fn ensure_event_stream(
             )?,
         ),
     };
+    let layout = Layout::of(&info.config);
     Ok(EventStream {
         stream: s,
         stored_partitions,
+        layout,
     })
 }
 
@@ -464,6 +467,28 @@ pub struct Held {
     pub first: u64,
     pub last: u64,
     pub deleted: Vec<u64>,
+    /// The stream's subjects and subject transform now.
+    pub layout: Layout,
+}
+
+/// What decides where a stream stores a message: its subjects and its
+/// subject transform (source, destination).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    pub subjects: Vec<String>,
+    pub transform: Option<(String, String)>,
+}
+
+impl Layout {
+    fn of(config: &stream::Config) -> Layout {
+        Layout {
+            subjects: config.subjects.clone(),
+            transform: config
+                .subject_transform
+                .as_ref()
+                .map(|t| (t.source.clone(), t.destination.clone())),
+        }
+    }
 }
 
 /// What the stream holds now. The deleted sequences are asked for only
@@ -494,7 +519,25 @@ pub async fn held(s: &stream::Stream, name: &str) -> Result<Held, SourceError> {
         first: info.state.first_sequence,
         last: info.state.last_sequence,
         deleted,
+        layout: Layout::of(&info.config),
     })
+}
+
+/// The subject the message at `seq` is stored under; `None` when the
+/// stream does not hold it.
+pub async fn stored_subject(
+    s: &stream::Stream,
+    name: &str,
+    seq: u64,
+) -> Result<Option<String>, SourceError> {
+    match s.raw_message_builder().sequence(seq).send().await {
+        Ok(m) => Ok(Some(m.subject.to_string())),
+        Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(SourceError::Messages {
+            stream: name.to_owned(),
+            cause: e.into(),
+        }),
+    }
 }
 
 /// The first message at or after sequence `from` whose subject matches
