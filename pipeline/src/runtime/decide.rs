@@ -249,6 +249,7 @@ mod tests {
             first: 10,
             last: 40,
             deleted: vec![15, 16, 20, 30],
+            ..Held::default()
         };
         assert_eq!(first_gone(&held, 3, 12), Some((3, 9)));
         assert_eq!(first_gone(&held, 3, 7), Some((3, 7)));
@@ -261,7 +262,7 @@ mod tests {
         let clean = Held {
             first: 1,
             last: 5,
-            deleted: Vec::new(),
+            ..Held::default()
         };
         assert_eq!(first_gone(&clean, 1, 5), None);
     }
