@@ -61,7 +61,7 @@ pub enum ReplayError {
     #[error(transparent)]
     Remote(#[from] RemoteError),
     #[error(
-        "stream {stream} no longer holds sequences {first}..={last}, and the events archive of {data} does not have them either: a replay would build views from less history than the live ones, so it stops here and the live views are untouched. Run `tally replay --accept-gap` to rebuild without them and record the gap"
+        "stream {stream} no longer holds sequences {first} to {last}, and the events archive of {data} does not have them either: a replay would build views from less history than the live ones, so it stops here and the live views are untouched. Run `tally replay --accept-gap` to rebuild without them and record the gap"
     )]
     LessHistory {
         stream: String,

@@ -181,7 +181,7 @@ async fn retention_warnings(
     }
     if state.first_sequence > checkpoint + 1 {
         out.push(format!(
-            "the stream no longer holds sequences {}..={} that no view has seen: `tally run` will stop there; `tally run --accept-gap` goes on and records the gap",
+            "the stream no longer holds sequences {} to {} that no view has seen: `tally run` will stop there; `tally run --accept-gap` goes on and records the gap",
             checkpoint + 1,
             state.first_sequence - 1
         ));
@@ -275,8 +275,10 @@ pub(crate) fn render(s: &Status, nats_error: Option<&str>) -> String {
         ));
         for g in &s.gaps {
             out.push_str(&format!(
-                "  {}..={} ({} messages)\n",
-                g.first_seq, g.last_seq, g.messages
+                "  {} to {} ({})\n",
+                g.first_seq,
+                g.last_seq,
+                crate::runtime::messages(g.messages)
             ));
         }
     }

@@ -134,8 +134,8 @@ pub enum RuntimeError {
         last: u64,
     },
     #[error(
-        "stream {stream} no longer holds sequences {first}..={last} ({count} messages), which data directory {path} needs next (retention, a purge or a deleted message removed them); stopped before them, the views and the checkpoint ({checkpoint}) are untouched. To keep the history, give the stream enough retention; to go on without these messages and record the gap for good (`tally status` and the `_tally_gaps` table show it), run again with --accept-gap",
-        count = last - first + 1
+        "stream {stream} no longer holds sequences {first} to {last} ({}), which data directory {path} needs next (retention, a purge or a deleted message removed them); stopped before them, the views and the checkpoint ({checkpoint}) are untouched. To keep the history, give the stream enough retention; to go on without these messages and record the gap for good (`tally status` and the `_tally_gaps` table show it), run again with --accept-gap",
+        messages(last - first + 1)
     )]
     Gap {
         stream: String,
@@ -321,6 +321,15 @@ impl RuntimeError {
             | RuntimeError::DataDir(DataDirError::Remote(e)) => e.is_fatal(),
             _ => false,
         }
+    }
+}
+
+/// `n messages`, or `1 message`.
+pub fn messages(n: u64) -> String {
+    if n == 1 {
+        "1 message".to_owned()
+    } else {
+        format!("{n} messages")
     }
 }
 
