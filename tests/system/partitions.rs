@@ -33,6 +33,28 @@ fn worker(server: &NatsServer, data: &Path, n: u32, k: u32, until_idle: bool) ->
         .unwrap()
 }
 
+/// Partitions 0 and 2 of three run to the end side by side while
+/// partition 1 is killed -9 twice, each time `step` sequences past where
+/// it was, then run to the end.
+fn three_workers_one_killed_twice(server: &NatsServer, parted: &Path, step: u64) {
+    let workers: Vec<Child> = [0, 2]
+        .iter()
+        .map(|k| worker(server, parted, 3, *k, true))
+        .collect();
+    let p1 = parted.join("partition-1");
+    let mut beyond = 0;
+    for _ in 0..2 {
+        let mut child = worker(server, parted, 3, 1, false);
+        beyond = wait_for_checkpoint(&p1, beyond + step, &mut child);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    wait_ok(worker(server, parted, 3, 1, true));
+    for w in workers {
+        wait_ok(w);
+    }
+}
+
 fn wait_ok(child: Child) {
     let out = child.wait_with_output().unwrap();
     assert!(
@@ -63,22 +85,7 @@ fn three_partitions_with_kill_9s_read_as_one_run_over_the_whole_stream() {
 
     // Three workers side by side; partition 1 is killed twice mid-stream.
     let parted = dir.path().join("parted");
-    let workers: Vec<Child> = [0, 2]
-        .iter()
-        .map(|k| worker(&server, &parted, 3, *k, true))
-        .collect();
-    let p1 = parted.join("partition-1");
-    let mut beyond = 0;
-    for _ in 0..2 {
-        let mut child = worker(&server, &parted, 3, 1, false);
-        beyond = wait_for_checkpoint(&p1, beyond + 1000, &mut child);
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-    }
-    wait_ok(worker(&server, &parted, 3, 1, true));
-    for w in workers {
-        wait_ok(w);
-    }
+    three_workers_one_killed_twice(&server, &parted, 1000);
 
     // Every view of the union is the whole run's, row for row.
     assert_same_views(
@@ -438,22 +445,7 @@ fn partitions_stored_in_subjects_deliver_each_worker_only_its_own() {
     }
 
     // Three workers; partition 1 is killed -9 twice mid-stream.
-    let workers: Vec<Child> = [0, 2]
-        .iter()
-        .map(|k| worker(&server, &parted, 3, *k, true))
-        .collect();
-    let p1 = parted.join("partition-1");
-    let mut beyond = 0;
-    for _ in 0..2 {
-        let mut child = worker(&server, &parted, 3, 1, false);
-        beyond = wait_for_checkpoint(&p1, beyond + 300, &mut child);
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-    }
-    wait_ok(worker(&server, &parted, 3, 1, true));
-    for w in workers {
-        wait_ok(w);
-    }
+    three_workers_one_killed_twice(&server, &parted, 300);
     assert_same_views(
         &views_but_publish_times(&server, &reference),
         &views_but_publish_times(&server, &parted),

@@ -109,30 +109,12 @@ pub(crate) fn stored_count(prefix: &str, source: &str, destination: &str) -> Opt
     (1..=MAX_PARTITIONS).contains(&count).then_some(count)
 }
 
-/// The subject a message was published to, from the one a stream with
-/// [`transform`] stored it under: the partition token removed. A stored
+/// The subject a message was published to, from the one a stream of
+/// `count` partitions ([`transform`]) stored it under: the partition token
+/// removed, once checked to be [`partition_of`] its tenant. A stored
 /// subject with fewer than three tokens after the prefix was not
 /// transformed (the transform needs a tenant and a type) and is returned
-/// as it is.
-#[cfg(test)]
-pub(crate) fn published_subject<'a>(stored: &'a str, prefix: &str) -> Cow<'a, str> {
-    let Some(rest) = stored
-        .strip_prefix(prefix)
-        .and_then(|r| r.strip_prefix('.'))
-    else {
-        return Cow::Borrowed(stored);
-    };
-    match rest.split_once('.') {
-        Some((_, published)) if published.contains('.') => {
-            Cow::Owned(format!("{prefix}.{published}"))
-        }
-        _ => Cow::Borrowed(stored),
-    }
-}
-
-/// [`published_subject`], checking that `stored` is where a stream of
-/// `count` partitions ([`transform`]) stores it: its partition token is
-/// [`partition_of`] its tenant. `None` when it is not: the message was
+/// as it is. `None` when the token is not the tenant's: the message was
 /// stored before the stream's transform was added or changed.
 pub(crate) fn published_subject_checked<'a>(
     stored: &'a str,
@@ -240,20 +222,15 @@ mod tests {
             assert_eq!(stored_count("tally.events", s, d), None, "{s} -> {d}");
         }
         let p = "tally.events";
+        let five = partition_of("5", 3);
         assert_eq!(
-            published_subject("tally.events.2.acme.usage.recorded", p),
-            "tally.events.acme.usage.recorded"
+            published_subject_checked(&format!("tally.events.{five}.5.x"), p, 3).as_deref(),
+            Some("tally.events.5.x")
         );
         assert_eq!(
-            published_subject("tally.events.0.5.x", p),
-            "tally.events.5.x"
+            published_subject_checked("other.1.a.b", p, 3).as_deref(),
+            Some("other.1.a.b")
         );
-        // Not transformed: no type token.
-        assert_eq!(
-            published_subject("tally.events.acme", p),
-            "tally.events.acme"
-        );
-        assert_eq!(published_subject("other.1.a.b", p), "other.1.a.b");
         // Checked against the transform of 3 partitions.
         let k = partition_of("acme", 3);
         assert_eq!(
@@ -309,7 +286,10 @@ mod tests {
             let stored = format!("{prefix}.{k}.{tenant}.usage.recorded");
             assert_eq!(receivers(&stored), vec![k], "{tenant}");
             assert_eq!(
-                Partition::owner_of_delivered(&published_subject(&stored, prefix), prefix),
+                Partition::owner_of_delivered(
+                    &published_subject_checked(&stored, prefix, n).unwrap(),
+                    prefix
+                ),
                 Owner::Own
             );
         }
@@ -317,7 +297,10 @@ mod tests {
         let catalog = format!("{prefix}.{system}.{SYSTEM_TENANT}.catalog.plan_published");
         assert_eq!(receivers(&catalog), vec![0, 1, 2, 3]);
         assert_eq!(
-            Partition::owner_of_delivered(&published_subject(&catalog, prefix), prefix),
+            Partition::owner_of_delivered(
+                &published_subject_checked(&catalog, prefix, n).unwrap(),
+                prefix
+            ),
             Owner::Shared
         );
         // Left alone by the transform: partition 0 dead-letters it.

@@ -530,8 +530,17 @@ pub async fn stored_subject(
     name: &str,
     seq: u64,
 ) -> Result<Option<String>, SourceError> {
-    match s.raw_message_builder().sequence(seq).send().await {
-        Ok(m) => Ok(Some(m.subject.to_string())),
+    let m = found(name, s.raw_message_builder().sequence(seq).send().await)?;
+    Ok(m.map(|m| m.subject.to_string()))
+}
+
+/// A stream read's message; `None` when the stream holds none there.
+fn found(
+    name: &str,
+    read: Result<jetstream::message::StreamMessage, stream::RawMessageError>,
+) -> Result<Option<jetstream::message::StreamMessage>, SourceError> {
+    match read {
+        Ok(m) => Ok(Some(m)),
         Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
         Err(e) => Err(SourceError::Messages {
             stream: name.to_owned(),
@@ -548,20 +557,13 @@ pub async fn next_matching(
     filter: &str,
     from: u64,
 ) -> Result<Option<jetstream::message::StreamMessage>, SourceError> {
-    match s
+    let read = s
         .raw_message_builder()
         .sequence(from.max(1))
         .next_by_subject(filter)
         .send()
-        .await
-    {
-        Ok(m) => Ok(Some(m)),
-        Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(SourceError::Messages {
-            stream: name.to_owned(),
-            cause: e.into(),
-        }),
-    }
+        .await;
+    found(name, read)
 }
 
 /// Of the sequences `from..=to`, which a consumer passed over: the last
