@@ -14,10 +14,13 @@
 //!   age can find it.
 //!
 //! What is remembered per event is what a retraction needs and no more:
-//! the key (16 bytes), the stream sequence and the time; a usage event's
-//! quantity, `source` and `id` (the order of `last`) in its (tenant,
-//! metric, month) bucket; the typed payload of the rare other
-//! metric-driving events. The buckets double as the usage history that
+//! the key (16 bytes) and where the event is (8 bytes), the stream
+//! sequence and the time; a usage event's quantity, `source` and `id` (the
+//! order of `last`) in its (tenant, metric, month) bucket; for the other
+//! metric-driving events, their type and `data` text, parsed again by the
+//! validator's own parser when a void needs the payload (a typed payload
+//! held several times the bytes of its text, and these events are most
+//! of a billing-only stream). The buckets double as the usage history that
 //! `usage` and `overages` recompute a window's `min`, `max` and `last`
 //! from when a void removes one of them: a void costs about what its
 //! target cost, never a pass over history.
@@ -33,8 +36,8 @@ use std::sync::Arc;
 
 use super::FixedState;
 use super::window::month_bounds;
-use crate::event::payload::{Payload, VOIDED_TYPE};
-use crate::event::{Event, Text};
+use crate::event::payload::{METRIC_TYPES, Payload, VOIDED_TYPE};
+use crate::event::{Event, Text, payload_from_archive};
 
 /// Most entries [`Ledger::reserve`] makes room for at once (16M: about
 /// 512 MiB of index), so a huge backlog does not allocate it all up front.
@@ -68,8 +71,20 @@ impl UsageRecord {
     }
 }
 
+/// An event key (tenant, `source`, `id` hashed, see `state::dedup`) as
+/// two words: 8-byte alignment keeps a map slot with an 8-byte value at 24
+/// bytes (a `u128` key pads it to 32), and there is a slot per event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key(u64, u64);
+
+impl From<u128> for Key {
+    fn from(k: u128) -> Key {
+        Key(k as u64, (k >> 64) as u64)
+    }
+}
+
 /// Where a remembered event is.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Loc {
     /// `buckets[bucket][pos]`.
     Usage { bucket: u32, pos: u32 },
@@ -80,14 +95,106 @@ enum Loc {
     Voided(u64),
 }
 
-/// A remembered event other than usage.
+/// A [`Loc`] in one word, as the index keeps it: the top bit clear for
+/// `Usage` (bucket in the next 31 bits, position in the low 32), `10` for
+/// `Other` (index in the low 32 bits), `11` for `Voided` (sequence in the
+/// low 62 bits). The limits are far past what memory holds: 2^31 buckets
+/// would take hundreds of GiB, and a stream reaches sequence 2^62 after
+/// 146,000 years at a million messages a second.
+#[derive(Debug, Clone, Copy)]
+struct Packed(u64);
+
+const OTHER_TAG: u64 = 0b10 << 62;
+const VOIDED_TAG: u64 = 0b11 << 62;
+const LOW_62: u64 = (1 << 62) - 1;
+
+impl From<Loc> for Packed {
+    fn from(loc: Loc) -> Packed {
+        Packed(match loc {
+            Loc::Usage { bucket, pos } => {
+                (u64::from(bucket & (u32::MAX >> 1)) << 32) | u64::from(pos)
+            }
+            Loc::Other(i) => OTHER_TAG | u64::from(i),
+            Loc::Voided(seq) => VOIDED_TAG | (seq & LOW_62),
+        })
+    }
+}
+
+impl From<Packed> for Loc {
+    fn from(p: Packed) -> Loc {
+        match p.0 >> 62 {
+            0b10 => Loc::Other(p.0 as u32),
+            0b11 => Loc::Voided(p.0 & LOW_62),
+            _ => Loc::Usage {
+                bucket: (p.0 >> 32) as u32,
+                pos: p.0 as u32,
+            },
+        }
+    }
+}
+
+/// Records per chunk of [`Ledger`]'s `others` (1.5 MiB).
+const OTHERS_CHUNK: usize = 1 << 16;
+
+/// A remembered event other than usage: 24 bytes.
 #[derive(Debug)]
 struct OtherRecord {
     seq: u64,
     time: i64,
-    /// Type and payload of a metric-driving event; `None` for any other
-    /// type (only its time counts, in `tenants`).
-    typed: Option<Box<(Text, Payload)>>,
+    /// Type and `data` of a metric-driving event in [`Texts`];
+    /// [`Texts::NONE`] for any other type (only its time counts, in
+    /// `tenants`) and once a void has taken the event out.
+    text: u64,
+}
+
+/// The type and `data` text of remembered metric-driving events, appended
+/// to chunks of 1 MiB (a chunk is never moved or regrown, so memory grows
+/// by the text and no more). An entry is its length (4 bytes), its type
+/// (the index in `METRIC_TYPES`) and the text; a handle is the chunk's
+/// index in the high 32 bits and the entry's offset in the low 32.
+#[derive(Default)]
+struct Texts {
+    chunks: Vec<Vec<u8>>,
+}
+
+impl Texts {
+    const NONE: u64 = u64::MAX;
+    const CHUNK: usize = 1 << 20;
+
+    fn push(&mut self, type_index: u8, data: &str) -> u64 {
+        let Ok(len) = u32::try_from(data.len()) else {
+            return Texts::NONE;
+        };
+        let need = data.len() + 5;
+        let fits = self
+            .chunks
+            .last()
+            .is_some_and(|c| c.capacity() - c.len() >= need);
+        if !fits {
+            self.chunks.push(Vec::with_capacity(need.max(Texts::CHUNK)));
+        }
+        let chunk_index = self.chunks.len() - 1;
+        let Some(chunk) = self.chunks.last_mut() else {
+            return Texts::NONE;
+        };
+        let (Ok(c), Ok(offset)) = (u32::try_from(chunk_index), u32::try_from(chunk.len())) else {
+            return Texts::NONE;
+        };
+        chunk.extend_from_slice(&len.to_le_bytes());
+        chunk.push(type_index);
+        chunk.extend_from_slice(data.as_bytes());
+        (u64::from(c) << 32) | u64::from(offset)
+    }
+
+    /// The type and text behind `handle`.
+    fn get(&self, handle: u64) -> Option<(&'static str, &str)> {
+        let chunk = self.chunks.get((handle >> 32) as usize)?;
+        let at = (handle as u32) as usize;
+        let len = u32::from_le_bytes(chunk.get(at..at + 4)?.try_into().ok()?) as usize;
+        let event_type = METRIC_TYPES.get(usize::from(*chunk.get(at + 4)?))?;
+        let text = std::str::from_utf8(chunk.get(at + 5..at + 5 + len)?).ok()?;
+        Some((event_type, text))
+    }
 }
 
 /// A (tenant, metric, month) bucket of usage records.
@@ -126,15 +233,21 @@ pub enum Verdict {
 #[derive(Default)]
 pub struct Ledger {
     /// Key (tenant, source, id) -> the effective event with it.
-    index: HashMap<u128, Loc, FixedState>,
+    index: HashMap<Key, Packed, FixedState>,
     /// Further effective events with a key already in `index` (an event
     /// re-sent after the dedup horizon is accepted again).
-    more: HashMap<u128, Vec<Loc>, FixedState>,
+    more: HashMap<Key, Vec<Loc>, FixedState>,
     /// Target key -> the first void naming it.
-    voided: HashMap<u128, u64, FixedState>,
+    voided: HashMap<Key, u64, FixedState>,
     /// Target key -> the later voids naming it.
-    voided_more: HashMap<u128, Vec<u64>, FixedState>,
-    others: Vec<OtherRecord>,
+    voided_more: HashMap<Key, Vec<u64>, FixedState>,
+    /// Remembered events other than usage, in chunks of
+    /// [`OTHERS_CHUNK`]: one vector of millions would double (and for a
+    /// moment hold both copies) each time it grows.
+    others: Vec<Vec<OtherRecord>>,
+    /// How many `others` hold.
+    others_len: u32,
+    texts: Texts,
     buckets: Vec<Bucket>,
     /// (series, month start) -> bucket.
     bucket_ids: HashMap<(u32, i64), u32, FixedState>,
@@ -153,7 +266,9 @@ impl Ledger {
     /// Classifies an accepted event, in stream order. `key` is its dedup
     /// key (tenant, `source`, `id`); `target_key` that of its target, for a void.
     pub fn classify(&mut self, e: &Event, key: u128, target_key: Option<u128>) -> Verdict {
+        let key = Key::from(key);
         if let (Payload::EventVoided { .. }, Some(target)) = (&e.payload, target_key) {
+            let target = Key::from(target);
             self.voids += 1;
             match self.voided.entry(target) {
                 std::collections::hash_map::Entry::Occupied(_) => {
@@ -166,7 +281,12 @@ impl Ledger {
                     v.insert(e.stream_seq);
                 }
             }
-            let mut locs: Vec<Loc> = self.index.get(&target).copied().into_iter().collect();
+            let mut locs: Vec<Loc> = self
+                .index
+                .get(&target)
+                .map(|p| Loc::from(*p))
+                .into_iter()
+                .collect();
             locs.extend(self.more.get(&target).into_iter().flatten().copied());
             let mut targets = Vec::new();
             let mut hits = Vec::with_capacity(locs.len());
@@ -187,7 +307,7 @@ impl Ledger {
                 }
             }
             if let Some((first, rest)) = gone.split_first() {
-                self.index.insert(target, *first);
+                self.index.insert(target, Packed::from(*first));
                 if !rest.is_empty() {
                     self.more.insert(target, rest.to_vec());
                 }
@@ -232,13 +352,24 @@ impl Ledger {
                 Loc::Usage { bucket, pos }
             }
             p => {
-                let i = u32::try_from(self.others.len()).unwrap_or(u32::MAX);
-                self.others.push(OtherRecord {
-                    seq: e.stream_seq,
-                    time: e.time,
-                    typed: (!matches!(p, Payload::Other))
-                        .then(|| Box::new((e.event_type.clone(), p.clone()))),
-                });
+                let i = self.others_len;
+                let typed = METRIC_TYPES.iter().position(|t| *t == e.event_type);
+                let text = match (p, typed, e.data.as_deref()) {
+                    (Payload::Other, _, _) => Texts::NONE,
+                    (_, Some(t), Some(data)) => self.texts.push(t as u8, data),
+                    _ => Texts::NONE,
+                };
+                if self.others.last().is_none_or(|c| c.len() == OTHERS_CHUNK) {
+                    self.others.push(Vec::with_capacity(OTHERS_CHUNK));
+                }
+                if let Some(chunk) = self.others.last_mut() {
+                    chunk.push(OtherRecord {
+                        seq: e.stream_seq,
+                        time: e.time,
+                        text,
+                    });
+                }
+                self.others_len = self.others_len.saturating_add(1);
                 Loc::Other(i)
             }
         };
@@ -246,13 +377,13 @@ impl Ledger {
         Verdict::Effective
     }
 
-    fn remember(&mut self, key: u128, loc: Loc) {
+    fn remember(&mut self, key: Key, loc: Loc) {
         match self.index.entry(key) {
             std::collections::hash_map::Entry::Occupied(_) => {
                 self.more.entry(key).or_default().push(loc);
             }
             std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(loc);
+                v.insert(Packed::from(loc));
             }
         }
     }
@@ -302,10 +433,28 @@ impl Ledger {
                 })
             }
             Loc::Other(i) => {
-                let r = self.others.get_mut(i as usize)?;
-                // The record is never needed again: free its payload.
-                let (event_type, payload) = match r.typed.take() {
-                    Some(t) => *t,
+                let r = self
+                    .others
+                    .get_mut(i as usize / OTHERS_CHUNK)?
+                    .get_mut(i as usize % OTHERS_CHUNK)?;
+                // The record is never needed again: its text is dropped
+                // from it (the bytes stay in their chunk; voids are few).
+                let handle = std::mem::replace(&mut r.text, Texts::NONE);
+                let (event_type, payload) = match self.texts.get(handle) {
+                    // The text passed this same parser when the event was
+                    // accepted, so it parses to the payload folded then.
+                    Some((t, data)) => match payload_from_archive(t, Some(data)) {
+                        Ok(p) => (Text::from(t), p),
+                        Err(reject) => {
+                            tracing::error!(
+                                seq = r.seq,
+                                event_type = t,
+                                reason = %reject.detail,
+                                "a remembered event's data no longer parses; its void takes out only its time"
+                            );
+                            (Text::const_new(""), Payload::Other)
+                        }
+                    },
                     None => (Text::const_new(""), Payload::Other),
                 };
                 Some(Target {
@@ -387,5 +536,57 @@ impl Ledger {
     #[cfg(test)]
     pub fn remembered(&self) -> usize {
         self.index.len() + self.more.values().map(Vec::len).sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_location_packs_into_one_word_and_back() {
+        let locs = [
+            Loc::Usage { bucket: 0, pos: 0 },
+            Loc::Usage {
+                bucket: (1 << 31) - 1,
+                pos: u32::MAX,
+            },
+            Loc::Usage { bucket: 7, pos: 9 },
+            Loc::Other(0),
+            Loc::Other(u32::MAX),
+            Loc::Voided(0),
+            Loc::Voided(LOW_62),
+            Loc::Voided(123_456_789),
+        ];
+        for loc in locs {
+            assert_eq!(Loc::from(Packed::from(loc)), loc);
+        }
+        // The index's slot: a 16-byte key and an 8-byte location.
+        assert_eq!(std::mem::size_of::<(Key, Packed)>(), 24);
+        assert_eq!(std::mem::size_of::<OtherRecord>(), 24);
+    }
+
+    #[test]
+    fn texts_give_back_what_was_put_across_chunks() {
+        let mut texts = Texts::default();
+        let big = "x".repeat(Texts::CHUNK + 10);
+        let mut handles = Vec::new();
+        for i in 0..3000u32 {
+            let data = format!(
+                "{{\"n\":{i},\"pad\":\"{}\"}}",
+                "y".repeat((i % 700) as usize)
+            );
+            handles.push((texts.push((i % 10) as u8, &data), i % 10, data));
+            if i == 1500 {
+                handles.push((texts.push(3, &big), 3, big.clone()));
+            }
+        }
+        assert!(texts.chunks.len() > 2, "the test spans chunks");
+        for (h, t, data) in &handles {
+            let (event_type, text) = texts.get(*h).expect("an entry");
+            assert_eq!(event_type, METRIC_TYPES[*t as usize]);
+            assert_eq!(text, data);
+        }
+        assert_eq!(texts.get(Texts::NONE), None);
     }
 }
