@@ -139,6 +139,10 @@ struct Session<'o> {
     /// The stream's subjects and transform at the start: a filtered run
     /// stops if they change under it.
     layout: js_source::Layout,
+    /// Archived events folded but not yet committed (a file linked whole
+    /// is folded in pieces and committed once): the first sequence of the
+    /// batch they belong to and the duplicates among them.
+    folded_archived: Option<(u64, u64)>,
 }
 
 /// The messages read beside a filtered consumer from `from` up to
@@ -306,6 +310,7 @@ impl<'o> Session<'o> {
             stored_partitions,
             filtered,
             layout,
+            folded_archived: None,
         })
     }
 
@@ -1196,10 +1201,18 @@ impl<'o> Session<'o> {
                 if let Some(e) = failed {
                     return Err(e.into());
                 }
-                if !whole && chunk.len() >= self.opts.batch_size {
+                if chunk.len() >= self.opts.batch_size {
                     let through = chunk.last().map_or(from, |e| e.stream_seq);
-                    self.commit_archived(std::mem::take(&mut chunk), through, Vec::new(), stop)
-                        .await?;
+                    if whole {
+                        // The file's rows become durable together, when it
+                        // is linked; its events are folded a batch at a
+                        // time meanwhile, so a file of millions of rows is
+                        // never held decoded at once.
+                        self.fold_archived(std::mem::take(&mut chunk), through);
+                    } else {
+                        self.commit_archived(std::mem::take(&mut chunk), through, Vec::new(), stop)
+                            .await?;
+                    }
                 }
             }
             if whole {
@@ -1209,8 +1222,12 @@ impl<'o> Session<'o> {
                     first: file.first_seq,
                     last: file.last_seq,
                 });
-                // Measured in sequences, as a stream batch is.
-                if file.last_seq - self.p.checkpoint.last_seq >= group as u64 {
+                // Measured in sequences since the last commit, as a
+                // stream batch is.
+                let committed = self
+                    .folded_archived
+                    .map_or(self.p.checkpoint.last_seq, |(first, _)| first - 1);
+                if file.last_seq - committed >= group as u64 {
                     let batch = (std::mem::take(&mut chunk), std::mem::take(&mut links));
                     self.commit_archived(batch.0, file.last_seq, batch.1, stop)
                         .await?;
@@ -1230,6 +1247,20 @@ impl<'o> Session<'o> {
         self.commit_archived(chunk, to, Vec::new(), stop).await
     }
 
+    /// Folds a piece of the archived events of a file that will be linked
+    /// whole (so the `events` view is skipped), without committing: the
+    /// batch's [`Session::commit_archived`] commits it with the file.
+    fn fold_archived(&mut self, chunk: Vec<Event>, through: u64) {
+        let cpu = Instant::now();
+        let first = self.p.checkpoint.last_seq + 1;
+        let duplicates = self.p.process_archived(&chunk, through, true);
+        let folded = self.folded_archived.get_or_insert((first, 0));
+        folded.1 += duplicates;
+        self.summary.processing += cpu.elapsed();
+        self.summary.messages += chunk.len() as u64;
+        tokio::task::spawn_blocking(move || drop(chunk));
+    }
+
     /// One batch of archived events through the processor and the
     /// committer; with `links`, the archive files that hold exactly these
     /// events' rows become the new `events` files for their ranges.
@@ -1241,9 +1272,12 @@ impl<'o> Session<'o> {
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), RuntimeError> {
         let cpu = Instant::now();
-        let first = self.p.checkpoint.last_seq + 1;
         let linked = !links.is_empty();
-        let duplicates = self.p.process_archived(&chunk, through, linked);
+        let (first, folded_duplicates) = self
+            .folded_archived
+            .take()
+            .unwrap_or((self.p.checkpoint.last_seq + 1, 0));
+        let duplicates = folded_duplicates + self.p.process_archived(&chunk, through, linked);
         if duplicates > 0 && linked {
             // The archive's rows would show events this replay drops.
             return Err(RuntimeError::ArchiveDuplicates {
