@@ -9,7 +9,7 @@ use std::process::Command;
 
 use async_nats::HeaderMap;
 
-use crate::harness::{NatsServer, api_calls, rt, run_expect, tally};
+use crate::harness::{NatsServer, api_calls, js, rt, run_expect, tally};
 
 fn config(dir: &Path) -> std::path::PathBuf {
     let script =
@@ -164,4 +164,50 @@ fn a_producer_of_one_tenant_cannot_publish_into_anothers_subjects() {
     c.args(["run", "--until-idle"]);
     let out = c.output().unwrap();
     assert!(!out.status.success());
+}
+
+/// A stream that already captures Tally's subjects under another name: a
+/// run or a publish naming a new stream is refused with the other stream's
+/// name, and nothing lands in the other stream (before, a publish said
+/// "published" and its messages went there).
+#[test]
+fn a_stream_whose_subjects_another_stream_holds_is_refused_naming_it() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    rt().block_on(async {
+        let js = js(&server).await;
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "OLDER".into(),
+            subjects: vec!["tally.events.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let file = dir.path().join("one.jsonl");
+    std::fs::write(
+        &file,
+        r#"{"specversion":"1.0","id":"u1","source":"s","type":"usage.recorded","time":"2025-01-01T00:00:00Z","tenant":"acme","data":{"metric":"api_calls","quantity":1}}"#,
+    )
+    .unwrap();
+    for args in [
+        vec!["publish", file.to_str().unwrap()],
+        vec!["run", "--until-idle"],
+    ] {
+        let mut c = tally(&server, &data);
+        c.env("TALLY_STREAM", "NEWER").args(&args);
+        let err = String::from_utf8(run_expect(c, 1).stderr).unwrap();
+        assert!(
+            err.contains("overlap those of stream OLDER") && !err.contains("JetStream enabled"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.matches("overlap").count(), 1, "said once: {err}");
+    }
+    let held = rt().block_on(async {
+        let js = js(&server).await;
+        let mut s = js.get_stream("OLDER").await.unwrap();
+        s.info().await.unwrap().state.messages
+    });
+    assert_eq!(held, 0, "nothing was published into the other stream");
 }

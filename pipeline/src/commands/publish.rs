@@ -367,7 +367,9 @@ pub(crate) async fn command(g: &Globals, a: &PublishArgs) -> Result<(), CommandE
     // inspect the stream: it publishes, and the acks say whether
     // the stream took each message.
     match crate::source::jetstream::ensure_event_stream(&js, &g.source_config(None, None)).await {
-        Err(SourceError::Stream { stream, cause }) => {
+        Err(
+            SourceError::Stream { stream, cause } | SourceError::StreamRefused { stream, cause },
+        ) => {
             tracing::debug!(%stream, %cause, "cannot set up the event stream from this account; publishing to it as it is");
         }
         Ok(es) => {

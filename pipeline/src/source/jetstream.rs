@@ -106,8 +106,8 @@ pub enum SourceError {
         #[source]
         cause: std::io::Error,
     },
-    /// Fatal: the stream cannot be created or opened (for `tally publish`
-    /// from a producer's account, skipped: see `commands::publish`).
+    /// Fatal: JetStream did not answer the stream's creation (for `tally
+    /// publish` from a producer's account, skipped: see `commands::publish`).
     #[error(
         "cannot create or open stream {stream}: {cause} — is JetStream enabled on the server (nats-server -js)?"
     )]
@@ -115,6 +115,24 @@ pub enum SourceError {
         stream: String,
         #[source]
         cause: BoxError,
+    },
+    /// Fatal: JetStream answered the stream's creation with an error (for
+    /// `tally publish`, skipped as [`SourceError::Stream`] is).
+    #[error("cannot create or open stream {stream}: the server refused: {cause}")]
+    StreamRefused {
+        stream: String,
+        #[source]
+        cause: BoxError,
+    },
+    /// Fatal: another stream already captures the subjects, so the server
+    /// refuses a second (and a publish would land in the other one).
+    #[error(
+        "cannot create stream {stream}: its subjects {subjects:?} overlap those of stream {other}, which already captures them; use {other} (--stream / TALLY_STREAM for the event stream), give one of the two other subjects (--subject-prefix), or delete {other}"
+    )]
+    Overlap {
+        stream: String,
+        subjects: Vec<String>,
+        other: String,
     },
     /// Fatal: the stream is not the event stream this configuration names.
     #[error(
@@ -345,31 +363,30 @@ pub async fn ensure_event_stream(
         // stream with sources (elsewhere as its 2-minute default): the
         // event stream sources an empty stream that no one writes to.
         let placeholder = format!("{}_NODEDUP", cfg.stream);
-        js.get_or_create_stream(stream::Config {
-            name: placeholder.clone(),
-            subjects: vec![format!("_tally.nodedup.{}", cfg.stream)],
-            storage: stream::StorageType::File,
-            num_replicas: cfg.replicas,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| SourceError::Stream {
-            stream: placeholder.clone(),
-            cause: e.into(),
-        })?;
+        let subjects = vec![format!("_tally.nodedup.{}", cfg.stream)];
+        if let Err(e) = js
+            .get_or_create_stream(stream::Config {
+                name: placeholder.clone(),
+                subjects: subjects.clone(),
+                storage: stream::StorageType::File,
+                num_replicas: cfg.replicas,
+                ..Default::default()
+            })
+            .await
+        {
+            return Err(create_error(js, &placeholder, &subjects, e).await);
+        }
         config.duplicate_window = Duration::ZERO;
         config.sources = Some(vec![stream::Source {
             name: placeholder,
             ..Default::default()
         }]);
     }
-    let mut s = js
-        .get_or_create_stream(config)
-        .await
-        .map_err(|e| SourceError::Stream {
-            stream: cfg.stream.clone(),
-            cause: e.into(),
-        })?;
+    let subjects = config.subjects.clone();
+    let mut s = match js.get_or_create_stream(config).await {
+        Ok(s) => s,
+        Err(e) => return Err(create_error(js, &cfg.stream, &subjects, e).await),
+    };
     let info = s.info().await.map_err(|e| SourceError::Info {
         stream: cfg.stream.clone(),
         cause: e.into(),
@@ -406,6 +423,44 @@ pub async fn ensure_event_stream(
     })
 }
 
+/// The error for a stream JetStream would not create: an overlap names the
+/// stream that holds the subjects; an unanswered request asks whether
+/// JetStream runs; any other answer is the server's own words.
+async fn create_error(
+    js: &jetstream::Context,
+    stream: &str,
+    subjects: &[String],
+    e: jetstream::context::CreateStreamError,
+) -> SourceError {
+    use jetstream::context::CreateStreamErrorKind as Kind;
+    match e.kind() {
+        Kind::JetStream(j) if j.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP => {
+            let mut other = None;
+            for subject in subjects {
+                if let Ok(name) = js.stream_by_subject(subject.clone()).await {
+                    other = Some(name);
+                    break;
+                }
+            }
+            SourceError::Overlap {
+                stream: stream.to_owned(),
+                subjects: subjects.to_vec(),
+                other: other.unwrap_or_else(|| "another stream".to_owned()),
+            }
+        }
+        Kind::JetStream(_) | Kind::InvalidStreamName | Kind::EmptyStreamName => {
+            SourceError::StreamRefused {
+                stream: stream.to_owned(),
+                cause: e.into(),
+            }
+        }
+        _ => SourceError::Stream {
+            stream: stream.to_owned(),
+            cause: e.into(),
+        },
+    }
+}
+
 /// Creates a stream for Tally's own output (`TALLY_DLQ`, `TALLY_ALERTS`) if
 /// missing. Its duplicate window covers a restart after a crash, so a
 /// publish repeated by the recovery of an unfinished batch is dropped.
@@ -416,7 +471,7 @@ pub async fn ensure_output_stream(
     subjects: &str,
     replicas: usize,
 ) -> Result<i64, SourceError> {
-    let mut s = js
+    let mut s = match js
         .get_or_create_stream(stream::Config {
             name: name.to_owned(),
             subjects: vec![subjects.to_owned()],
@@ -426,10 +481,10 @@ pub async fn ensure_output_stream(
             ..Default::default()
         })
         .await
-        .map_err(|e| SourceError::Stream {
-            stream: name.to_owned(),
-            cause: e.into(),
-        })?;
+    {
+        Ok(s) => s,
+        Err(e) => return Err(create_error(js, name, &[subjects.to_owned()], e).await),
+    };
     let info = s.info().await.map_err(|e| SourceError::Info {
         stream: name.to_owned(),
         cause: e.into(),
