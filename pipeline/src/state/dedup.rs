@@ -6,15 +6,17 @@
 //! Each accepted event's key is remembered with its JetStream publish time;
 //! a later message with the same key published within the horizon is a
 //! duplicate. Memory is bounded by the number of events inside the horizon:
-//! entries older than `newest publish time - horizon` are evicted in publish
-//! order. Keys are 128-bit xxh3 hashes (16 bytes instead of the strings;
+//! entries older than `newest publish time - horizon` count as absent, and
+//! are swept out together once the map has grown by a quarter since the
+//! last sweep. Keys are 128-bit xxh3 hashes (16 bytes instead of the strings;
 //! a collision among 10^9 keys has probability ~10^-21).
 //!
 //! The state is never written separately: it is rebuilt at start-up from the
 //! `events` archive, which holds exactly the accepted events with their
 //! publish times and is durable before each checkpoint.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_128};
@@ -94,37 +96,46 @@ impl Hasher for PassThroughHasher {
     }
 }
 
-type KeySet = HashSet<Key, BuildHasherDefault<PassThroughHasher>>;
+type KeyTimes = HashMap<Key, i64, BuildHasherDefault<PassThroughHasher>>;
 
 /// Most entries reserved up front ([`Dedup::reserve`]): growing the
 /// table rehashes every key and faults in a fresh table each time, which
 /// costs measurable ingest time; beyond this the table grows as needed.
 pub const MAX_RESERVE: usize = 1 << 20;
 
+/// The smallest map that is swept for keys past the horizon.
+const SWEEP_MIN: usize = 4096;
+
 /// The dedup horizon.
 ///
-/// A set, not a map to publish times: the horizon is evicted up to the
-/// newest publish time *before* each lookup, so every key still present was
-/// accepted within the horizon of the message being checked (publish times
-/// of one stream only move forward; an older one, after a clock step back,
-/// is even closer to every remembered key). 40 bytes per remembered event.
+/// A map from key to publish time. A key remembered before `newest publish
+/// time - horizon` has left the horizon and is treated as absent, so every
+/// key that counts was accepted within the horizon of the message being
+/// checked (publish times of one stream only move forward; an older one,
+/// after a clock step back, is even closer to every remembered key). The
+/// keys past the horizon are swept out together when the map has grown by
+/// a quarter since the last sweep: no second structure in publish order is
+/// kept for eviction, so an entry is one 24-byte slot (a set slot and a
+/// queue entry took 40), and the map holds at most a quarter more than the
+/// horizon between sweeps.
 pub struct Dedup {
     horizon_us: i64,
-    /// Keys of the accepted events inside the horizon.
-    seen: KeySet,
-    /// (publish time, key) in arrival order, for eviction.
-    order: VecDeque<(i64, Key)>,
+    /// Keys of accepted events and their publish times: those inside the
+    /// horizon, and those past it until the next sweep.
+    seen: KeyTimes,
     /// Largest publish time seen: "now" in stream time.
     now: i64,
+    /// The map's size at which the next sweep runs.
+    sweep_at: usize,
 }
 
 impl Dedup {
     pub fn new(horizon_us: i64) -> Dedup {
         Dedup {
             horizon_us,
-            seen: KeySet::default(),
-            order: VecDeque::new(),
+            seen: KeyTimes::default(),
             now: i64::MIN,
+            sweep_at: SWEEP_MIN,
         }
     }
 
@@ -133,37 +144,36 @@ impl Dedup {
     pub fn reserve(&mut self, entries: usize) {
         let n = entries.min(MAX_RESERVE);
         self.seen.reserve(n);
-        self.order.reserve(n);
     }
 
     /// Admits an event with `key`, published at `published_at`: false if
     /// it duplicates one accepted within the horizon (and changes nothing),
     /// true if it is new (and is remembered).
     pub fn admit(&mut self, key: u128, published_at: i64) -> bool {
-        if published_at > self.now {
-            self.now = published_at;
-            self.evict();
+        self.now = self.now.max(published_at);
+        let cutoff = self.now.saturating_sub(self.horizon_us);
+        match self.seen.entry(Key::from(key)) {
+            Entry::Occupied(mut seen) => {
+                if *seen.get() >= cutoff {
+                    return false;
+                }
+                // Past the horizon: accepted again, remembered from now.
+                seen.insert(published_at);
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(published_at);
+                if self.seen.len() >= self.sweep_at {
+                    self.seen.retain(|_, t| *t >= cutoff);
+                    let left = self.seen.len();
+                    self.sweep_at = (left + left / 4).max(SWEEP_MIN);
+                }
+            }
         }
-        let key = Key::from(key);
-        if !self.seen.insert(key) {
-            return false;
-        }
-        self.order.push_back((published_at, key));
         true
     }
 
-    fn evict(&mut self) {
-        let cutoff = self.now.saturating_sub(self.horizon_us);
-        while let Some(&(t, k)) = self.order.front() {
-            if t >= cutoff {
-                break;
-            }
-            self.order.pop_front();
-            self.seen.remove(&k);
-        }
-    }
-
-    /// Entries currently remembered.
+    /// Entries currently remembered (those past the horizon included,
+    /// until the next sweep).
     pub fn len(&self) -> usize {
         self.seen.len()
     }
@@ -207,10 +217,20 @@ mod tests {
     fn memory_is_bounded_by_the_horizon() {
         let mut d = Dedup::new(10);
         d.reserve(16);
-        for i in 0..1000 {
+        for i in 0..100_000 {
             assert!(d.admit(key("t", "s", &i.to_string()), i));
+            assert!(d.len() <= SWEEP_MIN, "{i}: {}", d.len());
         }
-        assert!(d.len() <= 11, "{}", d.len());
+        // A horizon of many keys: between sweeps the map holds at most a
+        // quarter more than the horizon.
+        let mut d = Dedup::new(100_000);
+        for i in 0..1_000_000 {
+            assert!(d.admit(key("t", "s", &i.to_string()), i));
+            assert!(d.len() <= 125_002, "{i}: {}", d.len());
+        }
+        // Keys swept out are new again; keys inside the horizon still are not.
+        assert!(d.admit(key("t", "s", "0"), 1_000_000));
+        assert!(!d.admit(key("t", "s", "999999"), 1_000_000));
     }
 
     #[test]
