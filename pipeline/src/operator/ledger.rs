@@ -148,8 +148,9 @@ struct OtherRecord {
 }
 
 /// The type and `data` text of remembered metric-driving events, appended
-/// to chunks of 1 MiB (a chunk is never moved or regrown, so memory grows
-/// by the text and no more). An entry is its length (4 bytes), its type
+/// to chunks of 1 MiB (a chunk is never moved or regrown: memory grows by
+/// the text, a 5-byte header, and the unused end of a chunk an entry did
+/// not fit in). An entry is its length (4 bytes), its type
 /// (the index in `METRIC_TYPES`) and the text; a handle is the chunk's
 /// index in the high 32 bits and the entry's offset in the low 32.
 #[derive(Default)]

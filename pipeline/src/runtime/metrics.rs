@@ -156,7 +156,7 @@ impl RunMetrics {
         gauge(
             "tally_dedup_horizon_entries",
             "gauge",
-            "Events held in the dedup horizon.",
+            "Events remembered for dedup: those inside the horizon, and those past it until the next sweep.",
             self.dedup_entries.load(Ordering::Relaxed).to_string(),
         );
         gauge(

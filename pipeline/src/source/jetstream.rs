@@ -116,9 +116,10 @@ pub enum SourceError {
         #[source]
         cause: BoxError,
     },
-    /// Fatal: JetStream answered the stream's creation with an error (for
-    /// `tally publish`, skipped as [`SourceError::Stream`] is).
-    #[error("cannot create or open stream {stream}: the server refused: {cause}")]
+    /// Fatal: the stream's creation was refused, by JetStream's answer or
+    /// before the request (for `tally publish`, skipped as
+    /// [`SourceError::Stream`] is).
+    #[error("cannot create or open stream {stream}: {cause}")]
     StreamRefused {
         stream: String,
         #[source]
@@ -127,11 +128,12 @@ pub enum SourceError {
     /// Fatal: another stream already captures the subjects, so the server
     /// refuses a second (and a publish would land in the other one).
     #[error(
-        "cannot create stream {stream}: its subjects {subjects:?} overlap those of stream {other}, which already captures them; use {other} (--stream / TALLY_STREAM for the event stream), give one of the two other subjects (--subject-prefix), or delete {other}"
+        "cannot create stream {stream}: its subjects {subjects:?} overlap those of {other}, which already captures them; use that stream (--stream / TALLY_STREAM for the event stream), give one of the two other subjects (--subject-prefix), or delete that stream"
     )]
     Overlap {
         stream: String,
         subjects: Vec<String>,
+        /// `stream NAME`, or `another stream` when the server does not say.
         other: String,
     },
     /// Fatal: the stream is not the event stream this configuration names.
@@ -445,15 +447,18 @@ async fn create_error(
             SourceError::Overlap {
                 stream: stream.to_owned(),
                 subjects: subjects.to_vec(),
-                other: other.unwrap_or_else(|| "another stream".to_owned()),
+                other: other.map_or_else(|| "another stream".to_owned(), |o| format!("stream {o}")),
             }
         }
-        Kind::JetStream(_) | Kind::InvalidStreamName | Kind::EmptyStreamName => {
-            SourceError::StreamRefused {
-                stream: stream.to_owned(),
-                cause: e.into(),
-            }
-        }
+        Kind::JetStream(_)
+        | Kind::NotFound
+        | Kind::ResponseParse
+        | Kind::InvalidStreamName
+        | Kind::EmptyStreamName
+        | Kind::DomainAndExternalSet => SourceError::StreamRefused {
+            stream: stream.to_owned(),
+            cause: e.into(),
+        },
         _ => SourceError::Stream {
             stream: stream.to_owned(),
             cause: e.into(),

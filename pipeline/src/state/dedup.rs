@@ -5,10 +5,10 @@
 //!
 //! Each accepted event's key is remembered with its JetStream publish time;
 //! a later message with the same key published within the horizon is a
-//! duplicate. Memory is bounded by the number of events inside the horizon:
-//! entries older than `newest publish time - horizon` count as absent, and
-//! are swept out together once the map has grown by a quarter since the
-//! last sweep. Keys are 128-bit xxh3 hashes (16 bytes instead of the strings;
+//! duplicate. Entries older than `newest publish time - horizon` count as
+//! absent, and are swept out together once the map has grown by a quarter
+//! since the last sweep: memory is bounded by the events inside the
+//! horizon at the last sweep and a quarter more. Keys are 128-bit xxh3 hashes (16 bytes instead of the strings;
 //! a collision among 10^9 keys has probability ~10^-21).
 //!
 //! The state is never written separately: it is rebuilt at start-up from the
@@ -108,16 +108,19 @@ const SWEEP_MIN: usize = 4096;
 
 /// The dedup horizon.
 ///
-/// A map from key to publish time. A key remembered before `newest publish
-/// time - horizon` has left the horizon and is treated as absent, so every
-/// key that counts was accepted within the horizon of the message being
-/// checked (publish times of one stream only move forward; an older one,
-/// after a clock step back, is even closer to every remembered key). The
-/// keys past the horizon are swept out together when the map has grown by
-/// a quarter since the last sweep: no second structure in publish order is
-/// kept for eviction, so an entry is one 24-byte slot (a set slot and a
-/// queue entry took 40), and the map holds at most a quarter more than the
-/// horizon between sweeps.
+/// A map from key to the time it is remembered from: its publish time, or
+/// the newest publish time remembered before it if that is later (after
+/// the server's clock stepped back, a key is kept at least as long as the
+/// keys accepted before it, as a queue in arrival order would). A key
+/// remembered from before `newest publish time - horizon` has left the
+/// horizon and is treated as absent, so every key that counts was accepted
+/// within the horizon of the message being checked. The keys past the
+/// horizon are swept out together when the map has grown by a quarter
+/// since the last sweep: no second structure in arrival order is kept for
+/// eviction, so an entry is one 24-byte slot (a set slot and a queue entry
+/// took 40). Between sweeps the map holds the keys left by the last sweep
+/// and at most a quarter more; a quiet stream keeps expired keys until
+/// that quarter arrives.
 pub struct Dedup {
     horizon_us: i64,
     /// Keys of accepted events and their publish times: those inside the
@@ -125,6 +128,8 @@ pub struct Dedup {
     seen: KeyTimes,
     /// Largest publish time seen: "now" in stream time.
     now: i64,
+    /// Latest time a key is remembered from.
+    newest: i64,
     /// The map's size at which the next sweep runs.
     sweep_at: usize,
 }
@@ -135,6 +140,7 @@ impl Dedup {
             horizon_us,
             seen: KeyTimes::default(),
             now: i64::MIN,
+            newest: i64::MIN,
             sweep_at: SWEEP_MIN,
         }
     }
@@ -152,16 +158,19 @@ impl Dedup {
     pub fn admit(&mut self, key: u128, published_at: i64) -> bool {
         self.now = self.now.max(published_at);
         let cutoff = self.now.saturating_sub(self.horizon_us);
+        let from = published_at.max(self.newest);
         match self.seen.entry(Key::from(key)) {
             Entry::Occupied(mut seen) => {
                 if *seen.get() >= cutoff {
                     return false;
                 }
                 // Past the horizon: accepted again, remembered from now.
-                seen.insert(published_at);
+                seen.insert(from);
+                self.newest = from;
             }
             Entry::Vacant(slot) => {
-                slot.insert(published_at);
+                slot.insert(from);
+                self.newest = from;
                 if self.seen.len() >= self.sweep_at {
                     self.seen.retain(|_, t| *t >= cutoff);
                     let left = self.seen.len();
@@ -211,6 +220,13 @@ mod tests {
         assert!(d.admit(key("t", "s", "b"), 105));
         // The server clock stepped back: still inside the horizon of "a".
         assert!(!d.admit(key("t", "s", "a"), 103));
+        // Stepped back past the horizon: "c" is kept as long as the keys
+        // accepted before it ("b", from 105), so its copy is a duplicate...
+        assert!(d.admit(key("t", "s", "c"), 80));
+        assert!(!d.admit(key("t", "s", "c"), 81));
+        assert!(!d.admit(key("t", "s", "c"), 115));
+        // ...until "b" leaves the horizon too.
+        assert!(d.admit(key("t", "s", "c"), 116));
     }
 
     #[test]
