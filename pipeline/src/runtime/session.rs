@@ -1208,7 +1208,7 @@ impl<'o> Session<'o> {
                         // is linked; its events are folded a batch at a
                         // time meanwhile, so a file of millions of rows is
                         // never held decoded at once.
-                        self.fold_archived(std::mem::take(&mut chunk), through);
+                        self.fold_archived(std::mem::take(&mut chunk), through, true);
                     } else {
                         self.commit_archived(std::mem::take(&mut chunk), through, Vec::new(), stop)
                             .await?;
@@ -1247,18 +1247,23 @@ impl<'o> Session<'o> {
         self.commit_archived(chunk, to, Vec::new(), stop).await
     }
 
-    /// Folds a piece of the archived events of a file that will be linked
-    /// whole (so the `events` view is skipped), without committing: the
-    /// batch's [`Session::commit_archived`] commits it with the file.
-    fn fold_archived(&mut self, chunk: Vec<Event>, through: u64) {
+    /// Folds archived events into the views without committing them
+    /// (`linked`: they are the rows of files to be linked whole, so the
+    /// `events` view is skipped); the batch's [`Session::commit_archived`]
+    /// commits them. Returns the batch's first sequence and its duplicates
+    /// so far.
+    fn fold_archived(&mut self, chunk: Vec<Event>, through: u64, linked: bool) -> (u64, u64) {
         let cpu = Instant::now();
         let first = self.p.checkpoint.last_seq + 1;
-        let duplicates = self.p.process_archived(&chunk, through, true);
+        let duplicates = self.p.process_archived(&chunk, through, linked);
         let folded = self.folded_archived.get_or_insert((first, 0));
         folded.1 += duplicates;
+        let batch = *folded;
         self.summary.processing += cpu.elapsed();
         self.summary.messages += chunk.len() as u64;
+        // Dropping the events off this thread, as for stream batches.
         tokio::task::spawn_blocking(move || drop(chunk));
+        batch
     }
 
     /// One batch of archived events through the processor and the
@@ -1271,13 +1276,9 @@ impl<'o> Session<'o> {
         links: Vec<ViewLink>,
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), RuntimeError> {
-        let cpu = Instant::now();
         let linked = !links.is_empty();
-        let (first, folded_duplicates) = self
-            .folded_archived
-            .take()
-            .unwrap_or((self.p.checkpoint.last_seq + 1, 0));
-        let duplicates = folded_duplicates + self.p.process_archived(&chunk, through, linked);
+        let (first, duplicates) = self.fold_archived(chunk, through, linked);
+        self.folded_archived = None;
         if duplicates > 0 && linked {
             // The archive's rows would show events this replay drops.
             return Err(RuntimeError::ArchiveDuplicates {
@@ -1286,6 +1287,7 @@ impl<'o> Session<'o> {
                 duplicates,
             });
         }
+        let cpu = Instant::now();
         let out = BatchOutput {
             first,
             rows: self.p.take_rows()?,
@@ -1298,9 +1300,6 @@ impl<'o> Session<'o> {
             snapshots: Vec::new(),
         };
         self.summary.processing += cpu.elapsed();
-        self.summary.messages += chunk.len() as u64;
-        // Dropping the events off this thread, as for stream batches.
-        tokio::task::spawn_blocking(move || drop(chunk));
         self.settle().await?;
         self.dispatch(out, None, stop);
         self.note_split();

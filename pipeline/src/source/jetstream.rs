@@ -365,30 +365,24 @@ pub async fn ensure_event_stream(
         // stream with sources (elsewhere as its 2-minute default): the
         // event stream sources an empty stream that no one writes to.
         let placeholder = format!("{}_NODEDUP", cfg.stream);
-        let subjects = vec![format!("_tally.nodedup.{}", cfg.stream)];
-        if let Err(e) = js
-            .get_or_create_stream(stream::Config {
+        get_or_create(
+            js,
+            stream::Config {
                 name: placeholder.clone(),
-                subjects: subjects.clone(),
+                subjects: vec![format!("_tally.nodedup.{}", cfg.stream)],
                 storage: stream::StorageType::File,
                 num_replicas: cfg.replicas,
                 ..Default::default()
-            })
-            .await
-        {
-            return Err(create_error(js, &placeholder, &subjects, e).await);
-        }
+            },
+        )
+        .await?;
         config.duplicate_window = Duration::ZERO;
         config.sources = Some(vec![stream::Source {
             name: placeholder,
             ..Default::default()
         }]);
     }
-    let subjects = config.subjects.clone();
-    let mut s = match js.get_or_create_stream(config).await {
-        Ok(s) => s,
-        Err(e) => return Err(create_error(js, &cfg.stream, &subjects, e).await),
-    };
+    let mut s = get_or_create(js, config).await?;
     let info = s.info().await.map_err(|e| SourceError::Info {
         stream: cfg.stream.clone(),
         cause: e.into(),
@@ -425,28 +419,32 @@ pub async fn ensure_event_stream(
     })
 }
 
-/// The error for a stream JetStream would not create: an overlap names the
-/// stream that holds the subjects; an unanswered request asks whether
-/// JetStream runs; any other answer is the server's own words.
-async fn create_error(
+/// Opens `config`'s stream, creating it if missing. A refusal is told
+/// apart: an overlap names the stream that holds the subjects; an
+/// unanswered request asks whether JetStream runs; any other refusal is in
+/// the server's (or the client's) own words.
+async fn get_or_create(
     js: &jetstream::Context,
-    stream: &str,
-    subjects: &[String],
-    e: jetstream::context::CreateStreamError,
-) -> SourceError {
+    config: stream::Config,
+) -> Result<stream::Stream, SourceError> {
     use jetstream::context::CreateStreamErrorKind as Kind;
-    match e.kind() {
+    let (stream, subjects) = (config.name.clone(), config.subjects.clone());
+    let e = match js.get_or_create_stream(config).await {
+        Ok(s) => return Ok(s),
+        Err(e) => e,
+    };
+    Err(match e.kind() {
         Kind::JetStream(j) if j.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP => {
             let mut other = None;
-            for subject in subjects {
+            for subject in &subjects {
                 if let Ok(name) = js.stream_by_subject(subject.clone()).await {
                     other = Some(name);
                     break;
                 }
             }
             SourceError::Overlap {
-                stream: stream.to_owned(),
-                subjects: subjects.to_vec(),
+                stream,
+                subjects,
                 other: other.map_or_else(|| "another stream".to_owned(), |o| format!("stream {o}")),
             }
         }
@@ -456,14 +454,14 @@ async fn create_error(
         | Kind::InvalidStreamName
         | Kind::EmptyStreamName
         | Kind::DomainAndExternalSet => SourceError::StreamRefused {
-            stream: stream.to_owned(),
+            stream,
             cause: e.into(),
         },
         _ => SourceError::Stream {
-            stream: stream.to_owned(),
+            stream,
             cause: e.into(),
         },
-    }
+    })
 }
 
 /// Creates a stream for Tally's own output (`TALLY_DLQ`, `TALLY_ALERTS`) if
@@ -476,20 +474,18 @@ pub async fn ensure_output_stream(
     subjects: &str,
     replicas: usize,
 ) -> Result<i64, SourceError> {
-    let mut s = match js
-        .get_or_create_stream(stream::Config {
+    let mut s = get_or_create(
+        js,
+        stream::Config {
             name: name.to_owned(),
             subjects: vec![subjects.to_owned()],
             storage: stream::StorageType::File,
             num_replicas: replicas,
             duplicate_window: Duration::from_secs(3600),
             ..Default::default()
-        })
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => return Err(create_error(js, name, &[subjects.to_owned()], e).await),
-    };
+        },
+    )
+    .await?;
     let info = s.info().await.map_err(|e| SourceError::Info {
         stream: name.to_owned(),
         cause: e.into(),

@@ -8,8 +8,9 @@
 //! duplicate. Entries older than `newest publish time - horizon` count as
 //! absent, and are swept out together once the map has grown by a quarter
 //! since the last sweep: memory is bounded by the events inside the
-//! horizon at the last sweep and a quarter more. Keys are 128-bit xxh3 hashes (16 bytes instead of the strings;
-//! a collision among 10^9 keys has probability ~10^-21).
+//! horizon at the last sweep and a quarter more. Keys are 128-bit xxh3
+//! hashes (16 bytes instead of the strings; a collision among 10^9 keys
+//! has probability ~10^-21).
 //!
 //! The state is never written separately: it is rebuilt at start-up from the
 //! `events` archive, which holds exactly the accepted events with their
@@ -123,8 +124,8 @@ const SWEEP_MIN: usize = 4096;
 /// that quarter arrives.
 pub struct Dedup {
     horizon_us: i64,
-    /// Keys of accepted events and their publish times: those inside the
-    /// horizon, and those past it until the next sweep.
+    /// Keys of accepted events and the time each is remembered from: those
+    /// inside the horizon, and those past it until the next sweep.
     seen: KeyTimes,
     /// Largest publish time seen: "now" in stream time.
     now: i64,
@@ -166,11 +167,9 @@ impl Dedup {
                 }
                 // Past the horizon: accepted again, remembered from now.
                 seen.insert(from);
-                self.newest = from;
             }
             Entry::Vacant(slot) => {
                 slot.insert(from);
-                self.newest = from;
                 if self.seen.len() >= self.sweep_at {
                     self.seen.retain(|_, t| *t >= cutoff);
                     let left = self.seen.len();
@@ -178,6 +177,7 @@ impl Dedup {
                 }
             }
         }
+        self.newest = from;
         true
     }
 
