@@ -213,6 +213,11 @@ impl MrrOperator {
                 out.push((Arc::clone(name), row, deleted));
             });
             t.rows.truncate(keep);
+            // Grown by half, not doubled: a tenant gains a row a month,
+            // and these rows are most of this operator's memory.
+            if keep + rows.len() > t.rows.capacity() {
+                t.rows.reserve_exact(rows.len().max(keep / 2));
+            }
             t.rows.extend(rows);
             t.open = open;
         }

@@ -7,7 +7,6 @@
 //! written as a tombstone (`_deleted`). The state is
 //! re-folded from the `events` archive at start-up.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -16,7 +15,6 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
-use super::FixedState;
 use super::restatements::Json;
 use super::window::{month_bounds, month_date32};
 use super::{
@@ -42,25 +40,55 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-/// (month start µs, tenant id, currency id): 16 bytes, not two fat
-/// pointers, because there is a row per tenant and month (2.4M at 100k
-/// tenants over two years).
-type Key = (i64, u32, u16);
+/// (tenant id, month as days since the epoch, currency id): the key of a
+/// row, 12 bytes.
+type Key = (u32, i32, u16);
 
+/// An exact sum (an `i128`) kept as two words, so that a row aligns to 8
+/// bytes and not 16: a row is 56 bytes, not 64 with padding.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Cash {
-    /// Exact sums (i128): a void subtracts exactly what its target added;
+struct Exact {
+    lo: u64,
+    hi: i64,
+}
+
+impl Exact {
+    fn get(self) -> i128 {
+        (i128::from(self.hi) << 64) | i128::from(self.lo)
+    }
+
+    fn add(&mut self, v: i128) {
+        let s = self.get().wrapping_add(v);
+        // Truncation is the point: the low and the high word.
+        self.lo = s as u64;
+        self.hi = (s >> 64) as i64;
+    }
+}
+
+/// One row of a tenant: its month and currency, and the cash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Row {
+    month: i32,
+    currency: u16,
+    /// Exact sums: a void subtracts exactly what its target added;
     /// written saturated to Int64.
-    pub paid: i128,
-    pub refunded: i128,
-    pub invoices_paid: i64,
+    paid: Exact,
+    refunded: Exact,
+    invoices_paid: i64,
     /// Invoice events (paid and refunded) in the row: none left, no row.
-    pub events: i64,
+    events: i64,
 }
 
 pub struct RevenueOperator {
-    rows: HashMap<Key, Cash, FixedState>,
-    dirty: HashSet<Key, FixedState>,
+    /// Per tenant id, its rows sorted by (month, currency id). A tenant has
+    /// a row per month it paid or refunded in (2.4M rows at 100k tenants
+    /// over two years): small vectors grown by half, not a map of 2.4M
+    /// entries whose doubling holds the old and the new table at once.
+    by_tenant: Vec<Vec<Row>>,
+    /// Rows held, across tenants.
+    len: usize,
+    /// Rows changed since the last `take_rows`; may repeat a key.
+    dirty: Vec<Key>,
     tenants: Names,
     currencies: Names,
 }
@@ -74,11 +102,20 @@ impl Default for RevenueOperator {
 impl RevenueOperator {
     pub fn new() -> RevenueOperator {
         RevenueOperator {
-            rows: HashMap::with_hasher(FixedState),
-            dirty: HashSet::with_hasher(FixedState),
+            by_tenant: Vec::new(),
+            len: 0,
+            dirty: Vec::new(),
             tenants: Names::default(),
             currencies: Names::default(),
         }
+    }
+
+    fn row(&self, (tenant, month, currency): Key) -> Option<&Row> {
+        let rows = self.by_tenant.get(tenant as usize)?;
+        let i = rows
+            .binary_search_by_key(&(month, currency), |r| (r.month, r.currency))
+            .ok()?;
+        rows.get(i)
     }
 
     /// Adds (`sign` 1) or takes back (-1) an invoice event.
@@ -92,34 +129,74 @@ impl RevenueOperator {
             } => (*amount, currency, false),
             _ => return,
         };
-        let key = (
-            month_bounds(e.time).0,
-            self.tenants.id(&e.tenant),
-            u16::try_from(self.currencies.id(currency)).unwrap_or(u16::MAX),
-        );
-        let cash = self.rows.entry(key).or_default();
-        if paid {
-            cash.paid += i128::from(amount) * i128::from(sign);
-            cash.invoices_paid += sign;
-        } else {
-            cash.refunded += i128::from(amount) * i128::from(sign);
+        let tenant = self.tenants.id(&e.tenant);
+        let month = month_date32(e.time);
+        let currency = u16::try_from(self.currencies.id(currency)).unwrap_or(u16::MAX);
+        let t = tenant as usize;
+        if self.by_tenant.len() <= t {
+            self.by_tenant.resize_with(t + 1, Vec::new);
         }
-        cash.events += sign;
-        self.dirty.insert(key);
+        let Some(rows) = self.by_tenant.get_mut(t) else {
+            return;
+        };
+        // Rows mostly arrive in month order: the last row, or a new one.
+        let at = match rows.last() {
+            Some(r) if (r.month, r.currency) == (month, currency) => rows.len() - 1,
+            Some(r) if (r.month, r.currency) < (month, currency) => rows.len(),
+            _ => match rows.binary_search_by_key(&(month, currency), |r| (r.month, r.currency)) {
+                Ok(i) | Err(i) => i,
+            },
+        };
+        if rows
+            .get(at)
+            .is_none_or(|r| (r.month, r.currency) != (month, currency))
+        {
+            if rows.len() == rows.capacity() {
+                rows.reserve_exact((rows.len() / 2).max(2));
+            }
+            rows.insert(
+                at,
+                Row {
+                    month,
+                    currency,
+                    paid: Exact::default(),
+                    refunded: Exact::default(),
+                    invoices_paid: 0,
+                    events: 0,
+                },
+            );
+            self.len += 1;
+        }
+        let Some(row) = rows.get_mut(at) else {
+            return;
+        };
+        let amount = i128::from(amount) * i128::from(sign);
+        if paid {
+            row.paid.add(amount);
+            row.invoices_paid += sign;
+        } else {
+            row.refunded.add(amount);
+        }
+        row.events += sign;
+        self.dirty.push((tenant, month, currency));
     }
 
     /// The rows' keys in key order: month, tenant, currency.
     fn sorted_keys(&self) -> Vec<Key> {
-        let mut keys: Vec<Key> = self.rows.keys().copied().collect();
+        let mut keys: Vec<Key> = Vec::with_capacity(self.len);
+        for (t, rows) in self.by_tenant.iter().enumerate() {
+            let t = u32::try_from(t).unwrap_or(u32::MAX);
+            keys.extend(rows.iter().map(|r| (t, r.month, r.currency)));
+        }
         keys.sort_by(|a, b| {
             (
-                a.0,
-                self.tenants.name(a.1),
+                a.1,
+                self.tenants.name(a.0),
                 self.currencies.name(u32::from(a.2)),
             )
                 .cmp(&(
-                    b.0,
-                    self.tenants.name(b.1),
+                    b.1,
+                    self.tenants.name(b.0),
                     self.currencies.name(u32::from(b.2)),
                 ))
         });
@@ -137,17 +214,19 @@ impl RevenueOperator {
         let mut seqs = UInt64Builder::with_capacity(keys.len());
         let mut deleted = BooleanBuilder::with_capacity(keys.len());
         for key in keys {
-            let gone = Cash::default();
-            let c = self.rows.get(key).unwrap_or(&gone);
-            month.append_value(month_date32(key.0));
-            tenant.append_value(self.tenants.name(key.1));
+            let (p, r, n, events) = match self.row(*key) {
+                Some(c) => (c.paid.get(), c.refunded.get(), c.invoices_paid, c.events),
+                None => (0, 0, 0, 0),
+            };
+            month.append_value(key.1);
+            tenant.append_value(self.tenants.name(key.0));
             currency.append_value(self.currencies.name(u32::from(key.2)));
-            paid.append_value(saturating_i64(c.paid));
-            refunded.append_value(saturating_i64(c.refunded));
-            net.append_value(saturating_i64(c.paid - c.refunded));
-            count.append_value(c.invoices_paid);
+            paid.append_value(saturating_i64(p));
+            refunded.append_value(saturating_i64(r));
+            net.append_value(saturating_i64(p - r));
+            count.append_value(n);
             seqs.append_value(seq);
-            deleted.append_value(c.events == 0);
+            deleted.append_value(events == 0);
         }
         let columns: Vec<ArrayRef> = vec![
             Arc::new(month.finish()),
@@ -213,13 +292,15 @@ impl Operator for RevenueOperator {
             else {
                 continue;
             };
-            let Some(cash) = self
-                .rows
-                .get(&(month, t, u16::try_from(c).unwrap_or(u16::MAX)))
-                .filter(|c| c.events > 0)
-            else {
+            let key = (
+                t,
+                month_date32(e.time),
+                u16::try_from(c).unwrap_or(u16::MAX),
+            );
+            let Some(cash) = self.row(key).filter(|c| c.events > 0) else {
                 continue;
             };
+            let (paid, refunded) = (cash.paid.get(), cash.refunded.get());
             out.push((
                 Arc::from(e.tenant.as_str()),
                 Json::new()
@@ -227,9 +308,9 @@ impl Operator for RevenueOperator {
                     .date("month", Some(month))
                     .finish(),
                 Json::new()
-                    .int("paid", Some(saturating_i64(cash.paid)))
-                    .int("refunded", Some(saturating_i64(cash.refunded)))
-                    .int("net", Some(saturating_i64(cash.paid - cash.refunded)))
+                    .int("paid", Some(saturating_i64(paid)))
+                    .int("refunded", Some(saturating_i64(refunded)))
+                    .int("net", Some(saturating_i64(paid - refunded)))
                     .int("invoices_paid", Some(cash.invoices_paid))
                     .finish(),
             ));
@@ -241,14 +322,27 @@ impl Operator for RevenueOperator {
         if self.dirty.is_empty() {
             return Ok(None);
         }
-        let keys: Vec<Key> = self.dirty.drain().collect();
+        let mut keys = std::mem::take(&mut self.dirty);
+        keys.sort_unstable();
+        keys.dedup();
         let rows = self.rows(&keys, seq).map(Some);
-        self.rows.retain(|_, c| c.events != 0);
+        // Rows left with no invoice event are gone (written as tombstones
+        // above); only changed rows can be.
+        for (t, month, currency) in keys {
+            if let Some(rows) = self.by_tenant.get_mut(t as usize)
+                && let Ok(i) =
+                    rows.binary_search_by_key(&(month, currency), |r| (r.month, r.currency))
+                && rows.get(i).is_some_and(|r| r.events == 0)
+            {
+                rows.remove(i);
+                self.len -= 1;
+            }
+        }
         rows
     }
 
     fn state_rows(&self) -> usize {
-        self.rows.len()
+        self.len
     }
 
     fn snapshot_chunks<'a>(
@@ -302,5 +396,45 @@ mod tests {
         assert_eq!(text, want);
         assert_eq!(op.take_rows(8).unwrap().unwrap().num_rows(), 3);
         assert!(op.take_rows(9).unwrap().is_none());
+    }
+
+    #[test]
+    fn sums_stay_exact_past_int64_and_a_void_takes_a_row_out() {
+        let mut op = RevenueOperator::new();
+        let big = i64::MAX;
+        let a = invoice("a", "invoice.paid", "2025-03-02T00:00:00Z", big, "USD");
+        let b = invoice("b", "invoice.paid", "2025-03-03T00:00:00Z", big, "USD");
+        let c = invoice("c", "invoice.paid", "2025-01-03T00:00:00Z", 5, "USD");
+        for e in [&a, &b, &c] {
+            op.apply(e);
+        }
+        assert_eq!(op.state_rows(), 2);
+        let key = (0, month_date32(a.time), 0);
+        assert_eq!(op.row(key).map(|r| r.paid.get()), Some(2 * i128::from(big)));
+        op.take_rows(1).unwrap();
+        // Taking one back leaves exactly the other, not a saturated sum.
+        let ledger = Ledger::default();
+        let void = invoice("v", "invoice.paid", "2025-03-04T00:00:00Z", 0, "USD");
+        op.retract(&void, &[Target { event: b.clone() }], &ledger);
+        assert_eq!(op.row(key).map(|r| r.paid.get()), Some(i128::from(big)));
+        op.take_rows(2).unwrap();
+        // The month's last invoice voided: a tombstone, and the row is gone.
+        op.retract(&void, &[Target { event: a.clone() }], &ledger);
+        let gone = op.take_rows(3).unwrap().unwrap();
+        assert_eq!(gone.num_rows(), 1);
+        let deleted = gone
+            .column(8)
+            .as_any()
+            .downcast_ref::<arrow::array::BooleanArray>()
+            .unwrap();
+        assert!(deleted.value(0));
+        assert_eq!(op.state_rows(), 1);
+        assert!(op.row(key).is_none());
+        // Negative sums keep their sign through the two words.
+        let mut e = Exact::default();
+        e.add(-7);
+        assert_eq!(e.get(), -7);
+        e.add(i128::from(i64::MIN) * 4);
+        assert_eq!(e.get(), -7 + i128::from(i64::MIN) * 4);
     }
 }
