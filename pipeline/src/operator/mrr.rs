@@ -147,6 +147,12 @@ struct Tenant {
 
 pub struct MrrOperator {
     tenants: HashMap<Arc<str>, Tenant, FixedState>,
+    /// The tenants whose flag `dirty` was set since the last `take_rows`,
+    /// each once: a batch that touches a few tenants recomputes those
+    /// without a pass over every tenant.
+    dirty: Vec<Arc<str>>,
+    /// Rows held across tenants (kept, not summed: asked for every batch).
+    rows_total: usize,
     currencies: Names,
     /// Largest accepted event time: the stream clock.
     clock: Option<i64>,
@@ -164,6 +170,8 @@ impl MrrOperator {
     pub fn new() -> MrrOperator {
         MrrOperator {
             tenants: HashMap::with_hasher(FixedState),
+            dirty: Vec::new(),
+            rows_total: 0,
             currencies: Names::default(),
             clock: None,
             clock_month: None,
@@ -176,51 +184,46 @@ impl MrrOperator {
             return Vec::new();
         };
         let (clock_month, _) = month_bounds(clock);
-        // A new month: every tenant that may still pay gets its new
-        // months' rows.
         let next = self
             .clock_month
             .filter(|m| *m < clock_month)
             .map(|old| month_bounds(old).1);
         self.clock_month = Some(clock_month);
         let mut out = Vec::new();
-        // One pass over the tenants in place (most are touched in a batch
-        // at scale) rather than a lookup per dirty name.
-        for (name, t) in self.tenants.iter_mut() {
-            if let Some(next) = next.filter(|_| t.open) {
+        if let Some(next) = next {
+            // A new month: every tenant that may still pay gets its new
+            // months' rows.
+            for (name, t) in self.tenants.iter_mut().filter(|(_, t)| t.open) {
                 t.from = Some(t.from.map_or(next, |f| f.min(next)));
-                t.dirty = true;
+                if !std::mem::replace(&mut t.dirty, true) {
+                    self.dirty.push(Arc::clone(name));
+                }
             }
-            if !std::mem::replace(&mut t.dirty, false) {
-                continue;
-            }
-            let from = t.from.take().unwrap_or(i64::MIN);
-            let currencies: Vec<(u16, &str)> = t
-                .currencies
-                .iter()
-                .map(|id| (*id, self.currencies.name(u32::from(*id))))
-                .collect();
-            let (rows, open) = compute(
-                &t.history,
-                t.first_start,
-                &currencies,
-                &t.rows,
-                from,
-                clock_month,
-            );
-            let keep = t.rows.partition_point(|r| r.month < from);
-            diff(&t.rows[keep..], &rows, |row, deleted| {
-                out.push((Arc::clone(name), row, deleted));
-            });
-            t.rows.truncate(keep);
-            // Grown by half, not doubled: a tenant gains a row a month,
-            // and these rows are most of this operator's memory.
-            if keep + rows.len() > t.rows.capacity() {
-                t.rows.reserve_exact(rows.len().max(keep / 2));
-            }
-            t.rows.extend(rows);
-            t.open = open;
         }
+        let dirty = std::mem::take(&mut self.dirty);
+        if dirty.len() > self.tenants.len() / 4 {
+            // Most tenants changed (large batches at scale): one pass over
+            // them in place rather than a lookup per name.
+            for (name, t) in self.tenants.iter_mut() {
+                if std::mem::replace(&mut t.dirty, false) {
+                    let before = t.rows.len();
+                    let after = recompute_tenant(name, t, &self.currencies, clock_month, &mut out);
+                    self.rows_total = self.rows_total - before + after;
+                }
+            }
+        } else {
+            for name in &dirty {
+                if let Some(t) = self.tenants.get_mut(name)
+                    && std::mem::replace(&mut t.dirty, false)
+                {
+                    let before = t.rows.len();
+                    let after = recompute_tenant(name, t, &self.currencies, clock_month, &mut out);
+                    self.rows_total = self.rows_total - before + after;
+                }
+            }
+        }
+        self.dirty = dirty;
+        self.dirty.clear();
         out
     }
 
@@ -276,6 +279,45 @@ impl MrrOperator {
         RecordBatch::try_new(Arc::clone(&SCHEMA), columns)
             .map_err(|source| OperatorError::Arrow { view: VIEW, source })
     }
+}
+
+/// Recomputes tenant `name` from the earliest month its changes touch,
+/// appends the rows that changed to `out`, and says how many rows it
+/// holds now.
+fn recompute_tenant(
+    name: &Arc<str>,
+    t: &mut Tenant,
+    currency_names: &Names,
+    clock_month: i64,
+    out: &mut Vec<(Arc<str>, Row, bool)>,
+) -> usize {
+    let from = t.from.take().unwrap_or(i64::MIN);
+    let currencies: Vec<(u16, &str)> = t
+        .currencies
+        .iter()
+        .map(|id| (*id, currency_names.name(u32::from(*id))))
+        .collect();
+    let (rows, open) = compute(
+        &t.history,
+        t.first_start,
+        &currencies,
+        &t.rows,
+        from,
+        clock_month,
+    );
+    let keep = t.rows.partition_point(|r| r.month < from);
+    diff(&t.rows[keep..], &rows, |row, deleted| {
+        out.push((Arc::clone(name), row, deleted));
+    });
+    t.rows.truncate(keep);
+    // Grown by half, not doubled: a tenant gains a row a month, and these
+    // rows are most of this operator's memory.
+    if keep + rows.len() > t.rows.capacity() {
+        t.rows.reserve_exact(rows.len().max(keep / 2));
+    }
+    t.rows.extend(rows);
+    t.open = open;
+    t.rows.len()
 }
 
 /// The rows of `history` for the months from the one starting `from` up to
@@ -419,7 +461,9 @@ impl Operator for MrrOperator {
                     t.currencies.push(id);
                 }
             }
-            t.dirty = true;
+            if !std::mem::replace(&mut t.dirty, true) {
+                self.dirty.push(name);
+            }
         }
     }
 
@@ -432,7 +476,11 @@ impl Operator for MrrOperator {
             let Some(sub) = SubEvent::from_event(&target.event) else {
                 continue;
             };
-            let Some(t) = self.tenants.get_mut(target.event.tenant.as_str()) else {
+            let Some((name, t)) = self.tenants.get_key_value(target.event.tenant.as_str()) else {
+                continue;
+            };
+            let (name, was_dirty) = (Arc::clone(name), t.dirty);
+            let Some(t) = self.tenants.get_mut(&name) else {
                 continue;
             };
             if !t.history.remove(&sub) {
@@ -447,6 +495,9 @@ impl Operator for MrrOperator {
                 .map(|e| e.effective)
                 .min();
             t.dirty = true;
+            if !was_dirty {
+                self.dirty.push(name);
+            }
         }
     }
 
@@ -519,7 +570,7 @@ impl Operator for MrrOperator {
     }
 
     fn state_rows(&self) -> usize {
-        self.tenants.values().map(|t| t.rows.len()).sum()
+        self.rows_total
     }
 
     fn snapshot_chunks<'a>(
@@ -601,6 +652,12 @@ mod tests {
                 }
             }
         }
+        // The count kept as rows change is the rows held.
+        assert_eq!(
+            op.state_rows(),
+            latest.values().flatten().count(),
+            "rows held, batch {batch_size}"
+        );
         latest
             .into_values()
             .flatten()
