@@ -16,7 +16,6 @@
 //! event's dimensions. Voids take their targets out as in `usage`. The
 //! state is re-folded from the `events` archive at start-up.
 
-use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -27,9 +26,10 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::catalog::Catalog;
 use super::ledger::UsageRecord;
+use super::slots::Slots;
 use super::usage::Agg;
 use super::window::Granularity;
-use super::{FixedState, Ledger, Names, Operator, OperatorError, SeriesIds, Step, Storage, Target};
+use super::{Ledger, Names, Operator, OperatorError, SeriesIds, Step, Storage, Target};
 use super::{decimal_type as dec, timestamp_type as ts};
 use crate::event::decimal::{PRECISION, SCALE};
 use crate::event::payload::Dimensions;
@@ -83,11 +83,14 @@ pub struct DimensionsOperator {
     /// The meters' definitions (`group_by`), kept whole so a void of one
     /// leaves the one before in force.
     catalog: Catalog,
-    /// Window -> (end, aggregate, changed since the last `take_rows`).
-    windows: HashMap<Key, (i64, Agg, bool), FixedState>,
-    /// The windows changed since the last `take_rows`, each once (the
-    /// flag above): no set to hash into for every event.
-    dirty: Vec<Key>,
+    /// Window -> (end, aggregate, changed since the last `take_rows`), in
+    /// slots that never move: there is a window per event and group at
+    /// the finest granularity, and a map holding them inline copied every
+    /// one on each doubling, the old table and the new alive at once.
+    windows: Slots<Key, (i64, Agg, bool)>,
+    /// Slots of the windows changed since the last `take_rows`, each once
+    /// (the flag above): no set to hash into for every event.
+    dirty: Vec<u32>,
     series: Vec<(Arc<str>, Arc<str>)>,
     series_ids: SeriesIds,
     /// Group texts.
@@ -171,7 +174,7 @@ impl DimensionsOperator {
         DimensionsOperator {
             granularities: g,
             catalog: Catalog::default(),
-            windows: HashMap::with_hasher(FixedState),
+            windows: Slots::default(),
             dirty: Vec::new(),
             series: Vec::new(),
             series_ids: SeriesIds::default(),
@@ -207,13 +210,13 @@ impl DimensionsOperator {
                 start,
                 group,
             };
-            let w = self
-                .windows
-                .entry(key)
-                .or_insert_with(|| (end, Agg::empty(), false));
+            let (slot, _) = self.windows.upsert(key, || (end, Agg::empty(), false));
+            let Some((_, w)) = self.windows.slot_mut(slot) else {
+                continue;
+            };
             w.1.add_parts(u.time, u.source, u.id, u.quantity, u.unique);
             if !std::mem::replace(&mut w.2, true) {
-                self.dirty.push(key);
+                self.dirty.push(slot);
             }
         }
     }
@@ -226,15 +229,19 @@ impl DimensionsOperator {
             return;
         }
         let mut gone = Vec::new();
-        for (k, w) in self.windows.iter_mut() {
-            if self
-                .series
-                .get(k.series as usize)
-                .is_some_and(|(_, m)| &**m == metric)
+        for (slot, (k, w)) in self.windows.entries_mut() {
+            // A window without events and unchanged is written as gone
+            // already (or its slot was freed).
+            let held = w.1.events > 0 || w.2;
+            if held
+                && self
+                    .series
+                    .get(k.series as usize)
+                    .is_some_and(|(_, m)| &**m == metric)
             {
                 w.1 = Agg::empty();
                 if !std::mem::replace(&mut w.2, true) {
-                    gone.push(*k);
+                    gone.push(slot);
                 }
             }
         }
@@ -262,19 +269,20 @@ impl DimensionsOperator {
         }
     }
 
-    /// The keys of the windows with events, in key order.
-    fn sorted_keys(&self) -> Vec<Key> {
-        let mut keys: Vec<Key> = self
+    /// The slots of the windows with events, in key order.
+    fn sorted_slots(&self) -> Vec<u32> {
+        let mut slots: Vec<(u32, &Key)> = self
             .windows
-            .iter()
-            .filter(|(_, w)| w.1.events > 0)
-            .map(|(k, _)| *k)
+            .entries()
+            .enumerate()
+            .filter(|(_, (_, w))| w.1.events > 0)
+            .map(|(i, (k, _))| (u32::try_from(i).unwrap_or(u32::MAX), k))
             .collect();
-        keys.sort_by(|a, b| self.order(a).cmp(&self.order(b)));
-        keys
+        slots.sort_by(|a, b| self.order(a.1).cmp(&self.order(b.1)));
+        slots.into_iter().map(|(i, _)| i).collect()
     }
 
-    fn rows(&self, keys: &[Key], seq: u64) -> Result<RecordBatch, OperatorError> {
+    fn rows(&self, slots: &[u32], seq: u64) -> Result<RecordBatch, OperatorError> {
         let err = |source| OperatorError::Arrow { view: VIEW, source };
         let decb = || Decimal128Builder::new().with_precision_and_scale(PRECISION, SCALE as i8);
         let mut tenant = StringBuilder::new();
@@ -293,10 +301,11 @@ impl DimensionsOperator {
         let mut unique = Int64Builder::new();
         let mut seqs = UInt64Builder::new();
         let mut deleted = BooleanBuilder::new();
-        for k in keys {
-            let (Some((t, m)), Some((e, a, _))) =
-                (self.series.get(k.series as usize), self.windows.get(k))
-            else {
+        for slot in slots {
+            let Some((k, (e, a, _))) = self.windows.slot(*slot) else {
+                continue;
+            };
+            let Some((t, m)) = self.series.get(k.series as usize) else {
                 continue;
             };
             tenant.append_value(t);
@@ -421,14 +430,17 @@ impl Operator for DimensionsOperator {
                 if recompute.iter().any(|(k, ..)| *k == key) {
                     continue;
                 }
-                let Some(w) = self.windows.get_mut(&key) else {
+                let Some(slot) = self.windows.slot_of(&key) else {
+                    continue;
+                };
+                let Some((_, w)) = self.windows.slot_mut(slot) else {
                     continue;
                 };
                 if !w.1.remove(e, *quantity, unique.as_ref()) {
                     recompute.push((key, e.tenant.to_string(), group.clone(), e.time));
                 }
                 if !std::mem::replace(&mut w.2, true) {
-                    self.dirty.push(key);
+                    self.dirty.push(slot);
                 }
             }
         }
@@ -459,17 +471,19 @@ impl Operator for DimensionsOperator {
         if self.dirty.is_empty() {
             return Ok(None);
         }
-        let keys: Vec<Key> = std::mem::take(&mut self.dirty);
-        let rows = self.rows(&keys, seq).map(Some);
-        // A tombstone is written once; the state forgets the window. Only
-        // the windows just written can have become empty.
-        for k in &keys {
-            match self.windows.get_mut(k) {
-                Some(w) if w.1.events == 0 => {
-                    self.windows.remove(k);
-                }
-                Some(w) => w.2 = false,
-                None => {}
+        let slots: Vec<u32> = std::mem::take(&mut self.dirty);
+        let rows = self.rows(&slots, seq).map(Some);
+        // A tombstone is written once; the state forgets the window and
+        // its slot goes to a later window. Only the windows just written
+        // can have become empty.
+        for slot in &slots {
+            let Some((k, w)) = self.windows.slot_mut(*slot) else {
+                continue;
+            };
+            w.2 = false;
+            if w.1.events == 0 {
+                let k = *k;
+                self.windows.remove(&k);
             }
         }
         rows
@@ -479,11 +493,11 @@ impl Operator for DimensionsOperator {
         &'a self,
         seq: u64,
     ) -> Box<dyn Iterator<Item = Result<RecordBatch, OperatorError>> + 'a> {
-        super::in_chunks(self.sorted_keys(), move |keys| self.rows(keys, seq))
+        super::in_chunks(self.sorted_slots(), move |slots| self.rows(slots, seq))
     }
 
     fn state_rows(&self) -> usize {
-        self.windows.len()
+        self.windows.held()
     }
 }
 
@@ -540,7 +554,7 @@ mod tests {
     fn months(op: &DimensionsOperator) -> Vec<(String, i64, String)> {
         let mut out: Vec<(String, i64, String)> = op
             .windows
-            .iter()
+            .entries()
             .filter(|(k, w)| k.granularity == Granularity::Month && w.1.events > 0)
             .map(|(k, w)| {
                 (

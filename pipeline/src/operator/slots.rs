@@ -22,6 +22,10 @@ pub(crate) struct Slots<K, V> {
     index: HashMap<K, u32, FixedState>,
     chunks: Vec<Vec<(K, V)>>,
     len: usize,
+    /// Slots whose key was removed, taken again by the next new keys. A
+    /// removed slot keeps its old pair until then: [`Slots::entries`]
+    /// still yields it, so callers remove only state that reads as empty.
+    free: Vec<u32>,
 }
 
 impl<K, V> Default for Slots<K, V> {
@@ -30,6 +34,7 @@ impl<K, V> Default for Slots<K, V> {
             index: HashMap::with_hasher(FixedState),
             chunks: Vec::new(),
             len: 0,
+            free: Vec::new(),
         }
     }
 }
@@ -66,12 +71,23 @@ impl<K: Hash + Eq + Clone, V> Slots<K, V> {
         match self.index.entry(k) {
             Entry::Occupied(o) => (*o.get(), false),
             Entry::Vacant(v) => {
+                let pair = (v.key().clone(), new());
+                if let Some(i) = self.free.pop()
+                    && let Some(slot) = self
+                        .chunks
+                        .get_mut(i as usize / CHUNK)
+                        .and_then(|c| c.get_mut(i as usize % CHUNK))
+                {
+                    *slot = pair;
+                    v.insert(i);
+                    return (i, true);
+                }
                 let i = u32::try_from(self.len).unwrap_or(u32::MAX);
                 if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
                     self.chunks.push(Vec::with_capacity(CHUNK));
                 }
                 if let Some(chunk) = self.chunks.last_mut() {
-                    chunk.push((v.key().clone(), new()));
+                    chunk.push(pair);
                     v.insert(i);
                     self.len += 1;
                 }
@@ -80,13 +96,37 @@ impl<K: Hash + Eq + Clone, V> Slots<K, V> {
         }
     }
 
+    /// Forgets `k`; its slot is given to a later new key.
+    pub(crate) fn remove(&mut self, k: &K) {
+        if let Some(i) = self.index.remove(k) {
+            self.free.push(i);
+        }
+    }
+
+    /// Slots made, removed ones included: slot numbers run `0..len()`.
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    /// Every `(key, value)`, in slot order.
+    /// Keys held (removed ones not counted).
+    pub(crate) fn held(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Every `(key, value)`, in slot order (removed slots not yet taken
+    /// again included: see `free`).
     pub(crate) fn entries(&self) -> impl Iterator<Item = &(K, V)> {
         self.chunks.iter().flatten()
+    }
+
+    /// Every slot number and `(key, value)`, mutably, in slot order
+    /// (removed slots included, as in [`Slots::entries`]).
+    pub(crate) fn entries_mut(&mut self) -> impl Iterator<Item = (u32, &mut (K, V))> {
+        self.chunks
+            .iter_mut()
+            .flatten()
+            .enumerate()
+            .map(|(i, e)| (u32::try_from(i).unwrap_or(u32::MAX), e))
     }
 }
 
@@ -142,5 +182,22 @@ mod tests {
             (None, Some(4), Some(4), None)
         );
         assert_eq!(Recent::NONE.slot_at(0), None);
+    }
+
+    #[test]
+    fn a_removed_key_gives_its_slot_to_the_next_new_key() {
+        let mut s: Slots<u64, u64> = Slots::default();
+        for k in 0..5u64 {
+            s.upsert(k, || k);
+        }
+        s.remove(&2);
+        s.remove(&9);
+        assert_eq!((s.held(), s.get(&2), s.slot_of(&2)), (4, None, None));
+        assert_eq!(s.upsert(7, || 70), (2, true));
+        assert_eq!(s.slot(2), Some(&(7, 70)));
+        assert_eq!(s.upsert(8, || 80), (5, true));
+        assert_eq!((s.len(), s.held()), (6, 6));
+        let seen: Vec<(u32, u64)> = s.entries_mut().map(|(i, (k, _))| (i, *k)).collect();
+        assert_eq!(seen, [(0, 0), (1, 1), (2, 7), (3, 3), (4, 4), (5, 8)]);
     }
 }
