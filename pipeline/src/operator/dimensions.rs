@@ -483,7 +483,10 @@ impl Operator for DimensionsOperator {
             w.2 = false;
             if w.1.events == 0 {
                 let k = *k;
-                self.windows.remove(&k);
+                // Only while the key still owns this slot.
+                if self.windows.slot_of(&k) == Some(*slot) {
+                    self.windows.remove(&k);
+                }
             }
         }
         rows
@@ -641,6 +644,105 @@ mod tests {
         );
         let rows = op.take_rows(9).unwrap().unwrap();
         assert!(rows.num_rows() >= 4, "tombstones are written too");
+    }
+
+    /// Folds `events` with `take_rows` after every `every` of them: the
+    /// latest row per key (deleted ones dropped), and whether a batch ever
+    /// wrote a key twice.
+    fn latest_rows(events: &[Event], every: usize) -> (Vec<Vec<String>>, usize) {
+        let mut fed = Fed::default();
+        let mut op = DimensionsOperator::new(&[Granularity::Hour, Granularity::Month]);
+        let mut latest: std::collections::BTreeMap<Vec<String>, Option<Vec<String>>> =
+            Default::default();
+        let mut seq = 0;
+        for chunk in events.chunks(every) {
+            for e in chunk {
+                fed.feed(&mut op, e);
+            }
+            seq += 1;
+            let Some(b) = op.take_rows(seq).unwrap() else {
+                continue;
+            };
+            let cols: Vec<_> = (0..b.num_columns())
+                .map(|i| {
+                    arrow::util::display::ArrayFormatter::try_new(
+                        b.column(i).as_ref(),
+                        &Default::default(),
+                    )
+                    .unwrap()
+                })
+                .collect();
+            let mut keys = std::collections::HashSet::new();
+            for r in 0..b.num_rows() {
+                let v: Vec<String> = cols.iter().map(|c| c.value(r).to_string()).collect();
+                let key = v[..5].to_vec();
+                assert!(keys.insert(key.clone()), "{key:?} twice in one batch");
+                let row = (v[13] == "false").then(|| v[5..12].to_vec());
+                latest.insert(key, row);
+            }
+        }
+        let rows: Vec<Vec<String>> = latest
+            .into_iter()
+            .filter_map(|(mut k, v)| {
+                k.extend(v?);
+                Some(k)
+            })
+            .collect();
+        assert_eq!(op.state_rows(), rows.len(), "windows held, every {every}");
+        (rows, op.state_rows())
+    }
+
+    #[test]
+    fn emptied_windows_give_their_slots_to_new_ones_in_any_batching() {
+        let meter = |id: &str, time: &str, by: &str| {
+            ev(
+                id,
+                "_system",
+                "catalog.meter_defined",
+                time,
+                &format!(r#"{{"metric":"tokens","aggregation":"sum","group_by":{by}}}"#),
+            )
+        };
+        let usage = |id: &str, time: &str, dims: &str| {
+            ev(
+                id,
+                "acme",
+                "usage.recorded",
+                time,
+                &format!(r#"{{"metric":"tokens","quantity":3,"dimensions":{dims}}}"#),
+            )
+        };
+        let events = vec![
+            meter("m1", "2025-01-01T00:00:00Z", r#"["region"]"#),
+            usage(
+                "u1",
+                "2025-01-05T10:00:00Z",
+                r#"{"region":"eu","model":"a"}"#,
+            ),
+            // Empties both eu windows: written as gone, their slots freed.
+            void("v1", "acme", "2025-01-05T11:00:00Z", "s", "u1"),
+            // New windows take the freed slots.
+            usage(
+                "u2",
+                "2025-01-05T12:00:00Z",
+                r#"{"region":"us","model":"b"}"#,
+            ),
+            usage(
+                "u3",
+                "2025-01-06T12:00:00Z",
+                r#"{"region":"eu","model":"a"}"#,
+            ),
+            // Regrouping skips the freed slots and rebuilds the rest.
+            meter("m2", "2025-01-02T00:00:00Z", r#"["model"]"#),
+            void("v2", "acme", "2025-01-06T13:00:00Z", "s", "u3"),
+            usage("u4", "2025-01-07T12:00:00Z", r#"{"model":"c"}"#),
+            void("v3", "_system", "2025-01-07T13:00:00Z", "s", "m2"),
+        ];
+        let (all_at_once, held) = latest_rows(&events, events.len());
+        assert_eq!(held, 4, "{all_at_once:?}");
+        for every in [1, 2, 3] {
+            assert_eq!(latest_rows(&events, every).0, all_at_once, "every {every}");
+        }
     }
 
     #[test]

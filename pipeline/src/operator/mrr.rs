@@ -776,6 +776,75 @@ mod tests {
     }
 
     #[test]
+    fn a_void_recomputes_its_tenant_when_the_batch_touches_only_it() {
+        let a_start = start("a1", "a", "2025-01-10T00:00:00Z", "s1", 100, "");
+        let a_change = change("a2", "a", "2025-03-05T00:00:00Z", "s1", 150);
+        let others = [
+            start("b1", "b", "2025-01-10T00:00:00Z", "s2", 70, ""),
+            start("c1", "c", "2025-01-11T00:00:00Z", "s3", 80, ""),
+            start("d1", "d", "2025-01-12T00:00:00Z", "s4", 90, ""),
+            start("e1", "e", "2025-01-13T00:00:00Z", "s5", 60, ""),
+        ];
+        let tick = tick("z", "2025-06-02T00:00:00Z");
+        let mut events = vec![a_start.clone(), a_change.clone()];
+        events.extend(others.iter().cloned());
+        events.push(tick.clone());
+        // The same stream, the change voided: batches of one, the void
+        // alone in the last (one tenant of five is dirty).
+        let mut op = MrrOperator::new();
+        let mut latest: std::collections::BTreeMap<(String, String), Option<(i64, i64)>> =
+            Default::default();
+        let mut take = |op: &mut MrrOperator| {
+            if let Some(b) = op.take_rows(1).unwrap() {
+                let fmt = |i: usize| {
+                    arrow::util::display::ArrayFormatter::try_new(
+                        b.column(i).as_ref(),
+                        &Default::default(),
+                    )
+                    .unwrap()
+                };
+                let (m, t, s, e, d) = (fmt(0), fmt(1), fmt(3), fmt(4), fmt(11));
+                for r in 0..b.num_rows() {
+                    let key = (m.value(r).to_string(), t.value(r).to_string());
+                    let v = (
+                        s.value(r).to_string().parse().unwrap(),
+                        e.value(r).to_string().parse().unwrap(),
+                    );
+                    latest.insert(key, (d.value(r).to_string() == "false").then_some(v));
+                }
+            }
+        };
+        for e in &events {
+            op.apply(e);
+            take(&mut op);
+        }
+        let void = tick.clone();
+        op.retract(
+            &void,
+            &[crate::operator::Target { event: a_change }],
+            &crate::operator::Ledger::default(),
+        );
+        take(&mut op);
+        let got: Vec<(String, String, i64, i64)> = latest
+            .into_iter()
+            .filter_map(|((m, t), v)| v.map(|(s, e)| (m, t, s, e)))
+            .collect();
+        let mut effective = vec![a_start];
+        effective.extend(others.iter().cloned());
+        effective.push(tick);
+        let want: Vec<(String, String, i64, i64)> = view(&effective, 1)
+            .into_iter()
+            .map(|(m, t, s, e, _)| (m, t, s, e))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(op.state_rows(), want.len());
+        assert!(
+            want.iter()
+                .any(|(m, t, _, e)| m == "2025-04-01" && t == "a" && *e == 100)
+        );
+    }
+
+    #[test]
     fn diff_emits_changes_and_tombstones() {
         let r = |m, s, e| Row {
             month: m,

@@ -132,7 +132,8 @@ impl<K: Hash + Eq + Clone, V> Slots<K, V> {
 
 /// The slot a series' last event went to, and the time range that slot
 /// covers (`[start, end)`; empty until the first event). Slots never move,
-/// so a `Recent` never goes stale: it only stops matching.
+/// so a `Recent` never goes stale: it only stops matching (in slots whose
+/// keys are never removed, as `usage` and `overages` keep theirs).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Recent {
     pub(crate) start: i64,
