@@ -336,6 +336,12 @@ impl Ledger {
                 let bucket = self.bucket(&e.tenant, metric, e.time);
                 let records = &mut self.buckets[bucket as usize].records;
                 let pos = u32::try_from(records.len()).unwrap_or(u32::MAX);
+                // Grown by half, not doubled: the records are most of the
+                // ledger on a usage stream, and a doubled vector is a
+                // quarter empty on average.
+                if records.len() == records.capacity() {
+                    records.reserve_exact((records.len() / 2).max(4));
+                }
                 records.push(UsageRecord {
                     seq: e.stream_seq,
                     voided_at: u64::MAX,
