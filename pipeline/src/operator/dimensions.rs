@@ -551,7 +551,7 @@ impl DimensionsOperator {
 mod tests {
     use super::*;
 
-    use crate::operator::testing::{Fed, ev, void};
+    use crate::operator::testing::{Fed, ev, rows_text, void};
 
     /// (granularity, group, events, sum) of every month row, sorted.
     fn months(op: &DimensionsOperator) -> Vec<(String, i64, String)> {
@@ -571,17 +571,19 @@ mod tests {
         out
     }
 
+    /// The `tokens` meter, summed, grouped by `by` (JSON).
+    fn meter(id: &str, time: &str, by: &str) -> Event {
+        ev(
+            id,
+            "_system",
+            "catalog.meter_defined",
+            time,
+            &format!(r#"{{"metric":"tokens","aggregation":"sum","group_by":{by}}}"#),
+        )
+    }
+
     #[test]
     fn groups_follow_the_latest_meter_and_voids() {
-        let meter = |id: &str, time: &str, by: &str| {
-            ev(
-                id,
-                "_system",
-                "catalog.meter_defined",
-                time,
-                &format!(r#"{{"metric":"tokens","aggregation":"sum","group_by":{by}}}"#),
-            )
-        };
         let usage = |id: &str, q: u32, dims: &str| {
             ev(
                 id,
@@ -663,18 +665,8 @@ mod tests {
             let Some(b) = op.take_rows(seq).unwrap() else {
                 continue;
             };
-            let cols: Vec<_> = (0..b.num_columns())
-                .map(|i| {
-                    arrow::util::display::ArrayFormatter::try_new(
-                        b.column(i).as_ref(),
-                        &Default::default(),
-                    )
-                    .unwrap()
-                })
-                .collect();
             let mut keys = std::collections::HashSet::new();
-            for r in 0..b.num_rows() {
-                let v: Vec<String> = cols.iter().map(|c| c.value(r).to_string()).collect();
+            for v in rows_text(&b) {
                 let key = v[..5].to_vec();
                 assert!(keys.insert(key.clone()), "{key:?} twice in one batch");
                 let row = (v[13] == "false").then(|| v[5..12].to_vec());
@@ -694,15 +686,6 @@ mod tests {
 
     #[test]
     fn emptied_windows_give_their_slots_to_new_ones_in_any_batching() {
-        let meter = |id: &str, time: &str, by: &str| {
-            ev(
-                id,
-                "_system",
-                "catalog.meter_defined",
-                time,
-                &format!(r#"{{"metric":"tokens","aggregation":"sum","group_by":{by}}}"#),
-            )
-        };
         let usage = |id: &str, time: &str, dims: &str| {
             ev(
                 id,

@@ -336,12 +336,8 @@ impl Ledger {
                 let bucket = self.bucket(&e.tenant, metric, e.time);
                 let records = &mut self.buckets[bucket as usize].records;
                 let pos = u32::try_from(records.len()).unwrap_or(u32::MAX);
-                // Grown by half, not doubled: the records are most of the
-                // ledger on a usage stream, and a doubled vector is a
-                // quarter empty on average.
-                if records.len() == records.capacity() {
-                    records.reserve_exact((records.len() / 2).max(4));
-                }
+                // The records are most of the ledger on a usage stream.
+                super::reserve_by_half(records, 1);
                 records.push(UsageRecord {
                     seq: e.stream_seq,
                     voided_at: u64::MAX,

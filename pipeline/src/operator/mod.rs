@@ -131,6 +131,16 @@ pub(crate) fn required_column<'a, T: 'static>(
     })
 }
 
+/// Makes room in `v` for `additional` more items, growing it by half (at
+/// least 4) when it is full rather than doubling it: for the per-tenant
+/// and per-bucket vectors that hold most of the operators' state, a
+/// doubled vector is a quarter empty on average.
+pub(crate) fn reserve_by_half<T>(v: &mut Vec<T>, additional: usize) {
+    if v.len() + additional > v.capacity() {
+        v.reserve_exact(additional.max(v.len() / 2).max(4));
+    }
+}
+
 /// Rows per chunk of [`Operator::snapshot_chunks`].
 pub const SNAPSHOT_CHUNK: usize = 64 * 1024;
 

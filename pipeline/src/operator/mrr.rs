@@ -205,20 +205,14 @@ impl MrrOperator {
             // Most tenants changed (large batches at scale): one pass over
             // them in place rather than a lookup per name.
             for (name, t) in self.tenants.iter_mut() {
-                if std::mem::replace(&mut t.dirty, false) {
-                    let before = t.rows.len();
-                    let after = recompute_tenant(name, t, &self.currencies, clock_month, &mut out);
-                    self.rows_total = self.rows_total - before + after;
-                }
+                let total = &mut self.rows_total;
+                recompute_if_dirty(name, t, &self.currencies, clock_month, total, &mut out);
             }
         } else {
             for name in &dirty {
-                if let Some(t) = self.tenants.get_mut(name)
-                    && std::mem::replace(&mut t.dirty, false)
-                {
-                    let before = t.rows.len();
-                    let after = recompute_tenant(name, t, &self.currencies, clock_month, &mut out);
-                    self.rows_total = self.rows_total - before + after;
+                if let Some(t) = self.tenants.get_mut(name) {
+                    let total = &mut self.rows_total;
+                    recompute_if_dirty(name, t, &self.currencies, clock_month, total, &mut out);
                 }
             }
         }
@@ -281,16 +275,21 @@ impl MrrOperator {
     }
 }
 
-/// Recomputes tenant `name` from the earliest month its changes touch,
-/// appends the rows that changed to `out`, and says how many rows it
-/// holds now.
-fn recompute_tenant(
+/// If tenant `name` is dirty: recomputes it from the earliest month its
+/// changes touch, appends the rows that changed to `out`, clears its flag
+/// and keeps `rows_total` (the rows held across tenants) up to date.
+fn recompute_if_dirty(
     name: &Arc<str>,
     t: &mut Tenant,
     currency_names: &Names,
     clock_month: i64,
+    rows_total: &mut usize,
     out: &mut Vec<(Arc<str>, Row, bool)>,
-) -> usize {
+) {
+    if !std::mem::replace(&mut t.dirty, false) {
+        return;
+    }
+    let held_before = t.rows.len();
     let from = t.from.take().unwrap_or(i64::MIN);
     let currencies: Vec<(u16, &str)> = t
         .currencies
@@ -310,14 +309,12 @@ fn recompute_tenant(
         out.push((Arc::clone(name), row, deleted));
     });
     t.rows.truncate(keep);
-    // Grown by half, not doubled: a tenant gains a row a month, and these
-    // rows are most of this operator's memory.
-    if keep + rows.len() > t.rows.capacity() {
-        t.rows.reserve_exact(rows.len().max(keep / 2));
-    }
+    // A tenant gains a row a month: these rows are most of this operator's
+    // memory.
+    super::reserve_by_half(&mut t.rows, rows.len());
     t.rows.extend(rows);
     t.open = open;
-    t.rows.len()
+    *rows_total = *rows_total - held_before + t.rows.len();
 }
 
 /// The rows of `history` for the months from the one starting `from` up to
@@ -584,7 +581,7 @@ impl Operator for MrrOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::testing::ev;
+    use crate::operator::testing::{ev, rows_text};
 
     fn start(id: &str, t: &str, time: &str, sub: &str, price: i64, extra: &str) -> Event {
         ev(
@@ -627,37 +624,21 @@ mod tests {
         ev(id, "other", "auth.login", time, "{}")
     }
 
-    /// (month, tenant, start, end, movement) of the latest rows, deleted ones removed.
-    fn view(events: &[Event], batch_size: usize) -> Vec<(String, String, i64, i64, String)> {
-        let mut op = MrrOperator::new();
-        let mut latest: std::collections::BTreeMap<(String, String, String), Option<Vec<String>>> =
-            Default::default();
-        for chunk in events.chunks(batch_size) {
-            for e in chunk {
-                op.apply(e);
-            }
-            if let Some(b) = op.take_rows(1).unwrap() {
-                let text = |i: usize| {
-                    arrow::util::display::ArrayFormatter::try_new(
-                        b.column(i).as_ref(),
-                        &Default::default(),
-                    )
-                    .unwrap()
-                };
-                let cols: Vec<_> = (0..b.num_columns()).map(text).collect();
-                for r in 0..b.num_rows() {
-                    let v: Vec<String> = cols.iter().map(|c| c.value(r).to_string()).collect();
-                    let key = (v[0].clone(), v[1].clone(), v[2].clone());
-                    latest.insert(key, (v[11] == "false").then_some(v));
-                }
+    /// Latest row text per (month, tenant, currency); `None` once deleted.
+    type Latest = std::collections::BTreeMap<(String, String, String), Option<Vec<String>>>;
+
+    /// Takes the operator's rows into `latest`.
+    fn take_into(op: &mut MrrOperator, latest: &mut Latest) {
+        if let Some(b) = op.take_rows(1).unwrap() {
+            for v in rows_text(&b) {
+                let key = (v[0].clone(), v[1].clone(), v[2].clone());
+                latest.insert(key, (v[11] == "false").then_some(v));
             }
         }
-        // The count kept as rows change is the rows held.
-        assert_eq!(
-            op.state_rows(),
-            latest.values().flatten().count(),
-            "rows held, batch {batch_size}"
-        );
+    }
+
+    /// (month, tenant, start, end, movement) of the rows not deleted.
+    fn live(latest: Latest) -> Vec<(String, String, i64, i64, String)> {
         latest
             .into_values()
             .flatten()
@@ -671,6 +652,25 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// (month, tenant, start, end, movement) of the latest rows, deleted ones removed.
+    fn view(events: &[Event], batch_size: usize) -> Vec<(String, String, i64, i64, String)> {
+        let mut op = MrrOperator::new();
+        let mut latest = Latest::default();
+        for chunk in events.chunks(batch_size) {
+            for e in chunk {
+                op.apply(e);
+            }
+            take_into(&mut op, &mut latest);
+        }
+        // The count kept as rows change is the rows held.
+        assert_eq!(
+            op.state_rows(),
+            latest.values().flatten().count(),
+            "rows held, batch {batch_size}"
+        );
+        live(latest)
     }
 
     fn row(m: &str, t: &str, s: i64, e: i64, mv: &str) -> (String, String, i64, i64, String) {
@@ -792,31 +792,10 @@ mod tests {
         // The same stream, the change voided: batches of one, the void
         // alone in the last (one tenant of five is dirty).
         let mut op = MrrOperator::new();
-        let mut latest: std::collections::BTreeMap<(String, String), Option<(i64, i64)>> =
-            Default::default();
-        let mut take = |op: &mut MrrOperator| {
-            if let Some(b) = op.take_rows(1).unwrap() {
-                let fmt = |i: usize| {
-                    arrow::util::display::ArrayFormatter::try_new(
-                        b.column(i).as_ref(),
-                        &Default::default(),
-                    )
-                    .unwrap()
-                };
-                let (m, t, s, e, d) = (fmt(0), fmt(1), fmt(3), fmt(4), fmt(11));
-                for r in 0..b.num_rows() {
-                    let key = (m.value(r).to_string(), t.value(r).to_string());
-                    let v = (
-                        s.value(r).to_string().parse().unwrap(),
-                        e.value(r).to_string().parse().unwrap(),
-                    );
-                    latest.insert(key, (d.value(r).to_string() == "false").then_some(v));
-                }
-            }
-        };
+        let mut latest = Latest::default();
         for e in &events {
             op.apply(e);
-            take(&mut op);
+            take_into(&mut op, &mut latest);
         }
         let void = tick.clone();
         op.retract(
@@ -824,23 +803,17 @@ mod tests {
             &[crate::operator::Target { event: a_change }],
             &crate::operator::Ledger::default(),
         );
-        take(&mut op);
-        let got: Vec<(String, String, i64, i64)> = latest
-            .into_iter()
-            .filter_map(|((m, t), v)| v.map(|(s, e)| (m, t, s, e)))
-            .collect();
+        take_into(&mut op, &mut latest);
+        let got = live(latest);
         let mut effective = vec![a_start];
         effective.extend(others.iter().cloned());
         effective.push(tick);
-        let want: Vec<(String, String, i64, i64)> = view(&effective, 1)
-            .into_iter()
-            .map(|(m, t, s, e, _)| (m, t, s, e))
-            .collect();
+        let want = view(&effective, 1);
         assert_eq!(got, want);
         assert_eq!(op.state_rows(), want.len());
         assert!(
             want.iter()
-                .any(|(m, t, _, e)| m == "2025-04-01" && t == "a" && *e == 100)
+                .any(|(m, t, _, e, _)| m == "2025-04-01" && t == "a" && *e == 100)
         );
     }
 

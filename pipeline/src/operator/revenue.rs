@@ -79,6 +79,12 @@ struct Row {
     events: i64,
 }
 
+/// Where the row of (`month`, `currency`) is in a tenant's sorted rows,
+/// or where it would go.
+fn find(rows: &[Row], month: i32, currency: u16) -> Result<usize, usize> {
+    rows.binary_search_by_key(&(month, currency), |r| (r.month, r.currency))
+}
+
 pub struct RevenueOperator {
     /// Per tenant id, its rows sorted by (month, currency id). A tenant has
     /// a row per month it paid or refunded in (2.4M rows at 100k tenants
@@ -112,10 +118,7 @@ impl RevenueOperator {
 
     fn row(&self, (tenant, month, currency): Key) -> Option<&Row> {
         let rows = self.by_tenant.get(tenant as usize)?;
-        let i = rows
-            .binary_search_by_key(&(month, currency), |r| (r.month, r.currency))
-            .ok()?;
-        rows.get(i)
+        rows.get(find(rows, month, currency).ok()?)
     }
 
     /// Adds (`sign` 1) or takes back (-1) an invoice event.
@@ -139,34 +142,25 @@ impl RevenueOperator {
         let Some(rows) = self.by_tenant.get_mut(t) else {
             return;
         };
-        // Rows mostly arrive in month order: the last row, or a new one.
-        let at = match rows.last() {
-            Some(r) if (r.month, r.currency) == (month, currency) => rows.len() - 1,
-            Some(r) if (r.month, r.currency) < (month, currency) => rows.len(),
-            _ => match rows.binary_search_by_key(&(month, currency), |r| (r.month, r.currency)) {
-                Ok(i) | Err(i) => i,
-            },
-        };
-        if rows
-            .get(at)
-            .is_none_or(|r| (r.month, r.currency) != (month, currency))
-        {
-            if rows.len() == rows.capacity() {
-                rows.reserve_exact((rows.len() / 2).max(2));
+        let at = match find(rows, month, currency) {
+            Ok(at) => at,
+            Err(at) => {
+                super::reserve_by_half(rows, 1);
+                rows.insert(
+                    at,
+                    Row {
+                        month,
+                        currency,
+                        paid: Exact::default(),
+                        refunded: Exact::default(),
+                        invoices_paid: 0,
+                        events: 0,
+                    },
+                );
+                self.len += 1;
+                at
             }
-            rows.insert(
-                at,
-                Row {
-                    month,
-                    currency,
-                    paid: Exact::default(),
-                    refunded: Exact::default(),
-                    invoices_paid: 0,
-                    events: 0,
-                },
-            );
-            self.len += 1;
-        }
+        };
         let Some(row) = rows.get_mut(at) else {
             return;
         };
@@ -330,8 +324,7 @@ impl Operator for RevenueOperator {
         // above); only changed rows can be.
         for (t, month, currency) in keys {
             if let Some(rows) = self.by_tenant.get_mut(t as usize)
-                && let Ok(i) =
-                    rows.binary_search_by_key(&(month, currency), |r| (r.month, r.currency))
+                && let Ok(i) = find(rows, month, currency)
                 && rows.get(i).is_some_and(|r| r.events == 0)
             {
                 rows.remove(i);

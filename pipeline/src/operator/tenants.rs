@@ -83,12 +83,8 @@ impl Times {
         match self.in_order.last() {
             Some(last) if *last > t => *self.earlier.entry(t).or_insert(0) += 1,
             _ => {
-                // Grown by half, not doubled: a tenant's times are most of
-                // this operator's memory.
-                if self.in_order.len() == self.in_order.capacity() {
-                    self.in_order
-                        .reserve_exact((self.in_order.len() / 2).max(4));
-                }
+                // A tenant's times are most of this operator's memory.
+                super::reserve_by_half(&mut self.in_order, 1);
                 self.in_order.push(t);
             }
         }
@@ -453,29 +449,15 @@ impl Operator for TenantsOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::testing::ev;
+    use crate::operator::testing::{ev, rows_text};
 
     /// `tenant,name,plan,status,mrr,revenue_to_date` of the rows written.
     /// The rows cut, sorted (their order in a batch carries no meaning).
     fn rows(op: &mut TenantsOperator) -> Vec<String> {
         let b = op.take_rows(1).unwrap().unwrap();
-        let cols: Vec<_> = [0, 1, 5, 7, 8, 10]
-            .iter()
-            .map(|i| {
-                arrow::util::display::ArrayFormatter::try_new(
-                    b.column(*i).as_ref(),
-                    &Default::default(),
-                )
-                .unwrap()
-            })
-            .collect();
-        (0..b.num_rows())
-            .map(|r| {
-                cols.iter()
-                    .map(|c| c.value(r).to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
+        rows_text(&b)
+            .into_iter()
+            .map(|v| [0, 1, 5, 7, 8, 10].map(|i| v[i].as_str()).join(","))
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect()

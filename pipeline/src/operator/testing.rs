@@ -1,7 +1,23 @@
 //! What the operators' tests share: events made from their parts and
 //! validated as `tally run` would, and the generated SaaS folded whole.
 
+use arrow::array::RecordBatch;
+
 use crate::event::Event;
+
+/// Each row of `b` as its columns' display text.
+pub(crate) fn rows_text(b: &RecordBatch) -> Vec<Vec<String>> {
+    let cols: Vec<_> = b
+        .columns()
+        .iter()
+        .map(|c| {
+            arrow::util::display::ArrayFormatter::try_new(c.as_ref(), &Default::default()).unwrap()
+        })
+        .collect();
+    (0..b.num_rows())
+        .map(|r| cols.iter().map(|c| c.value(r).to_string()).collect())
+        .collect()
+}
 
 /// A validated event for operator tests: the JSON envelope built from its
 /// parts and validated as `tally run` would (publish time far ahead, and no

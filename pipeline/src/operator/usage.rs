@@ -737,7 +737,7 @@ pub(crate) fn captured_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::testing::{Fed, test_event, void};
+    use crate::operator::testing::{Fed, rows_text, test_event, void};
     use arrow::array::{Array, Decimal128Array};
     use arrow::util::pretty::pretty_format_batches;
 
@@ -768,28 +768,13 @@ mod tests {
     /// The view that stored versions give: the latest row per key, without
     /// tombstones, in key order, as text lines.
     fn stored(versions: &[RecordBatch]) -> Vec<String> {
-        use arrow::array::BooleanArray;
-        use arrow::util::display::{ArrayFormatter, FormatOptions};
         let mut latest = std::collections::BTreeMap::new();
         for b in versions {
-            let opts = FormatOptions::default();
-            let f: Vec<ArrayFormatter<'_>> = b
-                .columns()
-                .iter()
-                .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts).unwrap())
-                .collect();
-            let deleted = b
-                .column_by_name("_deleted")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<BooleanArray>()
-                .unwrap();
-            for i in 0..b.num_rows() {
-                let key: Vec<String> = (0..4).map(|c| f[c].value(i).to_string()).collect();
-                let row: Vec<String> = (0..b.num_columns() - 2)
-                    .map(|c| f[c].value(i).to_string())
-                    .collect();
-                latest.insert(key, (!deleted.value(i)).then(|| row.join("|")));
+            let deleted = b.schema().index_of("_deleted").unwrap();
+            for v in rows_text(b) {
+                let key: Vec<String> = v[..4].to_vec();
+                let row = v[..v.len() - 2].join("|");
+                latest.insert(key, (v[deleted] == "false").then_some(row));
             }
         }
         latest.into_values().flatten().collect()
