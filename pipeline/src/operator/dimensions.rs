@@ -270,16 +270,29 @@ impl DimensionsOperator {
     }
 
     /// The slots of the windows with events, in key order.
+    /// (tenant, metric, granularity, start, group), by the ranks of the
+    /// strings: each key's order is two integers and a time, computed
+    /// once, not strings compared for every pair of windows.
     fn sorted_slots(&self) -> Vec<u32> {
-        let mut slots: Vec<(u32, &Key)> = self
+        let series = super::ids::ranks(&self.series);
+        let groups = self.groups.ranks();
+        let rank = |ranks: &[u32], i: u32| ranks.get(i as usize).copied().unwrap_or(u32::MAX);
+        let mut slots: Vec<(u64, i64, u32, u32)> = self
             .windows
             .entries()
             .enumerate()
             .filter(|(_, (_, w))| w.1.events > 0)
-            .map(|(i, (k, _))| (u32::try_from(i).unwrap_or(u32::MAX), k))
+            .map(|(i, (k, _))| {
+                (
+                    (u64::from(rank(&series, k.series)) << 8) | k.granularity as u64,
+                    k.start,
+                    rank(&groups, k.group),
+                    u32::try_from(i).unwrap_or(u32::MAX),
+                )
+            })
             .collect();
-        slots.sort_by(|a, b| self.order(a.1).cmp(&self.order(b.1)));
-        slots.into_iter().map(|(i, _)| i).collect()
+        slots.sort_unstable();
+        slots.into_iter().map(|(.., i)| i).collect()
     }
 
     fn rows(&self, slots: &[u32], seq: u64) -> Result<RecordBatch, OperatorError> {
@@ -340,16 +353,6 @@ impl DimensionsOperator {
             Arc::new(deleted.finish()),
         ];
         RecordBatch::try_new(Arc::clone(&SCHEMA), columns).map_err(err)
-    }
-
-    /// Sort key of a window for snapshots.
-    fn order(&self, k: &Key) -> (&str, &str, Granularity, i64, &str) {
-        let (t, m) = self
-            .series
-            .get(k.series as usize)
-            .map(|(t, m)| (&**t, &**m))
-            .unwrap_or_default();
-        (t, m, k.granularity, k.start, self.groups.name(k.group))
     }
 }
 

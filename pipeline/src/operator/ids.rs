@@ -42,12 +42,30 @@ impl Names {
         self.ids.get(s).copied()
     }
 
+    /// Each id's rank in the names' byte order, by id.
+    pub(crate) fn ranks(&self) -> Vec<u32> {
+        ranks(&self.names)
+    }
+
     pub(crate) fn name(&self, id: u32) -> &str {
         self.names
             .get(id as usize)
             .map(|n| &**n)
             .unwrap_or_default()
     }
+}
+
+/// Each item's rank in sorted order, by index: sorting many keys by
+/// their ranks compares two integers where sorting by the items would
+/// compare strings.
+pub(crate) fn ranks<T: Ord>(items: &[T]) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..u32::try_from(items.len()).unwrap_or(u32::MAX)).collect();
+    order.sort_unstable_by(|a, b| items[*a as usize].cmp(&items[*b as usize]));
+    let mut rank = vec![0u32; order.len()];
+    for (r, i) in order.into_iter().enumerate() {
+        rank[i as usize] = u32::try_from(r).unwrap_or(u32::MAX);
+    }
+    rank
 }
 
 /// (tenant, metric) pairs numbered from 0 in order of first sight, found

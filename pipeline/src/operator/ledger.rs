@@ -31,17 +31,17 @@
 //! ([`Ledger::usage_after`]): the
 //! ledger classifies a whole batch before the operators fold it.
 
+mod index;
+
 use std::collections::HashMap;
 use std::sync::Arc;
+
+use index::KeyIndex;
 
 use super::FixedState;
 use super::window::month_bounds;
 use crate::event::payload::{METRIC_TYPES, Payload, VOIDED_TYPE};
 use crate::event::{Event, Text, payload_from_archive};
-
-/// Most entries [`Ledger::reserve`] makes room for at once (16M: about
-/// 512 MiB of index), so a huge backlog does not allocate it all up front.
-const MAX_RESERVE: usize = 1 << 24;
 
 /// A usage event as a void may need it back.
 #[derive(Debug, Clone)]
@@ -72,9 +72,10 @@ impl UsageRecord {
 }
 
 /// An event key (tenant, `source`, `id` hashed, see `state::dedup`) as
-/// two words: 8-byte alignment keeps a map slot with an 8-byte value at 24
-/// bytes (a `u128` key pads it to 32), and there is a slot per event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// two words: 8-byte alignment keeps an index entry with an 8-byte
+/// location at 24 bytes (a `u128` key pads it to 32), and there is an
+/// entry per event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct Key(u64, u64);
 
 impl From<u128> for Key {
@@ -233,11 +234,9 @@ pub enum Verdict {
 /// See the module documentation.
 #[derive(Default)]
 pub struct Ledger {
-    /// Key (tenant, source, id) -> the effective event with it.
-    index: HashMap<Key, Packed, FixedState>,
-    /// Further effective events with a key already in `index` (an event
-    /// re-sent after the dedup horizon is accepted again).
-    more: HashMap<Key, Vec<Loc>, FixedState>,
+    /// Key (tenant, source, id) -> every remembered event with it (an
+    /// event re-sent after the dedup horizon is accepted again).
+    index: KeyIndex,
     /// Target key -> the first void naming it.
     voided: HashMap<Key, u64, FixedState>,
     /// Target key -> the later voids naming it.
@@ -282,37 +281,34 @@ impl Ledger {
                     v.insert(e.stream_seq);
                 }
             }
-            let mut locs: Vec<Loc> = self
-                .index
-                .get(&target)
-                .map(|p| Loc::from(*p))
-                .into_iter()
-                .collect();
-            locs.extend(self.more.get(&target).into_iter().flatten().copied());
+            let mut locs: Vec<Loc> = Vec::new();
+            self.index.update(target, |p| {
+                locs.push(Loc::from(p));
+                p
+            });
             let mut targets = Vec::new();
             let mut hits = Vec::with_capacity(locs.len());
-            let mut gone = Vec::with_capacity(locs.len());
+            // What each entry of the key becomes, in the same order.
+            let mut now = Vec::with_capacity(locs.len());
             for loc in locs {
                 match loc {
                     Loc::Voided(seq) => {
                         hits.push(seq);
-                        gone.push(loc);
+                        now.push(loc);
                     }
-                    _ => {
-                        if let Some(t) = self.take(loc, e) {
+                    _ => match self.take(loc, e) {
+                        Some(t) => {
                             hits.push(t.event.stream_seq);
-                            gone.push(Loc::Voided(t.event.stream_seq));
+                            now.push(Loc::Voided(t.event.stream_seq));
                             targets.push(t);
                         }
-                    }
+                        None => now.push(loc),
+                    },
                 }
             }
-            if let Some((first, rest)) = gone.split_first() {
-                self.index.insert(target, Packed::from(*first));
-                if !rest.is_empty() {
-                    self.more.insert(target, rest.to_vec());
-                }
-            }
+            let mut now = now.into_iter();
+            self.index
+                .update(target, |p| now.next().map_or(p, Packed::from));
             return Verdict::Void { targets, hits };
         }
         if let Some(first) = self.voided.get(&key) {
@@ -381,14 +377,7 @@ impl Ledger {
     }
 
     fn remember(&mut self, key: Key, loc: Loc) {
-        match self.index.entry(key) {
-            std::collections::hash_map::Entry::Occupied(_) => {
-                self.more.entry(key).or_default().push(loc);
-            }
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(Packed::from(loc));
-            }
-        }
+        self.index.insert(key, Packed::from(loc));
     }
 
     /// Marks the event at `loc` voided by `void` and rebuilds it.
@@ -522,13 +511,6 @@ impl Ledger {
             .filter(move |(_, r)| r.effective_after(seq))
     }
 
-    /// Makes room for `events` more remembered events (at most
-    /// [`MAX_RESERVE`]): a run that knows how many messages it will read
-    /// spares the index its rehashes as it grows.
-    pub fn reserve(&mut self, events: usize) {
-        self.index.reserve(events.min(MAX_RESERVE));
-    }
-
     /// Accepted voids so far.
     #[cfg(test)]
     pub fn voids(&self) -> u64 {
@@ -538,7 +520,7 @@ impl Ledger {
     /// Accepted events remembered (voided ones included).
     #[cfg(test)]
     pub fn remembered(&self) -> usize {
-        self.index.len() + self.more.values().map(Vec::len).sum::<usize>()
+        self.index.len()
     }
 }
 
@@ -564,7 +546,7 @@ mod tests {
         for loc in locs {
             assert_eq!(Loc::from(Packed::from(loc)), loc);
         }
-        // The index's slot: a 16-byte key and an 8-byte location.
+        // The index's entry: a 16-byte key and an 8-byte location.
         assert_eq!(std::mem::size_of::<(Key, Packed)>(), 24);
         assert_eq!(std::mem::size_of::<OtherRecord>(), 24);
     }

@@ -384,31 +384,22 @@ impl UsageOperator {
     /// per series, not per pair of windows. Windows whose events were all
     /// voided are left out.
     fn sorted_windows(&self) -> Vec<&(Key, Window)> {
-        let mut ranked: Vec<u32> =
-            (0..u32::try_from(self.series.len()).unwrap_or(u32::MAX)).collect();
-        ranked.sort_unstable_by(|a, b| self.series_names(*a).cmp(&self.series_names(*b)));
-        let mut rank = vec![0u32; ranked.len()];
-        for (r, series) in ranked.into_iter().enumerate() {
-            rank[series as usize] = u32::try_from(r).unwrap_or(u32::MAX);
-        }
-        let mut windows: Vec<&(Key, Window)> = self
+        let rank = super::ids::ranks(&self.series);
+        // The sort key is computed once per window and sorted with it, so
+        // that comparisons read two integers next to each other instead of
+        // following a pointer into the windows and the ranks each time.
+        let mut keyed: Vec<(u64, i64, &(Key, Window))> = self
             .windows
             .entries()
             .filter(|(_, w)| w.1.events > 0)
+            .map(|kw| {
+                let k = &kw.0;
+                let r = rank.get(k.series as usize).copied().unwrap_or(u32::MAX);
+                ((u64::from(r) << 8) | k.granularity as u64, k.start, kw)
+            })
             .collect();
-        windows.sort_unstable_by_key(|(k, _)| {
-            let r = rank.get(k.series as usize).copied().unwrap_or(u32::MAX);
-            (r, k.granularity, k.start)
-        });
-        windows
-    }
-
-    /// (tenant, metric) of a series id.
-    fn series_names(&self, series: u32) -> (&str, &str) {
-        self.series
-            .get(series as usize)
-            .map(|(t, m)| (&**t, &**m))
-            .unwrap_or_default()
+        keyed.sort_unstable_by_key(|(a, b, _)| (*a, *b));
+        keyed.into_iter().map(|(_, _, kw)| kw).collect()
     }
 
     fn rows<'a>(

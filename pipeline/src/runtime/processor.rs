@@ -421,7 +421,6 @@ impl Processor {
     pub fn reserve_dedup(&mut self, messages: u64) {
         let n = usize::try_from(messages).unwrap_or(usize::MAX);
         self.dedup.reserve(n);
-        self.ledger.reserve(n);
     }
 
     /// The operators in two groups of about equal measured cost, for

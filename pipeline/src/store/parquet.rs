@@ -76,6 +76,8 @@ pub enum ViewFilesError {
     Sort(arrow::error::ArrowError),
     #[error("cannot build a view's snapshot: {0}")]
     Snapshot(Box<dyn std::error::Error + Send + Sync>),
+    #[error("the thread encoding {path} stopped before finishing it")]
+    Encoder { path: PathBuf },
 }
 
 /// One Parquet file of a view and the stream sequences it covers.
@@ -365,11 +367,35 @@ impl ViewDir {
             .filter(|f| f.last_seq <= upto)
             .collect();
         let keep = self.dir.join(file_name(1, upto));
-        write_parquet_with(&keep, schema, true, |write| {
+        // The chunks are built on this thread and encoded on another, one
+        // chunk apart: building a chunk (the state read in key order) and
+        // encoding the one before take about as long, and while a stopping
+        // run writes its snapshots the second core has nothing else to do.
+        // The hand-over waits for the encoder (no queue), so memory holds
+        // two chunks, not three. A chunk's error reaches the encoder, which
+        // then leaves no file.
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<RecordBatch, ViewFilesError>>(0);
+            let encoder = scope.spawn(|| {
+                write_parquet_with(&keep, schema, true, move |write| {
+                    for chunk in rx {
+                        write(&chunk?)?;
+                    }
+                    Ok(())
+                })
+            });
             for chunk in chunks {
-                write(&chunk.map_err(|e| ViewFilesError::Snapshot(Box::new(e)))?)?;
+                let chunk = chunk.map_err(|e| ViewFilesError::Snapshot(Box::new(e)));
+                let failed = chunk.is_err();
+                // A closed channel: the encoder failed, and says why below.
+                if tx.send(chunk).is_err() || failed {
+                    break;
+                }
             }
-            Ok(())
+            drop(tx);
+            encoder
+                .join()
+                .map_err(|_| ViewFilesError::Encoder { path: keep.clone() })?
         })?;
         let mut removed = 0;
         for f in old.iter().filter(|f| f.path != keep) {
@@ -504,7 +530,14 @@ fn atomically(
         source,
     };
     let file = File::create(&tmp).map_err(io)?;
-    let file = fill(&tmp, file)?;
+    let file = match fill(&tmp, file) {
+        Ok(file) => file,
+        Err(e) => {
+            // Best effort: a temp file left behind is removed at recovery.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     file.sync_all().map_err(io)?;
     drop(file);
     rename_into_place(&tmp, path).map_err(io)
@@ -717,13 +750,6 @@ mod tests {
         v.write(1, 20, &schema, &[batch(&schema, &[1, 2])]).unwrap(); // merged, parts not yet deleted
         v.write(21, 30, &schema, &[batch(&schema, &[3])]).unwrap(); // beyond checkpoint
         std::fs::write(v.dir.join("seq-x.parquet.tmp"), b"junk").unwrap();
-        let ranges = |v: &ViewDir| {
-            v.files()
-                .unwrap()
-                .iter()
-                .map(|f| (f.first_seq, f.last_seq))
-                .collect::<Vec<_>>()
-        };
         assert_eq!(ranges(&v), vec![(1, 20), (21, 30)]);
         assert_eq!(v.recover(20).unwrap(), 4);
         assert_eq!(ranges(&v), vec![(1, 20)]);
@@ -757,6 +783,65 @@ mod tests {
             })
             .collect();
         assert_eq!(rows, (0..40).collect::<Vec<_>>());
+    }
+
+    fn ranges(v: &ViewDir) -> Vec<(u64, u64)> {
+        v.files()
+            .unwrap()
+            .iter()
+            .map(|f| (f.first_seq, f.last_seq))
+            .collect()
+    }
+
+    fn values(path: &Path) -> Vec<u64> {
+        read_parquet(path)
+            .unwrap()
+            .flat_map(|b| {
+                let b = b.unwrap();
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<UInt64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_snapshot_keeps_its_chunks_in_order_and_a_failed_chunk_leaves_the_files_as_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema: SchemaRef =
+            Arc::new(Schema::new(vec![Field::new("v", DataType::UInt64, false)]));
+        let v = ViewDir::new(dir.path(), "t");
+        v.create().unwrap();
+        for i in 0..3u64 {
+            v.write(i * 10 + 1, i * 10 + 10, &schema, &[batch(&schema, &[i])])
+                .unwrap();
+        }
+        // A chunk fails after two were handed to the encoder.
+        let chunks = (0..5u64).map(|i| {
+            if i == 2 {
+                Err(std::io::Error::other("state unreadable"))
+            } else {
+                Ok(batch(&schema, &[i * 100, i * 100 + 1]))
+            }
+        });
+        let err = v.replace_with_chunks(30, &schema, chunks).unwrap_err();
+        assert!(matches!(err, ViewFilesError::Snapshot(_)), "{err}");
+        assert_eq!(ranges(&v), vec![(1, 10), (11, 20), (21, 30)]);
+        assert_eq!(
+            std::fs::read_dir(&v.dir).unwrap().count(),
+            3,
+            "no file left behind"
+        );
+        // Many chunks, in order, replace every file they cover.
+        let chunks =
+            (0..50u64).map(|i| Ok::<_, std::io::Error>(batch(&schema, &[2 * i, 2 * i + 1])));
+        assert_eq!(v.replace_with_chunks(30, &schema, chunks).unwrap(), 3);
+        let files = v.files().unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(values(&files[0].path), (0..100).collect::<Vec<_>>());
     }
 
     #[test]
