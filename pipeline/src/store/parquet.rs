@@ -78,6 +78,8 @@ pub enum ViewFilesError {
     Snapshot(Box<dyn std::error::Error + Send + Sync>),
     #[error("the thread encoding {path} stopped before finishing it")]
     Encoder { path: PathBuf },
+    #[error("a view's snapshot was not built to its end")]
+    Unfinished,
 }
 
 /// One Parquet file of a view and the stream sequences it covers.
@@ -350,8 +352,9 @@ impl ViewDir {
     }
 
     /// [`ViewDir::replace_with`] from the snapshot's rows in chunks, in key
-    /// order: memory holds one chunk and the row group being encoded, not
-    /// the whole snapshot. A chunk's error is [`ViewFilesError::Snapshot`].
+    /// order: memory holds two chunks (one being built, one being encoded)
+    /// and the row group being encoded, not the whole snapshot. A chunk's
+    /// error is [`ViewFilesError::Snapshot`].
     pub fn replace_with_chunks<E>(
         &self,
         upto: u64,
@@ -372,30 +375,45 @@ impl ViewDir {
         // encoding the one before take about as long, and while a stopping
         // run writes its snapshots the second core has nothing else to do.
         // The hand-over waits for the encoder (no queue), so memory holds
-        // two chunks, not three. A chunk's error reaches the encoder, which
-        // then leaves no file.
+        // two chunks, not three. The last chunk is followed by `None`: a
+        // channel closed without it (a chunk's error, or a panic while
+        // building one) leaves no file, never a snapshot cut short.
         std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<RecordBatch, ViewFilesError>>(0);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Option<RecordBatch>>(0);
             let encoder = scope.spawn(|| {
                 write_parquet_with(&keep, schema, true, move |write| {
-                    for chunk in rx {
-                        write(&chunk?)?;
+                    loop {
+                        match rx.recv() {
+                            Ok(Some(chunk)) => write(&chunk)?,
+                            Ok(None) => return Ok(()),
+                            Err(_) => return Err(ViewFilesError::Unfinished),
+                        }
                     }
-                    Ok(())
                 })
             });
+            let mut built = Ok(());
             for chunk in chunks {
-                let chunk = chunk.map_err(|e| ViewFilesError::Snapshot(Box::new(e)));
-                let failed = chunk.is_err();
-                // A closed channel: the encoder failed, and says why below.
-                if tx.send(chunk).is_err() || failed {
-                    break;
+                match chunk {
+                    // A closed channel: the encoder failed, and says why below.
+                    Ok(chunk) => {
+                        if tx.send(Some(chunk)).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        built = Err(ViewFilesError::Snapshot(Box::new(e)));
+                        break;
+                    }
                 }
             }
+            if built.is_ok() {
+                let _ = tx.send(None);
+            }
             drop(tx);
-            encoder
+            let encoded = encoder
                 .join()
-                .map_err(|_| ViewFilesError::Encoder { path: keep.clone() })?
+                .map_err(|_| ViewFilesError::Encoder { path: keep.clone() })?;
+            built.and(encoded)
         })?;
         let mut removed = 0;
         for f in old.iter().filter(|f| f.path != keep) {
@@ -829,6 +847,21 @@ mod tests {
         });
         let err = v.replace_with_chunks(30, &schema, chunks).unwrap_err();
         assert!(matches!(err, ViewFilesError::Snapshot(_)), "{err}");
+        assert_eq!(ranges(&v), vec![(1, 10), (11, 20), (21, 30)]);
+        assert_eq!(
+            std::fs::read_dir(&v.dir).unwrap().count(),
+            3,
+            "no file left behind"
+        );
+        // A panic while building a chunk leaves them as they were too.
+        let panicking = (0..5u64).map(|i| {
+            assert!(i < 2, "a chunk cannot be built");
+            Ok::<_, std::io::Error>(batch(&schema, &[i]))
+        });
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            v.replace_with_chunks(30, &schema, panicking)
+        }));
+        assert!(caught.is_err());
         assert_eq!(ranges(&v), vec![(1, 10), (11, 20), (21, 30)]);
         assert_eq!(
             std::fs::read_dir(&v.dir).unwrap().count(),
