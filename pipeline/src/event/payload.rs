@@ -120,8 +120,9 @@ pub(crate) enum Payload {
         quantity: i128,
         /// The value a `unique_count` meter counts once per window or period.
         unique: Option<super::Text>,
-        /// Boxed: most usage events carry none, and the variant stays small.
-        dimensions: Option<Box<Dimensions>>,
+        /// Behind a pointer: most usage events carry none, and the variant
+        /// stays small; shared, so that the ledger keeps it without a copy.
+        dimensions: Option<std::sync::Arc<Dimensions>>,
     },
     InvoicePaid {
         invoice_id: String,

@@ -931,7 +931,7 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
                 metric: Text::from(&*metric),
                 quantity,
                 unique,
-                dimensions: dimensions(d.dimensions)?.map(Box::new),
+                dimensions: dimensions(d.dimensions)?.map(std::sync::Arc::new),
             }
         }
         "invoice.paid" | "invoice.refunded" => {

@@ -61,7 +61,7 @@ pub struct UsageRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageExtra {
     pub unique: Option<Text>,
-    pub dimensions: Option<Box<crate::event::payload::Dimensions>>,
+    pub dimensions: Option<Arc<crate::event::payload::Dimensions>>,
 }
 
 impl UsageRecord {
