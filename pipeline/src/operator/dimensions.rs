@@ -269,22 +269,23 @@ impl DimensionsOperator {
         }
     }
 
-    /// The slots of the windows with events, in key order.
-    /// (tenant, metric, granularity, start, group), by the ranks of the
-    /// strings: each key's order is two integers and a time, computed
-    /// once, not strings compared for every pair of windows.
+    /// The slots of the windows with events, in key order (tenant, metric,
+    /// granularity, start, group): the strings by their ranks, computed
+    /// once, so that sorting compares integers, not strings for every pair
+    /// of windows.
     fn sorted_slots(&self) -> Vec<u32> {
         let series = super::ids::ranks(&self.series);
         let groups = self.groups.ranks();
         let rank = |ranks: &[u32], i: u32| ranks.get(i as usize).copied().unwrap_or(u32::MAX);
-        let mut slots: Vec<(u64, i64, u32, u32)> = self
+        let mut slots: Vec<(u32, Granularity, i64, u32, u32)> = self
             .windows
             .entries()
             .enumerate()
             .filter(|(_, (_, w))| w.1.events > 0)
             .map(|(i, (k, _))| {
                 (
-                    (u64::from(rank(&series, k.series)) << 8) | k.granularity as u64,
+                    rank(&series, k.series),
+                    k.granularity,
                     k.start,
                     rank(&groups, k.group),
                     u32::try_from(i).unwrap_or(u32::MAX),

@@ -388,18 +388,18 @@ impl UsageOperator {
         // The sort key is computed once per window and sorted with it, so
         // that comparisons read two integers next to each other instead of
         // following a pointer into the windows and the ranks each time.
-        let mut keyed: Vec<(u64, i64, &(Key, Window))> = self
+        let mut keyed: Vec<(u32, Granularity, i64, &(Key, Window))> = self
             .windows
             .entries()
             .filter(|(_, w)| w.1.events > 0)
             .map(|kw| {
                 let k = &kw.0;
                 let r = rank.get(k.series as usize).copied().unwrap_or(u32::MAX);
-                ((u64::from(r) << 8) | k.granularity as u64, k.start, kw)
+                (r, k.granularity, k.start, kw)
             })
             .collect();
-        keyed.sort_unstable_by_key(|(a, b, _)| (*a, *b));
-        keyed.into_iter().map(|(_, _, kw)| kw).collect()
+        keyed.sort_unstable_by_key(|(r, g, start, _)| (*r, *g, *start));
+        keyed.into_iter().map(|(.., kw)| kw).collect()
     }
 
     fn rows<'a>(

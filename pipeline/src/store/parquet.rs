@@ -748,6 +748,15 @@ mod tests {
         );
     }
 
+    /// A created view directory `t` under `dir` of one `UInt64` column `v`.
+    fn u64_view(dir: &Path) -> (ViewDir, SchemaRef) {
+        let schema: SchemaRef =
+            Arc::new(Schema::new(vec![Field::new("v", DataType::UInt64, false)]));
+        let v = ViewDir::new(dir, "t");
+        v.create().unwrap();
+        (v, schema)
+    }
+
     fn batch(schema: &SchemaRef, vals: &[u64]) -> RecordBatch {
         RecordBatch::try_new(
             Arc::clone(schema),
@@ -759,10 +768,7 @@ mod tests {
     #[test]
     fn recover_removes_orphans_and_contained_files() {
         let dir = tempfile::tempdir().unwrap();
-        let schema: SchemaRef =
-            Arc::new(Schema::new(vec![Field::new("v", DataType::UInt64, false)]));
-        let v = ViewDir::new(dir.path(), "t");
-        v.create().unwrap();
+        let (v, schema) = u64_view(dir.path());
         v.write(1, 10, &schema, &[batch(&schema, &[1])]).unwrap();
         v.write(11, 20, &schema, &[batch(&schema, &[2])]).unwrap();
         v.write(1, 20, &schema, &[batch(&schema, &[1, 2])]).unwrap(); // merged, parts not yet deleted
@@ -777,10 +783,7 @@ mod tests {
     #[test]
     fn compaction_keeps_every_row_once() {
         let dir = tempfile::tempdir().unwrap();
-        let schema: SchemaRef =
-            Arc::new(Schema::new(vec![Field::new("v", DataType::UInt64, false)]));
-        let v = ViewDir::new(dir.path(), "t");
-        v.create().unwrap();
+        let (v, schema) = u64_view(dir.path());
         for i in 0..40u64 {
             v.write(i * 10 + 1, i * 10 + 10, &schema, &[batch(&schema, &[i])])
                 .unwrap();
@@ -788,19 +791,7 @@ mod tests {
         assert_eq!(v.compact(&schema, 400).unwrap(), 40);
         let files = v.files().unwrap();
         assert_eq!(files.len(), 1);
-        let rows: Vec<u64> = read_parquet(&files[0].path)
-            .unwrap()
-            .map(|b| b.unwrap())
-            .flat_map(|b| {
-                b.column(0)
-                    .as_any()
-                    .downcast_ref::<UInt64Array>()
-                    .unwrap()
-                    .values()
-                    .to_vec()
-            })
-            .collect();
-        assert_eq!(rows, (0..40).collect::<Vec<_>>());
+        assert_eq!(values(&files[0].path), (0..40).collect::<Vec<_>>());
     }
 
     fn ranges(v: &ViewDir) -> Vec<(u64, u64)> {
@@ -829,10 +820,7 @@ mod tests {
     #[test]
     fn a_snapshot_keeps_its_chunks_in_order_and_a_failed_chunk_leaves_the_files_as_they_were() {
         let dir = tempfile::tempdir().unwrap();
-        let schema: SchemaRef =
-            Arc::new(Schema::new(vec![Field::new("v", DataType::UInt64, false)]));
-        let v = ViewDir::new(dir.path(), "t");
-        v.create().unwrap();
+        let (v, schema) = u64_view(dir.path());
         for i in 0..3u64 {
             v.write(i * 10 + 1, i * 10 + 10, &schema, &[batch(&schema, &[i])])
                 .unwrap();
