@@ -33,8 +33,9 @@ impl Aggregation {
 }
 
 /// A usage event's `dimensions`: (key, value) pairs, keys in ascending byte
-/// order, at most eight.
-pub(crate) type Dimensions = Vec<(super::Text, super::Text)>;
+/// order, at most eight. Held behind an `Arc` made in one allocation,
+/// shared by the payload and the ledger.
+pub(crate) type Dimensions = [(super::Text, super::Text)];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::de::{DeserializeSeed, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -931,7 +932,7 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
                 metric: Text::from(&*metric),
                 quantity,
                 unique,
-                dimensions: dimensions(d.dimensions)?.map(std::sync::Arc::new),
+                dimensions: dimensions(d.dimensions)?,
             }
         }
         "invoice.paid" | "invoice.refunded" => {
@@ -1011,7 +1012,7 @@ fn is_dimension_key(s: &str) -> bool {
 /// `data.dimensions`: absent or null, or an object of at most eight
 /// entries with dimension keys and string values of 1..128 characters;
 /// sorted by key.
-fn dimensions(raw: Option<&RawValue>) -> Result<Option<Dimensions>, Reject> {
+fn dimensions(raw: Option<&RawValue>) -> Result<Option<Arc<Dimensions>>, Reject> {
     let Some(r) = raw.filter(|r| r.get().trim() != "null") else {
         return Ok(None);
     };
@@ -1033,7 +1034,7 @@ fn dimensions(raw: Option<&RawValue>) -> Result<Option<Dimensions>, Reject> {
             entries.len()
         )));
     }
-    let mut out: Dimensions = Vec::with_capacity(entries.len());
+    let mut out = Vec::with_capacity(entries.len());
     for (k, v) in entries {
         if !is_dimension_key(&k) {
             return Err(bad_data(format!(
@@ -1061,7 +1062,7 @@ fn dimensions(raw: Option<&RawValue>) -> Result<Option<Dimensions>, Reject> {
     if out.windows(2).any(|w| w[0].0 == w[1].0) {
         return Err(bad_data("`data.dimensions` has a repeated key"));
     }
-    Ok(Some(out))
+    Ok(Some(Arc::from(out)))
 }
 
 /// `dimensions` as producers usually write them: an object of string
@@ -1069,7 +1070,7 @@ fn dimensions(raw: Option<&RawValue>) -> Result<Option<Dimensions>, Reject> {
 /// usage event). `None` when it is anything else or breaks a rule: the
 /// full reading in [`dimensions`] then decides, its errors included, so
 /// this gives only what that would give.
-fn plain_dimensions(t: &str) -> Option<Dimensions> {
+fn plain_dimensions(t: &str) -> Option<Arc<Dimensions>> {
     if t.contains('\\') {
         return None;
     }
@@ -1099,7 +1100,9 @@ fn plain_dimensions(t: &str) -> Option<Dimensions> {
     }
     i += 1;
     skip_ws(&mut i);
-    let mut out: Dimensions = Vec::new();
+    // On the stack until the one allocation of the `Arc`.
+    let mut out: [(Text, Text); MAX_DIMENSIONS] = Default::default();
+    let mut len = 0;
     if b.get(i) == Some(&b'}') {
         i += 1;
     } else {
@@ -1115,11 +1118,12 @@ fn plain_dimensions(t: &str) -> Option<Dimensions> {
             let n = value.chars().count();
             if !is_dimension_key(key)
                 || !(1..=MAX_DIMENSION_VALUE).contains(&n)
-                || out.len() == MAX_DIMENSIONS
+                || len == MAX_DIMENSIONS
             {
                 return None;
             }
-            out.push((Text::from(key), Text::from(value)));
+            out[len] = (Text::from(key), Text::from(value));
+            len += 1;
             skip_ws(&mut i);
             match b.get(i) {
                 Some(b',') => {
@@ -1138,11 +1142,12 @@ fn plain_dimensions(t: &str) -> Option<Dimensions> {
     if i != b.len() {
         return None;
     }
-    out.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    if out.windows(2).any(|w| w[0].0 == w[1].0) {
+    let pairs = &mut out[..len];
+    pairs.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    if pairs.windows(2).any(|w| w[0].0 == w[1].0) {
         return None;
     }
-    Some(out)
+    Some(out.into_iter().take(len).collect())
 }
 
 /// A JSON object's members in order, repeats kept (so they can be refused).
@@ -1212,15 +1217,15 @@ mod tests {
 
     #[test]
     fn plain_dimensions_read_what_the_full_reading_reads_and_nothing_else() {
-        let pairs = |v: &[(&str, &str)]| -> Dimensions {
-            let mut d: Dimensions = v
+        let pairs = |v: &[(&str, &str)]| -> Arc<Dimensions> {
+            let mut d: Vec<(Text, Text)> = v
                 .iter()
                 .map(|(k, v)| (Text::from(*k), Text::from(*v)))
                 .collect();
             d.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            d
+            Arc::from(d)
         };
-        assert_eq!(plain_dimensions("{}"), Some(Vec::new()));
+        assert_eq!(plain_dimensions("{}"), Some(pairs(&[])));
         assert_eq!(
             plain_dimensions(r#"{"region":"eu","model":"gpt-5"}"#),
             Some(pairs(&[("model", "gpt-5"), ("region", "eu")]))

@@ -147,6 +147,12 @@ fn write_group_text(out: &mut String, group_by: &[String], dims: Option<&Dimensi
 /// (as serde_json writes them), the rest as UTF-8.
 fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
+    // Most values need no escape: one copy, not a push per character.
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -734,18 +740,18 @@ mod tests {
 
     #[test]
     fn group_texts_are_canonical() {
-        let dims: Dimensions = vec![
+        let dims: Vec<(Text, Text)> = vec![
             (Text::from("model"), Text::from("gpt-5")),
             (Text::from("region"), Text::from("eu \"west\"")),
             (Text::from("tier"), Text::from("東京")),
         ];
         let by = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            group_text(&by(&["region", "model", "zone"]), Some(&dims)),
+            group_text(&by(&["region", "model", "zone"]), Some(&dims[..])),
             r#"{"model":"gpt-5","region":"eu \"west\"","zone":null}"#
         );
         assert_eq!(
-            group_text(&by(&["tier"]), Some(&dims)),
+            group_text(&by(&["tier"]), Some(&dims[..])),
             r#"{"tier":"東京"}"#
         );
         assert_eq!(group_text(&by(&["model"]), None), r#"{"model":null}"#);

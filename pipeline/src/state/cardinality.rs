@@ -22,8 +22,8 @@ use crate::event::time::{DAY_US, civil_from_days};
 use crate::event::validate::MAX_DIMENSIONS;
 use crate::event::{DlqReason, Event, Payload, Reject};
 
-/// The keys and values here are xxh3 hashes already: hashing them again
-/// would only cost time.
+/// The keys here are xxh3 hashes already: hashing them again would only
+/// cost time. A (slot, value) pair is mixed into one word by a multiply.
 #[derive(Default)]
 struct Prehashed(u64);
 
@@ -37,26 +37,34 @@ impl Hasher for Prehashed {
         }
     }
     fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 
-type Hashes<V> = HashMap<u64, V, BuildHasherDefault<Prehashed>>;
+type Prehash = BuildHasherDefault<Prehashed>;
 
 /// See the module documentation.
 #[derive(Debug)]
 pub struct DimensionGuard {
     max: usize,
-    /// Hash of (tenant, metric, key, month) -> hashes of its values.
-    seen: Hashes<HashSet<u64, BuildHasherDefault<Prehashed>>>,
+    /// Every accepted (slot, value) hash pair, in one flat set: an event's
+    /// value costs one probe whether its slot is new or not, instead of a
+    /// probe for the slot and another in that slot's own set.
+    seen: HashSet<(u64, u64), Prehash>,
+    /// How many distinct values each slot has, read only for a value the
+    /// slot has not seen.
+    distinct: HashMap<u64, u32, Prehash>,
 }
 
 /// An event's dimensions as the guard counts them: (slot, value) hashes,
-/// computed once for the check and the record.
+/// computed once for the check and the record, and which of them the
+/// check found new (the record inserts only those).
 #[derive(Debug, Clone, Copy)]
 pub struct Values {
     len: usize,
     pairs: [(u64, u64); MAX_DIMENSIONS],
+    /// Bit `i` set: `pairs[i]` was not in the guard at the check.
+    new: u16,
 }
 
 impl Values {
@@ -93,6 +101,7 @@ fn values(e: &Event) -> Option<Values> {
     let mut out = Values {
         len: 0,
         pairs: [(0, 0); MAX_DIMENSIONS],
+        new: 0,
     };
     for ((k, v), slot) in dims.iter().zip(out.pairs.iter_mut()) {
         *slot = (
@@ -108,21 +117,25 @@ impl DimensionGuard {
     pub fn new(max: usize) -> DimensionGuard {
         DimensionGuard {
             max,
-            seen: Hashes::default(),
+            seen: HashSet::default(),
+            distinct: HashMap::default(),
         }
     }
 
     /// Refuses `e` if one of its dimension values would be past the bound;
     /// else what [`DimensionGuard::record_values`] counts if it is accepted.
     pub fn check(&self, e: &Event) -> Result<Option<Values>, Reject> {
-        let Some(vals) = values(e) else {
+        let Some(mut vals) = values(e) else {
             return Ok(None);
         };
-        for (i, (slot, value)) in vals.iter().enumerate() {
-            let Some(seen) = self.seen.get(slot) else {
+        for i in 0..vals.len {
+            let pair = vals.pairs[i];
+            if self.seen.contains(&pair) {
                 continue;
-            };
-            if seen.len() >= self.max && !seen.contains(value) {
+            }
+            vals.new |= 1 << i;
+            let distinct = self.distinct.get(&pair.0).copied().unwrap_or(0);
+            if distinct as usize >= self.max {
                 let (y, m) = month_of(e.time);
                 let (metric, key) = match &e.payload {
                     Payload::UsageRecorded {
@@ -144,18 +157,22 @@ impl DimensionGuard {
         Ok(Some(vals))
     }
 
-    /// Counts the values of an accepted event, as [`DimensionGuard::check`]
-    /// computed them.
+    /// Counts the values of an accepted event that the check found new.
+    /// Nothing is recorded between an event's check and its record, so
+    /// what was new then is new now.
     pub fn record_values(&mut self, vals: &Values) {
-        for (slot, value) in vals.iter() {
-            self.seen.entry(*slot).or_default().insert(*value);
+        for (i, pair) in vals.iter().enumerate() {
+            if vals.new & (1 << i) != 0 && self.seen.insert(*pair) {
+                *self.distinct.entry(pair.0).or_default() += 1;
+            }
         }
     }
 
     /// Counts the values of an accepted event (one read back from the
     /// archive).
     pub fn record(&mut self, e: &Event) {
-        if let Some(vals) = values(e) {
+        if let Some(mut vals) = values(e) {
+            vals.new = u16::MAX;
             self.record_values(&vals);
         }
     }
@@ -192,5 +209,23 @@ mod tests {
         assert!(g.check(&usage("u11", "2026-02-01T00:00:00Z", "c")).is_ok());
         // Not recorded: checking alone counts nothing.
         assert!(g.check(&usage("u12", "2026-01-07T00:00:00Z", "b")).is_ok());
+    }
+
+    #[test]
+    fn an_archived_event_counts_as_a_checked_one() {
+        // Read back from the archive: recorded without a check.
+        let mut g = DimensionGuard::new(2);
+        g.record(&usage("u1", "2026-01-05T00:00:00Z", "a"));
+        g.record(&usage("u2", "2026-01-05T00:00:00Z", "b"));
+        g.record(&usage("u3", "2026-01-05T00:00:00Z", "b"));
+        assert!(g.check(&usage("u4", "2026-01-05T00:00:00Z", "c")).is_err());
+        // `model` is "m" in every event: one value of its own slot.
+        let v = g
+            .check(&usage("u5", "2026-01-06T00:00:00Z", "a"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.new, 0, "both values already seen");
+        assert_eq!(g.distinct.len(), 2);
+        assert_eq!(g.seen.len(), 3);
     }
 }
