@@ -1009,6 +1009,27 @@ fn is_dimension_key(s: &str) -> bool {
     is_metric_name(s)
 }
 
+/// How many distinct `dimensions` texts each validating thread keeps with
+/// their validated sets (cleared when full), and the longest text kept.
+/// A stream's usage events mostly repeat a few sets (a model and a region):
+/// a repeat is then one lookup of its text and a shared set, instead of
+/// reading, checking and allocating it again. The bound keeps a stream of
+/// distinct sets (a cardinality bomb) from growing it.
+const DIMENSION_SETS_KEPT: usize = 1024;
+const DIMENSION_TEXT_KEPT: usize = 512;
+
+type DimensionSets = std::collections::HashMap<Box<str>, Arc<Dimensions>, ahash::RandomState>;
+
+thread_local! {
+    /// The validated sets of this thread, by their exact text. The result
+    /// of a text never changes, so what is kept changes no outcome.
+    static VALIDATED_DIMENSIONS: std::cell::RefCell<DimensionSets> = const {
+        std::cell::RefCell::new(DimensionSets::with_hasher(ahash::RandomState::with_seeds(
+            0xd1, 0x3e, 0x75, 0x10,
+        )))
+    };
+}
+
 /// `data.dimensions`: absent or null, or an object of at most eight
 /// entries with dimension keys and string values of 1..128 characters;
 /// sorted by key.
@@ -1016,6 +1037,25 @@ fn dimensions(raw: Option<&RawValue>) -> Result<Option<Arc<Dimensions>>, Reject>
     let Some(r) = raw.filter(|r| r.get().trim() != "null") else {
         return Ok(None);
     };
+    let text = r.get();
+    if text.len() > DIMENSION_TEXT_KEPT {
+        return dimensions_of(r).map(Some);
+    }
+    if let Some(seen) = VALIDATED_DIMENSIONS.with_borrow(|sets| sets.get(text).cloned()) {
+        return Ok(Some(seen));
+    }
+    let dims = dimensions_of(r)?;
+    VALIDATED_DIMENSIONS.with_borrow_mut(|sets| {
+        if sets.len() >= DIMENSION_SETS_KEPT {
+            sets.clear();
+        }
+        sets.insert(Box::from(text), Arc::clone(&dims));
+    });
+    Ok(Some(dims))
+}
+
+/// [`dimensions`] of a present, non-null value, read and checked.
+fn dimensions_of(r: &RawValue) -> Result<Arc<Dimensions>, Reject> {
     if !r.get().starts_with('{') {
         return Err(bad_data(format!(
             "`data.dimensions` must be an object, got {}",
@@ -1023,7 +1063,7 @@ fn dimensions(raw: Option<&RawValue>) -> Result<Option<Arc<Dimensions>>, Reject>
         )));
     }
     if let Some(plain) = plain_dimensions(r.get()) {
-        return Ok(Some(plain));
+        return Ok(plain);
     }
     let entries: Vec<(Cow<'_, str>, &RawValue)> = serde_json::from_str::<Entries<'_>>(r.get())
         .map_err(|e| bad_data(format!("`data.dimensions` is not a valid object: {e}")))?
@@ -1062,7 +1102,7 @@ fn dimensions(raw: Option<&RawValue>) -> Result<Option<Arc<Dimensions>>, Reject>
     if out.windows(2).any(|w| w[0].0 == w[1].0) {
         return Err(bad_data("`data.dimensions` has a repeated key"));
     }
-    Ok(Some(Arc::from(out)))
+    Ok(Arc::from(out))
 }
 
 /// `dimensions` as producers usually write them: an object of string
@@ -1214,6 +1254,35 @@ fn group_by(raw: Option<&RawValue>) -> Result<Option<Vec<String>>, Reject> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_dimensions_text_shares_its_set_and_a_bad_one_is_refused_every_time() {
+        let raw = |t: &str| serde_json::from_str::<Box<RawValue>>(t).unwrap();
+        let text = r#"{"region":"eu","model":"m1"}"#;
+        let first = dimensions(Some(&raw(text))).unwrap().unwrap();
+        let again = dimensions(Some(&raw(text))).unwrap().unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(first, dimensions_of(&raw(text)).unwrap());
+        for _ in 0..2 {
+            let err = dimensions(Some(&raw(r#"{"Region":"eu"}"#))).unwrap_err();
+            assert_eq!(err.reason, DlqReason::InvalidData);
+        }
+        // Past the bound the kept sets start over; answers stay the same.
+        for i in 0..DIMENSION_SETS_KEPT + 5 {
+            let t = format!(r#"{{"n":"{i}"}}"#);
+            let d = dimensions(Some(&raw(&t))).unwrap().unwrap();
+            assert_eq!(d[0].1.as_str(), i.to_string());
+        }
+        let kept = VALIDATED_DIMENSIONS.with_borrow(|sets| sets.len());
+        assert!(kept <= DIMENSION_SETS_KEPT, "{kept}");
+        let members: Vec<String> = (0..6)
+            .map(|i| format!(r#""k{i}":"{}""#, "x".repeat(100)))
+            .collect();
+        let long = format!("{{{}}}", members.join(","));
+        assert!(long.len() > DIMENSION_TEXT_KEPT);
+        assert!(dimensions(Some(&raw(&long))).is_ok());
+        assert!(VALIDATED_DIMENSIONS.with_borrow(|sets| !sets.contains_key(long.as_str())));
+    }
 
     #[test]
     fn plain_dimensions_read_what_the_full_reading_reads_and_nothing_else() {
