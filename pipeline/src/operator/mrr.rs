@@ -221,29 +221,40 @@ impl MrrOperator {
         out
     }
 
-    /// Every tenant's rows, by tenant (then month, as each tenant keeps them).
-    fn sorted_rows(&self) -> Vec<(Arc<str>, Row, bool)> {
-        let mut names: Vec<&Arc<str>> = self.tenants.keys().collect();
-        names.sort_unstable();
-        let mut rows = Vec::new();
-        for name in names {
-            if let Some(t) = self.tenants.get(name) {
-                rows.extend(t.rows.iter().map(|r| (Arc::clone(name), *r, false)));
-            }
+    /// Every tenant's rows, by tenant (then month, as each tenant keeps
+    /// them), by reference: a snapshot of 100,000 tenants x 24 months
+    /// holds 16 bytes a row here instead of a copy of each row.
+    fn sorted_rows(&self) -> Vec<(&Arc<str>, &Row)> {
+        let mut names: Vec<(&Arc<str>, &Tenant)> = self.tenants.iter().collect();
+        names.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut rows = Vec::with_capacity(self.rows_total);
+        for (name, t) in names {
+            rows.extend(t.rows.iter().map(|r| (name, r)));
         }
         rows
     }
 
     fn rows(&self, rows: &[(Arc<str>, Row, bool)], seq: u64) -> Result<RecordBatch, OperatorError> {
-        let mut month = Date32Builder::with_capacity(rows.len());
+        self.batch(rows.len(), rows.iter().map(|(n, r, d)| (&**n, r, *d)), seq)
+    }
+
+    /// The `mrr` rows of `n` (tenant, row, deleted) as a record batch.
+    fn batch<'r>(
+        &self,
+        n: usize,
+        rows: impl Iterator<Item = (&'r str, &'r Row, bool)>,
+        seq: u64,
+    ) -> Result<RecordBatch, OperatorError> {
+        let rows_len = n;
+        let mut month = Date32Builder::with_capacity(rows_len);
         let mut tenant = StringBuilder::new();
         let mut currency = StringBuilder::new();
         let mut amounts: Vec<Int64Builder> = (0..7)
-            .map(|_| Int64Builder::with_capacity(rows.len()))
+            .map(|_| Int64Builder::with_capacity(rows_len))
             .collect();
         let mut movement = StringBuilder::new();
-        let mut deleted = BooleanBuilder::with_capacity(rows.len());
-        let mut seqs = UInt64Builder::with_capacity(rows.len());
+        let mut deleted = BooleanBuilder::with_capacity(rows_len);
+        let mut seqs = UInt64Builder::with_capacity(rows_len);
         for (name, row, del) in rows {
             month.append_value(month_date32(row.month));
             tenant.append_value(name);
@@ -256,7 +267,7 @@ impl MrrOperator {
                 b.append_value(*v);
             }
             movement.append_value(row.movement.as_str());
-            deleted.append_value(*del);
+            deleted.append_value(del);
             seqs.append_value(seq);
         }
         let mut columns: Vec<ArrayRef> = vec![
@@ -574,7 +585,13 @@ impl Operator for MrrOperator {
         &'a self,
         seq: u64,
     ) -> Box<dyn Iterator<Item = Result<RecordBatch, OperatorError>> + 'a> {
-        super::in_chunks(self.sorted_rows(), move |rows| self.rows(rows, seq))
+        super::in_chunks(self.sorted_rows(), move |rows| {
+            self.batch(
+                rows.len(),
+                rows.iter().map(|(n, r)| (&***n, *r, false)),
+                seq,
+            )
+        })
     }
 }
 
