@@ -3,7 +3,10 @@
 //! that state with a row per tenant and month is keyed by small ids.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
+
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 /// A fast hasher with fixed seeds: the maps hold only our own keys, and
 /// fixed seeds keep runs identical.
@@ -68,35 +71,61 @@ pub(crate) fn ranks<T: Ord>(items: &[T]) -> Vec<u32> {
     rank
 }
 
-/// (tenant, metric) pairs numbered from 0 in order of first sight, found
-/// with one string lookup per event (`tenant\u{1f}metric`, built in a
-/// reused buffer): `usage` and `overages` key their state by these ids.
+/// (tenant, metric) pairs numbered from 0 in order of first sight:
+/// `usage`, `overages`, `usage_by_dimension` and the ledger key their
+/// state by these ids. A pair is found by a 128-bit hash held inline in
+/// the table (the tenant's xxh3, and the metric's seeded with it), so a
+/// lookup compares 16 bytes in the slot instead of following a pointer to
+/// a string: with 20,000 tenants that pointer was a cache miss per event
+/// per operator. Two pairs share a hash with probability about 2^-64
+/// each, as for the dedup keys.
 #[derive(Default)]
 pub(crate) struct SeriesIds {
-    ids: HashMap<Box<str>, u32, FixedState>,
-    scratch: String,
+    ids: HashMap<(u64, u64), u32, BuildHasherDefault<FirstWord>>,
+}
+
+/// The keys are hashes already: the first word is the table's hash.
+#[derive(Default)]
+struct FirstWord(u64, bool);
+
+impl std::hash::Hasher for FirstWord {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        if !self.1 {
+            self.0 = n;
+            self.1 = true;
+        }
+    }
+}
+
+fn series_key(tenant: &str, metric: &str) -> (u64, u64) {
+    let t = xxh3_64(tenant.as_bytes());
+    (t, xxh3_64_with_seed(metric.as_bytes(), t))
 }
 
 impl SeriesIds {
     /// The id of (`tenant`, `metric`), and whether it is new (then it is
     /// the number of pairs seen before).
     pub(crate) fn id(&mut self, tenant: &str, metric: &str) -> (u32, bool) {
-        self.scratch.clear();
-        self.scratch.push_str(tenant);
-        self.scratch.push('\u{1f}');
-        self.scratch.push_str(metric);
-        if let Some(id) = self.ids.get(self.scratch.as_str()) {
-            return (*id, false);
+        let next = u32::try_from(self.ids.len()).unwrap_or(u32::MAX);
+        match self.ids.entry(series_key(tenant, metric)) {
+            std::collections::hash_map::Entry::Occupied(e) => (*e.get(), false),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(next);
+                (next, true)
+            }
         }
-        let id = u32::try_from(self.ids.len()).unwrap_or(u32::MAX);
-        self.ids.insert(self.scratch.as_str().into(), id);
-        (id, true)
     }
 
-    /// The id of (`tenant`, `metric`) if seen (allocates: not for a hot path).
+    /// The id of (`tenant`, `metric`) if seen.
     pub(crate) fn get(&self, tenant: &str, metric: &str) -> Option<u32> {
-        self.ids
-            .get(format!("{tenant}\u{1f}{metric}").as_str())
-            .copied()
+        self.ids.get(&series_key(tenant, metric)).copied()
     }
 }
