@@ -3,7 +3,6 @@
 //! that state with a row per tenant and month is keyed by small ids.
 
 use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
@@ -81,28 +80,7 @@ pub(crate) fn ranks<T: Ord>(items: &[T]) -> Vec<u32> {
 /// each, as for the dedup keys.
 #[derive(Default)]
 pub(crate) struct SeriesIds {
-    ids: HashMap<(u64, u64), u32, BuildHasherDefault<FirstWord>>,
-}
-
-/// The keys are hashes already: the first word is the table's hash.
-#[derive(Default)]
-struct FirstWord(u64, bool);
-
-impl std::hash::Hasher for FirstWord {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        if !self.1 {
-            self.0 = n;
-            self.1 = true;
-        }
-    }
+    ids: HashMap<(u64, u64), u32, FixedState>,
 }
 
 fn series_key(tenant: &str, metric: &str) -> (u64, u64) {

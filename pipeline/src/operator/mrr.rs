@@ -224,12 +224,12 @@ impl MrrOperator {
     /// Every tenant's rows, by tenant (then month, as each tenant keeps
     /// them), by reference: a snapshot of 100,000 tenants x 24 months
     /// holds 16 bytes a row here instead of a copy of each row.
-    fn sorted_rows(&self) -> Vec<(&Arc<str>, &Row)> {
+    fn sorted_rows(&self) -> Vec<(&str, &Row)> {
         let mut names: Vec<(&Arc<str>, &Tenant)> = self.tenants.iter().collect();
         names.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let mut rows = Vec::with_capacity(self.rows_total);
         for (name, t) in names {
-            rows.extend(t.rows.iter().map(|r| (name, r)));
+            rows.extend(t.rows.iter().map(|r| (&**name, r)));
         }
         rows
     }
@@ -245,16 +245,14 @@ impl MrrOperator {
         rows: impl Iterator<Item = (&'r str, &'r Row, bool)>,
         seq: u64,
     ) -> Result<RecordBatch, OperatorError> {
-        let rows_len = n;
-        let mut month = Date32Builder::with_capacity(rows_len);
+        let mut month = Date32Builder::with_capacity(n);
         let mut tenant = StringBuilder::new();
         let mut currency = StringBuilder::new();
-        let mut amounts: Vec<Int64Builder> = (0..7)
-            .map(|_| Int64Builder::with_capacity(rows_len))
-            .collect();
+        let mut amounts: Vec<Int64Builder> =
+            (0..7).map(|_| Int64Builder::with_capacity(n)).collect();
         let mut movement = StringBuilder::new();
-        let mut deleted = BooleanBuilder::with_capacity(rows_len);
-        let mut seqs = UInt64Builder::with_capacity(rows_len);
+        let mut deleted = BooleanBuilder::with_capacity(n);
+        let mut seqs = UInt64Builder::with_capacity(n);
         for (name, row, del) in rows {
             month.append_value(month_date32(row.month));
             tenant.append_value(name);
@@ -586,11 +584,7 @@ impl Operator for MrrOperator {
         seq: u64,
     ) -> Box<dyn Iterator<Item = Result<RecordBatch, OperatorError>> + 'a> {
         super::in_chunks(self.sorted_rows(), move |rows| {
-            self.batch(
-                rows.len(),
-                rows.iter().map(|(n, r)| (&***n, *r, false)),
-                seq,
-            )
+            self.batch(rows.len(), rows.iter().map(|(n, r)| (*n, *r, false)), seq)
         })
     }
 }
