@@ -17,7 +17,7 @@
 //! the key (16 bytes) and where the event is (8 bytes), the stream
 //! sequence and the time; a usage event's quantity, `source` and `id` (the
 //! order of `last`) in its (tenant, metric, month) bucket; for the other
-//! metric-driving events, their type and `data` text, parsed again by the
+//! metric-driving events, their type and `data` text (packed: `texts`), parsed again by the
 //! validator's own parser when a void needs the payload (a typed payload
 //! held several times the bytes of its text, and these events are most
 //! of a billing-only stream). The buckets double as the usage history that
@@ -32,11 +32,13 @@
 //! ledger classifies a whole batch before the operators fold it.
 
 mod index;
+mod texts;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use index::KeyIndex;
+use texts::Texts;
 
 use super::FixedState;
 use super::window::month_bounds;
@@ -146,57 +148,6 @@ struct OtherRecord {
     /// [`Texts::NONE`] for any other type (only its time counts, in
     /// `tenants`) and once a void has taken the event out.
     text: u64,
-}
-
-/// The type and `data` text of remembered metric-driving events, appended
-/// to chunks of 1 MiB (a chunk is never moved or regrown: memory grows by
-/// the text, a 5-byte header, and the unused end of a chunk an entry did
-/// not fit in). An entry is its length (4 bytes), its type
-/// (the index in `METRIC_TYPES`) and the text; a handle is the chunk's
-/// index in the high 32 bits and the entry's offset in the low 32.
-#[derive(Default)]
-struct Texts {
-    chunks: Vec<Vec<u8>>,
-}
-
-impl Texts {
-    const NONE: u64 = u64::MAX;
-    const CHUNK: usize = 1 << 20;
-
-    fn push(&mut self, type_index: u8, data: &str) -> u64 {
-        let Ok(len) = u32::try_from(data.len()) else {
-            return Texts::NONE;
-        };
-        let need = data.len() + 5;
-        let fits = self
-            .chunks
-            .last()
-            .is_some_and(|c| c.capacity() - c.len() >= need);
-        if !fits {
-            self.chunks.push(Vec::with_capacity(need.max(Texts::CHUNK)));
-        }
-        let chunk_index = self.chunks.len() - 1;
-        let Some(chunk) = self.chunks.last_mut() else {
-            return Texts::NONE;
-        };
-        let (Ok(c), Ok(offset)) = (u32::try_from(chunk_index), u32::try_from(chunk.len())) else {
-            return Texts::NONE;
-        };
-        chunk.extend_from_slice(&len.to_le_bytes());
-        chunk.push(type_index);
-        chunk.extend_from_slice(data.as_bytes());
-        (u64::from(c) << 32) | u64::from(offset)
-    }
-
-    /// The type and text behind `handle`.
-    fn get(&self, handle: u64) -> Option<(&'static str, &str)> {
-        let chunk = self.chunks.get((handle >> 32) as usize)?;
-        let at = (handle as u32) as usize;
-        let len = u32::from_le_bytes(chunk.get(at..at + 4)?.try_into().ok()?) as usize;
-        let event_type = METRIC_TYPES.get(usize::from(*chunk.get(at + 4)?))?;
-        let text = std::str::from_utf8(chunk.get(at + 5..at + 5 + len)?).ok()?;
-        Some((event_type, text))
-    }
 }
 
 /// A (tenant, metric, month) bucket of usage records.
@@ -435,7 +386,7 @@ impl Ledger {
                 let (event_type, payload) = match self.texts.get(handle) {
                     // The text passed this same parser when the event was
                     // accepted, so it parses to the payload folded then.
-                    Some((t, data)) => match payload_from_archive(t, Some(data)) {
+                    Some((t, data)) => match payload_from_archive(t, Some(data.as_str())) {
                         Ok(p) => (Text::from(t), p),
                         Err(reject) => {
                             tracing::error!(
@@ -549,29 +500,5 @@ mod tests {
         // The index's entry: a 16-byte key and an 8-byte location.
         assert_eq!(std::mem::size_of::<(Key, Packed)>(), 24);
         assert_eq!(std::mem::size_of::<OtherRecord>(), 24);
-    }
-
-    #[test]
-    fn texts_give_back_what_was_put_across_chunks() {
-        let mut texts = Texts::default();
-        let big = "x".repeat(Texts::CHUNK + 10);
-        let mut handles = Vec::new();
-        for i in 0..3000u32 {
-            let data = format!(
-                "{{\"n\":{i},\"pad\":\"{}\"}}",
-                "y".repeat((i % 700) as usize)
-            );
-            handles.push((texts.push((i % 10) as u8, &data), i % 10, data));
-            if i == 1500 {
-                handles.push((texts.push(3, &big), 3, big.clone()));
-            }
-        }
-        assert!(texts.chunks.len() > 2, "the test spans chunks");
-        for (h, t, data) in &handles {
-            let (event_type, text) = texts.get(*h).expect("an entry");
-            assert_eq!(event_type, METRIC_TYPES[*t as usize]);
-            assert_eq!(text, data);
-        }
-        assert_eq!(texts.get(Texts::NONE), None);
     }
 }
