@@ -81,12 +81,14 @@ pub(crate) struct PlanVersion {
 /// The commercial terms of `subscription.started` / `plan_changed`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct SubscriptionTerms {
-    pub(crate) subscription_id: String,
-    pub(crate) plan: String,
+    /// Texts inline up to 24 bytes: the subscription histories keep every
+    /// change's terms for good.
+    pub(crate) subscription_id: super::Text,
+    pub(crate) plan: super::Text,
     pub(crate) billing_cycle: BillingCycle,
     /// Per billing cycle, minor units.
     pub(crate) price: i64,
-    pub(crate) currency: String,
+    pub(crate) currency: super::Text,
     /// Only on `started`; µs.
     pub(crate) trial_ends_at: Option<i64>,
     /// Billing periods start at this instant (µs) shifted by whole months;

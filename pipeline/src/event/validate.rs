@@ -838,11 +838,11 @@ fn parse_data(event_type: &str, data: &RawValue) -> Result<Payload, Reject> {
         let price = data_int(d.price, "price", 0)?;
         let currency = currency(d)?;
         Ok(SubscriptionTerms {
-            subscription_id,
-            plan: plan.into_owned(),
+            subscription_id: subscription_id.into(),
+            plan: Text::from(plan.as_ref()),
             billing_cycle,
             price,
-            currency: currency.into_owned(),
+            currency: Text::from(currency.as_ref()),
             trial_ends_at: trial,
             billing_anchor,
         })

@@ -43,7 +43,7 @@ use super::{
 use crate::event::alert::Alert;
 use crate::event::decimal::{self, ONE, PRECISION, SCALE};
 use crate::event::time::{DAY_US, format_micros};
-use crate::event::{Aggregation, Event, Payload, PlanVersion};
+use crate::event::{Aggregation, Event, Payload, PlanVersion, Text};
 
 pub const VIEW: &str = "overages";
 const THRESHOLDS: [i32; 3] = [80, 90, 100];
@@ -82,7 +82,7 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 /// A computed row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
-    pub plan: Option<String>,
+    pub plan: Option<Text>,
     pub aggregation: Aggregation,
     /// `None` when the usage cannot be represented (a `sum` past
     /// Decimal128(38, 9)).
@@ -411,7 +411,7 @@ impl OveragesOperator {
     }
 
     /// The plan of `tenant` for the period [`s`, `e`), and its catalog version.
-    fn plan(&self, tenant: &str, s: i64, e: i64) -> (Option<String>, Option<&PlanVersion>) {
+    fn plan(&self, tenant: &str, s: i64, e: i64) -> (Option<Text>, Option<&PlanVersion>) {
         let fold = self
             .subs
             .get(tenant)
@@ -426,7 +426,7 @@ impl OveragesOperator {
         fold: &FoldState<'_>,
         s: i64,
         e: i64,
-    ) -> (Option<String>, Option<&PlanVersion>) {
+    ) -> (Option<Text>, Option<&PlanVersion>) {
         let plan = match (&fold.current, &fold.last_cancel) {
             (Some(cur), _) => Some(cur.terms.plan.clone()),
             (None, Some((cancelled, at))) if *at >= s => Some(cancelled.terms.plan.clone()),
@@ -1808,7 +1808,11 @@ mod tests {
                 let r = m.row.clone().unwrap();
                 (
                     (k.0.to_string(), format_micros(k.1), k.2.to_string()),
-                    (format_micros(m.end), r.plan, r.used.unwrap() / ONE),
+                    (
+                        format_micros(m.end),
+                        r.plan.map(String::from),
+                        r.used.unwrap() / ONE,
+                    ),
                 )
             })
             .collect()

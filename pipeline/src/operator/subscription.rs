@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use crate::event::{BillingCycle, Event, Payload, SubscriptionTerms};
+use crate::event::{BillingCycle, Event, Payload, SubscriptionTerms, Text};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -23,8 +23,10 @@ pub enum Change {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubEvent {
     pub effective: i64,
-    pub source: String,
-    pub id: String,
+    /// Inline up to 24 bytes (no allocation for the usual `source`/`id`):
+    /// the histories hold one per subscription event for good.
+    pub source: Text,
+    pub id: Text,
     pub change: Change,
 }
 
@@ -48,8 +50,8 @@ impl SubEvent {
         };
         Some(SubEvent {
             effective,
-            source: e.source.to_string(),
-            id: e.id.to_string(),
+            source: e.source.clone(),
+            id: e.id.clone(),
             change,
         })
     }
@@ -214,7 +216,7 @@ impl<'a> Cursor<'a> {
                 }
                 Change::Cancelled { subscription_id } => {
                     if s.current
-                        .is_some_and(|c| &c.terms.subscription_id == subscription_id)
+                        .is_some_and(|c| c.terms.subscription_id == subscription_id)
                     {
                         s.last_cancel = s.current.take().map(|c| (c, e.effective));
                     }
