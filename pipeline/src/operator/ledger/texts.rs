@@ -10,13 +10,13 @@
 //!   `data` carries, and their names (`"subscription_id":`, `"amount":`)
 //!   are half of a typical text. Valid JSON never holds a raw byte below
 //!   0x20 other than tab, newline and carriage return (control characters
-//!   in strings must be escaped), so those 28 byte values stand for the
-//!   28 most common names and enumerated values, and a text that uses
-//!   none of them is stored as it came. Decoding swaps them back; only a
-//!   void pays for it.
-//!   A text holding such a byte anyway (the validator's parser would not
-//!   let one through, but the ledger does not rely on it) is stored as
-//!   it came, flagged in its header.
+//!   in strings must be escaped), so those 28 byte values stand for 28
+//!   of the spec's field names and enumerated values (billing cycles,
+//!   common currencies, aggregations); a text that uses none of them is
+//!   stored as it came. Decoding swaps them back; only a void pays for
+//!   it. A text holding such a byte anyway (the validator's parser would
+//!   not let one through, but the ledger does not rely on it) is stored
+//!   as it came, flagged in its header.
 //! - **A short header.** An entry is its length as a LEB128 varint (one
 //!   byte up to 127), its type (the index in `METRIC_TYPES`, with
 //!   [`RAW`] set for a text stored as it came) and the text.
@@ -29,8 +29,8 @@
 use crate::event::payload::METRIC_TYPES;
 
 /// What each token byte stands for: a field name with its quotes and
-/// colon, or a whole enumerated value with its quotes. Names first, most
-/// common first; every entry starts with `"`.
+/// colon, or a whole enumerated value with its quotes. Names first, those
+/// of the billing events first; every entry starts with `"`.
 const TOKENS: [(u8, &[u8]); 28] = [
     (0x01, b"\"subscription_id\":"),
     (0x02, b"\"plan\":"),
