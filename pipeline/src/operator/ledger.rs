@@ -17,10 +17,10 @@
 //! the key (16 bytes) and where the event is (8 bytes), the stream
 //! sequence and the time; a usage event's quantity, `source` and `id` (the
 //! order of `last`) in its (tenant, metric, month) bucket; for the other
-//! metric-driving events, their type and `data` text (packed: `texts`), parsed again by the
-//! validator's own parser when a void needs the payload (a typed payload
-//! held several times the bytes of its text, and these events are most
-//! of a billing-only stream). The buckets double as the usage history that
+//! metric-driving events, their type and `data` text (packed: `texts`),
+//! parsed again by the validator's own parser when a void needs the
+//! payload (a typed payload held several times the bytes of its text,
+//! and these events are most of a billing-only stream). The buckets double as the usage history that
 //! `usage` and `overages` recompute a window's `min`, `max` and `last`
 //! from when a void removes one of them: a void costs about what its
 //! target cost, never a pass over history.

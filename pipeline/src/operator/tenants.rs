@@ -197,12 +197,12 @@ impl TenantsOperator {
             name: t.created.last().and_then(|c| c.name.clone()),
             first_seen: t.times.first().unwrap_or(0),
             last_seen: t.times.last().unwrap_or(0),
-            subscription_id: current.map(|c| Text::from(c.terms.subscription_id.as_str())),
-            plan: current.map(|c| Text::from(c.terms.plan.as_str())),
+            subscription_id: current.map(|c| c.terms.subscription_id.clone()),
+            plan: current.map(|c| c.terms.plan.clone()),
             billing_cycle: current.map(|c| c.terms.billing_cycle.as_str()),
             status,
             mrr: current.map_or(0, |c| fold.mrr_at(at, &c.terms.currency)),
-            currency: current.map(|c| Text::from(c.terms.currency.as_str())),
+            currency: current.map(|c| c.terms.currency.clone()),
             revenue_to_date: super::saturating_i64(t.revenue),
         };
         let wake = [
