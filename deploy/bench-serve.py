@@ -111,7 +111,9 @@ def main():
 
         def serve(on):
             p = subprocess.Popen([tally, "serve", "--users", users, "--pg-listen", f"127.0.0.1:{pg}",
-                                  "--flight-listen", f"127.0.0.1:{fl}", "--http-listen", f"127.0.0.1:{http}"],
+                                  "--flight-listen", f"127.0.0.1:{fl}", "--http-listen", f"127.0.0.1:{http}",
+                                  # Every client is the one account `bench`: it may hold every connection.
+                                  "--max-connections-per-account", "64"],
                                  env=dict(env, TALLY_DATA_DIR=on), stderr=subprocess.DEVNULL)
             procs.append(p)
             wait_port(pg)

@@ -1,10 +1,13 @@
 //! `tally serve` against a hostile account: statements that would end or
 //! stall the server, a search over every function it registers under an
 //! address-space limit, what a tenant account can learn of other tenants'
-//! volume, a cursor that outlives a narrowed account, and what the SCRAM
-//! exchange tells of unknown user names.
+//! volume, a cursor that outlives a narrowed account, what the SCRAM
+//! exchange tells of unknown user names, and an account that opens every
+//! connection it can.
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -12,7 +15,7 @@ use serde_json::{Value, json};
 use crate::harness::{
     NatsServer, api_calls, bin, generated, publish_lines, run_expect, sql, tally, until_idle,
 };
-use crate::serve::{Serve, add_user, client, psycopg, rows, sqlstate};
+use crate::serve::{Serve, add_user, client, psql, psycopg, rows, sqlstate};
 
 /// The address space the server gets in these tests: room for its
 /// threads' stacks and a query's memory, far from the 16 GiB one
@@ -404,4 +407,104 @@ fn an_unknown_users_salt_is_stable_across_restarts() {
         "two unknown names share a salt"
     );
     assert_eq!(first.0["iterations"], first.1["iterations"]);
+}
+
+#[test]
+fn one_account_cannot_take_every_connection() {
+    let World {
+        server,
+        data,
+        users,
+        _dir,
+    } = world(8);
+    add_user(&users, "acme", "acme-pw", &["--tenant", "t0003"]);
+    let serve = Serve::start(
+        &server,
+        &data,
+        &users,
+        &[
+            "--max-connections",
+            "6",
+            "--max-connections-per-account",
+            "3",
+        ],
+    );
+    let acme = serve.dsn("acme", "acme-pw");
+    let dir = tempfile::tempdir().unwrap();
+    // Three sessions, each answering before the next starts: all three
+    // hold their slots.
+    let mut idle: Vec<Child> = (0..3)
+        .map(|i| {
+            let mut c = Command::new("psql")
+                .arg(&acme)
+                .args(["-X", "-q", "-A", "-t"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            c.stdin.as_mut().unwrap().write_all(b"SELECT 1;\n").unwrap();
+            let mut line = String::new();
+            BufReader::new(c.stdout.as_mut().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(
+                line.trim(),
+                "1",
+                "session {i} did not log in: {}",
+                serve.log()
+            );
+            c
+        })
+        .collect();
+    // The account's fourth session is refused, clearly, before it runs
+    // anything.
+    let (code, _, refused) = psql(&acme, &["-c", "SELECT 1"], dir.path());
+    assert_ne!(code, 0, "a fourth session of the account was let in");
+    assert!(
+        refused.contains("too many connections for account \"acme\"")
+            && refused.contains("--max-connections-per-account")
+            && !refused.contains("too many clients"),
+        "{refused}"
+    );
+    // A wrong password at the limit hears only that the password is wrong.
+    let (_, _, wrong) = psql(
+        &serve.dsn("acme", "not-it-9"),
+        &["-c", "SELECT 1"],
+        dir.path(),
+    );
+    assert!(
+        wrong.contains("password authentication failed for user \"acme\""),
+        "{wrong}"
+    );
+    // Every other account still gets in and is answered.
+    let ops = serve.dsn("ops", "ops-pw");
+    let (code, out, err) = psql(&ops, &["-c", "SELECT count(*) > 0 FROM usage"], dir.path());
+    assert_eq!((code, out.trim()), (0, "t"), "{err}");
+    // A session that ends gives its slot back.
+    let mut one = idle.pop().unwrap();
+    one.kill().unwrap();
+    one.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, out, err) = psql(&acme, &["-c", "SELECT 1"], dir.path());
+        if code == 0 {
+            assert_eq!(out.trim(), "1");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the account never got its slot back: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for c in &mut idle {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+    let log = serve.log();
+    assert!(
+        log.contains("the account holds all the connections it may"),
+        "{log}"
+    );
 }

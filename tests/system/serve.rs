@@ -763,6 +763,8 @@ fn bad_input_gets_a_clear_answer_and_harms_no_one() {
         &[
             "--max-connections",
             "4",
+            "--max-connections-per-account",
+            "4",
             "--query-timeout",
             "3",
             "--memory-limit",

@@ -35,6 +35,9 @@ pub struct ServeArgs {
     /// Open pgwire connections allowed; one more is refused.
     #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = serve::DEFAULT_MAX_CONNECTIONS)]
     pub(crate) max_connections: usize,
+    /// Logged-in pgwire connections one account may hold, so that no account takes every slot; default half of --max-connections.
+    #[arg(long, env = "TALLY_MAX_CONNECTIONS_PER_ACCOUNT")]
+    pub(crate) max_connections_per_account: Option<usize>,
     /// Memory all queries together may hold (bytes, or with K/M/G/T); default a quarter of RAM.
     #[arg(long, env = "TALLY_MEMORY_LIMIT", default_value_t = query::default_memory_limit())]
     pub(crate) memory_limit: ByteSize,
@@ -57,6 +60,7 @@ pub(crate) async fn command(g: &Globals, a: &ServeArgs) -> Result<(), CommandErr
         tls_key,
         query_timeout,
         max_connections,
+        max_connections_per_account,
         memory_limit,
         stale_after,
         queries,
@@ -76,6 +80,8 @@ pub(crate) async fn command(g: &Globals, a: &ServeArgs) -> Result<(), CommandErr
         tls,
         query_timeout: Duration::from_secs((*query_timeout).max(1)),
         max_connections: *max_connections,
+        max_connections_per_account: max_connections_per_account
+            .unwrap_or_else(|| serve::slots::default_per_account(*max_connections)),
         memory_limit: *memory_limit,
         stale_after: Duration::from_secs(*stale_after),
         nats_url: g.nats.clone(),

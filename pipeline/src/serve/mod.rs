@@ -9,7 +9,8 @@
 //! from exactly one checkpoint for the account's tenant scope, and through
 //! the same read-only guard as `tally sql`. Accounts come from the users
 //! file ([`accounts`]); logins use SCRAM-SHA-256 on pgwire ([`scram`]) and
-//! the password over TLS (or loopback) for Flight and HTTP Basic.
+//! the password over TLS (or loopback) for Flight and HTTP Basic. No one
+//! account holds more than its share of the pgwire connections ([`slots`]).
 
 pub mod accounts;
 pub mod dashboard;
@@ -20,6 +21,7 @@ pub mod numeric;
 pub mod pg;
 pub mod postgres;
 pub mod scram;
+pub mod slots;
 pub mod views;
 pub mod web;
 
@@ -97,6 +99,8 @@ pub struct ServeOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub query_timeout: Duration,
     pub max_connections: usize,
+    /// pgwire sessions one account may hold (see [`slots`]).
+    pub max_connections_per_account: usize,
     pub memory_limit: ByteSize,
     pub stale_after: Duration,
     /// Where `/healthz` and `/metrics` read the stream's last sequence.
@@ -145,6 +149,8 @@ pub struct Shared {
     pub views: views::Views,
     pub accounts: Arc<AccountsFile>,
     pub metrics: Metrics,
+    /// The pgwire sessions each account holds.
+    pub slots: Arc<slots::AccountSlots>,
     pub stale_after: Duration,
     /// Per-process secret: the password HTTP and Flight check an unknown
     /// user against, so that a refusal costs what a real check costs.
@@ -217,6 +223,7 @@ pub async fn serve(
         )?,
         accounts,
         metrics: Metrics::default(),
+        slots: slots::AccountSlots::new(opts.max_connections_per_account),
         stale_after: opts.stale_after,
         secret,
         nats_url: opts.nats_url.clone(),

@@ -47,6 +47,7 @@ use super::accounts::ScopeCheck;
 use super::metrics::Protocol;
 use super::postgres::setting;
 use super::scram::Exchange;
+use super::slots::AccountSlot;
 use super::views::Answer;
 use crate::query::{QueryError, Scope};
 
@@ -77,6 +78,9 @@ pub struct Connection {
     /// Open cursors: the rows still to fetch.
     cursors: tokio::sync::Mutex<std::collections::HashMap<String, Cursor>>,
     auth: tokio::sync::Mutex<AuthState>,
+    /// The account's slot this session holds once logged in; given back
+    /// when the connection is dropped.
+    slot: Mutex<Option<AccountSlot>>,
     parser: Arc<Parser>,
 }
 
@@ -137,6 +141,7 @@ impl Connection {
             ended: Arc::new(tokio::sync::Notify::new()),
             cursors: tokio::sync::Mutex::new(std::collections::HashMap::new()),
             auth: tokio::sync::Mutex::new(AuthState::Initial),
+            slot: Mutex::new(None),
         }
     }
 }

@@ -152,6 +152,21 @@ impl StartupHandler for Connection {
                         let server_final = exchange
                             .finish(text)
                             .map_err(|e| scram_failed(&user, client.socket_addr(), e))?;
+                        // Counted once the password is right: a stranger
+                        // learns nothing of an account's sessions.
+                        let Some(slot) = self.shared.slots.try_take(&user) else {
+                            let max = self.shared.slots.max();
+                            tracing::warn!(user = %user, peer = %client.socket_addr(), max, "pgwire login refused: the account holds all the connections it may");
+                            return Err(fatal(
+                                "53300",
+                                format!(
+                                    "too many connections for account \"{user}\": it holds the {max} it may (--max-connections-per-account); close idle ones or ask for a higher limit"
+                                ),
+                            ));
+                        };
+                        if let Ok(mut s) = self.slot.lock() {
+                            *s = Some(slot);
+                        }
                         client
                             .send(PgWireBackendMessage::Authentication(
                                 Authentication::SASLFinal(Bytes::from(server_final)),
