@@ -2,8 +2,8 @@
 //! stall the server, a search over every function it registers under an
 //! address-space limit, what a tenant account can learn of other tenants'
 //! volume, a cursor that outlives a narrowed account, what the SCRAM
-//! exchange tells of unknown user names, and an account that opens every
-//! connection it can.
+//! exchange tells of unknown user names, an account that opens every
+//! connection it can, and a refused connection that says nothing.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -433,30 +433,7 @@ fn one_account_cannot_take_every_connection() {
     let dir = tempfile::tempdir().unwrap();
     // Three sessions, each answering before the next starts: all three
     // hold their slots.
-    let mut idle: Vec<Child> = (0..3)
-        .map(|i| {
-            let mut c = Command::new("psql")
-                .arg(&acme)
-                .args(["-X", "-q", "-A", "-t"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            c.stdin.as_mut().unwrap().write_all(b"SELECT 1;\n").unwrap();
-            let mut line = String::new();
-            BufReader::new(c.stdout.as_mut().unwrap())
-                .read_line(&mut line)
-                .unwrap();
-            assert_eq!(
-                line.trim(),
-                "1",
-                "session {i} did not log in: {}",
-                serve.log()
-            );
-            c
-        })
-        .collect();
+    let mut idle: Vec<Child> = (0..3).map(|_| logged_in(&acme, &serve)).collect();
     // The account's fourth session is refused, clearly, before it runs
     // anything.
     let (code, _, refused) = psql(&acme, &["-c", "SELECT 1"], dir.path());
@@ -507,4 +484,55 @@ fn one_account_cannot_take_every_connection() {
         log.contains("the account holds all the connections it may"),
         "{log}"
     );
+}
+
+/// A psql session that has logged in and answered a query, kept open (its
+/// standard input stays open) until killed.
+fn logged_in(dsn: &str, serve: &Serve) -> Child {
+    let mut c = Command::new("psql")
+        .arg(dsn)
+        .args(["-X", "-q", "-A", "-t"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    c.stdin.as_mut().unwrap().write_all(b"SELECT 1;\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(c.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        "1",
+        "the session did not log in: {}",
+        serve.log()
+    );
+    c
+}
+
+#[test]
+fn a_refused_connection_that_sends_nothing_is_closed() {
+    let World {
+        server,
+        data,
+        users,
+        _dir,
+    } = world(2);
+    let serve = Serve::start(&server, &data, &users, &["--max-connections", "1"]);
+    let mut held = logged_in(&serve.dsn("ops", "ops-pw"), &serve);
+    // Over the limit and silent: refused, and closed after the login limit
+    // (15 s) instead of keeping a task and a socket for as long as it likes.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", serve.pg)).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let read = std::io::Read::read(&mut raw, &mut buf);
+    assert!(
+        matches!(read, Ok(0)),
+        "the silent connection was not closed: {read:?} after {:?}",
+        started.elapsed()
+    );
+    held.kill().unwrap();
+    held.wait().unwrap();
 }

@@ -347,6 +347,22 @@ fn tls_config(
     Ok(Arc::new(config))
 }
 
+/// Answers a connection's startup packet with `message` (`53300`) and
+/// closes it, holding no slot; a peer that sends no startup packet is
+/// dropped after the login limit.
+async fn refuse_pg(
+    socket: tokio::net::TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    message: String,
+) {
+    let refuse = pg::RefuseHandlers(Arc::new(pg::Refuse(message)));
+    let _ = tokio::time::timeout(
+        AUTHENTICATION_TIMEOUT,
+        pgwire::tokio::process_socket(socket, tls, refuse),
+    )
+    .await;
+}
+
 /// Accepts pgwire connections until stopped; past `max` open ones, a new
 /// one is answered `53300 too many connections` and closed.
 async fn accept_pg(
@@ -375,10 +391,10 @@ async fn accept_pg(
         tokio::spawn(async move {
             let Some(_open) = shared.metrics.try_open(Protocol::Pg, max) else {
                 tracing::warn!(%peer, max, "pgwire connection refused: too many connections");
-                let refuse = pg::RefuseHandlers(Arc::new(pg::Refuse(format!(
+                refuse_pg(socket, tls, format!(
                     "sorry, too many clients already: tally serve allows {max} connections (--max-connections); close idle ones or raise the limit"
-                ))));
-                let _ = pgwire::tokio::process_socket(socket, tls, refuse).await;
+                ))
+                .await;
                 return;
             };
             let conn = Arc::new(pg::Connection::new(Arc::clone(&shared)));
