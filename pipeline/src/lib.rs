@@ -25,7 +25,8 @@
 //!   ([`serve::http`], with the pages of [`serve::dashboard`] and what both
 //!   share in [`serve::web`]; [`serve::postgres`] what clients are told), with
 //!   accounts ([`serve::accounts`],
-//!   [`serve::scram`]) and per-tenant scoping, answering from one
+//!   [`serve::scram`], each holding at most its share of the connections:
+//!   [`serve::slots`]) and per-tenant scoping, answering from one
 //!   checkpoint per query ([`serve::views`]).
 //! - [`query`]: DataFusion SQL over the views and the `queries/` views,
 //!   read-only, for all tenants or a tenant scope ([`query::Scope`]), with
