@@ -785,6 +785,17 @@ fn bad_input_gets_a_clear_answer_and_harms_no_one() {
     let (code, out, _) = psql(&dsn, &["-c", "SELECT 1"], dir.path());
     assert_eq!((code, out.trim()), (0, "1"));
 
+    // A statement run again reads the clock again: its kept plan does not
+    // hold the first execution's `now()`.
+    let clock = || psql(&dsn, &["-c", "SELECT now()"], dir.path()).1;
+    let first = clock();
+    std::thread::sleep(Duration::from_millis(20));
+    let second = clock();
+    assert!(
+        !first.trim().is_empty() && first != second,
+        "now() answered {first:?} and then {second:?}"
+    );
+
     // Wrong password and unknown user: one error, and a WARN without the password.
     let (_, _, wrong) = psql(
         &serve.dsn("ops", "not-it-9"),

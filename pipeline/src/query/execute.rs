@@ -76,14 +76,20 @@ pub async fn execute_optimized(
     use datafusion::execution::memory_pool::MemoryConsumer;
     use futures::StreamExt;
     let fail = |e| classify(e, memory_limit.0);
-    let state = ctx.state();
+    let running = Running::enter();
+    let mut state = ctx.state();
+    let cores = state.config().target_partitions();
+    let degree = degree_under_load(cores, running.count);
+    if degree < cores {
+        state.config_mut().options_mut().execution.target_partitions = degree;
+    }
     let physical = state
         .query_planner()
         .create_physical_plan(&optimized, &state)
         .await
         .map_err(fail)?;
-    let mut stream =
-        datafusion::physical_plan::execute_stream(physical, ctx.task_ctx()).map_err(fail)?;
+    let task = std::sync::Arc::new(datafusion::execution::TaskContext::from(&state));
+    let mut stream = datafusion::physical_plan::execute_stream(physical, task).map_err(fail)?;
     let reservation = MemoryConsumer::new("query result").register(&ctx.runtime_env().memory_pool);
     let mut batches = Vec::new();
     while let Some(batch) = stream.next().await {
@@ -94,6 +100,82 @@ pub async fn execute_optimized(
         batches.push(batch);
     }
     Ok(batches)
+}
+
+/// Whether `plan` (the views it reads included) calls a function that is
+/// not immutable: `now()`, `current_date` and the like, which the
+/// optimizer folds into the time the plan was optimized at. Such a plan
+/// is optimized again for each execution, never kept (a kept one would
+/// answer every later execution with the first one's time).
+pub fn reads_the_clock(plan: &LogicalPlan) -> bool {
+    use datafusion::catalog::default_table_source::source_as_provider;
+    use datafusion::catalog::view::ViewTable;
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::{Expr, Volatility};
+    let mut found = false;
+    let walked = plan.apply_with_subqueries(|p| {
+        p.apply_expressions(|e| {
+            e.apply(|e| {
+                if let Expr::ScalarFunction(f) = e
+                    && f.func.signature().volatility != Volatility::Immutable
+                {
+                    found = true;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })?;
+        if let LogicalPlan::TableScan(scan) = p
+            && let Ok(provider) = source_as_provider(&scan.source)
+            && let Some(view) = provider.downcast_ref::<ViewTable>()
+            && reads_the_clock(view.logical_plan())
+        {
+            found = true;
+        }
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    // A walk that fails (it cannot here) counts as reading the clock: the
+    // plan is then only not kept.
+    found || walked.is_err()
+}
+
+/// Queries of this process planned and not yet answered (see
+/// [`degree_under_load`]).
+static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One query counted in [`RUNNING`] while it lives.
+struct Running {
+    /// How many were running once this one entered, itself included.
+    count: usize,
+}
+
+impl Running {
+    fn enter() -> Running {
+        use std::sync::atomic::Ordering;
+        let count = RUNNING.fetch_add(1, Ordering::Relaxed) + 1;
+        Running { count }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How many partitions a query is planned with when `running` queries
+/// (itself included) share the `cores` partitions a query alone gets: its
+/// share, at least one. A query alone splits its scan over every core;
+/// under load the cores are already busy with other queries, and each
+/// extra partition only costs another pruning pass, another file range
+/// and a merge. The answer is the same at any degree (only the order of
+/// rows no `ORDER BY` fixes may differ, as it may between any two runs).
+fn degree_under_load(cores: usize, running: usize) -> usize {
+    (cores / running.max(1)).max(1)
 }
 
 /// Parses and plans `sql`, refusing plans that write, define or set
@@ -232,4 +314,49 @@ where
         })
         .map_err(QueryError::Thread)?;
     rx.await.map_err(|_| QueryError::ThreadLost)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_query_alone_takes_every_core_and_under_load_its_share() {
+        assert_eq!(degree_under_load(2, 1), 2);
+        assert_eq!(degree_under_load(2, 2), 1);
+        assert_eq!(degree_under_load(2, 32), 1);
+        assert_eq!(degree_under_load(8, 3), 2);
+        assert_eq!(degree_under_load(8, 0), 8);
+    }
+
+    #[tokio::test]
+    async fn a_plan_that_reads_the_clock_is_told_from_one_that_does_not() {
+        let ctx = SessionContext::new();
+        ctx.sql("CREATE VIEW today AS SELECT current_date AS d")
+            .await
+            .unwrap();
+        ctx.sql("CREATE VIEW fixed AS SELECT abs(-1) AS one")
+            .await
+            .unwrap();
+        for (sql, reads) in [
+            ("SELECT now()", true),
+            ("SELECT 1 WHERE now() > '2020-01-01'::timestamptz", true),
+            ("SELECT (SELECT max(d) FROM today)", true),
+            ("SELECT * FROM today", true),
+            ("SELECT abs(-2), upper('a')", false),
+            ("SELECT * FROM fixed", false),
+        ] {
+            let plan = ctx.state().create_logical_plan(sql).await.unwrap();
+            assert_eq!(reads_the_clock(&plan), reads, "{sql}");
+        }
+    }
+
+    #[test]
+    fn a_query_counts_as_running_until_it_is_answered() {
+        let before = RUNNING.load(std::sync::atomic::Ordering::Relaxed);
+        let first = Running::enter();
+        let second = Running::enter();
+        assert!(first.count > before && second.count > first.count);
+        drop((first, second));
+    }
 }

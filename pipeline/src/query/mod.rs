@@ -65,7 +65,7 @@ pub use error::QueryError;
 pub(crate) use error::classify;
 pub use execute::{
     QUERY_STACK_BYTES, execute_optimized, execute_plan, isolated, on_query_threads, optimize,
-    plan_statement, run,
+    plan_statement, reads_the_clock, run,
 };
 pub use format::{OutputFormat, write_batches};
 pub use memory::{ByteSize, default_memory_limit};

@@ -57,7 +57,8 @@ pub struct Snapshot {
     /// a prepared statement executed again is bound and run without being
     /// planned and optimized again, about half of a point query's time.
     /// At most [`PLANS_KEPT`]; they go with the snapshot, whose tables
-    /// they read.
+    /// they read. A plan that reads the clock (`now()`) is not kept: the
+    /// optimizer fixed its time (see [`query::reads_the_clock`]).
     plans: std::sync::Mutex<HashMap<Statement, (LogicalPlan, SchemaRef)>>,
 }
 
@@ -92,7 +93,7 @@ impl Snapshot {
         let optimized = query::optimize(&self.ctx, &plan, memory_limit)?;
         let planned = (optimized, Arc::clone(plan.schema().inner()));
         let mut plans = self.plans();
-        if plans.len() < PLANS_KEPT {
+        if plans.len() < PLANS_KEPT && !query::reads_the_clock(&plan) {
             plans.insert(statement.clone(), planned.clone());
         }
         Ok(planned)
