@@ -4,6 +4,8 @@
 //! large stacks for DataFusion's recursive planner, and one query's panic or
 //! timeout kept away from every other.
 
+use std::sync::Arc;
+
 use arrow::array::RecordBatch;
 use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::LogicalPlan;
@@ -88,7 +90,7 @@ pub async fn execute_optimized(
         .create_physical_plan(&optimized, &state)
         .await
         .map_err(fail)?;
-    let task = std::sync::Arc::new(datafusion::execution::TaskContext::from(&state));
+    let task = Arc::new(datafusion::execution::TaskContext::from(&state));
     let mut stream = datafusion::physical_plan::execute_stream(physical, task).map_err(fail)?;
     let reservation = MemoryConsumer::new("query result").register(&ctx.runtime_env().memory_pool);
     let mut batches = Vec::new();
@@ -210,24 +212,59 @@ pub async fn run(
 /// The runtime every isolated query executes on (see [`isolated`]): its
 /// workers run the operators of every query of the process, never the
 /// listeners, health checks or metrics of `tally serve`.
-static QUERY_RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+///
+/// Built by the first query, under the lock: two first queries at once
+/// must not both build one, since the loser's would be dropped inside an
+/// async context, which panics. A build that fails is tried again by the
+/// next query.
+static QUERY_RUNTIME: std::sync::Mutex<Option<tokio::runtime::Runtime>> =
+    std::sync::Mutex::new(None);
 
 fn query_runtime() -> Result<tokio::runtime::Handle, QueryError> {
-    if let Some(rt) = QUERY_RUNTIME.get() {
+    let mut rt = QUERY_RUNTIME.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(rt) = rt.as_ref() {
         return Ok(rt.handle().clone());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let built = tokio::runtime::Builder::new_multi_thread()
         .thread_name("tally-query-worker")
         .thread_stack_size(QUERY_WORKER_STACK_BYTES)
         .enable_all()
         .build()
         .map_err(QueryError::Thread)?;
-    // Two first queries at once: one runtime wins, the other is dropped.
-    let _ = QUERY_RUNTIME.set(rt);
-    QUERY_RUNTIME
-        .get()
-        .map(|rt| rt.handle().clone())
-        .ok_or(QueryError::ThreadLost)
+    let handle = built.handle().clone();
+    *rt = Some(built);
+    Ok(handle)
+}
+
+/// How long a query holds its turn (see [`turns`]): a point query is
+/// answered well within it; a longer one then goes on beside the queries
+/// that have their turns, so that no query, however heavy, keeps the
+/// others waiting for more than this.
+const TURN: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Queries that may plan and run at once per core before the next one
+/// waits for its turn.
+const TURNS_PER_CORE: usize = 2;
+
+/// The turns queries take, first come first served: with more queries at
+/// once than the cores can run, each waits in line for a turn instead of
+/// every one of them slowing every other down, so that a query's answer
+/// takes about as long as the queue before it (a short tail), not as long
+/// as the unluckiest share of the cores. A query holds its turn at most
+/// [`TURN`].
+fn turns() -> &'static Arc<tokio::sync::Semaphore> {
+    static TURNS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    TURNS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        Arc::new(tokio::sync::Semaphore::new(cores * TURNS_PER_CORE))
+    })
+}
+
+/// A query's turn (see [`turns`]), until it is given back.
+type Turn = std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>;
+
+fn give_back(turn: &Turn) {
+    drop(turn.lock().unwrap_or_else(|p| p.into_inner()).take());
 }
 
 /// Runs `work` (planning and executing one query) where it can neither
@@ -246,17 +283,36 @@ where
 {
     use futures::FutureExt;
     let handle = query_runtime()?;
+    let turns = Arc::clone(turns());
     let (mut tx, rx) = tokio::sync::oneshot::channel::<Result<T, QueryError>>();
     std::thread::Builder::new()
         .name("tally-query".into())
         .stack_size(QUERY_STACK_BYTES)
         .spawn(move || {
             let out = handle.block_on(async {
+                // Its turn first (see `turns`), given back once answered
+                // or after `TURN`, whichever comes first: by a task on the
+                // runtime's workers, since planning keeps this thread busy
+                // without a pause for as long as it takes.
+                let turn = tokio::select! {
+                    turn = turns.acquire_owned() => Arc::new(Turn::new(turn.ok())),
+                    () = tx.closed() => return None,
+                };
+                let over = {
+                    let turn = Arc::clone(&turn);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(TURN).await;
+                        give_back(&turn);
+                    })
+                };
                 let work = std::panic::AssertUnwindSafe(async move { work().await }).catch_unwind();
-                tokio::select! {
+                let out = tokio::select! {
                     out = work => Some(out),
                     () = tx.closed() => None,
-                }
+                };
+                give_back(&turn);
+                over.abort();
+                out
             });
             let out = match out {
                 None => return,
@@ -319,6 +375,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn a_query_alone_takes_every_core_and_under_load_its_share() {
@@ -348,6 +405,34 @@ mod tests {
         ] {
             let plan = ctx.state().create_logical_plan(sql).await.unwrap();
             assert_eq!(reads_the_clock(&plan), reads, "{sql}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_query_that_holds_its_thread_gives_its_turn_back() {
+        // More queries than there are turns, each busy without a pause
+        // (as planning is) for far longer than a turn.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let busy: Vec<_> = (0..cores * TURNS_PER_CORE + 2)
+            .map(|_| {
+                tokio::spawn(isolated(Duration::from_secs(10), || async {
+                    std::thread::sleep(Duration::from_millis(1500));
+                    Ok(())
+                }))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        isolated(Duration::from_secs(10), || async { Ok(()) })
+            .await
+            .unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited < Duration::from_millis(700),
+            "a query waited {waited:?} behind busy ones"
+        );
+        for b in busy {
+            b.await.unwrap().unwrap();
         }
     }
 
