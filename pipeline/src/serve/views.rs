@@ -92,8 +92,9 @@ impl Snapshot {
         let plan = self.plan(statement.clone()).await?;
         let optimized = query::optimize(&self.ctx, &plan, memory_limit)?;
         let planned = (optimized, Arc::clone(plan.schema().inner()));
+        let keep = !query::reads_the_clock(&plan);
         let mut plans = self.plans();
-        if plans.len() < PLANS_KEPT && !query::reads_the_clock(&plan) {
+        if keep && plans.len() < PLANS_KEPT {
             plans.insert(statement.clone(), planned.clone());
         }
         Ok(planned)

@@ -164,9 +164,9 @@ impl StartupHandler for Connection {
                                 ),
                             ));
                         };
-                        if let Ok(mut s) = self.slot.lock() {
-                            *s = Some(slot);
-                        }
+                        // A poisoned lock still takes the slot: dropping
+                        // it would let the session run uncounted.
+                        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(slot);
                         client
                             .send(PgWireBackendMessage::Authentication(
                                 Authentication::SASLFinal(Bytes::from(server_final)),
