@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::harness::{
     NatsServer, api_calls, bin, generated, publish_lines, run_expect, sql, tally, until_idle,
 };
-use crate::serve::{Serve, add_user, client, psql, psycopg, rows, sqlstate};
+use crate::serve::{Serve, add_user, client, psql, psql_until_answered, psycopg, rows, sqlstate};
 
 /// The address space the server gets in these tests: room for its
 /// threads' stacks and a query's memory, far from the 16 GiB one
@@ -462,19 +462,14 @@ fn one_account_cannot_take_every_connection() {
     let mut one = idle.pop().unwrap();
     one.kill().unwrap();
     one.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (code, out, err) = psql(&acme, &["-c", "SELECT 1"], dir.path());
-        if code == 0 {
-            assert_eq!(out.trim(), "1");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the account never got its slot back: {err}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let answer = psql_until_answered(
+        &acme,
+        "SELECT 1",
+        dir.path(),
+        Duration::from_secs(30),
+        "the account never got its slot back",
+    );
+    assert_eq!(answer, "1");
     for c in &mut idle {
         c.kill().unwrap();
         c.wait().unwrap();

@@ -209,6 +209,27 @@ pub fn psql(dsn: &str, args: &[&str], dir: &Path) -> (i32, String, String) {
     )
 }
 
+/// Runs `sql` with psql until it answers (a refused or failed attempt is
+/// tried again every 100 ms), for at most `within`; its output, trimmed.
+/// `what` says what it means when it never answers.
+pub fn psql_until_answered(
+    dsn: &str,
+    sql: &str,
+    dir: &Path,
+    within: Duration,
+    what: &str,
+) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let (code, out, err) = psql(dsn, &["-c", sql], dir);
+        if code == 0 {
+            return out.trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "{what}: {err}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `tally sql` as JSON rows.
 fn tally_json(server: &NatsServer, data: &Path, query: &str) -> Vec<Value> {
     let mut c = tally(server, data);
@@ -980,19 +1001,14 @@ fn bad_input_gets_a_clear_answer_and_harms_no_one() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (code, out, err) = psql(&dsn, &["-c", "SELECT count(*) > 0 FROM usage"], dir.path());
-        if code == 0 {
-            assert_eq!(out.trim(), "t");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server stopped serving: {err}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let answer = psql_until_answered(
+        &dsn,
+        "SELECT count(*) > 0 FROM usage",
+        dir.path(),
+        Duration::from_secs(10),
+        "the server stopped serving",
+    );
+    assert_eq!(answer, "t");
     let log = serve.log();
     assert!(
         log.contains("login refused") && !log.contains("not-it-9"),
