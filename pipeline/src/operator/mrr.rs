@@ -350,10 +350,14 @@ fn compute(
     let mut cursor = history.cursor();
     let mut s = month_bounds(first).0.max(from);
     // MRR at the start of month `s` (the end of the month before), and
-    // whether a currency ever had MRR before it (new vs reactivation).
+    // whether a currency ever had MRR before it (new vs reactivation),
+    // from the rows before `from` only: those from `from` on are the ones
+    // being recomputed. When a void took the first `started` away, months
+    // from `from` up to the new first one had rows that no longer exist,
+    // and must not count as MRR seen before.
     let mut at_start: Vec<i64> = vec![0; currencies.len()];
     let mut seen = vec![false; currencies.len()];
-    for r in &prior[..prior.partition_point(|r| r.month < s)] {
+    for r in &prior[..prior.partition_point(|r| r.month < s.min(from))] {
         if let Some(i) = currencies.iter().position(|(id, _)| *id == r.currency) {
             seen[i] |= r.end > 0;
             at_start[i] = r.end;
@@ -826,6 +830,41 @@ mod tests {
             want.iter()
                 .any(|(m, t, _, e, _)| m == "2025-04-01" && t == "a" && *e == 100)
         );
+    }
+
+    /// A void of the first `started`, after its months were written: a
+    /// later start is `new` (no MRR is left before it), as in a run that
+    /// folds the void in the same batch as its target.
+    #[test]
+    fn a_void_of_the_first_start_makes_a_later_restart_new() {
+        let first = start("r1", "r", "2026-01-01T00:00:00Z", "s1", 100, "");
+        let events = vec![
+            first.clone(),
+            cancel("r2", "r", "2026-02-10T00:00:00Z", "s1", None),
+            start("r3", "r", "2026-04-05T00:00:00Z", "s3", 200, ""),
+            tick("z", "2026-06-02T00:00:00Z"),
+        ];
+        let mut op = MrrOperator::new();
+        let mut latest = Latest::default();
+        for e in &events {
+            op.apply(e);
+            take_into(&mut op, &mut latest);
+        }
+        assert!(
+            live(latest.clone())
+                .iter()
+                .any(|(m, _, _, _, mv)| m == "2026-04-01" && mv == "reactivation")
+        );
+        op.retract(
+            &events[3],
+            &[crate::operator::Target { event: first }],
+            &crate::operator::Ledger::default(),
+        );
+        take_into(&mut op, &mut latest);
+        let want = view(&events[1..], events.len());
+        assert_eq!(want[0], row("2026-04-01", "r", 0, 200, "new"));
+        assert_eq!(live(latest), want);
+        assert_eq!(op.state_rows(), want.len());
     }
 
     #[test]

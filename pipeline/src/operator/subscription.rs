@@ -80,8 +80,11 @@ pub struct FoldState<'a> {
     pub current: Option<Current<'a>>,
     /// The last cancelled subscription, and when it ended.
     pub last_cancel: Option<(Current<'a>, i64)>,
-    /// Whether any subscription event is effective before the instant.
-    pub any: bool,
+    /// Whether a subscription was ever current before the instant (a
+    /// `started` took effect): a tenant that had one and has none now is
+    /// `cancelled`. A `cancelled` or `plan_changed` of a subscription that
+    /// was never current changes nothing, so it does not count.
+    pub had_one: bool,
 }
 
 /// One tenant's subscription history, sorted by effective time.
@@ -195,9 +198,9 @@ impl<'a> Cursor<'a> {
             && e.effective < t
         {
             self.pos += 1;
-            s.any = true;
             match &e.change {
                 Change::Started(terms) => {
+                    s.had_one = true;
                     s.current = Some(Current {
                         terms,
                         trial_ends_at: terms.trial_ends_at,

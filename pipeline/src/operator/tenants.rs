@@ -190,7 +190,7 @@ impl TenantsOperator {
         let status = match current {
             Some(_) if trial_end.is_some_and(|end| end > clock) => "trialing",
             Some(_) => "active",
-            None if fold.any => "cancelled",
+            None if fold.had_one => "cancelled",
             None => "none",
         };
         let row = Row {
@@ -560,6 +560,68 @@ mod tests {
             rows(&mut op),
             ["acme,Acme,,cancelled,0,700", "other,,,none,0,0"]
         );
+    }
+
+    /// `cancelled` is for a tenant that had a subscription: a cancel or a
+    /// plan change of one that was never current changes nothing, and a
+    /// voided `started` was never accepted.
+    #[test]
+    fn a_tenant_that_never_had_a_subscription_is_none() {
+        let mut op = TenantsOperator::new();
+        let started = ev(
+            "n1",
+            "nu",
+            "subscription.started",
+            "2026-01-01T00:00:00Z",
+            r#"{"subscription_id":"n","plan":"pro","billing_cycle":"monthly","price":100,"currency":"USD"}"#,
+        );
+        for e in [
+            ev(
+                "o1",
+                "omega",
+                "subscription.cancelled",
+                "2026-01-05T00:00:00Z",
+                r#"{"subscription_id":"zz"}"#,
+            ),
+            ev(
+                "p1",
+                "psi",
+                "subscription.plan_changed",
+                "2026-01-05T00:00:00Z",
+                r#"{"subscription_id":"zz","plan":"pro","billing_cycle":"monthly","price":100,"currency":"USD"}"#,
+            ),
+            started.clone(),
+            ev(
+                "n3",
+                "nu",
+                "subscription.cancelled",
+                "2026-01-03T00:00:00Z",
+                r#"{"subscription_id":"n"}"#,
+            ),
+        ] {
+            op.apply(&e);
+        }
+        assert_eq!(
+            rows(&mut op),
+            [
+                "nu,,,cancelled,0,0",
+                "omega,,,none,0,0",
+                "psi,,,none,0,0"
+            ]
+        );
+        let void = ev(
+            "n2",
+            "nu",
+            "event.voided",
+            "2026-01-06T00:00:00Z",
+            r#"{"target_source":"test","target_id":"n1"}"#,
+        );
+        op.retract(
+            &void,
+            &[crate::operator::Target { event: started }],
+            &crate::operator::Ledger::default(),
+        );
+        assert_eq!(rows(&mut op), ["nu,,,none,0,0"]);
     }
 
     #[test]
