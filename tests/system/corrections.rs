@@ -108,6 +108,23 @@ fn voids_of_every_kind_leave_the_views_of_the_effective_stream_and_restate_final
             "2025-01-31T00:00:00Z",
             r#"{"invoice_id":"inv1","amount":4900,"currency":"USD"}"#,
         ),
+        // A tenant that cancels and starts again: its March is a
+        // reactivation until the void of its first start (below).
+        start("r1", "rho", "sub_r1"),
+        event(
+            "r2",
+            "rho",
+            "subscription.cancelled",
+            "2025-02-10T00:00:00Z",
+            r#"{"subscription_id":"sub_r1"}"#,
+        ),
+        event(
+            "r3",
+            "rho",
+            "subscription.started",
+            "2025-03-05T00:00:00Z",
+            r#"{"subscription_id":"sub_r3","plan":"starter","billing_cycle":"monthly","price":9900,"currency":"USD"}"#,
+        ),
         // Before its target.
         void("v_before", "acme", "2025-03-01T00:00:00Z", "u3"),
         // The clock moves to March: January and February are final.
@@ -136,8 +153,10 @@ fn voids_of_every_kind_leave_the_views_of_the_effective_stream_and_restate_final
             "2025-03-02T00:00:00Z",
             r#"{"subscription_id":"sub_a","effective_at":"2025-02-01T00:00:00Z"}"#,
         ),
+        // Of a tenant's first start, months after it: the restart is new.
+        void("v_first", "rho", "2025-03-01T00:00:00Z", "r1"),
     ];
-    let voided = ["u3", "u2", "p2", "sb1", "i1"];
+    let voided = ["u3", "u2", "p2", "sb1", "i1", "r1"];
     let id_of = |line: &str| -> String {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         v["id"].as_str().unwrap().to_owned()
@@ -193,7 +212,17 @@ fn voids_of_every_kind_leave_the_views_of_the_effective_stream_and_restate_final
             "_system,p2,1,true",
             "beta,sb1,1,true",
             "acme,i1,1,true",
+            "rho,r1,1,true",
         ]
+    );
+    // The restart after the voided first start, as the effective stream has it.
+    assert_eq!(
+        sql(
+            &server,
+            &data,
+            "SELECT CAST(month AS VARCHAR) AS m, movement, new_mrr, reactivation_mrr FROM mrr WHERE tenant = 'rho' ORDER BY m",
+        )[0],
+        ["2025-03-01", "new", "9900", "0"]
     );
 
     // Restatements: the amendment's void and its new event, the catalog
