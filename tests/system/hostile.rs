@@ -3,7 +3,8 @@
 //! address-space limit, what a tenant account can learn of other tenants'
 //! volume, a cursor that outlives a narrowed account, what the SCRAM
 //! exchange tells of unknown user names, an account that opens every
-//! connection it can, and a refused connection that says nothing.
+//! connection it can, a refused connection that says nothing, and a query
+//! past its time that must stop its work.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -170,6 +171,52 @@ fn planning_is_bounded_isolated_and_counts_against_the_timeout() {
     assert!(
         took < Duration::from_secs(20),
         "two statements with a 3 s timeout took {took:?}"
+    );
+}
+
+/// A tenant's query that never pauses (a cross join feeding an aggregate)
+/// and runs out of time stops its work: the queries after it, of any
+/// account, are answered as if it had never run.
+#[test]
+fn a_query_past_its_time_stops_its_work() {
+    // 50 tenants over 6 months: the tenant's 600-odd events four times
+    // over, about 10^11 rows, split over the query runtime's workers.
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = generated(dir.path(), 50, 6, 1);
+    let mut p = tally(&server, &data);
+    p.arg("publish").arg(&file);
+    run_expect(p, 0);
+    until_idle(&server, &data);
+    let users = dir.path().join("users.toml");
+    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    add_user(&users, "acme", "acme-pw", &["--tenant", "t0001"]);
+    let serve = Serve::start(&server, &data, &users, &["--query-timeout", "2"]);
+    let cross = "SELECT count(*) FROM events a, events b, events c, events d";
+    let out = psycopg(
+        &serve.dsn("acme", "acme-pw"),
+        json!([{"sql": cross}, {"sql": cross}]),
+    );
+    assert_eq!(sqlstate(&out[0]), "57014", "{}", out[0]);
+    assert_eq!(sqlstate(&out[1]), "57014", "{}", out[1]);
+    let scan = json!({"sql": "SELECT count(*), sum(length(data)) FROM events"});
+    let started = Instant::now();
+    let answers = psycopg(
+        &serve.dsn("ops", "ops-pw"),
+        json!([scan.clone(), scan.clone(), scan]),
+    );
+    for a in &answers {
+        assert!(
+            a.get("error").is_none(),
+            "a scan after the stopped queries: {a}"
+        );
+        assert!(rows(a)[0][0].is_some());
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "three scans took {took:?} after the stopped queries"
     );
 }
 

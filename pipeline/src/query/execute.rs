@@ -90,6 +90,10 @@ pub async fn execute_optimized(
         .create_physical_plan(&optimized, &state)
         .await
         .map_err(fail)?;
+    // Dropped with this future (a timeout, a client gone): the operators
+    // still running on the query runtime stop at their next batch.
+    let cancel = super::cancel::Cancel::default();
+    let physical = super::cancel::guard(physical, &cancel).map_err(fail)?;
     let task = Arc::new(datafusion::execution::TaskContext::from(&state));
     let mut stream = datafusion::physical_plan::execute_stream(physical, task).map_err(fail)?;
     let reservation = MemoryConsumer::new("query result").register(&ctx.runtime_env().memory_pool);
@@ -101,6 +105,7 @@ pub async fn execute_optimized(
             .map_err(fail)?;
         batches.push(batch);
     }
+    drop(cancel);
     Ok(batches)
 }
 

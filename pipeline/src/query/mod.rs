@@ -19,7 +19,9 @@
 //! ([`guard`]). Below those limits, DataFusion's recursion protection and
 //! the large stacks of [`on_query_threads`] and [`isolated`] keep its
 //! recursive planner within bounds, and [`isolated`] keeps one query's
-//! planning, panics and timeout away from every other.
+//! planning, panics and timeout away from every other; a query dropped
+//! (its time ran out, its client left) stops its operators at their next
+//! batch ([`cancel`]).
 //!
 //! The rooms: this file opens sessions (one checkpoint, or every
 //! partition's) and registers the stored views; [`error`] says why a query
@@ -27,9 +29,10 @@
 //! [`system`] builds the `_tally_*` tables; [`scope`] is what a tenant
 //! account sees; [`table`] keeps a checkpoint's files exact; [`views`] adds
 //! the `queries/` views; [`guard`], [`bounded`] and [`memory`] are the
-//! limits.
+//! limits; [`cancel`] stops what is no longer wanted.
 
 pub mod bounded;
+mod cancel;
 mod error;
 mod execute;
 pub mod format;
