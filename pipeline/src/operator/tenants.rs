@@ -603,11 +603,7 @@ mod tests {
         }
         assert_eq!(
             rows(&mut op),
-            [
-                "nu,,,cancelled,0,0",
-                "omega,,,none,0,0",
-                "psi,,,none,0,0"
-            ]
+            ["nu,,,cancelled,0,0", "omega,,,none,0,0", "psi,,,none,0,0"]
         );
         let void = ev(
             "n2",

@@ -53,7 +53,10 @@ impl Drop for Cancel {
 /// operators' inputs, reading `cancel`.
 pub fn guard(plan: Arc<dyn ExecutionPlan>, cancel: &Cancel) -> Result<Arc<dyn ExecutionPlan>> {
     let flag = cancel.flag();
-    Ok(Arc::new(CancellableExec::new(wrap_inputs(plan, &flag)?, flag)))
+    Ok(Arc::new(CancellableExec::new(
+        wrap_inputs(plan, &flag)?,
+        flag,
+    )))
 }
 
 fn wrap_inputs(
@@ -209,7 +212,13 @@ mod tests {
         rt.block_on(async {
             let ctx = SessionContext::new();
             let sql = "SELECT count(*) FROM range(100000) a, range(100000) b, range(100000) c";
-            let plan = ctx.sql(sql).await.unwrap().create_physical_plan().await.unwrap();
+            let plan = ctx
+                .sql(sql)
+                .await
+                .unwrap()
+                .create_physical_plan()
+                .await
+                .unwrap();
             let cancel = Cancel::default();
             let guarded = guard(plan, &cancel).unwrap();
             let task = ctx.task_ctx();

@@ -52,16 +52,46 @@ use crate::query::{QueryError, Scope};
 pub const CATALOG: &str = "tally";
 pub const SCHEMA: &str = "public";
 
-/// Bearer tokens kept at most.
-const MAX_TOKENS: usize = 10_000;
+/// Bearer tokens kept per account: a client that logs in again and
+/// again pushes out its own account's oldest tokens, never another
+/// account's.
+const TOKENS_PER_ACCOUNT: usize = 256;
+
+/// The bearer tokens handed out: token -> (user, the verifier the login
+/// matched), and each account's tokens oldest first, so that the memory
+/// they take is bounded per account (the accounts are the users file's).
+#[derive(Default)]
+struct Tokens {
+    by_token: HashMap<String, (String, String)>,
+    by_user: HashMap<String, std::collections::VecDeque<String>>,
+}
+
+impl Tokens {
+    fn get(&self, token: &str) -> Option<(String, String)> {
+        self.by_token.get(token).cloned()
+    }
+
+    /// Keeps `token` for `user`, dropping the account's oldest past
+    /// [`TOKENS_PER_ACCOUNT`].
+    fn insert(&mut self, token: String, user: String, verifier: String) {
+        let mine = self.by_user.entry(user.clone()).or_default();
+        mine.push_back(token.clone());
+        while mine.len() > TOKENS_PER_ACCOUNT {
+            if let Some(old) = mine.pop_front() {
+                self.by_token.remove(&old);
+            }
+        }
+        self.by_token.insert(token, (user, verifier));
+    }
+}
 
 type DoGetStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send>>;
 
 pub struct TallyFlight {
     shared: Arc<Shared>,
-    /// Bearer token -> (user, the verifier the login matched): a token
-    /// stops working when the account is removed or its password changes.
-    tokens: Mutex<HashMap<String, (String, String)>>,
+    /// The bearer tokens handed out: a token stops working when the
+    /// account is removed or its password changes.
+    tokens: Mutex<Tokens>,
     sql_info: SqlInfoData,
 }
 
@@ -105,7 +135,7 @@ impl TallyFlight {
         let sql_info = b.build().map_err(|e| Status::internal(e.to_string()))?;
         Ok(TallyFlight {
             shared,
-            tokens: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(Tokens::default()),
             sql_info,
         })
     }
@@ -131,7 +161,7 @@ impl TallyFlight {
                 .tokens
                 .lock()
                 .ok()
-                .and_then(|t| t.get(token.trim()).cloned())
+                .and_then(|t| t.get(token.trim()))
                 .ok_or_else(|| Status::unauthenticated("unknown or expired token: log in again"))?;
             let current = self.shared.accounts.account(&user).map(|a| a.verifier);
             if current.as_deref() != Some(verifier.as_str()) {
@@ -160,6 +190,20 @@ impl TallyFlight {
         Ok((user, scope))
     }
 
+    /// One of `user`'s Flight SQL calls that plan or run a query, held
+    /// while it does: an account runs at most `--max-connections-per-account`
+    /// at once, so that no one account's flood of calls takes the query
+    /// threads and the line of turns from every other.
+    fn call(&self, user: &str) -> Result<super::slots::AccountSlot, Status> {
+        self.shared.flight_calls.try_take(user).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "account {user} already runs {} Flight SQL queries at once \
+                 (--max-connections-per-account); wait for one to finish (SQLSTATE 53300)",
+                self.shared.flight_calls.max()
+            ))
+        })
+    }
+
     async fn statement(&self, sql: &str) -> Result<Statement, Status> {
         if sql.len() > super::MAX_QUERY_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -185,7 +229,8 @@ impl TallyFlight {
 
     /// The result schema of `sql` for `scope`, planned on the latest
     /// checkpoint.
-    async fn plan_schema(&self, scope: &Scope, sql: &str) -> Result<Schema, Status> {
+    async fn plan_schema(&self, user: &str, scope: &Scope, sql: &str) -> Result<Schema, Status> {
+        let _call = self.call(user)?;
         let statement = self.statement(sql).await?;
         let plan = self
             .shared
@@ -196,7 +241,8 @@ impl TallyFlight {
         Ok(plan.schema().as_arrow().clone())
     }
 
-    async fn run(&self, scope: &Scope, sql: &str) -> Result<Answer, Status> {
+    async fn run(&self, user: &str, scope: &Scope, sql: &str) -> Result<Answer, Status> {
+        let _call = self.call(user)?;
         let statement = self.statement(sql).await?;
         let metrics = &self.shared.metrics;
         let _running = metrics.running();
@@ -347,13 +393,10 @@ impl FlightSqlService for TallyFlight {
         let mut raw = [0u8; 32];
         getrandom::fill(&mut raw).map_err(|e| Status::internal(e.to_string()))?;
         let token = B64.encode(raw);
-        if let Ok(mut t) = self.tokens.lock() {
-            // Bounded: past the cap, every client logs in again.
-            if t.len() >= MAX_TOKENS {
-                t.clear();
-            }
-            t.insert(token.clone(), (user, account.verifier));
-        }
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(token.clone(), user, account.verifier);
         let out = futures::stream::iter(vec![Ok(HandshakeResponse {
             protocol_version: 0,
             payload: token.clone().into(),
@@ -371,8 +414,8 @@ impl FlightSqlService for TallyFlight {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let scope = self.scope(&request)?;
-        let schema = self.plan_schema(&scope, &query.query).await?;
+        let (user, scope) = self.caller(&request)?;
+        let schema = self.plan_schema(&user, &scope, &query.query).await?;
         let ticket = TicketStatementQuery {
             statement_handle: query.query.into_bytes().into(),
         };
@@ -391,7 +434,7 @@ impl FlightSqlService for TallyFlight {
         let (user, scope) = self.caller(&request)?;
         let sql = String::from_utf8(ticket.statement_handle.to_vec())
             .map_err(|_| Status::invalid_argument("the ticket is not a query"))?;
-        let answer = self.run(&scope, &sql).await?;
+        let answer = self.run(&user, &scope, &sql).await?;
         Ok(self.stream(user, scope, answer))
     }
 
@@ -400,8 +443,8 @@ impl FlightSqlService for TallyFlight {
         query: ActionCreatePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let scope = self.scope(&request)?;
-        let schema = self.plan_schema(&scope, &query.query).await?;
+        let (user, scope) = self.caller(&request)?;
+        let schema = self.plan_schema(&user, &scope, &query.query).await?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: query.query.into_bytes().into(),
             dataset_schema: encode_schema(&schema)?,
@@ -423,10 +466,10 @@ impl FlightSqlService for TallyFlight {
         cmd: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let scope = self.scope(&request)?;
+        let (user, scope) = self.caller(&request)?;
         let sql = String::from_utf8(cmd.prepared_statement_handle.to_vec())
             .map_err(|_| Status::invalid_argument("the handle is not a query"))?;
-        let schema = self.plan_schema(&scope, &sql).await?;
+        let schema = self.plan_schema(&user, &scope, &sql).await?;
         TallyFlight::info(&schema, cmd.as_any().encode_to_vec(), request.into_inner())
     }
 
@@ -438,7 +481,7 @@ impl FlightSqlService for TallyFlight {
         let (user, scope) = self.caller(&request)?;
         let sql = String::from_utf8(cmd.prepared_statement_handle.to_vec())
             .map_err(|_| Status::invalid_argument("the handle is not a query"))?;
-        let answer = self.run(&scope, &sql).await?;
+        let answer = self.run(&user, &scope, &sql).await?;
         Ok(self.stream(user, scope, answer))
     }
 
@@ -634,4 +677,25 @@ fn tokio_stream_listener(
         });
         Some((next, l))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{TOKENS_PER_ACCOUNT, Tokens};
+
+    /// One account logging in again and again pushes out only its own
+    /// oldest tokens.
+    #[test]
+    fn tokens_are_bounded_per_account() {
+        let mut t = Tokens::default();
+        t.insert("ops-1".into(), "ops".into(), "v".into());
+        for i in 0..TOKENS_PER_ACCOUNT + 10 {
+            t.insert(format!("acme-{i}"), "acme".into(), "w".into());
+        }
+        assert_eq!(t.get("ops-1"), Some(("ops".into(), "v".into())));
+        assert_eq!(t.get("acme-0"), None);
+        assert_eq!(t.get("acme-9"), None);
+        assert!(t.get("acme-10").is_some());
+        assert_eq!(t.by_token.len(), TOKENS_PER_ACCOUNT + 1);
+    }
 }

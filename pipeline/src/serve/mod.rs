@@ -151,6 +151,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The pgwire sessions each account holds.
     pub slots: Arc<slots::AccountSlots>,
+    /// Flight SQL calls planning or running a query, per account (the
+    /// same limit as pgwire sessions; see `flight`).
+    pub flight_calls: Arc<slots::AccountSlots>,
     pub stale_after: Duration,
     /// Per-process secret: the password HTTP and Flight check an unknown
     /// user against, so that a refusal costs what a real check costs.
@@ -224,6 +227,7 @@ pub async fn serve(
         accounts,
         metrics: Metrics::default(),
         slots: slots::AccountSlots::new(opts.max_connections_per_account),
+        flight_calls: slots::AccountSlots::new(opts.max_connections_per_account),
         stale_after: opts.stale_after,
         secret,
         nats_url: opts.nats_url.clone(),
