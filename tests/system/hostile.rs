@@ -419,6 +419,49 @@ fn a_cursor_does_not_outlive_a_narrowed_account() {
     assert!(out.get("after").is_none(), "{out}");
 }
 
+/// A session's cursors are bounded: at most 64 open, and their rows
+/// together within its share of `--memory-limit` (the limit shared by
+/// `--max-connections`), so that no account holds the server's memory in
+/// cursors it never fetches.
+#[test]
+fn a_sessions_cursors_are_bounded() {
+    let World {
+        server,
+        data,
+        users,
+        _dir,
+    } = world(8);
+    let serve = Serve::start(
+        &server,
+        &data,
+        &users,
+        &["--memory-limit", "64M", "--max-connections", "16"],
+    );
+    let mut steps: Vec<Value> = (0..65)
+        .map(|i| json!({"sql": format!("DECLARE c{i} CURSOR FOR SELECT tenant FROM tenants")}))
+        .collect();
+    steps.push(json!({"sql": "CLOSE ALL"}));
+    // A few MiB of rows: more than this session's 4 MiB share.
+    steps.push(json!({"sql": "DECLARE big CURSOR FOR SELECT a.data, b.data FROM events a, events b LIMIT 30000"}));
+    steps.push(json!({"sql": "DECLARE small CURSOR FOR SELECT tenant FROM tenants"}));
+    steps.push(json!({"sql": "FETCH 2 FROM small"}));
+    let out = psycopg(&serve.dsn("ops", "ops-pw"), json!(steps));
+    for step in &out[..64] {
+        assert!(step.get("error").is_none(), "{step}");
+    }
+    assert_eq!(sqlstate(&out[64]), "53000", "{}", out[64]);
+    assert_eq!(sqlstate(&out[66]), "53200", "{}", out[66]);
+    assert!(
+        out[66]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--memory-limit"),
+        "{}",
+        out[66]
+    );
+    assert_eq!(rows(&out[68]).len(), 2, "{}", out[68]);
+}
+
 #[test]
 fn an_unknown_users_salt_is_stable_across_restarts() {
     let World {

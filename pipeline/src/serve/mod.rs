@@ -154,6 +154,10 @@ pub struct Shared {
     /// Flight SQL calls planning or running a query, per account (the
     /// same limit as pgwire sessions; see `flight`).
     pub flight_calls: Arc<slots::AccountSlots>,
+    /// The rows one pgwire session may hold in its open cursors:
+    /// `--memory-limit` shared by `--max-connections` (at least 1 MiB), so
+    /// that every session's cursors together stay within the limit.
+    pub cursor_bytes: u64,
     pub stale_after: Duration,
     /// Per-process secret: the password HTTP and Flight check an unknown
     /// user against, so that a refusal costs what a real check costs.
@@ -228,6 +232,7 @@ pub async fn serve(
         metrics: Metrics::default(),
         slots: slots::AccountSlots::new(opts.max_connections_per_account),
         flight_calls: slots::AccountSlots::new(opts.max_connections_per_account),
+        cursor_bytes: (opts.memory_limit.0 / opts.max_connections.max(1) as u64).max(1 << 20),
         stale_after: opts.stale_after,
         secret,
         nats_url: opts.nats_url.clone(),

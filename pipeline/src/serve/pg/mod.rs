@@ -93,7 +93,18 @@ struct Cursor {
     scope: Scope,
 }
 
+/// Cursors one session may hold open at once.
+const MAX_CURSORS: usize = 64;
+
 impl Cursor {
+    /// Bytes its rows still to fetch hold.
+    fn bytes(&self) -> u64 {
+        self.batches
+            .iter()
+            .map(|b| b.get_array_memory_size() as u64)
+            .sum()
+    }
+
     /// Takes up to `count` rows (all if `None`).
     fn take(&mut self, count: Option<usize>) -> Vec<RecordBatch> {
         let mut left = count.unwrap_or(usize::MAX);
@@ -275,7 +286,30 @@ impl Connection {
                     batches: answer.batches.into(),
                     scope,
                 };
-                self.cursors.lock().await.insert(name.clone(), cursor);
+                let mut cursors = self.cursors.lock().await;
+                let others = cursors.iter().filter(|(n, _)| *n != name);
+                let (open, held) =
+                    others.fold((0usize, 0u64), |(n, b), (_, c)| (n + 1, b + c.bytes()));
+                if open >= MAX_CURSORS {
+                    return Err(user_error(
+                        "53000",
+                        format!(
+                            "this session has {open} cursors open, the most it may: CLOSE one (or CLOSE ALL) first"
+                        ),
+                    ));
+                }
+                let budget = self.shared.cursor_bytes;
+                if held + cursor.bytes() > budget {
+                    return Err(user_error(
+                        "53200",
+                        format!(
+                            "the cursors of this session would hold {} MiB of rows, more than its share of --memory-limit ({} MiB, the limit shared by --max-connections): FETCH or CLOSE the others first, or narrow the query",
+                            (held + cursor.bytes()).div_ceil(1 << 20),
+                            budget >> 20
+                        ),
+                    ));
+                }
+                cursors.insert(name.clone(), cursor);
                 Ok(Response::Execution(Tag::new("DECLARE CURSOR")))
             }
             Kind::Fetch { name, count } => {
