@@ -419,6 +419,32 @@ fn a_cursor_does_not_outlive_a_narrowed_account() {
     assert!(out.get("after").is_none(), "{out}");
 }
 
+/// A cancel request with the session's key (psycopg's `cancel()`) stops
+/// the statement it runs with `57014`, and the session goes on.
+#[test]
+fn a_cancel_request_stops_the_running_statement() {
+    let World {
+        server,
+        data,
+        users,
+        _dir,
+    } = world(8);
+    let serve = Serve::start(&server, &data, &users, &["--query-timeout", "60"]);
+    let out = client(
+        "cancel",
+        &json!({
+            "dsn": serve.dsn("ops", "ops-pw"),
+            "sql": "SELECT count(*) FROM events a, events b, events c, events d WHERE a.data <> b.data",
+            "after": 1.0,
+            "then": "SELECT count(*) FROM tenants",
+        }),
+    );
+    assert_eq!(out["error"]["sqlstate"], "57014", "{out}");
+    let took = out["seconds"].as_f64().unwrap();
+    assert!(took < 10.0, "the cancelled statement took {took} s");
+    assert_eq!(out["then"][0][0], "8", "{out}");
+}
+
 /// A session's cursors are bounded: at most 64 open, and their rows
 /// together within its share of `--memory-limit` (the limit shared by
 /// `--max-connections`), so that no account holds the server's memory in

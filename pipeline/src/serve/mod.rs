@@ -154,6 +154,8 @@ pub struct Shared {
     /// Flight SQL calls planning or running a query, per account (the
     /// same limit as pgwire sessions; see `flight`).
     pub flight_calls: Arc<slots::AccountSlots>,
+    /// The pgwire sessions a cancel request may stop.
+    pub cancels: Arc<pg::cancel::Cancels>,
     /// The rows one pgwire session may hold in its open cursors:
     /// `--memory-limit` shared by `--max-connections` (at least 1 MiB), so
     /// that every session's cursors together stay within the limit.
@@ -232,6 +234,7 @@ pub async fn serve(
         metrics: Metrics::default(),
         slots: slots::AccountSlots::new(opts.max_connections_per_account),
         flight_calls: slots::AccountSlots::new(opts.max_connections_per_account),
+        cancels: Arc::new(pg::cancel::Cancels::default()),
         cursor_bytes: (opts.memory_limit.0 / opts.max_connections.max(1) as u64).max(1 << 20),
         stale_after: opts.stale_after,
         secret,

@@ -1,8 +1,8 @@
 """Real clients of `tally serve`, driven by the system tests (tests/system/serve.rs).
 
 Usage: python clients.py KIND < spec.json > result.json, where KIND is
-psycopg, loop, adbc, flight, http, prometheus, narrowed, scram_salt or
-fuzz. Every value comes back as text (None for
+psycopg, loop, adbc, flight, http, prometheus, narrowed, cancel,
+scram_salt or fuzz. Every value comes back as text (None for
 NULL) so the Rust side compares exact digits; errors come back as data
 (SQLSTATE or gRPC status and message), never as a crash of this script.
 """
@@ -165,6 +165,30 @@ def narrowed_run(spec):
     return out
 
 
+def cancel_run(spec):
+    """Runs `sql` and cancels it after `after` seconds with psycopg's
+    `cancel()` (a CancelRequest with the session's key, on a connection of
+    its own); then runs `then` on the same session. The error and the
+    seconds the statement took, and the rows of `then`."""
+    import threading
+    import time
+
+    import psycopg
+
+    conn = psycopg.connect(spec["dsn"], autocommit=True)
+    threading.Timer(spec["after"], conn.cancel).start()
+    started = time.monotonic()
+    out = {}
+    try:
+        conn.execute(spec["sql"]).fetchall()
+    except psycopg.Error as e:
+        out["error"] = {"sqlstate": e.sqlstate, "message": str(e)}
+    out["seconds"] = time.monotonic() - started
+    out["then"] = [[None if v is None else str(v) for v in r] for r in conn.execute(spec["then"]).fetchall()]
+    conn.close()
+    return out
+
+
 def scram_salt_run(spec):
     """The salt and iteration count the server's SCRAM first message gives
     `user`, read off the wire (no password needed)."""
@@ -282,5 +306,5 @@ def fuzz_run(spec):
 if __name__ == "__main__":
     kind = sys.argv[1]
     spec = json.load(sys.stdin)
-    result = {"psycopg": psycopg_run, "loop": loop_run, "adbc": adbc_run, "flight": flight_run, "prometheus": prometheus_run, "http": http_run, "narrowed": narrowed_run, "scram_salt": scram_salt_run, "fuzz": fuzz_run}[kind](spec)
+    result = {"psycopg": psycopg_run, "loop": loop_run, "adbc": adbc_run, "flight": flight_run, "prometheus": prometheus_run, "http": http_run, "narrowed": narrowed_run, "cancel": cancel_run, "scram_salt": scram_salt_run, "fuzz": fuzz_run}[kind](spec)
     json.dump(result, sys.stdout)

@@ -51,6 +51,7 @@ use super::slots::AccountSlot;
 use super::views::Answer;
 use crate::query::{QueryError, Scope};
 
+pub mod cancel;
 mod errors;
 mod rows;
 mod startup;
@@ -81,6 +82,11 @@ pub struct Connection {
     /// The account's slot this session holds once logged in; given back
     /// when the connection is dropped.
     slot: Mutex<Option<AccountSlot>>,
+    /// Signalled by a cancel request with this session's key: stops the
+    /// statement it runs (see [`cancel`]).
+    cancelled: Arc<tokio::sync::Notify>,
+    /// This session's key for cancel requests, once logged in.
+    cancel_key: Mutex<Option<cancel::CancelKey>>,
     parser: Arc<Parser>,
 }
 
@@ -153,6 +159,8 @@ impl Connection {
             cursors: tokio::sync::Mutex::new(std::collections::HashMap::new()),
             auth: tokio::sync::Mutex::new(AuthState::Initial),
             slot: Mutex::new(None),
+            cancelled: Arc::new(tokio::sync::Notify::new()),
+            cancel_key: Mutex::new(None),
         }
     }
 }
@@ -171,6 +179,10 @@ impl PgWireServerHandlers for Handlers {
 
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
         Arc::clone(&self.0)
+    }
+
+    fn cancel_handler(&self) -> Arc<impl pgwire::api::cancel::CancelHandler> {
+        Arc::new(cancel::OnCancel(Arc::clone(&self.0.shared.cancels)))
     }
 
     fn error_handler(&self) -> Arc<impl ErrorHandler> {
@@ -409,7 +421,13 @@ impl Connection {
         let started = Instant::now();
         let metrics = &self.shared.metrics;
         let _running = metrics.running();
-        let result = self.shared.views.run(scope, statement, bind).await;
+        let result = tokio::select! {
+            r = self.shared.views.run(scope, statement, bind) => r,
+            () = self.cancelled.notified() => {
+                metrics.failed(Protocol::Pg);
+                return Err(user_error("57014", "canceling statement due to user request"));
+            }
+        };
         metrics.observe(Protocol::Pg, started.elapsed());
         match result {
             Ok(answer) => {

@@ -167,6 +167,14 @@ impl StartupHandler for Connection {
                         // A poisoned lock still takes the slot: dropping
                         // it would let the session run uncounted.
                         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(slot);
+                        if let Some(key) = self.shared.cancels.register(Arc::clone(&self.cancelled))
+                        {
+                            client.set_pid_and_secret_key(
+                                key.pid,
+                                pgwire::messages::startup::SecretKey::I32(key.secret),
+                            );
+                            *self.cancel_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(key);
+                        }
                         client
                             .send(PgWireBackendMessage::Authentication(
                                 Authentication::SASLFinal(Bytes::from(server_final)),
