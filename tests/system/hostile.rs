@@ -33,10 +33,15 @@ struct World {
 }
 
 fn world(tenants: u32) -> World {
+    world_of(tenants, 3, 17)
+}
+
+/// [`world`] of `tenants` generated over `months` with `seed`.
+fn world_of(tenants: u32, months: u32, seed: u64) -> World {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let file = generated(dir.path(), tenants, 3, 17);
+    let file = generated(dir.path(), tenants, months, seed);
     let mut p = tally(&server, &data);
     p.arg("publish").arg(&file);
     run_expect(p, 0);
@@ -181,16 +186,12 @@ fn planning_is_bounded_isolated_and_counts_against_the_timeout() {
 fn a_query_past_its_time_stops_its_work() {
     // 50 tenants over 6 months: the tenant's 600-odd events four times
     // over, about 10^11 rows, split over the query runtime's workers.
-    let server = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let file = generated(dir.path(), 50, 6, 1);
-    let mut p = tally(&server, &data);
-    p.arg("publish").arg(&file);
-    run_expect(p, 0);
-    until_idle(&server, &data);
-    let users = dir.path().join("users.toml");
-    add_user(&users, "ops", "ops-pw", &["--all-tenants"]);
+    let World {
+        server,
+        data,
+        users,
+        _dir,
+    } = world_of(50, 6, 1);
     add_user(&users, "acme", "acme-pw", &["--tenant", "t0001"]);
     let serve = Serve::start(&server, &data, &users, &["--query-timeout", "2"]);
     let cross = "SELECT count(*) FROM events a, events b, events c, events d";

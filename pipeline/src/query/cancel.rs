@@ -199,6 +199,11 @@ mod tests {
     use datafusion::prelude::SessionContext;
     use std::time::{Duration, Instant};
 
+    async fn physical(ctx: &SessionContext, sql: &str) -> Arc<dyn ExecutionPlan> {
+        let frame = ctx.sql(sql).await.unwrap();
+        frame.create_physical_plan().await.unwrap()
+    }
+
     /// A cross join feeding an aggregate never pauses: once its query is
     /// dropped, the work stops within moments, and the runtime's workers
     /// are free for the next query.
@@ -212,13 +217,7 @@ mod tests {
         rt.block_on(async {
             let ctx = SessionContext::new();
             let sql = "SELECT count(*) FROM range(100000) a, range(100000) b, range(100000) c";
-            let plan = ctx
-                .sql(sql)
-                .await
-                .unwrap()
-                .create_physical_plan()
-                .await
-                .unwrap();
+            let plan = physical(&ctx, sql).await;
             let cancel = Cancel::default();
             let guarded = guard(plan, &cancel).unwrap();
             let task = ctx.task_ctx();
@@ -235,13 +234,11 @@ mod tests {
             assert_eq!(ended, Some(true), "ended by the cancellation's error");
             assert!(dropped.elapsed() < Duration::from_secs(5));
             // The rows of a query that is not cancelled are all there.
-            let plan = ctx
-                .sql("SELECT count(*) AS n FROM range(1000) a, range(300) b")
-                .await
-                .unwrap()
-                .create_physical_plan()
-                .await
-                .unwrap();
+            let plan = physical(
+                &ctx,
+                "SELECT count(*) AS n FROM range(1000) a, range(300) b",
+            )
+            .await;
             let keep = Cancel::default();
             let guarded = guard(plan, &keep).unwrap();
             let rows = datafusion::physical_plan::collect(guarded, ctx.task_ctx())

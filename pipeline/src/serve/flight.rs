@@ -160,8 +160,8 @@ impl TallyFlight {
             let (user, verifier) = self
                 .tokens
                 .lock()
-                .ok()
-                .and_then(|t| t.get(token.trim()))
+                .unwrap_or_else(|p| p.into_inner())
+                .get(token.trim())
                 .ok_or_else(|| Status::unauthenticated("unknown or expired token: log in again"))?;
             let current = self.shared.accounts.account(&user).map(|a| a.verifier);
             if current.as_deref() != Some(verifier.as_str()) {

@@ -422,23 +422,17 @@ impl Connection {
         let metrics = &self.shared.metrics;
         let _running = metrics.running();
         let result = tokio::select! {
-            r = self.shared.views.run(scope, statement, bind) => r,
+            r = self.shared.views.run(scope, statement, bind) => r.map_err(|e| query_error(&e)),
             () = self.cancelled.notified() => {
-                metrics.failed(Protocol::Pg);
-                return Err(user_error("57014", "canceling statement due to user request"));
+                Err(user_error("57014", "canceling statement due to user request"))
             }
         };
         metrics.observe(Protocol::Pg, started.elapsed());
-        match result {
-            Ok(answer) => {
-                metrics.served(Protocol::Pg);
-                Ok(answer)
-            }
-            Err(e) => {
-                metrics.failed(Protocol::Pg);
-                Err(query_error(&e))
-            }
+        match &result {
+            Ok(_) => metrics.served(Protocol::Pg),
+            Err(_) => metrics.failed(Protocol::Pg),
         }
+        result
     }
 }
 
