@@ -565,6 +565,7 @@ impl Operator for MrrOperator {
                         .int("reactivation_mrr", Some(reactivation))
                         .str("movement", Some(r.movement.as_str()))
                         .finish(),
+                    true,
                 ));
             }
         }

@@ -1086,7 +1086,7 @@ impl Operator for OveragesOperator {
             .into_iter()
             .filter_map(|slot| self.months.slot(slot))
             .map(|(k, m)| (k, m))
-            .filter(|(_, m)| m.end <= final_before && m.agg.events != 0)
+            .filter(|(_, m)| m.agg.events != 0)
             .collect();
         rows.sort_unstable_by(|a, b| (&a.0.0, a.1.end).cmp(&(&b.0.0, b.1.end)));
         let mut folds = Folds::new(&self.subs);
@@ -1114,6 +1114,7 @@ impl Operator for OveragesOperator {
                     .float("pct_used", r.pct_used)
                     .int("threshold", r.threshold.map(i64::from))
                     .finish(),
+                end <= final_before,
             ));
         }
         out

@@ -49,8 +49,12 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-/// A final row as a view shows it: (tenant, key JSON, columns JSON).
-pub type FinalRow = (Arc<str>, String, String);
+/// A row a message may restate, as a view shows it: (tenant, key JSON,
+/// columns JSON, whether its window, period or month is final). Views
+/// whose key fixes the window give final rows only; `overages`, whose
+/// merged row's `period_end` may move with a message, gives the row either
+/// way and says which, so [`diff`] judges it on the side the spec names.
+pub type FinalRow = (Arc<str>, String, String, bool);
 
 /// One restated row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,25 +108,33 @@ pub fn diff(
             cause: cause_of(m),
         });
     };
+    // Finality is judged on the row as it was before m; a row that
+    // appears, as it is after.
     while i < before.len() || j < after.len() {
         match (before.get(i), after.get(j)) {
             (Some(b), Some(a)) if key(b) == key(a) => {
-                if b.2 != a.2 {
+                if b.3 && b.2 != a.2 {
                     push(&b.0, &b.1, Some(&b.2), Some(&a.2));
                 }
                 i += 1;
                 j += 1;
             }
             (Some(b), Some(a)) if key(b) < key(a) => {
-                push(&b.0, &b.1, Some(&b.2), None);
+                if b.3 {
+                    push(&b.0, &b.1, Some(&b.2), None);
+                }
                 i += 1;
             }
             (Some(b), None) => {
-                push(&b.0, &b.1, Some(&b.2), None);
+                if b.3 {
+                    push(&b.0, &b.1, Some(&b.2), None);
+                }
                 i += 1;
             }
             (_, Some(a)) => {
-                push(&a.0, &a.1, None, Some(&a.2));
+                if a.3 {
+                    push(&a.0, &a.1, None, Some(&a.2));
+                }
                 j += 1;
             }
             (None, None) => break,

@@ -307,6 +307,7 @@ impl Operator for RevenueOperator {
                     .int("net", Some(saturating_i64(paid - refunded)))
                     .int("invoices_paid", Some(cash.invoices_paid))
                     .finish(),
+                true,
             ));
         }
         out

@@ -654,6 +654,7 @@ impl Operator for UsageOperator {
                     .dec("last", Some(agg.last))
                     .int("unique_count", agg.unique_count())
                     .finish(),
+                true,
             ));
         }
         out

@@ -1159,6 +1159,87 @@ mod tests {
         assert_eq!(restated(&feed_in(&mut q, &stream, 1, 100)), want);
     }
 
+    /// Two anchored series with one `period_start` are one `overages` row
+    /// whose `period_end` is the later: a message that moves that end
+    /// across the finality line restates the row once, judged on its end
+    /// before the message (a late event into a final row), and its void
+    /// (into a row no longer final) restates nothing.
+    #[test]
+    fn a_merged_overages_row_is_judged_final_on_its_end_before_the_message() {
+        let stream = vec![
+            msg(
+                "p1",
+                "_system",
+                "catalog.plan_published",
+                "2024-01-01T00:00:00Z",
+                r#"{"plan":"pro","currency":"USD","limits":{"tokens":"100"},"overage":{"tokens":{"unit_price":1,"per":1}}}"#,
+            ),
+            msg(
+                "s",
+                "m",
+                "subscription.started",
+                "2025-01-01T00:00:00Z",
+                r#"{"subscription_id":"s1","plan":"pro","billing_cycle":"monthly","price":1000,"currency":"USD","billing_anchor":"2025-02-28T10:00:00Z"}"#,
+            ),
+            msg(
+                "m1",
+                "m",
+                "usage.recorded",
+                "2025-03-01T00:00:00Z",
+                r#"{"metric":"tokens","quantity":1}"#,
+            ),
+            msg(
+                "clk",
+                "other",
+                "usage.recorded",
+                "2025-03-29T00:00:00Z",
+                r#"{"metric":"tokens","quantity":1}"#,
+            ),
+            msg(
+                "c",
+                "m",
+                "subscription.plan_changed",
+                "2025-03-02T00:00:00Z",
+                r#"{"subscription_id":"s1","plan":"pro","billing_cycle":"monthly","price":1500,"currency":"USD","billing_anchor":"2025-01-31T10:00:00Z"}"#,
+            ),
+            msg(
+                "m2",
+                "m",
+                "usage.recorded",
+                "2025-03-03T00:00:00Z",
+                r#"{"metric":"tokens","quantity":1}"#,
+            ),
+            msg(
+                "vm1",
+                "m",
+                "event.voided",
+                "2025-03-29T00:00:00Z",
+                r#"{"target_source":"s","target_id":"m2"}"#,
+            ),
+        ];
+        let settings = Settings::default();
+        for size in [1, 100] {
+            let cp = Checkpoint::new("S", "2025-01-01T00:00:00Z", &settings);
+            let mut p = Processor::new(&settings, "tally.events", cp);
+            let got: Vec<String> = restated(&feed_in(&mut p, &stream, 1, size))
+                .into_iter()
+                .filter(|r| r.contains(" overages "))
+                .collect();
+            assert_eq!(got.len(), 1, "batch {size}: {got:#?}");
+            let row = &got[0];
+            assert!(row.starts_with("6 m overages "), "{row}");
+            assert!(row.ends_with(" late_event"), "{row}");
+            assert!(
+                row.contains(r#""period_end":"2025-03-28T10:00:00.000000Z","plan":"pro","threshold":null,"used":"1.000000000"}"#),
+                "{row}"
+            );
+            assert!(
+                row.contains(r#""period_end":"2025-03-31T10:00:00.000000Z","plan":"pro","threshold":null,"used":"2.000000000"}"#),
+                "{row}"
+            );
+        }
+    }
+
     /// Restatements are decided message by message: any batching, and a
     /// restore between any two batches, give the same rows.
     #[test]
