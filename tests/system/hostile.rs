@@ -490,6 +490,59 @@ fn a_sessions_cursors_are_bounded() {
 }
 
 #[test]
+fn a_sessions_prepared_statements_are_checked_and_bounded() {
+    let World {
+        server,
+        data,
+        users,
+        _dir,
+    } = world(2);
+    let serve = Serve::start(&server, &data, &users, &[]);
+    let query = "SELECT count(*) FROM tenants WHERE tenant = $1";
+    let mut steps = vec![
+        json!({"do": "prepare", "name": "s1", "sql": query}),
+        json!({"do": "prepare", "name": "s1", "sql": "SELECT 1"}),
+        json!({"do": "execute", "name": "s1", "params": ["t0001", "t0002"]}),
+        json!({"do": "execute", "name": "s1", "params": []}),
+        json!({"do": "execute", "name": "s1", "params": ["t0001"], "formats": [7]}),
+        json!({"do": "execute", "name": "s1", "params": ["t0001"]}),
+        json!({"do": "sql", "sql": "DEALLOCATE s1"}),
+        json!({"do": "sql", "sql": "DEALLOCATE s1"}),
+        json!({"do": "prepare", "name": "s1", "sql": "SELECT 1"}),
+        json!({"do": "execute", "name": "nothing", "params": []}),
+    ];
+    let before = steps.len();
+    steps.extend(
+        (0..1024).map(|i| json!({"do": "prepare", "name": format!("p{i}"), "sql": "SELECT 1"})),
+    );
+    steps.push(json!({"do": "sql", "sql": "DEALLOCATE ALL"}));
+    steps.push(json!({"do": "prepare", "name": "p0", "sql": "SELECT 1"}));
+    let out = client(
+        "protocol",
+        &json!({"dsn": serve.dsn("ops", "ops-pw"), "steps": steps}),
+    );
+    let states: Vec<&str> = out["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states[..before],
+        [
+            "ok", "42P05", "08P01", "08P01", "22023", "ok", "ok", "26000", "ok", "26000"
+        ],
+        "{out}"
+    );
+    // s1 and 1,023 more fit; the 1,025th named statement is refused.
+    let prepared = &states[before..before + 1024];
+    assert!(prepared[..1023].iter().all(|s| *s == "ok"), "{out}");
+    assert_eq!(prepared[1023], "53000", "{out}");
+    assert_eq!(states[before + 1024..], ["ok", "ok"], "{out}");
+    assert_eq!(out["alive"], json!(true), "{out}");
+}
+
+#[test]
 fn an_unknown_users_salt_is_stable_across_restarts() {
     let World {
         server,

@@ -2,7 +2,7 @@
 
 Usage: python clients.py KIND < spec.json > result.json, where KIND is
 psycopg, loop, adbc, flight, http, prometheus, narrowed, cancel,
-scram_salt or fuzz. Every value comes back as text (None for
+protocol, scram_salt or fuzz. Every value comes back as text (None for
 NULL) so the Rust side compares exact digits; errors come back as data
 (SQLSTATE or gRPC status and message), never as a crash of this script.
 """
@@ -189,6 +189,38 @@ def cancel_run(spec):
     return out
 
 
+def protocol_run(spec):
+    """Extended-protocol messages as a driver would not send them, through
+    libpq's low-level calls: each step's SQLSTATE ("ok" on success), then
+    whether the session still answers."""
+    import psycopg
+    from psycopg import pq
+
+    conn = psycopg.connect(spec["dsn"], autocommit=True)
+    pg = conn.pgconn
+
+    def state(res):
+        if res.status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+            return "ok"
+        code = res.error_field(pq.DiagnosticField.SQLSTATE)
+        return code.decode() if code else "?"
+
+    out = []
+    for step in spec["steps"]:
+        name = step.get("name", "").encode()
+        if step["do"] == "prepare":
+            res = pg.prepare(name, step["sql"].encode())
+        elif step["do"] == "execute":
+            params = [p.encode() for p in step["params"]]
+            res = pg.exec_prepared(name, params, param_formats=step.get("formats"))
+        else:
+            res = pg.exec_(step["sql"].encode())
+        out.append(state(res))
+    alive = conn.execute("SELECT 1").fetchone()[0] == 1
+    conn.close()
+    return {"states": out, "alive": alive}
+
+
 def scram_salt_run(spec):
     """The salt and iteration count the server's SCRAM first message gives
     `user`, read off the wire (no password needed)."""
@@ -306,5 +338,5 @@ def fuzz_run(spec):
 if __name__ == "__main__":
     kind = sys.argv[1]
     spec = json.load(sys.stdin)
-    result = {"psycopg": psycopg_run, "loop": loop_run, "adbc": adbc_run, "flight": flight_run, "prometheus": prometheus_run, "http": http_run, "narrowed": narrowed_run, "cancel": cancel_run, "scram_salt": scram_salt_run, "fuzz": fuzz_run}[kind](spec)
+    result = {"psycopg": psycopg_run, "loop": loop_run, "adbc": adbc_run, "flight": flight_run, "prometheus": prometheus_run, "http": http_run, "narrowed": narrowed_run, "cancel": cancel_run, "scram_salt": scram_salt_run, "protocol": protocol_run, "fuzz": fuzz_run}[kind](spec)
     json.dump(result, sys.stdout)

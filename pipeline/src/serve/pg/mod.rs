@@ -28,18 +28,25 @@ use datafusion::sql::sqlparser::ast::Statement;
 use datafusion_postgres::arrow_pg::datatypes::arrow_schema_to_pg_fields;
 use datafusion_postgres::arrow_pg::datatypes::df::deserialize_parameters_with_server_types;
 use datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser;
-use futures::{Sink, stream};
+use futures::{Sink, SinkExt, stream};
+use pgwire::api::DEFAULT_NAME;
 use pgwire::api::auth::StartupHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{CopyResponse, DataRowEncoder, QueryResponse, Response, Tag};
 use pgwire::api::stmt::StoredStatement;
+use pgwire::api::store::Entry;
 use pgwire::api::store::{MemPortalStore, PortalStore};
 use pgwire::api::{ClientInfo, ClientPortalStore, ErrorHandler, PgWireServerHandlers, Type};
 use pgwire::error::{PgWireError, PgWireResult};
 use pgwire::messages::PgWireBackendMessage;
 use pgwire::messages::copy::CopyData;
 use pgwire::messages::data::DataRow;
+use pgwire::messages::extendedquery::{
+    Bind, BindComplete, Close, CloseComplete, Parse, ParseComplete, Sync as PgSync,
+    TARGET_TYPE_BYTE_PORTAL, TARGET_TYPE_BYTE_STATEMENT,
+};
+use pgwire::messages::response::{ReadyForQuery, TransactionStatus};
 use pgwire::types::format::FormatOptions;
 
 use super::Shared;
@@ -53,6 +60,7 @@ use crate::query::{QueryError, Scope};
 
 pub mod cancel;
 mod errors;
+mod names;
 mod rows;
 mod startup;
 mod statement;
@@ -87,6 +95,8 @@ pub struct Connection {
     cancelled: Arc<tokio::sync::Notify>,
     /// This session's key for cancel requests, once logged in.
     cancel_key: Mutex<Option<cancel::CancelKey>>,
+    /// Its named prepared statements and portals (bounded; see [`names`]).
+    names: names::Names,
     parser: Arc<Parser>,
 }
 
@@ -161,6 +171,7 @@ impl Connection {
             slot: Mutex::new(None),
             cancelled: Arc::new(tokio::sync::Notify::new()),
             cancel_key: Mutex::new(None),
+            names: names::Names::default(),
         }
     }
 }
@@ -371,6 +382,32 @@ impl Connection {
                 }
                 Ok(Response::Execution(Tag::new("CLOSE CURSOR")))
             }
+            Kind::Deallocate(Some(name)) => {
+                if !self.names.remove_statement(name) {
+                    return Err(user_error(
+                        "26000",
+                        format!("prepared statement \"{name}\" does not exist"),
+                    ));
+                }
+                client.portal_store().rm_statement(name);
+                Ok(Response::Execution(Tag::new("DEALLOCATE")))
+            }
+            Kind::Deallocate(None) => {
+                for name in self.names.take_statements() {
+                    client.portal_store().rm_statement(&name);
+                }
+                Ok(Response::Execution(Tag::new("DEALLOCATE ALL")))
+            }
+            Kind::Discard => {
+                let store = client.portal_store();
+                for name in self.names.take_statements() {
+                    store.rm_statement(&name);
+                }
+                store.clear_portals();
+                self.names.take_portals();
+                self.cursors.lock().await.clear();
+                Ok(Response::Execution(Tag::new("DISCARD ALL")))
+            }
             Kind::Copy {
                 query,
                 csv,
@@ -472,6 +509,143 @@ impl ExtendedQueryHandler for Connection {
 
     fn query_parser(&self) -> Arc<Parser> {
         Arc::clone(&self.parser)
+    }
+
+    /// pgwire's Parse, with a named statement's name taken once (`42P05`
+    /// until it is closed) and the session's named statements bounded.
+    async fn on_parse<C>(&self, client: &mut C, message: Parse) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let name = names::named(message.name.as_deref());
+        if let Some(name) = name
+            && self.names.has_statement(name)
+        {
+            // The same refusal `add_statement` gives, before the work of
+            // planning.
+            self.names.add_statement(name)?;
+        }
+        let parsed = StoredStatement::parse(client, &message, self.query_parser()).await?;
+        if let Some(name) = name {
+            self.names.add_statement(name)?;
+        }
+        match parsed {
+            Some(statement) => client.portal_store().put_statement(Arc::new(statement)),
+            None => client
+                .portal_store()
+                .put_empty_statement(name.unwrap_or(DEFAULT_NAME)),
+        }
+        client
+            .send(PgWireBackendMessage::ParseComplete(ParseComplete::new()))
+            .await?;
+        Ok(())
+    }
+
+    /// pgwire's Bind, with Postgres's checks of what it supplies against
+    /// what the statement takes, and the session's named portals bounded.
+    async fn on_bind<C>(&self, client: &mut C, message: Bind) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let statement_name = message.statement_name.as_deref().unwrap_or(DEFAULT_NAME);
+        let shown = names::named(message.statement_name.as_deref()).unwrap_or("");
+        let (takes, columns, stored) = match client.portal_store().get_statement(statement_name) {
+            Some(Entry::Value(stored)) => {
+                let prepared = &stored.statement;
+                let takes = prepared.params.len().max(stored.parameter_types.len());
+                let columns = prepared.schema.as_ref().map(|s| s.fields().len());
+                (takes, columns, Some(stored))
+            }
+            Some(Entry::Empty) => (0, None, None),
+            None => {
+                return Err(user_error(
+                    "26000",
+                    format!("prepared statement \"{shown}\" does not exist"),
+                ));
+            }
+        };
+        names::check_bind(
+            shown,
+            takes,
+            message.parameters.len(),
+            &message.parameter_format_codes,
+            &message.result_column_format_codes,
+            columns,
+        )?;
+        if let Some(portal) = names::named(message.portal_name.as_deref()) {
+            self.names.add_portal(portal)?;
+        }
+        match stored {
+            Some(stored) => {
+                let portal = Portal::try_new(&message, stored)?;
+                client.portal_store().put_portal(Arc::new(portal));
+            }
+            None => client
+                .portal_store()
+                .put_empty_portal(message.portal_name.as_deref().unwrap_or(DEFAULT_NAME)),
+        }
+        client
+            .send(PgWireBackendMessage::BindComplete(BindComplete::new()))
+            .await?;
+        Ok(())
+    }
+
+    /// pgwire's Close, forgetting the name.
+    async fn on_close<C>(&self, client: &mut C, message: Close) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let name = message.name.as_deref().unwrap_or(DEFAULT_NAME);
+        match message.target_type {
+            TARGET_TYPE_BYTE_STATEMENT => {
+                self.names.remove_statement(name);
+                client.portal_store().rm_statement(name);
+            }
+            TARGET_TYPE_BYTE_PORTAL => {
+                self.names.remove_portal(name);
+                client.portal_store().rm_portal(name);
+            }
+            _ => {}
+        }
+        client
+            .send(PgWireBackendMessage::CloseComplete(CloseComplete::new()))
+            .await?;
+        Ok(())
+    }
+
+    /// pgwire's Sync; outside a transaction block it also closes the
+    /// portals bound since (Postgres closes them with the implicit
+    /// transaction a Sync ends).
+    async fn on_sync<C>(&self, client: &mut C, _message: PgSync) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let store = client.portal_store();
+        store.rm_portal(DEFAULT_NAME);
+        if matches!(client.transaction_status(), TransactionStatus::Idle) {
+            for name in self.names.take_portals() {
+                store.rm_portal(&name);
+            }
+        }
+        client
+            .send(PgWireBackendMessage::ReadyForQuery(ReadyForQuery::new(
+                client.transaction_status(),
+            )))
+            .await?;
+        client.flush().await?;
+        Ok(())
     }
 
     async fn do_query<C>(

@@ -10,7 +10,8 @@ use arrow::datatypes::{DataType, SchemaRef};
 use async_trait::async_trait;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::sqlparser::ast::{
-    CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Set, Statement,
+    CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, DiscardObject, Set,
+    Statement,
 };
 use datafusion_postgres::arrow_pg::datatypes::{arrow_schema_to_pg_fields, into_pg_type};
 use datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser;
@@ -23,6 +24,7 @@ use pgwire::error::PgWireResult;
 use super::errors::{query_error, user_error};
 use super::startup::{Login, scope_of};
 use crate::serve::Shared;
+use crate::serve::postgres::setting;
 
 /// Session settings clients send on connect; `SET` of any other is refused.
 pub(super) const HARMLESS_SETTINGS: &[&str] = &[
@@ -62,6 +64,12 @@ pub enum Kind {
     },
     /// `CLOSE name`, or `CLOSE ALL` (`None`).
     Close(Option<String>),
+    /// `DEALLOCATE [PREPARE] name`, or `DEALLOCATE ALL` (`None`): the
+    /// session's named prepared statement(s).
+    Deallocate(Option<String>),
+    /// `DISCARD ALL`: the session's prepared statements, portals and
+    /// cursors. (`DISCARD PLANS` and the others change nothing here.)
+    Discard,
     /// `COMMIT`, `ROLLBACK`, `END`, `ABORT`.
     End(&'static str),
     Refused(String),
@@ -85,13 +93,17 @@ pub fn classify(statement: Statement) -> Kind {
             }
             other => Kind::Refused(format!("{other}")),
         },
-        Statement::ShowVariable { variable } => Kind::Show(
-            variable
-                .iter()
-                .map(|i| i.value.clone())
-                .collect::<Vec<_>>()
-                .join(" "),
-        ),
+        Statement::ShowVariable { variable } => {
+            let words: Vec<&str> = variable.iter().map(|i| i.value.as_str()).collect();
+            // `SHOW transaction isolation level` is words; any other
+            // setting of several parts is a dotted name.
+            let spaced = words.join(" ");
+            Kind::Show(if setting(&spaced).is_some() {
+                spaced
+            } else {
+                words.join(".")
+            })
+        }
         Statement::StartTransaction { .. } => Kind::Begin,
         Statement::Commit { .. } => Kind::End("COMMIT"),
         Statement::Rollback { .. } => Kind::End("ROLLBACK"),
@@ -140,7 +152,17 @@ pub fn classify(statement: Statement) -> Kind {
             "COPY other than COPY (query) TO STDOUT (use psql's \\copy (SELECT ...) TO 'file')"
                 .into(),
         ),
-        Statement::Discard { .. } | Statement::Deallocate { .. } => Kind::Set,
+        Statement::Discard {
+            object_type: DiscardObject::ALL,
+        } => Kind::Discard,
+        Statement::Discard { .. } => Kind::Set,
+        Statement::Deallocate { name, .. } => {
+            if name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all") {
+                Kind::Deallocate(None)
+            } else {
+                Kind::Deallocate(Some(name.value))
+            }
+        }
         Statement::Declare { stmts } => match stmts.as_slice() {
             [d] if d.names.len() == 1 => match &d.for_query {
                 Some(q) => Kind::Declare {
