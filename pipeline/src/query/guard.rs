@@ -6,7 +6,11 @@
 //! The size limits exist because planning is not linear: DataFusion plans
 //! a `UNION ALL` of 3,200 branches, or a join of 120 tables, in tens of
 //! seconds, and its optimizer holds the whole plan several times over.
-//! Counting the syntax tree takes microseconds.
+//! Counting the syntax tree takes microseconds. DataFusion also plans each
+//! reference to a common table expression as a copy of its body, so a
+//! chain of CTEs each naming the one before twice is a plan of 2^n
+//! relations from a short text: the statement is also measured as planned,
+//! each CTE reference counted as its body ([`MAX_EXPANDED`]).
 
 use std::ops::ControlFlow;
 
@@ -14,7 +18,9 @@ use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion, TreeNodeVisitor
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::scalar::ScalarValue;
 use datafusion::sql::parser::Statement as DFStatement;
-use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Select, TableFactor, Visit, Visitor};
+use datafusion::sql::sqlparser::ast::{
+    Expr as SqlExpr, Query, Select, TableFactor, Visit, Visitor,
+};
 
 use super::QueryError;
 use super::bounded;
@@ -33,6 +39,14 @@ pub const MAX_RELATIONS: usize = 64;
 /// `SELECT` blocks one statement may hold: branches of `UNION`,
 /// `INTERSECT` and `EXCEPT`, and subqueries (256 plan in under a second).
 pub const MAX_SELECTS: usize = 256;
+
+/// Tables, views, subqueries and `SELECT`s one statement may hold once
+/// every reference to a CTE is counted as the CTE's body, as DataFusion
+/// plans it. Within [`MAX_RELATIONS`] and [`MAX_SELECTS`] a statement
+/// without CTEs is under it; `WITH c1 AS (...), c2 AS (SELECT ... FROM c1
+/// a, c1 b), ...` doubles with each CTE, and 30 of them took 11 GB while
+/// planning.
+pub const MAX_EXPANDED: u64 = 512;
 
 /// The longest delimiter `string_agg` may put between values.
 pub const MAX_DELIMITER_BYTES: usize = 1024;
@@ -118,6 +132,111 @@ impl Visitor for SizeGuard {
     }
 }
 
+/// The CTEs a statement defines (by lower-cased name; a name defined in
+/// several scopes keeps every body, and the largest counts).
+#[derive(Default)]
+struct CteBodies(std::collections::HashMap<String, Vec<Query>>);
+
+impl Visitor for CteBodies {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        if let Some(with) = &query.with {
+            for cte in &with.cte_tables {
+                self.0
+                    .entry(cte.alias.name.value.to_lowercase())
+                    .or_default()
+                    .push((*cte.query).clone());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Counts relations and `SELECT`s, a reference to a CTE as its weight.
+struct Sizer<'w> {
+    weights: &'w std::collections::HashMap<String, u64>,
+    /// The CTE being measured: a recursive CTE's reference to itself is
+    /// one relation (DataFusion plans it as a work table).
+    within: Option<&'w str>,
+    total: u64,
+}
+
+impl Visitor for Sizer<'_> {
+    type Break = ();
+
+    fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<()> {
+        let weight = match t {
+            TableFactor::Table { name, .. } => match name.0.as_slice() {
+                [part] => part
+                    .as_ident()
+                    .map(|i| i.value.to_lowercase())
+                    .filter(|n| Some(n.as_str()) != self.within)
+                    .and_then(|n| self.weights.get(&n).copied())
+                    .unwrap_or(1),
+                _ => 1,
+            },
+            _ => 1,
+        };
+        self.total = self.total.saturating_add(weight);
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, _: &Select) -> ControlFlow<()> {
+        self.total = self.total.saturating_add(1);
+        ControlFlow::Continue(())
+    }
+}
+
+/// The relations and `SELECT`s of `s` as DataFusion plans it: each
+/// reference to a CTE counted as the CTE's body, itself measured the same
+/// way (computed to a fixed point: a chain of n CTEs settles in n rounds;
+/// the measure only grows, so it stops once past [`MAX_EXPANDED`]).
+fn expanded_size(s: &datafusion::sql::sqlparser::ast::Statement) -> u64 {
+    let mut bodies = CteBodies::default();
+    let _ = s.visit(&mut bodies);
+    let mut weights: std::collections::HashMap<String, u64> =
+        bodies.0.keys().map(|n| (n.clone(), 1)).collect();
+    let measure = |weights: &std::collections::HashMap<String, u64>,
+                   within: Option<&str>,
+                   node: &dyn Fn(&mut Sizer<'_>)| {
+        let mut sizer = Sizer {
+            weights,
+            within,
+            total: 0,
+        };
+        node(&mut sizer);
+        sizer.total
+    };
+    for _ in 0..=bodies.0.len() {
+        let mut changed = false;
+        let mut next = weights.clone();
+        for (name, defs) in &bodies.0 {
+            let w = defs
+                .iter()
+                .map(|q| {
+                    measure(&weights, Some(name.as_str()), &|sizer| {
+                        let _ = q.visit(sizer);
+                    })
+                })
+                .max()
+                .unwrap_or(1)
+                .max(1);
+            if next.get(name) != Some(&w) {
+                next.insert(name.clone(), w);
+                changed = true;
+            }
+        }
+        weights = next;
+        if !changed || weights.values().any(|w| *w > MAX_EXPANDED) {
+            break;
+        }
+    }
+    measure(&weights, None, &|sizer| {
+        let _ = s.visit(sizer);
+    })
+}
+
 /// Refuses what the plan-level guard cannot see in time: DataFusion's own
 /// statements that write or set (they would be planned first), and
 /// statements deeper or larger than the limits of this module.
@@ -155,7 +274,16 @@ pub fn check_statement(stmt: &DFStatement) -> Result<(), QueryError> {
             match s.visit(&mut SizeGuard::default()) {
                 ControlFlow::Break(Refusal::TooDeep) => Err(QueryError::ExpressionTooDeep),
                 ControlFlow::Break(Refusal::TooLarge(why)) => Err(QueryError::PlanTooLarge { why }),
-                ControlFlow::Continue(()) => Ok(()),
+                ControlFlow::Continue(()) => {
+                    if expanded_size(s) > MAX_EXPANDED {
+                        return Err(QueryError::PlanTooLarge {
+                            why: format!(
+                                "counting each reference to a WITH query as its body, as it is planned, it reads more than {MAX_EXPANDED} tables, views, subqueries and SELECTs"
+                            ),
+                        });
+                    }
+                    Ok(())
+                }
             }
         }
         DFStatement::Explain(e) => check_statement(&e.statement),
@@ -321,6 +449,50 @@ pub fn check_text(sql: &str) -> Result<(), QueryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn checked(sql: &str) -> Result<(), QueryError> {
+        let mut statements = datafusion::sql::parser::DFParser::parse_sql(sql).unwrap();
+        check_statement(&statements.pop_front().unwrap())
+    }
+
+    /// `WITH c0 AS (SELECT 1 x), c1 AS (SELECT ... FROM c0 a, c0 b), ...`:
+    /// each CTE twice the one before once planned.
+    fn doubling(n: usize, join: bool) -> String {
+        let mut ctes = vec!["c0 AS (SELECT 1 x)".to_owned()];
+        for i in 1..n {
+            let p = i - 1;
+            ctes.push(if join {
+                format!("c{i} AS (SELECT a.x + b.x x FROM c{p} a, c{p} b)")
+            } else {
+                format!("c{i} AS (SELECT x FROM c{p} UNION ALL SELECT x FROM c{p})")
+            });
+        }
+        format!("WITH {} SELECT * FROM c{}", ctes.join(", "), n - 1)
+    }
+
+    #[test]
+    fn a_cte_counts_as_its_body_at_every_reference() {
+        for join in [true, false] {
+            assert!(checked(&doubling(5, join)).is_ok());
+            for n in [9, 29, 200] {
+                assert!(
+                    matches!(
+                        checked(&doubling(n, join)),
+                        Err(QueryError::PlanTooLarge { .. })
+                    ),
+                    "{n} {join}"
+                );
+            }
+        }
+        // A recursive CTE's reference to itself is one relation.
+        assert!(
+            checked(
+                "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 10) \
+                 SELECT * FROM r a, r b"
+            )
+            .is_ok()
+        );
+    }
 
     #[test]
     fn nesting_is_counted_outside_strings_and_comments() {
