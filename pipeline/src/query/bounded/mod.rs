@@ -20,7 +20,10 @@
 //! [`MAX_INPUT_BYTES`]. A return type with a fixed size over
 //! [`MAX_FIXED_SIZE`] (`arrow_cast(x, 'FixedSizeList(...)')`) is refused
 //! when the call is planned. The refusal is a [`TooLarge`] error, which a
-//! session reports as over budget (SQLSTATE 53200).
+//! session reports as over budget (SQLSTATE 53200). The aggregates that
+//! keep every value are bounded the same way in [`aggregate`].
+
+pub mod aggregate;
 
 use std::any::Any;
 use std::sync::Arc;
@@ -87,8 +90,10 @@ fn too_large(function: &str, what: String) -> DataFusionError {
     }))
 }
 
-/// Wraps every scalar function registered on `ctx` in [`Bounded`].
+/// Wraps every scalar function registered on `ctx` in [`Bounded`], and
+/// the aggregates that keep every value in [`aggregate::BoundedAggregate`].
 pub fn bound_functions(ctx: &SessionContext) {
+    aggregate::bound_aggregates(ctx);
     let functions: Vec<Arc<ScalarUDF>> = ctx.state().scalar_functions().values().cloned().collect();
     let mut seen = std::collections::HashSet::new();
     for f in functions {
@@ -687,6 +692,30 @@ mod tests {
         ] {
             let e = run(&ctx, sql).await.expect_err(sql);
             assert!(refused(&e), "{sql}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn aggregates_that_keep_every_value_are_bounded() {
+        let ctx = ctx();
+        for sql in [
+            // Holds 300 MB.
+            "SELECT length(string_agg(repeat('x', 1000) || x, ',')) FROM generate_series(1, 300000) t(x)",
+            "SELECT cardinality(array_agg(repeat('x', 1000) || x)) FROM generate_series(1, 300000) t(x)",
+            // Hands out 11 bytes more at each of 20,000 rows: 2.2 GB.
+            "SELECT max(length(a)) FROM (SELECT string_agg('xxxxxxxxxx', ',') OVER (ORDER BY x) a FROM generate_series(1, 20000) t(x))",
+        ] {
+            let e = run(&ctx, sql).await.expect_err(sql);
+            assert!(refused(&e), "{sql}: {e}");
+        }
+        for sql in [
+            "SELECT string_agg(x::text, ',' ORDER BY x DESC), array_agg(x), median(x) FROM generate_series(1, 5000) t(x)",
+            "SELECT x % 3, string_agg(x::text, ','), array_agg(DISTINCT x % 5) FROM generate_series(1, 5000) t(x) GROUP BY 1",
+            "SELECT max(length(a)) FROM (SELECT string_agg('x', ',') OVER (PARTITION BY x % 100) a FROM generate_series(1, 20000) t(x))",
+        ] {
+            run(&ctx, sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
         }
     }
 
