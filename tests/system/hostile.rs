@@ -542,6 +542,76 @@ fn a_sessions_prepared_statements_are_checked_and_bounded() {
     assert_eq!(out["alive"], json!(true), "{out}");
 }
 
+/// Sockets that open the HTTP and Flight ports and send nothing (or half
+/// a request) hold at most `--max-connections` descriptors each, are
+/// closed once nothing was answered on them for the query timeout and a
+/// margin, and never keep pgwire from answering.
+#[test]
+fn silent_sockets_cannot_take_the_servers_descriptors() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let World {
+        server,
+        data,
+        users,
+        _dir,
+    } = world(2);
+    let serve = Serve::start(
+        &server,
+        &data,
+        &users,
+        &["--max-connections", "4", "--query-timeout", "1"],
+    );
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", serve.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let mut silent = Vec::new();
+    for _ in 0..60 {
+        for port in [serve.http, serve.flight] {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            // Half a request: a header that never ends.
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            silent.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let during = fds();
+    assert!(
+        during <= before + 8 + 2,
+        "{before} descriptors before, {during} with 120 silent sockets"
+    );
+    let started = Instant::now();
+    let (code, out, err) = psql(
+        &serve.dsn("ops", "ops-pw"),
+        &["-c", "SELECT 1"],
+        _dir.path(),
+    );
+    assert_eq!((code, out.trim()), (0, "1"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The server closes what it accepted once nothing was answered on it
+    // for the query timeout (1 s) and 15 s.
+    let mut first = silent.remove(0);
+    first
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let waited = Instant::now();
+    let closed = matches!(first.read(&mut buf), Ok(0) | Err(_));
+    assert!(
+        closed && waited.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        waited.elapsed()
+    );
+    drop(silent);
+    let (status, ms) = health_ms(&serve);
+    assert_eq!(status, 200);
+    assert!(ms < 5_000, "{ms} ms");
+}
+
 #[test]
 fn an_unknown_users_salt_is_stable_across_restarts() {
     let World {

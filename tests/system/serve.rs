@@ -95,6 +95,11 @@ impl Serve {
         panic!("tally serve could not start on free ports");
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     pub fn dsn(&self, user: &str, password: &str) -> String {
         format!(
             "host=127.0.0.1 port={} user={user} password={password} dbname=tally sslmode=disable",

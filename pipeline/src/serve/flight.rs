@@ -38,6 +38,8 @@ use datafusion::sql::sqlparser::ast::Statement;
 use futures::{Stream, TryStreamExt};
 use prost::Message;
 use tokio::net::TcpListener;
+
+use super::gate::{Gate, Gated};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -637,6 +639,7 @@ pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    gate: Gate,
     stopped: impl std::future::Future<Output = ()>,
 ) -> Result<(), super::ServeError> {
     let service = TallyFlight::new(shared).map_err(|e| super::ServeError::Flight(e.to_string()))?;
@@ -658,7 +661,7 @@ pub async fn serve(
                 cause: e.to_string(),
             })?;
     }
-    let incoming = tokio_stream_listener(listener);
+    let incoming = gated_connections(listener, gate);
     builder
         .add_service(FlightServiceServer::new(service))
         .serve_with_incoming_shutdown(incoming, stopped)
@@ -666,17 +669,23 @@ pub async fn serve(
         .map_err(|e| super::ServeError::Flight(e.to_string()))
 }
 
-/// The accepted connections of `listener` as a stream, for tonic.
-fn tokio_stream_listener(
+/// The connections `gate` admits from `listener`, as a stream for tonic.
+fn gated_connections(
     listener: TcpListener,
-) -> impl Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
-    futures::stream::unfold(listener, |l| async move {
-        let next = l.accept().await.map(|(s, _)| {
-            let _ = s.set_nodelay(true);
-            s
-        });
-        Some((next, l))
+    gate: Gate,
+) -> impl Stream<Item = Result<Gated, std::io::Error>> {
+    futures::stream::unfold((listener, gate), |(l, g)| async move {
+        let (conn, _) = g.accept(&l).await;
+        Some((Ok(conn), (l, g)))
     })
+}
+
+impl tonic::transport::server::Connected for Gated {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tcp().connect_info()
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+use super::gate::{Gate, Gated};
+
 use super::web::{Http, basic_account, stream_state, unauthorized};
 use super::{ServeError, Shared};
 use crate::query::Scope;
@@ -92,10 +94,30 @@ async fn metrics(State(http): State<Arc<Http>>, headers: HeaderMap) -> Response 
         .into_response()
 }
 
-/// Serves HTTP on `listener` until `stopped`.
+/// The HTTP listener behind its [`Gate`].
+struct GatedListener {
+    listener: TcpListener,
+    gate: Gate,
+}
+
+impl axum::serve::Listener for GatedListener {
+    type Io = Gated;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Gated, std::net::SocketAddr) {
+        self.gate.accept(&self.listener).await
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Serves HTTP on `listener`, behind `gate`, until `stopped`.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
+    gate: Gate,
     stopped: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let state = Arc::new(Http::new(shared));
@@ -109,7 +131,7 @@ pub async fn serve(
         .route("/api/tenants/{tenant}", get(super::dashboard::tenant_json))
         .route("/static/{name}", get(super::dashboard::asset))
         .with_state(state);
-    axum::serve(listener, app)
+    axum::serve(GatedListener { listener, gate }, app)
         .with_graceful_shutdown(stopped)
         .await
         .map_err(ServeError::Http)

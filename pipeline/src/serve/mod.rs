@@ -11,10 +11,13 @@
 //! file ([`accounts`]); logins use SCRAM-SHA-256 on pgwire ([`scram`]) and
 //! the password over TLS (or loopback) for Flight and HTTP Basic. No one
 //! account holds more than its share of the pgwire connections ([`slots`]).
+//! HTTP and Flight SQL hold at most `--max-connections` connections each
+//! and close one that stays unanswered ([`gate`]).
 
 pub mod accounts;
 pub mod dashboard;
 pub mod flight;
+pub mod gate;
 pub mod http;
 pub mod metrics;
 pub mod numeric;
@@ -292,12 +295,13 @@ pub async fn serve(
         tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = tls.is_some(), "serving Arrow Flight SQL");
         let shared = Arc::clone(&shared);
         let tls = opts.tls.clone();
+        let gate = gate::Gate::new(opts.max_connections, opts.query_timeout);
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = flight::serve(l, shared, tls, stopped).await {
+            if let Err(e) = flight::serve(l, shared, tls, gate, stopped).await {
                 tracing::error!(error = %e, "Flight SQL server stopped");
             }
         });
@@ -305,12 +309,13 @@ pub async fn serve(
     if let Some(l) = http_listener {
         tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving HTTP (/healthz, /metrics)");
         let shared = Arc::clone(&shared);
+        let gate = gate::Gate::new(opts.max_connections, opts.query_timeout);
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = http::serve(l, shared, stopped).await {
+            if let Err(e) = http::serve(l, shared, gate, stopped).await {
                 tracing::error!(error = %e, "HTTP server stopped");
             }
         });
