@@ -521,16 +521,17 @@ impl ExtendedQueryHandler for Connection {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let name = names::named(message.name.as_deref());
+        let (text, budget) = (message.query.len(), self.shared.cursor_bytes);
         if let Some(name) = name
             && self.names.has_statement(name)
         {
             // The same refusal `add_statement` gives, before the work of
             // planning.
-            self.names.add_statement(name)?;
+            self.names.add_statement(name, text, budget)?;
         }
         let parsed = StoredStatement::parse(client, &message, self.query_parser()).await?;
         if let Some(name) = name {
-            self.names.add_statement(name)?;
+            self.names.add_statement(name, text, budget)?;
         }
         match parsed {
             Some(statement) => client.portal_store().put_statement(Arc::new(statement)),

@@ -11,9 +11,12 @@
 //! its name is used again (`42P05`), a Bind must supply what the
 //! statement takes (`08P01`), and, beyond Postgres, a session holds at
 //! most [`MAX_STATEMENTS`] named statements and [`MAX_PORTALS`] named
-//! portals (`53000`), so its memory is bounded like its cursors'.
+//! portals (`53000`), and its named statements within its share of the
+//! memory limit (`53200`; a statement is counted as
+//! [`BYTES_PER_TEXT_BYTE`] times its text), so its memory is bounded like
+//! its cursors'.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use pgwire::error::PgWireError;
@@ -27,11 +30,17 @@ pub const MAX_STATEMENTS: usize = 1024;
 /// Named portals one session may hold at once.
 pub const MAX_PORTALS: usize = 1024;
 
+/// What a parsed statement holds per byte of its text (its syntax tree
+/// and plan schema): a 210 KB statement of 1,000 literal columns held
+/// 1.2 MB.
+pub const BYTES_PER_TEXT_BYTE: u64 = 8;
+
 /// The names a session holds (the unnamed statement and portal are
 /// replaced freely and not counted).
 #[derive(Default)]
 pub struct Names {
-    statements: Mutex<HashSet<String>>,
+    /// Named statements and what each is counted as holding.
+    statements: Mutex<HashMap<String, u64>>,
     portals: Mutex<HashSet<String>>,
 }
 
@@ -41,14 +50,15 @@ pub fn named(name: Option<&str>) -> Option<&str> {
 }
 
 impl Names {
-    /// Takes `name` for a statement about to be parsed: refused if the
-    /// session has it already (`42P05`) or holds the most it may.
-    pub fn add_statement(&self, name: &str) -> Result<(), PgWireError> {
+    /// Takes `name` for a statement of `text` bytes: refused if the
+    /// session has it already (`42P05`), holds the most it may, or would
+    /// hold more than `budget` bytes of statements.
+    pub fn add_statement(&self, name: &str, text: usize, budget: u64) -> Result<(), PgWireError> {
         let mut held = self
             .statements
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if held.contains(name) {
+        if held.contains_key(name) {
             return Err(user_error(
                 "42P05",
                 format!(
@@ -64,7 +74,19 @@ impl Names {
                 ),
             ));
         }
-        held.insert(name.to_owned());
+        let cost = (text as u64).saturating_mul(BYTES_PER_TEXT_BYTE);
+        let total = held.values().sum::<u64>().saturating_add(cost);
+        if total > budget {
+            return Err(user_error(
+                "53200",
+                format!(
+                    "the prepared statements of this session would hold about {} MiB, more than its share of --memory-limit ({} MiB, the limit shared by --max-connections): close (DEALLOCATE) some first",
+                    total.div_ceil(1 << 20),
+                    budget >> 20
+                ),
+            ));
+        }
+        held.insert(name.to_owned(), cost);
         Ok(())
     }
 
@@ -73,7 +95,7 @@ impl Names {
         self.statements
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(name)
+            .contains_key(name)
     }
 
     /// Forgets the statement `name`; whether it was held.
@@ -82,6 +104,7 @@ impl Names {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(name)
+            .is_some()
     }
 
     /// Forgets every statement, returning their names.
@@ -90,6 +113,7 @@ impl Names {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .drain()
+            .map(|(name, _)| name)
             .collect()
     }
 
@@ -195,26 +219,45 @@ mod tests {
     #[test]
     fn a_named_statement_is_taken_once_until_removed() {
         let names = Names::default();
-        assert_eq!(code(names.add_statement("s1")), "ok");
-        assert_eq!(code(names.add_statement("s1")), "42P05");
+        assert_eq!(code(names.add_statement("s1", 8, u64::MAX)), "ok");
+        assert_eq!(code(names.add_statement("s1", 8, u64::MAX)), "42P05");
         assert!(names.remove_statement("s1"));
         assert!(!names.remove_statement("s1"));
-        assert_eq!(code(names.add_statement("s1")), "ok");
+        assert_eq!(code(names.add_statement("s1", 8, u64::MAX)), "ok");
     }
 
     #[test]
     fn a_session_holds_a_bounded_number_of_names() {
         let names = Names::default();
         for i in 0..MAX_STATEMENTS {
-            assert_eq!(code(names.add_statement(&format!("s{i}"))), "ok");
+            assert_eq!(
+                code(names.add_statement(&format!("s{i}"), 8, u64::MAX)),
+                "ok"
+            );
             assert_eq!(code(names.add_portal(&format!("p{i}"))), "ok");
         }
-        assert_eq!(code(names.add_statement("one more")), "53000");
+        assert_eq!(code(names.add_statement("one more", 8, u64::MAX)), "53000");
         assert_eq!(code(names.add_portal("one more")), "53000");
         // Binding a held portal again replaces it.
         assert_eq!(code(names.add_portal("p0")), "ok");
         assert_eq!(names.take_statements().len(), MAX_STATEMENTS);
-        assert_eq!(code(names.add_statement("one more")), "ok");
+        assert_eq!(code(names.add_statement("one more", 8, u64::MAX)), "ok");
+    }
+
+    #[test]
+    fn a_sessions_statements_stay_within_its_budget() {
+        let names = Names::default();
+        let budget = 1 << 20;
+        let text = 40_000; // counted as 320,000 bytes
+        for i in 0..3 {
+            assert_eq!(
+                code(names.add_statement(&format!("s{i}"), text, budget)),
+                "ok"
+            );
+        }
+        assert_eq!(code(names.add_statement("s3", text, budget)), "53200");
+        assert!(names.remove_statement("s0"));
+        assert_eq!(code(names.add_statement("s3", text, budget)), "ok");
     }
 
     #[test]
