@@ -12,8 +12,10 @@ fn main() -> ExitCode {
         Ok(v) if !v.trim().is_empty() => EnvFilter::new(v),
         _ => EnvFilter::new("info,async_nats=warn"),
     };
+    // Colours on a terminal only: a log file or journald gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if cli.globals.log == "json" {
         builder.json().init();

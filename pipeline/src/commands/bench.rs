@@ -386,6 +386,7 @@ pub(crate) async fn run(opts: &BenchOptions, tally: &Path) -> Result<BenchReport
         prefix: opts.prefix.clone(),
         allow_invalid: false,
         window: publish::MAX_WINDOW,
+        print_problems: false,
     };
     let report = publish::publish(&js, std::io::BufReader::new(file), &popts).await?;
     let publish_per_s = report.published as f64 / started.elapsed().as_secs_f64();
@@ -720,28 +721,28 @@ pub(crate) fn processor_bench(
 /// The arguments of `tally bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, env = "TALLY_BENCH_EVENTS")]
     pub(crate) events: u64,
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 7, env = "TALLY_BENCH_SEED")]
     pub(crate) seed: u64,
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 50_000, env = "TALLY_BENCH_BATCH_SIZE")]
     pub(crate) batch_size: usize,
     /// Scratch directory (generated events, the run's data dir).
-    #[arg(long, default_value = "./tally-bench")]
+    #[arg(long, default_value = "./tally-bench", env = "TALLY_BENCH_SCRATCH")]
     pub(crate) scratch: PathBuf,
     /// Generate this many tenants (over --months) instead of --events events.
-    #[arg(long)]
+    #[arg(long, env = "TALLY_BENCH_TENANTS")]
     pub(crate) tenants: Option<u32>,
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 12, env = "TALLY_BENCH_MONTHS")]
     pub(crate) months: u32,
     /// Only the billing lifecycle: subscriptions and invoices, no usage.
-    #[arg(long)]
+    #[arg(long, env = "TALLY_BENCH_NO_ACTIVITY")]
     pub(crate) no_activity: bool,
     /// Also measure `tally replay` against a raw ordered consumer.
-    #[arg(long)]
+    #[arg(long, env = "TALLY_BENCH_REPLAY")]
     pub(crate) replay: bool,
     /// Also measure validation and each operator alone (in process, one core).
-    #[arg(long)]
+    #[arg(long, env = "TALLY_BENCH_OPERATORS")]
     pub(crate) operators: bool,
     /// Only that in-process measurement, over an events file (no broker).
     #[arg(long, hide = true, value_name = "EVENTS_FILE")]
@@ -753,19 +754,19 @@ pub struct BenchArgs {
     /// Also run the ingest over the same stream with this percent of its
     /// usage events voided (half before their targets, half after), and
     /// report the rate against the stream without voids.
-    #[arg(long, value_name = "PERCENT")]
+    #[arg(long, value_name = "PERCENT", env = "TALLY_BENCH_VOIDS")]
     pub(crate) voids: Option<f64>,
     /// A usage-only stream instead of the generated SaaS: --events
     /// `api_calls` events of --tenants tenants (default 10,000) in one
     /// month, each with `dimensions` and a `unique` out of --uniques values.
-    #[arg(long)]
+    #[arg(long, env = "TALLY_BENCH_USAGE_MONTH")]
     pub(crate) usage_month: bool,
     /// Distinct `unique` values of --usage-month.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, env = "TALLY_BENCH_UNIQUES")]
     pub(crate) uniques: u64,
     /// Also run the ingest over the same stream with this field taken out
     /// of every usage event, and report rates and peak RSS against it.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, env = "TALLY_BENCH_WITHOUT")]
     pub(crate) without: Option<UsageField>,
 }
 

@@ -6,18 +6,21 @@ use crate::generator::{GenerateConfig, generate, parse_start};
 /// The arguments of `tally generate`.
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
-    #[arg(long, default_value_t = 100)]
+    /// Tenants of the synthetic SaaS.
+    #[arg(long, default_value_t = 100, env = "TALLY_GENERATE_TENANTS")]
     pub(crate) tenants: u32,
-    #[arg(long, default_value_t = 12)]
+    /// Months of history, from --start.
+    #[arg(long, default_value_t = 12, env = "TALLY_GENERATE_MONTHS")]
     pub(crate) months: u32,
-    #[arg(long, default_value_t = 1)]
+    /// Seed: the same seed and arguments give the same bytes.
+    #[arg(long, default_value_t = 1, env = "TALLY_GENERATE_SEED")]
     pub(crate) seed: u64,
     /// First month, YYYY-MM.
-    #[arg(long, default_value = "2025-01")]
+    #[arg(long, default_value = "2025-01", env = "TALLY_GENERATE_START")]
     pub(crate) start: String,
     /// Only the billing lifecycle (catalog, signups, subscriptions,
     /// invoices): no usage or other activity. For subscription-scale tests.
-    #[arg(long)]
+    #[arg(long, env = "TALLY_GENERATE_NO_ACTIVITY")]
     pub(crate) no_activity: bool,
 }
 
@@ -46,8 +49,11 @@ pub(crate) async fn command(_g: &Globals, a: &GenerateArgs) -> Result<(), Comman
         source: "tally-generate".into(),
         activity: !*no_activity,
     };
-    let stdout = std::io::stdout();
-    let stats = generate(&cfg, stdout.lock())?;
+    let mut stdout = super::Stdout::new();
+    let stats = match generate(&cfg, &mut stdout) {
+        Err(_) if stdout.reader_gone => return Ok(()),
+        other => other?,
+    };
     eprintln!(
         "generated {} events ({} duplicates, {} late)",
         stats.events, stats.duplicates, stats.late

@@ -238,6 +238,45 @@ pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Standard output that notes when its reader has gone (`| head`): the
+/// command then stops quietly and succeeds, as `cat` and `grep` do,
+/// instead of reporting a broken pipe.
+pub(crate) struct Stdout {
+    inner: std::io::StdoutLock<'static>,
+    /// Set once a write found the reader gone.
+    pub(crate) reader_gone: bool,
+}
+
+impl Stdout {
+    pub(crate) fn new() -> Stdout {
+        Stdout {
+            inner: std::io::stdout().lock(),
+            reader_gone: false,
+        }
+    }
+
+    fn noted<T>(&mut self, r: std::io::Result<T>) -> std::io::Result<T> {
+        if let Err(e) = &r
+            && e.kind() == std::io::ErrorKind::BrokenPipe
+        {
+            self.reader_gone = true;
+        }
+        r
+    }
+}
+
+impl std::io::Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let r = self.inner.write(buf);
+        self.noted(r)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let r = self.inner.flush();
+        self.noted(r)
+    }
+}
+
 impl CommandError {
     /// 2 for bad usage, 1 for everything else.
     pub fn exit_code(&self) -> u8 {

@@ -74,6 +74,17 @@ pub(crate) struct PublishReport {
     pub(crate) problems: Vec<(u64, DlqReason, String)>,
 }
 
+impl PublishReport {
+    /// An invalid line: printed at once, or kept if among the first 100.
+    fn problem(&mut self, opts: &PublishOptions, line: u64, reason: DlqReason, detail: String) {
+        if opts.print_problems {
+            eprintln!("line {line}: {reason}: {detail}");
+        } else if self.problems.len() < 100 {
+            self.problems.push((line, reason, detail));
+        }
+    }
+}
+
 /// Options of `tally publish`.
 #[derive(Debug, Clone)]
 pub(crate) struct PublishOptions {
@@ -82,6 +93,10 @@ pub(crate) struct PublishOptions {
     pub(crate) allow_invalid: bool,
     /// Acks outstanding at once; capped at [`MAX_WINDOW`].
     pub(crate) window: usize,
+    /// Print each invalid line's number and reason to stderr as it is
+    /// read (`tally publish`), instead of keeping the first 100 in the
+    /// report.
+    pub(crate) print_problems: bool,
 }
 
 /// Where an invalid line goes with `--allow-invalid`: its subject when the
@@ -194,6 +209,13 @@ impl<R: BufRead> Lines<R> {
         if self.buf.last() == Some(&b'\r') {
             self.buf.pop();
         }
+        // The buffer takes one byte past the limit for a `\r`: without
+        // one, that line is over the limit too.
+        if self.buf.len() > self.limit {
+            let bytes = self.buf.len() as u64;
+            self.buf = Vec::new();
+            return Ok(Some(Line::TooLong { bytes }));
+        }
         Ok(Some(Line::Whole))
     }
 }
@@ -228,18 +250,16 @@ pub(crate) async fn publish<R: BufRead>(
             if opts.allow_invalid {
                 report.unsendable += 1;
             }
-            if report.problems.len() < 100 {
-                let mut detail = format!(
-                    "line is {bytes} bytes, over the {}-byte limit",
-                    limits.max_bytes
+            let mut detail = format!(
+                "line is {bytes} bytes, over the {}-byte limit",
+                limits.max_bytes
+            );
+            if opts.allow_invalid {
+                detail.push_str(
+                    "; not sent even with --allow-invalid: a line over the limit is skipped unread, so it cannot be sent intact",
                 );
-                if opts.allow_invalid {
-                    detail.push_str(
-                        "; not sent even with --allow-invalid: a line over the limit is skipped unread, so it cannot be sent intact",
-                    );
-                }
-                report.problems.push((line_no, DlqReason::TooLarge, detail));
             }
+            report.problem(opts, line_no, DlqReason::TooLarge, detail);
             continue;
         }
         let line = &lines.buf;
@@ -254,11 +274,7 @@ pub(crate) async fn publish<R: BufRead>(
             ),
             Err(reject) => {
                 report.invalid += 1;
-                if report.problems.len() < 100 {
-                    report
-                        .problems
-                        .push((line_no, reject.reason, reject.detail));
-                }
+                report.problem(opts, line_no, reject.reason, reject.detail);
                 if !opts.allow_invalid {
                     continue;
                 }
@@ -339,7 +355,7 @@ pub struct PublishArgs {
     /// File to read, or `-` for stdin.
     pub(crate) file: String,
     /// Publish invalid lines too (to exercise the dead-letter path).
-    #[arg(long)]
+    #[arg(long, env = "TALLY_PUBLISH_ALLOW_INVALID")]
     pub(crate) allow_invalid: bool,
 }
 
@@ -390,17 +406,9 @@ pub(crate) async fn command(g: &Globals, a: &PublishArgs) -> Result<(), CommandE
         prefix: g.subject_prefix.clone(),
         allow_invalid: *allow_invalid,
         window: crate::sink::nats::MAX_WINDOW,
+        print_problems: true,
     };
     let report = publish(&js, BufReader::with_capacity(1 << 20, input), &opts).await?;
-    for (line, reason, detail) in &report.problems {
-        eprintln!("line {line}: {reason}: {detail}");
-    }
-    if report.invalid as usize > report.problems.len() {
-        eprintln!(
-            "... and {} more invalid lines",
-            report.invalid as usize - report.problems.len()
-        );
-    }
     println!(
         "lines {}  published {}  (of which JetStream duplicates {})  invalid {}",
         report.lines, report.published, report.duplicates, report.invalid
@@ -464,9 +472,11 @@ mod tests {
                 Ok((4, "xyz".into())),
             ]
         );
-        // Up to the limit plus a `\r`, a line is held (and the `\r` dropped).
+        // Up to the limit plus a `\r`, a line is held (and the `\r` dropped);
+        // one byte past the limit without a `\r` is over it.
         assert_eq!(lines(b"1234\r\n", 4, 100), [Ok((1, "1234".into()))]);
-        assert_eq!(lines(b"12345", 4, 100), [Ok((1, "12345".into()))]);
+        assert_eq!(lines(b"12345", 4, 100), [Err("1:5".into())]);
+        assert_eq!(lines(b"12345\r\n", 4, 100), [Err("1:6".into())]);
         assert_eq!(lines(b"123456", 4, 100), [Err("1:6".into())]);
     }
 

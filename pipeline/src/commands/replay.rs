@@ -589,10 +589,10 @@ fn progress_bar(
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
     /// Stop after this stream sequence: the views as of that position (needs --into).
-    #[arg(long)]
+    #[arg(long, env = "TALLY_REPLAY_UNTIL_SEQ")]
     pub(crate) until_seq: Option<u64>,
     /// Build into this new directory and do not switch.
-    #[arg(long)]
+    #[arg(long, env = "TALLY_REPLAY_INTO")]
     pub(crate) into: Option<PathBuf>,
     /// Settings that change results (TOML); default `<data>/tally.toml` if present.
     #[arg(long, env = "TALLY_CONFIG")]
@@ -604,10 +604,10 @@ pub struct ReplayArgs {
     #[arg(long, env = "TALLY_DLQ_STREAM", default_value = js::DEFAULT_DLQ_STREAM)]
     pub(crate) dlq_stream: String,
     /// Go on past messages the stream no longer holds, recording each gap, instead of stopping.
-    #[arg(long)]
+    #[arg(long, env = "TALLY_REPLAY_ACCEPT_GAP")]
     pub(crate) accept_gap: bool,
     /// Seconds a live `tally run` has to answer the hand-off.
-    #[arg(long, default_value_t = runtime::HANDOFF_TIMEOUT_SECS)]
+    #[arg(long, default_value_t = runtime::HANDOFF_TIMEOUT_SECS, env = "TALLY_REPLAY_HANDOFF_TIMEOUT_SECS")]
     pub(crate) handoff_timeout_secs: u64,
     /// Print a JSON summary line on stdout at exit (used by `tally bench`).
     #[arg(long, hide = true)]

@@ -13,7 +13,7 @@ use crate::source::jetstream as js;
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Exit 0 once every message is processed and durable and nothing new arrived for ~1 s.
-    #[arg(long)]
+    #[arg(long, env = "TALLY_RUN_UNTIL_IDLE")]
     pub(crate) until_idle: bool,
     /// Settings that change results (TOML); default `<data>/tally.toml` if present.
     #[arg(long, env = "TALLY_CONFIG")]
@@ -28,7 +28,7 @@ pub struct RunArgs {
     #[arg(long, env = "TALLY_CONSUMER")]
     pub(crate) consumer: Option<String>,
     /// Go on past messages the stream no longer holds (retention, a purge, a deletion), recording each gap in the checkpoint, instead of stopping.
-    #[arg(long)]
+    #[arg(long, env = "TALLY_RUN_ACCEPT_GAP")]
     pub(crate) accept_gap: bool,
     /// Dead-letter stream name.
     #[arg(long, env = "TALLY_DLQ_STREAM", default_value = js::DEFAULT_DLQ_STREAM)]

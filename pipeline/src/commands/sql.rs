@@ -12,9 +12,14 @@ pub struct SqlArgs {
     /// The query; or use -f.
     pub(crate) query: Option<String>,
     /// Read the query from a file.
-    #[arg(short = 'f', long = "file", conflicts_with = "query")]
+    #[arg(
+        short = 'f',
+        long = "file",
+        conflicts_with = "query",
+        env = "TALLY_SQL_FILE"
+    )]
     pub(crate) file: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "table")]
+    #[arg(long, value_enum, default_value = "table", env = "TALLY_SQL_FORMAT")]
     pub(crate) format: OutputFormat,
     /// More SQL views (one SELECT per `<name>.sql`), on top of the built-in
     /// queries/ views; a file named like a built-in view replaces it.
@@ -66,7 +71,9 @@ pub(crate) async fn command(g: &Globals, a: &SqlArgs) -> Result<(), CommandError
         session.query(&sql).await
     })
     .await??;
-    let stdout = std::io::stdout();
-    query::write_batches(&batches, *format, stdout.lock())?;
-    Ok(())
+    let mut stdout = super::Stdout::new();
+    match query::write_batches(&batches, *format, &mut stdout) {
+        Err(_) if stdout.reader_gone => Ok(()),
+        other => Ok(other?),
+    }
 }

@@ -35,6 +35,18 @@ pub enum StatusError {
         url: String,
         cause: String,
     },
+    /// The directory folds another stream, or this one before it was
+    /// deleted and created again: `tally run` refuses to resume it.
+    #[error(
+        "data directory {dir} was built from stream {found} (created {found_created}), not {wanted} (created {wanted_created}): `tally run` will refuse it; use a fresh --data, or `tally replay` to rebuild from this stream"
+    )]
+    OtherStream {
+        dir: PathBuf,
+        found: String,
+        found_created: String,
+        wanted: String,
+        wanted_created: String,
+    },
     #[error(
         "cannot read the state of stream {stream} at {url}: {cause}; check the server (`nats-server -js`) and try again"
     )]
@@ -98,6 +110,9 @@ pub(crate) async fn status(data_dir: &Path, cfg: &SourceConfig) -> Result<Report
             dir: data_dir.to_path_buf(),
         });
     }
+    let built_from = cp
+        .as_ref()
+        .map(|c| (c.stream.clone(), c.stream_created.clone()));
     let mut s = Status {
         stream: cfg.stream.clone(),
         stream_first_seq: None,
@@ -115,8 +130,21 @@ pub(crate) async fn status(data_dir: &Path, cfg: &SourceConfig) -> Result<Report
         counts: cp.map(|c| c.counts),
         warnings: Vec::new(),
     };
-    if let Err(e) = read_stream(&mut s, cfg).await {
-        problems.push(e);
+    match read_stream(&mut s, cfg).await {
+        Ok(created) => {
+            if let Some((found, found_created)) = built_from
+                && (found != cfg.stream || found_created != created)
+            {
+                problems.push(StatusError::OtherStream {
+                    dir: data_dir.to_path_buf(),
+                    found,
+                    found_created,
+                    wanted: cfg.stream.clone(),
+                    wanted_created: created,
+                });
+            }
+        }
+        Err(e) => problems.push(e),
     }
     Ok(Report {
         status: s,
@@ -124,9 +152,10 @@ pub(crate) async fn status(data_dir: &Path, cfg: &SourceConfig) -> Result<Report
     })
 }
 
-/// Fills the stream and consumer fields from NATS. A missing consumer is
-/// not a problem: `tally run` creates it on its first start.
-async fn read_stream(s: &mut Status, cfg: &SourceConfig) -> Result<(), StatusError> {
+/// Fills the stream and consumer fields from NATS, and returns when the
+/// stream was created (as the checkpoint records it). A missing consumer
+/// is not a problem: `tally run` creates it on its first start.
+async fn read_stream(s: &mut Status, cfg: &SourceConfig) -> Result<String, StatusError> {
     let client = js_source::connect(&cfg.nats_url).await?;
     let js = jetstream::new(client);
     let mut stream = js
@@ -159,7 +188,7 @@ async fn read_stream(s: &mut Status, cfg: &SourceConfig) -> Result<(), StatusErr
         s.consumer_pending = Some(info.num_pending);
         s.consumer_ack_pending = Some(info.num_ack_pending as u64);
     }
-    Ok(())
+    Ok(info.created.to_rfc3339())
 }
 
 /// Share of a retention limit at which unprocessed messages are at risk.
@@ -229,8 +258,9 @@ pub(crate) fn render(s: &Status, nats_error: Option<&str>) -> String {
     let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
     let mut out = String::new();
     out.push_str(&format!("stream            {}\n", s.stream));
-    if let Some(e) = nats_error {
-        out.push_str(&format!("nats              unavailable: {e}\n"));
+    // Why is said once, on stderr, with what to do.
+    if nats_error.is_some() {
+        out.push_str("nats              unavailable (the error below)\n");
     }
     out.push_str(&format!(
         "stream position   first {} last {} ({} messages)\n",
@@ -266,7 +296,8 @@ pub(crate) fn render(s: &Status, nats_error: Option<&str>) -> String {
         opt(counts.map(Counts::dead_lettered_total))
     ));
     for (reason, n) in counts.iter().flat_map(|c| &c.dead_lettered) {
-        out.push_str(&format!("  {reason:<16}{n}\n"));
+        // The longest reason (`too_many_dimension_values`) and a space.
+        out.push_str(&format!("  {reason:<27}{n}\n"));
     }
     if !s.gaps.is_empty() {
         out.push_str(&format!(
@@ -295,7 +326,7 @@ pub struct StatusArgs {
     #[arg(long, env = "TALLY_CONSUMER")]
     pub(crate) consumer: Option<String>,
     /// Print JSON instead of text.
-    #[arg(long)]
+    #[arg(long, env = "TALLY_STATUS_JSON")]
     pub(crate) json: bool,
 }
 

@@ -24,12 +24,21 @@ pub enum UsersError {
     NoPassword,
     #[error("cannot read the password from stdin: {0}")]
     Stdin(std::io::Error),
+    /// Reject: a tenant no event can have, so the account would see
+    /// nothing of it.
+    #[error(
+        "--tenant {0:?} is not a tenant id: tenants are 1 to 64 letters, digits, '_' or '-' (and `_system`, the catalog's, is in no tenant's scope); check the name"
+    )]
+    BadTenant(String),
 }
 
 impl UsersError {
     /// Whether the command was used wrongly (exit 2) rather than failed.
     pub(crate) fn is_usage(&self) -> bool {
-        matches!(self, UsersError::NoScope | UsersError::NoPassword)
+        matches!(
+            self,
+            UsersError::NoScope | UsersError::NoPassword | UsersError::BadTenant(_)
+        )
     }
 }
 
@@ -43,6 +52,9 @@ pub(crate) fn add(
     if !all_tenants && tenants.is_empty() {
         return Err(UsersError::NoScope);
     }
+    if let Some(bad) = tenants.iter().find(|t| !is_tenant_id(t)) {
+        return Err(UsersError::BadTenant(bad.clone()));
+    }
     let password = read_password()?;
     accounts::add(users, name, &password, tenants.to_vec(), all_tenants)?;
     Ok(if all_tenants {
@@ -50,6 +62,15 @@ pub(crate) fn add(
     } else {
         format!("tenants {}", tenants.join(", "))
     })
+}
+
+/// A tenant id events can carry (events.md: `^[A-Za-z0-9_-]{1,64}$`),
+/// other than the catalog's `_system`.
+fn is_tenant_id(t: &str) -> bool {
+    (1..=64).contains(&t.len())
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && t != crate::event::partition::SYSTEM_TENANT
 }
 
 pub(crate) fn remove(users: &Path, name: &str) -> Result<(), UsersError> {
@@ -78,14 +99,27 @@ fn read_password() -> Result<String, UsersError> {
     {
         return Ok(p);
     }
-    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+    let stdin = std::io::stdin();
+    // On a terminal the password is not echoed as it is typed.
+    let echo_off = if std::io::IsTerminal::is_terminal(&stdin) {
         eprintln!("password (one line; or set {PASSWORD_ENV}):");
-    }
+        rustix::termios::tcgetattr(&stdin).ok().and_then(|before| {
+            let mut quiet = before.clone();
+            quiet.local_modes.remove(rustix::termios::LocalModes::ECHO);
+            rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &quiet)
+                .ok()
+                .map(|()| before)
+        })
+    } else {
+        None
+    };
     let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .map_err(UsersError::Stdin)?;
+    let read = stdin.lock().read_line(&mut line);
+    if let Some(before) = echo_off {
+        let _ = rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &before);
+        eprintln!();
+    }
+    read.map_err(UsersError::Stdin)?;
     let password = line.trim_end_matches(['\n', '\r']).to_owned();
     if password.is_empty() {
         return Err(UsersError::NoPassword);
@@ -98,24 +132,29 @@ pub enum UsersAction {
     /// Create or replace an account. The password comes from TALLY_PASSWORD,
     /// else one line on stdin; never from the command line.
     Add {
+        /// The account's name (the login user).
         name: String,
         /// A tenant the account sees (repeat for more).
-        #[arg(long = "tenant")]
+        #[arg(long = "tenant", env = "TALLY_USERS_TENANT")]
         tenants: Vec<String>,
         /// The account sees every tenant.
-        #[arg(long, conflicts_with = "tenants")]
+        #[arg(long, conflicts_with = "tenants", env = "TALLY_USERS_ALL_TENANTS")]
         all_tenants: bool,
+        /// The users file `tally serve` reads (--users there).
         #[arg(long, env = "TALLY_USERS_FILE", default_value = crate::serve::accounts::DEFAULT_USERS_FILE)]
         users: PathBuf,
     },
     /// Remove an account; its open sessions end at their next query.
     Remove {
+        /// The account's name.
         name: String,
+        /// The users file `tally serve` reads (--users there).
         #[arg(long, env = "TALLY_USERS_FILE", default_value = crate::serve::accounts::DEFAULT_USERS_FILE)]
         users: PathBuf,
     },
     /// List the accounts and what they see.
     List {
+        /// The users file `tally serve` reads (--users there).
         #[arg(long, env = "TALLY_USERS_FILE", default_value = crate::serve::accounts::DEFAULT_USERS_FILE)]
         users: PathBuf,
     },

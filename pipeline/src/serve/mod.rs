@@ -246,12 +246,26 @@ pub async fn serve(
         checked: Mutex::new(HashMap::new()),
     });
 
+    // The listeners beyond loopback without TLS, for one warning.
+    let in_the_clear: Vec<String> = [
+        (opts.pg, "pgwire"),
+        (opts.flight, "Flight SQL"),
+        (opts.http, "HTTP"),
+    ]
+    .into_iter()
+    .filter_map(|(listen, what)| match listen {
+        Listen::On(addr) if !addr.ip().is_loopback() && (tls.is_none() || what == "HTTP") => {
+            Some(format!("{what} on {addr}"))
+        }
+        _ => None,
+    })
+    .collect();
+    if !in_the_clear.is_empty() {
+        tracing::warn!(listeners = %in_the_clear.join(", "), "listening beyond loopback without TLS: passwords and rows cross the network in the clear (pgwire and Flight take --tls-cert/--tls-key; put HTTP behind a TLS proxy)");
+    }
     let bind = async |listen: Listen, what: &'static str, flag: &'static str| match listen {
         Listen::Off => Ok(None),
         Listen::On(addr) => {
-            if !addr.ip().is_loopback() && (tls.is_none() || what == "HTTP") {
-                tracing::warn!(%addr, listener = what, "listening beyond loopback without TLS: passwords and rows cross the network in the clear (pgwire and Flight take --tls-cert/--tls-key; put HTTP behind a TLS proxy)");
-            }
             TcpListener::bind(addr)
                 .await
                 .map(Some)
