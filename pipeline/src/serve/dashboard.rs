@@ -18,7 +18,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde_json::{Map, Value, json};
 
-use super::web::{Http, account_of, stream_state, unauthorized};
+use super::web::{Http, account_call, account_of, stream_state, unauthorized};
 use crate::query::{QueryError, Scope};
 
 const ECHARTS: &[u8] = include_bytes!("../../assets/echarts/echarts.min.js");
@@ -116,8 +116,9 @@ pub async fn tenant_page(
     UrlPath(tenant): UrlPath<String>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(account) = account_of(&http, &headers) else {
-        return unauthorized();
+    let (account, _call) = match account_call(&http, &headers) {
+        Ok(call) => call,
+        Err(refused) => return *refused,
     };
     let scope = account.scope();
     if !scope.sees(&tenant) || !tenant_exists(&http, &scope, &tenant).await {
@@ -184,8 +185,9 @@ fn query_failed(e: &QueryError) -> Response {
 
 /// `/api/dashboard`: every number of the dashboard, for all-tenant accounts.
 pub async fn dashboard_json(State(http): State<Arc<Http>>, headers: HeaderMap) -> Response {
-    let Some(account) = account_of(&http, &headers) else {
-        return unauthorized();
+    let (account, _call) = match account_call(&http, &headers) {
+        Ok(call) => call,
+        Err(refused) => return *refused,
     };
     if account.scope() != Scope::AllTenants {
         return not_found();
@@ -239,8 +241,9 @@ pub async fn tenant_json(
     UrlPath(tenant): UrlPath<String>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(account) = account_of(&http, &headers) else {
-        return unauthorized();
+    let (account, _call) = match account_call(&http, &headers) {
+        Ok(call) => call,
+        Err(refused) => return *refused,
     };
     let scope = account.scope();
     if !scope.sees(&tenant) {

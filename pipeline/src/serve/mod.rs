@@ -157,6 +157,9 @@ pub struct Shared {
     /// Flight SQL calls planning or running a query, per account (the
     /// same limit as pgwire sessions; see `flight`).
     pub flight_calls: Arc<slots::AccountSlots>,
+    /// HTTP requests that run queries, per account (see
+    /// [`web::account_call`]).
+    pub http_calls: Arc<slots::AccountSlots>,
     /// The pgwire sessions a cancel request may stop.
     pub cancels: Arc<pg::cancel::Cancels>,
     /// The rows one pgwire session may hold in its open cursors:
@@ -237,6 +240,7 @@ pub async fn serve(
         metrics: Metrics::default(),
         slots: slots::AccountSlots::new(opts.max_connections_per_account),
         flight_calls: slots::AccountSlots::new(opts.max_connections_per_account),
+        http_calls: slots::AccountSlots::new(opts.max_connections_per_account),
         cancels: Arc::new(pg::cancel::Cancels::default()),
         cursor_bytes: (opts.memory_limit.0 / opts.max_connections.max(1) as u64).max(1 << 20),
         stale_after: opts.stale_after,

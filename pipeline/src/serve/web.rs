@@ -43,12 +43,46 @@ pub fn account_of(http: &Http, headers: &HeaderMap) -> Option<super::accounts::A
 
 /// The account of a Basic `Authorization` header, if the password is right.
 pub fn basic_account(shared: &Shared, headers: &HeaderMap) -> Option<super::accounts::Account> {
+    basic_login(shared, headers).map(|(_, account)| account)
+}
+
+/// The user and account of a Basic `Authorization` header, if the
+/// password is right.
+fn basic_login(shared: &Shared, headers: &HeaderMap) -> Option<(String, super::accounts::Account)> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let encoded = value.strip_prefix("Basic ")?;
     let decoded =
         String::from_utf8(super::flight::LENIENT_B64.decode(encoded.trim()).ok()?).ok()?;
     let (user, password) = decoded.split_once(':')?;
-    shared.login(user, password)
+    let account = shared.login(user, password)?;
+    Some((user.to_owned(), account))
+}
+
+/// The account of a request that runs queries, and its place among the
+/// account's requests running at once: at most
+/// `--max-connections-per-account`, so that one account's page loads do
+/// not take the query threads from every other (`429` past it).
+pub fn account_call(
+    http: &Http,
+    headers: &HeaderMap,
+) -> Result<(super::accounts::Account, super::slots::AccountSlot), Box<Response>> {
+    let (user, account) =
+        basic_login(&http.shared, headers).ok_or_else(|| Box::new(unauthorized()))?;
+    let calls = &http.shared.http_calls;
+    let slot = calls.try_take(&user).ok_or_else(|| {
+        Box::new(
+            (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "1")],
+            format!(
+                "account {user} already has {} requests running at once (--max-connections-per-account); wait for one to finish\n",
+                calls.max()
+            ),
+        )
+            .into_response(),
+        )
+    })?;
+    Ok((account, slot))
 }
 
 pub fn unauthorized() -> Response {
