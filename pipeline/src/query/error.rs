@@ -104,7 +104,7 @@ pub enum QueryError {
     },
     /// Reject (42501): the statement writes, defines or sets something.
     #[error(
-        "refused: the views are read-only ({refused} is not allowed). Only queries over the views are: SELECT, WITH, EXPLAIN, SHOW, DESCRIBE. To load other data, use DataFusion directly"
+        "refused: the views are read-only ({refused} is not allowed); send a query over the views instead (SELECT or WITH)"
     )]
     ReadOnly { refused: String },
     /// Reject (54001): the parser's recursion limit.
@@ -156,7 +156,7 @@ pub enum QueryError {
     )]
     FileGone { cause: DataFusionError },
     /// Reject: DataFusion refused or failed the query (the SQLSTATE says why).
-    #[error("query failed: {0}")]
+    #[error("query failed: {}", described(.0))]
     Execute(DataFusionError),
     /// Fatal for the query: the output cannot be written.
     #[error("cannot write the result: {0}")]
@@ -215,5 +215,19 @@ pub(crate) fn classify(e: DataFusionError, memory_limit: u64) -> QueryError {
         QueryError::FileGone { cause: e }
     } else {
         QueryError::Execute(e)
+    }
+}
+
+/// DataFusion's error as a user reads it: a parser error by its message
+/// (DataFusion shows the parser's debug form, `ParserError("...")`).
+fn described(e: &DataFusionError) -> String {
+    match e.find_root() {
+        DataFusionError::SQL(p, _) => match &**p {
+            ParserError::ParserError(m) | ParserError::TokenizerError(m) => {
+                format!("syntax error: {m}")
+            }
+            ParserError::RecursionLimitExceeded => e.to_string(),
+        },
+        _ => e.to_string(),
     }
 }
