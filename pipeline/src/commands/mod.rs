@@ -283,6 +283,9 @@ impl CommandError {
         match self {
             CommandError::Usage(_) => 2,
             CommandError::Users(e) if e.is_usage() => 2,
+            CommandError::Serve(
+                crate::serve::ServeError::TlsHalf | crate::serve::ServeError::NothingToServe,
+            ) => 2,
             _ => 1,
         }
     }

@@ -635,6 +635,11 @@ pub(crate) async fn command(g: &Globals, a: &ReplayArgs) -> Result<(), CommandEr
             "--batch-size must be at least 1".into(),
         ));
     }
+    if *until_seq == Some(0) {
+        return Err(CommandError::Usage(
+            "--until-seq 0 is before the stream's first message: give the last sequence the views should include (1 or more)".into(),
+        ));
+    }
     if until_seq.is_some() && into.is_none() {
         return Err(CommandError::Usage(
             "--until-seq builds the views as of a past position, which must not replace the live ones: name a new directory with --into DIR".into(),

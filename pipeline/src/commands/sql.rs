@@ -46,13 +46,13 @@ pub(crate) async fn command(g: &Globals, a: &SqlArgs) -> Result<(), CommandError
             what: f.display().to_string(),
             source,
         })?,
-        _ => {
-            return Err(CommandError::Usage(
-                "give a query, e.g. tally sql \"SELECT count(*) FROM events\", or -f FILE.sql"
-                    .into(),
-            ));
-        }
+        _ => String::new(),
     };
+    if sql.trim().is_empty() {
+        return Err(CommandError::Usage(
+            "give a query, e.g. tally sql \"SELECT count(*) FROM events\", or -f FILE.sql".into(),
+        ));
+    }
     let opts = QueryOptions {
         scope: query::Scope::AllTenants,
         queries_dir: queries.clone(),
