@@ -612,6 +612,61 @@ fn silent_sockets_cannot_take_the_servers_descriptors() {
     assert!(ms < 5_000, "{ms} ms");
 }
 
+/// One account's page loads hold at most `--max-connections-per-account`
+/// of the server's query work at once; the rest are told to come back
+/// (`429`), and another account's page still answers.
+#[test]
+fn one_accounts_page_loads_are_bounded() {
+    let World {
+        server,
+        data,
+        users,
+        _dir,
+    } = world(4);
+    add_user(&users, "acme", "acme-pw", &["--tenant", "t0003"]);
+    let serve = Serve::start(
+        &server,
+        &data,
+        &users,
+        &["--max-connections-per-account", "2"],
+    );
+    let url = format!(
+        "http://acme:acme-pw@127.0.0.1:{}/api/tenants/t0003",
+        serve.http
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let out = client("http", &json!({"url": url, "parallel": 32}));
+        statuses.extend(out.as_array().unwrap().iter().map(|r| {
+            let status = r["status"].as_u64().unwrap();
+            if status == 429 {
+                assert!(
+                    r["body"]
+                        .as_str()
+                        .unwrap()
+                        .contains("--max-connections-per-account"),
+                    "{r}"
+                );
+            }
+            status
+        }));
+        if statuses.contains(&429) {
+            break;
+        }
+    }
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    let ops = client(
+        "http",
+        &json!({"url": format!("http://ops:ops-pw@127.0.0.1:{}/api/dashboard", serve.http)}),
+    );
+    assert_eq!(ops["status"], json!(200), "{ops}");
+}
+
 #[test]
 fn an_unknown_users_salt_is_stable_across_restarts() {
     let World {

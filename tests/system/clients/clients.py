@@ -102,9 +102,18 @@ def flight_run(spec):
 
 
 def http_run(spec):
+    """One GET of `url`; with `parallel`: N, that many at once, their
+    statuses and bodies in a list."""
     import base64
     import urllib.parse
     import urllib.request
+
+    if spec.get("parallel"):
+        from concurrent.futures import ThreadPoolExecutor
+
+        one = dict(spec, parallel=None)
+        with ThreadPoolExecutor(spec["parallel"]) as pool:
+            return list(pool.map(lambda _: http_run(one), range(spec["parallel"])))
 
     url = urllib.parse.urlsplit(spec["url"])
     req = urllib.request.Request(url._replace(netloc=url.hostname + (f":{url.port}" if url.port else "")).geturl())
