@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod numeric;
 pub mod pg;
 pub mod postgres;
+pub mod refusals;
 pub mod scram;
 pub mod slots;
 pub mod views;
@@ -160,6 +161,8 @@ pub struct Shared {
     /// HTTP requests that run queries, per account (see
     /// [`web::account_call`]).
     pub http_calls: Arc<slots::AccountSlots>,
+    /// Refused logins, for logging them without flooding the log.
+    pub refusals: refusals::Refusals,
     /// The pgwire sessions a cancel request may stop.
     pub cancels: Arc<pg::cancel::Cancels>,
     /// The rows one pgwire session may hold in its open cursors:
@@ -181,6 +184,14 @@ pub struct Shared {
 
 impl Shared {
     /// The account `user` if `password` is its password.
+    /// Logs a refused login of `user`, at most a line per user name every
+    /// [`refusals::EVERY`] (with how many more there were).
+    pub fn refused(&self, user: &str, why: &str) {
+        if let Some(more) = self.refusals.note(user, std::time::Instant::now()) {
+            tracing::warn!(user = %user, more_since_last_line = more, "{why}");
+        }
+    }
+
     pub fn login(&self, user: &str, password: &str) -> Option<Account> {
         let account = self.accounts.account(user);
         let key = (user.to_owned(), Sha256::digest(password.as_bytes()).into());
@@ -188,7 +199,7 @@ impl Shared {
             // As long as a known user's check, so timing tells nothing.
             let _ =
                 accounts::Verifier::new(password, &self.secret[..16], accounts::SCRAM_ITERATIONS);
-            tracing::warn!(user = %user, "login refused: unknown user or wrong password");
+            self.refused(user, "login refused: unknown user or wrong password");
             return None;
         };
         let cached = self.checked.lock().ok().and_then(|c| c.get(&key).cloned());
@@ -197,7 +208,7 @@ impl Shared {
         }
         let ok = accounts::Verifier::parse(&account.verifier).is_some_and(|v| v.check(password));
         if !ok {
-            tracing::warn!(user = %user, "login refused: unknown user or wrong password");
+            self.refused(user, "login refused: unknown user or wrong password");
             return None;
         }
         if let Ok(mut c) = self.checked.lock() {
@@ -241,6 +252,7 @@ pub async fn serve(
         slots: slots::AccountSlots::new(opts.max_connections_per_account),
         flight_calls: slots::AccountSlots::new(opts.max_connections_per_account),
         http_calls: slots::AccountSlots::new(opts.max_connections_per_account),
+        refusals: refusals::Refusals::default(),
         cancels: Arc::new(pg::cancel::Cancels::default()),
         cursor_bytes: (opts.memory_limit.0 / opts.max_connections.max(1) as u64).max(1 << 20),
         stale_after: opts.stale_after,

@@ -137,7 +137,7 @@ impl StartupHandler for Connection {
                             &self.shared.accounts.get().mock_salt_secret(),
                             &nonce,
                         )
-                        .map_err(|e| scram_failed(&user, client.socket_addr(), e))?;
+                        .map_err(|e| scram_failed(&self.shared, &user, client.socket_addr(), e))?;
                         *state = AuthState::Waiting(Box::new(exchange));
                         client
                             .send(PgWireBackendMessage::Authentication(
@@ -149,9 +149,9 @@ impl StartupHandler for Connection {
                         let resp = msg.into_sasl_response()?;
                         let text = std::str::from_utf8(&resp.data)
                             .map_err(|_| fatal("08P01", "SCRAM message is not UTF-8"))?;
-                        let server_final = exchange
-                            .finish(text)
-                            .map_err(|e| scram_failed(&user, client.socket_addr(), e))?;
+                        let server_final = exchange.finish(text).map_err(|e| {
+                            scram_failed(&self.shared, &user, client.socket_addr(), e)
+                        })?;
                         // Counted once the password is right: a stranger
                         // learns nothing of an account's sessions.
                         let Some(slot) = self.shared.slots.try_take(&user) else {
@@ -197,8 +197,13 @@ impl StartupHandler for Connection {
     }
 }
 
-pub(super) fn scram_failed(user: &str, peer: std::net::SocketAddr, e: ScramError) -> PgWireError {
-    tracing::warn!(user = %user, peer = %peer, reason = %e, "pgwire login refused");
+pub(super) fn scram_failed(
+    shared: &crate::serve::Shared,
+    user: &str,
+    peer: std::net::SocketAddr,
+    e: ScramError,
+) -> PgWireError {
+    shared.refused(user, &format!("pgwire login refused from {peer}: {e}"));
     match e {
         ScramError::Failed => fatal(
             "28P01",
