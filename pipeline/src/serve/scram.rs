@@ -52,6 +52,13 @@ impl Exchange {
         server_nonce: &[u8; 18],
     ) -> Result<(Exchange, String), ScramError> {
         let (gs2_header, bare) = split_gs2(client_first)?;
+        // RFC 5802: a mandatory extension (`m=`) the server does not know
+        // must fail the exchange.
+        if bare.starts_with("m=") {
+            return Err(ScramError::Malformed(
+                "client-first-message with a mandatory extension (m=), which is not supported",
+            ));
+        }
         let client_nonce = bare
             .split(',')
             .find_map(|a| a.strip_prefix("r="))
@@ -233,6 +240,10 @@ mod tests {
                 &[0; 18]
             ),
             Err(ScramError::ChannelBinding)
+        ));
+        assert!(matches!(
+            Exchange::start("n,,m=ext,n=,r=x", Some(v.clone()), "u", &[0; 32], &[0; 18]),
+            Err(ScramError::Malformed(_))
         ));
         assert!(matches!(
             Exchange::start("garbage", Some(v), "u", &[0; 32], &[0; 18]),

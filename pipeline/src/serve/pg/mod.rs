@@ -615,7 +615,14 @@ impl ExtendedQueryHandler for Connection {
                 self.names.remove_portal(name);
                 client.portal_store().rm_portal(name);
             }
-            _ => {}
+            other => {
+                return Err(user_error(
+                    "08P01",
+                    format!(
+                        "invalid Close message subtype {other}: 'S' closes a statement, 'P' a portal"
+                    ),
+                ));
+            }
         }
         client
             .send(PgWireBackendMessage::CloseComplete(CloseComplete::new()))
