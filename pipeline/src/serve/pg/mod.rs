@@ -248,6 +248,10 @@ impl Connection {
                     ),
                 ))
             }
+            Kind::Unsupported(what) => {
+                self.shared.metrics.failed(Protocol::Pg);
+                Err(user_error("0A000", what.clone()))
+            }
             Kind::Show(name) => {
                 let value = setting(name).ok_or_else(|| {
                     user_error(

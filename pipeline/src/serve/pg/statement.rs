@@ -73,6 +73,8 @@ pub enum Kind {
     /// `COMMIT`, `ROLLBACK`, `END`, `ABORT`.
     End(&'static str),
     Refused(String),
+    /// A read Tally does not offer (`0A000`), with what to do instead.
+    Unsupported(String),
 }
 
 /// Sorts one parsed statement.
@@ -120,7 +122,18 @@ pub fn classify(statement: Statement) -> Kind {
             let mut delimiter = None;
             for o in &options {
                 match o {
-                    CopyOption::Format(f) => csv = f.value.eq_ignore_ascii_case("csv"),
+                    CopyOption::Format(f) => {
+                        if f.value.eq_ignore_ascii_case("csv") {
+                            csv = true;
+                        } else if f.value.eq_ignore_ascii_case("text") {
+                            csv = false;
+                        } else {
+                            return Kind::Unsupported(format!(
+                                "COPY FORMAT {} is not supported: use FORMAT text (the default) or FORMAT csv",
+                                f.value
+                            ));
+                        }
+                    }
                     CopyOption::Header(h) => header = *h,
                     CopyOption::Delimiter(d) => delimiter = Some(*d),
                     other => return Kind::Refused(format!("COPY option {other}")),
