@@ -628,7 +628,12 @@ fn one_accounts_page_loads_are_bounded() {
         &server,
         &data,
         &users,
-        &["--max-connections-per-account", "2"],
+        &[
+            "--max-connections-per-account",
+            "2",
+            "--max-connections",
+            "16",
+        ],
     );
     let url = format!(
         "http://acme:acme-pw@127.0.0.1:{}/api/tenants/t0003",
@@ -660,11 +665,26 @@ fn one_accounts_page_loads_are_bounded() {
         statuses.iter().all(|s| *s == 200 || *s == 429),
         "{statuses:?}"
     );
+    // While the tenant's loads go on, past the door's limit of
+    // connections too, another account's page still gets in: a refused
+    // request's connection is closed, so it gives its place up.
+    let flood = std::thread::spawn(move || {
+        client("http", &json!({"url": url, "loops": 48, "seconds": 15}))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
     let ops = client(
         "http",
         &json!({"url": format!("http://ops:ops-pw@127.0.0.1:{}/api/dashboard", serve.http)}),
     );
     assert_eq!(ops["status"], json!(200), "{ops}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    let counts = flood.join().unwrap();
+    assert!(counts.get("429").is_some(), "{counts}");
 }
 
 #[test]

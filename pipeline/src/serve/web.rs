@@ -73,7 +73,9 @@ pub fn account_call(
         Box::new(
             (
             StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, "1")],
+            // Closed with the answer: a client looping on refusals gives
+            // its place at the door (`--max-connections`) to the next.
+            [(header::RETRY_AFTER, "1"), (header::CONNECTION, "close")],
             format!(
                 "account {user} already has {} requests running at once (--max-connections-per-account); wait for one to finish\n",
                 calls.max()

@@ -108,6 +108,8 @@ def http_run(spec):
     import urllib.parse
     import urllib.request
 
+    if spec.get("loops"):
+        return keepalive_loops(spec)
     if spec.get("parallel"):
         from concurrent.futures import ThreadPoolExecutor
 
@@ -125,6 +127,51 @@ def http_run(spec):
         return {"status": resp.status, "body": resp.read().decode()}
     except urllib.error.HTTPError as e:
         return {"status": e.code, "body": e.read().decode()}
+
+
+def keepalive_loops(spec):
+    """`loops` threads, each sending GETs of `url` for `seconds` on one
+    kept-alive connection (a new one when the server closes it): the count
+    of each status."""
+    import base64
+    import http.client
+    import threading
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(spec["url"])
+    token = base64.b64encode(f"{url.username}:{url.password}".encode()).decode()
+    counts = {}
+    lock = threading.Lock()
+
+    import time
+
+    end = time.monotonic() + spec["seconds"]
+
+    def loop():
+        conn = None
+        while time.monotonic() < end:
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=20)
+                conn.request("GET", url.path, headers={"Authorization": f"Basic {token}"})
+                resp = conn.getresponse()
+                resp.read()
+                status = resp.status
+                if resp.getheader("Connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except Exception:
+                status = 0
+                conn = None
+            with lock:
+                counts[str(status)] = counts.get(str(status), 0) + 1
+
+    threads = [threading.Thread(target=loop) for _ in range(spec["loops"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return counts
 
 
 def prometheus_run(spec):
