@@ -26,12 +26,14 @@
 //!   share in [`serve::web`]; [`serve::postgres`] what clients are told), with
 //!   accounts ([`serve::accounts`],
 //!   [`serve::scram`], each holding at most its share of the connections:
-//!   [`serve::slots`]) and per-tenant scoping, answering from one
+//!   [`serve::slots`]; refused logins logged without flooding:
+//!   [`serve::refusals`]), the HTTP and Flight listeners' door
+//!   ([`serve::gate`]) and per-tenant scoping, answering from one
 //!   checkpoint per query ([`serve::views`]).
 //! - [`query`]: DataFusion SQL over the views and the `queries/` views,
 //!   read-only, for all tenants or a tenant scope ([`query::Scope`]), with
-//!   the guards of a statement ([`query::guard`]), bounded functions
-//!   ([`query::bounded`]) and isolated execution ([`query::isolated`]).
+//!   the guards of a statement ([`query::guard`]), bounded functions and
+//!   aggregates ([`query::bounded`]) and isolated execution ([`query::isolated`]).
 //! - [`operator`]: synchronous state machines, one file per view, that turn
 //!   accepted events into view rows: [`operator::events`] (the archive),
 //!   [`operator::usage`], [`operator::dimensions`] (`usage_by_dimension`),
