@@ -110,6 +110,23 @@ impl Gated {
     }
 }
 
+impl Gated {
+    /// A write's outcome: bytes written restart the clock.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        p: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = p
+            && n > 0
+        {
+            let next = Instant::now() + self.quiet;
+            self.deadline.as_mut().reset(next);
+        }
+        self.or_quiet(cx, p)
+    }
+}
+
 impl AsyncRead for Gated {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -128,13 +145,7 @@ impl AsyncWrite for Gated {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let p = Pin::new(&mut self.stream).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = p
-            && n > 0
-        {
-            let next = Instant::now() + self.quiet;
-            self.deadline.as_mut().reset(next);
-        }
-        self.or_quiet(cx, p)
+        self.wrote(cx, p)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -152,13 +163,7 @@ impl AsyncWrite for Gated {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let p = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = p
-            && n > 0
-        {
-            let next = Instant::now() + self.quiet;
-            self.deadline.as_mut().reset(next);
-        }
-        self.or_quiet(cx, p)
+        self.wrote(cx, p)
     }
 
     fn is_write_vectored(&self) -> bool {

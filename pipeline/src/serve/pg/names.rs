@@ -44,6 +44,11 @@ pub struct Names {
     portals: Mutex<HashSet<String>>,
 }
 
+/// The lock's contents; a poisoned lock still holds correct names.
+fn held<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A name the client gave, or `None` for the unnamed statement or portal.
 pub fn named(name: Option<&str>) -> Option<&str> {
     name.filter(|n| !n.is_empty())
@@ -54,10 +59,7 @@ impl Names {
     /// session has it already (`42P05`), holds the most it may, or would
     /// hold more than `budget` bytes of statements.
     pub fn add_statement(&self, name: &str, text: usize, budget: u64) -> Result<(), PgWireError> {
-        let mut held = self
-            .statements
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = held(&self.statements);
         if held.contains_key(name) {
             return Err(user_error(
                 "42P05",
@@ -92,26 +94,17 @@ impl Names {
 
     /// Whether the session holds the statement `name`.
     pub fn has_statement(&self, name: &str) -> bool {
-        self.statements
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains_key(name)
+        held(&self.statements).contains_key(name)
     }
 
     /// Forgets the statement `name`; whether it was held.
     pub fn remove_statement(&self, name: &str) -> bool {
-        self.statements
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(name)
-            .is_some()
+        held(&self.statements).remove(name).is_some()
     }
 
     /// Forgets every statement, returning their names.
     pub fn take_statements(&self) -> Vec<String> {
-        self.statements
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        held(&self.statements)
             .drain()
             .map(|(name, _)| name)
             .collect()
@@ -120,10 +113,7 @@ impl Names {
     /// Takes `name` for a portal about to be bound (binding an existing
     /// name replaces it): refused when the session holds the most it may.
     pub fn add_portal(&self, name: &str) -> Result<(), PgWireError> {
-        let mut held = self
-            .portals
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = held(&self.portals);
         if !held.contains(name) && held.len() >= MAX_PORTALS {
             return Err(user_error(
                 "53000",
@@ -138,19 +128,12 @@ impl Names {
 
     /// Forgets the portal `name`.
     pub fn remove_portal(&self, name: &str) {
-        self.portals
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(name);
+        held(&self.portals).remove(name);
     }
 
     /// Forgets every bound portal, returning their names.
     pub fn take_portals(&self) -> Vec<String> {
-        self.portals
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .drain()
-            .collect()
+        held(&self.portals).drain().collect()
     }
 }
 
